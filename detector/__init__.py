@@ -1,0 +1,1 @@
+"""Runtime scoring of X-ray images for adversarial perturbations (no TensorFlow)."""

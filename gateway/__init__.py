@@ -1,0 +1,1 @@
+"""The xray-sentinel DICOM gateway daemon and its operator commands."""

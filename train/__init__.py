@@ -1,0 +1,1 @@
+"""Training, attack and evaluation tools (needs the `train` extra: TensorFlow)."""
