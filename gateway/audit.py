@@ -1,0 +1,336 @@
+"""The audit log: append-only JSON lines, each chained to the one before by SHA-256.
+
+Why it looks like this
+- One JSON object per line, so ``grep`` and ``jq`` work and a torn write damages one line only.
+- Every line carries ``prev``: the SHA-256 (hex) of the previous line's bytes (the line without
+  its newline; 64 zeros for the first line). Editing, deleting, inserting or reordering a line
+  breaks the link at that place, and ``verify`` names the line.
+- Every line also ends with ``hash``: the SHA-256 of the line's own bytes up to that field (the
+  line as it would read without ``,"hash":"..."``). It lets ``verify`` name the *edited* line
+  itself, not just the line after it.
+- Field names come from a whitelist of non-PHI names (UIDs, AE titles, scores, ...). A key that
+  is not on it raises ``ValueError``: this is how patient names and IDs stay out of the log.
+  Free-text fields (reason, detail, error) are capped in length; callers must not put DICOM
+  attribute values in them.
+- Durability: each append is one ``write()`` of the whole line, then ``fsync``. A signal cannot
+  tear a single write to a regular file; a power loss can. A line without its newline at the end
+  of the file (a torn write) is reported by ``verify``; the next append seals it with a newline
+  and chains over its bytes, so appending never stops and the damage stays visible.
+- Concurrency: a thread lock plus ``fcntl.flock`` on the file around "read the last line, hash
+  it, append", so the daemon and the CLI can write the same file.
+
+What the chain cannot prove: that lines were not cut off the *end* of the file, or that someone
+with write access did not rewrite the whole tail consistently. ``verify`` reports the hash of the
+last line (``head``); record it elsewhere (a ticket, a second host) to anchor the chain.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+
+EVENTS: frozenset[str] = frozenset(
+    {
+        "association",
+        "received",
+        "rejected",
+        "scored",
+        "forwarded",
+        "forward-failed",
+        "dead-letter",
+        "quarantined",
+        "released",
+        "purged",
+        "config-loaded",
+        "config-rejected",
+    }
+)
+
+# Names only; the values are UIDs, AE titles, addresses, numbers and short operator text.
+FIELDS: frozenset[str] = frozenset(
+    {
+        "calling_ae",
+        "called_ae",
+        "peer",
+        "study_uid",
+        "series_uid",
+        "sop_uid",
+        "sop_class",
+        "modality",
+        "score",
+        "p_cnn",
+        "p_rf",
+        "threshold",
+        "bundle_id",
+        "rule",
+        "destination",
+        "latency_ms",
+        "actor",
+        "reason",
+        "verdict",
+        "status",
+        "detail",
+        "config_path",
+        "attempts",
+        "error",
+    }
+)
+
+# Keys the log writes itself; a caller cannot set them.
+_RESERVED = ("time", "event", "prev", "hash")
+MAX_TEXT = 1000  # characters per string value: a message, never a dump of a dataset
+_HASH_SUFFIX_LEN = len(',"hash":""}') + 64
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now_iso() -> str:
+    """UTC time as ISO 8601 with milliseconds and a 'Z' (the log's one time format)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 time; a time without a zone is taken as UTC."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _clean_value(key: str, value: Any) -> str | int | float | bool | None:
+    """Accept JSON scalars only (numpy scalars become Python ones); refuse anything else."""
+    if value is None or isinstance(value, bool | str):
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            return value[: MAX_TEXT - 3] + "..."
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"audit field {key!r}: {value} is not a finite number")
+        return value
+    raise ValueError(
+        f"audit field {key!r}: {type(value).__name__} is not allowed "
+        "(use a string, number, boolean or None)"
+    )
+
+
+def encode_line(event: str, time: str, prev: str, fields: dict[str, Any]) -> bytes:
+    """The bytes of one audit line (no newline): the record, then its own ``hash``."""
+    body = json.dumps(
+        {"time": time, "event": event, **fields, "prev": prev},
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+    ).encode("ascii")
+    return body[:-1] + b',"hash":"' + _sha256(body).encode("ascii") + b'"}'
+
+
+def _check_record(event: str, fields: dict[str, Any]) -> dict[str, Any]:
+    if event not in EVENTS:
+        raise ValueError(f"unknown audit event {event!r}; known: {', '.join(sorted(EVENTS))}")
+    unknown = sorted(set(fields) - FIELDS)
+    if unknown:
+        raise ValueError(
+            f"audit fields {unknown} are not on the non-PHI whitelist "
+            f"(gateway.audit.FIELDS); log UIDs and AE titles, never patient data"
+        )
+    return {k: _clean_value(k, v) for k, v in fields.items()}
+
+
+def _last_line(fd: int, size: int) -> tuple[bytes, bool]:
+    """The file's last line (without newline) and whether it is complete (ends in a newline)."""
+    if size == 0:
+        return b"", True
+    complete = os.pread(fd, 1, size - 1) == b"\n"
+    pos = size - 1 if complete else size
+    buf = b""  # always the bytes [pos, end of the last line)
+    while pos > 0:
+        step = min(4096, pos)
+        pos -= step
+        buf = os.pread(fd, step, pos) + buf
+        nl = buf.rfind(b"\n")
+        if nl >= 0:
+            return buf[nl + 1 :], complete
+    return buf, complete
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AuditLog:
+    """Appends hash-chained audit lines to one file; safe across threads and processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Write one event durably (fsync) and return the record as written.
+
+        Raises ValueError for an unknown event, a field name off the whitelist, or a value that
+        is not a JSON scalar.
+        """
+        for key in _RESERVED:
+            if key in fields:
+                raise ValueError(f"audit field {key!r} is written by the log itself")
+        clean = _check_record(event, fields)
+        with self._lock:
+            created = not self.path.exists()
+            if created:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    size = os.fstat(fd).st_size
+                    last, complete = _last_line(fd, size)
+                    prev = _sha256(last) if size else GENESIS
+                    time = utc_now_iso()
+                    line = encode_line(event, time, prev, clean)
+                    # A torn last line is sealed with a newline and chained over, not removed.
+                    _write_all(fd, (b"" if complete else b"\n") + line + b"\n")
+                    os.fsync(fd)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(self.path.parent)
+        return {"time": time, "event": event, **clean, "prev": prev}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of ``verify``: ``first_bad_line`` is 1-based; ``head`` is the last good line's
+    SHA-256 (record it elsewhere to detect lines cut off the end)."""
+
+    ok: bool
+    lines_checked: int
+    first_bad_line: int | None
+    reason: str
+    head: str = GENESIS
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+def _check_line(line: bytes, expected_prev: str) -> str | None:
+    """Why this line is bad, or None when it is intact and linked to the line before."""
+    try:
+        record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+    except ValueError:
+        return "not a complete JSON record (torn write or edited by hand)"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    own = record.get("hash")
+    if not isinstance(own, str) or len(line) < _HASH_SUFFIX_LEN:
+        return "has no 'hash' field (not written by the audit log)"
+    suffix = f',"hash":"{own}"}}'.encode()
+    if not line.endswith(suffix) or _sha256(line[: -len(suffix)] + b"}") != own:
+        return "its content does not match its own hash (the line was edited)"
+    if record.get("prev") != expected_prev:
+        return (
+            "'prev' does not match the SHA-256 of the line before it "
+            "(a line before it was removed, inserted, moved or rewritten)"
+        )
+    if record.get("event") not in EVENTS:
+        return f"unknown event {record.get('event')!r}"
+    extra = set(record) - FIELDS - set(_RESERVED)
+    if extra:
+        return f"fields off the whitelist: {sorted(extra)}"
+    return None
+
+
+def verify(path: Path) -> VerifyResult:
+    """Check every line's own hash and its link to the previous line; stop at the first bad one.
+
+    Raises OSError when the file cannot be read (the CLI turns that into exit code 2).
+    """
+    expected = GENESIS
+    n = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                why = f"line {n}: the last line has no newline (a torn write: crash mid-append)"
+                return VerifyResult(False, n, n, why, expected)
+            line = raw[:-1]
+            why = _check_line(line, expected)
+            if why:
+                return VerifyResult(False, n, n, f"line {n}: {why}", expected)
+            expected = _sha256(line)
+    return VerifyResult(True, n, None, f"{n} lines, chain intact", expected)
+
+
+def query(
+    path: Path,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    event: str | None = None,
+    calling_ae: str | None = None,
+    study_uid: str | None = None,
+    verdict: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the records that match every given filter, in file order.
+
+    ``since`` is inclusive, ``until`` exclusive; naive datetimes are taken as UTC. Lines that
+    do not parse are skipped here: ``verify`` is the tool that reports them.
+    """
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    if until is not None and until.tzinfo is None:
+        until = until.replace(tzinfo=UTC)
+    wanted = {"event": event, "calling_ae": calling_ae, "study_uid": study_uid, "verdict": verdict}
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if any(record.get(k) != v for k, v in wanted.items()):
+                continue
+            if since is not None or until is not None:
+                try:
+                    when = parse_time(str(record.get("time", "")))
+                except ValueError:
+                    continue
+                if since is not None and when < since:
+                    continue
+                if until is not None and when >= until:
+                    continue
+            yield record
