@@ -1,0 +1,592 @@
+"""The gateway's one TOML configuration file, validated at load into frozen dataclasses.
+
+Why validate everything up front: the daemon swaps its configuration atomically on SIGHUP or when
+the file changes, and an invalid new file must be refused whole while the old one keeps running.
+So every check happens here, before anything uses the values, and every error names the file,
+the key and the fix (``ConfigError``). ``sentinel check`` runs exactly this loader.
+
+Layout of the file (see ``systemd/sentinel.example.toml`` for a commented example)::
+
+    [listener]     ae_title, host, port, [listener.tls] cert/key/ca/require_client_cert
+    [[callers]]    ae_title, addresses (IPs or CIDRs)
+    [timeouts]     acse_s, dimse_s, network_s, connect_s
+    [limits]       max_associations, max_associations_per_caller, max_instance_mb
+    [state]        dir, min_free_mb (the spool's disk watermark)
+    [retention]    quarantine_days, sent_ledger_days
+    [metrics]      host (loopback only), port
+    [detector]     bundle, workers, threads, on_error, shadow, [detector.thresholds] per modality
+    [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
+    [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae)
+                         or "directory" (path)
+    [[rules]]      name, action, destinations, threshold, shadow, [rules.match]
+    [default]      action, destinations, threshold, shadow
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.datadict import keyword_dict
+
+ACTIONS = ("screen", "pass", "reject")
+ON_ERROR = ("quarantine", "forward", "reject")
+# Match keys that are not DICOM attributes: facts about the association.
+ASSOCIATION_KEYS = ("calling_ae", "called_ae", "peer")
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names file, key and fix."""
+
+    def __init__(self, path: Path | str, key: str, problem: str, fix: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{self.path}: {key}: {problem}; fix: {fix}")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Certificate paths for DICOM TLS, inbound (listener) or outbound (destination)."""
+
+    cert: Path | None
+    key: Path | None
+    ca: Path | None
+    require_client_cert: bool = True
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str
+    host: str
+    port: int
+    tls: TLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class CallerConfig:
+    """One allowed sender: its AE title and the networks it may connect from."""
+
+    ae_title: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def allows(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    acse_s: float = 30.0
+    dimse_s: float = 60.0
+    network_s: float = 60.0  # association idle: abort when nothing arrives for this long
+    connect_s: float = 10.0  # outbound TCP connect to a destination
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_associations: int = 16
+    max_associations_per_caller: int = 4
+    max_instance_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: Path
+    min_free_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    quarantine_days: float = 90.0
+    sent_ledger_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9464  # 0 disables the HTTP endpoint
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    bundle: Path | None  # None: the shipped default bundle
+    workers: int = 2
+    threads: int = 1
+    on_error: str = "quarantine"
+    shadow: bool = False
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ForwardingConfig:
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    max_age_s: float = 24 * 3600.0
+    idle_release_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    kind: str  # "dicom" | "directory"
+    host: str = ""
+    port: int = 0
+    ae_title: str = ""
+    tls: TLSConfig | None = None
+    present_caller_ae: bool = False
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One condition of a rule: an attribute (or association fact) against values or a regex."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    regex: re.Pattern[str] | None = None
+
+    def test(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        if self.regex is not None:
+            return self.regex.fullmatch(value) is not None
+        return value in self.values
+
+    def describe(self) -> str:
+        if self.regex is not None:
+            return f"{self.key}~/{self.regex.pattern}/"
+        if len(self.values) == 1:
+            return f"{self.key}={self.values[0]!r}"
+        return f"{self.key} in {list(self.values)!r}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    action: str
+    destinations: tuple[str, ...]
+    matchers: tuple[Matcher, ...] = ()
+    threshold: float | None = None
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    listener: ListenerConfig
+    callers: tuple[CallerConfig, ...]
+    timeouts: TimeoutsConfig
+    limits: LimitsConfig
+    state: StateConfig
+    retention: RetentionConfig
+    metrics: MetricsConfig
+    detector: DetectorConfig
+    forwarding: ForwardingConfig
+    destinations: Mapping[str, DestinationConfig]
+    rules: tuple[Rule, ...]
+    default: Rule
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state.dir
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state.dir / "spool"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state.dir / "audit" / "audit.jsonl"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state.dir / "quarantine"
+
+    @property
+    def retention_days(self) -> float:
+        return self.retention.quarantine_days
+
+    def find_caller(self, ae_title: str) -> tuple[CallerConfig, ...]:
+        return tuple(c for c in self.callers if c.ae_title == ae_title)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing helpers: each takes the dotted key so that the error can name it.
+
+
+class _Reader:
+    """Typed access into one TOML table, with errors that name the key and the fix."""
+
+    def __init__(self, path: Path, table: Mapping[str, Any], prefix: str) -> None:
+        self.path = path
+        self.table = table
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), problem, fix)
+
+    def check_known(self, allowed: tuple[str, ...]) -> None:
+        for k in self.table:
+            if k not in allowed:
+                raise self.fail(
+                    k, "unknown key", f"remove it or use one of: {', '.join(allowed)}"
+                )
+
+    def sub(self, name: str, required: bool = False) -> _Reader:
+        value = self.table.get(name)
+        if value is None:
+            if required:
+                raise self.fail(name, "missing table", f"add a [{self.key(name)}] table")
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(name, "must be a table", f"write it as [{self.key(name)}]")
+        return _Reader(self.path, value, self.key(name))
+
+    def str_(self, name: str, default: str | None = None) -> str:
+        value = self.table.get(name, default)
+        if value is None:
+            raise self.fail(name, "missing", f'add {name} = "..."')
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(name, f"must be a non-empty string, got {value!r}", f'{name} = "..."')
+        return value
+
+    def bool_(self, name: str, default: bool) -> bool:
+        value = self.table.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, got {value!r}", f"{name} = true")
+        return value
+
+    def num(
+        self, name: str, default: float | None, lo: float, hi: float, integer: bool = False
+    ) -> float:
+        value = self.table.get(name, default)
+        if value is None:
+            raise self.fail(name, "missing", f"add {name} = <number between {lo} and {hi}>")
+        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type:
+            kind = "an integer" if integer else "a number"
+            raise self.fail(name, f"must be {kind}, got {value!r}", f"{name} = {default}")
+        if not lo <= value <= hi:
+            raise self.fail(
+                name, f"{value} is out of range", f"use a value between {lo} and {hi}"
+            )
+        return value
+
+    def int_(self, name: str, default: int | None, lo: int, hi: int) -> int:
+        return int(self.num(name, default, lo, hi, integer=True))
+
+    def ae(self, name: str, default: str | None = None) -> str:
+        value = self.str_(name, default).strip()
+        if not _AE_RE.fullmatch(value):
+            raise self.fail(
+                name,
+                f"{value!r} is not a valid AE title",
+                "use 1-16 printable ASCII characters without backslash",
+            )
+        return value
+
+    def path_(self, name: str, base: Path, default: str | None = None) -> Path:
+        p = Path(self.str_(name, default)).expanduser()
+        return p if p.is_absolute() else (base / p)
+
+
+def _parse_tls(r: _Reader, base: Path, inbound: bool) -> TLSConfig | None:
+    if "tls" not in r.table:
+        return None
+    t = r.sub("tls")
+    t.check_known(("cert", "key", "ca", "require_client_cert"))
+    cert = t.path_("cert", base) if "cert" in t.table else None
+    key = t.path_("key", base) if "key" in t.table else None
+    ca = t.path_("ca", base) if "ca" in t.table else None
+    if inbound and (cert is None or key is None):
+        raise t.fail("cert", "a TLS listener needs cert and key", "set cert and key paths")
+    if (cert is None) != (key is None):
+        raise t.fail("key", "cert and key go together", "set both cert and key, or neither")
+    for name, p in (("cert", cert), ("key", key), ("ca", ca)):
+        if p is not None and not p.is_file():
+            raise t.fail(name, f"file {p} does not exist", "point it at a readable PEM file")
+    require = t.bool_("require_client_cert", True)
+    if inbound and require and ca is None:
+        raise t.fail("ca", "require_client_cert needs a CA", "set ca or require_client_cert=false")
+    if not inbound and ca is None:
+        raise t.fail("ca", "outbound TLS needs the CA that signed the peer", "set ca = \"...\"")
+    return TLSConfig(cert=cert, key=key, ca=ca, require_client_cert=require)
+
+
+def _parse_network(
+    r: _Reader, name: str, text: str
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as exc:
+        problem = f"{text!r} is not an IP address or CIDR ({exc})"
+        raise r.fail(name, problem, "e.g. 10.1.2.0/24") from exc
+
+
+def _parse_matchers(r: _Reader) -> tuple[Matcher, ...]:
+    matchers: list[Matcher] = []
+    for key, spec in r.table.items():
+        if key not in ASSOCIATION_KEYS and key not in keyword_dict:
+            raise r.fail(
+                key,
+                "not a DICOM keyword nor one of " + ", ".join(ASSOCIATION_KEYS),
+                "use an attribute keyword such as Modality, SOPClassUID, BodyPartExamined",
+            )
+        if isinstance(spec, str):
+            matchers.append(Matcher(key=key, values=(spec,)))
+        elif isinstance(spec, list) and spec and all(isinstance(v, str) for v in spec):
+            matchers.append(Matcher(key=key, values=tuple(spec)))
+        elif isinstance(spec, dict) and set(spec) == {"regex"} and isinstance(spec["regex"], str):
+            try:
+                rx = re.compile(spec["regex"])
+            except re.error as exc:
+                raise r.fail(key, f"bad regex ({exc})", "fix the regular expression") from exc
+            matchers.append(Matcher(key=key, regex=rx))
+        else:
+            raise r.fail(
+                key,
+                f"unsupported match value {spec!r}",
+                f'use {key} = "VALUE", {key} = ["A", "B"] or {key} = {{ regex = "..." }}',
+            )
+    return tuple(matchers)
+
+
+def _parse_rule(
+    r: _Reader, name: str, destinations: Mapping[str, DestinationConfig], is_default: bool
+) -> Rule:
+    allowed = ("action", "destinations", "threshold", "shadow")
+    r.check_known(allowed if is_default else ("name", *allowed, "match"))
+    action = r.str_("action", "screen")
+    if action not in ACTIONS:
+        raise r.fail("action", f"unknown action {action!r}", f"use one of {', '.join(ACTIONS)}")
+    dests_raw = r.table.get("destinations", list(destinations) if is_default else None)
+    if dests_raw is None:
+        dests_raw = list(destinations)
+    if not isinstance(dests_raw, list) or not all(isinstance(d, str) for d in dests_raw):
+        raise r.fail("destinations", "must be a list of destination names", 'e.g. ["pacs"]')
+    for d in dests_raw:
+        if d not in destinations:
+            raise r.fail(
+                "destinations",
+                f"unknown destination {d!r}",
+                f"define [destinations.{d}] or use one of: {', '.join(destinations) or '(none)'}",
+            )
+    if action != "reject" and not dests_raw:
+        raise r.fail("destinations", "empty for a forwarding action", "name at least one")
+    threshold = r.num("threshold", None, 0.0, 1.0) if "threshold" in r.table else None
+    matchers = _parse_matchers(r.sub("match")) if not is_default else ()
+    return Rule(
+        name=name,
+        action=action,
+        destinations=tuple(dests_raw),
+        matchers=matchers,
+        threshold=threshold,
+        shadow=r.bool_("shadow", False),
+    )
+
+
+def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document; raise ConfigError naming the key and fix."""
+    base = path.parent
+    top = _Reader(path, data, "")
+    top.check_known(
+        (
+            "listener", "callers", "timeouts", "limits", "state", "retention", "metrics",
+            "detector", "forwarding", "destinations", "rules", "default",
+        )
+    )
+
+    lr = top.sub("listener", required=True)
+    lr.check_known(("ae_title", "host", "port", "tls"))
+    listener = ListenerConfig(
+        ae_title=lr.ae("ae_title", "SENTINEL"),
+        host=lr.str_("host", "127.0.0.1"),
+        port=lr.int_("port", 11112, 1, 65535),
+        tls=_parse_tls(lr, base, inbound=True),
+    )
+    try:
+        ipaddress.ip_address(listener.host)
+    except ValueError as exc:
+        raise lr.fail("host", f"{listener.host!r} is not an IP address", "e.g. 127.0.0.1") from exc
+
+    callers_raw = data.get("callers", [])
+    if not isinstance(callers_raw, list):
+        raise top.fail("callers", "must be an array of tables", "write [[callers]] sections")
+    callers: list[CallerConfig] = []
+    for i, c in enumerate(callers_raw):
+        if not isinstance(c, dict):
+            raise top.fail(f"callers[{i}]", "must be a table", "write [[callers]] sections")
+        cr = _Reader(path, c, f"callers[{i}]")
+        cr.check_known(("ae_title", "addresses"))
+        addrs = c.get("addresses", ["127.0.0.1", "::1"])
+        if not isinstance(addrs, list) or not addrs or not all(isinstance(a, str) for a in addrs):
+            raise cr.fail("addresses", "must be a non-empty list of IPs/CIDRs", '["10.0.0.0/8"]')
+        callers.append(
+            CallerConfig(
+                ae_title=cr.ae("ae_title"),
+                networks=tuple(_parse_network(cr, "addresses", a) for a in addrs),
+            )
+        )
+
+    tr = top.sub("timeouts")
+    tr.check_known(("acse_s", "dimse_s", "network_s", "connect_s"))
+    timeouts = TimeoutsConfig(
+        acse_s=tr.num("acse_s", 30.0, 0.1, 3600),
+        dimse_s=tr.num("dimse_s", 60.0, 0.1, 3600),
+        network_s=tr.num("network_s", 60.0, 0.1, 86400),
+        connect_s=tr.num("connect_s", 10.0, 0.1, 600),
+    )
+
+    mr = top.sub("limits")
+    mr.check_known(("max_associations", "max_associations_per_caller", "max_instance_mb"))
+    limits = LimitsConfig(
+        max_associations=mr.int_("max_associations", 16, 1, 1000),
+        max_associations_per_caller=mr.int_("max_associations_per_caller", 4, 1, 1000),
+        max_instance_bytes=int(mr.num("max_instance_mb", 1024, 0.001, 65536) * 1024 * 1024),
+    )
+
+    sr = top.sub("state", required=True)
+    sr.check_known(("dir", "min_free_mb"))
+    state = StateConfig(
+        dir=sr.path_("dir", base),
+        min_free_bytes=int(sr.num("min_free_mb", 512, 0, 10**7) * 1024 * 1024),
+    )
+
+    rr = top.sub("retention")
+    rr.check_known(("quarantine_days", "sent_ledger_days"))
+    retention = RetentionConfig(
+        quarantine_days=rr.num("quarantine_days", 90.0, 0.0, 36500),
+        sent_ledger_days=rr.num("sent_ledger_days", 30.0, 0.0, 36500),
+    )
+
+    xr = top.sub("metrics")
+    xr.check_known(("host", "port"))
+    metrics = MetricsConfig(host=xr.str_("host", "127.0.0.1"), port=xr.int_("port", 9464, 0, 65535))
+    try:
+        if not ipaddress.ip_address(metrics.host).is_loopback:
+            raise xr.fail("host", "metrics must stay on loopback", 'host = "127.0.0.1"')
+    except ValueError as exc:
+        raise xr.fail("host", f"{metrics.host!r} is not an IP address", "127.0.0.1") from exc
+
+    dr = top.sub("detector")
+    dr.check_known(("bundle", "workers", "threads", "on_error", "shadow", "thresholds"))
+    bundle_raw = dr.str_("bundle", "default")
+    bundle = None if bundle_raw == "default" else dr.path_("bundle", base)
+    if bundle is not None and not (bundle / "manifest.json").is_file():
+        raise dr.fail(
+            "bundle", f"{bundle} has no manifest.json", 'point it at a model bundle or "default"'
+        )
+    thr = dr.sub("thresholds")
+    thresholds = {k: thr.num(k, None, 0.0, 1.0) for k in thr.table}
+    on_error = dr.str_("on_error", "quarantine")
+    if on_error not in ON_ERROR:
+        raise dr.fail("on_error", f"unknown policy {on_error!r}", f"use one of {ON_ERROR}")
+    detector = DetectorConfig(
+        bundle=bundle,
+        workers=dr.int_("workers", 2, 1, 64),
+        threads=dr.int_("threads", 1, 1, 64),
+        on_error=on_error,
+        shadow=dr.bool_("shadow", False),
+        thresholds=thresholds,
+    )
+
+    fr = top.sub("forwarding")
+    fr.check_known(("backoff_initial_s", "backoff_max_s", "max_age_s", "idle_release_s"))
+    forwarding = ForwardingConfig(
+        backoff_initial_s=fr.num("backoff_initial_s", 1.0, 0.01, 3600),
+        backoff_max_s=fr.num("backoff_max_s", 300.0, 0.01, 86400),
+        max_age_s=fr.num("max_age_s", 86400.0, 0.1, 365 * 86400),
+        idle_release_s=fr.num("idle_release_s", 30.0, 0.1, 86400),
+    )
+    if forwarding.backoff_max_s < forwarding.backoff_initial_s:
+        raise fr.fail("backoff_max_s", "smaller than backoff_initial_s", "raise backoff_max_s")
+
+    dest_table = top.sub("destinations")
+    if not dest_table.table:
+        raise top.fail(
+            "destinations", "no destination defined", 'add [destinations.NAME] kind = "directory"'
+        )
+    destinations: dict[str, DestinationConfig] = {}
+    for name in dest_table.table:
+        if not _NAME_RE.fullmatch(name):
+            raise dest_table.fail(name, "bad destination name", "use letters, digits, _ . -")
+        d = dest_table.sub(name)
+        kind = d.str_("kind")
+        if kind == "directory":
+            d.check_known(("kind", "path"))
+            destinations[name] = DestinationConfig(name=name, kind=kind, path=d.path_("path", base))
+        elif kind == "dicom":
+            d.check_known(("kind", "host", "port", "ae_title", "tls", "present_caller_ae"))
+            destinations[name] = DestinationConfig(
+                name=name,
+                kind=kind,
+                host=d.str_("host"),
+                port=d.int_("port", None, 1, 65535),
+                ae_title=d.ae("ae_title"),
+                tls=_parse_tls(d, base, inbound=False),
+                present_caller_ae=d.bool_("present_caller_ae", False),
+            )
+        else:
+            raise d.fail("kind", f"unknown kind {kind!r}", 'use "dicom" or "directory"')
+
+    rules_raw = data.get("rules", [])
+    if not isinstance(rules_raw, list):
+        raise top.fail("rules", "must be an array of tables", "write [[rules]] sections")
+    rules: list[Rule] = []
+    for i, raw in enumerate(rules_raw):
+        if not isinstance(raw, dict):
+            raise top.fail(f"rules[{i}]", "must be a table", "write [[rules]] sections")
+        rr_ = _Reader(path, raw, f"rules[{i}]")
+        name = rr_.str_("name")
+        if any(r.name == name for r in rules) or name == "default":
+            raise rr_.fail("name", f"duplicate rule name {name!r}", "give each rule its own name")
+        rules.append(_parse_rule(rr_, name, destinations, is_default=False))
+    default = _parse_rule(top.sub("default"), "default", destinations, is_default=True)
+
+    return Config(
+        path=path,
+        listener=listener,
+        callers=tuple(callers),
+        timeouts=timeouts,
+        limits=limits,
+        state=state,
+        retention=retention,
+        metrics=metrics,
+        detector=detector,
+        forwarding=forwarding,
+        destinations=destinations,
+        rules=tuple(rules),
+        default=default,
+    )
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate the TOML file at ``path``; raise ConfigError on any problem."""
+    p = Path(path).expanduser().resolve()
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(p, "(file)", "not found", "pass --config with an existing file") from exc
+    except PermissionError as exc:
+        raise ConfigError(p, "(file)", "not readable", "fix its permissions") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(p, "(syntax)", f"invalid TOML: {exc}", "correct the TOML syntax") from exc
+    return parse_config(data, p)

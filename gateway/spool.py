@@ -1,0 +1,304 @@
+"""The on-disk spool: every state an instance can be in is a file in a directory.
+
+Why files and renames: an instance the modality got Success for must survive a crash (SIGKILL
+included) and be picked up after restart, and nothing half-written may ever be forwarded. Every
+state change is therefore "write under a temporary name, fsync, rename into place, fsync the
+directory", and the directory an instance lies in *is* its state:
+
+    <state>/spool/tmp/                 partial receives (pynetdicom's chunked files); wiped at start
+    <state>/spool/incoming/<SOP>.dcm   acknowledged, not yet screened (+ <SOP>.json: caller, peer)
+    <state>/spool/work/                claimed by a screening worker (recovered like incoming)
+    <state>/spool/outbox/<dest>/<seq>-<SOP>.dcm (+ .json)   durable forwarding queue, FIFO by name
+    <state>/spool/dead/<dest>/         dead-lettered after the maximum age
+    <state>/spool/sent/<dest>.log      ledger of SOP UIDs delivered (idempotency across restarts)
+
+Other processes (``sentinel quarantine release``) put instances into an outbox with
+``enqueue_outbox``; the running daemon's forwarder rescans its outbox, so it notices them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_SEQ_LOCK = threading.Lock()
+_SEQ_LAST = [0]  # monotonic sequence for outbox names within this process
+_COUNTER = itertools.count()
+
+
+def valid_uid(uid: str) -> bool:
+    """A DICOM UID safe to use as a file name (digits and dots, at most 64 characters)."""
+    return 0 < len(uid) <= 64 and UID_RE.fullmatch(uid) is not None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_durable(path: Path, data: Mapping[str, Any], sync_dir: bool = True) -> None:
+    """Write JSON to ``path`` atomically and durably (tmp, fsync, rename, optional dir fsync)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_COUNTER)}.tmp")
+    payload = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a sidecar; a missing or damaged one reads as empty (the DICOM file is the truth)."""
+    try:
+        with path.open("rb") as fh:
+            value = json.load(fh)
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass(frozen=True)
+class SpoolLayout:
+    """Paths of the spool under one state directory."""
+
+    state_dir: Path
+
+    @property
+    def root(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def outbox_root(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def dead_root(self) -> Path:
+        return self.root / "dead"
+
+    @property
+    def sent_root(self) -> Path:
+        return self.root / "sent"
+
+    def outbox(self, destination: str) -> Path:
+        return self.outbox_root / destination
+
+    def dead(self, destination: str) -> Path:
+        return self.dead_root / destination
+
+    def sent_log(self, destination: str) -> Path:
+        return self.sent_root / f"{destination}.log"
+
+    def create(self, destinations: Iterator[str] | tuple[str, ...] = ()) -> None:
+        for d in (self.tmp, self.incoming, self.work, self.outbox_root, self.dead_root,
+                  self.sent_root):
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        for name in destinations:
+            self.outbox(name).mkdir(exist_ok=True, mode=0o750)
+            self.dead(name).mkdir(exist_ok=True, mode=0o750)
+
+    def clear_tmp(self) -> int:
+        """Remove partial receives left by a crash; they were never acknowledged."""
+        n = 0
+        for p in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
+        return n
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes available to an unprivileged writer on the filesystem holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def next_seq() -> str:
+    """A sortable, unique-in-process sequence: outbox names sort in arrival order."""
+    with _SEQ_LOCK:
+        now = time.time_ns()
+        value = max(now, _SEQ_LAST[0] + 1)
+        _SEQ_LAST[0] = value
+    return f"{value:020d}"
+
+
+def outbox_name(sop_uid: str) -> str:
+    return f"{next_seq()}-{sop_uid}.dcm"
+
+
+def sop_from_outbox_name(name: str) -> str:
+    """The SOP Instance UID part of an outbox file name ``<seq>-<uid>.dcm``."""
+    stem = name[:-4] if name.endswith(".dcm") else name
+    return stem.split("-", 1)[1] if "-" in stem else stem
+
+
+def place_in_outboxes(
+    layout: SpoolLayout,
+    destinations: tuple[str, ...] | list[str],
+    src: Path,
+    meta: Mapping[str, Any],
+    remove_src: bool = True,
+) -> list[Path]:
+    """Durably put ``src`` into the outbox of every destination (hard links, one inode).
+
+    Each entry is a sidecar JSON (written first) and the DICOM file linked in under the same
+    sequence name; directories are fsynced before ``src`` is removed, so a crash at any point
+    leaves the instance either still at ``src`` (processed again) or in the outbox.
+    """
+    sop_uid = str(meta.get("sop_uid") or "")
+    if not valid_uid(sop_uid):
+        raise ValueError(f"meta['sop_uid'] must be a valid UID, got {sop_uid!r}")
+    placed: list[Path] = []
+    dirs: set[Path] = set()
+    for dest in destinations:
+        d = layout.outbox(dest)
+        d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        name = outbox_name(sop_uid)
+        target = d / name
+        entry = dict(meta)
+        entry.setdefault("enqueued_at", time.time())
+        entry["destination"] = dest
+        write_json_durable(target.with_suffix(".json"), entry, sync_dir=False)
+        try:
+            os.link(src, target)
+        except OSError:
+            _copy_durable(src, target)
+        placed.append(target)
+        dirs.add(d)
+    # The link count changed: make the inode and each directory entry durable.
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for d in dirs:
+        fsync_dir(d)
+    if remove_src:
+        os.unlink(src)
+        side = src.with_suffix(".json")
+        with contextlib.suppress(FileNotFoundError):
+            side.unlink()
+        fsync_dir(src.parent)
+    return placed
+
+
+def _copy_durable(src: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    with src.open("rb") as fi, tmp.open("wb") as fo:
+        while chunk := fi.read(1 << 20):
+            fo.write(chunk)
+        fo.flush()
+        os.fsync(fo.fileno())
+    os.replace(tmp, target)
+
+
+def enqueue_outbox(state_dir: Path, destination: str, src: Path, meta: dict[str, Any]) -> Path:
+    """Durably move ``src`` into ``<state>/spool/outbox/<destination>/`` for forwarding.
+
+    For other processes and modules (quarantine release): the running daemon's forwarder picks
+    the file up on its next rescan (at most about a second). ``meta`` must hold ``sop_uid`` and
+    should hold ``study_uid`` (ordering within a study) and ``calling_ae`` (for destinations that
+    present the original caller's AE title). ``src``'s sidecar ``.json`` is removed with it.
+    """
+    layout = SpoolLayout(Path(state_dir))
+    placed = place_in_outboxes(layout, (destination,), Path(src), meta, remove_src=True)
+    return placed[0]
+
+
+class SentLedger:
+    """SOP Instance UIDs already delivered to one destination: never send the same UID twice.
+
+    An append-only text file (``uid<TAB>unix-time`` per line), fsynced after each append, loaded
+    into a set at start and compacted (entries older than the retention dropped).
+    """
+
+    def __init__(self, path: Path, retention_s: float) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._uids: set[str] = set()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keep: list[str] = []
+        cutoff = time.time() - retention_s
+        if path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                uid, _, ts = line.partition("\t")
+                try:
+                    t = float(ts)
+                except ValueError:
+                    continue
+                if t >= cutoff and valid_uid(uid):
+                    self._uids.add(uid)
+                    keep.append(line)
+            write_text_durable(path, "".join(x + "\n" for x in keep))
+        self._fh = path.open("ab")
+
+    def __contains__(self, uid: str) -> bool:
+        with self._lock:
+            return uid in self._uids
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._uids)
+
+    def add(self, uid: str) -> None:
+        with self._lock:
+            if uid in self._uids:
+                return
+            self._fh.write(f"{uid}\t{time.time():.3f}\n".encode())
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._uids.add(uid)
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+def write_text_durable(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def list_outbox(directory: Path) -> list[str]:
+    """Names of complete outbox entries (``.dcm``), oldest first."""
+    try:
+        names = [e.name for e in os.scandir(directory) if e.name.endswith(".dcm")
+                 and not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    names.sort()
+    return names
