@@ -177,6 +177,10 @@ class Quarantine:
     def _dir(self, study_uid: str) -> Path:
         return self.root / check_uid(study_uid, "StudyInstanceUID")
 
+    def has_study(self, study_uid: str) -> bool:
+        """Whether the quarantine holds a folder for this Study Instance UID."""
+        return self._dir(study_uid).is_dir()
+
     def _find(self, sop_uid: str) -> Path | None:
         """The .dcm of a quarantined SOP Instance UID, whatever study it is filed under."""
         check_uid(sop_uid, "SOPInstanceUID")
@@ -240,7 +244,7 @@ class Quarantine:
 
     def _remove(self, dcm: Path) -> None:
         """Instance first, sidecar last (see the module docstring), then an empty study dir."""
-        dcm.unlink()
+        dcm.unlink(missing_ok=True)  # an enqueue may have moved it already
         _fsync_dir(dcm.parent)
         dcm.with_suffix(".json").unlink(missing_ok=True)
         _fsync_dir(dcm.parent)
@@ -328,13 +332,14 @@ class Quarantine:
         now: datetime | None = None,
         *,
         actor: str = "retention",
+        reason: str | None = None,
     ) -> list[QuarantineRecord]:
         """Purge every instance quarantined more than ``older_than`` ago (retention by age)."""
         now = now or datetime.now(UTC)
         if now.tzinfo is None:
             now = now.replace(tzinfo=UTC)
         cutoff = now - older_than
-        reason = f"retention: held longer than {older_than.days} days"
+        reason = reason or f"retention: held longer than {older_than / timedelta(days=1):g} days"
         purged = []
         for dcm, sidecar in list(self._entries()):
             record = self._load(dcm, sidecar)

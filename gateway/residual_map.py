@@ -1,0 +1,126 @@
+"""The picture behind ``sentinel quarantine show --png``: the image beside where its
+high-frequency residual is strongest.
+
+Why this map: the attacks the detector looks for add small pixel-level noise at the detector's
+input scale (224x224, then upsampled into the stored matrix). Natural radiographs are smooth at
+that scale except at edges, so the absolute 3x3 high-pass residual, averaged over a neighbourhood,
+shows a reviewer where an image carries texture that anatomy does not explain (a uniform glow
+over the lungs rather than bright edges only). It is a reading aid, not the detector's verdict.
+
+Drawn with Pillow (a runtime dependency) so the daemon's install can render it; no matplotlib.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy.ndimage import uniform_filter
+
+DETECTOR_SIZE = 224  # the scale the detector (and the attacks) work at
+HEADER_PX = 22
+GAP_PX = 8
+
+# A perceptually ordered dark-to-bright palette (close to matplotlib's "inferno").
+_ANCHORS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+_COLOURS = np.array(
+    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64
+)
+
+
+def load_first_frame(path: Path) -> np.ndarray:
+    """The instance's first frame as float32 (rows, cols) in [0, 1], decoded as the detector
+    decodes it (bit depth, rescale sign and MONOCHROME1 honoured)."""
+    try:
+        from detector.preprocess import load_unit  # the detector's own decode path
+    except ModuleNotFoundError:  # TODO(gateway-records): drop once detector.preprocess lands
+        return _load_first_frame_pydicom(Path(path))
+    return np.asarray(load_unit(Path(path))[0], dtype=np.float32)
+
+
+def _load_first_frame_pydicom(path: Path) -> np.ndarray:
+    """Stand-in decode until detector.preprocess exists: min-max scaled, MONOCHROME1 inverted."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    pixels = np.asarray(ds.pixel_array, dtype=np.float64)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    if pixels.ndim != 2:
+        raise ValueError(f"{path}: not a single-channel image (shape {pixels.shape})")
+    low, high = float(pixels.min()), float(pixels.max())
+    unit = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit.astype(np.float32)
+
+
+def _resize(img: np.ndarray, width: int, height: int, resample: Image.Resampling) -> np.ndarray:
+    return np.asarray(
+        Image.fromarray(img.astype(np.float32), mode="F").resize((width, height), resample),
+        dtype=np.float32,
+    )
+
+
+def residual_strength(unit: np.ndarray, size: int = DETECTOR_SIZE, window: int = 9) -> np.ndarray:
+    """Local mean of |3x3 high-pass residual| at the detector's scale, (size, size) in [0, 1].
+
+    The image is area-averaged to ``size`` (as the detector sees it), the 3x3 box mean is
+    subtracted, and the absolute residual is averaged over ``window`` pixels, then scaled so its
+    99.5th percentile is 1 (a robust scale: one hot pixel does not wash the map out).
+    """
+    small = _resize(unit, size, size, Image.Resampling.BOX).astype(np.float64)
+    residual = np.abs(small - uniform_filter(small, size=3, mode="reflect"))
+    strength = uniform_filter(residual, size=window, mode="reflect")
+    top = float(np.percentile(strength, 99.5))
+    return np.clip(strength / top, 0.0, 1.0) if top > 0 else np.zeros_like(strength)
+
+
+def _colourise(values: np.ndarray) -> np.ndarray:
+    """Map [0, 1] values to RGB uint8 through the palette."""
+    rgb = np.stack([np.interp(values, _ANCHORS, _COLOURS[:, c]) for c in range(3)], axis=-1)
+    return rgb.round().astype(np.uint8)
+
+
+def panel_size(rows: int, cols: int, height: int) -> tuple[int, int]:
+    """(width, height) of the PNG ``render`` writes for a ``rows`` x ``cols`` image."""
+    width = max(1, round(cols * height / rows))
+    return 2 * width + GAP_PX, height + HEADER_PX
+
+
+def render(unit: np.ndarray, out: Path, *, height: int = 512, caption: str = "") -> tuple[int, int]:
+    """Write a PNG: the image (left) and the residual-strength heat map over it (right).
+
+    ``unit`` is one frame in [0, 1] at its native matrix; both panels keep its aspect ratio at
+    ``height`` pixels. Returns the PNG's (width, height).
+    """
+    rows, cols = unit.shape
+    total_w, total_h = panel_size(rows, cols, height)
+    width = (total_w - GAP_PX) // 2
+    grey = np.clip(_resize(unit, width, height, Image.Resampling.BOX), 0.0, 1.0)
+    heat = np.clip(
+        _resize(residual_strength(unit), width, height, Image.Resampling.BILINEAR), 0.0, 1.0
+    )
+    grey_rgb = np.repeat((grey * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+    overlay = (0.3 * grey_rgb + 0.7 * _colourise(heat)).round().astype(np.uint8)
+
+    canvas = Image.new("RGB", (total_w, total_h), (0, 0, 0))
+    canvas.paste(Image.fromarray(grey_rgb, "RGB"), (0, HEADER_PX))
+    canvas.paste(Image.fromarray(overlay, "RGB"), (width + GAP_PX, HEADER_PX))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 5), caption or "image", fill=(230, 230, 230))
+    draw.text(
+        (width + GAP_PX + 4, 5), "high-frequency residual (bright = strong)", fill=(230, 230, 230)
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, format="PNG")
+    return total_w, total_h
+
+
+def render_instance(
+    path: Path, out: Path, *, height: int = 512, caption: str = ""
+) -> tuple[int, int]:
+    """Decode a DICOM (or image) file's first frame and ``render`` it to ``out``."""
+    return render(load_first_frame(path), out, height=height, caption=caption)
