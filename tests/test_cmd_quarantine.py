@@ -1,0 +1,163 @@
+"""``sentinel quarantine list|show|release|purge``: exit codes, the PNG, the outbox hand-off,
+the audit trail with the operator's name, and no patient data in the audit log."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+from test_cmd_audit import write_config
+from test_quarantine import make_dicom, record_for
+
+from gateway.audit import verify
+from gateway.cli import main
+from gateway.quarantine import Quarantine
+from gateway.residual_map import panel_size
+
+
+@pytest.fixture()
+def state(tmp_path: Path) -> Path:
+    """A state dir holding two flagged instances of study 1.2.3 and one of study 4.5."""
+    state = tmp_path / "state"
+    q = Quarantine(state / "quarantine")
+    for sop, study in (("1.2.3.1", "1.2.3"), ("1.2.3.2", "1.2.3"), ("4.5.1", "4.5")):
+        src = make_dicom(tmp_path / "spool" / f"{sop}.dcm", sop, study)
+        q.put(src, record_for(sop, study, destinations=("pacs",)))
+    return state
+
+
+def audit_events(state: Path) -> list[dict[str, object]]:
+    log = state / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_list_table_and_json(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quarantine", "list", "--state-dir", str(state)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("QUARANTINED AT") and len(rows) == 4
+    assert all("CR" in row and "0.910" in row for row in rows[1:])
+    assert main(["quarantine", "list", "--state-dir", str(state), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert sorted(r["sop_uid"] for r in records) == ["1.2.3.1", "1.2.3.2", "4.5.1"]
+
+
+def test_list_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quarantine", "list", "--state-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_show_and_not_found(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quarantine", "show", "4.5.1", "--state-dir", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert "chest-cr" in out and "fixture-1" in out and "CR_ROOM1" in out
+    assert main(["quarantine", "show", "9.9.9", "--state-dir", str(state)]) == 1
+    assert "not in the quarantine" in capsys.readouterr().err
+    assert main(["quarantine", "show", "../../etc/passwd", "--state-dir", str(state)]) == 2
+    assert "not a DICOM UID" in capsys.readouterr().err
+
+
+def test_show_png_has_the_expected_size(state: Path, tmp_path: Path) -> None:
+    png = tmp_path / "out" / "view.png"
+    argv = ["quarantine", "show", "1.2.3.1", "--state-dir", str(state), "--png", str(png),
+            "--height", "192"]
+    assert main(argv) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as img:
+        img.verify()
+    with Image.open(png) as img:
+        assert img.size == panel_size(96, 80, 192) == (2 * 160 + 8, 192 + 22)
+        assert img.mode == "RGB"
+
+
+def test_show_png_of_a_real_cr(tmp_path: Path, nema_dir: Path) -> None:
+    src = tmp_path / "in" / "RG3.dcm"
+    src.parent.mkdir()
+    shutil.copyfile(nema_dir / "RG3_J2KR.dcm", src)  # JPEG 2000: decoded through the plugins
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    Quarantine(tmp_path / "state" / "quarantine").put(
+        src, record_for(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID))
+    )
+    png = tmp_path / "rg3.png"
+    argv = ["quarantine", "show", str(ds.SOPInstanceUID), "--state-dir",
+            str(tmp_path / "state"), "--png", str(png)]
+    assert main(argv) == 0
+    with Image.open(png) as img:
+        assert img.size == panel_size(int(ds.Rows), int(ds.Columns), 512)
+
+
+def test_release_puts_the_bytes_in_the_outbox_and_audits(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    held = state / "quarantine" / "1.2.3" / "1.2.3.1.dcm"
+    original = held.read_bytes()
+    argv = ["quarantine", "release", "1.2.3.1", "--state-dir", str(state), "--reason",
+            "reviewed: benign processing artefact"]
+    assert main(argv) == 0
+    assert "released 1.2.3.1 to pacs" in capsys.readouterr().out
+    (queued,) = sorted((state / "spool" / "outbox" / "pacs").glob("*.dcm"))
+    assert queued.read_bytes() == original and not held.exists()
+    meta = json.loads(queued.with_suffix(".json").read_text())
+    assert meta["sop_uid"] == "1.2.3.1" and meta["study_uid"] == "1.2.3"
+    (event,) = audit_events(state)
+    assert event["event"] == "released" and event["actor"] == getpass.getuser()
+    assert event["reason"] == "reviewed: benign processing artefact"
+    assert event["destination"] == "pacs"
+    assert main(argv) == 1  # already released
+
+
+def test_release_to_named_destinations_via_config(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(state.parent)
+    base = ["quarantine", "release", "4.5.1", "--config", str(cfg), "--reason", "ok"]
+    assert main([*base, "--destination", "nowhere"]) == 2
+    assert "unknown destination" in capsys.readouterr().err
+    assert main([*base, "--destination", "pacs", "--destination", "archive"]) == 0
+    for name in ("pacs", "archive"):
+        assert len(list((state / "spool" / "outbox" / name).glob("*.dcm"))) == 1
+    assert [e["destination"] for e in audit_events(state)] == ["pacs", "archive"]
+
+
+def test_release_needs_a_reason(state: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["quarantine", "release", "1.2.3.1", "--state-dir", str(state)])
+    assert exc.value.code == 2
+    assert main(["quarantine", "release", "1.2.3.1", "--state-dir", str(state), "--reason",
+                 " "]) == 2
+    assert (state / "quarantine" / "1.2.3" / "1.2.3.1.dcm").exists()
+
+
+def test_purge_instance_study_and_age(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--state-dir", str(state), "--reason", "withdrawn by radiology"]
+    assert main(["quarantine", "purge", "1.2.3.1", *base]) == 0
+    assert main(["quarantine", "purge", "1.2.3.1", *base]) == 1
+    assert main(["quarantine", "purge", "--study", "1.2.3", *base]) == 0
+    assert main(["quarantine", "purge", "--study", "1.2.3", *base]) == 1
+    assert main(["quarantine", "purge", "--older-than", "30", *base]) == 0  # all held today
+    assert main(["quarantine", "purge", "--older-than", "0", *base]) == 0
+    capsys.readouterr()
+    assert [r.sop_uid for r in Quarantine(state / "quarantine").list()] == []
+    events = audit_events(state)
+    assert [e["sop_uid"] for e in events] == ["1.2.3.1", "1.2.3.2", "4.5.1"]
+    assert {e["event"] for e in events} == {"purged"}
+    assert {e["actor"] for e in events} == {getpass.getuser()}
+    with pytest.raises(SystemExit):
+        main(["quarantine", "purge", "--state-dir", str(state), "--reason", "x"])  # no target
+
+
+def test_no_patient_data_in_the_audit_log(state: Path) -> None:
+    """The instances carry PatientName DOE^JANE and PatientID PID-0042 (see make_dicom);
+    operator actions on them must log UIDs only."""
+    base = ["--state-dir", str(state), "--reason", "review done"]
+    assert main(["quarantine", "release", "1.2.3.1", *base]) == 0
+    assert main(["quarantine", "purge", "--study", "1.2.3", *base]) == 0
+    assert main(["quarantine", "purge", "4.5.1", *base]) == 0
+    text = (state / "audit" / "audit.jsonl").read_text()
+    assert len(text.splitlines()) == 3 and verify(state / "audit" / "audit.jsonl").ok
+    for phi in ("DOE", "JANE", "PID-0042"):
+        assert phi not in text
