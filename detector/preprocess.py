@@ -1,0 +1,466 @@
+"""DICOM datasets and image files to float32 images in [0, 1], and then to the 224x224 input.
+
+One definition of intensity, used by scoring *and* training (``train`` imports this module),
+so clean and perturbed images always travel the identical path:
+
+* **Normalisation "bitdepth-v1"**: a stored pixel value ``s`` maps to
+  ``(s - lo) / (hi - lo)`` where ``[lo, hi]`` is the range BitsStored and PixelRepresentation
+  allow (``[0, 2^B - 1]`` unsigned, ``[-2^(B-1), 2^(B-1) - 1]`` signed). It depends on the
+  header only, never on the image content (no per-image windowing), so an attacker's
+  perturbation of k stored levels always becomes ``k / (hi - lo)`` on the [0, 1] scale and the
+  same pixel value always gives the same number. Rescale Slope/Intercept is a linear modality
+  LUT; the intercept cancels out of a range normalisation and only a negative slope matters
+  (it reverses the order, so the result is flipped). MONOCHROME1 (high value = dark) is
+  inverted so that 1.0 is always white. VOI LUT / windowing is ignored on purpose: it is
+  display metadata, not pixel data.
+* **Image files** (PNG/JPEG): 8-bit grey ``/255``, 16-bit grey ``/65535``; RGB with R = G = B
+  (how the Kermany set is stored) is grey, true colour is refused.
+* **Resize** "area-exact": each output pixel is the exact mean of the input area it covers
+  (box filter with fractional edges), computed from cumulative sums in float64 along the
+  contiguous axis first. No library resampler, so results do not drift with Pillow/OpenCV
+  versions; 224x224 inputs pass through unchanged.
+
+Decoders. Compressed transfer syntaxes are decoded by pydicom's pixel handlers backed by
+pylibjpeg with its plugins: pylibjpeg-libjpeg (JPEG baseline, extended, lossless, JPEG-LS),
+pylibjpeg-openjpeg (JPEG 2000) and pylibjpeg-rle (RLE; pydicom's own numpy RLE decoder is the
+fallback); deflate is zlib in pydicom itself. We chose these over python-gdcm because all of
+them are plain pip wheels with no system library to install or keep in step with the OS,
+they cover every syntax listed above, and pydicom selects them automatically; GDCM would add
+a large C++ dependency for no syntax we need.
+
+Defences. ``read_dicom`` parses the header with large values deferred (the Pixel Data bytes
+are not read), checks Rows x Columns x Frames against ``max_pixels`` *before* touching pixel
+data, so a forged 65535x65535 declaration never allocates, and refuses colour, missing pixel
+data, undecodable syntaxes and native pixel data shorter than the header declares, each with
+its own ``PreprocessError`` subclass.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from detector.errors import (
+    ColourImage,
+    MatrixTooLarge,
+    NoPixelData,
+    PixelDataLengthMismatch,
+    PreprocessError,
+    Unreadable,
+    UnsupportedTransferSyntax,
+)
+
+INPUT_SIZE = 224
+NORMALISATION = "bitdepth-v1"
+RESIZE_METHOD = "area-exact"
+# 64 Mi pixels: a 4300x3500 DX is 15 M, a 1024x1024x60-frame series 63 M. Decoding stores
+# at most this many 16-bit values (128 MiB) plus one frame in float64.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# Header values larger than this stay on disk until asked for (the Pixel Data, mostly).
+_DEFER_SIZE = 4096
+
+_MONO = ("MONOCHROME1", "MONOCHROME2")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# --------------------------------------------------------------------------- DICOM header
+
+
+def read_dicom(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """Parse a DICOM file with the Pixel Data deferred and run the header checks.
+
+    Raises ``Unreadable`` for a file pydicom cannot parse, and the header refusals of
+    ``check_header``. The Pixel Data bytes are read only later, by ``dataset_to_unit``.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+    except FileNotFoundError as exc:
+        raise Unreadable(f"{path}: no such file") from exc
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise Unreadable(f"{path}: not a readable DICOM file ({exc})") from exc
+    check_header(ds, max_pixels=max_pixels, source=str(path))
+    return ds
+
+
+def _int_attr(ds: Dataset, keyword: str, default: int | None, source: str) -> int:
+    """An integer header attribute, with a typed error when it is missing or malformed."""
+    try:
+        value = ds.get(keyword, default)
+        if value is None or value == "":
+            raise Unreadable(f"{source}: required attribute {keyword} is missing")
+        return int(value)
+    except PreprocessError:
+        raise
+    except Exception as exc:
+        raise Unreadable(f"{source}: attribute {keyword} is unreadable ({exc})") from exc
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The dataset's transfer syntax: from the file meta, else from how it was encoded."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts:
+        return UID(str(ts))
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        implicit, little = True, True
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def check_header(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "") -> None:
+    """Refuse a dataset from its header alone, before any pixel is read or decoded."""
+    src = source or "dataset"
+    if "PixelData" not in ds:
+        other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+        hint = " (float pixel data is not an X-ray image this detector handles)" if other else ""
+        raise NoPixelData(f"{src}: no Pixel Data (7FE0,0010){hint}")
+    rows = _int_attr(ds, "Rows", None, src)
+    cols = _int_attr(ds, "Columns", None, src)
+    frames = _int_attr(ds, "NumberOfFrames", 1, src)
+    spp = _int_attr(ds, "SamplesPerPixel", 1, src)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if spp != 1 or (photometric and photometric not in _MONO):
+        raise ColourImage(
+            f"{src}: colour image (SamplesPerPixel={spp}, PhotometricInterpretation="
+            f"{photometric or 'missing'}); only MONOCHROME1/2 greyscale X-rays are screened"
+        )
+    if rows <= 0 or cols <= 0 or frames <= 0:
+        raise Unreadable(f"{src}: impossible matrix Rows={rows} Columns={cols} Frames={frames}")
+    declared = rows * cols * frames
+    if declared > max_pixels:
+        raise MatrixTooLarge(
+            f"{src}: declared matrix {rows}x{cols}x{frames} frames = {declared} pixels exceeds "
+            f"the limit of {max_pixels}; raise max_pixels in the detector config if such "
+            "images are genuine"
+        )
+    bits_alloc = _int_attr(ds, "BitsAllocated", None, src)
+    bits_stored = _int_attr(ds, "BitsStored", bits_alloc, src)
+    pixel_rep = _int_attr(ds, "PixelRepresentation", 0, src)
+    if bits_alloc not in (8, 16) or not 1 <= bits_stored <= bits_alloc or pixel_rep not in (0, 1):
+        raise UnsupportedTransferSyntax(
+            f"{src}: BitsAllocated={bits_alloc}, BitsStored={bits_stored}, "
+            f"PixelRepresentation={pixel_rep} is not a greyscale encoding this detector "
+            "handles (8 or 16 bits allocated, up to 16 stored)"
+        )
+    ts = _transfer_syntax(ds)
+    try:
+        decoder = pydicom.pixels.get_decoder(ts)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntax(
+            f"{src}: transfer syntax {ts} ({ts.name}) has no pixel data decoder"
+        ) from exc
+    if not decoder.is_available:
+        raise UnsupportedTransferSyntax(
+            f"{src}: transfer syntax {ts} ({ts.name}) needs a decoder plugin that is not "
+            "installed (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle)"
+        )
+
+
+def _stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
+    """The smallest and largest stored value BitsStored and PixelRepresentation allow."""
+    if signed:
+        return -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    return 0, (1 << bits_stored) - 1
+
+
+def _load_pixel_bytes(ds: Dataset, source: str) -> bytes:
+    """Read the (deferred) Pixel Data value, mapping I/O failures to ``Unreadable``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = ds.PixelData
+    except Exception as exc:
+        raise Unreadable(f"{source}: Pixel Data could not be read ({exc})") from exc
+    if value is None:
+        raise NoPixelData(f"{source}: Pixel Data (7FE0,0010) is empty")
+    return value
+
+
+def _iter_frames(ds: Dataset, source: str, max_pixels: int) -> Iterator[np.ndarray]:
+    """Decoded frames of a checked dataset, one 2-D array of stored values at a time."""
+    check_header(ds, max_pixels=max_pixels, source=source)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits_alloc = int(ds.BitsAllocated)
+    ts = _transfer_syntax(ds)
+    data = _load_pixel_bytes(ds, source)
+    if not ts.is_encapsulated:
+        expected = rows * cols * frames * (bits_alloc // 8)
+        if len(data) < expected:
+            raise PixelDataLengthMismatch(
+                f"{source}: Pixel Data holds {len(data)} bytes, the header declares "
+                f"{rows}x{cols}x{frames} frames x {bits_alloc // 8} bytes = {expected}; the "
+                "file is truncated or its header is wrong"
+            )
+    elif len(data) < 16:
+        raise PixelDataLengthMismatch(
+            f"{source}: encapsulated Pixel Data of {len(data)} bytes cannot hold {frames} frame(s)"
+        )
+    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for frame in pydicom.pixels.iter_pixels(ds):
+                if frame.shape != (rows, cols):
+                    raise Unreadable(
+                        f"{source}: decoded frame has shape {frame.shape}, header declares "
+                        f"{rows}x{cols}"
+                    )
+                yield frame
+    except PreprocessError:
+        raise
+    except Exception as exc:
+        raise Unreadable(f"{source}: pixel data could not be decoded ({ts.name}): {exc}") from exc
+
+
+def stored_to_unit(
+    frame: np.ndarray,
+    *,
+    bits_stored: int,
+    signed: bool,
+    invert: bool,
+) -> np.ndarray:
+    """Stored pixel values to float64 [0, 1] by the stored range (normalisation bitdepth-v1).
+
+    Bits above BitsStored are masked off (unsigned) or sign-extended from bit BitsStored-1
+    (signed), as the standard says they carry no pixel value. ``invert`` flips 0 and 1
+    (MONOCHROME1, or a negative Rescale Slope; both together cancel).
+    """
+    v = frame.astype(np.int64, copy=False)
+    mask = (1 << bits_stored) - 1
+    v = v & mask
+    if signed:
+        sign = 1 << (bits_stored - 1)
+        v = (v ^ sign) - sign
+    lo, hi = _stored_range(bits_stored, signed)
+    unit = (v - lo).astype(np.float64)
+    unit *= 1.0 / (hi - lo)
+    if invert:
+        unit = 1.0 - unit
+    return unit
+
+
+def _unit_params(ds: Dataset, source: str) -> tuple[int, bool, bool]:
+    """(BitsStored, signed, invert) for ``stored_to_unit`` from a checked header."""
+    bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
+    try:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    except (TypeError, ValueError) as exc:
+        raise Unreadable(f"{source}: RescaleSlope is not a number") from exc
+    if slope < 0:
+        invert = not invert
+    return bits_stored, signed, invert
+
+
+def iter_unit_frames(
+    ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = ""
+) -> Iterator[np.ndarray]:
+    """Each frame of a dataset as float64 (rows, cols) in [0, 1], decoded one at a time."""
+    src = source or str(getattr(ds, "filename", "") or "dataset")
+    check_header(ds, max_pixels=max_pixels, source=src)
+    bits_stored, signed, invert = _unit_params(ds, src)
+    for frame in _iter_frames(ds, src, max_pixels):
+        yield stored_to_unit(frame, bits_stored=bits_stored, signed=signed, invert=invert)
+
+
+def dataset_to_unit(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """All frames of a dataset as float32 (frames, rows, cols) in [0, 1] at the native matrix."""
+    return np.stack([f.astype(np.float32) for f in iter_unit_frames(ds, max_pixels)])
+
+
+# --------------------------------------------------------------------------- image files
+
+
+def image_to_unit(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A PNG/JPEG file as float32 (1, rows, cols) in [0, 1].
+
+    8-bit grey is divided by 255, 16-bit grey by 65535. RGB(A) whose three channels are equal
+    is grey (fully opaque alpha is dropped); anything else is a ``ColourImage``. The size is
+    checked from the header before decoding.
+    """
+    path = Path(path)
+    try:
+        im = Image.open(path)
+    except FileNotFoundError as exc:
+        raise Unreadable(f"{path}: no such file") from exc
+    except Exception as exc:
+        raise Unreadable(f"{path}: not a readable image ({exc})") from exc
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise MatrixTooLarge(
+                f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+            )
+        try:
+            im.load()
+            arr, scale = _image_array(im, path)
+        except PreprocessError:
+            raise
+        except Exception as exc:
+            raise Unreadable(f"{path}: image could not be decoded ({exc})") from exc
+    unit = (arr.astype(np.float32) * np.float32(1.0 / scale))[None]
+    return np.clip(unit, 0.0, 1.0, out=unit)
+
+
+def _image_array(im: Image.Image, path: Path) -> tuple[np.ndarray, float]:
+    """Grey pixel values of a loaded Pillow image and the value that maps to 1.0."""
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im.convert("L")), 255.0
+    if mode == "L":
+        return np.asarray(im), 255.0
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16), 65535.0
+    if mode in ("I", "I;32"):
+        arr = np.asarray(im)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise Unreadable(f"{path}: 32-bit integer image with values beyond 16 bits")
+        return arr, 65535.0 if arr.max() > 255 or im.format == "PNG" else 255.0
+    if mode in ("LA", "La"):
+        arr = np.asarray(im)
+        if arr[..., 1].min() != 255:
+            raise ColourImage(f"{path}: grey image with transparency; save it without alpha")
+        return arr[..., 0], 255.0
+    if mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        rgba = np.asarray(im.convert("RGBA"))
+        if rgba[..., 3].min() != 255:
+            raise ColourImage(f"{path}: image with transparency; save it as opaque greyscale")
+        r, g, b = rgba[..., 0], rgba[..., 1], rgba[..., 2]
+        if not (np.array_equal(r, g) and np.array_equal(g, b)):
+            raise ColourImage(
+                f"{path}: true colour image ({mode} with differing channels); the detector "
+                "screens greyscale X-rays only"
+            )
+        return r, 255.0
+    raise ColourImage(f"{path}: image mode {mode} is not greyscale")
+
+
+# --------------------------------------------------------------------------- resize
+
+
+def _area_axis(a: np.ndarray, out: int, axis: int) -> np.ndarray:
+    """Exact area average of ``a`` along ``axis`` to ``out`` samples (float64)."""
+    n = a.shape[axis]
+    if n == out:
+        return a.astype(np.float64, copy=False)
+    if n % out == 0:
+        k = n // out
+        shape = list(a.shape)
+        shape[axis : axis + 1] = [out, k]
+        return a.reshape(shape).mean(axis=axis + 1, dtype=np.float64)
+    # Cumulative sums with a leading zero; C(e) at a fractional edge e is C[i] + frac * a[i].
+    csum = np.cumsum(a, axis=axis, dtype=np.float64)
+    zero_shape = list(a.shape)
+    zero_shape[axis] = 1
+    csum = np.concatenate([np.zeros(zero_shape), csum], axis=axis)
+    edges = np.arange(out + 1, dtype=np.float64) * (n / out)
+    idx = np.minimum(np.floor(edges).astype(np.intp), n - 1)
+    frac = edges - idx
+    c_at = np.take(csum, idx, axis=axis)
+    a_at = np.take(a, idx, axis=axis).astype(np.float64)
+    bshape = [1] * a.ndim
+    bshape[axis] = out + 1
+    c_at += frac.reshape(bshape) * a_at
+    diff = np.diff(c_at, axis=axis)
+    diff *= out / n
+    return diff
+
+
+def resize_frame(frame: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """One 2-D image to (size, size) float64 by exact area averaging (contiguous axis first)."""
+    if frame.ndim != 2:
+        raise ValueError(f"resize_frame expects a 2-D image, got shape {frame.shape}")
+    return _area_axis(_area_axis(frame, size, axis=1), size, axis=0)
+
+
+def resize_to_input(frames: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """(frames, rows, cols) to float32 (frames, size, size) in [0, 1] by exact area averaging."""
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3:
+        raise ValueError(f"resize_to_input expects (frames, rows, cols), got {frames.shape}")
+    out = np.empty((frames.shape[0], size, size), dtype=np.float32)
+    for i, frame in enumerate(frames):
+        out[i] = resize_frame(frame, size)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file carries the DICOM Part 10 preamble magic ``DICM`` at offset 128."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _sniff(path: Path) -> str:
+    """'dicom' or 'image' by content, never by file name."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except FileNotFoundError as exc:
+        raise Unreadable(f"{path}: no such file") from exc
+    except OSError as exc:
+        raise Unreadable(f"{path}: cannot be read ({exc})") from exc
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC):
+        return "image"
+    raise Unreadable(
+        f"{path}: neither a DICOM Part 10 file (no 'DICM' at offset 128) nor a PNG/JPEG image"
+    )
+
+
+def load_unit(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A DICOM or image file (detected by content) as float32 (frames, rows, cols) in [0, 1]."""
+    path = Path(path)
+    if _sniff(path) == "dicom":
+        ds = read_dicom(path, max_pixels=max_pixels)
+        return dataset_to_unit(ds, max_pixels=max_pixels)
+    return image_to_unit(path, max_pixels=max_pixels)
+
+
+def preprocess_dataset(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A dataset to float32 (frames, 224, 224) in [0, 1], one frame decoded at a time."""
+    resized = [resize_frame(f) for f in iter_unit_frames(ds, max_pixels)]
+    out = np.stack(resized).astype(np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def preprocess_path(
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """A DICOM or image file to float32 (frames, 224, 224) in [0, 1]."""
+    path = Path(path)
+    if _sniff(path) == "dicom":
+        return preprocess_dataset(read_dicom(path, max_pixels=max_pixels), max_pixels)
+    return resize_to_input(image_to_unit(path, max_pixels=max_pixels))
