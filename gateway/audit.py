@@ -12,12 +12,14 @@ Why it looks like this
   is not on it raises ``ValueError``: this is how patient names and IDs stay out of the log.
   Free-text fields (reason, detail, error) are capped in length; callers must not put DICOM
   attribute values in them.
-- Durability: each append is one ``write()`` of the whole line, then ``fsync``. A signal cannot
-  tear a single write to a regular file; a power loss can. A line without its newline at the end
-  of the file (a torn write) is reported by ``verify``; the next append seals it with a newline
-  and chains over its bytes, so appending never stops and the damage stays visible.
-- Concurrency: a thread lock plus ``fcntl.flock`` on the file around "read the last line, hash
-  it, append", so the daemon and the CLI can write the same file.
+- Durability: ``append`` returns only after its line is fsync'd. Lines are written with one
+  ``write()`` per batch, which a power loss or (rarely, for a write that spans pages) a SIGKILL
+  can cut short. Such a torn last line (no newline) is reported by ``verify`` as bad; the next
+  append seals it with a newline and chains over its bytes, so appending never stops, nothing
+  is deleted, and ``verify`` from then on lists it under ``torn_lines`` (a crash, not a break).
+- Concurrency: ``fcntl.flock`` on the file around "read the last line, hash it, append", so the
+  daemon and the CLI can write the same file; within a process, group commit (appends arriving
+  during a write go out together in the next write + fsync), so busy threads share fsyncs.
 
 What the chain cannot prove: that lines were not cut off the *end* of the file, or that someone
 with write access did not rewrite the whole tail consistently. ``verify`` reports the hash of the
@@ -185,58 +187,110 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Pending:
+    """One append waiting for the group commit that writes it."""
+
+    event: str
+    fields: dict[str, Any]
+    record: dict[str, Any] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
 class AuditLog:
-    """Appends hash-chained audit lines to one file; safe across threads and processes."""
+    """Appends hash-chained audit lines to one file; safe across threads and processes.
+
+    Group commit: appends that arrive while a write is in progress are queued; the next thread to
+    write takes the whole queue and writes it as one ``write`` + one ``fsync``. Every caller still
+    returns only after its own line is on disk, but under load many lines share one ``fsync``.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._writing = False
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write one event durably (fsync) and return the record as written.
 
         Raises ValueError for an unknown event, a field name off the whitelist, or a value that
-        is not a JSON scalar.
+        is not a JSON scalar; OSError when the line could not be written.
         """
         for key in _RESERVED:
             if key in fields:
                 raise ValueError(f"audit field {key!r} is written by the log itself")
-        clean = _check_record(event, fields)
-        with self._lock:
+        item = _Pending(event, _check_record(event, fields))
+        with self._cond:
+            self._queue.append(item)
+            while not item.done:
+                if self._writing:
+                    self._cond.wait()
+                    continue
+                batch, self._queue, self._writing = self._queue, [], True
+                self._cond.release()
+                try:
+                    self._write_batch(batch)
+                finally:
+                    self._cond.acquire()
+                    self._writing = False
+                    for pending in batch:
+                        pending.done = True
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        assert item.record is not None
+        return item.record
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """Under ``flock``: read the last line, chain the batch onto it, one write, one fsync."""
+        try:
             created = not self.path.exists()
             if created:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    size = os.fstat(fd).st_size
-                    last, complete = _last_line(fd, size)
-                    prev = _sha256(last) if size else GENESIS
+                fcntl.flock(fd, fcntl.LOCK_EX)  # other processes: the CLI, a second daemon
+                size = os.fstat(fd).st_size
+                last, complete = _last_line(fd, size)
+                prev = _sha256(last) if size else GENESIS
+                # A torn last line is sealed with a newline and chained over, not removed.
+                data = [b"" if complete else b"\n"]
+                for item in batch:
                     time = utc_now_iso()
-                    line = encode_line(event, time, prev, clean)
-                    # A torn last line is sealed with a newline and chained over, not removed.
-                    _write_all(fd, (b"" if complete else b"\n") + line + b"\n")
-                    os.fsync(fd)
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    line = encode_line(item.event, time, prev, item.fields)
+                    data.append(line + b"\n")
+                    item.record = {"time": time, "event": item.event, **item.fields, "prev": prev}
+                    prev = _sha256(line)
+                _write_all(fd, b"".join(data))
+                os.fsync(fd)
             finally:
-                os.close(fd)
+                os.close(fd)  # also releases the flock
             if created:
                 _fsync_dir(self.path.parent)
-        return {"time": time, "event": event, **clean, "prev": prev}
+        except BaseException as exc:  # every caller in the batch learns its line is not written
+            for item in batch:
+                item.record, item.error = None, exc
+            raise
 
 
 @dataclass(frozen=True)
 class VerifyResult:
     """Outcome of ``verify``: ``first_bad_line`` is 1-based; ``head`` is the last good line's
-    SHA-256 (record it elsewhere to detect lines cut off the end)."""
+    SHA-256 (record it elsewhere to detect lines cut off the end); ``torn_lines`` are writes cut
+    short by a crash that a later append sealed and chained over (evidence of a crash, not a
+    break in the chain)."""
 
     ok: bool
     lines_checked: int
     first_bad_line: int | None
     reason: str
     head: str = GENESIS
+    torn_lines: tuple[int, ...] = ()
+
+
+NOT_A_RECORD = "not a complete JSON record (a torn write, or edited by hand)"
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -246,14 +300,16 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _check_line(line: bytes, expected_prev: str) -> str | None:
-    """Why this line is bad, or None when it is intact and linked to the line before."""
+def _parse(line: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
     except ValueError:
-        return "not a complete JSON record (torn write or edited by hand)"
-    if not isinstance(record, dict):
-        return "not a JSON object"
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _check_line(line: bytes, record: dict[str, Any], expected_prev: str) -> str | None:
+    """Why this parsed line is bad, or None when it is intact and linked to the line before."""
     own = record.get("hash")
     if not isinstance(own, str) or len(line) < _HASH_SUFFIX_LEN:
         return "has no 'hash' field (not written by the audit log)"
@@ -276,21 +332,46 @@ def _check_line(line: bytes, expected_prev: str) -> str | None:
 def verify(path: Path) -> VerifyResult:
     """Check every line's own hash and its link to the previous line; stop at the first bad one.
 
-    Raises OSError when the file cannot be read (the CLI turns that into exit code 2).
+    A line that is not a JSON record counts as a sealed torn write (listed in ``torn_lines``)
+    only when the next line is a valid record chained over its bytes, which is what ``append``
+    writes after a crash; otherwise it is the first bad line. A last line without its newline is
+    a torn write nobody has sealed yet, reported as bad (it is also what cutting the end of the
+    last line looks like). Raises OSError when the file cannot be read.
     """
     expected = GENESIS
+    torn: list[int] = []
+    suspect: int | None = None  # a non-record line, waiting for the next line to chain over it
     n = 0
+
+    def bad(line_no: int, why: str) -> VerifyResult:
+        return VerifyResult(False, n, line_no, f"line {line_no}: {why}", expected, tuple(torn))
+
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
-                why = f"line {n}: the last line has no newline (a torn write: crash mid-append)"
-                return VerifyResult(False, n, n, why, expected)
+                return bad(n, "the last line has no newline (a torn write: crash mid-append)")
             line = raw[:-1]
-            why = _check_line(line, expected)
+            record = _parse(line)
+            if record is None:
+                if suspect is not None:
+                    return bad(suspect, NOT_A_RECORD)
+                suspect, expected = n, _sha256(line)
+                continue
+            if suspect is not None:
+                if record.get("prev") != expected:
+                    return bad(suspect, NOT_A_RECORD + "; the next line does not chain over it")
+                torn.append(suspect)
+                suspect = None
+            why = _check_line(line, record, expected)
             if why:
-                return VerifyResult(False, n, n, f"line {n}: {why}", expected)
+                return bad(n, why)
             expected = _sha256(line)
-    return VerifyResult(True, n, None, f"{n} lines, chain intact", expected)
+    if suspect is not None:
+        return bad(suspect, NOT_A_RECORD)
+    reason = f"{n} lines, chain intact"
+    if torn:
+        reason += f"; torn writes from a crash, sealed and chained over, at lines {torn}"
+    return VerifyResult(True, n, None, reason, expected, tuple(torn))
 
 
 def query(

@@ -114,6 +114,12 @@ def _run_verify(log: Path) -> int:
     result = verify(log)
     if result.ok:
         print(f"OK: {log}: {result.lines_checked} lines, chain intact; head {result.head}")
+        if result.torn_lines:
+            print(
+                f"WARNING: lines {list(result.torn_lines)} are writes cut short by a crash "
+                "(sealed and chained over by the next append; their events are incomplete)",
+                file=sys.stderr,
+            )
         return EXIT_OK
     print(f"BROKEN: {log}: {result.reason}", file=sys.stderr)
     print(f"first bad line: {result.first_bad_line}; last good head {result.head}")

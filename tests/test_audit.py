@@ -111,9 +111,24 @@ def test_truncated_last_line_is_named_and_appending_goes_on(tmp_path: Path) -> N
     assert len(lines) == 5
     fragment = data[:-40].splitlines()[-1]
     assert json.loads(lines[4])["prev"] == hashlib.sha256(fragment).hexdigest()
+    result = verify(path)  # sealed and chained over: a crash on record, not a broken chain
+    assert result.ok and result.torn_lines == (4,) and "torn" in result.reason
+    assert result.lines_checked == 5
+
+
+def test_non_record_line_not_chained_over_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    lines = _write_log(path)
+    lines.insert(2, b'{"event": "received", "sop_uid": "1.2.3.99"')  # a hand-made fragment
+    _rewrite(path, lines)
     result = verify(path)
-    assert not result.ok and result.first_bad_line == 4  # the damage stays visible
-    assert "not a complete JSON record" in result.reason
+    assert not result.ok and result.first_bad_line == 3 and "not a complete" in result.reason
+    lines[2] = b"{}"  # a valid JSON object, but not an audit record
+    _rewrite(path, lines)
+    result = verify(path)
+    assert not result.ok and result.first_bad_line == 3 and "hash" in result.reason
+    _rewrite(path, [*lines[:2], b"garbage"])  # a non-record last line with its newline
+    assert verify(path).first_bad_line == 3
 
 
 def test_injected_phi_field_is_reported_even_when_chained(tmp_path: Path) -> None:
@@ -209,3 +224,46 @@ def test_query_filters(tmp_path: Path) -> None:
     assert list(query(path, until=now - timedelta(minutes=5))) == []
     naive_past = datetime.now(UTC).replace(tzinfo=None) - timedelta(hours=1)
     assert len(list(query(path, since=naive_past))) == 4
+
+
+def test_group_commit_shares_fsyncs_under_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a slow disk (2 ms per fsync) and 8 writers, lines share fsyncs; each caller still
+    returns only after its line is synced, and the chain stays valid."""
+    import os
+    import time
+
+    real_fsync = os.fsync
+    calls: list[int] = []
+
+    def slow_fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+        time.sleep(0.002)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    threads = [
+        threading.Thread(target=lambda k=k: [log.append("received", sop_uid=f"1.{k}.{i}")
+                                             for i in range(40)])
+        for k in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert verify(path).ok and verify(path).lines_checked == 320
+    assert len(calls) <= 160  # at least two lines per fsync on average
+
+
+def test_write_error_reaches_the_caller_and_the_log_recovers(tmp_path: Path) -> None:
+    blocker = tmp_path / "audit"
+    blocker.write_text("a file where the log's folder should be")
+    log = AuditLog(blocker / "audit.jsonl")
+    with pytest.raises(OSError):
+        log.append("received", sop_uid="1.2")
+    blocker.unlink()
+    log.append("received", sop_uid="1.3")
+    assert verify(blocker / "audit.jsonl").lines_checked == 1

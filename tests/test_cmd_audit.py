@@ -31,10 +31,24 @@ def write_config(directory: Path) -> Path:
 def state(tmp_path: Path) -> Path:
     log = AuditLog(tmp_path / "state" / "audit" / "audit.jsonl")
     log.append("association", calling_ae="CR1", called_ae="SENTINEL", peer="10.1.1.5")
-    log.append("scored", calling_ae="CR1", study_uid="1.1", sop_uid="1.1.1", verdict="clean",
-               score=0.12, threshold=0.5)
-    log.append("scored", calling_ae="DX2", study_uid="2.2", sop_uid="2.2.1", verdict="flagged",
-               score=0.93, threshold=0.5)
+    log.append(
+        "scored",
+        calling_ae="CR1",
+        study_uid="1.1",
+        sop_uid="1.1.1",
+        verdict="clean",
+        score=0.12,
+        threshold=0.5,
+    )
+    log.append(
+        "scored",
+        calling_ae="DX2",
+        study_uid="2.2",
+        sop_uid="2.2.1",
+        verdict="flagged",
+        score=0.93,
+        threshold=0.5,
+    )
     log.append("quarantined", calling_ae="DX2", study_uid="2.2", sop_uid="2.2.1", reason="flagged")
     return tmp_path / "state"
 
@@ -83,19 +97,56 @@ def test_query_filters_and_table(state: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_query_json(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["audit", "query", "--state-dir", str(state), "--event", "scored", "--verdict",
-            "flagged", "--json"]
+    argv = [
+        "audit",
+        "query",
+        "--state-dir",
+        str(state),
+        "--event",
+        "scored",
+        "--verdict",
+        "flagged",
+        "--json",
+    ]
     assert main(argv) == 0
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert record["sop_uid"] == "2.2.1" and record["score"] == 0.93 and len(record["prev"]) == 64
 
 
 def test_query_time_range(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["audit", "query", "--state-dir", str(state), "--since", "2000-01-01",
-                 "--until", "2000-01-02", "--json"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "query",
+                "--state-dir",
+                str(state),
+                "--since",
+                "2000-01-01",
+                "--until",
+                "2000-01-02",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == ""
-    assert main(["audit", "query", "--state-dir", str(state), "--since", "2000-01-01",
-                 "--study", "1.1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "query",
+                "--state-dir",
+                str(state),
+                "--since",
+                "2000-01-01",
+                "--study",
+                "1.1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
@@ -117,3 +168,16 @@ def test_console_entry_exit_codes(state: Path) -> None:
     log.write_text("".join(lines[:1] + lines[2:]))
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1 and "line 2" in done.stderr
+
+
+def test_verify_warns_about_sealed_torn_lines(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = state / "audit" / "audit.jsonl"
+    log.write_bytes(log.read_bytes()[:-30])  # crash mid-write: the last line is cut short
+    assert main(["audit", "verify", "--log", str(log)]) == 1
+    assert "line 4" in capsys.readouterr().err
+    AuditLog(log).append("config-loaded", config_path="/etc/sentinel/sentinel.toml")
+    assert main(["audit", "verify", "--log", str(log)]) == 0
+    captured = capsys.readouterr()
+    assert "5 lines" in captured.out and "WARNING: lines [4]" in captured.err
