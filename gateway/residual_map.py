@@ -21,6 +21,10 @@ from scipy.ndimage import uniform_filter
 DETECTOR_SIZE = 224  # the scale the detector (and the attacks) work at
 HEADER_PX = 22
 GAP_PX = 8
+# The map's fixed log scale, in unit intensity (1/1000 to 3/100 of full scale): a smooth clean
+# radiograph sits near the bottom; an L-inf perturbation of 0.003-0.006 lifts smooth areas into
+# the middle; bone edges reach the top.
+LOW, HIGH = 1e-3, 3e-2
 
 # A perceptually ordered dark-to-bright palette (close to matplotlib's "inferno").
 _ANCHORS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -30,30 +34,11 @@ _COLOURS = np.array(
 
 
 def load_first_frame(path: Path) -> np.ndarray:
-    """The instance's first frame as float32 (rows, cols) in [0, 1], decoded as the detector
-    decodes it (bit depth, rescale sign and MONOCHROME1 honoured)."""
-    try:
-        from detector.preprocess import load_unit  # the detector's own decode path
-    except ModuleNotFoundError:  # TODO(gateway-records): drop once detector.preprocess lands
-        return _load_first_frame_pydicom(Path(path))
+    """The instance's first frame as float32 (rows, cols) in [0, 1], decoded by the detector's
+    own path (bit depth, rescale sign and MONOCHROME1 honoured; raises PreprocessError)."""
+    from detector.preprocess import load_unit
+
     return np.asarray(load_unit(Path(path))[0], dtype=np.float32)
-
-
-def _load_first_frame_pydicom(path: Path) -> np.ndarray:
-    """Stand-in decode until detector.preprocess exists: min-max scaled, MONOCHROME1 inverted."""
-    import pydicom
-
-    ds = pydicom.dcmread(path)
-    pixels = np.asarray(ds.pixel_array, dtype=np.float64)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
-    if pixels.ndim != 2:
-        raise ValueError(f"{path}: not a single-channel image (shape {pixels.shape})")
-    low, high = float(pixels.min()), float(pixels.max())
-    unit = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        unit = 1.0 - unit
-    return unit.astype(np.float32)
 
 
 def _resize(img: np.ndarray, width: int, height: int, resample: Image.Resampling) -> np.ndarray:
@@ -67,14 +52,17 @@ def residual_strength(unit: np.ndarray, size: int = DETECTOR_SIZE, window: int =
     """Local mean of |3x3 high-pass residual| at the detector's scale, (size, size) in [0, 1].
 
     The image is area-averaged to ``size`` (as the detector sees it), the 3x3 box mean is
-    subtracted, and the absolute residual is averaged over ``window`` pixels, then scaled so its
-    99.5th percentile is 1 (a robust scale: one hot pixel does not wash the map out).
+    subtracted, and the absolute residual is averaged over ``window`` pixels. It is shown on a
+    fixed log scale (``LOW``..``HIGH`` in unit intensity, not scaled per image), so maps of
+    different images compare and a faint uniform perturbation over smooth anatomy shows up.
     """
-    small = _resize(unit, size, size, Image.Resampling.BOX).astype(np.float64)
+    from detector.preprocess import resize_frame  # exact area averaging, as the detector does
+
+    small = resize_frame(unit, size).astype(np.float64)
     residual = np.abs(small - uniform_filter(small, size=3, mode="reflect"))
     strength = uniform_filter(residual, size=window, mode="reflect")
-    top = float(np.percentile(strength, 99.5))
-    return np.clip(strength / top, 0.0, 1.0) if top > 0 else np.zeros_like(strength)
+    scaled = (np.log10(np.maximum(strength, LOW)) - np.log10(LOW)) / np.log10(HIGH / LOW)
+    return np.clip(scaled, 0.0, 1.0)
 
 
 def _colourise(values: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from PIL import Image
@@ -161,3 +162,22 @@ def test_no_patient_data_in_the_audit_log(state: Path) -> None:
     assert len(text.splitlines()) == 3 and verify(state / "audit" / "audit.jsonl").ok
     for phi in ("DOE", "JANE", "PID-0042"):
         assert phi not in text
+
+
+def test_residual_map_lights_up_a_perturbed_region() -> None:
+    """A smooth image with L-inf sign noise (eps 0.004, as the attacks add at 224x224) on its
+    left half only: the map is brighter there; on the clean image both halves match."""
+    from gateway.residual_map import residual_strength
+
+    yy, xx = np.mgrid[0:448, 0:448] / 448.0
+    clean = (0.3 + 0.4 * yy + 0.1 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) * 8)).astype(
+        np.float32
+    )
+    noise = np.random.default_rng(1).choice([-0.004, 0.004], size=(224, 224))
+    noise[:, 112:] = 0.0
+    attacked = np.clip(clean + np.kron(noise, np.ones((2, 2))), 0.0, 1.0).astype(np.float32)
+
+    before, after = residual_strength(clean), residual_strength(attacked)
+    assert before.shape == after.shape == (224, 224)
+    assert abs(np.median(before[:, :100]) - np.median(before[:, 124:])) < 0.05
+    assert np.median(after[:, :100]) > np.median(after[:, 124:]) + 0.3
