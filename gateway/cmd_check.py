@@ -1,15 +1,49 @@
-"""Placeholder: this command is being built (replace this module)."""
+"""Validate a config file without starting: ``sentinel check --config FILE``.
+
+Exit 0 when the file is usable (and the model bundle verifies, unless --no-bundle), 2 otherwise;
+each message names the file, the key and the fix.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No arguments yet."""
+    parser.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
+    parser.add_argument("--no-bundle", action="store_true",
+                        help="skip verifying the model bundle's digests")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"sentinel {args.command}: not built yet", file=sys.stderr)
-    return 2
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 2
+    bundle_note = "not checked"
+    if not args.no_bundle:
+        from detector.bundle import DEFAULT_BUNDLE, load_manifest
+        from detector.errors import BundleError
+
+        bundle = cfg.detector.bundle or DEFAULT_BUNDLE
+        try:
+            manifest = load_manifest(bundle)
+        except (BundleError, OSError, ValueError) as exc:
+            print(f"invalid: {cfg.path}: detector.bundle: {exc}; fix: restore the bundle or "
+                  "point detector.bundle at a verified bundle", file=sys.stderr)
+            return 2
+        bundle_note = f"{bundle} ({getattr(manifest, 'bundle_id', '?')}) verified"
+    print(f"ok: {cfg.path}")
+    print(f"  listener {cfg.listener.ae_title} on {cfg.listener.host}:{cfg.listener.port}"
+          f"{' (TLS)' if cfg.listener.tls else ''}")
+    print(f"  {len(cfg.callers)} allowed caller(s); state in {cfg.state_dir}")
+    print(f"  destinations: {', '.join(f'{n} ({d.kind})' for n, d in cfg.destinations.items())}")
+    rules = [f"{r.name}:{r.action}" for r in cfg.rules] + [f"default:{cfg.default.action}"]
+    print(f"  rules: {', '.join(rules)}")
+    print(f"  bundle: {bundle_note}")
+    return 0

@@ -1,15 +1,57 @@
-"""Placeholder: this command is being built (replace this module)."""
+"""Show which routing rule matches each file and why: ``sentinel rules test --config F FILE...``.
+
+The association facts a rule may test (calling/called AE title, peer address) are not in a file:
+give them with --calling-ae, --called-ae and --peer (the called AE defaults to the listener's).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No arguments yet."""
+    sub = parser.add_subparsers(dest="rules_command", metavar="SUBCOMMAND", required=True)
+    t = sub.add_parser("test", help="show the rule that applies to each file, and why")
+    t.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
+    t.add_argument("--calling-ae", default="", help="calling AE title to assume")
+    t.add_argument("--called-ae", default=None, help="called AE title (default: the listener's)")
+    t.add_argument("--peer", default="127.0.0.1", help="peer address to assume")
+    t.add_argument("files", nargs="+", type=Path, metavar="FILE")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"sentinel {args.command}: not built yet", file=sys.stderr)
-    return 2
+    import pydicom
+
+    from gateway.config import ConfigError, load_config
+    from gateway.rules import Association, decide
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 2
+    assoc = Association(
+        calling_ae=args.calling_ae,
+        called_ae=args.called_ae if args.called_ae is not None else cfg.listener.ae_title,
+        peer=args.peer,
+    )
+    status = 0
+    for f in args.files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=False, defer_size=64 * 1024)
+        except Exception as exc:
+            print(f"{f}: unreadable ({type(exc).__name__}): the gateway quarantines it "
+                  "(reason unreadable)")
+            status = 1
+            continue
+        d = decide(cfg, ds, assoc)
+        thr = "bundle default" if d.threshold is None else f"{d.threshold:g}"
+        extra = " shadow" if d.shadow else ""
+        print(f"{f}: rule {d.rule.name!r} -> {d.action}{extra} to "
+              f"{', '.join(d.destinations) or '(none)'}"
+              + (f", threshold {thr}" if d.action == "screen" else ""))
+        for why in d.reasons:
+            print(f"    {why}")
+    return status

@@ -1,15 +1,58 @@
-"""Placeholder: this command is being built (replace this module)."""
+"""Run the gateway daemon: ``sentinel serve --config FILE``.
+
+Logs go to stderr (journald under systemd) as one line per event, UIDs only, never patient
+names or other PHI. Exit status: 0 after a clean drain (SIGTERM), 2 when the config is invalid
+or the model bundle does not verify (the message names the file and the fix).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No arguments yet."""
+    parser.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="service log level")
+
+
+def setup_logging(level: str) -> None:
+    """One line per record on stderr; third-party libraries kept quiet (they may print
+    dataset contents at debug levels)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("pynetdicom", "pydicom", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"sentinel {args.command}: not built yet", file=sys.stderr)
-    return 2
+    from detector.errors import BundleError
+    from gateway.config import ConfigError, load_config
+    from gateway.service import Gateway
+
+    setup_logging(args.log_level)
+    log = logging.getLogger("sentinel.serve")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    gateway = Gateway(config)
+    try:
+        gateway.start()
+    except BundleError as exc:
+        log.error("model bundle refused, not starting: %s (fix: restore the bundle files or "
+                  "point [detector] bundle at a verified bundle)", exc)
+        gateway.stop()
+        return 2
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        gateway.stop()
+        return 2
+    return gateway.run_forever()

@@ -35,7 +35,7 @@ from typing import Any
 from pydicom.datadict import keyword_dict
 
 ACTIONS = ("screen", "pass", "reject")
-ON_ERROR = ("quarantine", "forward", "reject")
+ON_ERROR = ("quarantine", "forward")
 # Match keys that are not DICOM attributes: facts about the association.
 ASSOCIATION_KEYS = ("calling_ae", "called_ae", "peer")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars

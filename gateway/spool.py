@@ -151,8 +151,11 @@ def next_seq() -> str:
     return f"{value:020d}"
 
 
-def outbox_name(sop_uid: str) -> str:
-    return f"{next_seq()}-{sop_uid}.dcm"
+def outbox_name(sop_uid: str, seq: str | None = None) -> str:
+    """``<seq>-<uid>.dcm``: names sort in receipt order (the forwarder's FIFO)."""
+    if not seq or not seq.isdigit():
+        seq = next_seq()
+    return f"{seq}-{sop_uid}.dcm"
 
 
 def sop_from_outbox_name(name: str) -> str:
@@ -182,15 +185,19 @@ def place_in_outboxes(
     for dest in destinations:
         d = layout.outbox(dest)
         d.mkdir(parents=True, exist_ok=True, mode=0o750)
-        name = outbox_name(sop_uid)
+        name = outbox_name(sop_uid, str(meta.get("seq") or ""))
         target = d / name
         entry = dict(meta)
         entry.setdefault("enqueued_at", time.time())
         entry["destination"] = dest
         write_json_durable(target.with_suffix(".json"), entry, sync_dir=False)
+        tmp = d / f".{name}.{os.getpid()}.{next(_COUNTER)}.tmp"
         try:
-            os.link(src, target)
+            os.link(src, tmp)
+            os.replace(tmp, target)
         except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             _copy_durable(src, target)
         placed.append(target)
         dirs.add(d)

@@ -1,0 +1,521 @@
+"""Forwarding: one durable FIFO queue per destination, drained by one thread each.
+
+Why this shape:
+- The queue is the directory ``spool/outbox/<dest>/`` (names sort in receipt order), rescanned
+  about once a second, so instances put there by another process (``quarantine release``) are
+  picked up by the running daemon, and nothing is lost on a crash.
+- A destination never gets the same SOP Instance UID twice from us: a per-destination ledger of
+  delivered UIDs (``spool/sent/<dest>.log``, fsynced) is consulted before each send and written
+  before the outbox entry is removed.
+- Byte-for-byte: the stored file's dataset bytes are sent as they are, in their own transfer
+  syntax (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``: no decode, no re-encode, streamed); the
+  association proposes exactly the (SOP Class, transfer syntax) pairs the queue holds.
+- One persistent association per destination (per presented calling AE title), reopened when it
+  fails; released after ``idle_release_s`` without work. ``TCP_NODELAY`` is set on its socket.
+- Failures back off exponentially (capped); a connection failure holds the whole destination,
+  an instance refused by the peer holds only its study (others go on). After ``max_age_s`` an
+  instance is dead-lettered to ``spool/dead/<dest>/``, audited and counted.
+- Order: an instance is not sent while an earlier instance of its study is waiting, nor while an
+  earlier instance from the same association is still being screened (``PendingOrder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config, evt
+
+from gateway.config import Config, DestinationConfig
+from gateway.scp import set_nodelay
+from gateway.spool import (
+    SentLedger,
+    SpoolLayout,
+    fsync_dir,
+    list_outbox,
+    read_json,
+    sop_from_outbox_name,
+)
+
+LOG = logging.getLogger("sentinel.forward")
+RESCAN_S = 1.0
+MAX_CONTEXTS = 120  # PS3.8 allows 128 presentation contexts; keep headroom
+SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+class SendError(Exception):
+    """A send that failed. ``connection`` True: the destination is unreachable (hold all)."""
+
+    def __init__(self, message: str, connection: bool) -> None:
+        super().__init__(message)
+        self.connection = connection
+
+
+@dataclass
+class Entry:
+    name: str
+    sop_uid: str
+    seq: str
+    meta: dict[str, Any]
+    attempts: int = 0
+    next_attempt: float = 0.0
+    first_failure: float = 0.0
+
+    @property
+    def study(self) -> str:
+        return str(self.meta.get("study_uid", ""))
+
+    @property
+    def assoc_id(self) -> str:
+        return str(self.meta.get("assoc_id", ""))
+
+    @property
+    def enqueued_at(self) -> float:
+        try:
+            return float(self.meta.get("enqueued_at") or self.meta.get("received_at") or 0.0)
+        except (TypeError, ValueError):
+            return 0.0
+
+
+def client_ssl_context(dest: DestinationConfig) -> ssl.SSLContext | None:
+    tls = dest.tls
+    if tls is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(str(tls.ca))
+    if tls.cert is not None:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    ctx.check_hostname = False  # DICOM peers are named by AE title; the CA pins identity
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class DicomSender:
+    """A persistent association to one DICOM destination, reopened as needed."""
+
+    def __init__(self, dest: DestinationConfig, config_provider: Callable[[], Config]) -> None:
+        self.dest = dest
+        self._config = config_provider
+        self._assoc: Any = None
+        self._calling = ""
+        self._contexts: list[tuple[str, str]] = []  # proposed pairs, most recent last
+
+    def _open(self, calling_ae: str) -> None:
+        cfg = self._config()
+        ae = AE(ae_title=calling_ae)
+        ae.maximum_pdu_size = 0
+        ae.acse_timeout = cfg.timeouts.acse_s
+        ae.dimse_timeout = cfg.timeouts.dimse_s
+        ae.network_timeout = cfg.timeouts.network_s
+        ae.connection_timeout = cfg.timeouts.connect_s
+        for sop_class, ts in self._contexts[-MAX_CONTEXTS:]:
+            ae.add_requested_context(sop_class, [ts])
+        ssl_ctx = client_ssl_context(self.dest)
+        assoc = ae.associate(
+            self.dest.host,
+            self.dest.port,
+            ae_title=self.dest.ae_title,
+            tls_args=(ssl_ctx, "") if ssl_ctx is not None else None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler)],
+        )
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+            raise SendError(
+                f"association to {self.dest.host}:{self.dest.port} ({self.dest.ae_title}) {why}",
+                connection=True,
+            )
+        self._assoc = assoc
+        self._calling = calling_ae
+
+    def _accepted(self, sop_class: str, ts: str) -> bool:
+        if self._assoc is None:
+            return False
+        return any(
+            cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts
+            for cx in self._assoc.accepted_contexts
+        )
+
+    def send(self, path: Path, meta: dict[str, Any]) -> None:
+        fm = read_file_meta_info(path)
+        sop_class = str(fm.MediaStorageSOPClassUID)
+        ts = str(fm.TransferSyntaxUID)
+        cfg = self._config()
+        calling = cfg.listener.ae_title
+        if self.dest.present_caller_ae and meta.get("calling_ae"):
+            calling = str(meta["calling_ae"])
+        if self._assoc is not None and (
+            not self._assoc.is_established or self._calling != calling
+        ):
+            self.close()
+        if not self._accepted(sop_class, ts):
+            pair = (sop_class, ts)
+            if pair not in self._contexts:
+                self._contexts.append(pair)
+                was_open = self._assoc is not None
+                self.close()
+                if was_open:
+                    LOG.info("reopening association to %s for a new context", self.dest.name)
+            if self._assoc is None:
+                self._open(calling)
+            if not self._accepted(sop_class, ts):
+                raise SendError(
+                    f"{self.dest.name} does not accept SOP Class {sop_class} in transfer syntax"
+                    f" {ts}",
+                    connection=False,
+                )
+        try:
+            status = self._assoc.send_c_store(path)
+        except (RuntimeError, OSError, ValueError, AttributeError) as exc:
+            self.close()
+            raise SendError(f"C-STORE to {self.dest.name} failed: {exc}", connection=True) from exc
+        code = getattr(status, "Status", None)
+        if code is None:
+            self.close()
+            raise SendError(f"no C-STORE response from {self.dest.name}", connection=True)
+        if int(code) not in SUCCESS_STATUSES:
+            raise SendError(
+                f"{self.dest.name} answered C-STORE status 0x{int(code):04X}", connection=False
+            )
+
+    def close(self) -> None:
+        if self._assoc is not None:
+            with contextlib.suppress(Exception):
+                if self._assoc.is_established:
+                    self._assoc.release()
+                else:
+                    self._assoc.abort()
+            self._assoc = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._assoc is not None and self._assoc.is_established
+
+
+def _nodelay_handler(event: Any) -> None:
+    with contextlib.suppress(AttributeError):
+        set_nodelay(event.assoc.dul.socket.socket)
+
+
+class DirectorySender:
+    """A local directory as destination: ``<path>/<StudyUID>/<SOPUID>.dcm``, written durably."""
+
+    def __init__(self, dest: DestinationConfig) -> None:
+        assert dest.path is not None
+        self.dest = dest
+        self.root = dest.path
+
+    def send(self, path: Path, meta: dict[str, Any]) -> None:
+        study = str(meta.get("study_uid") or "0")
+        sop = sop_from_outbox_name(path.name)
+        d = self.root / study
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            target = d / f"{sop}.dcm"
+            tmp = d / f".{sop}.{os.getpid()}.tmp"
+            with path.open("rb") as fi, tmp.open("wb") as fo:
+                while chunk := fi.read(1 << 20):
+                    fo.write(chunk)
+                fo.flush()
+                os.fsync(fo.fileno())
+            os.replace(tmp, target)
+            fsync_dir(d)
+        except OSError as exc:
+            raise SendError(f"cannot write to {self.root}: {exc}", connection=True) from exc
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    @property
+    def is_open(self) -> bool:
+        return False
+
+
+@dataclass
+class _Stats:
+    depth: int = 0
+    oldest_age: float = 0.0
+    dead: int = 0
+    sent: int = 0
+    failures: int = 0
+    last_error: str = ""
+    held_until: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Forwarder:
+    """The queue runner for one destination."""
+
+    def __init__(
+        self,
+        dest: DestinationConfig,
+        config_provider: Callable[[], Config],
+        audit: Any,
+        metrics: Any,
+        blocks: Callable[[str, str], bool] = lambda a, s: False,
+    ) -> None:
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        self.dest = dest
+        self._config = config_provider
+        self._audit = audit
+        self._metrics = metrics
+        self._blocks = blocks
+        cfg = config_provider()
+        self.layout = SpoolLayout(cfg.state_dir)
+        self.layout.create((dest.name,))
+        self.dir = self.layout.outbox(dest.name)
+        self.ledger = SentLedger(
+            self.layout.sent_log(dest.name), cfg.retention.sent_ledger_days * 86400
+        )
+        self.sender: DicomSender | DirectorySender = (
+            DicomSender(dest, config_provider) if dest.kind == "dicom" else DirectorySender(dest)
+        )
+        self._entries: dict[str, Entry] = {}
+        self._order: list[str] = []
+        self._cond = threading.Condition()
+        self._wake = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._dest_attempts = 0
+        self._dest_hold_until = 0.0
+        self.stats = _Stats(dead=len(list_outbox(self.layout.dead(dest.name))))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"forward-{self.dest.name}", daemon=True
+        )
+        self._thread.start()
+
+    def notify(self) -> None:
+        with self._cond:
+            self._wake = True
+            self._cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the send in progress, release the association; the queue stays on disk."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.sender.close()
+        self.ledger.close()
+
+    def depth(self) -> int:
+        return self.stats.depth
+
+    # -- queue -------------------------------------------------------------------------------
+
+    def _rescan(self) -> None:
+        names = list_outbox(self.dir)
+        present = set(names)
+        for gone in [n for n in self._entries if n not in present]:
+            del self._entries[gone]
+        for n in names:
+            if n not in self._entries:
+                meta = read_json(self.dir / (n[:-4] + ".json"))
+                self._entries[n] = Entry(
+                    name=n, sop_uid=sop_from_outbox_name(n), seq=n.split("-", 1)[0], meta=meta
+                )
+        self._order = names  # list_outbox returns them sorted (receipt order)
+        self._publish()
+
+    def _publish(self) -> None:
+        now = time.time()
+        self.stats.depth = len(self._entries)
+        ages = [now - e.enqueued_at for e in self._entries.values() if e.enqueued_at]
+        self.stats.oldest_age = max(ages) if ages else 0.0
+        if self._metrics is not None:
+            self._metrics.queue(self.dest.name, self.stats.depth, self.stats.oldest_age,
+                                self.stats.dead)
+
+    def _next(self, now: float) -> tuple[Entry | None, float]:
+        """The first sendable entry in FIFO order, or None and when to look again."""
+        wait = RESCAN_S
+        if now < self._dest_hold_until:
+            return None, min(wait, self._dest_hold_until - now)
+        held_studies: set[str] = set()
+        held_assocs: set[str] = set()
+        for n in self._order:
+            e = self._entries.get(n)
+            if e is None:
+                continue
+            study = e.study
+            if (study and study in held_studies) or (e.assoc_id and e.assoc_id in held_assocs):
+                continue
+            if e.next_attempt > now or self._blocks(e.assoc_id, e.seq):
+                if study:
+                    held_studies.add(study)
+                if e.assoc_id:
+                    held_assocs.add(e.assoc_id)
+                # a backed-off entry: wait for its time; one blocked by screening: poll soon
+                wait = min(wait, e.next_attempt - now if e.next_attempt > now else 0.02)
+                continue
+            return e, 0.0
+        return None, wait
+
+    def _run(self) -> None:
+        last_scan = 0.0
+        last_work = time.monotonic()
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+            mono = time.monotonic()
+            if self._wake or mono - last_scan >= RESCAN_S:
+                with self._cond:
+                    self._wake = False
+                self._rescan()
+                last_scan = mono
+            entry, wait = self._next(time.time())
+            if entry is None:
+                self._expire_while_held()
+                idle = self._config().forwarding.idle_release_s
+                if self.sender.is_open and time.monotonic() - last_work > idle:
+                    self.sender.close()
+                with self._cond:
+                    if not self._wake and not self._stop:
+                        self._cond.wait(max(0.005, wait))
+                continue
+            self._deliver(entry)
+            last_work = time.monotonic()
+
+    # -- one delivery ------------------------------------------------------------------------
+
+    def _remove(self, entry: Entry) -> None:
+        for suffix in (".dcm", ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / (entry.name[:-4] + suffix))
+        self._entries.pop(entry.name, None)
+        with contextlib.suppress(ValueError):
+            self._order.remove(entry.name)
+
+    def _deliver(self, entry: Entry) -> None:
+        base = {
+            "sop_uid": entry.sop_uid,
+            "study_uid": entry.study or None,
+            "destination": self.dest.name,
+        }
+        fields = {k: v for k, v in base.items() if v}
+        if entry.sop_uid in self.ledger:
+            LOG.info("%s already delivered to %s; dropping the duplicate", entry.sop_uid,
+                     self.dest.name)
+            self._remove(entry)
+            self._publish()
+            return
+        path = self.dir / entry.name
+        t0 = time.perf_counter()
+        try:
+            self.sender.send(path, entry.meta)
+        except FileNotFoundError:
+            self._remove(entry)  # taken away from outside (e.g. a purge); nothing to send
+            return
+        except SendError as exc:
+            self._failed(entry, exc, fields)
+            return
+        except Exception as exc:  # a bug or a malformed file: treat as the instance's failure
+            self._failed(entry, SendError(f"{type(exc).__name__}: {exc}", False), fields)
+            return
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        self.ledger.add(entry.sop_uid)
+        self._remove(entry)
+        self._dest_attempts = 0
+        self.stats.sent += 1
+        received_at = entry.meta.get("received_at")
+        total_ms = None
+        if isinstance(received_at, int | float):
+            total_ms = round((time.time() - float(received_at)) * 1000.0, 3)
+        self._audit_safe(
+            "forwarded", latency_ms=round(latency_ms, 3), status="ok",
+            calling_ae=str(entry.meta.get("calling_ae", "")) or None,
+            modality=str(entry.meta.get("modality", "")) or None, **fields,
+        )
+        if self._metrics is not None:
+            self._metrics.forwarded(
+                self.dest.name, str(entry.meta.get("modality", "")),
+                str(entry.meta.get("calling_ae", "")), total_ms,
+            )
+        self._publish()
+
+    def _backoff(self, attempts: int) -> float:
+        fw = self._config().forwarding
+        return float(min(fw.backoff_max_s, fw.backoff_initial_s * (2 ** max(0, attempts - 1))))
+
+    def _failed(self, entry: Entry, exc: SendError, fields: dict[str, Any]) -> None:
+        now = time.time()
+        self.stats.failures += 1
+        self.stats.last_error = str(exc)
+        if self._metrics is not None:
+            self._metrics.forward_failed(self.dest.name)
+        if exc.connection:
+            self._dest_attempts += 1
+            delay = self._backoff(self._dest_attempts)
+            self._dest_hold_until = now + delay
+            LOG.warning("destination %s unavailable (attempt %d, retry in %.1fs): %s",
+                        self.dest.name, self._dest_attempts, delay, exc)
+            self._audit_safe("forward-failed", attempts=self._dest_attempts, error=str(exc),
+                             **fields)
+            self._expire_while_held()
+            return
+        entry.attempts += 1
+        entry.first_failure = entry.first_failure or now
+        delay = self._backoff(entry.attempts)
+        entry.next_attempt = now + delay
+        LOG.warning("%s refused by %s (attempt %d, retry in %.1fs): %s", entry.sop_uid,
+                    self.dest.name, entry.attempts, delay, exc)
+        self._audit_safe("forward-failed", attempts=entry.attempts, error=str(exc), **fields)
+        self._maybe_dead_letter(entry, str(exc))
+
+    def _expire_while_held(self) -> None:
+        """Dead-letter entries past the maximum age even while the destination is down."""
+        if not self._entries:
+            return
+        if self._dest_attempts == 0 and not any(e.attempts for e in self._entries.values()):
+            return
+        for e in list(self._entries.values()):
+            if e.attempts or self._dest_attempts:
+                self._maybe_dead_letter(e, self.stats.last_error or "unreachable")
+
+    def _maybe_dead_letter(self, entry: Entry, error: str) -> None:
+        max_age = self._config().forwarding.max_age_s
+        if not entry.enqueued_at or time.time() - entry.enqueued_at < max_age:
+            return
+        dead = self.layout.dead(self.dest.name)
+        dead.mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ".dcm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.dir / (entry.name[:-4] + suffix), dead / (entry.name[:-4] + suffix))
+        fsync_dir(dead)
+        fsync_dir(self.dir)
+        self._entries.pop(entry.name, None)
+        with contextlib.suppress(ValueError):
+            self._order.remove(entry.name)
+        self.stats.dead += 1
+        LOG.error("%s dead-lettered for %s after %.0fs: %s", entry.sop_uid, self.dest.name,
+                  time.time() - entry.enqueued_at, error)
+        self._audit_safe(
+            "dead-letter", sop_uid=entry.sop_uid, destination=self.dest.name,
+            attempts=max(entry.attempts, self._dest_attempts), error=error,
+            study_uid=entry.study or None,
+        )
+        if self._metrics is not None:
+            self._metrics.dead_lettered(self.dest.name)
+        self._publish()
+
+    def _audit_safe(self, event: str, **fields: Any) -> None:
+        clean = {k: v for k, v in fields.items() if v is not None}
+        try:
+            self._audit.append(event, **clean)
+        except Exception:
+            LOG.exception("audit append failed for %s", event)

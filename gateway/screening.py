@@ -1,0 +1,397 @@
+"""Screening workers: route each acknowledged instance, score it, then forward or quarantine.
+
+Why a fixed pool with one Detector per thread: LiteRT interpreters are not thread-safe, and a
+thread per instance would cost a model load each time. The pool is bounded (``detector.workers``)
+and fed by an in-memory queue of small records; the spool directory is the durable queue, so
+after a restart everything in ``incoming/`` and ``work/`` is submitted again.
+
+The header is parsed once per instance (large values deferred, so a big or hostile Pixel Data
+is not read until the detector asks for it); the rules, the audit fields and the detector all
+use that one Dataset. An instance the detector cannot read or score follows the configured
+policy: quarantine with the reason by default, never a silent forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from gateway.config import Config
+from gateway.rules import Association, Decision, decide
+from gateway.spool import (
+    SpoolLayout,
+    fsync_dir,
+    next_seq,
+    place_in_outboxes,
+    read_json,
+    valid_uid,
+)
+
+LOG = logging.getLogger("sentinel.screening")
+DEFER_SIZE = 64 * 1024  # bytes: larger values stay on disk until used
+UNKNOWN_STUDY = "0"  # quarantine folder for instances whose Study UID cannot be read
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    path: Path  # in spool/incoming (or spool/work when recovered)
+    sop_uid: str
+    seq: str
+    assoc_id: str
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+class PendingOrder:
+    """Receipt order per association of instances not yet resolved by a worker.
+
+    The forwarder asks ``blocks(assoc_id, seq)`` before sending an item, so an instance is never
+    forwarded ahead of an earlier one from the same association still being screened: order is
+    kept within a study without serialising the workers.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heaps: dict[str, list[str]] = {}
+        self._done: dict[str, set[str]] = {}
+
+    def add(self, assoc_id: str, seq: str) -> None:
+        if not assoc_id:
+            return
+        with self._lock:
+            heapq.heappush(self._heaps.setdefault(assoc_id, []), seq)
+
+    def resolve(self, assoc_id: str, seq: str) -> None:
+        if not assoc_id:
+            return
+        with self._lock:
+            heap = self._heaps.get(assoc_id)
+            if heap is None:
+                return
+            done = self._done.setdefault(assoc_id, set())
+            done.add(seq)
+            while heap and heap[0] in done:
+                done.discard(heapq.heappop(heap))
+            if not heap:
+                self._heaps.pop(assoc_id, None)
+                self._done.pop(assoc_id, None)
+
+    def blocks(self, assoc_id: str, seq: str) -> bool:
+        """True when an earlier instance of the same association is still being screened."""
+        if not assoc_id:
+            return False
+        with self._lock:
+            heap = self._heaps.get(assoc_id)
+            return bool(heap) and heap[0] < seq
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(h) - len(self._done.get(a, ())) for a, h in self._heaps.items())
+
+
+class Screening:
+    """The bounded worker pool.
+
+    ``detector_factory`` builds one detector (``score_dataset(ds, threshold)``, ``bundle_id``)
+    per worker; ``swap_detectors`` installs new ones atomically on a config reload.
+    ``on_enqueued(destination)`` wakes that destination's forwarder.
+    """
+
+    def __init__(
+        self,
+        config_provider: Callable[[], Config],
+        audit: Any,
+        quarantine: Any,
+        metrics: Any,
+        on_enqueued: Callable[[str], None],
+        order: PendingOrder,
+    ) -> None:
+        self._config = config_provider
+        self._audit = audit
+        self._quarantine = quarantine
+        self._metrics = metrics
+        self._on_enqueued = on_enqueued
+        self.order = order
+        self.layout = SpoolLayout(config_provider().state_dir)
+        self._queue: queue.Queue[WorkItem | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._detectors: list[Any] = []
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, detectors: list[Any]) -> None:
+        self._detectors = list(detectors)
+        for i in range(len(self._detectors)):
+            t = threading.Thread(target=self._run, args=(i,), name=f"screen-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def swap_detectors(self, detectors: list[Any]) -> None:
+        """Install freshly loaded detectors (same count); each worker takes its own next time."""
+        if len(detectors) != len(self._detectors):
+            raise ValueError("worker count changes need a restart")
+        self._detectors = list(detectors)
+
+    @property
+    def bundle_id(self) -> str:
+        return str(getattr(self._detectors[0], "bundle_id", "")) if self._detectors else ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the items in hand; leave the rest on disk for the next start."""
+        # Drop what is queued (still durable in incoming/), then stop each worker.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def depth(self) -> int:
+        with self._busy_lock:
+            return self._queue.qsize() + self._busy
+
+    # -- intake ------------------------------------------------------------------------------
+
+    def submit(self, path: Path, sop_uid: str, seq: str, assoc_id: str) -> None:
+        self.order.add(assoc_id, seq)
+        self._queue.put(WorkItem(path=path, sop_uid=sop_uid, seq=seq, assoc_id=assoc_id))
+
+    def recover(self) -> int:
+        """Submit everything acknowledged but not yet resolved (after a crash or restart)."""
+        items: list[WorkItem] = []
+        for directory in (self.layout.work, self.layout.incoming):
+            for p in directory.glob("*.dcm"):
+                meta = read_json(p.with_suffix(".json"))
+                sop = str(meta.get("sop_uid") or p.stem.split("~", 1)[0])
+                items.append(
+                    WorkItem(path=p, sop_uid=sop, seq=str(meta.get("seq") or next_seq()),
+                             assoc_id=str(meta.get("assoc_id") or ""))
+                )
+            for side in directory.glob("*.json"):
+                if not side.with_suffix(".dcm").exists():
+                    with contextlib.suppress(OSError):
+                        side.unlink()
+        items.sort(key=lambda i: i.seq)
+        for it in items:
+            self.submit(it.path, it.sop_uid, it.seq, it.assoc_id)
+        return len(items)
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _run(self, index: int) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            with self._busy_lock:
+                self._busy += 1
+            try:
+                self.process(item, self._detectors[index])
+            except Exception:
+                # The instance stays on disk (incoming/ or work/) and is retried at restart.
+                LOG.exception("screening failed for %s; left in the spool", item.sop_uid)
+            finally:
+                self.order.resolve(item.assoc_id, item.seq)
+                with self._busy_lock:
+                    self._busy -= 1
+
+    def _claim(self, item: WorkItem) -> tuple[Path, dict[str, Any]] | None:
+        """Move the instance from incoming/ to work/ so a later resend of the same SOP UID
+        (which lands in incoming/ again) is screened on its own, never confused with this one."""
+        src = item.path
+        if src.parent == self.layout.work:
+            return (src, read_json(src.with_suffix(".json"))) if src.exists() else None
+        dst = self.layout.work / f"{item.sop_uid}~{item.seq}.dcm"
+        side = src.with_suffix(".json")
+        meta = read_json(side)
+        if meta.get("seq") not in (None, item.seq):
+            return None  # replaced by a newer copy, which has its own queue entry
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(side, dst.with_suffix(".json"))
+        return dst, meta
+
+    def process(self, item: WorkItem, detector: Any) -> str:
+        """Screen one instance end to end; return the outcome ("forwarded", "quarantined")."""
+        claimed = self._claim(item)
+        if claimed is None:
+            return "skipped"
+        path, meta = claimed
+        cfg = self._config()
+        assoc = Association(
+            calling_ae=str(meta.get("calling_ae", "")),
+            called_ae=str(meta.get("called_ae", "")),
+            peer=str(meta.get("peer", "")),
+        )
+        received_at = float(meta.get("received_at") or time.time())
+        base: dict[str, Any] = {
+            "sop_uid": item.sop_uid,
+            "calling_ae": assoc.calling_ae,
+            "peer": assoc.peer,
+        }
+        try:
+            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+        except Exception as exc:
+            LOG.warning("instance %s unreadable: %s", item.sop_uid, type(exc).__name__)
+            return self._on_error(cfg, path, meta, base, None, "unreadable", cfg.default,
+                                  received_at, cfg.default.destinations, item)
+        ids = {
+            "study_uid": _uid(ds, "StudyInstanceUID"),
+            "series_uid": _uid(ds, "SeriesInstanceUID"),
+            "sop_class": str(ds.get("SOPClassUID", "") or meta.get("sop_class", "")),
+            "modality": str(ds.get("Modality", "") or ""),
+        }
+        base.update({k: v for k, v in ids.items() if v})
+        decision = decide(cfg, ds, assoc)
+        modality = ids["modality"]
+        self._audit_safe("received", rule=decision.rule.name, **base)
+        if self._metrics is not None:
+            self._metrics.received(modality, assoc.calling_ae)
+
+        if decision.action == "reject":
+            return self._quarantine_it(path, meta, base, ids, "rejected-by-rule", decision,
+                                       None, "", received_at, item)
+        if decision.action == "pass":
+            return self._forward(path, meta, base, ids, decision.destinations, item,
+                                 decision.rule.name)
+
+        t0 = time.perf_counter()
+        try:
+            score = detector.score_dataset(ds, threshold=decision.threshold)
+        except Exception as exc:
+            reason = str(getattr(exc, "reason", "") or "detector-error")
+            LOG.warning("instance %s not scored: %s (%s)", item.sop_uid, reason,
+                        type(exc).__name__)
+            if self._metrics is not None:
+                self._metrics.screen_error(modality, reason)
+            return self._on_error(cfg, path, meta, base, decision, reason, decision.rule,
+                                  received_at, decision.destinations, item,
+                                  bundle_id=str(getattr(detector, "bundle_id", "")))
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        verdict = "flagged" if score.flagged else "clean"
+        if score.flagged and decision.shadow:
+            verdict = "flagged-shadow"
+        self._audit_safe(
+            "scored", rule=decision.rule.name, score=float(score.score), p_cnn=float(score.p_cnn),
+            p_rf=float(score.p_rf), threshold=float(score.threshold), bundle_id=score.bundle_id,
+            verdict=verdict, latency_ms=round(latency_ms, 3), **base,
+        )
+        if self._metrics is not None:
+            self._metrics.scored(modality, assoc.calling_ae, bool(score.flagged), latency_ms / 1e3)
+        if score.flagged and not decision.shadow:
+            return self._quarantine_it(path, meta, base, ids, "flagged", decision, score,
+                                       score.bundle_id, received_at, item)
+        return self._forward(path, meta, base, ids, decision.destinations, item,
+                             decision.rule.name)
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def _on_error(
+        self, cfg: Config, path: Path, meta: dict[str, Any], base: dict[str, Any],
+        decision: Decision | None, reason: str, rule: Any, received_at: float,
+        destinations: tuple[str, ...], item: WorkItem, bundle_id: str = "",
+    ) -> str:
+        ids = {k: base.get(k, "") for k in ("study_uid", "series_uid", "sop_class", "modality")}
+        if cfg.detector.on_error == "forward":
+            self._audit_safe("scored", rule=rule.name, verdict="error", error=reason,
+                             bundle_id=bundle_id, **base)
+            return self._forward(path, meta, base, ids, destinations, item, rule.name)
+        return self._quarantine_it(path, meta, base, ids, reason, decision, None, bundle_id,
+                                   received_at, item, rule_name=rule.name,
+                                   destinations=destinations)
+
+    def _forward(
+        self, path: Path, meta: dict[str, Any], base: dict[str, Any], ids: dict[str, str],
+        destinations: tuple[str, ...], item: WorkItem, rule: str,
+    ) -> str:
+        entry = {
+            **meta,
+            **{k: v for k, v in ids.items() if v},
+            "sop_uid": item.sop_uid,
+            "seq": item.seq,
+            "assoc_id": item.assoc_id,
+            "rule": rule,
+        }
+        place_in_outboxes(self.layout, destinations, path, entry, remove_src=True)
+        for d in destinations:
+            self._on_enqueued(d)
+        return "forwarded"
+
+    def _quarantine_it(
+        self, path: Path, meta: dict[str, Any], base: dict[str, Any], ids: dict[str, str],
+        reason: str, decision: Decision | None, score: Any, bundle_id: str,
+        received_at: float, item: WorkItem, rule_name: str | None = None,
+        destinations: tuple[str, ...] | None = None,
+    ) -> str:
+        from gateway.quarantine import new_record
+
+        rule = rule_name or (decision.rule.name if decision else "")
+        dests = destinations if destinations is not None else (
+            decision.destinations if decision else ())
+        study = ids.get("study_uid") or UNKNOWN_STUDY
+        record = new_record(
+            sop_uid=item.sop_uid,
+            study_uid=study if valid_uid(study) else UNKNOWN_STUDY,
+            series_uid=ids.get("series_uid", ""),
+            sop_class=ids.get("sop_class", "") or str(meta.get("sop_class", "")),
+            modality=ids.get("modality", ""),
+            reason=reason,
+            score=None if score is None else float(score.score),
+            p_cnn=None if score is None else float(score.p_cnn),
+            p_rf=None if score is None else float(score.p_rf),
+            threshold=None if score is None else float(score.threshold),
+            rule=rule,
+            bundle_id=bundle_id,
+            calling_ae=str(meta.get("calling_ae", "")),
+            peer=str(meta.get("peer", "")),
+            destinations=tuple(dests),
+            received_at=iso(received_at),
+        )
+        self._quarantine.put(path, record)
+        side = path.with_suffix(".json")
+        with contextlib.suppress(FileNotFoundError):
+            side.unlink()
+            fsync_dir(side.parent)
+        self._audit_safe("quarantined", rule=rule, reason=reason, **base)
+        if self._metrics is not None:
+            self._metrics.quarantined(ids.get("modality", ""), str(meta.get("calling_ae", "")),
+                                      reason)
+        if reason == "rejected-by-rule" and self._metrics is not None:
+            self._metrics.rejected(str(meta.get("calling_ae", "")), ids.get("modality", ""),
+                                   "rule")
+        return "quarantined"
+
+    def _audit_safe(self, event: str, **fields: Any) -> None:
+        try:
+            self._audit.append(event, **fields)
+        except Exception:
+            LOG.exception("audit append failed for %s", event)
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = str(ds.get(keyword, "") or "").strip()
+    return value if valid_uid(value) else ""

@@ -1,0 +1,348 @@
+"""The gateway daemon: wires receiver, screening, forwarding, quarantine, audit and metrics.
+
+Why one object owns the running Config: a reload (SIGHUP or the file changing) builds and
+validates a complete new Config, loads new models if the bundle changed, and only then swaps the
+single reference every component reads per association or per instance. So a reload never drops
+an association, and an invalid file (or a bundle that fails verification) leaves the running
+configuration and model untouched, audited as ``config-rejected`` with the reason.
+
+Settings bound to open sockets or threads (listener address/AE title/TLS, state directory,
+metrics port, worker count) keep their running values until a restart; a reload that changes
+them says so in the log.
+
+SIGTERM drains: stop accepting, let open associations finish (up to ``drain_s``), let workers
+finish the instance in hand and forwarders the send in flight; everything else is already on
+disk and is picked up at the next start. Exit status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import AuditLog
+from gateway.config import Config, ConfigError, load_config
+from gateway.forward import Forwarder
+from gateway.metrics import Metrics, MetricsServer
+from gateway.notify import Notifier, watchdog_interval
+from gateway.quarantine import Quarantine
+from gateway.rules import early_rule
+from gateway.scp import StorageReceiver, StoredInstance
+from gateway.screening import PendingOrder, Screening
+from gateway.spool import SpoolLayout, free_bytes
+
+LOG = logging.getLogger("sentinel.service")
+
+DetectorFactory = Callable[[Config], list[Any]]
+
+
+def load_detectors(cfg: Config) -> list[Any]:
+    """One verified Detector per worker (LiteRT interpreters are not thread-safe).
+
+    Raises detector.errors.BundleError (names the file) when the bundle does not verify.
+    """
+    from detector.scoring import Detector  # lazy: keeps `sentinel --help` light
+
+    return [
+        Detector.load(cfg.detector.bundle, num_threads=cfg.detector.threads)
+        for _ in range(cfg.detector.workers)
+    ]
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+class Gateway:
+    """A running gateway. ``start()``, then ``run_forever()`` or ``stop()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        detector_factory: DetectorFactory = load_detectors,
+        notifier: Notifier | None = None,
+        drain_s: float = 20.0,
+    ) -> None:
+        self._config = config
+        self._detector_factory = detector_factory
+        self.notifier = notifier or Notifier()
+        self.drain_s = drain_s
+        self.metrics = Metrics()
+        self.layout = SpoolLayout(config.state_dir)
+        self.audit = AuditLog(config.audit_path)
+        self.quarantine = Quarantine(config.quarantine_dir, audit=self.audit)
+        self.order = PendingOrder()
+        self.forwarders: dict[str, Forwarder] = {}
+        self.screening: Screening | None = None
+        self.receiver: StorageReceiver | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.address: tuple[str, int] | None = None
+        self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._observer: Any = None
+        self._config_digest = _file_digest(config.path)
+        self._last_change = 0.0
+        self._ready = False
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self._config
+        for d in (cfg.state_dir, cfg.audit_path.parent, cfg.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.layout.create(tuple(cfg.destinations))
+        cleared = self.layout.clear_tmp()
+        if cleared:
+            LOG.info("removed %d partial receive(s) left by an earlier stop", cleared)
+        with contextlib.suppress(Exception):
+            self.quarantine.recover()
+        detectors = self._detector_factory(cfg)  # BundleError stops the start here
+        bundle_id = str(getattr(detectors[0], "bundle_id", "")) if detectors else ""
+        self.audit.append("config-loaded", config_path=str(cfg.path), bundle_id=bundle_id,
+                          status="start")
+        for name, dest in cfg.destinations.items():
+            self._start_forwarder(name, dest)
+        self.screening = Screening(
+            lambda: self._config, self.audit, self.quarantine, self.metrics,
+            self._notify_destination, self.order,
+        )
+        self.screening.start(detectors)
+        recovered = self.screening.recover()
+        if recovered:
+            LOG.info("recovered %d acknowledged instance(s) from the spool", recovered)
+        self.receiver = StorageReceiver(
+            lambda: self._config, self._on_stored, self.audit, self.metrics, early_rule
+        )
+        self.address = self.receiver.start()
+        if cfg.metrics.port:
+            self.metrics_server = MetricsServer(
+                self.metrics, cfg.metrics.host, cfg.metrics.port, self._health, self._readiness,
+                self._refresh_gauges,
+            )
+            self.metrics_server.start()
+        self._watch_config_file()
+        self._ready = True
+        self.notifier.ready(self._status_line())
+        LOG.info("ready: %s", self._status_line())
+
+    def _start_forwarder(self, name: str, dest: Any) -> None:
+        fw = Forwarder(dest, lambda: self._config, self.audit, self.metrics, self.order.blocks)
+        fw.start()
+        self.forwarders[name] = fw
+
+    def _notify_destination(self, name: str) -> None:
+        fw = self.forwarders.get(name)
+        if fw is not None:
+            fw.notify()
+
+    def _on_stored(self, item: StoredInstance) -> None:
+        assert self.screening is not None
+        self.screening.submit(item.path, item.sop_uid, item.seq, item.assoc_id)
+
+    # -- health ------------------------------------------------------------------------------
+
+    def _threads_alive(self) -> bool:
+        fw_ok = all(f._thread is not None and f._thread.is_alive()
+                    for f in self.forwarders.values())
+        sc_ok = self.screening is not None and all(t.is_alive() for t in self.screening._threads)
+        return fw_ok and sc_ok
+
+    def _health(self) -> tuple[bool, str]:
+        if self._threads_alive():
+            return True, "ok"
+        return False, "a worker or forwarder thread has stopped"
+
+    def _readiness(self) -> tuple[bool, str]:
+        if not self._ready or self._stop.is_set():
+            return False, "not ready (starting or draining)"
+        free = free_bytes(self.layout.root)
+        if free < self._config.state.min_free_bytes:
+            return False, f"spool below its watermark ({free} bytes free)"
+        return self._health()
+
+    def _refresh_gauges(self) -> None:
+        self.metrics.spool_free.set(free_bytes(self.layout.root))
+        if self.screening is not None:
+            self.metrics.screen_queue.set(self.screening.depth())
+        if self.receiver is not None:
+            self.metrics.associations.set(self.receiver.active_associations())
+
+    def _status_line(self) -> str:
+        q = sum(f.depth() for f in self.forwarders.values())
+        bundle = self.screening.bundle_id if self.screening else ""
+        host, port = self.address or ("?", 0)
+        return (f"listening {self._config.listener.ae_title}@{host}:{port}, bundle {bundle}, "
+                f"screening {self.screening.depth() if self.screening else 0}, outbox {q}")
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+
+    def reload(self) -> bool:
+        """Load, validate and swap in the config file; keep the running one on any error."""
+        with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                return self._reload()
+            finally:
+                self.notifier.ready(self._status_line())
+
+    def _reject(self, path: Path, reason: str) -> bool:
+        LOG.error("config reload refused, keeping the running configuration: %s", reason)
+        with contextlib.suppress(Exception):
+            self.audit.append("config-rejected", config_path=str(path), reason=reason[:900])
+        return False
+
+    def _reload(self) -> bool:
+        old = self._config
+        path = old.path
+        self._config_digest = _file_digest(path)
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            return self._reject(path, str(exc))
+        restart_only = {
+            "listener": (old.listener, new.listener),
+            "state": (old.state, new.state),
+            "metrics": (old.metrics, new.metrics),
+            "detector.workers": (old.detector.workers, new.detector.workers),
+        }
+        kept = [k for k, (a, b) in restart_only.items() if a != b]
+        if kept:
+            LOG.warning("reload: %s change(s) need a restart; running values kept",
+                        ", ".join(kept))
+        new = dataclasses.replace(
+            new, listener=old.listener, state=old.state, metrics=old.metrics,
+            detector=dataclasses.replace(new.detector, workers=old.detector.workers),
+        )
+        detectors = None
+        if (new.detector.bundle, new.detector.threads) != (old.detector.bundle,
+                                                           old.detector.threads):
+            try:
+                detectors = self._detector_factory(new)
+            except Exception as exc:  # BundleError and friends: keep the running model
+                return self._reject(path, f"model bundle refused, running model kept: {exc}")
+        if detectors is not None and self.screening is not None:
+            self.screening.swap_detectors(detectors)
+        self._config = new
+        for name in [n for n in self.forwarders if n not in new.destinations]:
+            LOG.warning("destination %s removed; its outbox stays on disk", name)
+            self.forwarders.pop(name).stop()
+        for name, dest in new.destinations.items():
+            fw = self.forwarders.get(name)
+            if fw is not None and fw.dest != dest:
+                self.forwarders.pop(name).stop()
+                fw = None
+            if fw is None:
+                self._start_forwarder(name, dest)
+        bundle_id = self.screening.bundle_id if self.screening else ""
+        with contextlib.suppress(Exception):
+            self.audit.append("config-loaded", config_path=str(path), bundle_id=bundle_id,
+                              status="reload")
+        LOG.info("configuration reloaded from %s", path)
+        return True
+
+    def _watch_config_file(self) -> None:
+        """Reload when the config file changes (editors replace it: watch its directory)."""
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:  # pragma: no cover - watchdog is a dependency
+            LOG.warning("watchdog not installed: reload on SIGHUP only")
+            return
+        target = str(self._config.path)
+        gateway = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                paths = {str(getattr(event, "src_path", "")), str(getattr(event, "dest_path", ""))}
+                if target in paths:
+                    gateway._last_change = time.monotonic()
+
+        observer = Observer()
+        observer.schedule(Handler(), str(self._config.path.parent), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _check_file_change(self) -> None:
+        if self._last_change and time.monotonic() - self._last_change > 0.3:
+            self._last_change = 0.0
+            if _file_digest(self._config.path) != self._config_digest:
+                LOG.info("config file changed; reloading")
+                self.reload()
+
+    # -- run and stop ------------------------------------------------------------------------
+
+    def run_forever(self, install_signals: bool = True) -> int:
+        """Block until SIGTERM/SIGINT (or ``stop_event``), handling reloads and the watchdog."""
+        if install_signals:
+            signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+            signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+            signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        wd = watchdog_interval()
+        tick = min(0.2, wd) if wd else 0.2
+        last_wd = 0.0
+        last_status = 0.0
+        while not self._stop.is_set():
+            self._stop.wait(tick)
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()
+            self._check_file_change()
+            now = time.monotonic()
+            if wd and now - last_wd >= wd and self._threads_alive():
+                self.notifier.watchdog()
+                last_wd = now
+            if now - last_status >= 5.0:
+                self.notifier.status(self._status_line())
+                last_status = now
+        self.stop()
+        return 0
+
+    def stop_event(self) -> threading.Event:
+        return self._stop
+
+    def stop(self) -> None:
+        """Drain: stop accepting, finish in-flight work, release everything."""
+        self._stop.set()
+        self._ready = False
+        self.notifier.stopping()
+        LOG.info("draining")
+        if self.receiver is not None:
+            self.receiver.stop_accepting()
+            self.receiver.shutdown()
+            if not self.receiver.wait_idle(self.drain_s):
+                LOG.warning("associations still open after %.0fs; aborting them", self.drain_s)
+                ae = self.receiver._ae
+                for assoc in list(ae.active_associations) if ae is not None else []:
+                    with contextlib.suppress(Exception):
+                        assoc.abort()
+        if self.screening is not None:
+            self.screening.stop(self.drain_s)
+        for fw in list(self.forwarders.values()):
+            fw.stop(self.drain_s)
+        if self._observer is not None:
+            with contextlib.suppress(Exception):
+                self._observer.stop()
+                self._observer.join(2)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        LOG.info("stopped")

@@ -1,0 +1,153 @@
+"""A real Orthanc (Debian's /usr/sbin/Orthanc) as the PACS in integration tests.
+
+Why these settings: Orthanc 1.10 has no DICOM bind address, so its DICOM port is kept to
+loopback callers through its access list: only the modalities registered here (by AE title
+*and* host 127.0.0.1, ``DicomCheckModalityHost``) may store or echo. The HTTP API is loopback
+only (``RemoteAccessAllowed`` false). Each server has its own temporary storage and free ports;
+a restart waits for the old process to exit before starting another on the same database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.dcmtk import dcmtk_env, free_port
+
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def require_orthanc() -> None:
+    if not os.access(ORTHANC, os.X_OK):
+        pytest.skip("Orthanc not installed: apt-get install orthanc")
+
+
+class OrthancServer:
+    """Start/stop an Orthanc; REST helpers for what a test needs to check."""
+
+    def __init__(self, workdir: Path, modalities: dict[str, tuple[str, int]],
+                 aet: str = "ORTHANC") -> None:
+        self.workdir = workdir
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "orthanc.json"
+        config = {
+            "Name": "sentinel-test",
+            "StorageDirectory": str(workdir / "db"),
+            "IndexDirectory": str(workdir / "db"),
+            "Plugins": [],
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": aet,
+            "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowEcho": False,
+            "DicomAlwaysAllowStore": False,
+            "DicomCheckModalityHost": True,
+            "DicomModalities": {
+                name: [ae, "127.0.0.1", port] for name, (ae, port) in modalities.items()
+            },
+            "StorageCompression": False,
+            "OverwriteInstances": True,
+            "DicomScpTimeout": 30,
+            "ConcurrentJobs": 1,
+            "HttpThreadsCount": 4,
+            "SaveJobs": False,
+        }
+        self.config_path.write_text(json.dumps(config, indent=1))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> OrthancServer:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("already running")
+        log = (self.workdir / "orthanc.log").open("ab")
+        self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], stdout=log,
+                                     stderr=subprocess.STDOUT, env=dcmtk_env())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: see {self.workdir / 'orthanc.log'}")
+            try:
+                self.get("/system")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.1)
+        raise RuntimeError("Orthanc did not come up")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def __enter__(self) -> OrthancServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- REST ----------------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self._url(path), timeout=10) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self._url(path), timeout=30) as r:
+            return r.read()
+
+    def post(self, path: str, body: str) -> Any:
+        req = urllib.request.Request(self._url(path), data=body.encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def instance_ids(self) -> list[str]:
+        return list(self.get("/instances"))
+
+    def find_instance(self, sop_uid: str) -> str | None:
+        hits = self.post("/tools/lookup", sop_uid)
+        for h in hits:
+            if h.get("Type") == "Instance":
+                return str(h["ID"])
+        return None
+
+    def instance_file(self, sop_uid: str) -> bytes | None:
+        oid = self.find_instance(sop_uid)
+        return None if oid is None else self.get_bytes(f"/instances/{oid}/file")
+
+    def statistics(self) -> dict[str, Any]:
+        return dict(self.get("/statistics"))
+
+    def wait_for_count(self, n: int, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        count = -1
+        while time.monotonic() < deadline:
+            count = int(self.statistics()["CountInstances"])
+            if count >= n:
+                return count
+            time.sleep(0.1)
+        return count
