@@ -422,7 +422,7 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _sniff(path: Path) -> str:
+def sniff_format(path: Path) -> str:
     """'dicom' or 'image' by content, never by file name."""
     try:
         with open(path, "rb") as fh:
@@ -443,7 +443,7 @@ def _sniff(path: Path) -> str:
 def load_unit(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A DICOM or image file (detected by content) as float32 (frames, rows, cols) in [0, 1]."""
     path = Path(path)
-    if _sniff(path) == "dicom":
+    if sniff_format(path) == "dicom":
         ds = read_dicom(path, max_pixels=max_pixels)
         return dataset_to_unit(ds, max_pixels=max_pixels)
     return image_to_unit(path, max_pixels=max_pixels)
@@ -461,6 +461,6 @@ def preprocess_path(
 ) -> np.ndarray:
     """A DICOM or image file to float32 (frames, 224, 224) in [0, 1]."""
     path = Path(path)
-    if _sniff(path) == "dicom":
+    if sniff_format(path) == "dicom":
         return preprocess_dataset(read_dicom(path, max_pixels=max_pixels), max_pixels)
     return resize_to_input(image_to_unit(path, max_pixels=max_pixels))

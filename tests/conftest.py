@@ -36,3 +36,15 @@ def nema_dir(data_dir: Path) -> Path:
     if not d.is_dir():
         pytest.skip(f"{d} missing: the NEMA CR DICOMs are needed for this test")
     return d
+
+
+@pytest.fixture(scope="session")
+def fixture_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small valid model bundle (fixture CNN + forest on synthetic images), built once.
+
+    Built by tests/fixture_bundle.py with TensorFlow and scikit-learn (test-only imports) in a
+    few seconds; the models mean nothing clinically, they exercise every runtime code path.
+    """
+    from fixture_bundle import build_fixture_bundle
+
+    return build_fixture_bundle(tmp_path_factory.mktemp("fixture-bundle") / "bundle")

@@ -1,0 +1,193 @@
+"""Scoring: preprocess, features + CNN + forest, stacking, verdict.
+
+Stacking as in the paper: ``score = w_cnn * p_cnn + (1 - w_cnn) * p_rf``, flagged when
+``score >= threshold`` (the bundle's operating threshold unless the caller passes another).
+A multi-frame instance is scored frame by frame and takes its worst (highest) frame: one
+tampered frame is enough to hold the instance.
+
+A ``Detector`` owns one LiteRT interpreter and one feature extractor with scratch buffers,
+so it is **not thread-safe**: use one ``Detector`` per worker thread (loading one costs a
+few milliseconds plus the bundle verification).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from detector.bundle import Manifest, check_runtime_compat, load_manifest
+from detector.cnn import LiteRTModel
+from detector.errors import BundleError
+from detector.features import FEATURE_NAMES, FeatureExtractor
+from detector.forest import ForestArrays
+from detector.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    INPUT_SIZE,
+    image_to_unit,
+    iter_unit_frames,
+    read_dicom,
+    resize_frame,
+    sniff_format,
+)
+
+
+@dataclass(frozen=True)
+class Score:
+    """The verdict on one instance and its parts (worst frame), with per-stage timings."""
+
+    score: float
+    p_cnn: float
+    p_rf: float
+    threshold: float
+    flagged: bool
+    frames: int
+    worst_frame: int
+    bundle_id: str
+    timings_ms: dict[str, float]
+    frame_scores: tuple[float, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain-JSON form for audit records, sidecars and ``sentinel score --json``."""
+        return {
+            "score": self.score,
+            "p_cnn": self.p_cnn,
+            "p_rf": self.p_rf,
+            "threshold": self.threshold,
+            "flagged": self.flagged,
+            "frames": self.frames,
+            "worst_frame": self.worst_frame,
+            "bundle_id": self.bundle_id,
+            "timings_ms": dict(self.timings_ms),
+            "frame_scores": list(self.frame_scores),
+        }
+
+
+class Detector:
+    """A loaded, verified bundle ready to score images. Not thread-safe: one per thread."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        cnn: LiteRTModel,
+        forest: ForestArrays,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.manifest = manifest
+        self.bundle_id = manifest.bundle_id
+        self.threshold = manifest.threshold
+        self.w_cnn = manifest.w_cnn
+        self.max_pixels = max_pixels
+        self.cnn = cnn
+        self.forest = forest
+        self._features = FeatureExtractor((INPUT_SIZE, INPUT_SIZE))
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: str | os.PathLike[str] | None = None,
+        num_threads: int = 1,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Detector:
+        """Verify a bundle (None = the default bundle) and load its CNN and forest."""
+        manifest = load_manifest(bundle_dir)
+        check_runtime_compat(manifest, FEATURE_NAMES)
+        forest_path = manifest.path_of("forest")
+        try:
+            forest = ForestArrays.load(forest_path)
+        except ValueError as exc:
+            raise BundleError(
+                f"model bundle file {forest_path}: {exc}; re-export the bundle"
+            ) from exc
+        if forest.n_features != len(manifest.feature_names):
+            raise BundleError(
+                f"model bundle file {forest_path}: forest takes {forest.n_features} features, "
+                f"manifest lists {len(manifest.feature_names)}; re-export the bundle"
+            )
+        cnn = LiteRTModel(manifest.path_of("cnn"), num_threads=num_threads)
+        return cls(manifest, cnn, forest, max_pixels=max_pixels)
+
+    def score_unit(self, img224: np.ndarray) -> tuple[float, float, float]:
+        """(p_cnn, p_rf, score) of one 224x224 image in [0, 1]."""
+        p_cnn, p_rf, score, _ = self._score_timed(img224)
+        return p_cnn, p_rf, score
+
+    def _score_timed(self, img: np.ndarray) -> tuple[float, float, float, tuple[float, ...]]:
+        t0 = time.perf_counter()
+        feats = self._features.extract(img)
+        t1 = time.perf_counter()
+        p_cnn = float(self.cnn.predict(img))
+        t2 = time.perf_counter()
+        p_rf = float(self.forest.predict_proba(feats[None, :])[0])
+        t3 = time.perf_counter()
+        score = self.w_cnn * p_cnn + (1.0 - self.w_cnn) * p_rf
+        return p_cnn, p_rf, score, (t1 - t0, t2 - t1, t3 - t2)
+
+    def score_frames(
+        self,
+        frames: list[np.ndarray] | np.ndarray,
+        threshold: float | None = None,
+        decode_s: float = 0.0,
+    ) -> Score:
+        """Score already-resized (224, 224) frames; the instance takes its worst frame."""
+        thr = self.threshold if threshold is None else float(threshold)
+        t_start = time.perf_counter()
+        parts: list[tuple[float, float, float]] = []
+        spent = np.zeros(3)
+        for img in frames:
+            p_cnn, p_rf, score, times = self._score_timed(img)
+            parts.append((p_cnn, p_rf, score))
+            spent += times
+        if not parts:
+            raise ValueError("no frames to score")
+        scores = tuple(p[2] for p in parts)
+        worst = int(np.argmax(scores))
+        p_cnn, p_rf, score = parts[worst]
+        total = decode_s + (time.perf_counter() - t_start)
+        return Score(
+            score=score,
+            p_cnn=p_cnn,
+            p_rf=p_rf,
+            threshold=thr,
+            flagged=bool(score >= thr),
+            frames=len(parts),
+            worst_frame=worst,
+            bundle_id=self.bundle_id,
+            timings_ms={
+                "decode": decode_s * 1e3,
+                "features": float(spent[0]) * 1e3,
+                "cnn": float(spent[1]) * 1e3,
+                "forest": float(spent[2]) * 1e3,
+                "total": total * 1e3,
+            },
+            frame_scores=scores,
+        )
+
+    def score_dataset(self, ds: Dataset, threshold: float | None = None) -> Score:
+        """Decode, normalise and resize each frame of a dataset, then score it."""
+        return self._score_ds(ds, threshold, time.perf_counter())
+
+    def _score_ds(self, ds: Dataset, threshold: float | None, t0: float) -> Score:
+        """Score a dataset; decode time is counted from ``t0`` (before the header parse)."""
+        frames = [
+            resize_frame(f).astype(np.float32)
+            for f in iter_unit_frames(ds, max_pixels=self.max_pixels)
+        ]
+        for f in frames:
+            np.clip(f, 0.0, 1.0, out=f)
+        return self.score_frames(frames, threshold, decode_s=time.perf_counter() - t0)
+
+    def score_path(self, path: str | os.PathLike[str], threshold: float | None = None) -> Score:
+        """Score a DICOM or PNG/JPEG file (detected by content)."""
+        path = Path(path)
+        t0 = time.perf_counter()
+        if sniff_format(path) == "dicom":
+            ds = read_dicom(path, max_pixels=self.max_pixels)
+            return self._score_ds(ds, threshold, t0)
+        unit = image_to_unit(path, max_pixels=self.max_pixels)
+        frames = [np.clip(resize_frame(f).astype(np.float32), 0.0, 1.0) for f in unit]
+        return self.score_frames(frames, threshold, decode_s=time.perf_counter() - t0)
