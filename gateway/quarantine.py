@@ -13,8 +13,9 @@ and calls ``put`` again, which overwrites the sidecar) and at most a sidecar wit
 which ``list`` ignores and ``recover`` removes. A crash after step 2 leaves a complete entry. The
 instance is never in neither place. ``release`` and ``purge`` remove the instance first and the
 sidecar last, so a crash half-way leaves the same harmless "sidecar without instance" state.
-An instance found without a sidecar (someone deleted it) is still listed, with reason
-``sidecar-missing`` and the UIDs read from its header: nothing in the quarantine is invisible.
+An instance found without a valid sidecar (deleted or edited by hand) is still listed, with
+reason ``sidecar-missing`` or ``sidecar-invalid`` and the UIDs read from its header: nothing in
+the quarantine is invisible.
 
 UIDs become path parts, so they are checked first: digits and dots only, at most 64 characters
 (the DICOM UI rule); anything else (``..``, ``/``, letters) is refused with ``ValueError``.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -38,6 +40,7 @@ from gateway.audit import AuditLog, parse_time, utc_now_iso
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 SIDECAR_MISSING = "sidecar-missing"
+SIDECAR_INVALID = "sidecar-invalid"
 
 
 def check_uid(uid: str, what: str = "UID") -> str:
@@ -136,7 +139,7 @@ def _move_durably(src: Path, dst: Path) -> None:
     _fsync_dir(src.parent)
 
 
-def _record_from_header(dcm: Path) -> QuarantineRecord:
+def _record_from_header(dcm: Path, reason: str) -> QuarantineRecord:
     """A record for an instance whose sidecar is gone, from its own header (UIDs only)."""
     import pydicom  # lazy: only needed for this rare repair path
 
@@ -149,7 +152,7 @@ def _record_from_header(dcm: Path) -> QuarantineRecord:
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         sop_class=str(ds.get("SOPClassUID", "")),
         modality=str(ds.get("Modality", "")),
-        reason=SIDECAR_MISSING,
+        reason=reason,
         score=None,
         p_cnn=None,
         p_rf=None,
@@ -173,6 +176,17 @@ class Quarantine:
         self.audit = audit
 
     # -- paths -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _dir_lock(self) -> Iterator[None]:
+        """Serialise creating and removing study folders (threads and processes: flock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _dir(self, study_uid: str) -> Path:
         return self.root / check_uid(study_uid, "StudyInstanceUID")
@@ -207,14 +221,14 @@ class Quarantine:
         Idempotent per SOP Instance UID: putting the same instance again replaces the entry.
         """
         study = self._dir(record.study_uid)
-        created = not study.is_dir()
-        study.mkdir(parents=True, exist_ok=True)
-        if created:
-            _fsync_dir(self.root)
         dcm = study / f"{record.sop_uid}.dcm"
         if not Path(src).is_file():
             raise FileNotFoundError(f"quarantine put: {src} does not exist (nothing to hold)")
-        _write_atomic(study / f"{record.sop_uid}.json", record.to_json().encode())
+        with self._dir_lock():  # a release/purge must not remove the folder under our feet
+            if not study.is_dir():
+                study.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.root)
+            _write_atomic(study / f"{record.sop_uid}.json", record.to_json().encode())
         _move_durably(Path(src), dcm)
         return dcm
 
@@ -229,9 +243,17 @@ class Quarantine:
                     yield dcm, dcm.with_suffix(".json")
 
     def _load(self, dcm: Path, sidecar: Path) -> QuarantineRecord:
-        if sidecar.is_file():
-            return QuarantineRecord.from_json(sidecar.read_text())
-        return _record_from_header(dcm)
+        """The sidecar's record; one from the instance's header when the sidecar is missing, or
+        unreadable, or names another instance than its file (edited by hand)."""
+        if not sidecar.is_file():
+            return _record_from_header(dcm, SIDECAR_MISSING)
+        try:
+            record = QuarantineRecord.from_json(sidecar.read_text())
+        except (ValueError, TypeError):
+            return _record_from_header(dcm, SIDECAR_INVALID)
+        if (record.sop_uid, record.study_uid) != (dcm.stem, dcm.parent.name):
+            return _record_from_header(dcm, SIDECAR_INVALID)
+        return record
 
     def list(self) -> list[QuarantineRecord]:
         """Every held instance, oldest first."""
@@ -248,8 +270,11 @@ class Quarantine:
         _fsync_dir(dcm.parent)
         dcm.with_suffix(".json").unlink(missing_ok=True)
         _fsync_dir(dcm.parent)
-        with contextlib.suppress(OSError):  # not empty: other instances of the study remain
-            dcm.parent.rmdir()
+        self._remove_if_empty(dcm.parent)
+
+    def _remove_if_empty(self, study: Path) -> None:
+        with self._dir_lock(), contextlib.suppress(OSError):  # not empty: keep it
+            study.rmdir()
             _fsync_dir(self.root)
 
     def release(
@@ -306,10 +331,7 @@ class Quarantine:
             for dcm, _ in list(self._entries())
             if dcm.parent == study
         ]
-        self.recover()  # sidecars left by an interrupted put or purge go with the study
-        with contextlib.suppress(OSError):
-            study.rmdir()
-            _fsync_dir(self.root)
+        self._remove_if_empty(study)  # strays of an interrupted put: recover() at start-up
         return purged
 
     def _purge_one(self, dcm: Path, *, actor: str, reason: str) -> QuarantineRecord:

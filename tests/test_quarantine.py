@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from gateway.audit import AuditLog, verify
 from gateway.quarantine import (
+    SIDECAR_INVALID,
     SIDECAR_MISSING,
     NotQuarantined,
     Quarantine,
@@ -222,13 +223,17 @@ def test_unsafe_uids_are_refused(tmp_path: Path, uid: str) -> None:
     assert not (tmp_path / "q").exists()
 
 
-def test_tampered_sidecar_with_bad_uid_is_refused(tmp_path: Path, spooled: Path) -> None:
+@pytest.mark.parametrize("forged", ['"../../1"', '"7.7.7"', "garbage"])
+def test_edited_sidecar_is_listed_from_the_header(
+    tmp_path: Path, spooled: Path, forged: str
+) -> None:
     q = Quarantine(tmp_path / "q")
     held = q.put(spooled, record_for("1.2.3.4", "1.2.3"))
     sidecar = held.with_suffix(".json")
-    sidecar.write_text(sidecar.read_text().replace('"1.2.3.4"', '"../../1"'))
-    with pytest.raises(ValueError, match="not a DICOM UID"):
-        q.list()
+    sidecar.write_text(sidecar.read_text().replace('"1.2.3.4"', forged))
+    (record,) = q.list()
+    assert record.reason == SIDECAR_INVALID and record.sop_uid == "1.2.3.4"
+    assert record.modality == "CR" and record.score is None
 
 
 def test_crash_between_sidecar_and_move_is_recovered(tmp_path: Path, spooled: Path) -> None:
@@ -272,3 +277,41 @@ def test_real_nema_cr_round_trip(tmp_path: Path, nema_dir: Path) -> None:
     held = q.put(src, rec)
     assert held.read_bytes() == digest
     assert q.get(str(ds.SOPInstanceUID)) == rec
+
+
+def test_put_racing_purge_of_the_same_study_loses_nothing(tmp_path: Path) -> None:
+    """The daemon quarantines instances of a study while an operator purges that study: every
+    instance ends either purged (and returned) or held, never both, never neither."""
+    import contextlib
+    import threading
+
+    q = Quarantine(tmp_path / "q")
+    sops = [f"1.9.{i}" for i in range(30)]
+    sources = [make_dicom(tmp_path / "in" / f"{sop}.dcm", sop, "1.9", rows=8, cols=8)
+               for sop in sops]
+    purged: list[str] = []
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def putter() -> None:
+        try:
+            for sop, src in zip(sops, sources, strict=True):
+                q.put(src, record_for(sop, "1.9"))
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def purger() -> None:
+        while not done.is_set():
+            with contextlib.suppress(NotQuarantined):  # the study folder is gone right now
+                purged.extend(r.sop_uid for r in q.purge("1.9", actor="op", reason="race"))
+
+    threads = [threading.Thread(target=putter), threading.Thread(target=purger)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [r.sop_uid for r in q.list()]
+    assert errors == []
+    assert sorted(purged + held) == sorted(sops) and not set(purged) & set(held)
