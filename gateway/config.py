@@ -480,10 +480,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     xr.check_known(("host", "port"))
     metrics = MetricsConfig(host=xr.str_("host", "127.0.0.1"), port=xr.int_("port", 9464, 0, 65535))
     try:
-        if not ipaddress.ip_address(metrics.host).is_loopback:
-            raise xr.fail("host", "metrics must stay on loopback", 'host = "127.0.0.1"')
+        metrics_ip = ipaddress.ip_address(metrics.host)
     except ValueError as exc:
         raise xr.fail("host", f"{metrics.host!r} is not an IP address", "127.0.0.1") from exc
+    if not metrics_ip.is_loopback:
+        raise xr.fail("host", "metrics must stay on loopback", 'host = "127.0.0.1"')
 
     dr = top.sub("detector")
     dr.check_known(("bundle", "workers", "threads", "on_error", "shadow", "thresholds"))

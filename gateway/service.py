@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from gateway.spool import SpoolLayout, free_bytes
 
 LOG = logging.getLogger("sentinel.service")
 
+RETENTION_EVERY_S = 3600.0
 DetectorFactory = Callable[[Config], list[Any]]
 
 
@@ -301,6 +303,7 @@ class Gateway:
         tick = min(0.2, wd) if wd else 0.2
         last_wd = 0.0
         last_status = 0.0
+        last_retention = 0.0
         while not self._stop.is_set():
             self._stop.wait(tick)
             if self._reload_requested.is_set():
@@ -314,8 +317,26 @@ class Gateway:
             if now - last_status >= 5.0:
                 self.notifier.status(self._status_line())
                 last_status = now
+            if now - last_retention >= RETENTION_EVERY_S:
+                self.apply_retention()
+                last_retention = now
         self.stop()
         return 0
+
+    def apply_retention(self) -> int:
+        """Purge quarantined instances older than the retention (audited as 'purged')."""
+        days = self._config.retention.quarantine_days
+        if days <= 0:
+            return 0
+        try:
+            purged = self.quarantine.expire(timedelta(days=days))
+        except Exception:
+            LOG.exception("quarantine retention failed")
+            return 0
+        if purged:
+            LOG.info("retention: purged %d quarantined instance(s) older than %g days",
+                     len(purged), days)
+        return len(purged)
 
     def stop_event(self) -> threading.Event:
         return self._stop

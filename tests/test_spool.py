@@ -1,0 +1,80 @@
+"""The spool: durable outbox placement, sequence order, sent ledger, external enqueue."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.spool import (
+    SentLedger,
+    SpoolLayout,
+    enqueue_outbox,
+    list_outbox,
+    place_in_outboxes,
+    sop_from_outbox_name,
+    valid_uid,
+)
+
+
+def test_valid_uid_refuses_path_tricks() -> None:
+    assert valid_uid("1.2.840.10008.1.2")
+    for bad in ("", "../etc", "1.2/3", "1..2", "1.2.", "a.b", "1" * 65):
+        assert not valid_uid(bad)
+
+
+def test_place_links_into_each_outbox_and_removes_source(tmp_path: Path) -> None:
+    layout = SpoolLayout(tmp_path)
+    layout.create(("a", "b"))
+    src = layout.work / "1.2.3~x.dcm"
+    src.write_bytes(b"DICOM-BYTES")
+    src.with_suffix(".json").write_text("{}")
+    placed = place_in_outboxes(layout, ("a", "b"), src, {"sop_uid": "1.2.3", "seq": "00042",
+                                                         "study_uid": "9.9"})
+    assert not src.exists() and not src.with_suffix(".json").exists()
+    assert [p.parent.name for p in placed] == ["a", "b"]
+    for p in placed:
+        assert p.name == "00042-1.2.3.dcm" and p.read_bytes() == b"DICOM-BYTES"
+        meta = json.loads(p.with_suffix(".json").read_text())
+        assert meta["study_uid"] == "9.9" and meta["destination"] == p.parent.name
+    assert os.stat(placed[0]).st_ino == os.stat(placed[1]).st_ino  # one copy on disk
+    assert sop_from_outbox_name(placed[0].name) == "1.2.3"
+    with pytest.raises(ValueError, match="valid UID"):
+        place_in_outboxes(layout, ("a",), placed[0], {"sop_uid": "../x"})
+
+
+def test_enqueue_outbox_moves_and_orders(tmp_path: Path) -> None:
+    names = []
+    for i in range(3):
+        src = tmp_path / f"q{i}.dcm"
+        src.write_bytes(b"x%d" % i)
+        p = enqueue_outbox(tmp_path / "state", "pacs", src, {"sop_uid": f"1.2.{i}"})
+        assert not src.exists() and p.exists()
+        names.append(p.name)
+    listed = list_outbox(tmp_path / "state" / "spool" / "outbox" / "pacs")
+    assert listed == names == sorted(names)  # FIFO by name
+
+
+def test_sent_ledger_survives_reopen_and_expires(tmp_path: Path) -> None:
+    path = tmp_path / "sent" / "pacs.log"
+    led = SentLedger(path, retention_s=3600)
+    led.add("1.2.3")
+    led.add("1.2.3")
+    assert "1.2.3" in led and len(led) == 1
+    led.close()
+    with path.open("a") as fh:  # an old entry beyond retention, and a corrupt line
+        fh.write(f"1.2.4\t{time.time() - 7200:.3f}\ngarbage\n")
+    led2 = SentLedger(path, retention_s=3600)
+    assert "1.2.3" in led2 and "1.2.4" not in led2
+    assert "garbage" not in path.read_text()
+    led2.close()
+
+
+def test_clear_tmp(tmp_path: Path) -> None:
+    layout = SpoolLayout(tmp_path)
+    layout.create()
+    (layout.tmp / "rx-partial.dcm").write_bytes(b"half")
+    assert layout.clear_tmp() == 1 and not any(layout.tmp.iterdir())
