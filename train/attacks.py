@@ -1,0 +1,173 @@
+"""The perturbation suite of the paper's Table II, and the one mapping onto stored pixels.
+
+Every perturbation is computed on the victim's input (224x224, [0, 1]) and expressed as a
+delta. ``to_native`` then maps that delta onto the image's native matrix (identity for 224x224
+sources, bilinear upsampling otherwise), clips to [0, 1] and rounds to the source's own grid
+(k/255 for 8-bit, k/(2**BitsStored - 1) for DICOM). Clean and perturbed images then go through
+exactly the same runtime path (native unit array -> resize_to_input -> detector), so the
+detector cannot learn the encode path instead of the perturbation (DESIGN, "Shortcut cues").
+``sentinel attack`` uses the same function for DICOM files.
+
+Note that eps 0.003 is 0.77 of one 8-bit grey level: after rounding most pixels of a PGD image
+move by exactly one level or not at all. That is the signal the detector has to find.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PGD_STEPS = 40
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One row of Table II. ``param`` is eps (fgsm/pgd), sigma, amount or contrast factor."""
+
+    name: str
+    method: str
+    param: float
+
+    @property
+    def needs_victim(self) -> bool:
+        return self.method in ("fgsm", "pgd")
+
+
+SUITE: tuple[Perturbation, ...] = (
+    Perturbation("pgd_0.003", "pgd", 0.003),
+    Perturbation("pgd_0.006", "pgd", 0.006),
+    Perturbation("fgsm_0.003", "fgsm", 0.003),
+    Perturbation("fgsm_0.006", "fgsm", 0.006),
+    Perturbation("gaussian_0.008", "gaussian", 0.008),
+    Perturbation("saltpepper_0.008", "saltpepper", 0.008),
+    Perturbation("contrast_1.1", "contrast", 1.1),
+)
+BY_NAME = {p.name: p for p in SUITE}
+METHODS = ("pgd", "fgsm", "gaussian", "saltpepper", "contrast")
+DEFAULT_PARAM = {"pgd": 0.006, "fgsm": 0.006, "gaussian": 0.008, "saltpepper": 0.008,
+                 "contrast": 1.1}
+
+
+def _loss_and_grad(model: Any, x: Any, y: Any) -> tuple[Any, Any]:
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = tf.reshape(model(x, training=False), [-1])
+        loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits)
+    return loss, tape.gradient(loss, x)
+
+
+def make_gradient_attack(model: Any) -> Any:
+    """A compiled PGD/FGSM for ``model``: f(x (n,224,224), y (n,), eps, steps, alpha) -> x_adv.
+
+    Untargeted, L-inf, on the binary cross-entropy of the true (or predicted) label; no random
+    start (the paper's setting); every step projected onto the eps-ball around x and [0, 1].
+    FGSM is the special case steps=1, alpha=eps.
+    """
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def attack(x: Any, y: Any, eps: Any, steps: Any, alpha: Any) -> Any:
+        x0 = x[..., None]
+        adv = tf.identity(x0)
+        for _ in tf.range(steps):
+            _, grad = _loss_and_grad(model, adv, y)
+            adv = adv + alpha * tf.sign(grad)
+            adv = tf.clip_by_value(adv, x0 - eps, x0 + eps)
+            adv = tf.clip_by_value(adv, 0.0, 1.0)
+        return adv[..., 0]
+
+    return attack
+
+
+def gradient_attack(attack: Any, x: np.ndarray, y: np.ndarray, method: str, eps: float,
+                    batch_size: int = 64) -> np.ndarray:
+    """Run a compiled attack over a batch array; returns perturbed inputs at 224 (unquantised)."""
+    import tensorflow as tf
+
+    steps, alpha = (PGD_STEPS, eps / 10.0) if method == "pgd" else (1, eps)
+    out = np.empty_like(x, dtype=np.float32)
+    for i in range(0, len(x), batch_size):
+        xb = tf.constant(x[i:i + batch_size], tf.float32)
+        yb = tf.constant(y[i:i + batch_size], tf.float32)
+        out[i:i + batch_size] = attack(xb, yb, tf.constant(eps, tf.float32),
+                                       tf.constant(steps), tf.constant(alpha, tf.float32)).numpy()
+    return out
+
+
+def gaussian(x: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(x + rng.normal(0.0, sigma, x.shape).astype(np.float32), 0.0, 1.0)
+
+
+def salt_pepper(x: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """``amount`` of the pixels replaced, half by 0 (pepper) and half by 1 (salt)."""
+    out = x.copy()
+    u = rng.random(x.shape)
+    out[u < amount / 2] = 0.0
+    out[(u >= amount / 2) & (u < amount)] = 1.0
+    return out
+
+
+def contrast(x: np.ndarray, factor: float) -> np.ndarray:
+    """Stretch about each image's mean intensity, clipped to [0, 1]."""
+    mean = x.reshape(len(x), -1).mean(axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
+    return np.clip((x - mean) * factor + mean, 0.0, 1.0).astype(np.float32)
+
+
+def perturb224(p: Perturbation, x: np.ndarray, *, labels: np.ndarray | None = None,
+               attack: Any = None, rng: np.random.Generator) -> np.ndarray:
+    """Apply ``p`` to (n, 224, 224) inputs in [0, 1]; returns unquantised (n, 224, 224)."""
+    if p.needs_victim:
+        if attack is None or labels is None:
+            raise ValueError(f"{p.name} needs the victim's compiled attack and labels")
+        return gradient_attack(attack, x, labels, p.method, p.param)
+    if p.method == "gaussian":
+        return gaussian(x, p.param, rng)
+    if p.method == "saltpepper":
+        return salt_pepper(x, p.param, rng)
+    if p.method == "contrast":
+        return contrast(x, p.param)
+    raise ValueError(f"unknown perturbation method {p.method!r}: use one of {METHODS}")
+
+
+def quantise(x: np.ndarray, levels: int) -> np.ndarray:
+    """Clip to [0, 1] and round to the grid k / levels (the source's stored values)."""
+    return (np.round(np.clip(x, 0.0, 1.0) * levels) / levels).astype(np.float32)
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of half-pixel-centred bilinear interpolation (align_corners=False)."""
+    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = pos - lo
+    m = np.zeros((n_out, n_in), np.float64)
+    m[np.arange(n_out), lo] += 1.0 - w
+    m[np.arange(n_out), hi] += w
+    return m
+
+
+def upsample_delta(delta224: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear map of a (224, 224) delta onto a (rows, cols) native matrix."""
+    if delta224.shape == tuple(shape):
+        return delta224.astype(np.float32)
+    mr = _bilinear_matrix(delta224.shape[0], shape[0])
+    mc = _bilinear_matrix(delta224.shape[1], shape[1])
+    return (mr @ delta224.astype(np.float64) @ mc.T).astype(np.float32)
+
+
+def to_native(native: np.ndarray, delta224: np.ndarray, levels: int) -> np.ndarray:
+    """The single mapping from a 224x224 delta to stored pixel values on the native grid.
+
+    ``native`` is (rows, cols) or a batch (n, 224, 224) of 224x224 natives; returns the
+    perturbed native image(s) in [0, 1], exactly on the grid k / levels.
+    """
+    if native.ndim == 3:
+        if native.shape[1:] != delta224.shape[1:]:
+            raise ValueError("batched to_native needs natives of the delta's own size")
+        return quantise(native + delta224, levels)
+    return quantise(native + upsample_delta(delta224, native.shape), levels)
