@@ -103,7 +103,10 @@ def _show(q: Quarantine, args: argparse.Namespace) -> int:
         from gateway.residual_map import render_instance  # numpy/scipy/Pillow only when asked
 
         caption = f"{record.modality} {record.reason} score {_score(record.score)}"
-        width, height = render_instance(path, args.png, height=args.height, caption=caption)
+        try:
+            width, height = render_instance(path, args.png, height=args.height, caption=caption)
+        except ValueError as exc:  # PreprocessError: the reason it may be held in the first place
+            raise ValueError(f"cannot draw {args.png}: {exc}") from exc
         print(f"wrote {args.png} ({width}x{height})", file=sys.stderr)
     return EXIT_OK
 

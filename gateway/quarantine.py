@@ -143,7 +143,10 @@ def _record_from_header(dcm: Path, reason: str) -> QuarantineRecord:
     """A record for an instance whose sidecar is gone, from its own header (UIDs only)."""
     import pydicom  # lazy: only needed for this rare repair path
 
-    ds = pydicom.dcmread(dcm, stop_before_pixels=True, force=True)
+    try:
+        ds = pydicom.dcmread(dcm, stop_before_pixels=True, force=True)
+    except Exception:  # an unreadable instance (often why it is held): list it all the same
+        ds = pydicom.Dataset()
     mtime = datetime.fromtimestamp(dcm.stat().st_mtime, UTC)
     when = mtime.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return QuarantineRecord(
@@ -257,7 +260,10 @@ class Quarantine:
 
     def list(self) -> list[QuarantineRecord]:
         """Every held instance, oldest first."""
-        records = [self._load(dcm, sidecar) for dcm, sidecar in self._entries()]
+        records = []
+        for dcm, sidecar in self._entries():
+            with contextlib.suppress(FileNotFoundError):  # released or purged meanwhile
+                records.append(self._load(dcm, sidecar))
         return sorted(records, key=lambda r: (r.quarantined_at, r.sop_uid))
 
     def get(self, sop_uid: str) -> QuarantineRecord | None:

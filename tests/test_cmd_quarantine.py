@@ -181,3 +181,24 @@ def test_residual_map_lights_up_a_perturbed_region() -> None:
     assert before.shape == after.shape == (224, 224)
     assert abs(np.median(before[:, :100]) - np.median(before[:, 124:])) < 0.05
     assert np.median(after[:, :100]) > np.median(after[:, 124:]) + 0.3
+
+
+def test_unreadable_instance_is_listed_and_show_png_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An instance held because it cannot be decoded: list/show work, --png exits 2 naming the
+    reason, and with its sidecar gone it is still listed."""
+    src = make_dicom(tmp_path / "in" / "6.1.dcm", "6.1", "6")
+    src.write_bytes(src.read_bytes()[:400])  # truncated inside the header
+    state = tmp_path / "state"
+    q = Quarantine(state / "quarantine")
+    held = q.put(src, record_for("6.1", "6", reason="unreadable", score=None, p_cnn=None,
+                                 p_rf=None, threshold=None))
+    assert main(["quarantine", "show", "6.1", "--state-dir", str(state)]) == 0
+    assert "unreadable" in capsys.readouterr().out
+    png = tmp_path / "x.png"
+    argv = ["quarantine", "show", "6.1", "--state-dir", str(state), "--png", str(png)]
+    assert main(argv) == 2 and not png.exists()
+    assert "sentinel quarantine:" in capsys.readouterr().err
+    held.with_suffix(".json").write_text("not json")
+    assert [r.reason for r in q.list()] == ["sidecar-invalid"]
