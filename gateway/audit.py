@@ -374,6 +374,16 @@ def verify(path: Path) -> VerifyResult:
     return VerifyResult(True, n, None, reason, expected, tuple(torn))
 
 
+def find_line_hash(path: Path, digest: str) -> int | None:
+    """The 1-based number of the line whose SHA-256 is ``digest`` (a ``head`` written down
+    earlier), or None: if it is gone, lines up to it were removed or rewritten."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if _sha256(raw.rstrip(b"\n")) == digest.lower():
+                return n
+    return None
+
+
 def query(
     path: Path,
     *,

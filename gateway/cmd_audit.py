@@ -2,11 +2,12 @@
 
   sentinel audit query  (--config F | --log PATH) [--since ISO] [--until ISO] [--event E]
                         [--caller AE] [--study UID] [--verdict clean|flagged] [--json]
-  sentinel audit verify (--config F | --log PATH)
+  sentinel audit verify (--config F | --log PATH) [--anchor HASH ...]
 
 ``verify`` exits 0 when the chain is intact, 1 when it is broken (naming the first bad line and
-why), 2 when the log cannot be read. It prints the hash of the last line (``head``): write it
-down somewhere else to be able to prove later that no line was cut off the end.
+why), 2 when the log cannot be read. It prints the hash of the last line (``head``): keep it
+somewhere else (a ticket, another host); ``--anchor HASH`` later proves that the chain still
+holds that line, i.e. nothing up to it was cut off or rewritten, which the chain alone cannot.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from gateway.audit import EVENTS, parse_time, query, verify
+from gateway.audit import EVENTS, find_line_hash, parse_time, query, verify
 
 EXIT_OK, EXIT_BROKEN, EXIT_ERROR = 0, 1, 2
 _SHOWN_FIRST = ("time", "event")
@@ -82,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     v = sub.add_parser("verify", help="check the hash chain; exit 1 naming the first bad line")
     add_location_arguments(v, log_option=True)
+    v.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="HASH",
+        help="a head printed by an earlier verify and kept elsewhere: it must still be in the "
+        "chain (proves nothing up to it was cut off or rewritten); repeatable",
+    )
 
 
 def _format(record: dict[str, object]) -> str:
@@ -110,8 +119,16 @@ def _run_query(args: argparse.Namespace, log: Path) -> int:
     return EXIT_OK
 
 
-def _run_verify(log: Path) -> int:
+def _run_verify(log: Path, anchors: list[str]) -> int:
     result = verify(log)
+    missing = [a for a in anchors if result.ok and find_line_hash(log, a) is None]
+    if missing:
+        print(
+            f"BROKEN: {log}: anchor(s) {missing} are not in the chain: lines up to them were "
+            "removed or the log was rewritten",
+            file=sys.stderr,
+        )
+        return EXIT_BROKEN
     if result.ok:
         print(f"OK: {log}: {result.lines_checked} lines, chain intact; head {result.head}")
         if result.torn_lines:
@@ -130,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         log = locate(args).audit_log
         if args.audit_command == "verify":
-            return _run_verify(log)
+            return _run_verify(log, args.anchor)
         return _run_query(args, log)
     except FileNotFoundError as exc:
         print(

@@ -181,3 +181,19 @@ def test_verify_warns_about_sealed_torn_lines(
     assert main(["audit", "verify", "--log", str(log)]) == 0
     captured = capsys.readouterr()
     assert "5 lines" in captured.out and "WARNING: lines [4]" in captured.err
+
+
+def test_verify_anchor_detects_lines_cut_off_the_end(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = state / "audit" / "audit.jsonl"
+    assert main(["audit", "verify", "--log", str(log)]) == 0
+    head = capsys.readouterr().out.split("head ")[1].strip()
+    AuditLog(log).append("purged", sop_uid="2.2.1", actor="mallory", reason="tidy up")
+    assert main(["audit", "verify", "--log", str(log), "--anchor", head]) == 0
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:3]))  # whole lines removed from the end: the chain is intact
+    assert main(["audit", "verify", "--log", str(log)]) == 0
+    capsys.readouterr()
+    assert main(["audit", "verify", "--log", str(log), "--anchor", head]) == 1
+    assert "not in the chain" in capsys.readouterr().err
