@@ -14,8 +14,9 @@ user name and the reason. Exit codes: 0 done, 1 no such instance, 2 error.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
+import os
+import pwd
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -62,6 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--older-than", type=float, metavar="DAYS", help="held longer than this")
     add_location_arguments(purge, log_option=False)
     purge.add_argument("--reason", required=True, help="why (goes into the audit log)")
+
+
+def operator_name() -> str:
+    """Who is acting, for the audit log: the account of the real uid (not ``$USER``, which any
+    caller can set) and, under sudo, the account that ran sudo."""
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = f"uid {os.getuid()}"
+    invoker = os.environ.get("SUDO_USER")
+    return f"{invoker} (sudo as {name})" if invoker and invoker != name else name
 
 
 def _score(value: float | None) -> str:
@@ -146,7 +158,7 @@ def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
     record = q.release(
         args.sop_uid,
         reason=args.reason,
-        actor=getpass.getuser(),
+        actor=operator_name(),
         enqueue=_outbox_enqueuer(paths.state_dir),
         destinations=args.destination,
     )
@@ -155,7 +167,7 @@ def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
 
 
 def _purge(q: Quarantine, args: argparse.Namespace) -> int:
-    actor = getpass.getuser()
+    actor = operator_name()
     if args.older_than is not None:
         if args.older_than < 0:
             raise ValueError("--older-than must be zero or more days")

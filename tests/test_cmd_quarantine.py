@@ -3,7 +3,6 @@ the audit trail with the operator's name, and no patient data in the audit log."
 
 from __future__ import annotations
 
-import getpass
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from test_quarantine import make_dicom, record_for
 
 from gateway.audit import verify
 from gateway.cli import main
+from gateway.cmd_quarantine import operator_name
 from gateway.quarantine import Quarantine
 from gateway.residual_map import panel_size
 
@@ -105,7 +105,7 @@ def test_release_puts_the_bytes_in_the_outbox_and_audits(
     meta = json.loads(queued.with_suffix(".json").read_text())
     assert meta["sop_uid"] == "1.2.3.1" and meta["study_uid"] == "1.2.3"
     (event,) = audit_events(state)
-    assert event["event"] == "released" and event["actor"] == getpass.getuser()
+    assert event["event"] == "released" and event["actor"] == operator_name()
     assert event["reason"] == "reviewed: benign processing artefact"
     assert event["destination"] == "pacs"
     assert main(argv) == 1  # already released
@@ -146,7 +146,7 @@ def test_purge_instance_study_and_age(state: Path, capsys: pytest.CaptureFixture
     events = audit_events(state)
     assert [e["sop_uid"] for e in events] == ["1.2.3.1", "1.2.3.2", "4.5.1"]
     assert {e["event"] for e in events} == {"purged"}
-    assert {e["actor"] for e in events} == {getpass.getuser()}
+    assert {e["actor"] for e in events} == {operator_name()}
     with pytest.raises(SystemExit):
         main(["quarantine", "purge", "--state-dir", str(state), "--reason", "x"])  # no target
 
@@ -202,3 +202,16 @@ def test_unreadable_instance_is_listed_and_show_png_says_why(
     assert "sentinel quarantine:" in capsys.readouterr().err
     held.with_suffix(".json").write_text("not json")
     assert [r.reason for r in q.list()] == ["sidecar-invalid"]
+
+
+def test_operator_name_uses_the_real_uid_and_sudo(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import pwd
+
+    real = pwd.getpwuid(os.getuid()).pw_name
+    monkeypatch.setenv("USER", "someone-else")
+    monkeypatch.setenv("LOGNAME", "someone-else")
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    assert operator_name() == real
+    monkeypatch.setenv("SUDO_USER", "alice")
+    assert operator_name() == f"alice (sudo as {real})"
