@@ -138,22 +138,25 @@ class Screening:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, detectors: list[Any]) -> None:
-        self._detectors = list(detectors)
-        for i in range(len(self._detectors)):
+    def start(self, detectors: list[Any], workers: int | None = None) -> None:
+        """Start ``workers`` threads (default: one per detector). A worker without a detector
+        can still route ``pass``/``reject``; an instance it must screen takes the error policy.
+        """
+        n = len(detectors) if workers is None else workers
+        self._detectors = [detectors[i] if i < len(detectors) else None for i in range(n)]
+        for i in range(n):
             t = threading.Thread(target=self._run, args=(i,), name=f"screen-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def swap_detectors(self, detectors: list[Any]) -> None:
-        """Install freshly loaded detectors (same count); each worker takes its own next time."""
-        if len(detectors) != len(self._detectors):
-            raise ValueError("worker count changes need a restart")
-        self._detectors = list(detectors)
+        """Install freshly loaded detectors; each worker takes its own with its next instance."""
+        n = len(self._detectors)
+        self._detectors = [detectors[i] if i < len(detectors) else None for i in range(n)]
 
     @property
     def bundle_id(self) -> str:
-        return str(getattr(self._detectors[0], "bundle_id", "")) if self._detectors else ""
+        return str(getattr(self._detectors[0], "bundle_id", "") or "") if self._detectors else ""
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the items in hand; leave the rest on disk for the next start."""
@@ -281,6 +284,8 @@ class Screening:
 
         t0 = time.perf_counter()
         try:
+            if detector is None:
+                raise RuntimeError("no detector loaded")
             score = detector.score_dataset(ds, threshold=decision.threshold)
         except Exception as exc:
             reason = str(getattr(exc, "reason", "") or "detector-error")

@@ -124,7 +124,7 @@ class Gateway:
             lambda: self._config, self.audit, self.quarantine, self.metrics,
             self._notify_destination, self.order,
         )
-        self.screening.start(detectors)
+        self.screening.start(detectors, cfg.detector.workers)
         recovered = self.screening.recover()
         if recovered:
             LOG.info("recovered %d acknowledged instance(s) from the spool", recovered)

@@ -1,0 +1,180 @@
+"""The Storage SCP: spool-only handler, admission policy, limits, watermark, size cap.
+
+These tests route everything with ``action = "pass"`` to a directory destination, so no model
+is involved: the gateway gets an empty detector list (screening is tested end to end in
+test_service_e2e.py with a real bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from gateway.config import load_config
+from gateway.service import Gateway
+from tests.dcmtk import echoscu, free_port, require_dcmtk, storescu
+from tests.dicom_factory import dataset_bytes, make_series, sop_uid_of, synthetic
+from tests.gateway_harness import wait_until, write_config
+
+DEST = '[destinations.out]\nkind = "directory"\npath = "{out}"\n'
+
+
+def no_detectors(cfg):  # type: ignore[no-untyped-def]
+    """These configs never screen: no model is loaded."""
+    return []
+
+
+@pytest.fixture()
+def gateway_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    started: list[Gateway] = []
+
+    def make(**kw: object) -> Gateway:
+        port = free_port()
+        out = tmp_path / "out"
+        cfg_path = write_config(
+            tmp_path / "c.toml", state=tmp_path / "state", port=port,
+            destinations=DEST.format(out=out), **kw,  # type: ignore[arg-type]
+        )
+        gw = Gateway(load_config(cfg_path), detector_factory=no_detectors, drain_s=5)
+        gw.start()
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+def audit_events(gw: Gateway) -> list[dict]:  # type: ignore[type-arg]
+    path = gw.config.audit_path
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_store_spools_and_forwards_byte_for_byte(gateway_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    require_dcmtk()
+    gw = gateway_factory()
+    files = make_series(tmp_path / "in", 3, rows=128, cols=128)
+    r = storescu(gw.address[1], files)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert wait_until(lambda: len(list(out.rglob("*.dcm"))) == 3, 20)
+    for f in files:
+        sop = sop_uid_of(f)
+        got = next(out.rglob(f"{sop}.dcm"))
+        assert dataset_bytes(got) == dataset_bytes(f)  # exactly the bytes sent
+    # nothing left behind in the spool
+    layout = gw.layout
+    assert not list(layout.incoming.iterdir()) and not list(layout.work.iterdir())
+    assert not list(layout.tmp.iterdir())
+    events = [e["event"] for e in audit_events(gw)]
+    assert events.count("received") == 3 and events.count("forwarded") == 3
+
+
+def test_unknown_caller_address_and_called_ae_refused(gateway_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    require_dcmtk()
+    gw = gateway_factory(callers=("MODALITY",))
+    port = gw.address[1]
+    f = synthetic(tmp_path / "a.dcm", 64, 64)
+    r = storescu(port, [f], calling="INTRUDER")
+    assert r.returncode != 0 and "Calling AE Title Not Recognized" in r.stderr
+    r = storescu(port, [f], called="SOMEONE")
+    assert r.returncode != 0 and "Called AE Title Not Recognized" in r.stderr
+    reasons = [e.get("reason") for e in audit_events(gw) if e["event"] == "rejected"]
+    assert reasons == ["calling-ae-not-allowed", "called-ae-not-recognised"]
+    assert not list((tmp_path / "out").rglob("*.dcm"))
+
+
+def test_address_not_on_allow_list(tmp_path: Path) -> None:
+    port = free_port()
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                            destinations=DEST.format(out=tmp_path / "out"), callers=())
+    text = cfg_path.read_text().replace(
+        "[timeouts]", '[[callers]]\nae_title = "MODALITY"\naddresses = ["10.9.0.0/16"]\n\n'
+        "[timeouts]")
+    cfg_path.write_text(text)
+    gw = Gateway(load_config(cfg_path), detector_factory=no_detectors, drain_s=5)
+    gw.start()
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+        assert assoc.is_rejected
+        assert [e["reason"] for e in audit_events(gw) if e["event"] == "rejected"] == [
+            "address-not-allowed"]
+    finally:
+        gw.stop()
+
+
+def test_per_caller_association_limit_and_nodelay(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway_factory(limits="max_associations = 5\nmax_associations_per_caller = 2")
+    port = gw.address[1]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    a1 = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    a2 = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    a3 = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    try:
+        assert a1.is_established and a2.is_established
+        assert a3.is_rejected
+        rj = a3.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        # another caller still gets in
+        other = AE(ae_title="STORESCU")
+        other.add_requested_context(Verification)
+        b = other.associate("127.0.0.1", port, ae_title="SENTINEL")
+        assert b.is_established and b.send_c_echo().Status == 0
+        # TCP_NODELAY on the accepted sockets (no 40 ms delayed-ACK stall)
+        server_side = [a for a in gw.receiver._ae.active_associations if a.is_acceptor]
+        assert server_side
+        for a in server_side:
+            sock = a.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        b.release()
+    finally:
+        a1.release()
+        a2.release()
+    # the slots free up when associations close
+    assert wait_until(lambda: gw.receiver.active_associations() == 0, 10)
+    a4 = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    assert a4.is_established
+    a4.release()
+
+
+def test_out_of_resources_past_watermark_echo_still_works(gateway_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    require_dcmtk()
+    gw = gateway_factory(min_free_mb=10**7 - 1)  # far more than any disk here: always past
+    port = gw.address[1]
+    f = synthetic(tmp_path / "a.dcm", 64, 64)
+    assert storescu(port, [f]).returncode != 0  # DCMTK reports the failed store
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    status = assoc.send_c_store(pydicom.dcmread(f))
+    assoc.release()
+    assert status.Status == 0xA700  # Out of Resources
+    assert echoscu(port).returncode == 0
+    assert not list(gw.layout.incoming.iterdir()) and not list(gw.layout.tmp.iterdir())
+    assert "spool-full" in [e.get("reason") for e in audit_events(gw)]
+
+
+def test_instance_over_size_limit_aborted_and_not_kept(gateway_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    require_dcmtk()
+    gw = gateway_factory(limits="max_instance_mb = 0.05")  # 50 KiB
+    port = gw.address[1]
+    big = synthetic(tmp_path / "big.dcm", 256, 256)  # 128 KiB of pixels
+    small = synthetic(tmp_path / "small.dcm", 32, 32)
+    r = storescu(port, [big])
+    assert r.returncode != 0
+    time.sleep(0.5)
+    assert not list(gw.layout.incoming.iterdir())
+    assert "instance-too-large" in [e.get("reason") for e in audit_events(gw)]
+    assert storescu(port, [small]).returncode == 0
+    assert wait_until(lambda: len(list((tmp_path / "out").rglob("*.dcm"))) == 1, 20)
