@@ -1,0 +1,210 @@
+"""Forwarding: byte-for-byte, order, idempotency per SOP UID, outage and recovery, dead letter.
+
+A pynetdicom capture SCP records the exact dataset bytes and calling AE title it receives (the
+byte-for-byte proof); a real Orthanc is the PACS for the outage test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+
+from gateway.audit import AuditLog
+from gateway.config import Config, load_config
+from gateway.forward import Forwarder
+from gateway.metrics import Metrics
+from gateway.spool import enqueue_outbox, list_outbox
+from tests.dcmtk import free_port, require_dcmtk
+from tests.dicom_factory import (
+    dataset_bytes,
+    jpeg_lossless,
+    make_series,
+    pixel_sha256,
+    sop_uid_of,
+)
+from tests.gateway_harness import metric, wait_until, write_config
+from tests.orthanc import OrthancServer, require_orthanc
+
+
+class CaptureSCP:
+    """A Storage SCP that keeps what arrives: (calling AE, SOP UID, transfer syntax, bytes)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[tuple[str, str, str, bytes]] = []
+        self._lock = threading.Lock()
+        self._saved = _config.STORE_RECV_CHUNKED_DATASET
+        _config.STORE_RECV_CHUNKED_DATASET = False  # keep the raw bytes in memory here
+        ae = AE(ae_title="CAPTURE")
+        ae.maximum_pdu_size = 0
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event: Any) -> int:
+        with self._lock:
+            self.received.append((
+                str(event.assoc.requestor.ae_title).strip(),
+                str(event.request.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax),
+                event.encoded_dataset(include_meta=False),
+            ))
+        return 0x0000
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        _config.STORE_RECV_CHUNKED_DATASET = self._saved
+
+
+def make_config(tmp_path: Path, dest: str, forwarding: str | None = None) -> Config:
+    kw: dict[str, Any] = {}
+    if forwarding is not None:
+        kw["forwarding"] = forwarding
+    p = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=free_port(),
+                     destinations=dest, **kw)
+    return load_config(p)
+
+
+def enqueue_copy(cfg: Config, dest: str, f: Path, tmp_path: Path, **meta: str) -> None:
+    """Queue a copy of ``f`` the way the screening workers (or a release) do."""
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    staged = tmp_path / "staged" / f.name
+    staged.parent.mkdir(exist_ok=True)
+    shutil.copyfile(f, staged)
+    enqueue_outbox(cfg.state_dir, dest, staged, {
+        "sop_uid": str(ds.SOPInstanceUID), "study_uid": str(ds.StudyInstanceUID),
+        "modality": str(ds.Modality), **meta,
+    })
+
+
+@pytest.fixture()
+def capture() -> Iterator[CaptureSCP]:
+    scp = CaptureSCP()
+    yield scp
+    scp.stop()
+
+
+def test_byte_for_byte_in_order_once(capture: CaptureSCP, tmp_path: Path, nema_dir: Path) -> None:
+    require_dcmtk()
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\nport = {capture.port}\n'
+            'ae_title = "CAPTURE"\n')
+    cfg = make_config(tmp_path, dest)
+    series = make_series(tmp_path / "in", 4, rows=128, cols=128)
+    jpeg = jpeg_lossless(series[0], tmp_path / "in" / "jpegll.dcm")
+    jpeg_ds = pydicom.dcmread(jpeg, stop_before_pixels=True)
+    j2k = nema_dir / "RG1_J2KR.dcm"
+    files = [*series, jpeg, j2k]
+    # the JPEG copy keeps the SOP UID of series[0]: give it its own for this test
+    jpeg_uid = "1.2.826.0.1.3680043.8.498.999" + str(abs(hash(str(tmp_path))) % 10**9)
+    jpeg_copy = pydicom.dcmread(jpeg)
+    jpeg_copy.SOPInstanceUID = jpeg_uid
+    jpeg_copy.file_meta.MediaStorageSOPInstanceUID = jpeg_uid
+    jpeg_copy.save_as(jpeg, enforce_file_format=True)
+    fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path), Metrics())
+    for f in files:
+        enqueue_copy(cfg, "pacs", f, tmp_path)
+    fw.start()
+    try:
+        assert wait_until(lambda: len(capture.received) == len(files), 60)
+        by_uid = {uid: (calling, ts, data) for calling, uid, ts, data in capture.received}
+        for f in files:
+            calling, ts, data = by_uid[sop_uid_of(f)]
+            assert data == dataset_bytes(f), f"{f.name} not forwarded byte for byte"
+            assert ts == str(pydicom.dcmread(f, stop_before_pixels=True).file_meta
+                             .TransferSyntaxUID)
+            assert calling == "SENTINEL"
+        assert str(jpeg_ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.70"
+        # order within the study is the order queued
+        got = [uid for _c, uid, _t, _d in capture.received if uid in
+               {sop_uid_of(s) for s in series}]
+        assert got == [sop_uid_of(s) for s in series]
+        # the same SOP Instance UID queued again is never sent twice
+        enqueue_copy(cfg, "pacs", series[1], tmp_path)
+        assert wait_until(lambda: not list_outbox(fw.dir), 10)
+        assert len(capture.received) == len(files)
+    finally:
+        fw.stop()
+
+
+def test_present_caller_ae(capture: CaptureSCP, tmp_path: Path) -> None:
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\nport = {capture.port}\n'
+            'ae_title = "CAPTURE"\npresent_caller_ae = true\n')
+    cfg = make_config(tmp_path, dest)
+    files = make_series(tmp_path / "in", 2, rows=32, cols=32)
+    fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path), Metrics())
+    enqueue_copy(cfg, "pacs", files[0], tmp_path, calling_ae="MODALITY")
+    enqueue_copy(cfg, "pacs", files[1], tmp_path, calling_ae="CT_ROOM_2")
+    fw.start()
+    try:
+        assert wait_until(lambda: len(capture.received) == 2, 30)
+        assert [c for c, *_ in capture.received] == ["MODALITY", "CT_ROOM_2"]
+    finally:
+        fw.stop()
+
+
+def test_outage_then_all_delivered_once(tmp_path: Path) -> None:
+    require_orthanc()
+    orthanc = OrthancServer(tmp_path / "orthanc", {"sentinel": ("SENTINEL", 104)})
+    orthanc.start()
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+            f'port = {orthanc.dicom_port}\nae_title = "ORTHANC"\n')
+    cfg = make_config(tmp_path, dest)
+    metrics = Metrics()
+    fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path), metrics)
+    files = make_series(tmp_path / "in", 8, rows=64, cols=64)
+    fw.start()
+    try:
+        for f in files[:4]:
+            enqueue_copy(cfg, "pacs", f, tmp_path)
+        assert orthanc.wait_for_count(4) == 4
+        orthanc.stop()
+        for f in files[4:]:
+            enqueue_copy(cfg, "pacs", f, tmp_path)
+        # while the PACS is down the backlog is visible and failures are audited
+        assert wait_until(lambda: fw.stats.failures >= 1 and fw.depth() == 4, 20)
+        text = metrics.render().decode()
+        assert metric(text, "sentinel_queue_depth", destination="pacs") == 4
+        assert metric(text, "sentinel_forward_failures_total", destination="pacs") >= 1
+        orthanc.start()
+        assert orthanc.wait_for_count(8, timeout=30) == 8
+        assert wait_until(lambda: fw.depth() == 0, 10)
+        assert int(orthanc.statistics()["CountInstances"]) == 8  # nothing twice
+        for f in (files[0], files[-1]):
+            data = orthanc.instance_file(sop_uid_of(f))
+            assert data is not None and pixel_sha256(data) == pixel_sha256(f)
+        events = AuditLog(cfg.audit_path).path.read_text()
+        assert '"event":"forward-failed"' in events
+    finally:
+        fw.stop()
+        orthanc.stop()
+
+
+def test_dead_letter_after_max_age(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens here
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\nport = {closed}\n'
+            'ae_title = "NOBODY"\n')
+    cfg = make_config(tmp_path, dest,
+                      forwarding="backoff_initial_s = 0.1\nbackoff_max_s = 0.2\nmax_age_s = 1")
+    metrics = Metrics()
+    fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path), metrics)
+    f = make_series(tmp_path / "in", 1, rows=32, cols=32)[0]
+    enqueue_copy(cfg, "pacs", f, tmp_path)
+    fw.start()
+    try:
+        dead = cfg.spool_dir / "dead" / "pacs"
+        assert wait_until(lambda: len(list_outbox(dead)) == 1, 20)
+        assert fw.depth() == 0
+        text = metrics.render().decode()
+        assert metric(text, "sentinel_dead_lettered_total", destination="pacs") == 1
+        assert metric(text, "sentinel_dead_letter_depth", destination="pacs") == 1
+        assert '"event":"dead-letter"' in cfg.audit_path.read_text()
+    finally:
+        fw.stop()
