@@ -215,3 +215,67 @@ def test_operator_name_uses_the_real_uid_and_sudo(monkeypatch: pytest.MonkeyPatc
     assert operator_name() == real
     monkeypatch.setenv("SUDO_USER", "alice")
     assert operator_name() == f"alice (sudo as {real})"
+
+
+@pytest.mark.integration
+def test_daemon_quarantines_then_operator_releases_and_purges(
+    tmp_path: Path, fixture_bundle: Path
+) -> None:
+    """Against the real daemon: DCMTK storescu sends two CRs carrying a patient name and ID; a
+    rule with threshold 0 flags both; ``quarantine release`` (a separate process, as an operator
+    would run it) makes the running gateway deliver one unchanged; ``purge`` deletes the other.
+    The audit chain verifies and neither the audit log nor the service log holds the PHI."""
+    import subprocess
+    import sys
+
+    from tests.dcmtk import require_dcmtk, storescu
+    from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, dataset_bytes, synthetic
+    from tests.gateway_harness import GatewayProcess, new_ports, wait_until
+    from tests.gateway_harness import write_config as write_gateway_config
+
+    require_dcmtk()
+    port, _ = new_ports()
+    state, pacs = tmp_path / "state", tmp_path / "pacs"
+    cfg = write_gateway_config(
+        tmp_path / "sentinel.toml", state=state, port=port, bundle=fixture_bundle,
+        destinations=f'[destinations.pacs]\nkind = "directory"\npath = "{pacs}"\n',
+        default='action = "screen"\nthreshold = 0.0',
+    )
+    sent = [synthetic(tmp_path / "send" / f"{i}.dcm", rows=128, cols=128, seed=i)
+            for i in range(2)]
+    sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sent]
+    studies = [str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in sent]
+    gateway = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
+    try:
+        assert storescu(port, sent).returncode == 0
+        q = Quarantine(state / "quarantine")
+        assert wait_until(lambda: len(q.list()) == 2, timeout=60), gateway.log()[-2000:]
+        assert {r.sop_uid for r in q.list()} == set(sops)
+        assert all(r.reason == "flagged" and r.destinations == ("pacs",) for r in q.list())
+
+        def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "gateway.cli", "quarantine", *argv,
+                                   "--config", str(cfg)], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parents[1], timeout=120)
+
+        done = cli("release", sops[0], "--reason", "reviewed, not tampered")
+        assert done.returncode == 0, done.stderr
+        delivered = pacs / studies[0] / f"{sops[0]}.dcm"
+        assert wait_until(delivered.exists, timeout=60), gateway.log()[-2000:]
+        assert dataset_bytes(delivered) == dataset_bytes(sent[0])  # unchanged, not re-scored
+        done = cli("purge", sops[1], "--reason", "confirmed tampered, reported")
+        assert done.returncode == 0, done.stderr
+        assert q.list() == []
+    finally:
+        assert gateway.stop() == 0
+
+    log = state / "audit" / "audit.jsonl"
+    assert main(["audit", "verify", "--log", str(log)]) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    by_event = {e["event"]: e for e in events}
+    assert sum(e["event"] == "quarantined" for e in events) == 2
+    assert by_event["released"]["actor"] == operator_name() == by_event["purged"]["actor"]
+    assert by_event["forwarded"]["sop_uid"] == sops[0]
+    service_log = gateway.log()
+    for phi in (*PATIENT_NAME.split("^"), PATIENT_ID):
+        assert phi not in log.read_text() and phi not in service_log
