@@ -167,6 +167,8 @@ def test_numpy_scalars_and_long_text_are_normalised(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.jsonl")
     record = log.append("scored", score=np.float32(0.25), attempts=np.int64(3), detail="x" * 5000)
     assert record["score"] == 0.25 and record["attempts"] == 3 and len(record["detail"]) == 1000
+    log.append("released", reason='two\nlines "quoted" \u00e9', actor="op")  # stays one line
+    assert len((tmp_path / "audit.jsonl").read_bytes().splitlines()) == 2
     assert verify(tmp_path / "audit.jsonl").ok
 
 
