@@ -37,20 +37,31 @@ its own ``PreprocessError`` subclass.
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.encaps
+import pydicom.filereader
+import pydicom.pixels
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
 from detector.errors import (
@@ -85,17 +96,51 @@ def read_dicom(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
 
     Raises ``Unreadable`` for a file pydicom cannot parse, and the header refusals of
     ``check_header``. The Pixel Data bytes are read only later, by ``dataset_to_unit``.
+    A deflated dataset is inflated here with an output cap (a zip bomb in the deflate
+    stream stops at the cap instead of exhausting memory).
     """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+            meta = pydicom.filereader.read_file_meta_info(path)
+            ts = meta.get("TransferSyntaxUID")
+            if ts == DeflatedExplicitVRLittleEndian:
+                ds = _read_deflated(path, max_pixels)
+            else:
+                ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+    except PreprocessError:
+        raise
     except FileNotFoundError as exc:
         raise Unreadable(f"{path}: no such file") from exc
     except Exception as exc:  # pydicom raises many types on malformed input
         raise Unreadable(f"{path}: not a readable DICOM file ({exc})") from exc
     check_header(ds, max_pixels=max_pixels, source=str(path))
+    return ds
+
+
+def _read_deflated(path: Path, max_pixels: int) -> Dataset:
+    """Read a Deflated Explicit VR Little Endian file, inflating at most a bounded size.
+
+    pydicom inflates the whole stream in one go; we inflate with ``max_length`` so the
+    output can never exceed 2 bytes per allowed pixel plus 16 MiB of other attributes.
+    """
+    cap = 2 * max_pixels + (16 << 20)
+    with open(path, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        meta = pydicom.filereader._read_file_meta_info(fh)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        data = inflater.decompress(fh.read(), cap)
+    if inflater.unconsumed_tail:
+        raise MatrixTooLarge(
+            f"{path}: deflated dataset inflates to more than {cap} bytes, beyond what "
+            f"max_pixels={max_pixels} allows (a decompression bomb or a huge image)"
+        )
+    ds = pydicom.filereader.read_dataset(
+        io.BytesIO(data), is_implicit_VR=False, is_little_endian=True
+    )
+    ds.file_meta = meta
+    ds.filename = str(path)
     return ds
 
 
@@ -130,8 +175,18 @@ def check_header(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
     """Refuse a dataset from its header alone, before any pixel is read or decoded."""
     src = source or "dataset"
     if "PixelData" not in ds:
-        other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
-        hint = " (float pixel data is not an X-ray image this detector handles)" if other else ""
+        if "SOPClassUID" not in ds:
+            # pydicom stops quietly at end of file; a dataset without even its SOP Class
+            # is a file cut short (or not DICOM at all), not a valid object without pixels.
+            raise Unreadable(
+                f"{src}: no SOP Class UID and no Pixel Data: the file is truncated or corrupt"
+            )
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            hint = " (float pixel data is not an X-ray image this detector handles)"
+        elif "Rows" in ds or "Columns" in ds:
+            hint = " although the header describes an image: truncated or pixel data stripped"
+        else:
+            hint = " (not an image object)"
         raise NoPixelData(f"{src}: no Pixel Data (7FE0,0010){hint}")
     rows = _int_attr(ds, "Rows", None, src)
     cols = _int_attr(ds, "Columns", None, src)
@@ -215,6 +270,8 @@ def _iter_frames(ds: Dataset, source: str, max_pixels: int) -> Iterator[np.ndarr
         raise PixelDataLengthMismatch(
             f"{source}: encapsulated Pixel Data of {len(data)} bytes cannot hold {frames} frame(s)"
         )
+    else:
+        _check_codestreams(data, ts, rows, cols, frames, source)
     if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ts
@@ -232,6 +289,54 @@ def _iter_frames(ds: Dataset, source: str, max_pixels: int) -> Iterator[np.ndarr
         raise
     except Exception as exc:
         raise Unreadable(f"{source}: pixel data could not be decoded ({ts.name}): {exc}") from exc
+
+
+def _codestream_size(frame: bytes, ts: UID) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG / JPEG-LS / JPEG 2000 codestream declares, None if not found."""
+    if ts in JPEG2000TransferSyntaxes:
+        at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ
+        if at < 0 or len(frame) < at + 24:
+            return None
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[at + 8 : at + 24])
+        return ysiz - yo, xsiz - xo
+    if ts in JPEGTransferSyntaxes or ts in JPEGLSTransferSyntaxes:
+        info = _get_jpg_parameters(frame[:65536])
+        if "height" not in info:
+            return None
+        return int(info["height"]), int(info["width"])
+    return None
+
+
+def _check_codestreams(
+    data: bytes, ts: UID, rows: int, cols: int, frames: int, source: str
+) -> None:
+    """Refuse codestreams that declare a larger matrix than the DICOM header.
+
+    Decoder plugins allocate what the codestream declares, not what the header says, so a
+    100x100 header wrapping a 65535x65535 JPEG would bypass the header guard.
+    """
+    if not (
+        ts in JPEG2000TransferSyntaxes or ts in JPEGTransferSyntaxes or ts in JPEGLSTransferSyntaxes
+    ):
+        return
+    try:
+        encoded = pydicom.encaps.generate_frames(data, number_of_frames=frames)
+        for i, frame in enumerate(encoded):
+            if i >= frames:
+                break
+            size = _codestream_size(frame, ts)
+            if size is None:
+                continue
+            h, w = size
+            if h <= 0 or w <= 0 or h > rows or w > cols:
+                raise MatrixTooLarge(
+                    f"{source}: frame {i} codestream declares {h}x{w}, the header "
+                    f"{rows}x{cols}; refusing to decode a mismatched (possibly hostile) stream"
+                )
+    except PreprocessError:
+        raise
+    except Exception as exc:
+        raise Unreadable(f"{source}: encapsulated Pixel Data is malformed ({exc})") from exc
 
 
 def stored_to_unit(
