@@ -76,6 +76,24 @@ def operator_name() -> str:
     return f"{invoker} (sudo as {name})" if invoker and invoker != name else name
 
 
+def _check_account(state_dir: Path) -> None:
+    """Refuse to change the state as another account than its owner: files it created (outbox
+    sidecars, the audit log) would be unreadable to the daemon."""
+    try:
+        owner = state_dir.stat().st_uid
+    except FileNotFoundError:
+        return
+    if owner != os.geteuid():
+        try:
+            name = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            name = str(owner)
+        raise ValueError(
+            f"{state_dir} belongs to {name!r}; run this as that account "
+            f"(sudo -u {name} sentinel quarantine ...) so the gateway can read what it writes"
+        )
+
+
 def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -162,7 +180,7 @@ def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
         enqueue=_outbox_enqueuer(paths.state_dir),
         destinations=args.destination,
     )
-    print(f"released {record.sop_uid} to {', '.join(record.destinations)}")
+    print(f"released {record.sop_uid}: queued for {', '.join(record.destinations)}")
     return EXIT_OK
 
 
@@ -195,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("no quarantine directory: pass --config or --state-dir")
         q = Quarantine(paths.quarantine_dir, audit=AuditLog(paths.audit_log))
         command = args.quarantine_command
+        if command in ("release", "purge"):
+            _check_account(paths.state_dir or paths.quarantine_dir.parent)
         if command == "list":
             records = q.list()
             if args.json:

@@ -184,7 +184,8 @@ class Quarantine:
     def _dir_lock(self) -> Iterator[None]:
         """Serialise creating and removing study folders (threads and processes: flock)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+        # read-only and world-readable: whichever account creates it, the daemon can lock it
+        fd = os.open(self.root / ".lock", os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -99,7 +99,7 @@ def test_release_puts_the_bytes_in_the_outbox_and_audits(
     argv = ["quarantine", "release", "1.2.3.1", "--state-dir", str(state), "--reason",
             "reviewed: benign processing artefact"]
     assert main(argv) == 0
-    assert "released 1.2.3.1 to pacs" in capsys.readouterr().out
+    assert "released 1.2.3.1: queued for pacs" in capsys.readouterr().out
     (queued,) = sorted((state / "spool" / "outbox" / "pacs").glob("*.dcm"))
     assert queued.read_bytes() == original and not held.exists()
     meta = json.loads(queued.with_suffix(".json").read_text())
@@ -279,3 +279,17 @@ def test_daemon_quarantines_then_operator_releases_and_purges(
     service_log = gateway.log()
     for phi in (*PATIENT_NAME.split("^"), PATIENT_ID):
         assert phi not in log.read_text() and phi not in service_log
+
+
+def test_release_and_purge_refused_for_another_account(
+    state: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    monkeypatch.setattr(os, "geteuid", lambda: state.stat().st_uid + 4242)
+    base = ["--state-dir", str(state), "--reason", "r"]
+    assert main(["quarantine", "purge", "4.5.1", *base]) == 2
+    assert "run this as that account" in capsys.readouterr().err
+    assert main(["quarantine", "release", "4.5.1", *base]) == 2
+    assert main(["quarantine", "list", "--state-dir", str(state)]) == 0  # reading is fine
+    assert len(Quarantine(state / "quarantine").list()) == 3
