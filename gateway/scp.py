@@ -172,6 +172,11 @@ class StorageReceiver:
         self.layout.create()
         # Stream datasets into spool/tmp (same filesystem as incoming: rename, not copy).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # Accept every storage SOP Class in the transfer syntax the caller proposes first (its
+        # preference, normally the file's own). pynetdicom's default negotiation would pick by
+        # *our* order and can hand a JPEG file an uncompressed context the caller cannot fill
+        # (DCMTK storescu then fails "unable to convert"), or invite lossy re-compression.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
         _dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
             tempfile.NamedTemporaryFile, dir=str(self.layout.tmp), prefix="rx-"
         )

@@ -1,0 +1,266 @@
+"""End to end: DCMTK storescu (the modality) -> `sentinel serve` (a child process) -> Orthanc.
+
+Scoring uses the fixture bundle (tiny models, meaningless clinically), so verdicts are forced by
+configuration: images routed by a rule with ``threshold = 0`` are always flagged (they stand in
+for attacked copies until the trained default bundle and ``sentinel attack`` exist), and the
+default rule screens in ``shadow`` mode (scored and audited, always forwarded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, _config
+
+from gateway.quarantine import Quarantine
+from tests.dcmtk import echoscu, free_port, require_dcmtk, storescu
+from tests.dicom_factory import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    from_image,
+    jpeg_lossless,
+    make_series,
+    make_sr,
+    pixel_sha256,
+    sop_uid_of,
+    synthetic,
+)
+from tests.gateway_harness import GatewayProcess, metric, wait_until, write_config
+from tests.orthanc import OrthancServer, require_orthanc
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+FLAG_RULE = """
+[[rules]]
+name = "force-flag"
+action = "screen"
+threshold = 0.0
+[rules.match]
+BodyPartExamined = "HAND"
+"""
+SHADOW_DEFAULT = 'action = "screen"\nshadow = true'
+
+
+def audit_lines(state: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = state / "audit" / "audit.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_storescu_gateway_orthanc(tmp_path: Path, fixture_bundle: Path, data_dir: Path,
+                                  nema_dir: Path) -> None:
+    require_dcmtk()
+    require_orthanc()
+    port, mport = free_port(), free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", {"sentinel": ("SENTINEL", port)})
+    orthanc.start()
+    state = tmp_path / "state"
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+            f'port = {orthanc.dicom_port}\nae_title = "ORTHANC"\n')
+    cfg = write_config(tmp_path / "c.toml", state=state, port=port, destinations=dest,
+                       rules=FLAG_RULE, default=SHADOW_DEFAULT, bundle=fixture_bundle,
+                       metrics_port=mport)
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port, mport).start()
+    try:
+        src = tmp_path / "src"
+        pngs = sorted((data_dir / "nih_cxr14_1000" / "img512").glob("*.png"))[:3]
+        clean = [from_image(p, src / f"nih{i}.dcm") for i, p in enumerate(pngs)]
+        clean += [synthetic(src / "syn12.dcm", 512, 512, bits_stored=12, seed=3)]
+        jpeg = jpeg_lossless(synthetic(src / "pre-jpeg.dcm", 256, 256, seed=4),
+                             src / "jpegll.dcm")
+        j2k = nema_dir / "RG3_J2KR.dcm"
+        clean += [nema_dir / "RG1_UNCR.dcm"]
+        flagged = [synthetic(src / f"hand{i}.dcm", 256, 256, seed=10 + i, body_part="HAND")
+                   for i in range(2)]
+        sr = make_sr(src / "report.dcm")
+        r = storescu(port, [*clean, *flagged, sr])
+        assert r.returncode == 0, r.stderr
+        # compressed instances travel in their own syntax (DCMTK proposes it when asked:
+        # -xs JPEG lossless, -xv JPEG 2000 lossless) and are forwarded byte for byte
+        assert storescu(port, [jpeg], extra=["-xs"]).returncode == 0
+        assert storescu(port, [j2k], extra=["-xv"]).returncode == 0
+        clean += [jpeg, j2k]
+        n_forward = len(clean) + 1
+        assert orthanc.wait_for_count(n_forward, timeout=60) == n_forward
+        time.sleep(0.5)
+        assert int(orthanc.statistics()["CountInstances"]) == n_forward
+        for f in [*clean, sr]:
+            data = orthanc.instance_file(sop_uid_of(f))
+            assert data is not None, f"{f.name} missing in Orthanc"
+            if f != sr:
+                assert pixel_sha256(data) == pixel_sha256(f), f"{f.name} pixels changed"
+        held = {r.sop_uid: r for r in Quarantine(state / "quarantine").list()}
+        for f in flagged:
+            uid = sop_uid_of(f)
+            assert orthanc.find_instance(uid) is None
+            assert held[uid].reason == "flagged" and held[uid].rule == "force-flag"
+        text = gw.metrics()
+        assert metric(text, "sentinel_forwarded_total", destination="pacs") == n_forward
+        assert metric(text, "sentinel_quarantined_total", reason="flagged") == 2
+        assert metric(text, "sentinel_screened_total") == len(clean) + len(flagged)
+        assert metric(text, "sentinel_flagged_total") >= 2
+        assert metric(text, "sentinel_acknowledged_total", caller="MODALITY") == n_forward + 2
+        assert metric(text, "sentinel_queue_depth", destination="pacs") == 0
+        assert gw.http_status("/healthz") == 200 and gw.http_status("/readyz") == 200
+        events = audit_lines(state)
+        scored = [e for e in events if e["event"] == "scored"]
+        assert len(scored) == len(clean) + len(flagged)
+        assert all(e["bundle_id"] and "latency_ms" in e and "threshold" in e for e in scored)
+    finally:
+        rc = gw.stop()
+        orthanc.stop()
+    assert rc == 0
+    from gateway.cli import main
+
+    assert main(["audit", "verify", "--state-dir", str(state)]) == 0
+    # no PHI in the audit log or the service log
+    for text in (gw.log(), (state / "audit" / "audit.jsonl").read_text()):
+        assert PATIENT_NAME not in text and PATIENT_ID not in text
+        assert "Testpatient" not in text
+
+
+def test_orthanc_stopped_during_send(tmp_path: Path, fixture_bundle: Path) -> None:
+    require_dcmtk()
+    require_orthanc()
+    port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", {"sentinel": ("SENTINEL", port)})
+    orthanc.start()
+    state = tmp_path / "state"
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+            f'port = {orthanc.dicom_port}\nae_title = "ORTHANC"\n')
+    cfg = write_config(tmp_path / "c.toml", state=state, port=port, destinations=dest,
+                       default='action = "pass"', bundle=fixture_bundle)
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
+    files = make_series(tmp_path / "in", 20, rows=128, cols=128)
+    try:
+        assert storescu(port, files[:10]).returncode == 0
+        assert orthanc.wait_for_count(10, timeout=30) == 10
+        orthanc.stop()  # the PACS goes away while the modality keeps sending
+        r = storescu(port, files[10:])
+        assert r.returncode == 0, r.stderr  # the gateway acknowledged all of them
+        audit = state / "audit" / "audit.jsonl"
+        assert wait_until(lambda: '"event":"forward-failed"' in audit.read_text(), 20)
+        orthanc.start()
+        assert orthanc.wait_for_count(20, timeout=60) == 20
+        time.sleep(1.0)
+        assert int(orthanc.statistics()["CountInstances"]) == 20  # nothing twice
+        assert all(orthanc.find_instance(sop_uid_of(f)) is not None for f in files)
+    finally:
+        rc = gw.stop()
+        orthanc.stop()
+    assert rc == 0
+
+
+def test_reload_on_sighup_and_file_change_keeps_association(tmp_path: Path,
+                                                            fixture_bundle: Path) -> None:
+    port = free_port()
+    state = tmp_path / "state"
+    out = tmp_path / "out"
+    dest = f'[destinations.out]\nkind = "directory"\npath = "{out}"\n'
+
+    def config(default: str) -> Path:
+        return write_config(tmp_path / "c.toml", state=state, port=port, destinations=dest,
+                            default=default, bundle=fixture_bundle)
+
+    cfg = config('action = "pass"')
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
+    files = make_series(tmp_path / "in", 4, rows=64, cols=64)
+    saved = _config.STORE_SEND_CHUNKED_DATASET
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    q = Quarantine(state / "quarantine")
+
+    def loaded(status: str) -> int:
+        return sum(1 for e in audit_lines(state)
+                   if e["event"] == "config-loaded" and e.get("status") == status)
+
+    try:
+        assert assoc.is_established
+        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
+        assert wait_until(lambda: len(list(out.rglob("*.dcm"))) == 1, 20)
+
+        config('action = "screen"\nthreshold = 0.0')  # everything flagged from now on
+        gw.signal(signal.SIGHUP)
+        assert wait_until(lambda: loaded("reload") >= 1, 20)
+        assert assoc.send_c_store(pydicom.dcmread(files[1])).Status == 0
+        assert wait_until(lambda: len(q.list()) == 1, 20)
+
+        before = loaded("reload")
+        config('action = "pass"')  # file change only, no signal
+        assert wait_until(lambda: loaded("reload") > before, 20)
+        assert assoc.send_c_store(pydicom.dcmread(files[2])).Status == 0
+        assert wait_until(lambda: len(list(out.rglob("*.dcm"))) == 2, 20)
+
+        (tmp_path / "c.toml").write_text("[listener\nbroken = ")  # invalid: refused, old kept
+        assert wait_until(lambda: any(e["event"] == "config-rejected"
+                                      for e in audit_lines(state)), 20)
+        assert assoc.send_c_store(pydicom.dcmread(files[3])).Status == 0
+        assert wait_until(lambda: len(list(out.rglob("*.dcm"))) == 3, 20)
+        assert assoc.is_established  # never dropped
+        rejected = [e for e in audit_lines(state) if e["event"] == "config-rejected"]
+        assert "invalid TOML" in rejected[0]["reason"]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        _config.STORE_SEND_CHUNKED_DATASET = saved
+        rc = gw.stop()
+    assert rc == 0
+    assert "config reload refused" in gw.log()
+
+
+def test_example_config_echo_and_store(tmp_path: Path, fixture_bundle: Path) -> None:
+    """The README Quick start's config, moved to a temp state dir and free ports."""
+    require_dcmtk()
+    default_bundle = REPO / "detector" / "models" / "default"
+    bundle = default_bundle if (default_bundle / "manifest.json").is_file() else fixture_bundle
+    port, mport = free_port(), free_port()
+    text = (REPO / "systemd" / "sentinel.example.toml").read_text()
+    text = (text.replace("/var/lib/xray-sentinel", str(tmp_path / "state"))
+            .replace("port = 11112", f"port = {port}").replace("port = 9464", f"port = {mport}")
+            .replace('bundle = "default"', f'bundle = "{bundle}"')
+            .replace("min_free_mb = 512", "min_free_mb = 1"))
+    cfg = tmp_path / "sentinel.toml"
+    cfg.write_text(text)
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port, mport).start()
+    try:
+        assert echoscu(port, calling="ECHOSCU").returncode == 0
+        f = synthetic(tmp_path / "cr.dcm", 256, 256)
+        r = storescu(port, [f], calling="STORESCU")
+        assert r.returncode == 0, r.stderr
+        uid = sop_uid_of(f)
+        forwarded = tmp_path / "state" / "forwarded"
+        held = tmp_path / "state" / "quarantine"
+        assert wait_until(lambda: bool(list(forwarded.rglob(f"{uid}.dcm"))
+                                       or list(held.rglob(f"{uid}.dcm"))), 30)
+        assert storescu(port, [f], calling="SOMEONE").returncode != 0
+    finally:
+        rc = gw.stop()
+    assert rc == 0
+
+
+def test_bundle_that_fails_verification_stops_serve(tmp_path: Path, fixture_bundle: Path) -> None:
+    bad = tmp_path / "bundle"
+    shutil.copytree(fixture_bundle, bad)
+    victim = next(p for p in sorted(bad.iterdir()) if p.name != "manifest.json" and p.is_file())
+    with victim.open("ab") as fh:
+        fh.write(b"tampered")
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                       destinations=f'[destinations.o]\nkind = "directory"\npath = "{tmp_path}/o"',
+                       bundle=bad)
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port)
+    with pytest.raises(RuntimeError, match="exited 2"):
+        gw.start(timeout=60)
+    assert victim.name in gw.log() and "model bundle refused" in gw.log()
+    from gateway.cli import main
+
+    assert main(["check", "--config", str(cfg)]) == 2
+    assert os.path.exists(cfg)
