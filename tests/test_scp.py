@@ -178,3 +178,32 @@ def test_instance_over_size_limit_aborted_and_not_kept(gateway_factory, tmp_path
     assert "instance-too-large" in [e.get("reason") for e in audit_events(gw)]
     assert storescu(port, [small]).returncode == 0
     assert wait_until(lambda: len(list((tmp_path / "out").rglob("*.dcm"))) == 1, 20)
+
+
+def test_unscreened_instances_recovered_at_start(tmp_path: Path) -> None:
+    """Instances acknowledged but not yet routed (incoming/ or claimed in work/) when the
+    process died are routed at the next start; partial receives in tmp/ are dropped."""
+    port = free_port()
+    out = tmp_path / "out"
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                            destinations=DEST.format(out=out))
+    cfg = load_config(cfg_path)
+    from gateway.spool import SpoolLayout, write_json_durable
+
+    layout = SpoolLayout(cfg.state_dir)
+    layout.create(("out",))
+    files = make_series(tmp_path / "in", 2, rows=32, cols=32)
+    uids = [sop_uid_of(f) for f in files]
+    (layout.incoming / f"{uids[0]}.dcm").write_bytes(files[0].read_bytes())
+    write_json_durable(layout.incoming / f"{uids[0]}.json",
+                       {"sop_uid": uids[0], "calling_ae": "MODALITY", "seq": "0" * 19 + "1"})
+    (layout.work / f"{uids[1]}~00000000000000000002.dcm").write_bytes(files[1].read_bytes())
+    (layout.tmp / "rx-partial.dcm").write_bytes(b"\0" * 100)
+    gw = Gateway(cfg, detector_factory=no_detectors, drain_s=5)
+    gw.start()
+    try:
+        assert wait_until(lambda: len(list(out.rglob("*.dcm"))) == 2, 20)
+        assert {p.stem for p in out.rglob("*.dcm")} == set(uids)
+        assert not list(layout.tmp.iterdir())
+    finally:
+        gw.stop()

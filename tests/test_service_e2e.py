@@ -264,3 +264,32 @@ def test_bundle_that_fails_verification_stops_serve(tmp_path: Path, fixture_bund
 
     assert main(["check", "--config", str(cfg)]) == 2
     assert os.path.exists(cfg)
+
+
+def test_acknowledged_instances_survive_sigkill(tmp_path: Path, fixture_bundle: Path) -> None:
+    """SIGKILL with everything still queued (the PACS is down); after restart all arrive once."""
+    require_dcmtk()
+    require_orthanc()
+    port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", {"sentinel": ("SENTINEL", port)})
+    state = tmp_path / "state"
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+            f'port = {orthanc.dicom_port}\nae_title = "ORTHANC"\n')
+    cfg = write_config(tmp_path / "c.toml", state=state, port=port, destinations=dest,
+                       default=SHADOW_DEFAULT, bundle=fixture_bundle)
+    files = make_series(tmp_path / "in", 6, rows=64, cols=64)
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
+    try:
+        assert storescu(port, files).returncode == 0
+        outbox = state / "spool" / "outbox" / "pacs"
+        assert wait_until(lambda: len(list(outbox.glob("*.dcm"))) == 6, 30)
+        gw.kill()  # SIGKILL: no drain
+        orthanc.start()
+        gw.start()
+        assert orthanc.wait_for_count(6, timeout=60) == 6
+        time.sleep(1.0)
+        assert int(orthanc.statistics()["CountInstances"]) == 6
+        assert {orthanc.find_instance(sop_uid_of(f)) is not None for f in files} == {True}
+    finally:
+        gw.stop()
+        orthanc.stop()
