@@ -19,6 +19,8 @@ kurtosis 0, correlation 0, ratios 0, so the forest always sees finite numbers.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import scipy.fft
 
@@ -263,22 +265,39 @@ class FeatureExtractor:
         )
 
 
-def extract(img: np.ndarray) -> np.ndarray:
-    """Feature vector of one 2-D image in [0, 1] (convenience: builds a fresh extractor).
+_local = threading.local()
 
-    For repeated calls hold a ``FeatureExtractor`` (``Detector`` does); this one-off form
-    pays for allocating the buffers each time.
+
+def _extractor(shape: tuple[int, int]) -> FeatureExtractor:
+    """This thread's extractor for ``shape``: a cache of scratch buffers, not of results."""
+    cache: dict[tuple[int, int], FeatureExtractor] | None = getattr(_local, "cache", None)
+    if cache is None:
+        cache = _local.cache = {}
+    ex = cache.get(shape)
+    if ex is None:
+        if len(cache) >= 4:  # odd sizes from ad-hoc calls: do not hoard buffers
+            cache.clear()
+        ex = cache[shape] = FeatureExtractor(shape)
+    return ex
+
+
+def extract(img: np.ndarray) -> np.ndarray:
+    """Feature vector (float64, ordered as FEATURE_NAMES) of one 2-D image in [0, 1].
+
+    Reuses a per-thread ``FeatureExtractor`` for the image's shape, so repeated calls cost
+    the same as holding one (allocating the buffers each time would triple the cost). The
+    cached buffers never influence results: every call overwrites them completely.
     """
     if img.ndim != 2:
         raise ValueError(f"extract expects one 2-D image, got shape {img.shape}")
-    return FeatureExtractor(img.shape).extract(img)
+    return _extractor((int(img.shape[0]), int(img.shape[1]))).extract(img)
 
 
 def extract_batch(imgs: np.ndarray) -> np.ndarray:
     """Feature matrix (n, N_FEATURES) of a stack of images (n, H, W) in [0, 1]."""
     if imgs.ndim != 3:
         raise ValueError(f"extract_batch expects (n, H, W), got shape {imgs.shape}")
-    ex = FeatureExtractor(imgs.shape[1:])
+    ex = _extractor((int(imgs.shape[1]), int(imgs.shape[2])))
     out = np.empty((imgs.shape[0], N_FEATURES), dtype=np.float64)
     for i in range(imgs.shape[0]):
         out[i] = ex.extract(imgs[i])
