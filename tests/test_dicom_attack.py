@@ -1,0 +1,124 @@
+"""`sentinel attack` on DICOM: same bit depth, photometric and syntax, new UID, perturbation
+mapped from 224 onto the native grid; clear failure for syntaxes we cannot re-encode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from detector import preprocess
+from train import dicom_attack
+
+
+def _write_dicom(path: Path, *, bits: int = 12, signed: bool = False,
+                 photometric: str = "MONOCHROME1", shape: tuple[int, int] = (300, 260),
+                 seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    smooth = (np.sin(yy / 40.0) + np.cos(xx / 30.0) + 2) / 4
+    arr = (lo + smooth * (hi - lo) * 0.8 + rng.normal(0, 3, shape)).round()
+    arr = np.clip(arr, lo, hi).astype(np.int16 if signed else np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = arr.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_unit_to_stored_inverts_the_runtime_normalisation() -> None:
+    rng = np.random.default_rng(0)
+    for bits, signed, invert in [(12, False, True), (15, False, False), (10, True, False),
+                                 (8, True, True)]:
+        lo = -(1 << (bits - 1)) if signed else 0
+        hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+        v = rng.integers(lo, hi + 1, 500)
+        u = preprocess.stored_to_unit(v, bits_stored=bits, signed=signed, invert=invert)
+        back = dicom_attack.unit_to_stored(u, bits_stored=bits, signed=signed, invert=invert)
+        assert np.array_equal(back, v)
+
+
+def test_gaussian_copy_keeps_depth_photometric_and_gets_new_uid(tmp_path: Path) -> None:
+    src = _write_dicom(tmp_path / "in.dcm")
+    res = dicom_attack.attack_dicom(src, tmp_path / "out.dcm", method="gaussian", param=0.008)
+    a, b = pydicom.dcmread(src), pydicom.dcmread(res.out_path)
+    for kw in ("BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation",
+               "Rows", "Columns", "StudyInstanceUID"):
+        assert a.get(kw) == b.get(kw), kw
+    assert b.SOPInstanceUID != a.SOPInstanceUID == pydicom.dcmread(src).SOPInstanceUID
+    assert b.file_meta.MediaStorageSOPInstanceUID == b.SOPInstanceUID
+    assert b.file_meta.TransferSyntaxUID == a.file_meta.TransferSyntaxUID
+    d = b.pixel_array.astype(int) - a.pixel_array.astype(int)
+    assert b.pixel_array.max() <= 4095 and res.changed_pixel_share > 0.5
+    # sigma 0.008 at 224, bilinearly upsampled (smoother), on a 4095-level grid
+    assert np.abs(d).max() <= 0.008 * 6 * 4095
+
+
+def test_keep_uid_and_rle_reencoded(tmp_path: Path) -> None:
+    src = _write_dicom(tmp_path / "in.dcm", bits=10, photometric="MONOCHROME2")
+    ds = pydicom.dcmread(src)
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    ds.save_as(tmp_path / "rle.dcm")
+    res = dicom_attack.attack_dicom(tmp_path / "rle.dcm", tmp_path / "out.dcm",
+                                    method="contrast", param=1.1, keep_uid=True)
+    out = pydicom.dcmread(res.out_path)
+    assert out.file_meta.TransferSyntaxUID == RLELossless
+    assert out.SOPInstanceUID == ds.SOPInstanceUID
+    assert out.pixel_array.max() <= 1023 and res.max_stored_change > 0
+
+
+def test_lossy_syntax_fails_naming_the_fix(tmp_path: Path) -> None:
+    src = _write_dicom(tmp_path / "in.dcm")
+    ds = pydicom.dcmread(src)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8\xff\xd9" * 8])
+    ds.save_as(tmp_path / "lossy.dcm")
+    with pytest.raises(dicom_attack.AttackWriteError, match="dcmdjpeg"):
+        dicom_attack.attack_dicom(tmp_path / "lossy.dcm", tmp_path / "o.dcm",
+                                  method="gaussian", param=0.008)
+
+
+def test_pgd_copy_within_eps_on_native_grid(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    from train.victim import build_victim
+
+    src = _write_dicom(tmp_path / "in.dcm", bits=12, photometric="MONOCHROME1")
+    res = dicom_attack.attack_dicom(src, tmp_path / "pgd.dcm", method="pgd", param=0.006,
+                                    model=build_victim())
+    # eps 0.006 of 4095 levels = 24.6; bilinear upsampling cannot exceed the 224 delta
+    assert 0 < res.max_stored_change <= int(np.ceil(0.006 * 4095 + 0.5))
+    assert res.changed_pixel_share > 0.5
+
+
+def test_nema_j2k_copy_stays_j2k_lossless(nema_dir: Path, tmp_path: Path) -> None:
+    src = nema_dir / "RG3_J2KR.dcm"
+    res = dicom_attack.attack_dicom(src, tmp_path / "rg3.dcm", method="gaussian", param=0.008)
+    a, b = pydicom.dcmread(src), pydicom.dcmread(res.out_path)
+    assert b.file_meta.TransferSyntaxUID == a.file_meta.TransferSyntaxUID
+    assert b.BitsStored == a.BitsStored == 10
+    assert b.PhotometricInterpretation == "MONOCHROME1"
+    assert 0 < res.max_stored_change <= 0.008 * 6 * 1023

@@ -1,0 +1,58 @@
+"""Evaluation on a synthetic score book: balanced per-perturbation sets, CIs, w-grid curves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from train import evaluate
+from train.attacks import SUITE
+
+
+def _book(n: int = 120, seed: int = 0) -> evaluate.ScoreBook:
+    rng = np.random.default_rng(seed)
+    scores = {"clean": {p: rng.uniform(0.0, 0.4, n) for p in
+                        ("cnn", "forest", "paper_cnn", "baseline_cnn")}}
+    for k, pert in enumerate(SUITE):
+        shift = 0.1 * (k + 1) / len(SUITE)
+        scores[pert.name] = {
+            "cnn": rng.uniform(0.3 + shift, 1.0, n), "forest": rng.uniform(0.5, 1.0, n),
+            "paper_cnn": rng.uniform(0.0, 0.6, n), "baseline_cnn": rng.uniform(0.1, 0.5, n)}
+    return evaluate.ScoreBook(scores)
+
+
+def test_metrics_cover_every_part_and_perturbation() -> None:
+    book = _book()
+    m = evaluate.compute_metrics(book, w_cnn=0.4, threshold=0.42,
+                                 part_thresholds={"cnn": 0.4, "forest": 0.45, "paper_cnn": 0.5,
+                                                  "baseline_cnn": 0.5},
+                                 n_boot=50)
+    assert set(m["per_perturbation"]) == {p.name for p in SUITE}
+    for block in m["per_perturbation"].values():
+        assert set(block) == set(evaluate.PARTS)
+        for part in block.values():
+            v, lo, hi = part["auc_ci"]
+            assert lo <= v <= hi
+            assert part["at_threshold"]["tp"] + part["at_threshold"]["fn"] == 120
+    # forest scores never overlap: perfect AUC; clean FPR at threshold is measured on clean only
+    assert m["per_perturbation"]["pgd_0.003"]["forest"]["auc_ci"][0] == 1.0
+    ens_clean = 0.4 * book.part("clean", "cnn") + 0.6 * book.part("clean", "forest")
+    assert m["clean_fpr_at_threshold"] == pytest.approx(np.mean(ens_clean >= 0.42))
+    assert [g["w_cnn"] for g in m["w_grid_test"]][::20] == [0.0, 1.0]
+
+
+def test_mixed_set_is_balanced_and_seeded() -> None:
+    book = _book()
+    y, mix = book.mixed(seed=1, w_cnn=0.5)
+    assert y.sum() == len(y) / 2 == 120
+    _, mix2 = book.mixed(seed=1, w_cnn=0.5)
+    assert np.array_equal(mix["ensemble"], mix2["ensemble"])
+    assert np.allclose(mix["ensemble"], 0.5 * mix["cnn"] + 0.5 * mix["forest"])
+
+
+def test_roc_curve_is_monotone_from_origin_to_one() -> None:
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 200)
+    fpr, tpr = evaluate.roc_curve(y, rng.random(200) + y)
+    assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)

@@ -1,0 +1,68 @@
+"""Stacking grid search, threshold calibration, bootstrap CIs and metrics on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from train import fit_detector as fd
+
+
+def test_roc_auc_matches_sklearn_with_ties() -> None:
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.random(300) + 0.3 * y, 1)  # many ties
+    assert fd.roc_auc(y, s) == pytest.approx(sklearn_metrics.roc_auc_score(y, s), abs=1e-12)
+    assert fd.roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert np.isnan(fd.roc_auc(np.ones(3), np.arange(3.0)))
+
+
+def test_calibrated_threshold_keeps_fpr_at_target() -> None:
+    rng = np.random.default_rng(1)
+    clean = rng.random(1000)
+    t = fd.calibrate_threshold(clean, 0.01)
+    assert np.mean(clean >= t) <= 0.01
+    # and it is the smallest such threshold: one step lower exceeds the target
+    below = np.sort(clean)[::-1][int(0.01 * 1000)]
+    assert np.mean(clean >= below) > 0.01
+    assert fd.calibrate_threshold(np.array([0.2, 0.2, 0.2]), 0.01) > 0.2
+    with pytest.raises(ValueError, match="at least one"):
+        fd.calibrate_threshold(np.array([]))
+
+
+def test_grid_search_prefers_the_informative_part() -> None:
+    rng = np.random.default_rng(2)
+    y = np.r_[np.zeros(400), np.ones(400)]
+    informative = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.05, 800), 0, 1)
+    noise = rng.random(800)
+    w, points = fd.grid_search_w(informative, noise, y)
+    assert [p.w_cnn for p in points] == list(fd.W_GRID)
+    assert len(points) == 21 and points[0].w_cnn == 0.0 and points[-1].w_cnn == 1.0
+    assert w >= 0.8
+    w2, _ = fd.grid_search_w(noise, informative, y)
+    assert w2 <= 0.2
+    best = max(points, key=lambda p: p.detection_at_fpr)
+    assert best.detection_at_fpr > 0.95
+
+
+def test_bootstrap_ci_brackets_the_point_and_is_seeded() -> None:
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(200), np.ones(200)]
+    s = rng.normal(0, 1, 400) + 1.0 * y
+    v, lo, hi = fd.bootstrap_ci(y, s, fd.roc_auc, n_resamples=200, seed=5)
+    assert lo <= v <= hi and 0.0 < hi - lo < 0.2
+    assert fd.bootstrap_ci(y, s, fd.roc_auc, n_resamples=200, seed=5) == (v, lo, hi)
+    # a bigger sample gives a narrower interval
+    y4, s4 = np.tile(y, 4), rng.normal(0, 1, 1600) + 1.0 * np.tile(y, 4)
+    _, lo4, hi4 = fd.bootstrap_ci(y4, s4, fd.roc_auc, n_resamples=200, seed=5)
+    assert hi4 - lo4 < hi - lo
+
+
+def test_binary_metrics_counts() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    s = np.array([0.1, 0.6, 0.2, 0.9, 0.4, 0.7])
+    m = fd.binary_metrics(y, s, 0.5)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 1, 2)
+    assert m["recall"] == pytest.approx(2 / 3) and m["fpr"] == pytest.approx(1 / 3)
+    assert m["accuracy"] == pytest.approx(4 / 6)

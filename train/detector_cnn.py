@@ -1,0 +1,163 @@
+"""The detector's CNN half: a tiny residual (steganalysis-style) network, and the paper's CNN.
+
+Why residuals: the perturbations to catch move pixels by one or two grey levels. A plain CNN
+on intensities has to learn to ignore anatomy first; a first layer of high-pass filters
+(initialised to SRM-like kernels, trainable) removes the anatomy and leaves the noise, and the
+network after it only has to read the noise statistics. Scaling the input by 255 makes one
+grey level worth 1.0, and the truncation (clip at +-T) keeps edges from dominating.
+
+``build_shipped`` is what the runtime runs (LiteRT, one thread, within the latency budget);
+``build_paper`` is the paper's three-block CNN (32/64/128 filters, batch norm, dropout 0.25,
+Adam), trained as the reference row and, on PGD examples only, as the adversarial-training
+baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CnnTrainConfig:
+    epochs: int = 8
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    seed: int = 0
+
+
+def _highpass_kernels(n: int) -> np.ndarray:
+    """(3, 3, 1, n) SRM-like high-pass kernels (each sums to zero); extra ones random zero-mean."""
+    base = [
+        [[0, 0, 0], [1, -2, 1], [0, 0, 0]],  # horizontal second difference
+        [[0, 1, 0], [0, -2, 0], [0, 1, 0]],  # vertical second difference
+        [[-1, 2, -1], [2, -4, 2], [-1, 2, -1]],  # KB (3x3 "square") kernel / 4 below
+        [[0, 0, 0], [0, -1, 1], [0, 0, 0]],  # first difference
+        [[0, 0, 0], [0, -1, 0], [0, 1, 0]],
+        [[1, 0, 0], [0, -2, 0], [0, 0, 1]],  # diagonal second difference
+    ]
+    ks = [np.array(k, np.float32) for k in base]
+    ks[2] = ks[2] / 4.0
+    rng = np.random.default_rng(0)
+    while len(ks) < n:
+        k = rng.normal(size=(3, 3)).astype(np.float32)
+        ks.append(k - k.mean())
+    return np.stack(ks[:n], axis=-1)[:, :, None, :]
+
+
+def build_shipped(filters: int = 4, width: int = 12, trunc: float = 3.0) -> Any:
+    """Residual CNN: (n, 224, 224, 1) in [0,1] -> (n, 1) P(perturbed). About 10 MFLOP."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((224, 224, 1), name="image")
+    x = layers.Rescaling(255.0)(inp)
+    hp = layers.Conv2D(filters, 3, padding="valid", use_bias=False, name="highpass")
+    h = hp(x)
+    # truncated positive and negative halves (a sign-aware |residual| clipped at trunc);
+    # plain Keras layers only, so the .keras file loads in safe mode
+    pos = layers.ReLU(max_value=trunc, name="tlu_pos")(h)
+    neg = layers.ReLU(max_value=trunc, name="tlu_neg")(layers.Rescaling(-1.0)(h))
+    x = layers.Concatenate()([pos, neg])
+    x = layers.AveragePooling2D(4)(x)  # 55x55 local noise-energy maps
+    x = layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+    avg = layers.GlobalAveragePooling2D()(x)
+    mx = layers.GlobalMaxPooling2D()(x)
+    x = layers.Concatenate()([avg, mx])
+    out = layers.Dense(1, activation="sigmoid", name="p_perturbed")(x)
+    model = keras.Model(inp, out, name="residual_cnn")
+    hp.set_weights([_highpass_kernels(filters)])
+    return model
+
+
+def build_paper() -> Any:
+    """The paper's CNN: 3 blocks (32, 64, 128 filters), each conv+ReLU, BN, max-pool, dropout."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((224, 224, 1), name="image")
+    x = inp
+    for f in (32, 64, 128):
+        x = layers.Conv2D(f, 3, padding="same", activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(0.25)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dense(64, activation="relu")(x)
+    x = layers.Dropout(0.25)(x)
+    out = layers.Dense(1, activation="sigmoid", name="p_perturbed")(x)
+    return keras.Model(inp, out, name="paper_cnn")
+
+
+def train_binary(model: Any, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                 config: CnnTrainConfig, label: str = "cnn", verbose: bool = True) -> Any:
+    """Adam + binary cross-entropy; keeps the epoch with the best validation AUC."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    steps = config.epochs * int(np.ceil(len(x) / config.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, max(1, steps))
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(name="auc")])
+    ds = (
+        tf.data.Dataset.from_tensor_slices((x[..., None], y.astype(np.float32)))
+        .shuffle(len(x), seed=config.seed)
+        .batch(config.batch_size)
+        .map(lambda a, b: (tf.image.random_flip_left_right(a, seed=config.seed), b))
+        .prefetch(2)
+    )
+    best_auc, best_w = -1.0, None
+    for epoch in range(config.epochs):
+        model.fit(ds, epochs=1, verbose=0)
+        _, auc = model.evaluate(x_val[..., None], y_val.astype(np.float32), batch_size=128,
+                                verbose=0)
+        if verbose:
+            print(f"{label} epoch {epoch + 1}/{config.epochs}: val auc {auc:.5f}", flush=True)
+        if auc > best_auc:
+            best_auc, best_w = auc, model.get_weights()
+    if best_w is not None:
+        model.set_weights(best_w)
+    return model
+
+
+def predict(model: Any, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    out = [np.asarray(model(x[i:i + batch_size, ..., None], training=False)).reshape(-1)
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float64) if out else np.empty(0)
+
+
+def export_tflite(model: Any, path: Path) -> Path:
+    """Float32 TFLite with a fixed (1, 224, 224, 1) input, as detector.cnn.LiteRTModel expects."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    data = converter.convert()
+    check_tflite_matches(model, data)
+    path = Path(path)
+    path.write_bytes(data)
+    return path
+
+
+def check_tflite_matches(model: Any, tflite: bytes, tol: float = 1e-4) -> None:
+    """Refuse an export whose TFLite output differs from Keras (a broken export once gave NaN)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    rng = np.random.default_rng(0)
+    x = (np.round(rng.random((2, 224, 224)) * 255) / 255).astype(np.float32)
+    want = predict(model, x)
+    interp = Interpreter(model_content=tflite, num_threads=1)
+    interp.allocate_tensors()
+    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
+    got = []
+    for img in x:
+        interp.set_tensor(inp["index"], img[None, :, :, None])
+        interp.invoke()
+        got.append(float(interp.get_tensor(outp["index"]).reshape(-1)[0]))
+    if not np.all(np.isfinite(got)) or np.max(np.abs(np.asarray(got) - want)) > tol:
+        raise RuntimeError(f"TFLite export disagrees with Keras: {got} vs {want.tolist()}")

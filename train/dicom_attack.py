@@ -1,0 +1,157 @@
+"""Write an attacked copy of a DICOM file, as an attacker on the wire would (red-teaming).
+
+The perturbation is computed where the threat model puts it (the victim's 224x224 input in
+[0, 1]) and mapped back with the same function the training pipeline uses
+(``train.attacks.to_native``: bilinear upsampling of the delta onto the native matrix,
+rounding to the BitsStored grid), then written back as stored values of the same bit depth,
+sign and photometric interpretation (MONOCHROME1 inverted back) in the same transfer syntax.
+Everything else in the header is kept; the SOP Instance UID is new unless ``keep_uid``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train import attacks
+
+# transfer syntaxes we can write back losslessly with pydicom + pylibjpeg plugins
+_REENCODE_PLUGIN = {
+    "1.2.840.10008.1.2.5": "pydicom",  # RLE Lossless (pydicom's own encoder)
+    "1.2.840.10008.1.2.4.90": "pylibjpeg",  # JPEG 2000 Lossless (pylibjpeg-openjpeg)
+    "1.2.840.10008.1.2.4.201": "pylibjpeg",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS Lossless
+}
+
+
+class AttackWriteError(RuntimeError):
+    """The attacked copy cannot be written faithfully (names the file, reason and fix)."""
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    out_path: Path
+    method: str
+    param: float
+    sop_instance_uid: str
+    transfer_syntax: str
+    victim_logit_before: float
+    victim_logit_after: float
+    max_stored_change: int
+    changed_pixel_share: float
+
+
+def _unit_params(ds: Any) -> tuple[int, bool, bool]:
+    from detector import preprocess
+
+    return preprocess._unit_params(ds, str(getattr(ds, "filename", "dataset")))
+
+
+def unit_to_stored(unit: np.ndarray, *, bits_stored: int, signed: bool,
+                   invert: bool) -> np.ndarray:
+    """Inverse of detector.preprocess.stored_to_unit on the BitsStored grid (int64)."""
+    lo = -(1 << (bits_stored - 1)) if signed else 0
+    hi = (1 << (bits_stored - 1)) - 1 if signed else (1 << bits_stored) - 1
+    u = 1.0 - unit.astype(np.float64) if invert else unit.astype(np.float64)
+    return lo + np.round(np.clip(u, 0.0, 1.0) * (hi - lo)).astype(np.int64)
+
+
+def load_victim_from_bundle(bundle_dir: Path | None) -> Any:
+    """The victim carried by a bundle (manifest entry 'victim'), digest-verified."""
+    from detector import bundle as bundle_mod
+    from train import victim
+
+    bdir = Path(bundle_dir) if bundle_dir else bundle_mod.DEFAULT_BUNDLE
+    manifest = bundle_mod.load_manifest(bdir)
+    if "victim" not in manifest.files:
+        raise FileNotFoundError(
+            f"bundle {bdir} carries no victim classifier ('victim' in manifest.json): train it "
+            "with `sentinel train`, which ships victim.weights.h5 in the bundle"
+        )
+    return victim.load_victim(manifest.path_of("victim"))
+
+
+def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
+                       model: Any, seed: int) -> tuple[np.ndarray, float, float]:
+    """Perturb one native unit frame at 224 and map it back; returns (native', logit, logit')."""
+    from detector import preprocess
+    from train import victim
+
+    x224 = preprocess.resize_to_input(unit[None].astype(np.float32))
+    logit = float(victim.predict_logits(model, x224)[0]) if model is not None else float("nan")
+    p = attacks.Perturbation(f"{method}_{param}", method, param)
+    fn = attacks.make_gradient_attack(model) if p.needs_victim else None
+    label = np.array([1.0 if logit > 0 else 0.0], np.float32)  # the victim's own prediction
+    adv = attacks.perturb224(p, x224, labels=label, attack=fn, rng=np.random.default_rng(seed))
+    native = attacks.to_native(unit.astype(np.float32), adv[0] - x224[0], levels)
+    after = preprocess.resize_to_input(native[None])
+    logit_after = (float(victim.predict_logits(model, after)[0]) if model is not None
+                   else float("nan"))
+    return native, logit, logit_after
+
+
+def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
+                 model: Any = None, keep_uid: bool = False, seed: int = 0) -> AttackResult:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from detector import preprocess
+
+    if method not in attacks.METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {attacks.METHODS}")
+    if method in ("pgd", "fgsm") and model is None:
+        raise ValueError(f"{method} needs the victim classifier (from the bundle)")
+    ds = preprocess.read_dicom(in_path)
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts.is_encapsulated and str(ts) not in _REENCODE_PLUGIN:
+        raise AttackWriteError(
+            f"{in_path}: transfer syntax {ts.name} ({ts}) is lossy or has no lossless encoder "
+            "here; decompress it first (e.g. `dcmdjpeg IN OUT`) and attack the uncompressed copy"
+        )
+    original_uid = str(ds.SOPInstanceUID)
+    bits_stored, signed, invert = _unit_params(ds)
+    levels = (1 << bits_stored) - 1
+    stored = ds.pixel_array
+    frames = stored[None] if int(ds.get("NumberOfFrames", 1) or 1) == 1 else stored
+    units = preprocess.dataset_to_unit(ds)
+    out_frames = np.empty(frames.shape, frames.dtype)
+    before, after = [], []
+    for f in range(len(units)):
+        native, lb, la = perturb_unit_frame(units[f], levels, method, param, model, seed + f)
+        new = unit_to_stored(native, bits_stored=bits_stored, signed=signed, invert=invert)
+        # keep any bits above BitsStored as they were (overlays in old files)
+        high = frames[f].astype(np.int64) & ~((1 << bits_stored) - 1) if not signed else 0
+        out_frames[f] = (new | high if not signed else new).astype(frames.dtype)
+        before.append(lb)
+        after.append(la)
+    arr = out_frames[0] if len(out_frames) == 1 else out_frames
+    if ts.is_encapsulated:
+        plugin = _REENCODE_PLUGIN[str(ts)]
+        try:
+            ds.compress(ts, arr, encoding_plugin=plugin, generate_instance_uid=False)
+        except Exception as exc:
+            raise AttackWriteError(
+                f"{in_path}: cannot re-encode {ts.name} with {plugin} ({exc}); install the "
+                f"encoder (`pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-rle` or pyjpegls) "
+                "or decompress the input first (`dcmdjpeg IN OUT`)"
+            ) from exc
+    else:
+        ds.PixelData = arr.tobytes()
+    uid = original_uid if keep_uid else generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out_path, enforce_file_format=True)
+    check = pydicom.dcmread(out_path)
+    diff = check.pixel_array.astype(np.int64) - stored.astype(np.int64)
+    return AttackResult(
+        out_path=out_path, method=method, param=param, sop_instance_uid=uid,
+        transfer_syntax=str(ts), victim_logit_before=float(np.mean(before)),
+        victim_logit_after=float(np.mean(after)),
+        max_stored_change=int(np.abs(diff).max()),
+        changed_pixel_share=float(np.mean(diff != 0)),
+    )

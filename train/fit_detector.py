@@ -1,0 +1,125 @@
+"""Fitting the detector's forest, the stacking weight and the thresholds (numpy + sklearn).
+
+The grid search and threshold calibration are on the validation split only; the test split
+and the second source are never seen here. Kept free of TensorFlow so it is cheap to test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+W_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+PAPER_THRESHOLD = 0.5
+TARGET_FPR = 0.01
+
+
+def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """Area under the ROC curve by the rank statistic (ties count half)."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float = TARGET_FPR) -> float:
+    """Smallest threshold t with share(clean score >= t) <= target_fpr.
+
+    Flagging is ``score >= t``, so t is placed just above the k-th highest clean score,
+    where k = floor(target_fpr * n) clean images may still be flagged.
+    """
+    s = np.sort(np.asarray(clean_scores, dtype=np.float64))[::-1]
+    if len(s) == 0:
+        raise ValueError("threshold calibration needs at least one clean validation score")
+    k = int(np.floor(target_fpr * len(s)))
+    t = float(np.nextafter(s[k], np.inf))  # the (k+1)-th highest must not be flagged
+    return min(t, 1.0)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    w_cnn: float
+    auc: float
+    detection_at_fpr: float
+    threshold: float
+
+
+def grid_search_w(p_cnn: np.ndarray, p_rf: np.ndarray, y: np.ndarray,
+                  grid: tuple[float, ...] = W_GRID,
+                  target_fpr: float = TARGET_FPR) -> tuple[float, list[GridPoint]]:
+    """Choose w_cnn on validation: highest detection at the calibrated FPR, then highest AUC.
+
+    Why detection first: the gateway runs at the calibrated threshold, and on this task AUCs
+    saturate near 1 where they no longer separate candidates. Ties go to the smaller w (the
+    forest is the cheaper, more interpretable part).
+    """
+    y = np.asarray(y).astype(bool)
+    points = []
+    for w in grid:
+        s = w * p_cnn + (1.0 - w) * p_rf
+        t = calibrate_threshold(s[~y], target_fpr)
+        points.append(GridPoint(w, roc_auc(y, s), float(np.mean(s[y] >= t)), t))
+    best = max(points, key=lambda p: (round(p.detection_at_fpr, 6), round(p.auc, 6), -p.w_cnn))
+    return best.w_cnn, points
+
+
+def fit_forest(x: np.ndarray, y: np.ndarray, *, n_estimators: int = 200,
+               max_depth: int | None = 12, min_samples_leaf: int = 2, seed: int = 0,
+               n_jobs: int = 2):  # type: ignore[no-untyped-def]
+    """sklearn Random Forest; the bundle stores it as arrays (ForestArrays), never as pickle."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    rf = RandomForestClassifier(n_estimators=n_estimators, max_depth=max_depth,
+                                min_samples_leaf=min_samples_leaf, random_state=seed,
+                                n_jobs=n_jobs)
+    rf.fit(x, y)
+    return rf
+
+
+def bootstrap_ci(y: np.ndarray, s: np.ndarray, metric, *, n_resamples: int = 1000,  # type: ignore[no-untyped-def]
+                 seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Point value and percentile (1 - alpha) CI of metric(y, s) over stratified resamples.
+
+    Clean and perturbed are resampled separately so each resample stays balanced as the
+    test set is (and AUC is always defined).
+    """
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s, dtype=np.float64)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    rng = np.random.default_rng(seed)
+    vals = np.empty(n_resamples)
+    for i in range(n_resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        vals[i] = metric(y[idx], s[idx])
+    lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+    return float(metric(y, s)), float(lo), float(hi)
+
+
+def binary_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy, precision, recall (detection rate), F1, FPR and confusion counts at threshold."""
+    y = np.asarray(y).astype(bool)
+    pred = np.asarray(s) >= threshold
+    tp = int(np.sum(pred & y))
+    fp = int(np.sum(pred & ~y))
+    fn = int(np.sum(~pred & y))
+    tn = int(np.sum(~pred & ~y))
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "accuracy": (tp + tn) / max(1, len(y)),
+        "precision": prec,
+        "recall": rec,
+        "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+        "fpr": fp / (fp + tn) if fp + tn else 0.0,
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+    }

@@ -1,0 +1,638 @@
+"""``sentinel train`` as resumable stages: split -> load -> victim -> perturb -> features ->
+CNN -> forest -> reference/baseline CNNs -> stacking and thresholds -> test metrics -> bundle.
+
+Every stage writes its result under the work directory (temp file then rename), and is skipped
+when its result is already there, so a run that is killed resumes where it stopped (PGD is
+checkpointed per chunk of images). Everything is seeded from ``--seed``.
+
+Subset sizes are deliberate: every validation and test image gets its clean copy and one copy
+per perturbation of the suite (the test set is balanced per perturbation), while each training
+image gets its clean copy and ONE perturbation drawn for it (weighted towards the subtle PGD
+and FGSM that are hardest to see), which keeps the PGD cost of the training split at about
+half an attack per image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train import attacks, datasets
+from train.attacks import SUITE, Perturbation
+
+# share of training images that get each perturbation (sums to 1)
+TRAIN_DRAW: dict[str, float] = {
+    "pgd_0.003": 0.25, "pgd_0.006": 0.15, "fgsm_0.003": 0.15, "fgsm_0.006": 0.10,
+    "gaussian_0.008": 0.10, "saltpepper_0.008": 0.10, "contrast_1.1": 0.15,
+}
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run (recorded in the bundle manifest)."""
+
+    data: str
+    out: str
+    work: str
+    seed: int = 0
+    quick: bool = False
+    victim_epochs: int = 8
+    cnn_epochs: int = 10
+    paper_epochs: int = 2
+    paper_max_images: int = 600  # training images (each clean + perturbed) for paper CNNs
+    trees: int = 200
+    max_depth: int = 12
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    train_draw: dict[str, float] = field(default_factory=lambda: dict(TRAIN_DRAW))
+
+    def quickened(self) -> TrainConfig:
+        """A small run for development and smoke tests (minutes, not an hour)."""
+        return replace(self, victim_epochs=2, cnn_epochs=2, paper_epochs=1,
+                       paper_max_images=150, trees=50)
+
+
+QUICK_SIZES = {"train": 400, "val": 160, "test": 160}
+
+
+class Work:
+    """The work directory: atomic writes and 'already done' checks for each stage."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, *parts: str) -> Path:
+        p = self.root.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def save_npy(self, rel: str, arr: np.ndarray) -> Path:
+        p = self.path(rel)
+        tmp = p.with_name(p.name + ".tmp.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, p)
+        return p
+
+    def load_npy(self, rel: str) -> np.ndarray:
+        return np.load(self.path(rel))
+
+    def has(self, rel: str) -> bool:
+        return self.path(rel).exists()
+
+    def save_json(self, rel: str, obj: Any) -> None:
+        p = self.path(rel)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+        os.replace(tmp, p)
+
+    def load_json(self, rel: str) -> Any:
+        return json.loads(self.path(rel).read_text())
+
+    def cached_npy(self, rel: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.has(rel):
+            return self.load_npy(rel)
+        arr = make()
+        self.save_npy(rel, arr)
+        return arr
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- split and clean arrays
+
+def stage_split(cfg: TrainConfig, work: Work) -> datasets.Split:
+    if work.has("split.json"):
+        split = datasets.Split.from_json(work.path("split.json"))
+        if split.seed != cfg.seed or Path(split.root) != Path(cfg.data).resolve():
+            raise ValueError(
+                f"work dir {work.root} holds a split of {split.root} seed {split.seed}, not "
+                f"{cfg.data} seed {cfg.seed}: use another --work directory"
+            )
+        return split
+    split = datasets.make_split(Path(cfg.data), seed=cfg.seed, fractions=cfg.fractions)
+    if cfg.quick:
+        rng = np.random.default_rng(cfg.seed)
+        parts = {}
+        for name in datasets.SPLIT_NAMES:
+            recs = split.part(name)
+            keep = np.sort(rng.permutation(len(recs))[: QUICK_SIZES[name]])
+            parts[name] = tuple(recs[i] for i in keep)
+        split = replace(split, **parts)
+    split.to_json(work.path("split.json"))
+    log(f"split {split.summary()}")
+    return split
+
+
+@dataclass(frozen=True)
+class SplitArrays:
+    """Clean 224x224 inputs of one split, their labels (-1 unknown) and source grids."""
+
+    name: str
+    root: str
+    records: tuple[datasets.Record, ...]
+    x: np.ndarray
+    y: np.ndarray
+    levels: np.ndarray
+    native_224: bool  # every image is stored at 224x224: the delta maps back by identity
+
+
+def stage_arrays(split: datasets.Split, name: str, work: Work) -> SplitArrays:
+    recs = split.part(name)
+    if not work.has(f"clean/{name}.npy"):
+        x, y, levels = datasets.load_split_arrays(Path(split.root), recs, progress=f"load {name}")
+        work.save_npy(f"clean/{name}_y.npy", y)
+        work.save_npy(f"clean/{name}_levels.npy", np.asarray(levels, np.int64))
+        work.save_npy(f"clean/{name}_native224.npy",
+                      np.asarray([_is_native_224(Path(split.root) / r.rel) for r in recs]))
+        work.save_npy(f"clean/{name}.npy", x)
+    return load_split_arrays_cached(split, name, work)
+
+
+def load_split_arrays_cached(split: datasets.Split, name: str, work: Work) -> SplitArrays:
+    return SplitArrays(
+        name=name, root=split.root, records=split.part(name), x=work.load_npy(f"clean/{name}.npy"),
+        y=work.load_npy(f"clean/{name}_y.npy"), levels=work.load_npy(f"clean/{name}_levels.npy"),
+        native_224=bool(np.all(work.load_npy(f"clean/{name}_native224.npy"))),
+    )
+
+
+def _is_native_224(path: Path) -> bool:
+    img = datasets.load_native(path)
+    return img.native.shape == (224, 224)
+
+
+# ---------------------------------------------------------------- victim
+
+def stage_victim(cfg: TrainConfig, work: Work, tr: SplitArrays, va: SplitArrays) -> Any:
+    from train import victim
+
+    path = work.path(victim.VICTIM_FILE)
+    if path.exists():
+        return victim.load_victim(path)
+    if np.any(tr.y < 0) or np.any(va.y < 0):
+        raise ValueError(
+            f"{cfg.data}: the victim classifier needs a label for every training and validation "
+            "image: add labels.csv with filename,label,patient_id columns"
+        )
+    log("training the victim classifier")
+    model = victim.train_victim(tr.x, tr.y, va.x, va.y,
+                                victim.VictimConfig(epochs=cfg.victim_epochs, seed=cfg.seed))
+    tmp = path.with_name("tmp-" + path.name)
+    victim.save_victim(model, tmp)
+    os.replace(tmp, path)
+    return model
+
+
+# ---------------------------------------------------------------- perturbations
+
+def attack_labels(model: Any, arr: SplitArrays) -> np.ndarray:
+    """True labels where known, else the victim's own prediction (untargeted attack)."""
+    from train import victim
+
+    y = arr.y.astype(np.float32)
+    if np.any(arr.y < 0):
+        pred = (victim.predict_logits(model, arr.x) > 0).astype(np.float32)
+        y = np.where(arr.y < 0, pred, y)
+    return y
+
+
+def perturb_and_store(p: Perturbation, arr: SplitArrays, idx: np.ndarray, model: Any,
+                      attack_fn: Any, work: Work, rel_dir: str, seed: int,
+                      desc: str) -> np.ndarray:
+    """Perturb images ``idx`` of a split, map onto their native grid, re-read as the detector does.
+
+    Chunked: each chunk of CHUNK images is written as soon as it is done, so an interrupted
+    run loses at most one chunk. Returns the (len(idx), 224, 224) detector inputs.
+    """
+    from tqdm import tqdm
+
+    final = f"{rel_dir}/{p.name}.npy"
+    if work.has(final):
+        return work.load_npy(final)
+    labels = attack_labels(model, arr) if p.needs_victim else None
+    chunks = []
+    starts = list(range(0, len(idx), CHUNK))
+    for ci, start in enumerate(tqdm(starts, desc=desc, leave=False)):
+        rel = f"{rel_dir}/{p.name}.part{ci:04d}.npy"
+        if work.has(rel):
+            chunks.append(work.load_npy(rel))
+            continue
+        sel = idx[start:start + CHUNK]
+        rng = np.random.default_rng([seed, ci])
+        x = arr.x[sel]
+        adv = attacks.perturb224(p, x, labels=None if labels is None else labels[sel],
+                                 attack=attack_fn, rng=rng)
+        out = map_to_detector_input(arr, sel, x, adv - x)
+        work.save_npy(rel, out)
+        chunks.append(out)
+    full = (np.concatenate(chunks) if chunks
+            else np.empty((0, 224, 224), np.float32))
+    work.save_npy(final, full)
+    for ci in range(len(starts)):
+        work.path(f"{rel_dir}/{p.name}.part{ci:04d}.npy").unlink(missing_ok=True)
+    return full
+
+
+def map_to_detector_input(arr: SplitArrays, sel: np.ndarray, x224: np.ndarray,
+                          delta224: np.ndarray) -> np.ndarray:
+    """Delta at 224 -> native grid (attacks.to_native) -> the runtime's resize, per image."""
+    if arr.native_224 and len(set(arr.levels[sel].tolist())) <= 1:
+        return attacks.to_native(x224, delta224, int(arr.levels[sel][0]) if len(sel) else 255)
+    preprocess = datasets._preprocess()
+    out = np.empty_like(x224)
+    for j, i in enumerate(sel):
+        img = datasets.load_native(Path(arr.root) / arr.records[i].rel)
+        nat = attacks.to_native(img.native, delta224[j], img.levels)
+        out[j] = preprocess.resize_to_input(nat[None])[0]
+    return out
+
+
+def stage_perturb_eval(cfg: TrainConfig, work: Work, arr: SplitArrays, model: Any,
+                       attack_fn: Any) -> dict[str, np.ndarray]:
+    """Every perturbation of the suite on every image of a split (val and test)."""
+    out = {}
+    idx = np.arange(len(arr.x))
+    for k, p in enumerate(SUITE):
+        out[p.name] = perturb_and_store(p, arr, idx, model, attack_fn, work,
+                                        f"pert/{arr.name}", cfg.seed * 1000 + 100 + k,
+                                        f"{arr.name} {p.name}")
+    return out
+
+
+def train_assignment(cfg: TrainConfig, n: int) -> np.ndarray:
+    """Which perturbation each training image gets (index into SUITE), seeded."""
+    names = [p.name for p in SUITE]
+    probs = np.array([cfg.train_draw.get(nm, 0.0) for nm in names], np.float64)
+    probs /= probs.sum()
+    rng = np.random.default_rng([cfg.seed, 7])
+    return rng.choice(len(names), size=n, p=probs)
+
+
+def stage_perturb_train(cfg: TrainConfig, work: Work, arr: SplitArrays, model: Any,
+                        attack_fn: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One drawn perturbation per training image: (n, 224, 224) perturbed and the kind index."""
+    kinds = work.cached_npy("pert/train_kinds.npy", lambda: train_assignment(cfg, len(arr.x)))
+    pert = np.empty_like(arr.x)
+    for k, p in enumerate(SUITE):
+        idx = np.flatnonzero(kinds == k)
+        pert[idx] = perturb_and_store(p, arr, idx, model, attack_fn, work, "pert/train",
+                                      cfg.seed * 1000 + k, f"train {p.name}")
+    return pert, kinds
+
+
+# ---------------------------------------------------------------- features
+
+def features_of(work: Work, rel: str, x: np.ndarray) -> np.ndarray:
+    """detector.features on (n, 224, 224), cached: the exact runtime feature code."""
+    from detector import features
+
+    return work.cached_npy(rel, lambda: features.extract_batch(x))
+
+
+# ---------------------------------------------------------------- detector models
+
+@dataclass(frozen=True)
+class DetectorSets:
+    """Clean/perturbed detector inputs of the three splits (labels 0 clean, 1 perturbed)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def detector_sets(tr: SplitArrays, tr_pert: np.ndarray, va: SplitArrays,
+                  va_pert: dict[str, np.ndarray], seed: int) -> DetectorSets:
+    """Train: each image clean + its drawn perturbation. Val (for early stopping): each image
+    clean + one perturbation drawn uniformly from the suite (balanced)."""
+    rng = np.random.default_rng([seed, 11])
+    pick = rng.integers(0, len(SUITE), size=len(va.x))
+    vp = np.stack([va_pert[SUITE[k].name][i] for i, k in enumerate(pick)]) if len(va.x) else va.x
+    return DetectorSets(
+        x_train=np.concatenate([tr.x, tr_pert]),
+        y_train=np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert))],
+        x_val=np.concatenate([va.x, vp]),
+        y_val=np.r_[np.zeros(len(va.x)), np.ones(len(vp))],
+    )
+
+
+def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, builder: str,
+              epochs: int, max_images: int | None = None) -> Path:
+    """Train one detector CNN and export it to TFLite (``<name>.tflite``); resumable."""
+    from train import detector_cnn
+
+    tfl = work.path(f"models/{name}.tflite")
+    if tfl.exists() and work.has(f"models/{name}.keras"):
+        return tfl
+    x, y = sets.x_train, sets.y_train
+    if max_images is not None and len(x) > 2 * max_images:
+        # keep pairs balanced: max_images clean and max_images perturbed
+        rng = np.random.default_rng([cfg.seed, 13])
+        n = len(x) // 2
+        keep = np.sort(rng.permutation(n)[:max_images])
+        x, y = np.concatenate([x[keep], x[n + keep]]), np.r_[y[keep], y[n + keep]]
+    model = (detector_cnn.build_shipped() if builder == "shipped" else detector_cnn.build_paper())
+    log(f"training CNN {name} ({builder}) on {len(x)} images, {epochs} epochs")
+    t0 = time.time()
+    model = detector_cnn.train_binary(
+        model, x, y, sets.x_val, sets.y_val,
+        detector_cnn.CnnTrainConfig(epochs=epochs, seed=cfg.seed), label=name)
+    work.save_json(f"models/{name}.json", {"train_images": len(x), "epochs": epochs,
+                                           "seconds": time.time() - t0, "builder": builder})
+    model.save(str(work.path(f"models/{name}.keras")))
+    tmp = tfl.with_name("tmp-" + tfl.name)
+    detector_cnn.export_tflite(model, tmp)
+    os.replace(tmp, tfl)
+    return tfl
+
+
+def stage_forest(cfg: TrainConfig, work: Work, f_train: np.ndarray, y_train: np.ndarray) -> Any:
+    from detector.forest import ForestArrays
+    from train import fit_detector
+
+    path = work.path("models/forest.npz")
+    if path.exists():
+        return ForestArrays.load(path)
+    log(f"fitting forest: {cfg.trees} trees, max_depth {cfg.max_depth}, {len(f_train)} samples")
+    rf = fit_detector.fit_forest(f_train, y_train, n_estimators=cfg.trees,
+                                 max_depth=cfg.max_depth, seed=cfg.seed)
+    arrays = ForestArrays.from_sklearn(rf)
+    tmp = path.with_name("tmp-forest.npz")
+    arrays.save(tmp)
+    os.replace(tmp, path)
+    return ForestArrays.load(path)
+
+
+def tflite_scores(path: Path, x: np.ndarray) -> np.ndarray:
+    """P(perturbed) from the exported TFLite file, one image per invoke as the runtime runs it."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=2)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]["index"]
+    outp = interp.get_output_details()[0]["index"]
+    out = np.empty(len(x), np.float64)
+    for i in range(len(x)):
+        interp.set_tensor(inp, np.ascontiguousarray(x[i][None, :, :, None], np.float32))
+        interp.invoke()
+        out[i] = float(interp.get_tensor(outp).reshape(-1)[0])
+    return out
+
+
+# ---------------------------------------------------------------- scores, stacking, bundle
+
+@dataclass(frozen=True)
+class ScoringModels:
+    """The scored parts: the shipped CNN as TFLite (exactly what the runtime runs), the
+    reference and baseline CNNs as Keras files (batched: 20x faster than one-by-one TFLite
+    for 1 GFLOP networks), and the forest arrays."""
+
+    cnn_tflite: Path
+    paper_keras: Path
+    baseline_keras: Path
+    forest_path: Path
+    forest: Any
+
+    @property
+    def tag(self) -> str:
+        """Cache key: scores are reused only for the very same model files."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in (self.cnn_tflite, self.paper_keras, self.baseline_keras, self.forest_path):
+            h.update(Path(p).read_bytes())
+        return h.hexdigest()[:12]
+
+
+def keras_scores(path: Path, x: np.ndarray) -> np.ndarray:
+    import keras
+
+    from train import detector_cnn
+
+    model = keras.saving.load_model(str(path), safe_mode=True, compile=False)
+    return detector_cnn.predict(model, x, batch_size=64)
+
+
+def stage_scores(work: Work, tag: str, split_name: str, kind: str, x: np.ndarray,
+                 feats: np.ndarray, models: ScoringModels,
+                 parts: tuple[str, ...] = ("cnn", "forest", "paper_cnn", "baseline_cnn"),
+                 ) -> dict[str, np.ndarray]:
+    """Scores of each part for one set of images, cached per (model files, set)."""
+    makers: dict[str, Callable[[], np.ndarray]] = {
+        "cnn": lambda: tflite_scores(models.cnn_tflite, x),
+        "forest": lambda: np.asarray(models.forest.predict_proba(feats), np.float64),
+        "paper_cnn": lambda: keras_scores(models.paper_keras, x),
+        "baseline_cnn": lambda: keras_scores(models.baseline_keras, x),
+    }
+    return {part: work.cached_npy(f"scores-{tag}/{split_name}/{kind}.{part}.npy", makers[part])
+            for part in parts}
+
+
+def score_book(work: Work, models: ScoringModels, arr: SplitArrays,
+               pert: dict[str, np.ndarray], clean_only_parts: tuple[str, ...] = ()) -> Any:
+    """ScoreBook of a split; ``clean_only_parts`` are scored on clean images only (validation
+    needs the reference CNNs only to calibrate their thresholds)."""
+    from train import evaluate
+
+    tag = models.tag
+    all_parts = ("cnn", "forest", "paper_cnn", "baseline_cnn")
+    book = {"clean": stage_scores(work, tag, arr.name, "clean", arr.x,
+                                  features_of(work, f"feat/{arr.name}/clean.npy", arr.x),
+                                  models, all_parts)}
+    parts = tuple(p for p in all_parts if p not in clean_only_parts)
+    for p in SUITE:
+        book[p.name] = stage_scores(
+            work, tag, arr.name, p.name, pert[p.name],
+            features_of(work, f"feat/{arr.name}/{p.name}.npy", pert[p.name]), models, parts)
+    return evaluate.ScoreBook(book)
+
+
+def run_pipeline(cfg: TrainConfig) -> Path:
+    """The whole of ``sentinel train``; returns the bundle directory."""
+    from detector import bundle as bundle_mod
+    from detector import features
+    from train import evaluate, fit_detector, victim
+
+    if cfg.quick:
+        cfg = cfg.quickened()
+    t_start = time.time()
+    work = Work(Path(cfg.work))
+    work.save_json("config.json", asdict(cfg))
+    timings: dict[str, float] = work.load_json("timings.json") if work.has("timings.json") else {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.time()
+        result = fn()
+        if name not in timings:
+            timings[name] = round(time.time() - t0, 1)
+            work.save_json("timings.json", timings)
+        return result
+
+    split = timed("split", lambda: stage_split(cfg, work))
+    tr, va, te = (timed(f"load_{n}", lambda n=n: stage_arrays(split, n, work))
+                  for n in datasets.SPLIT_NAMES)
+    model = timed("victim", lambda: stage_victim(cfg, work, tr, va))
+    attack_fn = attacks.make_gradient_attack(model)
+    tr_pert, _kinds = timed("perturb_train",
+                            lambda: stage_perturb_train(cfg, work, tr, model, attack_fn))
+    va_pert = timed("perturb_val", lambda: stage_perturb_eval(cfg, work, va, model, attack_fn))
+    te_pert = timed("perturb_test", lambda: stage_perturb_eval(cfg, work, te, model, attack_fn))
+
+    log("features")
+    f_tr = timed("features", lambda: np.concatenate([
+        features_of(work, "feat/train/clean.npy", tr.x),
+        features_of(work, "feat/train/perturbed.npy", tr_pert)]))
+    y_tr = np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert))]
+    sets = detector_sets(tr, tr_pert, va, va_pert, cfg.seed)
+
+    cnn_path = timed("cnn", lambda: stage_cnn(cfg, work, sets, "cnn", "shipped", cfg.cnn_epochs))
+    forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
+    paper_tflite = timed("paper_cnn", lambda: stage_cnn(
+        cfg, work, sets, "paper_cnn", "paper", cfg.paper_epochs, cfg.paper_max_images))
+    base_sets = baseline_sets(sets, _kinds, len(tr.x))
+    timed("baseline_cnn", lambda: stage_cnn(
+        cfg, work, base_sets, "baseline_cnn", "paper", cfg.paper_epochs, cfg.paper_max_images))
+    models = ScoringModels(cnn_tflite=cnn_path, paper_keras=work.path("models/paper_cnn.keras"),
+                           baseline_keras=work.path("models/baseline_cnn.keras"),
+                           forest_path=work.path("models/forest.npz"), forest=forest)
+
+    log("scoring validation and test")
+    val_book = timed("score_val", lambda: score_book(
+        work, models, va, va_pert, clean_only_parts=("paper_cnn", "baseline_cnn")))
+    test_book = timed("score_test", lambda: score_book(work, models, te, te_pert))
+
+    # stacking weight and thresholds: validation only
+    yv, mix = val_book.mixed(cfg.seed)
+    w_cnn, grid = fit_detector.grid_search_w(mix["cnn"], mix["forest"], yv)
+    ens_val_clean = val_book.ensemble("clean", w_cnn)
+    threshold = fit_detector.calibrate_threshold(ens_val_clean)
+    part_thresholds = {
+        "cnn": fit_detector.calibrate_threshold(val_book.part("clean", "cnn")),
+        "forest": fit_detector.calibrate_threshold(val_book.part("clean", "forest")),
+        "paper_cnn": fit_detector.calibrate_threshold(val_book.part("clean", "paper_cnn")),
+        "baseline_cnn": fit_detector.calibrate_threshold(val_book.part("clean", "baseline_cnn")),
+    }
+    log(f"w_cnn {w_cnn}, calibrated threshold {threshold:.5f}")
+
+    victim_acc = timed("victim_eval", lambda: victim_accuracy(model, te, te_pert))
+    test_metrics = timed("metrics", lambda: evaluate.compute_metrics(
+        test_book, w_cnn=w_cnn, threshold=threshold, part_thresholds=part_thresholds,
+        seed=cfg.seed, n_boot=1000))
+    training = {
+        "data": str(Path(cfg.data).resolve()),
+        "split": split.summary(),
+        "config": asdict(cfg),
+        "grid": [asdict(g) for g in grid],
+        "part_thresholds": part_thresholds,
+        "victim": victim_acc,
+        "timings_s": timings,
+        "models": {n: work.load_json(f"models/{n}.json")
+                   for n in ("cnn", "paper_cnn", "baseline_cnn")},
+    }
+    metrics = summary_metrics(test_metrics)
+    work.save_json("test_metrics.json", test_metrics)
+    work.save_json("training.json", training)
+    split.to_json(work.path("split.json"))
+    timings["total_wall_s_this_invocation"] = round(time.time() - t_start, 1)
+    work.save_json("timings.json", timings)
+    log("writing bundle")
+    out = bundle_mod.write_bundle(
+        Path(cfg.out),
+        cnn_tflite=cnn_path,
+        forest=forest,
+        feature_names=features.FEATURE_NAMES,
+        w_cnn=float(w_cnn),
+        threshold=float(threshold),
+        thresholds={"paper": fit_detector.PAPER_THRESHOLD, "calibrated_fpr_0.01": threshold},
+        training_data=training,
+        metrics=metrics,
+        extra_files={
+            "victim": work.path(victim.VICTIM_FILE),
+            "cnn_keras": work.path("models/cnn.keras"),
+            "paper_cnn": work.path("models/paper_cnn.keras"),
+            "paper_cnn_tflite": paper_tflite,
+            "baseline_cnn": work.path("models/baseline_cnn.keras"),
+            "split": work.path("split.json"),
+            "test_metrics": work.path("test_metrics.json"),
+            **({"model_card": card} if (card := model_card_path(cfg)) else {}),
+        },
+        versions=training_versions(),
+    )
+    log(f"bundle written to {out}; total {time.time() - t_start:.0f} s this invocation")
+    return Path(out)
+
+
+def baseline_sets(sets: DetectorSets, kinds: np.ndarray, n_train: int) -> DetectorSets:
+    """Adversarial-training baseline data: training images whose drawn perturbation is PGD
+    (either eps), each with its clean copy; validation unchanged."""
+    pgd = np.flatnonzero(np.isin(kinds, [i for i, p in enumerate(SUITE) if p.method == "pgd"]))
+    x = np.concatenate([sets.x_train[pgd], sets.x_train[n_train + pgd]])
+    return DetectorSets(x_train=x, y_train=np.r_[np.zeros(len(pgd)), np.ones(len(pgd))],
+                        x_val=sets.x_val, y_val=sets.y_val)
+
+
+def victim_accuracy(model: Any, arr: SplitArrays, pert: dict[str, np.ndarray]) -> dict:
+    """Victim accuracy and AUC on clean test images and under each perturbation (as stored)."""
+    from train import fit_detector, victim
+
+    if np.any(arr.y < 0):
+        return {"note": "test labels missing: victim accuracy not measured"}
+    out = {}
+    for name, x in [("clean", arr.x), *pert.items()]:
+        logits = victim.predict_logits(model, x)
+        out[name] = {"accuracy": float(np.mean((logits > 0) == (arr.y == 1))),
+                     "auc": fit_detector.roc_auc(arr.y, logits)}
+    return out
+
+
+def summary_metrics(test_metrics: dict) -> dict:
+    """The headline figures for the manifest (the full set is test_metrics.json)."""
+    keep = {}
+    for name in ("pgd_0.003", "pgd_0.006"):
+        m = test_metrics["per_perturbation"][name]
+        keep[name] = {"ensemble_auc_ci": m["ensemble"]["auc_ci"],
+                      "detection_at_threshold": m["ensemble"]["at_threshold"]["recall"]}
+    keep["clean_fpr_at_threshold"] = test_metrics["clean_fpr_at_threshold"]
+    keep["overall_auc_ci"] = test_metrics["overall"]["ensemble"]["auc_ci"]
+    return keep
+
+
+def model_card_path(cfg: TrainConfig) -> Path | None:
+    """MODEL_CARD.md beside the output bundle, written by ``sentinel evaluate`` or by hand."""
+    p = Path(cfg.out) / "MODEL_CARD.md"
+    if not p.exists():
+        return None
+    keep = Path(cfg.work) / "MODEL_CARD.md"
+    keep.write_bytes(p.read_bytes())  # write_bundle empties the out dir of unlisted files
+    return keep
+
+
+def training_versions() -> dict[str, str]:
+    import keras
+    import sklearn
+    import tensorflow as tf
+
+    return {"tensorflow": tf.__version__, "keras": keras.__version__,
+            "scikit-learn": sklearn.__version__}
