@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.errors import BundleError
+from detector.features import FEATURE_SET
 from detector.forest import ForestArrays
 from detector.preprocess import INPUT_SIZE, NORMALISATION, RESIZE_METHOD
 
@@ -206,6 +207,7 @@ def write_bundle(
         "normalisation": NORMALISATION,
         "resize": RESIZE_METHOD,
         "feature_names": list(feature_names),
+        "feature_set": FEATURE_SET,
         "w_cnn": float(w_cnn),
         "threshold": float(threshold),
         "thresholds": {k: float(v) for k, v in thresholds.items()},
@@ -333,6 +335,7 @@ def check_runtime_compat(manifest: Manifest, feature_names: tuple[str, ...]) -> 
         "normalisation": (manifest.normalisation, NORMALISATION),
         "resize": (manifest.resize, RESIZE_METHOD),
         "feature_names": (manifest.feature_names, tuple(feature_names)),
+        "feature_set": (manifest.extra.get("feature_set", FEATURE_SET), FEATURE_SET),
     }
     for key, (have, want) in wants.items():
         if have != want:

@@ -45,6 +45,9 @@ FEATURE_REASONS: dict[str, str] = {
     "radiographs have almost none and noise has most",
 }
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_REASONS)
+# Bump when any feature's definition or numerics change: bundles record it and the runtime
+# refuses a bundle whose forest was trained on another definition under the same names.
+FEATURE_SET = "sentinel-features-v1"
 N_FEATURES = len(FEATURE_NAMES)
 
 # Half of one 8-bit grey level on the [0, 1] scale: "no change" between neighbours.

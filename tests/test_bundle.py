@@ -205,3 +205,17 @@ def test_corrupt_tflite_with_valid_digest_is_bundle_error(bundle: Path, tmp_path
     with pytest.raises(BundleError, match=r"cnn\.tflite"):
         Detector.load(out)
     assert np.isfinite(load_manifest(out).threshold)
+
+
+def test_other_feature_set_refused(bundle: Path) -> None:
+    """Same feature names but another definition version: the forest would be fed wrong inputs."""
+    from detector.bundle import _manifest_bytes
+
+    doc = json.loads((bundle / MANIFEST).read_text())
+    assert doc["feature_set"] == "sentinel-features-v1"
+    doc["feature_set"] = "sentinel-features-v0"
+    doc.pop("manifest_sha256")
+    (bundle / MANIFEST).write_bytes(_manifest_bytes(doc))
+    load_manifest(bundle)  # verifies: it is a consistent bundle...
+    with pytest.raises(BundleError, match="feature_set"):
+        Detector.load(bundle)  # ...but not for this runtime

@@ -57,3 +57,46 @@ def test_multiframe_takes_worst_frame(detector: Detector) -> None:
     assert s.worst_frame == int(np.argmax(s.frame_scores))
     assert s.score == max(s.frame_scores)
     assert s.worst_frame == 2
+
+
+def test_litert_batch_threads_and_reuse(fixture_bundle: Path, detector: Detector) -> None:
+    from detector.cnn import LiteRTModel
+
+    imgs, _ = synthetic_images(3, seed=2)
+    batch = detector.cnn.predict(imgs)
+    assert batch.shape == (3,)
+    singles = [detector.cnn.predict(im) for im in imgs]
+    np.testing.assert_allclose(batch, singles, rtol=0, atol=0)  # one interpreter, reused
+    two = LiteRTModel(detector.manifest.path_of("cnn"), num_threads=2)
+    np.testing.assert_allclose(two.predict(imgs), batch, atol=1e-6)
+    with pytest.raises(ValueError):
+        detector.cnn.predict(np.zeros((100, 100), np.float32))
+    with pytest.raises(ValueError):
+        LiteRTModel(detector.manifest.path_of("cnn"), num_threads=0)
+
+
+def test_score_path_png_and_dicom_agree(detector: Detector, tmp_path: Path) -> None:
+    """The same 8-bit pixels as PNG and as DICOM (BitsStored 8) score identically."""
+    import pydicom
+    from PIL import Image
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    imgs, _ = synthetic_images(2, seed=13)
+    px = np.round(imgs[1] * 255).astype(np.uint8)
+    Image.fromarray(px).save(tmp_path / "a.png")
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = px.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = px.tobytes()
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    a = detector.score_path(tmp_path / "a.png")
+    b = detector.score_path(tmp_path / "a.dcm")
+    assert a.score == b.score and a.p_cnn == b.p_cnn and a.p_rf == b.p_rf
+    assert b.timings_ms["decode"] > 0 and b.timings_ms["total"] >= b.timings_ms["decode"]
