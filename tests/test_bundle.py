@@ -219,3 +219,24 @@ def test_other_feature_set_refused(bundle: Path) -> None:
     load_manifest(bundle)  # verifies: it is a consistent bundle...
     with pytest.raises(BundleError, match="feature_set"):
         Detector.load(bundle)  # ...but not for this runtime
+
+
+def test_shipped_default_bundle_verifies_and_detects_changes(tmp_path: Path) -> None:
+    """The same byte-change check on the default bundle, once the training issue ships it."""
+    from detector.bundle import DEFAULT_BUNDLE
+
+    if not (DEFAULT_BUNDLE / MANIFEST).is_file():
+        pytest.skip(f"no default bundle in {DEFAULT_BUNDLE} yet (shipped by `sentinel train`)")
+    Detector.load(None)
+    copy = tmp_path / "default"
+    shutil.copytree(DEFAULT_BUNDLE, copy, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    for path in sorted(p for p in copy.iterdir() if p.is_file()):
+        original = path.read_bytes()
+        changed = bytearray(original)
+        changed[len(changed) // 2] ^= 0x01
+        path.write_bytes(bytes(changed))
+        with pytest.raises(BundleError) as info:
+            load_manifest(copy)
+        assert path.name in str(info.value)
+        path.write_bytes(original)
+    load_manifest(copy)
