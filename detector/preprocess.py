@@ -275,20 +275,28 @@ def _iter_frames(ds: Dataset, source: str, max_pixels: int) -> Iterator[np.ndarr
     if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ts
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for frame in pydicom.pixels.iter_pixels(ds):
-                if frame.shape != (rows, cols):
-                    raise Unreadable(
-                        f"{source}: decoded frame has shape {frame.shape}, header declares "
-                        f"{rows}x{cols}"
-                    )
-                yield frame
-    except PreprocessError:
-        raise
-    except Exception as exc:
-        raise Unreadable(f"{source}: pixel data could not be decoded ({ts.name}): {exc}") from exc
+    frames_iter = pydicom.pixels.iter_pixels(ds)
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                frame = next(frames_iter)
+        except StopIteration:
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            # BaseException: the Rust decoders (pylibjpeg-rle) turn a panic on malformed
+            # input into pyo3's PanicException, which does not derive from Exception.
+            raise Unreadable(
+                f"{source}: pixel data could not be decoded ({ts.name}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if frame.shape != (rows, cols):
+            raise Unreadable(
+                f"{source}: decoded frame has shape {frame.shape}, header declares {rows}x{cols}"
+            )
+        yield frame
 
 
 def _codestream_size(frame: bytes, ts: UID) -> tuple[int, int] | None:

@@ -453,3 +453,42 @@ def test_resize_is_exact_area_average() -> None:
     assert resize_to_input(np.ones((2, 300, 500))).shape == (2, 224, 224)
     assert resize_frame(x[:224, :224]) is not None
     np.testing.assert_array_equal(resize_frame(x[:224, :224]), x[:224, :224])
+
+
+def test_mutated_files_only_raise_typed_errors(tmp_path: Path) -> None:
+    """300 random byte mutations of native, RLE, JPEG 2000 and deflated files: every failure
+    is a PreprocessError (the Rust RLE decoder's panics included), never another exception."""
+    import random
+
+    seeds = []
+    for ts in (None, RLELossless, JPEG2000Lossless, DeflatedExplicitVRLittleEndian):
+        ds = make_ds(ramp(72, 64), bits_stored=12)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+        if ts in (RLELossless, JPEG2000Lossless):
+            ds.compress(ts)
+        elif ts is not None:
+            ds.file_meta.TransferSyntaxUID = ts
+        seeds.append(save(ds, tmp_path / f"seed{len(seeds)}.dcm").read_bytes())
+    rng = random.Random(1234)
+    outcomes = {"ok": 0, "refused": 0}
+    for i in range(300):
+        b = bytearray(seeds[i % len(seeds)])
+        for _ in range(rng.randint(1, 6)):
+            pos = rng.randrange(len(b))
+            op = rng.random()
+            if op < 0.6:
+                b[pos] = rng.randrange(256)
+            elif op < 0.8:
+                del b[pos : pos + rng.randint(1, 40)]
+            else:
+                b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        p = tmp_path / "mutant.dcm"
+        p.write_bytes(bytes(b))
+        try:
+            out = preprocess_path(p, max_pixels=4_000_000)
+            assert out.shape[1:] == (INPUT_SIZE, INPUT_SIZE)
+            assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+            outcomes["ok"] += 1
+        except PreprocessError:
+            outcomes["refused"] += 1
+    assert outcomes["ok"] > 0 and outcomes["refused"] > 0
