@@ -492,3 +492,18 @@ def test_mutated_files_only_raise_typed_errors(tmp_path: Path) -> None:
         except PreprocessError:
             outcomes["refused"] += 1
     assert outcomes["ok"] > 0 and outcomes["refused"] > 0
+
+
+def test_rle_decoder_panic_is_unreadable(tmp_path: Path) -> None:
+    """One changed byte in an RLE segment makes the Rust decoder panic (found by mutation);
+    the panic must surface as Unreadable, not as pyo3's PanicException (a BaseException)."""
+    ds = make_ds(ramp(72, 64), bits_stored=12)
+    ds.compress(RLELossless)
+    frame = bytearray(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
+    if len(frame) != 5392 or frame[3267] != 6:
+        pytest.skip("pydicom's RLE encoder output changed; the panic case no longer applies")
+    frame[3267] = 137  # a replicate run that writes past the segment's end
+    ds.PixelData = pydicom.encaps.encapsulate([bytes(frame)])
+    with pytest.raises(Unreadable) as info:
+        preprocess_dataset(ds)
+    assert info.value.reason == "unreadable"
