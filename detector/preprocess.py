@@ -432,6 +432,8 @@ def image_to_unit(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PI
         im = Image.open(path)
     except FileNotFoundError as exc:
         raise Unreadable(f"{path}: no such file") from exc
+    except Image.DecompressionBombError as exc:
+        raise MatrixTooLarge(f"{path}: {exc}") from exc
     except Exception as exc:
         raise Unreadable(f"{path}: not a readable image ({exc})") from exc
     with im:

@@ -507,3 +507,22 @@ def test_rle_decoder_panic_is_unreadable(tmp_path: Path) -> None:
     with pytest.raises(Unreadable) as info:
         preprocess_dataset(ds)
     assert info.value.reason == "unreadable"
+
+
+def test_png_declaring_65535_square_refused_before_decoding(tmp_path: Path) -> None:
+    """A PNG whose IHDR says 65535x65535 (tiny file): refused from the header, no allocation."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", 65535, 65535, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png + chunk(b"IEND", b""))
+    err = _no_big_allocation(lambda: preprocess_path(path))
+    assert isinstance(err, MatrixTooLarge)
+    err = _no_big_allocation(lambda: preprocess_path(path, max_pixels=2**33))
+    assert isinstance(err, (MatrixTooLarge, Unreadable))
