@@ -48,6 +48,7 @@ from gateway.spool import (
     free_bytes,
     fsync_dir,
     next_seq,
+    set_meta_xattr,
     valid_uid,
     write_json_durable,
 )
@@ -346,7 +347,6 @@ class StorageReceiver:
             now = time.time()
             seq = next_seq()
             tmp_file.flush()
-            os.fsync(tmp_file.fileno())
             final = self.layout.incoming / f"{sop_uid}.dcm"
             meta = {
                 "sop_uid": sop_uid,
@@ -358,7 +358,11 @@ class StorageReceiver:
                 "seq": seq,
                 "assoc_id": st.assoc_id,
             }
-            write_json_durable(final.with_suffix(".json"), meta, sync_dir=False)
+            # The metadata rides on the file's inode (same fsync); a sidecar only where the
+            # filesystem has no user xattrs. Both are durable before the rename.
+            if not set_meta_xattr(tmp_file.fileno(), meta):
+                write_json_durable(final.with_suffix(".json"), meta, sync_dir=False)
+            os.fsync(tmp_file.fileno())
             os.replace(tmp_path, final)
             fsync_dir(self.layout.incoming)
         except OSError as exc:

@@ -36,7 +36,7 @@ from gateway.spool import (
     fsync_dir,
     next_seq,
     place_in_outboxes,
-    read_json,
+    read_meta,
     valid_uid,
 )
 
@@ -185,7 +185,7 @@ class Screening:
         items: list[WorkItem] = []
         for directory in (self.layout.work, self.layout.incoming):
             for p in directory.glob("*.dcm"):
-                meta = read_json(p.with_suffix(".json"))
+                meta = read_meta(p)
                 sop = str(meta.get("sop_uid") or p.stem.split("~", 1)[0])
                 items.append(
                     WorkItem(path=p, sop_uid=sop, seq=str(meta.get("seq") or next_seq()),
@@ -224,11 +224,10 @@ class Screening:
         (which lands in incoming/ again) is screened on its own, never confused with this one."""
         src = item.path
         if src.parent == self.layout.work:
-            return (src, read_json(src.with_suffix(".json"))) if src.exists() else None
+            return (src, read_meta(src)) if src.exists() else None
         dst = self.layout.work / f"{item.sop_uid}~{item.seq}.dcm"
         side = src.with_suffix(".json")
-        meta = read_json(side)
-        if meta.get("seq") not in (None, item.seq):
+        if read_meta(src).get("seq") not in (None, item.seq):
             return None  # replaced by a newer copy, which has its own queue entry
         try:
             os.replace(src, dst)
@@ -236,7 +235,7 @@ class Screening:
             return None
         with contextlib.suppress(FileNotFoundError):
             os.replace(side, dst.with_suffix(".json"))
-        return dst, meta
+        return dst, read_meta(dst)
 
     def process(self, item: WorkItem, detector: Any) -> str:
         """Screen one instance end to end; return the outcome ("forwarded", "quarantined")."""

@@ -6,7 +6,10 @@ state change is therefore "write under a temporary name, fsync, rename into plac
 directory", and the directory an instance lies in *is* its state:
 
     <state>/spool/tmp/                 partial receives (pynetdicom's chunked files); wiped at start
-    <state>/spool/incoming/<SOP>.dcm   acknowledged, not yet screened (+ <SOP>.json: caller, peer)
+    <state>/spool/incoming/<SOP>.dcm   acknowledged, not yet screened; caller, peer, receipt time
+                                       in the file's ``user.sentinel`` xattr (committed by the same
+                                       fsync as the data: one journal commit fewer per instance),
+                                       or in <SOP>.json where the filesystem has no user xattrs
     <state>/spool/work/                claimed by a screening worker (recovered like incoming)
     <state>/spool/outbox/<dest>/<seq>-<SOP>.dcm (+ .json)   durable forwarding queue, FIFO by name
     <state>/spool/dead/<dest>/         dead-lettered after the maximum age
@@ -63,6 +66,29 @@ def write_json_durable(path: Path, data: Mapping[str, Any], sync_dir: bool = Tru
     os.replace(tmp, path)
     if sync_dir:
         fsync_dir(path.parent)
+
+
+META_XATTR = "user.sentinel"
+
+
+def set_meta_xattr(fd: int, meta: Mapping[str, Any]) -> bool:
+    """Attach ``meta`` to an open file as an xattr; False where the filesystem refuses."""
+    try:
+        os.setxattr(fd, META_XATTR, json.dumps(meta, separators=(",", ":")).encode())
+        return True
+    except OSError:
+        return False
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """An incoming instance's receipt metadata: its xattr, else its ``.json`` sidecar."""
+    try:
+        value = json.loads(os.getxattr(path, META_XATTR))
+        if isinstance(value, dict):
+            return value
+    except (OSError, ValueError):
+        pass
+    return read_json(path.with_suffix(".json"))
 
 
 def read_json(path: Path) -> dict[str, Any]:

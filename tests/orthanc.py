@@ -67,6 +67,7 @@ class OrthancServer:
             "ConcurrentJobs": 1,
             "HttpThreadsCount": 4,
             "SaveJobs": False,
+            "MaximumPduLength": int(os.environ.get("SENTINEL_TEST_ORTHANC_PDU", "16384")),
         }
         self.config_path.write_text(json.dumps(config, indent=1))
 

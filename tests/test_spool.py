@@ -78,3 +78,21 @@ def test_clear_tmp(tmp_path: Path) -> None:
     layout.create()
     (layout.tmp / "rx-partial.dcm").write_bytes(b"half")
     assert layout.clear_tmp() == 1 and not any(layout.tmp.iterdir())
+
+
+def test_receipt_metadata_on_the_inode_or_sidecar(tmp_path: Path) -> None:
+    from gateway.spool import read_meta, set_meta_xattr
+
+    p = tmp_path / "1.2.3.dcm"
+    with p.open("wb") as fh:
+        fh.write(b"data")
+        on_inode = set_meta_xattr(fh.fileno(), {"calling_ae": "CR1", "seq": "7"})
+    moved = tmp_path / "moved.dcm"
+    os.replace(p, moved)  # the xattr travels with the inode through the rename
+    if on_inode:
+        assert read_meta(moved) == {"calling_ae": "CR1", "seq": "7"}
+    side = tmp_path / "2.dcm"
+    side.write_bytes(b"x")
+    side.with_suffix(".json").write_text('{"calling_ae": "CR2"}')
+    assert read_meta(side) == {"calling_ae": "CR2"}  # filesystems without user xattrs
+    assert read_meta(tmp_path / "absent.dcm") == {}
