@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "sentinel-forest-v1"
+_CHUNK = 64
 _ARRAYS = ("feature", "threshold", "left", "right", "value", "roots", "depths")
 
 
@@ -166,6 +167,16 @@ class ForestArrays:
             raise ValueError(f"forest expects (n, {self.n_features}) features, got {X.shape}")
         # scikit-learn compares float32(x) with the float64 threshold; so do we.
         xs = X.astype(np.float32).astype(np.float64)
+        if xs.shape[0] > _CHUNK:
+            # Walk a few rows at a time: ~13k concurrent walks keep the gathers in cache
+            # (5000 rows x 200 deep trees: 1.08 s in one piece, 0.36 s in chunks of 64).
+            return np.concatenate(
+                [self._walk(xs[i : i + _CHUNK]) for i in range(0, xs.shape[0], _CHUNK)]
+            )
+        return self._walk(xs)
+
+    def _walk(self, xs: np.ndarray) -> np.ndarray:
+        """Mean leaf probability over all trees for float32-rounded rows ``xs``."""
         n, n_trees = xs.shape[0], self.n_trees
         feature, threshold = self.feature, self.threshold
         child, is_leaf = self._child, self._is_leaf  # type: ignore[attr-defined]
