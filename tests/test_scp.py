@@ -207,3 +207,21 @@ def test_unscreened_instances_recovered_at_start(tmp_path: Path) -> None:
         assert not list(layout.tmp.iterdir())
     finally:
         gw.stop()
+
+
+def test_reject_rule_refused_before_acknowledgement(gateway_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rules = ('[[rules]]\nname = "no-old-box"\naction = "reject"\n[rules.match]\n'
+             'calling_ae = "OLDBOX"\n')
+    gw = gateway_factory(rules=rules, callers=("MODALITY", "OLDBOX"))
+    port = gw.address[1]
+    f = synthetic(tmp_path / "a.dcm", 32, 32)
+    ae = AE(ae_title="OLDBOX")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0x0124  # Refused: Not Authorized
+    finally:
+        assoc.release()
+    assert not list(gw.layout.incoming.iterdir())
+    rejected = [e for e in audit_events(gw) if e["event"] == "rejected"]
+    assert rejected[-1]["rule"] == "no-old-box"

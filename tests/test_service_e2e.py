@@ -293,3 +293,41 @@ def test_acknowledged_instances_survive_sigkill(tmp_path: Path, fixture_bundle: 
     finally:
         gw.stop()
         orthanc.stop()
+
+
+def test_unscorable_instances_quarantined_with_reason(tmp_path: Path,
+                                                     fixture_bundle: Path) -> None:
+    """Default error policy: quarantine with the detector's reason, never a silent forward."""
+    from gateway.config import load_config
+    from gateway.service import Gateway
+
+    port = free_port()
+    out = tmp_path / "out"
+    rules = ('[[rules]]\nname = "screen-sr-too"\naction = "screen"\n[rules.match]\n'
+             'Modality = "SR"\n')
+    cfg = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                       destinations=f'[destinations.o]\nkind = "directory"\npath = "{out}"',
+                       rules=rules, default='action = "screen"', bundle=fixture_bundle)
+    gw = Gateway(load_config(cfg), drain_s=5)
+    gw.start()
+    try:
+        short = pydicom.dcmread(synthetic(tmp_path / "short.dcm", 64, 64))
+        short.PixelData = short.PixelData[:1000]  # fewer bytes than Rows x Columns declare
+        sr = pydicom.dcmread(make_sr(tmp_path / "sr.dcm"))
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(short.SOPClassUID, "1.2.840.10008.1.2.1")
+        ae.add_requested_context(sr.SOPClassUID, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+        try:
+            assert assoc.send_c_store(short).Status == 0
+            assert assoc.send_c_store(sr).Status == 0
+        finally:
+            assoc.release()
+        q = Quarantine(tmp_path / "state" / "quarantine")
+        assert wait_until(lambda: len(q.list()) == 2, 30)
+        reasons = {r.sop_uid: r.reason for r in q.list()}
+        assert reasons[str(short.SOPInstanceUID)] == "pixel-length"
+        assert reasons[str(sr.SOPInstanceUID)] == "no-pixel-data"
+        assert not list(out.rglob("*.dcm"))
+    finally:
+        gw.stop()
