@@ -179,8 +179,12 @@ def run_crash_cycles(tmp: Path, bundle: Path, cycles: int, n_instances: int,
         assert sum(c - 1 for c in redelivered.values()) <= kills
         layout = state / "spool"
         for sub in ("incoming", "work", "tmp", "outbox/pacs"):
-            left = [p for p in (layout / sub).iterdir() if not p.name.startswith(".")]
+            left = [p for p in (layout / sub).iterdir() if not p.name.startswith(".")
+                    and not (p.suffix == ".json" and not p.with_suffix(".dcm").exists())]
             assert not left, f"{sub} still holds {left[:3]}"
+        # a kill between unlinking an outbox entry's .dcm and its .json leaves the sidecar
+        orphans = [p for p in layout.rglob("*.json")
+                   if "sent" not in p.parts and not p.with_suffix(".dcm").exists()]
         # temp names (".<name>.<pid>.<n>.tmp") a kill left behind: never forwarded (the queue
         # skips dot files) but disk that nobody frees; test_restart_removes_... covers them
         stale_tmp = [p for p in layout.rglob(".*.tmp")]
@@ -202,6 +206,7 @@ def run_crash_cycles(tmp: Path, bundle: Path, cycles: int, n_instances: int,
         "redelivered_c_stores": sum(c - 1 for c in redelivered.values()),
         "partial_files_forwarded": 0,
         "stale_temp_files_left": len(stale_tmp),
+        "orphan_sidecars_left": len(orphans),
         "audit_torn_lines_sealed": len(getattr(result, "torn_lines", ()) or ()),
     }
 
@@ -232,8 +237,9 @@ def test_kill_restart_cycles_full(tmp_path: Path, fixture_bundle: Path) -> None:
 
 def test_restart_removes_temp_files_left_by_a_kill(tmp_path: Path, fixture_bundle: Path) -> None:
     """A SIGKILL inside write_json_durable or place_in_outboxes leaves ``.<name>.<pid>.<n>.tmp``
-    in spool/incoming or an outbox (seen in the 20-cycle run); start-up must clear them like it
-    clears spool/tmp, or every crash leaks disk on the spool that the watermark protects."""
+    in spool/incoming or an outbox, and one between the forwarder's two unlinks an outbox
+    sidecar without its instance (both seen in the 20-cycle run); start-up must clear them like
+    it clears spool/tmp, or every crash leaks disk on the spool that the watermark protects."""
     port = free_port()
     state = tmp_path / "state"
     cfg = write_config(tmp_path / "c.toml", state=state, port=port,
@@ -246,6 +252,7 @@ def test_restart_removes_temp_files_left_by_a_kill(tmp_path: Path, fixture_bundl
         state / "spool" / "incoming" / f".{uid}.json.4242.7.tmp",
         state / "spool" / "outbox" / "o" / f".00000000000000000001-{uid}.dcm.4242.8.tmp",
         state / "spool" / "outbox" / "o" / f".00000000000000000001-{uid}.json.4242.9.tmp",
+        state / "spool" / "outbox" / "o" / f"00000000000000000002-{uid}.json",  # no .dcm
     ]
     for p in stale:
         p.write_bytes(b"x" * 1024)
