@@ -29,6 +29,10 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
     for noisy in ("pynetdicom", "pydicom", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Python warnings (pydicom's may quote element values, e.g. a malformed patient name)
+    # go through logging too, and only errors are kept.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 def run(args: argparse.Namespace) -> int:
