@@ -1,0 +1,397 @@
+"""Shared pieces of the gateway benchmarks: data sets, servers, timing, statistics, machine info.
+
+Why every benchmark goes through here: the machine is shared and noisy, so a figure only means
+something as a ratio against a baseline measured side by side in the same run, on the same
+files, with the same server settings (``TCP_NODELAY=1`` for every DCMTK program and Orthanc,
+loopback only, fresh Orthanc storage per send, free ports). Keeping the servers, the data sets
+and the statistics in one module makes the scripts differ only in what they compare.
+
+The servers are the test helpers (tests/orthanc.py, tests/dcmtk.py, tests/gateway_harness.py,
+tests/dicom_factory.py), imported, not copied: the benchmarks start exactly what the
+integration tests start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.dcmtk import STORESCU, dcmtk_env, free_port  # noqa: E402
+from tests.dicom_factory import make_cr  # noqa: E402
+from tests.gateway_harness import GatewayProcess, wait_until, write_config  # noqa: E402
+from tests.orthanc import ORTHANC, OrthancServer  # noqa: E402
+
+MODALITY_AE = "MODALITY"
+GATEWAY_AE = "SENTINEL"
+ORTHANC_AE = "ORTHANC"
+# Screening on for every instance; shadow mode forwards even a flagged one, so each send ends
+# with all instances in Orthanc (the fixture models flag arbitrary images) at full scoring cost.
+SCREEN_ALL = 'action = "screen"\nshadow = true'
+BITS_STORED = 12  # CR: 16 bits allocated, 12 stored
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median and spread (min..max, and the values) of repeated measurements."""
+
+    values: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.values)) if self.values else float("nan")
+
+    @property
+    def lo(self) -> float:
+        return min(self.values) if self.values else float("nan")
+
+    @property
+    def hi(self) -> float:
+        return max(self.values) if self.values else float("nan")
+
+    def fmt(self, digits: int = 1) -> str:
+        if not self.values:
+            return "n/a"
+        return (f"{self.median:.{digits}f} [{self.lo:.{digits}f}-{self.hi:.{digits}f}]"
+                f" n={len(self.values)}")
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    return Summary(tuple(float(v) for v in values))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+def ratio_line(label: str, ratios: Sequence[float], target: float | None = None) -> str:
+    """The line every script prints for a ratio (the smoke test looks for ``ratio``)."""
+    s = summarize(ratios)
+    verdict = ""
+    if target is not None:
+        verdict = f"  target >= {target:.2f}: {'met' if s.median >= target else 'MISSED'}"
+    return f"ratio {label}: {s.fmt(3)}{verdict}"
+
+
+# -- data sets -------------------------------------------------------------------------------
+
+
+def _field(rows: int, cols: int, seed: int) -> np.ndarray:
+    """A smooth radiograph-like field with noise, 12-bit values in uint16 (cheap to make)."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0.0, np.pi, rows, dtype=np.float32)[:, None]
+    x = np.linspace(0.0, 2 * np.pi, cols, dtype=np.float32)[None, :]
+    field = 0.5 + 0.3 * np.sin(x) * np.cos(y)
+    field = field + 0.05 * rng.standard_normal((rows, cols), dtype=np.float32)
+    top = (1 << BITS_STORED) - 1
+    return (np.clip(field, 0.0, 1.0) * top).astype(np.uint16)
+
+
+def make_set(directory: Path, n: int, rows: int, cols: int, seed: int = 0) -> list[Path]:
+    """``n`` distinct 16-bit CR instances (own SOP UIDs, one study) of ``rows`` x ``cols``.
+
+    Reused when ``directory`` already holds the same set (generation is not what we measure).
+    Each instance gets its own pixel bytes (a per-instance shift of one base field), so no
+    layer can short-cut identical payloads.
+    """
+    stamp = directory / "set.json"
+    want = {"n": n, "rows": rows, "cols": cols, "seed": seed, "bits": BITS_STORED}
+    files = [directory / f"i{i:05d}.dcm" for i in range(n)]
+    if stamp.exists() and json.loads(stamp.read_text()) == want and all(f.exists() for f in files):
+        return files
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    from pydicom.uid import generate_uid
+
+    base = _field(rows, cols, seed)
+    study, series = generate_uid(), generate_uid()
+    for i, f in enumerate(files):
+        pixels = np.roll(base, i * 7, axis=1)
+        make_cr(f, pixels, BITS_STORED, study_uid=study, series_uid=series,
+                instance_number=i + 1)
+    stamp.write_text(json.dumps(want))
+    return files
+
+
+def megabytes(files: Sequence[Path]) -> float:
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
+# -- machine and versions ---------------------------------------------------------------------
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def machine_info() -> dict[str, str]:
+    """What RESULTS.md records beside each figure."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import pydicom
+    import pynetdicom
+
+    def first_line(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    return {
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpu": f"{cpu} x{os.cpu_count()}",
+        "loadavg_start": loadavg(),
+        "python": platform.python_version(),
+        "pydicom": pydicom.__version__,
+        "pynetdicom": pynetdicom.__version__,
+        "dcmtk": first_line([STORESCU, "--version"]),
+        "orthanc": first_line([ORTHANC, "--version"]),
+    }
+
+
+def print_header(title: str, argv: Sequence[str]) -> None:
+    print(f"# {title}")
+    print("command: .venv/bin/python -m " + " ".join(argv))
+    for k, v in machine_info().items():
+        print(f"{k}: {v}")
+    sys.stdout.flush()
+
+
+# -- bundle ----------------------------------------------------------------------------------
+
+
+def bundle_dir(cache: Path, explicit: Path | None = None) -> tuple[Path, str]:
+    """The model bundle to screen with, and a word on which one it is.
+
+    The shipped default when present (detector/models/default), otherwise the fixture bundle
+    (same runtime code paths and model shapes as the tests; built once into ``cache``).
+    """
+    if explicit is not None:
+        return explicit, f"given ({explicit})"
+    default = REPO_ROOT / "detector" / "models" / "default"
+    if (default / "manifest.json").exists():
+        return default, "shipped default bundle"
+    target = cache / "fixture-bundle"
+    if not (target / "manifest.json").exists():
+        sys.path.insert(0, str(REPO_ROOT / "tests"))
+        from fixture_bundle import build_fixture_bundle
+
+        if target.exists():
+            shutil.rmtree(target)
+        build_fixture_bundle(target)
+    return target, "fixture bundle (tests/fixture_bundle.py; default bundle not shipped yet)"
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set size of a running process (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def storescu_cmd(port: int, files: Sequence[Path], called: str) -> list[str]:
+    return [STORESCU, "-aet", MODALITY_AE, "-aec", called, "-to", "30", "-ta", "30",
+            "-td", "120", "127.0.0.1", str(port), *map(str, files)]
+
+
+def send_parallel(port: int, shares: Sequence[Sequence[Path]], called: str,
+                  timeout: float = 900) -> float:
+    """Run one storescu per share at once (one association each); wall seconds until all exit.
+
+    Raises RuntimeError naming the failing share when a storescu does not exit 0.
+    """
+    env = dcmtk_env()
+    t0 = time.time()
+    procs = [subprocess.Popen(storescu_cmd(port, s, called), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=env) for s in shares if s]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    wall = time.time() - t0
+    for p, out in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to port {port} failed ({p.returncode}): "
+                               f"{out.decode(errors='replace')[-800:]}")
+    return wall
+
+
+def split(files: Sequence[Path], k: int) -> list[list[Path]]:
+    """``k`` contiguous shares (each association sends whole runs of the series in order)."""
+    n = len(files)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [list(files[bounds[i]:bounds[i + 1]]) for i in range(k)]
+
+
+@contextlib.contextmanager
+def workdir(keep: bool = False) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="sentinel-bench-"))
+    try:
+        yield d
+    finally:
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def orthanc(root: Path, gateway_port: int = 0) -> Iterator[OrthancServer]:
+    """A fresh Orthanc on its own storage under ``root`` that accepts MODALITY and SENTINEL."""
+    if root.exists():
+        shutil.rmtree(root)
+    mods = {"modality": (MODALITY_AE, 104)}
+    if gateway_port:
+        mods["sentinel"] = (GATEWAY_AE, gateway_port)
+    server = OrthancServer(root, mods, aet=ORTHANC_AE)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root / "db", ignore_errors=True)
+
+
+@dataclass
+class GatewayRun:
+    """A running gateway (subprocess) forwarding to one Orthanc, and where its audit log is."""
+
+    proc: GatewayProcess
+    state: Path
+    port: int
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.proc is not None
+        return int(self.proc.proc.pid)
+
+    def forwarded_times(self) -> dict[str, float]:
+        """SOP UID -> unix time of its 'forwarded' audit line (written after Orthanc's reply)."""
+        return audit_times(self.state, "forwarded")
+
+
+def audit_times(state: Path, event: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    path = state / "audit" / "audit.jsonl"
+    with contextlib.suppress(FileNotFoundError), path.open() as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if rec.get("event") == event and rec.get("sop_uid"):
+                    when = datetime.fromisoformat(str(rec["time"]).replace("Z", "+00:00"))
+                    out[str(rec["sop_uid"])] = when.timestamp()
+    return out
+
+
+@contextlib.contextmanager
+def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int = 2,
+            max_assoc: int = 16, env: dict[str, str] | None = None) -> Iterator[GatewayRun]:
+    """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    state = root / "state"
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+            f'port = {orthanc_port}\nae_title = "{ORTHANC_AE}"\n')
+    cfg = write_config(
+        root / "gateway.toml", state=state, port=port, destinations=dest, default=SCREEN_ALL,
+        bundle=bundle, limits=(f"max_associations = {max_assoc}\n"
+                               f"max_associations_per_caller = {max_assoc}\n"
+                               "max_instance_mb = 200"),
+    )
+    text = cfg.read_text()
+    if "workers = 1\n" in text:  # the harness writes one worker; the product default is 2
+        cfg.write_text(text.replace("workers = 1\n", f"workers = {workers}\n", 1))
+    full_env = {"TCP_NODELAY": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
+    proc = GatewayProcess(cfg, root / "gateway.log", port)
+    proc.start(timeout=120, env=full_env)
+    try:
+        yield GatewayRun(proc, state, port)
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Send:
+    """One measured send of a set."""
+
+    n: int
+    megabytes: float
+    ack_s: float  # until every storescu exited (all acknowledged by the receiver)
+    done_s: float  # until the last instance was stored in Orthanc (== ack_s for direct sends)
+    rss_mb: float = float("nan")
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ack_rate(self) -> float:
+        return self.n / self.ack_s
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.done_s
+
+    @property
+    def mb_rate(self) -> float:
+        return self.megabytes / self.done_s
+
+
+def send_direct(root: Path, files: Sequence[Path], k: int = 1) -> Send:
+    """storescu (k associations) straight into a fresh Orthanc."""
+    with orthanc(root / "orthanc") as pacs:
+        wall = send_parallel(pacs.dicom_port, split(files, k), ORTHANC_AE)
+        got = pacs.wait_for_count(len(files), timeout=60)
+        if got != len(files):
+            raise RuntimeError(f"Orthanc holds {got} of {len(files)} instances after a direct send")
+    return Send(len(files), megabytes(files), wall, wall)
+
+
+def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
+                     workers: int = 2, timeout: float = 900) -> Send:
+    """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
+
+    ``done_s`` ends at the audit time of the last 'forwarded' line (the forwarder writes it
+    after Orthanc answered the C-STORE), so polling does not inflate it.
+    """
+    port = free_port()
+    with orthanc(root / "orthanc", gateway_port=port) as pacs, \
+            gateway(root / "gw", pacs.dicom_port, port, bundle, workers=workers) as gw:
+        t0 = time.time()
+        ack = send_parallel(port, split(files, k), GATEWAY_AE, timeout=timeout)
+        n = len(files)
+        if not wait_until(lambda: len(gw.forwarded_times()) >= n, timeout=timeout,
+                          interval=0.05):
+            raise RuntimeError(f"gateway forwarded {len(gw.forwarded_times())} of {n}; "
+                               f"log: {gw.proc.log()[-1500:]}")
+        done = max(gw.forwarded_times().values()) - t0
+        rss = vm_hwm_mb(gw.pid)
+        got = pacs.wait_for_count(n, timeout=60)
+        if got != n:
+            raise RuntimeError(f"Orthanc holds {got} of {n} instances after the gateway send")
+    return Send(n, megabytes(files), ack, max(done, ack), rss)

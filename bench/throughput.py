@@ -1,0 +1,94 @@
+"""Throughput: DCMTK storescu straight into Orthanc against storescu -> gateway -> same Orthanc.
+
+Why side by side: on a shared 2-core machine absolute rates move with the neighbours' load, so
+each repeat sends the same files once directly and once through the gateway (screening every
+instance, forwarding to a fresh Orthanc), alternating, and the figure that counts is the ratio
+gateway/direct per repeat (median and min..max over the repeats).
+
+Direct: until storescu exits (Orthanc acknowledges each C-STORE after storing it).
+Gateway: until the last instance is stored in Orthanc (the gateway's 'forwarded' audit time of
+the last instance, written after Orthanc's C-STORE response), from the start of storescu.
+
+    .venv/bin/python -m bench.throughput                 # 500 x 512x512 and 100 x 2048x2500
+    .venv/bin/python -m bench.throughput --tiny          # seconds; what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.common import (
+    Send,
+    bundle_dir,
+    loadavg,
+    make_set,
+    print_header,
+    ratio_line,
+    send_direct,
+    send_via_gateway,
+    summarize,
+    workdir,
+)
+
+TARGETS = {"512x512": 0.90, "2048x2500": 0.80}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n512", type=int, default=500, help="instances of 512x512 (0: skip)")
+    p.add_argument("--nlarge", type=int, default=100, help="instances of 2048x2500 (0: skip)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2, help="gateway screening workers")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/sentinel-bench-cache"),
+                   help="where the generated DICOM sets and the fixture bundle are kept")
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke mode: 6 x 512x512, 2 x 2048x2500, one repeat")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.n512, args.nlarge, args.repeats = 6, 2, 1
+    return args
+
+
+def report(label: str, direct: list[Send], via: list[Send], target: float | None) -> None:
+    print(f"\n## {label}: {direct[0].n} instances, {direct[0].megabytes:.1f} MB per set")
+    print(f"direct  inst/s {summarize([s.rate for s in direct]).fmt()}"
+          f"  MB/s {summarize([s.mb_rate for s in direct]).fmt()}")
+    print(f"gateway inst/s {summarize([s.rate for s in via]).fmt()}"
+          f"  MB/s {summarize([s.mb_rate for s in via]).fmt()}"
+          f"  (acknowledged: inst/s {summarize([s.ack_rate for s in via]).fmt()})")
+    print(f"gateway peak RSS MB {summarize([s.rss_mb for s in via]).fmt(0)}")
+    ratios = [v.rate / d.rate for d, v in zip(direct, via, strict=True)]
+    print(ratio_line(f"throughput gateway/direct {label}", ratios, target))
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    print_header("throughput: storescu -> Orthanc vs storescu -> gateway -> Orthanc",
+                 ["bench.throughput", *(sys.argv[1:] if argv is None else argv)])
+    bundle, which = bundle_dir(args.cache, args.bundle)
+    print(f"bundle: {which}; gateway workers: {args.workers}")
+    sets = [("512x512", args.n512, 512, 512), ("2048x2500", args.nlarge, 2500, 2048)]
+    with workdir() as work:
+        for label, n, rows, cols in sets:
+            if n <= 0:
+                continue
+            files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+            direct: list[Send] = []
+            via: list[Send] = []
+            for r in range(args.repeats):
+                direct.append(send_direct(work / "d", files))
+                via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers))
+                print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway "
+                      f"{via[-1].rate:.1f}/s (ack {via[-1].ack_rate:.1f}/s), "
+                      f"load {loadavg()}", flush=True)
+            report(label, direct, via, TARGETS[label])
+    print(f"\nloadavg_end: {loadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
