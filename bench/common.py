@@ -395,3 +395,35 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
         if got != n:
             raise RuntimeError(f"Orthanc holds {got} of {n} instances after the gateway send")
     return Send(n, megabytes(files), ack, max(done, ack), rss)
+
+
+@contextlib.contextmanager
+def discard_scp(port: int) -> Iterator[int]:
+    """bench/discard_scp.py as a child process on ``port``; yields its pid."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.discard_scp", "--port", str(port), "--ae-title",
+         GATEWAY_AE], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()
+        if line != "ready":
+            raise RuntimeError(f"discard SCP did not start: {line} {proc.stdout.read()[-800:]!r}")
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def send_discard(files: Sequence[Path], k: int = 1) -> Send:
+    """storescu (k associations) into the discard-only pynetdicom SCP."""
+    port = free_port()
+    with discard_scp(port) as pid:
+        wall = send_parallel(port, split(files, k), GATEWAY_AE)
+        rss = vm_hwm_mb(pid)
+    return Send(len(files), megabytes(files), wall, wall, rss)

@@ -1,0 +1,78 @@
+"""Ingest: how fast the gateway acknowledges instances (spooled with fsync) against a
+pynetdicom SCP that discards them, side by side in one run.
+
+Why this baseline: both are pynetdicom on the same sockets settings, so the ratio is the price
+of the gateway's own receive path (stream to spool/tmp, xattr, fsync, rename, directory fsync,
+hand-off) while screening and forwarding run beside it on the same two cores, as in service.
+The gateway here is the full daemon (screening on, forwarding to a fresh Orthanc); the rate is
+instances over the time until storescu exits (every C-STORE answered).
+
+    .venv/bin/python -m bench.ingest
+    .venv/bin/python -m bench.ingest --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.common import (
+    Send,
+    bundle_dir,
+    loadavg,
+    make_set,
+    print_header,
+    ratio_line,
+    send_discard,
+    send_via_gateway,
+    summarize,
+    workdir,
+)
+
+TARGET = 0.80
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n512", type=int, default=500)
+    p.add_argument("--nlarge", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=Path("/tmp/sentinel-bench-cache"))
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--tiny", action="store_true", help="smoke mode: 6 x 512x512, one repeat")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.n512, args.nlarge, args.repeats = 6, 0, 1
+    print_header("ingest: gateway acknowledgements vs a discard-only pynetdicom SCP",
+                 ["bench.ingest", *argv])
+    bundle, which = bundle_dir(args.cache, args.bundle)
+    print(f"bundle: {which}; gateway workers: {args.workers}")
+    with workdir() as work:
+        for label, n, rows, cols in (("512x512", args.n512, 512, 512),
+                                     ("2048x2500", args.nlarge, 2500, 2048)):
+            if n <= 0:
+                continue
+            files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+            base: list[Send] = []
+            via: list[Send] = []
+            for r in range(args.repeats):
+                base.append(send_discard(files))
+                via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers))
+                print(f"  repeat {r + 1}: discard {base[-1].ack_rate:.1f}/s, gateway ack "
+                      f"{via[-1].ack_rate:.1f}/s, load {loadavg()}", flush=True)
+            print(f"\n## {label}: {n} instances")
+            print(f"discard-only SCP inst/s {summarize([s.ack_rate for s in base]).fmt()}"
+                  f"  peak RSS MB {summarize([s.rss_mb for s in base]).fmt(0)}")
+            print(f"gateway ack      inst/s {summarize([s.ack_rate for s in via]).fmt()}"
+                  f"  peak RSS MB {summarize([s.rss_mb for s in via]).fmt(0)}")
+            ratios = [v.ack_rate / b.ack_rate for b, v in zip(base, via, strict=True)]
+            print(ratio_line(f"ingest gateway/discard {label}", ratios, TARGET), flush=True)
+    print(f"\nloadavg_end: {loadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
