@@ -133,3 +133,30 @@ def test_corrupt_bundle_exit_2_names_file(
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
     rc, _, err = run_cli(capsys, "--bundle", str(b), str(tmp_path / "x.png"))
     assert rc == 2 and "forest.npz" in err
+
+
+def test_real_command_line(fixture_bundle: Path, nema_dir: Path) -> None:
+    """The console entry point in a fresh process, as an operator runs it."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "score",
+            "--bundle",
+            str(fixture_bundle),
+            str(nema_dir),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if ".dcm" in line]
+    assert len(rows) == 4
+    assert all(("clean" in r) != ("FLAGGED" in r) for r in rows)
