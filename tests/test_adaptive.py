@@ -1,0 +1,123 @@
+"""Adaptive attacks on tiny synthetic data: outputs stay on the source grid within eps, the
+victim term works, the statistics penalty keeps the features nearer their clean values, the
+HFC Gaussians and the forest surrogate behave. Untrained Keras models and the fixture bundle:
+the point is the mechanics, not the figures (those come from runs on real radiographs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from detector import features  # noqa: E402
+from train import adaptive, surrogate  # noqa: E402
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:224, 0:224] / 224.0
+    out = []
+    for _ in range(n):
+        a, b = rng.uniform(1, 4, 2)
+        img = 0.45 + 0.25 * np.sin(a * xx + rng.uniform(0, 3)) * np.cos(b * yy)
+        out.append(np.round(np.clip(img, 0, 1) * 255) / 255)
+    return np.stack(out).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def models(fixture_bundle: Path) -> adaptive.AdaptiveModels:
+    import keras
+
+    from detector.scoring import Detector
+    from train import victim
+
+    keras.utils.set_random_seed(0)
+    vic = victim.build_victim()
+    det = Detector.load(fixture_bundle)
+    cnn = keras.saving.load_model(str(det.manifest.path_of("cnn_keras")), compile=False)
+    x = _images(6, seed=1)
+    f_clean = features.extract_batch(x)
+    return adaptive.AdaptiveModels(victim=vic, cnn=cnn, detector=det,
+                                   feature_scale=f_clean.std(axis=0) + 1e-6)
+
+
+def test_attack_stays_on_grid_within_eps_and_moves_the_victim(models) -> None:
+    from train import victim
+
+    x = _images(2)
+    logits = victim.predict_logits(models.victim, x)
+    y = (logits > 0).astype(np.float64)  # the victim's own prediction: the attack flips it
+    spec = adaptive.AdaptiveAttack("victim-only", select="proxy")
+    s = adaptive.AttackSettings(eps=0.006, steps=8, check_every=4, kappa=50.0)
+    adv = adaptive.run_attack(models, spec, s, x, y)
+    k = adv * 255
+    assert np.allclose(k, np.round(k), atol=1e-3)
+    assert np.abs(adv - x).max() <= 0.006 + 0.5 / 255 + 1e-6
+    after = victim.predict_logits(models.victim, adv)
+    sign = 2 * y - 1
+    assert np.all(sign * after < sign * logits)  # the margin loss was descended
+
+
+def test_statistics_penalty_keeps_features_nearer_clean(models) -> None:
+    from train import victim
+
+    x = _images(2, seed=5)
+    y = (victim.predict_logits(models.victim, x) > 0).astype(np.float64)
+    s = adaptive.AttackSettings(eps=0.006, steps=10, check_every=5, kappa=50.0)
+    plain = adaptive.run_attack(models, adaptive.AdaptiveAttack("plain", select="proxy"), s, x, y)
+    stats = adaptive.run_attack(
+        models, adaptive.AdaptiveAttack("stats", w_stats=50.0, select="proxy"), s, x, y)
+    f0 = features.extract_batch(x)
+
+    def dev(a: np.ndarray) -> float:
+        return float(np.mean(((features.extract_batch(a) - f0) / models.feature_scale) ** 2))
+
+    assert dev(stats) < dev(plain)
+
+
+def test_hfc_gaussians_and_distance() -> None:
+    import keras
+
+    from train import victim
+
+    keras.utils.set_random_seed(0)
+    vic = victim.build_victim()
+    probe, names = adaptive.victim_probe(vic)
+    assert len(names) == 5  # four strided blocks + the last conv
+    x = _images(8, seed=2)
+    y = np.array([0, 1] * 4)
+    g = adaptive.fit_gaussians(probe, names, x, y)
+    acts = probe(x[..., None], training=False)
+    d_own = adaptive.hfc_distance(list(acts), g, tf.constant(y, tf.float32)).numpy()
+    assert d_own.shape == (8,) and np.all(np.isfinite(d_own)) and np.all(d_own >= 0)
+
+
+def test_surrogate_follows_the_forest_and_round_trips(tmp_path: Path) -> None:
+    from sklearn.ensemble import RandomForestClassifier
+
+    from detector.forest import ForestArrays
+
+    rng = np.random.default_rng(0)
+    f_clean = rng.normal(0, 1, (300, 4))
+    f_pert = f_clean + np.array([2.0, 0, 0, 0])
+    rf = RandomForestClassifier(30, random_state=0).fit(
+        np.r_[f_clean, f_pert], np.r_[np.zeros(300), np.ones(300)])
+    forest = ForestArrays.from_sklearn(rf)
+    sur = surrogate.fit_surrogate(forest, f_clean, f_pert, epochs=40)
+    assert sur.fidelity["decision_agreement"] > 0.85
+    sur.save(tmp_path / "s.npz")
+    back = surrogate.Surrogate.load(tmp_path / "s.npz")
+    pts = np.r_[f_clean[:5], f_pert[:5]]
+    np.testing.assert_allclose(back.logit_np(pts), sur.logit_np(pts))
+    np.testing.assert_allclose(sur.logit_tf(tf.constant(pts)).numpy(), sur.logit_np(pts),
+                               rtol=1e-6, atol=1e-9)
+    assert np.all(sur.logit_np(f_pert[:20]) > sur.logit_np(f_clean[:20]).max() - 5)
+
+
+def test_wilson_interval() -> None:
+    lo, hi = adaptive.wilson(50, 100)
+    assert lo < 0.5 < hi and hi - lo < 0.21
+    assert adaptive.wilson(0, 10)[0] == 0.0
