@@ -266,6 +266,12 @@ def _iter_frames(ds: Dataset, source: str, max_pixels: int) -> Iterator[np.ndarr
                 f"{rows}x{cols}x{frames} frames x {bits_alloc // 8} bytes = {expected}; the "
                 "file is truncated or its header is wrong"
             )
+        if len(data) > expected + (expected % 2):  # one pad byte to even length is legal
+            raise PixelDataLengthMismatch(
+                f"{source}: Pixel Data holds {len(data)} bytes, {len(data) - expected} more "
+                f"than the {rows}x{cols}x{frames} frames x {bits_alloc // 8} bytes the header "
+                "declares; refusing data the header does not account for"
+            )
     elif len(data) < 16:
         raise PixelDataLengthMismatch(
             f"{source}: encapsulated Pixel Data of {len(data)} bytes cannot hold {frames} frame(s)"

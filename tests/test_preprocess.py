@@ -331,6 +331,13 @@ def test_wrong_pixel_length(tmp_path: Path) -> None:
     with pytest.raises(PixelDataLengthMismatch) as info:
         preprocess_path(save(ds, tmp_path / "short.dcm"))
     assert info.value.reason == "pixel-length"
+    ds = make_ds(ramp(), bits_stored=12)
+    ds.PixelData = ds.PixelData + b"\x00\x00"  # a payload after the pixels
+    with pytest.raises(PixelDataLengthMismatch, match="more than"):
+        preprocess_path(save(ds, tmp_path / "long.dcm"))
+    odd = make_ds(np.arange(15).reshape(3, 5), bits_stored=8)  # 15 bytes + 1 legal pad byte
+    out = load_unit(save(odd, tmp_path / "odd.dcm"))
+    np.testing.assert_allclose(out[0], np.arange(15).reshape(3, 5) / 255, atol=1e-7)
 
 
 def test_rgb_dicom_and_images(tmp_path: Path) -> None:
