@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import ssl
 import threading
 import time
@@ -285,6 +286,13 @@ class Forwarder:
         self._wake = False
         self._stop = False
         self._thread: threading.Thread | None = None
+        # Bookkeeping after a successful send (ledger fsync, unlink, audit) runs on a
+        # completer thread, overlapping the next C-STORE instead of delaying it.
+        self._done: queue.Queue[tuple[Entry, float] | None] = queue.Queue()
+        self._completer: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._completing: set[str] = set()  # outbox names sent, not yet unlinked
+        self._sent_now: set[str] = set()  # SOP UIDs sent, not yet in the ledger
         self._dest_attempts = 0
         self._dest_hold_until = 0.0
         self.stats = _Stats(dead=len(list_outbox(self.layout.dead(dest.name))))
@@ -296,6 +304,10 @@ class Forwarder:
             target=self._run, name=f"forward-{self.dest.name}", daemon=True
         )
         self._thread.start()
+        self._completer = threading.Thread(
+            target=self._complete_loop, name=f"forward-done-{self.dest.name}", daemon=True
+        )
+        self._completer.start()
 
     def notify(self) -> None:
         with self._cond:
@@ -309,6 +321,9 @@ class Forwarder:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._completer is not None:
+            self._done.put(None)
+            self._completer.join(timeout)
         self.sender.close()
         self.ledger.close()
 
@@ -318,7 +333,9 @@ class Forwarder:
     # -- queue -------------------------------------------------------------------------------
 
     def _rescan(self) -> None:
-        names = list_outbox(self.dir)
+        with self._lock:
+            completing = set(self._completing)
+        names = [n for n in list_outbox(self.dir) if n not in completing]
         present = set(names)
         for gone in [n for n in self._entries if n not in present]:
             del self._entries[gone]
@@ -408,7 +425,9 @@ class Forwarder:
             "destination": self.dest.name,
         }
         fields = {k: v for k, v in base.items() if v}
-        if entry.sop_uid in self.ledger:
+        with self._lock:
+            sent_now = entry.sop_uid in self._sent_now
+        if sent_now or entry.sop_uid in self.ledger:
             LOG.info("%s already delivered to %s; dropping the duplicate", entry.sop_uid,
                      self.dest.name)
             self._remove(entry)
@@ -428,25 +447,50 @@ class Forwarder:
             self._failed(entry, SendError(f"{type(exc).__name__}: {exc}", False), fields)
             return
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        self.ledger.add(entry.sop_uid)
-        self._remove(entry)
+        with self._lock:
+            self._completing.add(entry.name)
+            self._sent_now.add(entry.sop_uid)
+        self._entries.pop(entry.name, None)
+        with contextlib.suppress(ValueError):
+            self._order.remove(entry.name)
         self._dest_attempts = 0
         self.stats.sent += 1
         received_at = entry.meta.get("received_at")
         total_ms = None
         if isinstance(received_at, int | float):
             total_ms = round((time.time() - float(received_at)) * 1000.0, 3)
-        self._audit_safe(
-            "forwarded", latency_ms=round(latency_ms, 3), status="ok",
-            calling_ae=str(entry.meta.get("calling_ae", "")) or None,
-            modality=str(entry.meta.get("modality", "")) or None, **fields,
-        )
         if self._metrics is not None:
             self._metrics.forwarded(
                 self.dest.name, str(entry.meta.get("modality", "")),
                 str(entry.meta.get("calling_ae", "")), total_ms,
             )
+        self._done.put((entry, latency_ms))
         self._publish()
+
+    def _complete_loop(self) -> None:
+        """Record each delivery: ledger (fsync) first, then remove the outbox entry, audit."""
+        while True:
+            item = self._done.get()
+            if item is None:
+                return
+            entry, latency_ms = item
+            try:
+                self.ledger.add(entry.sop_uid)
+            except OSError:
+                LOG.exception("could not record delivery of %s in the ledger", entry.sop_uid)
+            for suffix in (".dcm", ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / (entry.name[:-4] + suffix))
+            with self._lock:
+                self._completing.discard(entry.name)
+                self._sent_now.discard(entry.sop_uid)
+            fields = {"sop_uid": entry.sop_uid, "study_uid": entry.study or None,
+                      "destination": self.dest.name}
+            self._audit_safe(
+                "forwarded", latency_ms=round(latency_ms, 3), status="ok",
+                calling_ae=str(entry.meta.get("calling_ae", "")) or None,
+                modality=str(entry.meta.get("modality", "")) or None, **fields,
+            )
 
     def _backoff(self, attempts: int) -> float:
         fw = self._config().forwarding
