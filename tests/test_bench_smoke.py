@@ -1,0 +1,50 @@
+"""Each gateway benchmark runs end to end in its tiny mode and prints its ratio lines.
+
+Why in CI: the benchmark scripts start real servers (Orthanc, the gateway, storescu) and parse
+the gateway's audit log; a change in any of those breaks them silently unless they run. The
+tiny modes take seconds and prove the whole path, not the figures (those are in
+bench/RESULTS.md, measured on full sets).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dcmtk import require_dcmtk
+from tests.orthanc import require_orthanc
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+CASES = {
+    "bench.throughput": [r"ratio throughput gateway/direct 512x512: \d+\.\d+ \[.*\] n=1"],
+    "bench.ingest": [r"ratio ingest gateway/discard 512x512: \d+\.\d+ \[.*\] n=1"],
+    "bench.latency": [r"ratio added-latency p50 / direct C-STORE p50 512x512: \d+\.\d+",
+                      r"target added p50 <= 50 ms: (met|MISSED) \(median \d+\.\d+ ms\)"],
+    "bench.scaling": [r"ratio scaling k=2 gateway/direct 512x512: \d+\.\d+",
+                      r"ratio scaling matrix 512 gateway/direct: \d+\.\d+"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(CASES))
+def test_bench_script_tiny(module: str, tmp_path: Path, fixture_bundle: Path) -> None:
+    require_dcmtk()
+    require_orthanc()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", module, "--tiny", "--bundle", str(fixture_bundle),
+         "--cache", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for pattern in CASES[module]:
+        assert re.search(pattern, r.stdout), f"{module}: no line matching {pattern!r}\n{r.stdout}"
+    # every run records where it ran and under which load
+    assert re.search(r"^loadavg_start: [\d.]+ [\d.]+ [\d.]+$", r.stdout, re.M)
+    assert re.search(r"^orthanc: .*Orthanc", r.stdout, re.M)
