@@ -153,6 +153,14 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
 def measure_latency(bundle_dir: Path, x: np.ndarray, n: int) -> dict[str, Any]:
     """Per-sample latency of each part at one thread (the runtime's Detector), median and IQR;
     beside it the paper's architecture as a standalone TFLite CNN on the same images."""
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # BLAS threads would wake per np.dot (detector notes)
+        return _measure_latency(bundle_dir, x, n)
+
+
+def _measure_latency(bundle_dir: Path, x: np.ndarray, n: int) -> dict[str, Any]:
     from detector.cnn import LiteRTModel
     from detector.scoring import Detector
 

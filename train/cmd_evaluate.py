@@ -23,6 +23,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="cache directory (default: <out>/cache)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--model-card", action="store_true",
+                        help="also write MODEL_CARD.md from these measurements into the bundle "
+                        "(re-writing its manifest, same bundle id)")
+
+
+REPRODUCE = """\
+# train (about 40-60 min on 2 CPU cores; resumable: rerun the same command after a stop)
+sentinel train --data ../shared/data/kermany224 --out detector/models/default \\
+    --work runs/train-full --seed 0
+# evaluate: HTML report, PNG figures, metrics.json (reuses the training work dir's caches)
+sentinel evaluate --bundle detector/models/default --data ../shared/data/kermany224 \\
+    --second-source ../shared/data/nih_cxr14_1000 --out runs/report --work runs/train-full \\
+    --model-card
+# red-team a real DICOM and score it
+sentinel attack ../shared/data/dicom_cr_nema/RG1_UNCR.dcm /tmp/rg1_pgd.dcm --method pgd --eps 0.006
+sentinel score /tmp/rg1_pgd.dcm
+"""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +62,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"sentinel evaluate: {exc}", file=sys.stderr)
         return 2
     index = write_report(result, Path(args.out))
+    from train.report import add_model_card, model_card, readme_table
+
+    table = readme_table(result["metrics"])
+    (Path(args.out) / "readme_table.md").write_text(table + "\n")
+    if args.model_card:
+        m = result["metrics"]
+        extra = {"second_source": {k: v for k, v in m.get("second_source", {}).items()
+                                   if k in ("source", "images", "clean_fpr_at_threshold",
+                                            "pgd_0.006_detection_at_threshold", "auc_ci")},
+                 "latency_ms": m.get("latency_ms", {})}
+        add_model_card(Path(bundle), model_card(m, table, REPRODUCE), extra)
+        print(f"model card: {Path(bundle) / 'MODEL_CARD.md'}")
     m = result["metrics"]
     per = m["per_perturbation"]
     print(f"report: {index}")

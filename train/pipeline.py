@@ -51,6 +51,7 @@ class TrainConfig:
     trees: int = 200
     max_depth: int = 12
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    resample_augment: float = 0.5  # share of training images also given a resampled copy
     train_draw: dict[str, float] = field(default_factory=lambda: dict(TRAIN_DRAW))
 
     def quickened(self) -> TrainConfig:
@@ -302,12 +303,64 @@ def stage_perturb_train(cfg: TrainConfig, work: Work, arr: SplitArrays, model: A
     return pert, kinds
 
 
+# ---------------------------------------------------------------- resampled-source copies
+
+RESAMPLE_SIZES = (320, 448, 512, 640, 768)
+RESAMPLE_MAX_SIGMA = 2.0 / 255
+
+
+def resampled_pair(x224: np.ndarray, delta224: np.ndarray, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A clean image as a different acquisition chain would store it, and its perturbed copy.
+
+    Why: Kermany images are 224x224 double-JPEG, almost noise-free at 224; a detector trained
+    on them alone learns "any pixel noise at 224 = tampering" and flags clean images from
+    sources stored at a larger matrix with their own sensor noise. Here the clean image is
+    upsampled (bicubic) to a random native size, given random sensor-like noise at that size,
+    rounded to 8 bits, and read back through the runtime path (area resize to 224); the
+    perturbed copy adds the same image's perturbation delta mapped onto that native grid with
+    ``attacks.to_native``, exactly as an attack on such a source is stored.
+    """
+    from PIL import Image
+
+    from detector import preprocess
+
+    size = int(rng.choice(RESAMPLE_SIZES))
+    up = np.asarray(Image.fromarray(x224.astype(np.float32), mode="F")
+                    .resize((size, size), Image.BICUBIC), np.float32)
+    sigma = float(rng.uniform(0.0, RESAMPLE_MAX_SIGMA))
+    native = attacks.quantise(up + rng.normal(0.0, sigma, up.shape).astype(np.float32), 255)
+    clean = preprocess.resize_to_input(native[None])[0]
+    pert = preprocess.resize_to_input(attacks.to_native(native, delta224, 255)[None])[0]
+    return clean, pert
+
+
+def stage_resampled(work: Work, name: str, x: np.ndarray, pert: np.ndarray, idx: np.ndarray,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resampled clean/perturbed copies of images ``idx`` (delta = their stored perturbation)."""
+    from tqdm import tqdm
+
+    if work.has(f"resampled/{name}_pert.npy"):
+        return work.load_npy(f"resampled/{name}_clean.npy"), work.load_npy(
+            f"resampled/{name}_pert.npy")
+    rng = np.random.default_rng([seed, 23])
+    clean = np.empty((len(idx), 224, 224), np.float32)
+    out = np.empty_like(clean)
+    for j, i in enumerate(tqdm(idx, desc=f"resampled copies {name}", leave=False)):
+        clean[j], out[j] = resampled_pair(x[i], pert[i] - x[i], rng)
+    work.save_npy(f"resampled/{name}_clean.npy", clean)
+    work.save_npy(f"resampled/{name}_pert.npy", out)
+    return clean, out
+
+
 # ---------------------------------------------------------------- features
 
 def features_of(work: Work, rel: str, x: np.ndarray) -> np.ndarray:
     """detector.features on (n, 224, 224), cached: the exact runtime feature code."""
     from detector import features
 
+    if len(x) == 0:
+        return np.empty((0, len(features.FEATURE_NAMES)), np.float64)
     return work.cached_npy(rel, lambda: features.extract_batch(x))
 
 
@@ -327,14 +380,33 @@ def detector_sets(tr: SplitArrays, tr_pert: np.ndarray, va: SplitArrays,
                   va_pert: dict[str, np.ndarray], seed: int) -> DetectorSets:
     """Train: each image clean + its drawn perturbation. Val (for early stopping): each image
     clean + one perturbation drawn uniformly from the suite (balanced)."""
-    rng = np.random.default_rng([seed, 11])
-    pick = rng.integers(0, len(SUITE), size=len(va.x))
-    vp = np.stack([va_pert[SUITE[k].name][i] for i, k in enumerate(pick)]) if len(va.x) else va.x
+    vp = val_mixed_perturbed(va, va_pert, seed)
     return DetectorSets(
         x_train=np.concatenate([tr.x, tr_pert]),
         y_train=np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert))],
         x_val=np.concatenate([va.x, vp]),
         y_val=np.r_[np.zeros(len(va.x)), np.ones(len(vp))],
+    )
+
+
+def val_mixed_perturbed(va: SplitArrays, va_pert: dict[str, np.ndarray],
+                        seed: int) -> np.ndarray:
+    """One perturbed copy per validation image, its kind drawn uniformly from the suite."""
+    rng = np.random.default_rng([seed, 11])
+    pick = rng.integers(0, len(SUITE), size=len(va.x))
+    rows = np.arange(len(va.x))
+    return np.stack([va_pert[p.name] for p in SUITE])[pick, rows] if len(va.x) else va.x
+
+
+def with_resampled(sets: DetectorSets, tr_pair: tuple[np.ndarray, np.ndarray],
+                   va_pair: tuple[np.ndarray, np.ndarray]) -> DetectorSets:
+    """The shipped CNN's data: Kermany pairs plus the resampled-source pairs."""
+    (tc, tp), (vc, vp) = tr_pair, va_pair
+    return DetectorSets(
+        x_train=np.concatenate([sets.x_train, tc, tp]),
+        y_train=np.r_[sets.y_train, np.zeros(len(tc)), np.ones(len(tp))],
+        x_val=np.concatenate([sets.x_val, vc, vp]),
+        y_val=np.r_[sets.y_val, np.zeros(len(vc)), np.ones(len(vp))],
     )
 
 
@@ -361,7 +433,13 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
         detector_cnn.CnnTrainConfig(epochs=epochs, seed=cfg.seed), label=name)
     work.save_json(f"models/{name}.json", {"train_images": len(x), "epochs": epochs,
                                            "seconds": time.time() - t0, "builder": builder})
-    model.save(str(work.path(f"models/{name}.keras")))
+    # a fresh, uncompiled copy: the .keras file then carries no optimizer state (3x smaller)
+    fresh = detector_cnn.build_shipped() if builder == "shipped" else detector_cnn.build_paper()
+    fresh.set_weights(model.get_weights())
+    keras_path = work.path(f"models/{name}.keras")
+    tmp_keras = keras_path.with_name("tmp-" + keras_path.name)
+    fresh.save(str(tmp_keras))
+    os.replace(tmp_keras, keras_path)
     tmp = tfl.with_name("tmp-" + tfl.name)
     detector_cnn.export_tflite(model, tmp)
     os.replace(tmp, tfl)
@@ -421,8 +499,12 @@ class ScoringModels:
         import hashlib
 
         h = hashlib.sha256()
-        for p in (self.cnn_tflite, self.paper_keras, self.baseline_keras, self.forest_path):
+        for p in (self.cnn_tflite, self.paper_keras, self.baseline_keras):
             h.update(Path(p).read_bytes())
+        with np.load(self.forest_path, allow_pickle=False) as z:  # arrays, not zip metadata
+            for k in sorted(z.files):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(z[k]).tobytes())
         return h.hexdigest()[:12]
 
 
@@ -500,14 +582,26 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     va_pert = timed("perturb_val", lambda: stage_perturb_eval(cfg, work, va, model, attack_fn))
     te_pert = timed("perturb_test", lambda: stage_perturb_eval(cfg, work, te, model, attack_fn))
 
+    sets = detector_sets(tr, tr_pert, va, va_pert, cfg.seed)
+    rs_idx = np.sort(np.random.default_rng([cfg.seed, 29]).permutation(len(tr.x))[
+        : round(cfg.resample_augment * len(tr.x))])
+    tr_rs = timed("resampled_train", lambda: stage_resampled(
+        work, "train", tr.x, tr_pert, rs_idx, cfg.seed))
+    va_mixed = val_mixed_perturbed(va, va_pert, cfg.seed)
+    va_rs = timed("resampled_val", lambda: stage_resampled(
+        work, "val", va.x, va_mixed, np.arange(len(va.x)) if len(rs_idx) else rs_idx,
+        cfg.seed + 1))
     log("features")
     f_tr = timed("features", lambda: np.concatenate([
         features_of(work, "feat/train/clean.npy", tr.x),
-        features_of(work, "feat/train/perturbed.npy", tr_pert)]))
-    y_tr = np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert))]
-    sets = detector_sets(tr, tr_pert, va, va_pert, cfg.seed)
+        features_of(work, "feat/train/perturbed.npy", tr_pert),
+        features_of(work, "feat/train/resampled_clean.npy", tr_rs[0]),
+        features_of(work, "feat/train/resampled_pert.npy", tr_rs[1])]))
+    y_tr = np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert)), np.zeros(len(tr_rs[0])),
+                 np.ones(len(tr_rs[1]))]
 
-    cnn_path = timed("cnn", lambda: stage_cnn(cfg, work, sets, "cnn", "shipped", cfg.cnn_epochs))
+    cnn_path = timed("cnn", lambda: stage_cnn(
+        cfg, work, with_resampled(sets, tr_rs, va_rs), "cnn", "shipped", cfg.cnn_epochs))
     forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
     paper_tflite = timed("paper_cnn", lambda: stage_cnn(
         cfg, work, sets, "paper_cnn", "paper", cfg.paper_epochs, cfg.paper_max_images))
@@ -523,14 +617,25 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         work, models, va, va_pert, clean_only_parts=("paper_cnn", "baseline_cnn")))
     test_book = timed("score_test", lambda: score_book(work, models, te, te_pert))
 
-    # stacking weight and thresholds: validation only
+    # stacking weight and thresholds: validation only (Kermany val + its resampled copies)
+    tag = models.tag
+    rs_c = stage_scores(work, tag, "val", "resampled_clean", va_rs[0],
+                        features_of(work, "feat/val/resampled_clean.npy", va_rs[0]), models,
+                        ("cnn", "forest"))
+    rs_p = stage_scores(work, tag, "val", "resampled_pert", va_rs[1],
+                        features_of(work, "feat/val/resampled_pert.npy", va_rs[1]), models,
+                        ("cnn", "forest"))
     yv, mix = val_book.mixed(cfg.seed)
-    w_cnn, grid = fit_detector.grid_search_w(mix["cnn"], mix["forest"], yv)
-    ens_val_clean = val_book.ensemble("clean", w_cnn)
-    threshold = fit_detector.calibrate_threshold(ens_val_clean)
+    yv = np.r_[yv, np.zeros(len(va_rs[0])), np.ones(len(va_rs[1]))]
+    val_cnn = np.r_[mix["cnn"], rs_c["cnn"], rs_p["cnn"]]
+    val_rf = np.r_[mix["forest"], rs_c["forest"], rs_p["forest"]]
+    w_cnn, grid = fit_detector.grid_search_w(val_cnn, val_rf, yv)
+    clean_cnn = np.r_[val_book.part("clean", "cnn"), rs_c["cnn"]]
+    clean_rf = np.r_[val_book.part("clean", "forest"), rs_c["forest"]]
+    threshold = fit_detector.calibrate_threshold(w_cnn * clean_cnn + (1 - w_cnn) * clean_rf)
     part_thresholds = {
-        "cnn": fit_detector.calibrate_threshold(val_book.part("clean", "cnn")),
-        "forest": fit_detector.calibrate_threshold(val_book.part("clean", "forest")),
+        "cnn": fit_detector.calibrate_threshold(clean_cnn),
+        "forest": fit_detector.calibrate_threshold(clean_rf),
         "paper_cnn": fit_detector.calibrate_threshold(val_book.part("clean", "paper_cnn")),
         "baseline_cnn": fit_detector.calibrate_threshold(val_book.part("clean", "baseline_cnn")),
     }
@@ -557,6 +662,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     split.to_json(work.path("split.json"))
     timings["total_wall_s_this_invocation"] = round(time.time() - t_start, 1)
     work.save_json("timings.json", timings)
+    check_feature_cache(work, te.x)
     log("writing bundle")
     out = bundle_mod.write_bundle(
         Path(cfg.out),
@@ -636,3 +742,17 @@ def training_versions() -> dict[str, str]:
 
     return {"tensorflow": tf.__version__, "keras": keras.__version__,
             "scikit-learn": sklearn.__version__}
+
+
+def check_feature_cache(work: Work, x_test: np.ndarray, n: int = 16) -> None:
+    """Refuse to ship a forest fitted on cached features that today's detector.features no
+    longer reproduces (the feature code changed since the cache was written)."""
+    from detector import features
+
+    cached = work.load_npy("feat/test/clean.npy")[:n]
+    now = features.extract_batch(x_test[:n])
+    if cached.shape != now.shape or not np.allclose(cached, now, rtol=1e-5, atol=1e-9):
+        raise RuntimeError(
+            f"cached features under {work.root / 'feat'} differ from detector.features today: "
+            "delete that folder and the models/forest.npz and scores-* entries, then rerun"
+        )
