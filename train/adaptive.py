@@ -74,6 +74,7 @@ class AttackSettings:
     levels: int = 255
     check_every: int = 4
     batch_size: int = 50
+    rule: str = "ensemble"  # what the kept iterate minimises: the bundle's score, or "or"
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,30 @@ def detector_scores(det: Any, x: np.ndarray) -> np.ndarray:
     return np.array([det.score_unit(img) for img in x], np.float64)
 
 
+def calibrate_or_rule(val_cnn: np.ndarray, val_rf: np.ndarray,
+                      target_fpr: float = 0.01) -> dict[str, float]:
+    """Thresholds of the OR rule (flag when the CNN or the forest flags on its own), each part
+    calibrated for target_fpr / 2 on validation clean images, so the union stays <= target.
+
+    Why: with linear stacking and a threshold above 1 - w_cnn, an attacker who drives the CNN
+    to 0 can never be flagged, whatever the forest says; the OR rule removes that bypass.
+    """
+    from train import fit_detector
+
+    return {"cnn": fit_detector.calibrate_threshold(val_cnn, target_fpr / 2),
+            "forest": fit_detector.calibrate_threshold(val_rf, target_fpr / 2)}
+
+
+def rule_score(scores: np.ndarray, rule: str, or_thr: dict[str, float] | None) -> np.ndarray:
+    """The quantity an attacker minimises for a decision rule: the ensemble score, or for the
+    OR rule the larger of each part's score over its threshold (flagged iff >= 1)."""
+    if rule == "ensemble":
+        return scores[:, 2]
+    if rule == "or" and or_thr:
+        return np.maximum(scores[:, 0] / or_thr["cnn"], scores[:, 1] / or_thr["forest"])
+    raise ValueError(f"unknown decision rule {rule!r} (or OR thresholds missing)")
+
+
 def run_attack(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings,
                x: np.ndarray, y: np.ndarray, progress: str | None = None) -> np.ndarray:
     """Adaptive PGD on clean 224x224 images ``x`` with labels ``y``; returns quantised images
@@ -250,7 +275,8 @@ def run_attack(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings,
             logits = victim_mod.predict_logits(models.victim, q)
             fooled = (logits > 0) != (yb > 0.5)
             if spec.select == "detector":
-                score = detector_scores(models.detector, q)[:, 2]
+                score = rule_score(detector_scores(models.detector, q), s.rule,
+                                   models.extra.get("or_thresholds"))
             else:
                 # the attack's own detector loss at this iterate (one more pass; the step
                 # returned the previous iterate's)
@@ -325,7 +351,25 @@ def measure(models: AdaptiveModels, x: np.ndarray, y: np.ndarray, x_adv: np.ndar
         "max_abs_change_grey_levels": float(delta.max()),
         "changed_pixel_share": float(np.mean(delta > 0.5)),
         "scores": {"clean": clean_scores[:, 2].tolist(), "attacked": adv_scores[:, 2].tolist()},
+        "part_scores": {"clean": clean_scores[:, :2].tolist(),
+                        "attacked": adv_scores[:, :2].tolist()},
+        **_or_block(models, clean_scores, adv_scores, fooled),
     }
+
+
+def _or_block(models: AdaptiveModels, clean_scores: np.ndarray, adv_scores: np.ndarray,
+              fooled: np.ndarray) -> dict[str, Any]:
+    """Detection under the OR rule (when validation scores gave its thresholds)."""
+    thr = models.extra.get("or_thresholds")
+    if not thr:
+        return {}
+    flag_a = rule_score(adv_scores, "or", thr) >= 1.0
+    flag_c = rule_score(clean_scores, "or", thr) >= 1.0
+    k = int((flag_a & fooled).sum())
+    return {"or_rule": {"thresholds": thr, "clean_fpr_subset": float(flag_c.mean()),
+                        "detection": float(flag_a.mean()),
+                        "detection_fooled": float(k / max(1, int(fooled.sum()))),
+                        "detection_fooled_ci": wilson(k, int(fooled.sum()))}}
 
 
 def settings_dict(s: AttackSettings, spec: AdaptiveAttack) -> dict[str, Any]:
@@ -386,6 +430,7 @@ class SuiteConfig:
     seed: int = 0
     n_fit: int = 600  # clean training images for the HFC Gaussians
     n_boot: int = 1000
+    rule: str = "ensemble"  # decision rule the attacks' iterate selection targets ("or")
 
 
 def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
@@ -424,6 +469,12 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
                          Path(cfg.out), seed=cfg.seed)
     del xt
     part_thr = models.extra["part_thresholds"]
+    val_x = [work.load_npy("clean/val.npy")]
+    if work.has("resampled/val_clean.npy"):  # the bundle's threshold was calibrated on both
+        val_x.append(work.load_npy("resampled/val_clean.npy"))
+    val_scores = out.cached_npy("val_clean_scores.npy", lambda: detector_scores(
+        models.detector, np.concatenate(val_x)))
+    models.extra["or_thresholds"] = calibrate_or_rule(val_scores[:, 0], val_scores[:, 1])
     clean_scores = out.cached_npy("clean_scores.npy",
                                   lambda: detector_scores(models.detector, x))
     results: dict[str, Any] = {
@@ -431,14 +482,16 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
         "n": len(idx), "threshold": models.extra["threshold"], "w_cnn": models.extra["w_cnn"],
         "part_thresholds": part_thr, "surrogate_fidelity": models.extra["surrogate_fidelity"],
         "hfc_layers": list(models.gaussians.layers) if models.gaussians else [],
-        "steps": cfg.steps, "attacks": {},
+        "steps": cfg.steps, "attacks": {}, "or_thresholds": models.extra["or_thresholds"],
+        "n_val_clean": len(val_scores),
     }
     arr = pipeline.SplitArrays(name="test", root="", records=(), x=x, y=y.astype(np.int64),
                                levels=np.full(len(x), lv), native_224=True)
     sel = np.arange(len(x))
     attack_fn = None
     for eps in cfg.eps:
-        for name in ("pgd", *cfg.attacks):
+        for base in ("pgd", *cfg.attacks):
+            name = base if (cfg.rule == "ensemble" or base == "pgd") else f"{base}+{cfg.rule}"
             key = f"{name}@{eps}"
             rel = f"adv/{name}_{eps}.npy"
             t0 = time.time()
@@ -451,8 +504,8 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
                 adv = out.save_npy(rel, pipeline.map_to_detector_input(arr, sel, x, raw - x))
                 adv = out.load_npy(rel)
             else:
-                spec = ATTACKS[name]
-                s = AttackSettings(eps=eps, steps=cfg.steps, levels=lv)
+                spec = ATTACKS[base]
+                s = AttackSettings(eps=eps, steps=cfg.steps, levels=lv, rule=cfg.rule)
                 raw = run_attack(models, spec, s, x, y, progress=key)
                 out.save_npy(rel, pipeline.map_to_detector_input(arr, sel, x, raw - x))
                 adv = out.load_npy(rel)
@@ -464,16 +517,20 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
                 r = measure(models, x, y, adv, clean_scores, part_thr, cfg.n_boot, cfg.seed)
                 r["eps"] = eps
                 r["attack"] = name
-                r["description"] = (ATTACKS[name].description if name in ATTACKS else
+                r["description"] = (ATTACKS[base].description if base in ATTACKS else
                                     "plain PGD (paper setting, non-adaptive), same images")
                 r["attack_seconds"] = round(seconds, 1)
-                r["steps"] = cfg.steps if name in ATTACKS else attacks.PGD_STEPS
+                r["steps"] = cfg.steps if base in ATTACKS else attacks.PGD_STEPS
+                r["rule"] = cfg.rule
                 out.save_json(res_rel, r)
             results["attacks"][key] = r
             log(f"{key}: victim acc {r['victim_accuracy_attacked']:.3f}, fooled "
                 f"{r['fooled_share_of_clean_correct']:.3f}, detection {r['detection_rate']:.3f} "
-                f"(fooled only {r['detection_rate_fooled']:.3f}), AUC {r['auc_ci'][0]:.3f}")
-    (Path(cfg.out) / "results.json").write_text(json.dumps(results, indent=1))
+                f"(fooled only {r['detection_rate_fooled']:.3f}), AUC {r['auc_ci'][0]:.3f}"
+                + (f"; OR rule: detection among fooled {r['or_rule']['detection_fooled']:.3f}"
+                   if "or_rule" in r else ""))
+    fname = "results.json" if cfg.rule == "ensemble" else f"results-{cfg.rule}.json"
+    (Path(cfg.out) / fname).write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -491,11 +548,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eps", type=float, nargs="+", default=[0.003, 0.006])
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    p.add_argument("--rule", choices=("ensemble", "or"), default="ensemble",
+                   help="decision rule the kept iterate is chosen against")
     a = p.parse_args(argv)
     from train.pipeline import log
 
     run_suite(SuiteConfig(bundle=a.bundle, work=a.work, out=a.out, n=a.n, steps=a.steps,
-                          eps=tuple(a.eps), attacks=tuple(a.attacks)), log=log)
+                          eps=tuple(a.eps), attacks=tuple(a.attacks), rule=a.rule), log=log)
     return 0
 
 

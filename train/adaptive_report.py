@@ -1,0 +1,303 @@
+"""The report's "Adaptive attacks" and "Ablation" sections: an HTML fragment, PNG figures and a
+JSON dict, written into a report directory (``sentinel evaluate --adaptive`` or by hand).
+
+Inputs are the result files of ``train.adaptive.run_suite`` (results.json) and
+``train.ablation.run_ablation`` (ablation.json); nothing is recomputed here. The generalisation
+figures (second source) are read from the evaluation's own metrics when given, not measured
+again. Targets of issue 7 are checked and the miss, if any, is stated in numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGET_FOOL = 0.90
+TARGET_DETECTION = 0.50
+TARGET_FPR = 0.01
+TARGET_NIH_DETECTION = 0.95
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def _ci(p: float, ci: list[float] | tuple[float, float]) -> str:
+    return f"{p:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def strongest(adaptive: dict[str, Any], eps: float) -> dict[str, Any] | None:
+    """Among attacks at ``eps`` that fool the victim on >= 90% of the clean-correct images,
+    the one with the lowest detection among its fooled images; else the most fooling one."""
+    rows = [r for r in adaptive["attacks"].values() if abs(r["eps"] - eps) < 1e-9]
+    if not rows:
+        return None
+    ok = [r for r in rows if r["fooled_share_of_clean_correct"] >= TARGET_FOOL]
+    if ok:
+        best = min(ok, key=lambda r: r["detection_rate_fooled"])
+        return {**best, "meets_fool_requirement": True}
+    best = max(rows, key=lambda r: (r["fooled_share_of_clean_correct"],
+                                    -r["detection_rate_fooled"]))
+    return {**best, "meets_fool_requirement": False}
+
+
+def roc_points(clean: np.ndarray, attacked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.r_[clean, attacked]
+    y = np.r_[np.zeros(len(clean)), np.ones(len(attacked))]
+    order = np.argsort(-s, kind="mergesort")
+    tp = np.cumsum(y[order])
+    fp = np.cumsum(1 - y[order])
+    return np.r_[0, fp / max(1, len(clean))], np.r_[0, tp / max(1, len(attacked))]
+
+
+def adaptive_section(adaptive: dict[str, Any], out: Path,
+                     second_source: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    plt = _plt()
+    eps_list = sorted({r["eps"] for r in adaptive["attacks"].values()})
+    figs = []
+    for eps in eps_list:
+        fig, ax = plt.subplots(figsize=(5.2, 4.4))
+        for r in adaptive["attacks"].values():
+            if abs(r["eps"] - eps) > 1e-9:
+                continue
+            fpr, tpr = roc_points(np.asarray(r["scores"]["clean"]),
+                                  np.asarray(r["scores"]["attacked"]))
+            ax.plot(fpr, tpr, label=f"{r['attack']} (AUC {r['auc_ci'][0]:.3f})")
+        ax.axvline(TARGET_FPR, color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("false-positive rate (clean subset)")
+        ax.set_ylabel("detection rate")
+        ax.set_title(f"Ensemble ROC under adaptive attacks, eps {eps} (n={adaptive['n']})")
+        ax.legend(fontsize=7, loc="lower right")
+        name = f"fig_adaptive_roc_eps{eps}.png"
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        figs.append(name)
+    rows = []
+    for r in sorted(adaptive["attacks"].values(), key=lambda r: (r["eps"], r["attack"])):
+        rows.append([
+            r["attack"], r["eps"], r["n"], r.get("steps", ""),
+            f"{r['victim_accuracy_clean']:.3f}", f"{r['victim_accuracy_attacked']:.3f}",
+            f"{r['fooled_share_of_clean_correct']:.3f} ({r['n_fooled']})",
+            _ci(r["detection_rate"], r["detection_ci"]),
+            _ci(r["detection_rate_fooled"], r["detection_fooled_ci"]),
+            r["undetected_successes"],
+            f"{r['auc_ci'][0]:.3f} [{r['auc_ci'][1]:.3f}, {r['auc_ci'][2]:.3f}]",
+            f"{r['parts']['cnn']['detection']:.3f} / {r['parts']['forest']['detection']:.3f}",
+            f"{r['mean_abs_change_grey_levels']:.2f} / {r['changed_pixel_share']:.2f}",
+        ])
+    header = ["attack", "eps", "n", "steps", "victim acc clean", "victim acc attacked",
+              "fooled (share of clean-correct, count)", "detection [95% Wilson]",
+              "detection among fooled", "undetected successes", "ensemble AUC [95% CI]",
+              "CNN / forest detection (own thresholds)", "mean |change| (grey levels) / "
+              "share of pixels changed"]
+    verdict: dict[str, Any] = {}
+    lines = []
+    for eps in eps_list:
+        s = strongest(adaptive, eps)
+        if s is None:
+            continue
+        key = f"eps_{eps}"
+        verdict[key] = {"attack": s["attack"], "fooled": s["fooled_share_of_clean_correct"],
+                        "meets_fool_requirement": s["meets_fool_requirement"],
+                        "detection_among_fooled": s["detection_rate_fooled"],
+                        "detection": s["detection_rate"]}
+        fool_txt = ("fools the victim on "
+                    f"{100 * s['fooled_share_of_clean_correct']:.0f}% of clean-correct images")
+        if not s["meets_fool_requirement"]:
+            fool_txt += (" (no adaptive attack reached the 90% fooling the target assumes; "
+                         "this is the most fooling one)")
+        lines.append(f"eps {eps}: strongest = <b>{html.escape(s['attack'])}</b>, {fool_txt}; "
+                     f"detection among fooled images {100 * s['detection_rate_fooled']:.1f}% "
+                     f"(Wilson 95% {100 * s['detection_fooled_ci'][0]:.1f}-"
+                     f"{100 * s['detection_fooled_ci'][1]:.1f}%).")
+    t6 = verdict.get("eps_0.006")
+    if t6:
+        det = t6["detection_among_fooled"]
+        miss = TARGET_DETECTION - det
+        verdict["target_adaptive_0.006"] = {
+            "target": TARGET_DETECTION, "measured": det, "met": bool(miss <= 0),
+            "missed_by": max(0.0, miss)}
+        lines.append(
+            f"Target (detection &ge; 50% at eps 0.006 under the strongest adaptive attack, clean "
+            f"FPR &le; 1%): {'met' if miss <= 0 else 'MISSED'}: {100 * det:.1f}%"
+            + ("" if miss <= 0 else f", short by {100 * miss:.1f} points") + ".")
+    if second_source:
+        fpr = second_source["clean_fpr_at_threshold"]
+        det = second_source["pgd_0.006_detection_at_threshold"]
+        ok = fpr <= TARGET_FPR and det >= TARGET_NIH_DETECTION
+        verdict["target_second_source"] = {"clean_fpr": fpr, "pgd_0.006_detection": det,
+                                           "images": second_source.get("images"), "met": ok}
+        lines.append(
+            f"Second source ({html.escape(str(second_source.get('source', '')))}, "
+            f"{second_source.get('images')} images, from the evaluation above, not re-measured): "
+            f"clean FPR {100 * fpr:.2f}% (target &le; 1%), PGD 0.006 detection {100 * det:.1f}% "
+            f"(target &ge; 95%): {'met' if ok else 'MISSED'}.")
+    fid = adaptive.get("surrogate_fidelity", {})
+    frag = [
+        "<h2>Adaptive attacks</h2>",
+        f"<p>Bundle {html.escape(str(adaptive['bundle_id']))}: w_cnn = {adaptive['w_cnn']}, "
+        f"operating threshold {adaptive['threshold']:.5f}. n = {adaptive['n']} test images "
+        "(seeded subset), each attacked at each eps. Every attack optimises the stored image "
+        "(rounded to the source grid in the loop, straight-through gradient) and keeps, per "
+        "image, the iterate the real bundle scores lowest among those that fool the victim "
+        "(the bundle ships with the package, so the attacker can query it), except the pure "
+        "surrogate transfer. 'fooled' counts images the victim classified correctly when clean "
+        "and wrongly after the attack. Forest surrogate fidelity on held-out points: "
+        f"{html.escape(json.dumps({k: round(v, 4) for k, v in fid.items()}))}.</p>",
+        _table(header, rows),
+        "<p>" + "<br>".join(lines) + "</p>",
+        *[f"<figure><img src='{f}'><figcaption>ROC of the ensemble score, clean subset vs "
+          f"each attack ({html.escape(f)})</figcaption></figure>" for f in figs],
+    ]
+    return "\n".join(frag), verdict
+
+
+def ablation_section(ab: dict[str, Any], out: Path,
+                     parts_metrics: dict[str, Any] | None) -> str:
+    plt = _plt()
+    sets = ab["sets"]
+    adaptive_keys = sorted({k for s in sets.values() for k in s.get("adaptive", {})})
+    header = ["feature set", "AUC PGD 0.003", "AUC PGD 0.006", "AUC all kinds",
+              "det. PGD 0.003", "det. PGD 0.006", "test clean FPR",
+              *[f"det. {k}" for k in adaptive_keys]]
+    rows = []
+    for name, r in sets.items():
+        pp = r["per_perturbation"]
+        rows.append([name, f"{pp['pgd_0.003']['auc']:.4f}", f"{pp['pgd_0.006']['auc']:.4f}",
+                     f"{r['auc_all_kinds']:.4f}", f"{pp['pgd_0.003']['detection']:.3f}",
+                     f"{pp['pgd_0.006']['detection']:.3f}", f"{r['test_clean_fpr']:.3f}",
+                     *[f"{r['adaptive'][k]['detection']:.3f}" if k in r["adaptive"] else "-"
+                       for k in adaptive_keys]])
+    single = ab["single_feature_auc"]
+    names = list(single)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [single[n]["pgd_0.003"] for n in names], 0.4, label="PGD 0.003")
+    ax.bar(xs + 0.2, [single[n]["pgd_0.006"] for n in names], 0.4, label="PGD 0.006")
+    ax.set_xticks(xs, names, rotation=70, fontsize=7)
+    ax.set_ylim(0.45, 1.01)
+    ax.set_ylabel("AUC of the raw feature (direction-free)")
+    ax.set_title(f"Single-feature separability, test clean vs PGD (n={ab['n_test']} each)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fig_ablation_single_feature.png", dpi=110)
+    plt.close(fig)
+    rank = sorted(names, key=lambda n: -single[n]["pgd_0.003"])
+    se = single.get("spectral_entropy", {})
+    se_rank = rank.index("spectral_entropy") + 1 if "spectral_entropy" in rank else None
+    lines = [f"Forests refitted per set: {ab['trees']} trees, depth {ab['max_depth']}, on "
+             f"{ab['n_train']} training vectors; thresholds from validation clean images "
+             f"(FPR 1%); test set {ab['n_test']} clean images and their perturbed copies"
+             + (f"; adaptive columns: the adaptive run's {ab['n_adaptive']} test images"
+                if ab.get("n_adaptive") else "") + "."]
+    if se:
+        lines.append(
+            f"The paper's claim that spectral entropy is the most discriminative feature does "
+            f"not hold here: alone it separates clean from PGD with AUC "
+            f"{se['pgd_0.003']:.3f} (eps 0.003) and {se['pgd_0.006']:.3f} (eps 0.006), rank "
+            f"{se_rank} of {len(rank)}; the best single features are "
+            + ", ".join(f"{n} ({single[n]['pgd_0.003']:.3f})" for n in rank[:3]) + ".")
+    lat = ab.get("candidate_latency_ms")
+    if lat:
+        lines.append(f"Candidate features cost {lat['median']:.2f} ms per image (median, "
+                     f"IQR {lat['p25']:.2f}-{lat['p75']:.2f}, numpy, one thread) on top of the "
+                     "runtime's features.")
+    parts_html = ""
+    if parts_metrics and "per_perturbation" in parts_metrics:
+        per = parts_metrics["per_perturbation"]
+        prow = []
+        for k in ("pgd_0.003", "pgd_0.006"):
+            prow.append([k] + [f"{per[k][p]['auc_ci'][0]:.4f} / "
+                               f"{per[k][p]['at_threshold']['recall']:.3f}"
+                               for p in ("cnn", "forest", "ensemble")])
+        parts_html = ("<h3>CNN / forest / ensemble (from the evaluation above: AUC / detection "
+                      "at own threshold)</h3>"
+                      + _table(["perturbation", "CNN", "forest", "ensemble"], prow))
+    frag = [
+        "<h2>Ablation</h2>",
+        "<p>" + " ".join(lines) + "</p>",
+        _table(header, rows),
+        parts_html,
+        "<h3>Candidate features (proposed for detector.features)</h3>",
+        _table(["name", "why"], [[k, v] for k, v in ab.get("candidate_reasons", {}).items()]),
+        "<figure><img src='fig_ablation_single_feature.png'><figcaption>AUC of each raw "
+        "feature alone</figcaption></figure>",
+    ]
+    return "\n".join(frag)
+
+
+def write_sections(out: Path, adaptive: dict[str, Any] | None = None,
+                   ablation: dict[str, Any] | None = None,
+                   metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``adaptive.html`` (fragment), ``adaptive.json`` and the PNGs into ``out``.
+
+    ``metrics`` is the evaluation's metrics dict (for CNN/forest/ensemble rows and the second
+    source); returns {"html": fragment, "json": dict, "files": [...]}.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    frag: list[str] = []
+    doc: dict[str, Any] = {}
+    ss = (metrics or {}).get("second_source")
+    if adaptive:
+        h, verdict = adaptive_section(adaptive, out, ss)
+        frag.append(h)
+        doc["adaptive"] = {k: v for k, v in adaptive.items() if k != "attacks"}
+        doc["adaptive"]["attacks"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"}
+                                      for k, r in adaptive["attacks"].items()}
+        doc["verdict"] = verdict
+    if ablation:
+        frag.append(ablation_section(ablation, out, metrics))
+        doc["ablation"] = ablation
+    text = "\n".join(frag)
+    (out / "adaptive.html").write_text(text)
+    (out / "adaptive.json").write_text(json.dumps(doc, indent=1))
+    files = ["adaptive.html", "adaptive.json", *sorted(p.name for p in out.glob("fig_a*.png"))]
+    return {"html": text, "json": doc, "files": files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.adaptive_report --out DIR [--adaptive results.json] [--ablation
+    ablation.json] [--metrics metrics.json]``; also writes a standalone adaptive_index.html."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--adaptive", type=Path, default=None)
+    p.add_argument("--ablation", type=Path, default=None)
+    p.add_argument("--metrics", type=Path, default=None)
+    a = p.parse_args(argv)
+
+    def load(path: Path | None) -> dict[str, Any] | None:
+        return json.loads(path.read_text()) if path else None
+
+    res = write_sections(a.out, load(a.adaptive), load(a.ablation), load(a.metrics))
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>adaptive attacks and "
+            "ablation</title><style>body{font-family:sans-serif;max-width:1300px;margin:auto}"
+            "table{border-collapse:collapse}td,th{border:1px solid #aaa;padding:3px 6px;"
+            "font-size:12px}img{max-width:100%}</style></head><body>" + res["html"]
+            + "</body></html>")
+    (a.out / "adaptive_index.html").write_text(page)
+    print(json.dumps(res["json"].get("verdict", {}), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
