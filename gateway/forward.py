@@ -126,7 +126,7 @@ class DicomSender:
             self.dest.host,
             self.dest.port,
             ae_title=self.dest.ae_title,
-            tls_args=(ssl_ctx, "") if ssl_ctx is not None else None,
+            tls_args=(ssl_ctx, None) if ssl_ctx is not None else None,  # type: ignore[arg-type]
             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler)],
         )
         if not assoc.is_established:

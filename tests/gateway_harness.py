@@ -184,3 +184,38 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
 
 def new_ports() -> tuple[int, int]:
     return free_port(), free_port()
+
+
+def make_pki(directory: Path) -> dict[str, Path]:
+    """A test CA plus server and client certificates (openssl CLI), for DICOM TLS tests.
+
+    Returns paths: ca, server_cert, server_key, client_cert, client_key. Skips the calling
+    test when openssl is not installed.
+    """
+    import shutil as _shutil
+
+    import pytest
+
+    openssl = _shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed: TLS certificates cannot be made")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca = directory / "ca.key", directory / "ca.crt"
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "2", "-subj", "/CN=sentinel-test-ca")
+    out: dict[str, Path] = {"ca": ca}
+    for who in ("server", "client"):
+        key, csr, crt = (directory / f"{who}.key", directory / f"{who}.csr",
+                         directory / f"{who}.crt")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", f"/CN=sentinel-test-{who}")
+        ext = directory / f"{who}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext))
+        out[f"{who}_cert"], out[f"{who}_key"] = crt, key
+    return out

@@ -36,7 +36,7 @@ from tests.orthanc import OrthancServer, require_orthanc
 class CaptureSCP:
     """A Storage SCP that keeps what arrives: (calling AE, SOP UID, transfer syntax, bytes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: Any = None) -> None:
         self.port = free_port()
         self.received: list[tuple[str, str, str, bytes]] = []
         self._lock = threading.Lock()
@@ -47,7 +47,8 @@ class CaptureSCP:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store)],
+                                       ssl_context=ssl_context)
 
     def _store(self, event: Any) -> int:
         with self._lock:
@@ -208,3 +209,33 @@ def test_dead_letter_after_max_age(tmp_path: Path) -> None:
         assert '"event":"dead-letter"' in cfg.audit_path.read_text()
     finally:
         fw.stop()
+
+
+def test_tls_destination_mutual_authentication(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.gateway_harness import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(pki["server_cert"]), str(pki["server_key"]))
+    server_ctx.load_verify_locations(str(pki["ca"]))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED  # the gateway must present its certificate
+    scp = CaptureSCP(ssl_context=server_ctx)
+    try:
+        dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\nport = {scp.port}\n'
+                f'ae_title = "CAPTURE"\n[destinations.pacs.tls]\ncert = "{pki["client_cert"]}"\n'
+                f'key = "{pki["client_key"]}"\nca = "{pki["ca"]}"\n')
+        cfg = make_config(tmp_path, dest)
+        f = make_series(tmp_path / "in", 1, rows=32, cols=32)[0]
+        fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path),
+                       Metrics())
+        enqueue_copy(cfg, "pacs", f, tmp_path)
+        fw.start()
+        try:
+            assert wait_until(lambda: len(scp.received) == 1, 30)
+            assert scp.received[0][3] == dataset_bytes(f)
+        finally:
+            fw.stop()
+    finally:
+        scp.stop()

@@ -225,3 +225,43 @@ def test_reject_rule_refused_before_acknowledgement(gateway_factory, tmp_path: P
     assert not list(gw.layout.incoming.iterdir())
     rejected = [e for e in audit_events(gw) if e["event"] == "rejected"]
     assert rejected[-1]["rule"] == "no-old-box"
+
+
+def test_tls_listener_mutual_authentication(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.gateway_harness import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                            destinations=DEST.format(out=tmp_path / "out"))
+    text = cfg_path.read_text().replace(
+        f"port = {port}\n",
+        f'port = {port}\n[listener.tls]\ncert = "{pki["server_cert"]}"\n'
+        f'key = "{pki["server_key"]}"\nca = "{pki["ca"]}"\nrequire_client_cert = true\n', 1)
+    cfg_path.write_text(text)
+    gw = Gateway(load_config(cfg_path), detector_factory=no_detectors, drain_s=5)
+    gw.start()
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+        ctx.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+        ctx.check_hostname = False
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL", tls_args=(ctx, None))
+        assert assoc.is_established
+        f = synthetic(tmp_path / "a.dcm", 32, 32)
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
+        assoc.release()
+        assert wait_until(lambda: len(list((tmp_path / "out").rglob("*.dcm"))) == 1, 20)
+        # plaintext, and TLS without a client certificate, are both refused
+        plain = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+        assert not plain.is_established
+        anon = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+        anon.check_hostname = False
+        no_cert = ae.associate("127.0.0.1", port, ae_title="SENTINEL", tls_args=(anon, None))
+        assert not no_cert.is_established
+    finally:
+        gw.stop()
