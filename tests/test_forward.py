@@ -127,6 +127,12 @@ def test_byte_for_byte_in_order_once(capture: CaptureSCP, tmp_path: Path, nema_d
         got = [uid for _c, uid, _t, _d in capture.received if uid in
                {sop_uid_of(s) for s in series}]
         assert got == [sop_uid_of(s) for s in series]
+        # the forwarding socket does not wait on Nagle either
+        if fw.sender.is_open:
+            import socket
+
+            sock = fw.sender._assoc.dul.socket.socket  # type: ignore[union-attr]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         # the same SOP Instance UID queued again is never sent twice
         enqueue_copy(cfg, "pacs", series[1], tmp_path)
         assert wait_until(lambda: not list_outbox(fw.dir), 10)

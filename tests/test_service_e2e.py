@@ -331,3 +331,34 @@ def test_unscorable_instances_quarantined_with_reason(tmp_path: Path,
         assert not list(out.rglob("*.dcm"))
     finally:
         gw.stop()
+
+
+def test_reload_with_a_tampered_bundle_keeps_the_running_model(tmp_path: Path,
+                                                               fixture_bundle: Path) -> None:
+    from gateway.config import load_config
+    from gateway.service import Gateway
+
+    port = free_port()
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                            destinations=f'[destinations.o]\nkind = "directory"\n'
+                                         f'path = "{tmp_path}/o"', bundle=fixture_bundle)
+    gw = Gateway(load_config(cfg_path), drain_s=5)
+    gw.start()
+    try:
+        running = gw.screening.bundle_id if gw.screening else ""
+        assert running
+        bad = tmp_path / "bad-bundle"
+        shutil.copytree(fixture_bundle, bad)
+        victim = next(p for p in sorted(bad.iterdir()) if p.name != "manifest.json")
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, different digest
+        victim.write_bytes(bytes(data))
+        cfg_path.write_text(cfg_path.read_text().replace(str(fixture_bundle), str(bad)))
+        assert gw.reload() is False
+        assert gw.config.detector.bundle == fixture_bundle  # running config kept
+        assert gw.screening is not None and gw.screening.bundle_id == running
+        rejected = [e for e in audit_lines(tmp_path / "state") if e["event"] == "config-rejected"]
+        assert rejected and "model bundle refused" in rejected[-1]["reason"]
+        assert victim.name in rejected[-1]["reason"]
+    finally:
+        gw.stop()
