@@ -12,7 +12,7 @@ Candidate features (not in the runtime yet; proposals for detector.features): PG
 to 0.006 on an 8-bit source is, after rounding, +-1 (sometimes +-2) grey-level changes: exactly
 the LSB-matching embedding that steganalysis detects with SPAM-style co-occurrences of truncated
 pixel differences (Pevny, Bas, Fridrich 2010) and histograms of high-pass residuals. They are
-computed in grey levels of an 8-bit grid (x * 255, rounded), cost ~0.3 ms per image here.
+computed in grey levels of an 8-bit grid (x * 255, rounded), ~0.5 ms per image here (busy).
 
 Every threshold is calibrated on validation clean images for a 1% false-positive rate, as the
 bundle's is. Forests are refitted with the same depth as the bundle's, ``trees`` trees.
@@ -48,26 +48,29 @@ PAPER_FOUR = ("skewness", "kurtosis", "spectral_entropy", "laplacian_var")
 
 
 def candidate_features(img: np.ndarray) -> np.ndarray:
-    """The 8 candidate features of one (H, W) image in [0, 1] (see CANDIDATE_REASONS)."""
-    g = np.round(np.asarray(img, np.float32) * 255.0)
-    out = np.zeros(len(CANDIDATE_NAMES))
-    # SPAM-like co-occurrence of truncated first differences, horizontal and vertical
-    counts = np.zeros(9)
-    for d in (np.diff(g, axis=1), np.diff(g, axis=0).T):
-        t = np.clip(d, -1, 1).astype(np.int8) + 1
-        idx = (3 * t[:, :-1] + t[:, 1:]).ravel()
-        counts += np.bincount(idx, minlength=9)
+    """The 8 candidate features of one (H, W) image in [0, 1] (see CANDIDATE_REASONS).
+
+    int16 grey levels and bincounts: ~10x faster than the same in float64.
+    """
+    g = np.rint(np.asarray(img, np.float32) * 255.0).astype(np.int16)
+    out = np.empty(len(CANDIDATE_NAMES))
+    # SPAM-like co-occurrence of truncated first differences, horizontal and vertical;
+    # bin 3*a+b for a, b in {0: -1, 1: 0, 2: +1}
+    counts = np.zeros(9, np.int64)
+    for d in (g[:, 1:] - g[:, :-1], (g[1:, :] - g[:-1, :]).T):
+        t = np.clip(d, -1, 1)
+        t += 1
+        counts += np.bincount((t[:, :-1] * 3 + t[:, 1:]).ravel(), minlength=9)
     p = counts / counts.sum()
-    # index 3*a+b for a, b in {0: -1, 1: 0, 2: +1}
     out[0] = p[4]
     out[1] = p[1] + p[3] + p[5] + p[7]
     out[2] = p[0] + p[8]
     out[3] = p[2] + p[6]
-    # histogram of |second-order residual| in grey levels, horizontal and vertical
-    r = np.concatenate([np.abs(g[:, 2:] - 2 * g[:, 1:-1] + g[:, :-2]).ravel(),
-                        np.abs(g[2:, :] - 2 * g[1:-1, :] + g[:-2, :]).ravel()])
-    h = np.bincount(np.minimum(r, 3).astype(np.int64), minlength=4) / r.size
-    out[4:] = h
+    # histogram of |second-order residual| in grey levels (0, 1, 2, >= 3), both directions
+    h = np.zeros(4, np.int64)
+    for r in (g[:, 2:] - 2 * g[:, 1:-1] + g[:, :-2], g[2:, :] - 2 * g[1:-1, :] + g[:-2, :]):
+        h += np.bincount(np.minimum(np.abs(r), 3).ravel(), minlength=4)
+    out[4:] = h / h.sum()
     return out
 
 
