@@ -75,6 +75,7 @@ class AttackSettings:
     check_every: int = 4
     batch_size: int = 50
     rule: str = "ensemble"  # what the kept iterate minimises: the bundle's score, or "or"
+    det_weight: float = 0.5  # detector terms against the victim term (both unit-scaled)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,14 @@ def hfc_distance(probe_out: list[Any], gaussians: FeatureGaussians, target: Any)
 
 # ---------------------------------------------------------------- the attack
 
+def _unit(g: Any) -> Any:
+    """Per-image gradient divided by its mean absolute value (zero stays zero)."""
+    import tensorflow as tf
+
+    m = tf.reduce_mean(tf.abs(g), axis=[1, 2], keepdims=True)
+    return g / (m + 1e-30)
+
+
 def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) -> Any:
     """Compiled: (x, x0, y, f0) -> (x_next, victim_logit, proxy_detector_loss)."""
     import tensorflow as tf
@@ -173,16 +182,17 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
     eps = float(s.eps)
     alpha = float(s.eps * s.alpha_frac)
     need_feats = spec.w_stats > 0 or spec.w_surrogate > 0
+    has_det = need_feats or spec.w_cnn > 0 or spec.w_hfc > 0
 
     @tf.function(reduce_retracing=True)
     def step(x: Any, x0: Any, y: Any, f0: Any) -> tuple[Any, Any, Any]:
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
             xq = tf_features.quantise_ste(x, s.levels)
             img = xq[..., None]
             z = tf.reshape(models.victim(img, training=False), [-1])
             sign = 2.0 * y - 1.0
-            l_vic = tf.nn.relu(sign * z + s.kappa)
+            l_vic = tf.reduce_sum(tf.nn.relu(sign * z + s.kappa))
             proxy = tf.zeros_like(z, tf.float64)
             if spec.w_cnn > 0:
                 p = tf.reshape(models.cnn(img, training=False), [-1])
@@ -196,8 +206,17 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
             if spec.w_hfc > 0:
                 acts = models.probe(img, training=False)
                 proxy += spec.w_hfc * hfc_distance(list(acts), models.gaussians, 1.0 - y)
-            total = tf.cast(l_vic, tf.float64) + proxy
-        g = tape.gradient(total, x)
+            l_det = tf.reduce_sum(proxy)
+        g_vic = tape.gradient(l_vic, x)
+        g_det = tape.gradient(l_det, x) if has_det else None
+        del tape
+        if g_det is None:
+            g = g_vic
+        else:
+            # each term scaled to mean |gradient| 1 per image, so neither drowns the other in
+            # the sign step; the victim term vanishes once the victim is wrong by kappa
+            g_det = tf.cast(g_det, tf.float32)
+            g = _unit(g_vic) + s.det_weight * _unit(g_det)
         x_next = x - alpha * tf.sign(g)
         x_next = tf.clip_by_value(x_next, x0 - eps, x0 + eps)
         x_next = tf.clip_by_value(x_next, 0.0, 1.0)
