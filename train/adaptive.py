@@ -450,6 +450,7 @@ class SuiteConfig:
     n_fit: int = 600  # clean training images for the HFC Gaussians
     n_boot: int = 1000
     rule: str = "ensemble"  # decision rule the attacks' iterate selection targets ("or")
+    split: str = "test"  # "train": adaptive examples for adversarial training of the forest
 
 
 def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
@@ -466,10 +467,13 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
 
     work = pipeline.Work(Path(cfg.work))
     out = pipeline.Work(Path(cfg.out))
-    x_all = work.load_npy("clean/test.npy")
-    y_all = work.load_npy("clean/test_y.npy")
-    levels = work.load_npy("clean/test_levels.npy")
-    native = work.load_npy("clean/test_native224.npy")
+    if cfg.split not in ("test", "train"):
+        raise ValueError(f"split {cfg.split!r}: use test (measurement) or train (examples for "
+                         "adversarial training)")
+    x_all = work.load_npy(f"clean/{cfg.split}.npy")
+    y_all = work.load_npy(f"clean/{cfg.split}_y.npy")
+    levels = work.load_npy(f"clean/{cfg.split}_levels.npy")
+    native = work.load_npy(f"clean/{cfg.split}_native224.npy")
     if not (np.all(native) and len(set(levels.tolist())) == 1):
         raise ValueError(f"{cfg.work}: adaptive attacks run on sources stored at 224x224 with one "
                          "bit depth (kermany224); the in-loop rounding assumes the identity map")
@@ -478,9 +482,12 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     x, y = x_all[idx], y_all[idx].astype(np.float64)
     if np.any(y < 0):
         raise ValueError(f"{cfg.work}: test labels missing; the victim's accuracy needs them")
-    out.save_json("subset.json", {"work": cfg.work, "indices": idx.tolist()})
+    out.save_json("subset.json", {"work": cfg.work, "split": cfg.split,
+                                  "indices": idx.tolist()})
     xt, yt = work.load_npy("clean/train.npy"), work.load_npy("clean/train_y.npy")
-    fit_idx = _subset(len(xt), cfg.n_fit, cfg.seed + 1)
+    # HFC Gaussians from training images outside an attacked training subset
+    pool = np.setdiff1d(np.arange(len(xt)), idx if cfg.split == "train" else [])
+    fit_idx = pool[_subset(len(pool), cfg.n_fit, cfg.seed + 1)]
     f_clean = work.load_npy("feat/train/clean.npy")
     f_pert = work.load_npy("feat/train/perturbed.npy")
     log("loading the bundle, fitting the surrogate and the HFC Gaussians")
@@ -569,11 +576,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     p.add_argument("--rule", choices=("ensemble", "or"), default="ensemble",
                    help="decision rule the kept iterate is chosen against")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="train: craft adaptive examples for adversarial training of the forest")
     a = p.parse_args(argv)
     from train.pipeline import log
 
     run_suite(SuiteConfig(bundle=a.bundle, work=a.work, out=a.out, n=a.n, steps=a.steps,
-                          eps=tuple(a.eps), attacks=tuple(a.attacks), rule=a.rule), log=log)
+                          eps=tuple(a.eps), attacks=tuple(a.attacks), rule=a.rule, split=a.split),
+              log=log)
     return 0
 
 
