@@ -127,21 +127,32 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 def _run_suites(names: list[str], full: bool, figures_dir: Path, env_extra: dict[str, str],
-                pytest_args: list[str]) -> dict[str, int]:
+                pytest_args: list[str]) -> dict[str, str]:
+    """One pytest session over the chosen files (the fixture bundle is built once); returns
+    each test's outcome from pytest's JUnit XML."""
     env = dict(os.environ)
     env[FIGURES_ENV] = str(figures_dir)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env.update(env_extra)
-    codes: dict[str, int] = {}
-    for name in names:
-        marker = "slow" if full else "not slow"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
-               SUITES[name], *pytest_args]
-        print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
-        t0 = time.monotonic()
-        codes[name] = subprocess.call(cmd, cwd=REPO, env=env)
-        print(f"== {name}: exit {codes[name]} in {time.monotonic() - t0:.0f}s", flush=True)
-    return codes
+    junit = figures_dir / "junit.xml"
+    marker = "slow" if full else "not slow"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker,
+           f"--junitxml={junit}", *[SUITES[n] for n in names], *pytest_args]
+    print("==", " ".join(cmd[2:]), flush=True)
+    t0 = time.monotonic()
+    code = subprocess.call(cmd, cwd=REPO, env=env)
+    print(f"== exit {code} in {time.monotonic() - t0:.0f}s", flush=True)
+    outcomes: dict[str, str] = {}
+    if junit.exists():
+        import xml.etree.ElementTree as ET
+
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            name = f"{case.get('classname', '')}::{case.get('name', '')}"
+            kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+            outcomes[name] = kinds[0] if kinds else "passed"
+    outcomes["_exit"] = str(code)
+    outcomes["_seconds"] = f"{time.monotonic() - t0:.0f}"
+    return outcomes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     figures_dir.mkdir(parents=True, exist_ok=True)
     for old in figures_dir.glob("*.json"):
         old.unlink()
-    codes = _run_suites(args.only, args.full, figures_dir, env_extra, args.pytest_args)
+    outcomes = _run_suites(args.only, args.full, figures_dir, env_extra, args.pytest_args)
     figures = {p.stem: json.loads(p.read_text()) for p in sorted(figures_dir.glob("*.json"))}
-    report = {"full": args.full, "exit_codes": codes, "figures": figures,
+    report = {"full": args.full, "tests": outcomes, "figures": figures,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, sort_keys=True))
@@ -174,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}:")
         for k, v in sorted(figs.items()):
             print(f"  {k:32s} {v}")
+    bad = {k: v for k, v in outcomes.items() if not k.startswith("_") and v != "passed"}
+    for k, v in sorted(bad.items()):
+        print(f"  {v:8s} {k}")
     print(f"\nwritten {args.out}")
-    return 0 if all(c == 0 for c in codes.values()) else 1
+    return int(outcomes["_exit"])
 
 
 if __name__ == "__main__":

@@ -68,10 +68,17 @@ def run_outage(tmp: Path, bundle: Path, n_instances: int, per_study: int = 50
 
         assert wait_until(backlog_complete, timeout=120, interval=0.5), text[-3000:]
         age1 = metric(text, "sentinel_queue_oldest_age_seconds", destination="pacs")
-        time.sleep(1.5)
-        text = gw.metrics()
-        age2 = metric(text, "sentinel_queue_oldest_age_seconds", destination="pacs")
-        assert age1 > 0 and age2 > age1, (age1, age2)  # visible and growing while it lasts
+        age2 = age1
+
+        def age_grows() -> bool:
+            nonlocal age2, text
+            text = gw.metrics()
+            age2 = metric(text, "sentinel_queue_oldest_age_seconds", destination="pacs")
+            return age2 >= age1 + 1.0
+
+        # visible and growing while it lasts (the forwarder refreshes the gauge on its rescans,
+        # every second or so, later while a connection attempt is in progress)
+        assert age1 > 0 and wait_until(age_grows, 15, 0.25), (age1, age2)
         assert metric(text, "sentinel_forward_failures_total", destination="pacs") >= 1
         assert gw.http_status("/healthz") == 200
         audit = (state / "audit" / "audit.jsonl").read_text()

@@ -18,7 +18,8 @@ instance in the spool, retried at every restart); the outcome is forwarded or qu
 typed reason; every exception the detector raised is a ``PreprocessError`` (no untyped crash);
 no input takes longer than ``HANG_S``. Over the run: peak RSS grows by less than ``RSS_GROWTH``
 (a declared 65535x65535 matrix must never be allocated). CI runs ``CI_EXAMPLES``; the slow test
-runs ``SENTINEL_FUZZ_EXAMPLES`` (default 100,000) and reports executions.
+runs ``SENTINEL_FUZZ_EXAMPLES`` (default 100,000) and reports executions; it keeps going past a
+failing input and fails at the end with a census of the distinct failures (type and place).
 """
 
 from __future__ import annotations
@@ -252,6 +253,9 @@ class FuzzTarget:
         self.stats = stats
         self.bundle = bundle
         self.detector = RecordingDetector(Detector.load(bundle), stats)
+        self.collect = False
+        self.failures: dict[str, int] = {}
+        self.failure_examples: dict[str, str] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -273,6 +277,25 @@ class FuzzTarget:
         self.count = 0
 
     def run(self, syntax: str, sop_class: str, data: bytes) -> str:
+        """Process one input; in ``collect`` mode a failure is recorded by its signature (the
+        long run's census of distinct bugs) instead of stopping the run."""
+        if not self.collect:
+            return self._run(syntax, sop_class, data)
+        try:
+            return self._run(syntax, sop_class, data)
+        except Exception as exc:
+            import traceback
+
+            frames = [f"{Path(f.filename).name}:{f.lineno}"
+                      for f in traceback.extract_tb(exc.__traceback__)
+                      if "/gateway/" in f.filename or "/detector/" in f.filename]
+            sig = f"{type(exc).__name__} at {frames[-1] if frames else '?'}"
+            self.failures[sig] = self.failures.get(sig, 0) + 1
+            self.failure_examples.setdefault(sig, f"{str(exc)[:160]}")
+            self.stats.untyped.clear()
+            return "failed"
+
+    def _run(self, syntax: str, sop_class: str, data: bytes) -> str:
         if self.count >= 2000:  # keep the tmpfs small: start over with a fresh state dir
             assert verify(self.cfg.audit_path).ok
             self._reset()
@@ -296,9 +319,9 @@ class FuzzTarget:
         path.with_suffix(".json").write_text(json.dumps(side))
         item = WorkItem(path=path, sop_uid=uid, seq=seq, assoc_id="fuzz")
         t0 = time.perf_counter()
+        self.stats.executions += 1
         outcome = self.screening.process(item, self.detector)  # must not raise
         spent = time.perf_counter() - t0
-        self.stats.executions += 1
         self.stats.max_seconds = max(self.stats.max_seconds, spent)
         if outcome == "quarantined":
             record = self.quarantine.get(uid)
@@ -338,7 +361,9 @@ def target(fixture_bundle: Path) -> Iterator[FuzzTarget]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int) -> dict[str, object]:
+def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int, collect: bool = False
+             ) -> dict[str, object]:
+    target.collect = collect
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.monotonic()
 
@@ -349,12 +374,19 @@ def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int) -> dict[str, 
         target.run(*case)
 
     fuzz()
+    s = target.stats
+    if target.failures:
+        record_figures("fuzz_failures", {"executions": s.executions, **target.failures,
+                                         "examples": target.failure_examples})
+    assert not target.failures, (
+        f"{sum(target.failures.values())} of {s.executions} inputs failed: "
+        + "; ".join(f"{k} x{v} ({target.failure_examples[k]})"
+                    for k, v in target.failures.items()))
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
     assert rss_growth < RSS_GROWTH, f"peak RSS grew by {rss_growth} KiB"
     assert verify(target.cfg.audit_path).ok
     for text in (target.cfg.audit_path.read_text(),):
         assert PATIENT_NAME not in text and PATIENT_ID not in text
-    s = target.stats
     assert sum(s.outcomes.values()) == s.executions
     assert s.outcomes.get("forwarded", 0) > 0 and len(s.outcomes) >= 4, s.outcomes
     return {
@@ -378,6 +410,6 @@ def test_fuzz_screening_path(target: FuzzTarget, seeds: list[Seed]) -> None:
 @pytest.mark.slow
 def test_fuzz_screening_path_long(target: FuzzTarget, seeds: list[Seed]) -> None:
     n = env_count("fuzz_examples", 100_000)
-    figures = run_fuzz(target, seeds, n)
+    figures = run_fuzz(target, seeds, n, collect=True)
     assert figures["executions"] >= n * 0.9
     record_figures("fuzz_full", figures)
