@@ -148,14 +148,17 @@ def write_bundle(
     extra_files: dict[str, Path] | None = None,
     bundle_id: str | None = None,
     versions: dict[str, str] | None = None,
+    rule: dict[str, Any] | None = None,
 ) -> Path:
     """Write a bundle directory (created, or emptied of a previous bundle's files).
 
     ``extra_files`` maps a name (e.g. "cnn_keras", "model_card") to a file copied in under
     its own file name. ``versions`` adds training-side library versions (tensorflow,
-    scikit-learn...) to the runtime ones recorded automatically. The manifest is written
-    last, through a temporary file and a rename, so a crash never leaves a bundle that
-    verifies but is incomplete.
+    scikit-learn...) to the runtime ones recorded automatically. ``rule`` (optional) picks
+    the decision rule, see detector.scoring: ``{"name": "max", "cnn_threshold": a,
+    "rf_threshold": b}`` for a per-part OR (then ``threshold`` is normally 0.5). The manifest
+    is written last, through a temporary file and a rename, so a crash never leaves a
+    bundle that verifies but is incomplete.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +219,8 @@ def write_bundle(
         "metrics": metrics,
         "versions": all_versions,
     }
+    if rule is not None:
+        doc["rule"] = dict(rule)
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=out)
     with os.fdopen(fd, "wb") as fh:
         fh.write(_manifest_bytes(doc))

@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "bundle_id": det.bundle_id,
+            "rule": det.rule.name,
             "threshold": det.threshold if threshold is None else threshold,
             "files": rows,
             "summary": {

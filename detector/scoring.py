@@ -1,7 +1,18 @@
 """Scoring: preprocess, features + CNN + forest, stacking, verdict.
 
-Stacking as in the paper: ``score = w_cnn * p_cnn + (1 - w_cnn) * p_rf``, flagged when
-``score >= threshold`` (the bundle's operating threshold unless the caller passes another).
+Stacking as in the paper (rule "stack", the default): ``score = w_cnn * p_cnn +
+(1 - w_cnn) * p_rf``, flagged when ``score >= threshold`` (the bundle's operating threshold
+unless the caller passes another).
+
+A bundle may instead name the rule "max" with a threshold per part (``rule: {"name": "max",
+"cnn_threshold": a, "rf_threshold": b}`` in the manifest, written by ``write_bundle(rule=...)``).
+Why: with stacking, whenever threshold > 1 - w_cnn an attacker who drives p_cnn to 0 can
+never be flagged whatever the forest says (found by the adaptive-attack work). Under "max"
+each part is mapped piecewise-linearly so that its own threshold lands on 0.5
+(``g(p; t) = 0.5 p / t`` below t, ``0.5 + 0.5 (p - t) / (1 - t)`` above), and ``score =
+max(g(p_cnn; a), g(p_rf; b))``: flagged at threshold 0.5 exactly when either part passes its
+own threshold (an OR rule), the score stays in [0, 1] and monotone in both parts, and a
+caller's threshold still means "flag when score >= threshold".
 A multi-frame instance is scored frame by frame and takes its worst (highest) frame: one
 tampered frame is enough to hold the instance.
 
@@ -67,6 +78,48 @@ class Score:
         }
 
 
+@dataclass(frozen=True)
+class Rule:
+    """How the two parts become one score: "stack" (weighted mean) or "max" (per-part OR)."""
+
+    name: str = "stack"
+    cnn_threshold: float = 0.5
+    rf_threshold: float = 0.5
+
+    def combine(self, p_cnn: float, p_rf: float, w_cnn: float) -> float:
+        if self.name == "stack":
+            return w_cnn * p_cnn + (1.0 - w_cnn) * p_rf
+        return max(_to_half(p_cnn, self.cnn_threshold), _to_half(p_rf, self.rf_threshold))
+
+
+def _to_half(p: float, t: float) -> float:
+    """Monotone map of [0, 1] onto [0, 1] that sends t to 0.5."""
+    return 0.5 * p / t if p < t else 0.5 + 0.5 * (p - t) / (1.0 - t)
+
+
+def parse_rule(raw: object, bundle_dir: Path) -> Rule:
+    """The manifest's optional "rule" entry; absent means the paper's stacking."""
+    if raw is None:
+        return Rule()
+    where = f"model bundle file {bundle_dir / 'manifest.json'}"
+    if not isinstance(raw, dict) or raw.get("name") not in ("stack", "max"):
+        raise BundleError(
+            f'{where}: rule must be {{"name": "stack"}} or {{"name": "max", '
+            f'"cnn_threshold": a, "rf_threshold": b}}, got {raw!r}; re-export'
+        )
+    if raw["name"] == "stack":
+        return Rule()
+    try:
+        a, b = float(raw["cnn_threshold"]), float(raw["rf_threshold"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{where}: rule 'max' needs numeric cnn_threshold and rf_threshold; re-export"
+        ) from exc
+    if not (0.0 < a < 1.0 and 0.0 < b < 1.0):
+        raise BundleError(f"{where}: rule 'max' part thresholds must lie in (0, 1), got {a}, {b}")
+    return Rule("max", a, b)
+
+
 class Detector:
     """A loaded, verified bundle ready to score images. Not thread-safe: one per thread."""
 
@@ -81,6 +134,7 @@ class Detector:
         self.bundle_id = manifest.bundle_id
         self.threshold = manifest.threshold
         self.w_cnn = manifest.w_cnn
+        self.rule = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir)
         self.max_pixels = max_pixels
         self.cnn = cnn
         self.forest = forest
@@ -124,7 +178,7 @@ class Detector:
         t2 = time.perf_counter()
         p_rf = float(self.forest.predict_proba(feats[None, :])[0])
         t3 = time.perf_counter()
-        score = self.w_cnn * p_cnn + (1.0 - self.w_cnn) * p_rf
+        score = self.rule.combine(p_cnn, p_rf, self.w_cnn)
         return p_cnn, p_rf, score, (t1 - t0, t2 - t1, t3 - t2)
 
     def score_frames(

@@ -9,6 +9,7 @@ import pytest
 from fixture_bundle import synthetic_images
 
 from detector.features import FeatureExtractor
+from detector.forest import ForestArrays
 from detector.scoring import Detector
 
 
@@ -100,3 +101,47 @@ def test_score_path_png_and_dicom_agree(detector: Detector, tmp_path: Path) -> N
     b = detector.score_path(tmp_path / "a.dcm")
     assert a.score == b.score and a.p_cnn == b.p_cnn and a.p_rf == b.p_rf
     assert b.timings_ms["decode"] > 0 and b.timings_ms["total"] >= b.timings_ms["decode"]
+
+
+def test_max_rule_is_a_per_part_or(fixture_bundle: Path, tmp_path: Path) -> None:
+    """Bundles may choose rule "max": flagged at 0.5 iff either part passes its own threshold;
+    a p_cnn driven to 0 can no longer hide a confident forest (the stacking blind spot)."""
+    from detector.bundle import load_manifest, write_bundle
+    from detector.errors import BundleError
+    from detector.scoring import Rule, parse_rule
+
+    m = load_manifest(fixture_bundle)
+    common = dict(
+        cnn_tflite=m.path_of("cnn"),
+        forest=ForestArrays.load(m.path_of("forest")),
+        feature_names=m.feature_names,
+        w_cnn=0.5,
+        thresholds={},
+        training_data={},
+        metrics={},
+    )
+    out = write_bundle(
+        tmp_path / "max",
+        threshold=0.5,
+        rule={"name": "max", "cnn_threshold": 0.9, "rf_threshold": 0.3},
+        **common,
+    )
+    det = Detector.load(out)
+    assert det.rule == Rule("max", 0.9, 0.3)
+    imgs, _ = synthetic_images(8, seed=17)
+    for img in imgs:
+        p_cnn, p_rf, score = det.score_unit(img)
+        assert 0.0 <= score <= 1.0
+        assert (score >= 0.5) == (p_cnn >= 0.9 or p_rf >= 0.3)
+    rule = Rule("max", 0.9, 0.3)
+    assert rule.combine(0.0, 0.3, 0.5) == 0.5  # forest alone at its threshold flags
+    assert rule.combine(0.0, 0.29, 0.5) < 0.5
+    assert rule.combine(0.95, 0.0, 0.5) > 0.5
+    assert Rule().combine(0.0, 1.0, 0.5) == 0.5  # stacking: p_cnn = 0 caps the score
+    for bad in (
+        {"name": "vote"},
+        {"name": "max", "cnn_threshold": 1.0, "rf_threshold": 0.5},
+        {"name": "max"},
+    ):
+        with pytest.raises(BundleError):
+            parse_rule(bad, tmp_path)
