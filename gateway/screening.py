@@ -340,7 +340,8 @@ class Screening:
             "assoc_id": item.assoc_id,
             "rule": rule,
         }
-        place_in_outboxes(self.layout, destinations, path, entry, remove_src=True)
+        place_in_outboxes(self.layout, destinations, path, entry, remove_src=True,
+                          sync_src_dir=False)
         for d in destinations:
             self._on_enqueued(d)
         return "forwarded"

@@ -196,6 +196,7 @@ def place_in_outboxes(
     src: Path,
     meta: Mapping[str, Any],
     remove_src: bool = True,
+    sync_src_dir: bool = True,
 ) -> list[Path]:
     """Durably put ``src`` into the outbox of every destination (hard links, one inode).
 
@@ -240,7 +241,11 @@ def place_in_outboxes(
         side = src.with_suffix(".json")
         with contextlib.suppress(FileNotFoundError):
             side.unlink()
-        fsync_dir(src.parent)
+        # The screening workers skip this fsync (sync_src_dir=False): if the unlink is lost in
+        # a crash, the instance is routed again and lands under the same outbox name
+        # (replacing itself), or the sent ledger drops it: never a second delivery.
+        if sync_src_dir:
+            fsync_dir(src.parent)
     return placed
 
 
