@@ -221,6 +221,12 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def storescu_cmd(port: int, files: Sequence[Path], called: str) -> list[str]:
     return [STORESCU, "-aet", MODALITY_AE, "-aec", called, "-to", "30", "-ta", "30",
             "-td", "120", "127.0.0.1", str(port), *map(str, files)]
@@ -317,8 +323,13 @@ def audit_times(state: Path, event: str) -> dict[str, float]:
 
 @contextlib.contextmanager
 def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int = 2,
-            max_assoc: int = 16, env: dict[str, str] | None = None) -> Iterator[GatewayRun]:
-    """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc."""
+            max_assoc: int = 16, env: dict[str, str] | None = None,
+            default_rule: str = SCREEN_ALL) -> Iterator[GatewayRun]:
+    """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc.
+
+    ``default_rule`` 'action = "pass"' isolates the receive + forward cost (profiling only;
+    every reported figure screens).
+    """
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -326,7 +337,7 @@ def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int
     dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
             f'port = {orthanc_port}\nae_title = "{ORTHANC_AE}"\n')
     cfg = write_config(
-        root / "gateway.toml", state=state, port=port, destinations=dest, default=SCREEN_ALL,
+        root / "gateway.toml", state=state, port=port, destinations=dest, default=default_rule,
         bundle=bundle, limits=(f"max_associations = {max_assoc}\n"
                                f"max_associations_per_caller = {max_assoc}\n"
                                "max_instance_mb = 200"),
@@ -370,15 +381,20 @@ class Send:
 def send_direct(root: Path, files: Sequence[Path], k: int = 1) -> Send:
     """storescu (k associations) straight into a fresh Orthanc."""
     with orthanc(root / "orthanc") as pacs:
+        assert pacs.proc is not None
+        c0 = cpu_s(pacs.proc.pid)
         wall = send_parallel(pacs.dicom_port, split(files, k), ORTHANC_AE)
+        orthanc_cpu = cpu_s(pacs.proc.pid) - c0
         got = pacs.wait_for_count(len(files), timeout=60)
         if got != len(files):
             raise RuntimeError(f"Orthanc holds {got} of {len(files)} instances after a direct send")
-    return Send(len(files), megabytes(files), wall, wall)
+    return Send(len(files), megabytes(files), wall, wall,
+                extra={"orthanc_cpu_ms": 1000.0 * orthanc_cpu / len(files)})
 
 
 def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
-                     workers: int = 2, timeout: float = 900) -> Send:
+                     workers: int = 2, timeout: float = 900,
+                     default_rule: str = SCREEN_ALL) -> Send:
     """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
 
     ``done_s`` ends at the audit time of the last 'forwarded' line (the forwarder writes it
@@ -386,7 +402,10 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
     """
     port = free_port()
     with orthanc(root / "orthanc", gateway_port=port) as pacs, \
-            gateway(root / "gw", pacs.dicom_port, port, bundle, workers=workers) as gw:
+            gateway(root / "gw", pacs.dicom_port, port, bundle, workers=workers,
+                    default_rule=default_rule) as gw:
+        assert pacs.proc is not None
+        c_gw, c_pacs = cpu_s(gw.pid), cpu_s(pacs.proc.pid)
         t0 = time.time()
         ack = send_parallel(port, split(files, k), GATEWAY_AE, timeout=timeout)
         n = len(files)
@@ -395,11 +414,13 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
             raise RuntimeError(f"gateway forwarded {len(gw.forwarded_times())} of {n}; "
                                f"log: {gw.proc.log()[-1500:]}")
         done = max(gw.forwarded_times().values()) - t0
+        cpu = {"gateway_cpu_ms": 1000.0 * (cpu_s(gw.pid) - c_gw) / n,
+               "orthanc_cpu_ms": 1000.0 * (cpu_s(pacs.proc.pid) - c_pacs) / n}
         rss = vm_hwm_mb(gw.pid)
         got = pacs.wait_for_count(n, timeout=60)
         if got != n:
             raise RuntimeError(f"Orthanc holds {got} of {n} instances after the gateway send")
-    return Send(n, megabytes(files), ack, max(done, ack), rss)
+    return Send(n, megabytes(files), ack, max(done, ack), rss, cpu)
 
 
 @contextlib.contextmanager
@@ -429,6 +450,8 @@ def send_discard(files: Sequence[Path], k: int = 1) -> Send:
     """storescu (k associations) into the discard-only pynetdicom SCP."""
     port = free_port()
     with discard_scp(port) as pid:
+        c0 = cpu_s(pid)
         wall = send_parallel(port, split(files, k), GATEWAY_AE)
         rss = vm_hwm_mb(pid)
-    return Send(len(files), megabytes(files), wall, wall, rss)
+        cpu = 1000.0 * (cpu_s(pid) - c0) / len(files)
+    return Send(len(files), megabytes(files), wall, wall, rss, {"discard_cpu_ms": cpu})

@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"  peak RSS MB {summarize([s.rss_mb for s in base]).fmt(0)}")
             print(f"gateway ack      inst/s {summarize([s.ack_rate for s in via]).fmt()}"
                   f"  peak RSS MB {summarize([s.rss_mb for s in via]).fmt(0)}")
+            print("CPU ms per instance: discard SCP "
+                  f"{summarize([s.extra['discard_cpu_ms'] for s in base]).fmt()}, gateway "
+                  f"(receive+screen+forward) "
+                  f"{summarize([s.extra['gateway_cpu_ms'] for s in via]).fmt()}")
             ratios = [v.ack_rate / b.ack_rate for b, v in zip(base, via, strict=True)]
             print(ratio_line(f"ingest gateway/discard {label}", ratios, TARGET), flush=True)
     print(f"\nloadavg_end: {loadavg()}")

@@ -60,6 +60,10 @@ def report(label: str, direct: list[Send], via: list[Send], target: float | None
           f"  MB/s {summarize([s.mb_rate for s in via]).fmt()}"
           f"  (acknowledged: inst/s {summarize([s.ack_rate for s in via]).fmt()})")
     print(f"gateway peak RSS MB {summarize([s.rss_mb for s in via]).fmt(0)}")
+    print("CPU ms per instance: Orthanc direct "
+          f"{summarize([s.extra['orthanc_cpu_ms'] for s in direct]).fmt()}; via gateway: "
+          f"gateway {summarize([s.extra['gateway_cpu_ms'] for s in via]).fmt()}, Orthanc "
+          f"{summarize([s.extra['orthanc_cpu_ms'] for s in via]).fmt()}")
     ratios = [v.rate / d.rate for d, v in zip(direct, via, strict=True)]
     print(ratio_line(f"throughput gateway/direct {label}", ratios, target))
     sys.stdout.flush()
