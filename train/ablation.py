@@ -324,6 +324,69 @@ def run_ablation(cfg: AblationConfig, log: Any = print) -> dict[str, Any]:
     return results
 
 
+def harden_bundle(bundle_dir: Path, work_dir: Path, adaptive_train_dirs: list[Path],
+                  out_dir: Path, *, trees: int | None = None, seed: int = 0) -> Path:
+    """A bundle whose forest is refitted with adaptive examples crafted on training images.
+
+    Same CNN, same runtime features (so the runtime can load it and the adaptive attacks can
+    be rerun against it), forest trained on the run's training vectors plus the runtime
+    features of every adversarial array under ``<dir>/adv`` (label perturbed). Decision rule
+    "max" (OR of the parts, each calibrated on validation clean images for 0.5% FPR), so
+    neither part can be silenced by the other.
+    """
+    from detector import bundle as bundle_mod
+    from detector import features
+    from detector.forest import ForestArrays
+    from detector.scoring import Detector
+    from train import fit_detector, pipeline
+
+    manifest = bundle_mod.load_manifest(bundle_dir)
+    work = pipeline.Work(work_dir)
+    parts = [("clean", 0), ("perturbed", 1), ("resampled_clean", 0), ("resampled_pert", 1)]
+    xs, ys = [], []
+    for rel, label in parts:
+        if work.has(f"feat/train/{rel}.npy"):
+            f = work.load_npy(f"feat/train/{rel}.npy")
+            xs.append(f)
+            ys.append(np.full(len(f), label))
+    n_adv = 0
+    for d in adaptive_train_dirs:
+        for p in sorted((Path(d) / "adv").glob("adaptive-*.npy")):
+            f = features.extract_batch(np.load(p))
+            xs.append(f)
+            ys.append(np.ones(len(f)))
+            n_adv += len(f)
+    cfg = manifest.training_data.get("config", {})
+    rf = fit_detector.fit_forest(np.concatenate(xs), np.concatenate(ys),
+                                 n_estimators=trees or int(cfg.get("trees", 200)),
+                                 max_depth=int(cfg.get("max_depth", 12)), seed=seed)
+    forest = ForestArrays.from_sklearn(rf)
+    val = [work.load_npy("clean/val.npy")]
+    vfeat = [work.load_npy("feat/val/clean.npy")]
+    if work.has("resampled/val_clean.npy"):
+        val.append(work.load_npy("resampled/val_clean.npy"))
+        vfeat.append(work.load_npy("feat/val/resampled_clean.npy"))
+    det = Detector.load(bundle_dir, num_threads=1)
+    p_cnn = np.array([det.score_unit(img)[0] for img in np.concatenate(val)])
+    p_rf = forest.predict_proba(np.concatenate(vfeat))
+    a = fit_detector.calibrate_threshold(p_cnn, 0.005)
+    b = fit_detector.calibrate_threshold(p_rf, 0.005)
+    td = dict(manifest.training_data)
+    td["part_thresholds"] = {**td.get("part_thresholds", {}),
+                             "cnn": fit_detector.calibrate_threshold(p_cnn),
+                             "forest": fit_detector.calibrate_threshold(p_rf)}
+    td["hardened"] = {"from_bundle": manifest.bundle_id, "adaptive_examples": n_adv,
+                      "adaptive_dirs": [str(d) for d in adaptive_train_dirs],
+                      "rule": "max", "part_fpr": 0.005}
+    extra = {k: manifest.path_of(k) for k in ("victim", "cnn_keras", "split")
+             if k in manifest.files}
+    return Path(bundle_mod.write_bundle(
+        out_dir, cnn_tflite=manifest.path_of("cnn"), forest=forest,
+        feature_names=features.FEATURE_NAMES, w_cnn=manifest.w_cnn, threshold=0.5,
+        thresholds={"max_rule": 0.5}, training_data=td, metrics={},
+        extra_files=extra, rule={"name": "max", "cnn_threshold": a, "rf_threshold": b}))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m train.ablation --work W --out O [--adaptive-dir A] [--adaptive-train-dir T]``"""
     import argparse
@@ -335,8 +398,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adaptive-train-dir", default=None)
     p.add_argument("--trees", type=int, default=100)
     p.add_argument("--max-depth", type=int, default=12)
+    p.add_argument("--harden-bundle", default=None,
+                   help="instead: write a bundle (to --out) from this one with the forest "
+                   "refitted on --adaptive-train-dir examples, OR rule")
     a = p.parse_args(argv)
     from train.pipeline import log
+
+    if a.harden_bundle:
+        if not a.adaptive_train_dir:
+            p.error("--harden-bundle needs --adaptive-train-dir")
+        out = harden_bundle(Path(a.harden_bundle), Path(a.work), [Path(a.adaptive_train_dir)],
+                            Path(a.out))
+        log(f"hardened bundle written to {out}")
+        return 0
 
     run_ablation(AblationConfig(work=a.work, out=a.out, adaptive_dir=a.adaptive_dir,
                                 adaptive_train_dir=a.adaptive_train_dir, trees=a.trees,
