@@ -102,3 +102,19 @@ def test_pgd_on_victim_architecture_raises_loss(linear_victim) -> None:  # type:
     adv = attacks.gradient_attack(attacks.make_gradient_attack(model), x, y, "pgd", 0.006)
     assert np.abs(adv - x).max() <= 0.006 + 1e-6
     assert np.all(_loss(model, adv, y) > _loss(model, x, y))
+
+
+def test_nearest_upsampling_survives_the_area_resize_better() -> None:
+    from detector.preprocess import resize_to_input
+
+    rng = np.random.default_rng(5)
+    delta = rng.choice([-0.006, 0.006], size=(224, 224)).astype(np.float32)
+    kept = {}
+    for method in attacks.UPSAMPLING:
+        up = attacks.upsample_delta(delta, (700, 700), method)
+        assert np.abs(up).max() <= 0.006 + 1e-7  # still inside the eps ball
+        back = resize_to_input(up[None])[0]
+        kept[method] = float(np.mean(back * delta) / 0.006**2)
+    assert kept["nearest"] > kept["bilinear"] + 0.1
+    with pytest.raises(ValueError, match="upsampling"):
+        attacks.upsample_delta(delta, (300, 300), "cubic")

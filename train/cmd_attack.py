@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-uid", action="store_true",
                         help="keep the SOP Instance UID (default: a new one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--upsample", choices=("bilinear", "nearest"), default="bilinear",
+                        help="how the 224x224 delta is mapped onto a larger native matrix: "
+                        "bilinear (the evaluation protocol) or nearest (survives the detector's "
+                        "area resize almost intact: a stronger attack)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         model = (load_victim_from_bundle(args.bundle)
                  if args.method in ("pgd", "fgsm") else None)
         res = attack_dicom(args.input, args.output, method=args.method, param=param,
-                           model=model, keep_uid=args.keep_uid, seed=args.seed)
+                           model=model, keep_uid=args.keep_uid, seed=args.seed,
+                           upsample=args.upsample)
     except (AttackWriteError, FileNotFoundError, ValueError) as exc:
         print(f"sentinel attack: {exc}", file=sys.stderr)
         return 2

@@ -75,7 +75,8 @@ def load_victim_from_bundle(bundle_dir: Path | None) -> Any:
 
 
 def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
-                       model: Any, seed: int) -> tuple[np.ndarray, float, float]:
+                       model: Any, seed: int, upsample: str = "bilinear",
+                       ) -> tuple[np.ndarray, float, float]:
     """Perturb one native unit frame at 224 and map it back; returns (native', logit, logit')."""
     from detector import preprocess
     from train import victim
@@ -86,7 +87,7 @@ def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
     fn = attacks.make_gradient_attack(model) if p.needs_victim else None
     label = np.array([1.0 if logit > 0 else 0.0], np.float32)  # the victim's own prediction
     adv = attacks.perturb224(p, x224, labels=label, attack=fn, rng=np.random.default_rng(seed))
-    native = attacks.to_native(unit.astype(np.float32), adv[0] - x224[0], levels)
+    native = attacks.to_native(unit.astype(np.float32), adv[0] - x224[0], levels, upsample)
     after = preprocess.resize_to_input(native[None])
     logit_after = (float(victim.predict_logits(model, after)[0]) if model is not None
                    else float("nan"))
@@ -94,7 +95,8 @@ def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
 
 
 def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
-                 model: Any = None, keep_uid: bool = False, seed: int = 0) -> AttackResult:
+                 model: Any = None, keep_uid: bool = False, seed: int = 0,
+                 upsample: str = "bilinear") -> AttackResult:
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -120,7 +122,8 @@ def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
     out_frames = np.empty(frames.shape, frames.dtype)
     before, after = [], []
     for f in range(len(units)):
-        native, lb, la = perturb_unit_frame(units[f], levels, method, param, model, seed + f)
+        native, lb, la = perturb_unit_frame(units[f], levels, method, param, model, seed + f,
+                                            upsample)
         new = unit_to_stored(native, bits_stored=bits_stored, signed=signed, invert=invert)
         # keep any bits above BitsStored as they were (overlays in old files)
         high = frames[f].astype(np.int64) & ~((1 << bits_stored) - 1) if not signed else 0
