@@ -134,6 +134,11 @@ def make_set(directory: Path, n: int, rows: int, cols: int, seed: int = 0) -> li
     return files
 
 
+def warm_set(cache: Path, rows: int, cols: int, n: int = 2) -> list[Path]:
+    """A few instances of the same size, sent before each measured send (see send_direct)."""
+    return make_set(cache / f"warm-{rows}x{cols}-{n}", n, rows, cols, seed=1)
+
+
 def megabytes(files: Sequence[Path]) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
@@ -378,14 +383,21 @@ class Send:
         return self.megabytes / self.done_s
 
 
-def send_direct(root: Path, files: Sequence[Path], k: int = 1) -> Send:
-    """storescu (k associations) straight into a fresh Orthanc."""
+def send_direct(root: Path, files: Sequence[Path], k: int = 1,
+                warm: Sequence[Path] = ()) -> Send:
+    """storescu (k associations) straight into a fresh Orthanc.
+
+    ``warm`` instances go first, untimed, on both paths alike: the figures are those of a
+    running service (the gateway's detectors and forwarding association warm), not of a start.
+    """
     with orthanc(root / "orthanc") as pacs:
         assert pacs.proc is not None
+        if warm:
+            send_parallel(pacs.dicom_port, [warm], ORTHANC_AE)
         c0 = cpu_s(pacs.proc.pid)
         wall = send_parallel(pacs.dicom_port, split(files, k), ORTHANC_AE)
         orthanc_cpu = cpu_s(pacs.proc.pid) - c0
-        got = pacs.wait_for_count(len(files), timeout=60)
+        got = pacs.wait_for_count(len(files) + len(warm), timeout=60) - len(warm)
         if got != len(files):
             raise RuntimeError(f"Orthanc holds {got} of {len(files)} instances after a direct send")
     return Send(len(files), megabytes(files), wall, wall,
@@ -394,7 +406,7 @@ def send_direct(root: Path, files: Sequence[Path], k: int = 1) -> Send:
 
 def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
                      workers: int = 2, timeout: float = 900,
-                     default_rule: str = SCREEN_ALL) -> Send:
+                     default_rule: str = SCREEN_ALL, warm: Sequence[Path] = ()) -> Send:
     """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
 
     ``done_s`` ends at the audit time of the last 'forwarded' line (the forwarder writes it
@@ -405,19 +417,25 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
             gateway(root / "gw", pacs.dicom_port, port, bundle, workers=workers,
                     default_rule=default_rule) as gw:
         assert pacs.proc is not None
+        w = len(warm)
+        if warm:
+            send_parallel(port, [warm], GATEWAY_AE, timeout=timeout)
+            if not wait_until(lambda: len(gw.forwarded_times()) >= w, timeout=timeout,
+                              interval=0.05):
+                raise RuntimeError(f"warm-up not forwarded; log: {gw.proc.log()[-1500:]}")
         c_gw, c_pacs = cpu_s(gw.pid), cpu_s(pacs.proc.pid)
         t0 = time.time()
         ack = send_parallel(port, split(files, k), GATEWAY_AE, timeout=timeout)
         n = len(files)
-        if not wait_until(lambda: len(gw.forwarded_times()) >= n, timeout=timeout,
+        if not wait_until(lambda: len(gw.forwarded_times()) >= n + w, timeout=timeout,
                           interval=0.05):
-            raise RuntimeError(f"gateway forwarded {len(gw.forwarded_times())} of {n}; "
+            raise RuntimeError(f"gateway forwarded {len(gw.forwarded_times()) - w} of {n}; "
                                f"log: {gw.proc.log()[-1500:]}")
         done = max(gw.forwarded_times().values()) - t0
         cpu = {"gateway_cpu_ms": 1000.0 * (cpu_s(gw.pid) - c_gw) / n,
                "orthanc_cpu_ms": 1000.0 * (cpu_s(pacs.proc.pid) - c_pacs) / n}
         rss = vm_hwm_mb(gw.pid)
-        got = pacs.wait_for_count(n, timeout=60)
+        got = pacs.wait_for_count(n + w, timeout=60) - w
         if got != n:
             raise RuntimeError(f"Orthanc holds {got} of {n} instances after the gateway send")
     return Send(n, megabytes(files), ack, max(done, ack), rss, cpu)

@@ -27,6 +27,7 @@ from bench.common import (
     send_discard,
     send_via_gateway,
     summarize,
+    warm_set,
     workdir,
 )
 
@@ -56,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             if n <= 0:
                 continue
             files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+            warm = warm_set(args.cache, rows, cols)
             base: list[Send] = []
             via: list[Send] = []
             for r in range(args.repeats):
                 base.append(send_discard(files))
-                via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers))
+                via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers,
+                                            warm=warm))
                 print(f"  repeat {r + 1}: discard {base[-1].ack_rate:.1f}/s, gateway ack "
                       f"{via[-1].ack_rate:.1f}/s, load {loadavg()}", flush=True)
             print(f"\n## {label}: {n} instances")

@@ -30,6 +30,7 @@ from bench.common import (
     send_direct,
     send_via_gateway,
     summarize,
+    warm_set,
     workdir,
 )
 
@@ -39,13 +40,15 @@ RSS_LIMIT_MB = 1024.0
 def concurrency(work: Path, args: argparse.Namespace, bundle: Path, label: str, n: int,
                 rows: int, cols: int) -> None:
     files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+    warm = warm_set(args.cache, rows, cols)
     print(f"\n## concurrency, {label}: {n} instances per send", flush=True)
     for k in args.assocs:
         direct: list[Send] = []
         via: list[Send] = []
         for _ in range(args.repeats):
-            direct.append(send_direct(work / "d", files, k))
-            via.append(send_via_gateway(work / "g", files, bundle, k, workers=args.workers))
+            direct.append(send_direct(work / "d", files, k, warm=warm))
+            via.append(send_via_gateway(work / "g", files, bundle, k, workers=args.workers,
+                                        warm=warm))
         rss = summarize([s.rss_mb for s in via])
         print(f"k={k}: direct inst/s {summarize([s.rate for s in direct]).fmt()}; gateway inst/s "
               f"{summarize([s.rate for s in via]).fmt()} (ack "
@@ -60,11 +63,13 @@ def matrix(work: Path, args: argparse.Namespace, bundle: Path) -> None:
     for side in args.sides:
         n = max(args.min_n, round(args.matrix_mpix / (side * side / 1e6)))
         files = make_set(args.cache / f"set-{side}x{side}-{n}", n, side, side)
+        warm = warm_set(args.cache, side, side)
         direct: list[Send] = []
         via: list[Send] = []
         for _ in range(args.repeats):
-            direct.append(send_direct(work / "d", files))
-            via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers))
+            direct.append(send_direct(work / "d", files, warm=warm))
+            via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers,
+                                        warm=warm))
         mpix = side * side / 1e6
         d_ms = [1000.0 / s.rate for s in direct]
         g_ms = [1000.0 / s.rate for s in via]

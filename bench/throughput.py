@@ -29,6 +29,7 @@ from bench.common import (
     send_direct,
     send_via_gateway,
     summarize,
+    warm_set,
     workdir,
 )
 
@@ -81,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             if n <= 0:
                 continue
             files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+            warm = warm_set(args.cache, rows, cols)
             direct: list[Send] = []
             via: list[Send] = []
             for r in range(args.repeats):
-                direct.append(send_direct(work / "d", files))
-                via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers))
+                direct.append(send_direct(work / "d", files, warm=warm))
+                via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers,
+                                            warm=warm))
                 print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway "
                       f"{via[-1].rate:.1f}/s (ack {via[-1].ack_rate:.1f}/s), "
                       f"load {loadavg()}", flush=True)
