@@ -40,7 +40,7 @@ RSS_LIMIT_MB = 1024.0
 def concurrency(work: Path, args: argparse.Namespace, bundle: Path, label: str, n: int,
                 rows: int, cols: int) -> None:
     files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
-    warm = warm_set(args.cache, rows, cols)
+    warm = [] if args.tiny else warm_set(args.cache, rows, cols)
     print(f"\n## concurrency, {label}: {n} instances per send", flush=True)
     for k in args.assocs:
         direct: list[Send] = []
@@ -63,7 +63,7 @@ def matrix(work: Path, args: argparse.Namespace, bundle: Path) -> None:
     for side in args.sides:
         n = max(args.min_n, round(args.matrix_mpix / (side * side / 1e6)))
         files = make_set(args.cache / f"set-{side}x{side}-{n}", n, side, side)
-        warm = warm_set(args.cache, side, side)
+        warm = [] if args.tiny else warm_set(args.cache, side, side)
         direct: list[Send] = []
         via: list[Send] = []
         for _ in range(args.repeats):

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             if n <= 0:
                 continue
             files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
-            warm = warm_set(args.cache, rows, cols)
+            warm = [] if args.tiny else warm_set(args.cache, rows, cols)
             direct: list[Send] = []
             via: list[Send] = []
             for r in range(args.repeats):
