@@ -324,6 +324,17 @@ class StorageReceiver:
         tmp_file = getattr(req, "_dataset_file", None)
         if tmp_path is None or tmp_file is None:
             return STATUS_CANNOT_UNDERSTAND
+        too_large = st.too_large
+        with contextlib.suppress(OSError):
+            too_large = too_large or (
+                os.fstat(tmp_file.fileno()).st_size > cfg.limits.max_instance_bytes
+            )
+        if too_large:
+            # The data handler aborts such an association, but bytes already buffered can still
+            # complete a C-STORE: refuse it here too, so an over-size instance is never kept.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+            return STATUS_OUT_OF_RESOURCES
         if not valid_uid(sop_uid):
             self._audit_safe("rejected", calling_ae=st.calling_ae, peer=st.peer,
                              reason="invalid-sop-instance-uid")

@@ -177,7 +177,10 @@ def test_instance_over_size_limit_aborted_and_not_kept(gateway_factory, tmp_path
     assert not list(gw.layout.incoming.iterdir())
     assert "instance-too-large" in [e.get("reason") for e in audit_events(gw)]
     assert storescu(port, [small]).returncode == 0
-    assert wait_until(lambda: len(list((tmp_path / "out").rglob("*.dcm"))) == 1, 20)
+    out = tmp_path / "out"
+    assert wait_until(lambda: bool(list(out.rglob(f"{sop_uid_of(small)}.dcm"))), 20)
+    time.sleep(0.5)
+    assert [p.stem for p in out.rglob("*.dcm")] == [sop_uid_of(small)]  # never the big one
 
 
 def test_unscreened_instances_recovered_at_start(tmp_path: Path) -> None:
