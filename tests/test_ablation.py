@@ -123,3 +123,26 @@ def test_report_sections_state_targets_and_write_files(tmp_path: Path) -> None:
         assert (tmp_path / f).stat().st_size > 1000
     doc = json.loads((tmp_path / "adaptive.json").read_text())
     assert "scores" not in doc["adaptive"]["attacks"]["pgd@0.006"]
+
+
+def test_harden_bundle_loads_with_the_or_rule(tmp_path: Path, fixture_bundle: Path) -> None:
+    from detector import features
+    from detector.scoring import Detector
+
+    work = tmp_path / "work"
+    for d in ("feat/train", "feat/val", "clean", "adv-run/adv"):
+        (work / d).mkdir(parents=True)
+    clean = np.stack([_smooth(s) for s in range(12)])
+    pert = np.stack([_pm1(c, s) for s, c in enumerate(clean)])
+    np.save(work / "feat/train/clean.npy", features.extract_batch(clean[:8]))
+    np.save(work / "feat/train/perturbed.npy", features.extract_batch(pert[:8]))
+    np.save(work / "clean/val.npy", clean[8:])
+    np.save(work / "feat/val/clean.npy", features.extract_batch(clean[8:]))
+    np.save(work / "adv-run/adv/adaptive-all_0.006.npy", pert[8:])
+    out = ablation.harden_bundle(fixture_bundle, work, [work / "adv-run"], tmp_path / "hard",
+                                 trees=5)
+    det = Detector.load(out)
+    assert det.rule.name == "max" and det.threshold == 0.5
+    assert det.manifest.training_data["hardened"]["adaptive_examples"] == 4
+    _, p_rf, score = det.score_unit(pert[0])
+    assert 0.0 <= score <= 1.0 and 0.0 <= p_rf <= 1.0
