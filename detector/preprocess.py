@@ -281,7 +281,8 @@ def _iter_frames(ds: Dataset, source: str, max_pixels: int) -> Iterator[np.ndarr
     if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ts
-    frames_iter = pydicom.pixels.iter_pixels(ds)
+    # We mask unused bits ourselves (_valid_bits); pydicom's own correction copies the frame.
+    frames_iter = pydicom.pixels.iter_pixels(ds, correct_unused_bits=False)
     while True:
         try:
             with warnings.catch_warnings():
@@ -353,6 +354,32 @@ def _check_codestreams(
         raise Unreadable(f"{source}: encapsulated Pixel Data is malformed ({exc})") from exc
 
 
+def _valid_bits(frame: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Stored values with the bits above BitsStored masked off (unsigned) or sign-extended
+    from bit BitsStored-1 (signed): the standard says those bits carry no pixel value."""
+    if signed:
+        v = frame.astype(np.int32)
+        sign = 1 << (bits_stored - 1)
+        v &= (1 << bits_stored) - 1
+        v ^= sign
+        v -= sign
+        return v
+    if bits_stored < frame.dtype.itemsize * 8:
+        return frame & np.array((1 << bits_stored) - 1, dtype=frame.dtype)
+    return frame
+
+
+def _normalise(values: np.ndarray, bits_stored: int, signed: bool, invert: bool) -> np.ndarray:
+    """float64 stored values (or means of them) to [0, 1], in place: bitdepth-v1."""
+    lo, hi = _stored_range(bits_stored, signed)
+    if lo:
+        values -= lo
+    values *= 1.0 / (hi - lo)
+    if invert:
+        np.subtract(1.0, values, out=values)
+    return values
+
+
 def stored_to_unit(
     frame: np.ndarray,
     *,
@@ -362,29 +389,11 @@ def stored_to_unit(
 ) -> np.ndarray:
     """Stored pixel values to float64 [0, 1] by the stored range (normalisation bitdepth-v1).
 
-    Bits above BitsStored are masked off (unsigned) or sign-extended from bit BitsStored-1
-    (signed), as the standard says they carry no pixel value. ``invert`` flips 0 and 1
-    (MONOCHROME1, or a negative Rescale Slope; both together cancel). Works in the frame's
-    own integer width (int32 for signed), so a 4-megapixel frame costs a few milliseconds.
+    Bits above BitsStored are masked off (unsigned) or sign-extended (signed). ``invert``
+    flips 0 and 1 (MONOCHROME1, or a negative Rescale Slope; both together cancel).
     """
-    if signed:
-        v = frame.astype(np.int32)
-        sign = 1 << (bits_stored - 1)
-        v &= (1 << bits_stored) - 1
-        v ^= sign
-        v -= sign
-    elif bits_stored < frame.dtype.itemsize * 8:
-        v = frame & np.array((1 << bits_stored) - 1, dtype=frame.dtype)
-    else:
-        v = frame
-    lo, hi = _stored_range(bits_stored, signed)
-    unit = v.astype(np.float64)
-    if lo:
-        unit -= lo
-    unit *= 1.0 / (hi - lo)
-    if invert:
-        np.subtract(1.0, unit, out=unit)
-    return unit
+    v = _valid_bits(frame, bits_stored, signed)
+    return _normalise(v.astype(np.float64), bits_stored, signed, invert)
 
 
 def unit_params(ds: Dataset, source: str = "dataset") -> tuple[int, bool, bool]:
@@ -416,6 +425,25 @@ def iter_unit_frames(
     bits_stored, signed, invert = unit_params(ds, src)
     for frame in _iter_frames(ds, src, max_pixels):
         yield stored_to_unit(frame, bits_stored=bits_stored, signed=signed, invert=invert)
+
+
+def iter_input_frames(
+    ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "", size: int = INPUT_SIZE
+) -> Iterator[np.ndarray]:
+    """Each frame as float32 (size, size) in [0, 1]: the scoring path.
+
+    Area averaging is linear and the normalisation affine, so the frame is resized while
+    still in stored integers and only the 224x224 result is normalised: the same values as
+    ``resize_frame(stored_to_unit(frame))`` to ~1e-15, without a full-size float64 copy of
+    the image (a 2048x2500 frame: ~40 MB of memory traffic and ~30 ms saved).
+    """
+    src = source or str(getattr(ds, "filename", "") or "dataset")
+    check_header(ds, max_pixels=max_pixels, source=src)
+    bits_stored, signed, invert = unit_params(ds, src)
+    for frame in _iter_frames(ds, src, max_pixels):
+        small = resize_frame(_valid_bits(frame, bits_stored, signed), size)
+        unit = _normalise(small, bits_stored, signed, invert).astype(np.float32)
+        yield np.clip(unit, 0.0, 1.0, out=unit)
 
 
 def dataset_to_unit(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -510,6 +538,8 @@ def _area_axis(a: np.ndarray, out: int, axis: int) -> np.ndarray:
         k = n // out
         shape = list(a.shape)
         shape[axis : axis + 1] = [out, k]
+        if _exact_sums(a, k + 1):
+            return a.reshape(shape).sum(axis=axis + 1).astype(np.float64) * (1.0 / k)
         return a.reshape(shape).mean(axis=axis + 1, dtype=np.float64)
     edges = np.arange(out + 1, dtype=np.float64) * (n / out)
     floor = np.floor(edges).astype(np.intp)
@@ -520,7 +550,11 @@ def _area_axis(a: np.ndarray, out: int, axis: int) -> np.ndarray:
     lo[axis], hi[axis] = slice(0, out), slice(1, out + 1)
     if n > out:
         ceil = np.ceil(edges).astype(np.intp)  # strictly increasing when n / out > 1
-        sums = np.add.reduceat(a, ceil[:-1], axis=axis, dtype=np.float64)
+        if _exact_sums(a, int(ceil[1] - ceil[0]) + 2):
+            # float32 sums of small integers are exact: no casting loop inside reduceat
+            sums = np.add.reduceat(a, ceil[:-1], axis=axis).astype(np.float64)
+        else:
+            sums = np.add.reduceat(a, ceil[:-1], axis=axis, dtype=np.float64)
         # share of pixel floor_j that belongs to bin j (0 when e_j is an integer)
         share = np.where(ceil != floor, ceil - edges, 0.0)
         at = np.take(a, np.minimum(floor, n - 1), axis=axis).astype(np.float64)
@@ -543,11 +577,26 @@ def _area_axis(a: np.ndarray, out: int, axis: int) -> np.ndarray:
     return diff
 
 
+def _exact_sums(a: np.ndarray, terms: int) -> bool:
+    """True when ``a`` is float32 holding integers of at most 16 bits (see resize_frame) and
+    sums of ``terms`` of them stay below 2^24, so float32 addition is exact."""
+    return a.dtype == np.float32 and a.flags.c_contiguous and terms * 65536 < (1 << 24)
+
+
 def resize_frame(frame: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """One 2-D image to (size, size) float64 by exact area averaging (contiguous axis first)."""
+    """One 2-D image to (size, size) float64 by exact area averaging (contiguous axis first).
+
+    Integer frames of up to 16 bits (stored pixel values) are summed as float32, which is
+    exact for them and avoids numpy's slow casting inside ``reduceat``; the fractional
+    boundary shares and everything after the first pass are float64.
+    """
     if frame.ndim != 2:
         raise ValueError(f"resize_frame expects a 2-D image, got shape {frame.shape}")
-    return _area_axis(_area_axis(frame, size, axis=1), size, axis=0)
+    if frame.dtype.kind in "iu" and frame.dtype.itemsize <= 2:
+        first = _area_axis(frame.astype(np.float32), size, axis=1)
+    else:
+        first = _area_axis(np.asarray(frame, dtype=np.float64), size, axis=1)
+    return _area_axis(first, size, axis=0)
 
 
 def resize_to_input(frames: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
@@ -605,9 +654,7 @@ def load_unit(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
 
 def preprocess_dataset(ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A dataset to float32 (frames, 224, 224) in [0, 1], one frame decoded at a time."""
-    resized = [resize_frame(f) for f in iter_unit_frames(ds, max_pixels)]
-    out = np.stack(resized).astype(np.float32)
-    return np.clip(out, 0.0, 1.0, out=out)
+    return np.stack(list(iter_input_frames(ds, max_pixels)))
 
 
 def preprocess_path(

@@ -40,7 +40,7 @@ from detector.preprocess import (
     DEFAULT_MAX_PIXELS,
     INPUT_SIZE,
     image_to_unit,
-    iter_unit_frames,
+    iter_input_frames,
     read_dicom,
     resize_frame,
     sniff_format,
@@ -227,12 +227,7 @@ class Detector:
 
     def _score_ds(self, ds: Dataset, threshold: float | None, t0: float) -> Score:
         """Score a dataset; decode time is counted from ``t0`` (before the header parse)."""
-        frames = [
-            resize_frame(f).astype(np.float32)
-            for f in iter_unit_frames(ds, max_pixels=self.max_pixels)
-        ]
-        for f in frames:
-            np.clip(f, 0.0, 1.0, out=f)
+        frames = list(iter_input_frames(ds, max_pixels=self.max_pixels))
         return self.score_frames(frames, threshold, decode_s=time.perf_counter() - t0)
 
     def score_path(self, path: str | os.PathLike[str], threshold: float | None = None) -> Score:

@@ -533,3 +533,33 @@ def test_png_declaring_65535_square_refused_before_decoding(tmp_path: Path) -> N
     assert isinstance(err, MatrixTooLarge)
     err = _no_big_allocation(lambda: preprocess_path(path, max_pixels=2**33))
     assert isinstance(err, (MatrixTooLarge, Unreadable))
+
+
+@pytest.mark.parametrize(
+    ("bits", "signed", "photometric"),
+    [
+        (12, False, "MONOCHROME1"),
+        (16, False, "MONOCHROME2"),
+        (10, True, "MONOCHROME2"),
+        (8, False, "MONOCHROME1"),
+    ],
+)
+def test_scoring_path_equals_normalise_then_resize(
+    tmp_path: Path, bits: int, signed: bool, photometric: str
+) -> None:
+    """Scoring resizes stored integers and normalises the 224x224 result (cheaper); it must
+    equal normalising first and resizing second (the definition) to float rounding."""
+    rng = np.random.default_rng(bits)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    px = rng.integers(lo, hi + 1, size=(2, 517, 389))
+    path = save(
+        make_ds(px, bits_stored=bits, signed=signed, photometric=photometric), tmp_path / "f.dcm"
+    )
+    fused = preprocess_path(path)
+    ds = read_dicom(path)
+    definition = np.stack([resize_frame(u) for u in dataset_to_unit(ds)])
+    np.testing.assert_allclose(fused, definition, atol=1e-6)  # float32 output
+    ints = px[0].astype(np.int16 if signed else np.uint16)
+    np.testing.assert_allclose(
+        resize_frame(ints), resize_frame(ints.astype(np.float64)), rtol=1e-13, atol=1e-9
+    )
