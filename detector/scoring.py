@@ -165,6 +165,29 @@ class Detector:
         cnn = LiteRTModel(manifest.path_of("cnn"), num_threads=num_threads)
         return cls(manifest, cnn, forest, max_pixels=max_pixels)
 
+    def warm_up(self) -> float:
+        """Run every stage once on synthetic input; returns the seconds it took.
+
+        The first call of a fresh Detector pays one-off costs (LiteRT's first invoke, FFT
+        plans, pydicom's lazy import of its pixel handlers); a gateway worker calls this at
+        start so the first real instance is not the slow one.
+        """
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        t0 = time.perf_counter()
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        ds.Rows, ds.Columns = 300, 260
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ramp = (np.arange(300 * 260, dtype=np.uint16) % 4096).reshape(300, 260)
+        ds.PixelData = ramp.tobytes()
+        self.score_dataset(ds)
+        return time.perf_counter() - t0
+
     def score_unit(self, img224: np.ndarray) -> tuple[float, float, float]:
         """(p_cnn, p_rf, score) of one 224x224 image in [0, 1]."""
         p_cnn, p_rf, score, _ = self._score_timed(img224)

@@ -145,3 +145,8 @@ def test_max_rule_is_a_per_part_or(fixture_bundle: Path, tmp_path: Path) -> None
     ):
         with pytest.raises(BundleError):
             parse_rule(bad, tmp_path)
+
+
+def test_warm_up_runs_every_stage(detector: Detector) -> None:
+    seconds = detector.warm_up()
+    assert 0.0 < seconds < 30.0
