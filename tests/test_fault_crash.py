@@ -174,9 +174,10 @@ def run_crash_cycles(tmp: Path, bundle: Path, cycles: int, n_instances: int,
             assert dataset_bytes(stored) == dataset_bytes(sent_uids[uid]), f"{uid} altered"
         for uid in held:
             assert dataset_bytes(quarantine.instance_path(uid)) == dataset_bytes(sent_uids[uid])
-        # at-least-once on the wire: a kill between Orthanc's Success and the ledger write can
-        # re-send the one instance in flight, never more than one per kill
-        assert sum(c - 1 for c in redelivered.values()) <= kills
+        # at-least-once on the wire: a kill between Orthanc's Success and the ledger write
+        # re-sends what was delivered but not yet recorded; the forwarder records each delivery
+        # while the next C-STORE is in flight, so at most two per kill
+        assert sum(c - 1 for c in redelivered.values()) <= 2 * kills, redelivered
         layout = state / "spool"
         for sub in ("incoming", "work", "tmp", "outbox/pacs"):
             left = [p for p in (layout / sub).iterdir() if not p.name.startswith(".")
