@@ -513,6 +513,7 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
         "steps": cfg.steps, "attacks": {}, "or_thresholds": models.extra["or_thresholds"],
         "n_val_clean": len(val_scores),
     }
+    out.save_json("suite.json", results)  # header: results are merged in by load_results
     arr = pipeline.SplitArrays(name="test", root="", records=(), x=x, y=y.astype(np.int64),
                                levels=np.full(len(x), lv), native_224=True)
     sel = np.arange(len(x))
@@ -560,6 +561,22 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     fname = "results.json" if cfg.rule == "ensemble" else f"results-{cfg.rule}.json"
     (Path(cfg.out) / fname).write_text(json.dumps(results, indent=1))
     return results
+
+
+def load_results(out_dir: Path, rule: str | None = None) -> dict[str, Any]:
+    """The suite's header plus every finished (attack, eps) result under ``out_dir/result``,
+    so an interrupted run still reports what it measured. ``rule`` keeps only attacks whose
+    iterate was chosen against that rule (plain PGD is always kept)."""
+    import json
+
+    out_dir = Path(out_dir)
+    head = json.loads((out_dir / "suite.json").read_text())
+    head["attacks"] = {}
+    for p in sorted((out_dir / "result").glob("*.json")):
+        r = json.loads(p.read_text())
+        if rule is None or r["attack"] == "pgd" or r.get("rule", "ensemble") == rule:
+            head["attacks"][f"{r['attack']}@{r['eps']}"] = r
+    return head
 
 
 def main(argv: list[str] | None = None) -> int:
