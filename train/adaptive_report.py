@@ -78,11 +78,16 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
                 continue
             fpr, tpr = roc_points(np.asarray(r["scores"]["clean"]),
                                   np.asarray(r["scores"]["attacked"]))
-            ax.plot(fpr, tpr, label=f"{r['attack']} (AUC {r['auc_ci'][0]:.3f})")
+            line, = ax.plot(fpr, tpr, label=f"{r['attack']} (AUC {r['auc_ci'][0]:.3f})")
+            # where the bundle's operating threshold sits on this curve
+            ax.plot([r["clean_fpr_subset"]], [r["detection_rate"]], "o", color=line.get_color(),
+                    ms=5)
         ax.axvline(TARGET_FPR, color="grey", ls=":", lw=0.8)
+        ax.set_xlim(-0.005, 0.2)
         ax.set_xlabel("false-positive rate (clean subset)")
         ax.set_ylabel("detection rate")
-        ax.set_title(f"Ensemble ROC under adaptive attacks, eps {eps} (n={adaptive['n']})")
+        ax.set_title(f"Detector ROC under adaptive attacks, eps {eps} (n={adaptive['n']})\n"
+                     "dots: the bundle's operating threshold", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         name = f"fig_adaptive_roc_eps{eps}.png"
         fig.tight_layout()
