@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     gateway = Gateway(config)
+    gateway.install_signal_handlers()
     try:
         gateway.start()
     except BundleError as exc:

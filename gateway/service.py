@@ -293,12 +293,17 @@ class Gateway:
 
     # -- run and stop ------------------------------------------------------------------------
 
+    def install_signal_handlers(self) -> None:
+        """SIGHUP reloads, SIGTERM/SIGINT drain. Install before ``start()`` so that a signal
+        arriving while models load is not fatal (it is acted on once the loop runs)."""
+        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+
     def run_forever(self, install_signals: bool = True) -> int:
         """Block until SIGTERM/SIGINT (or ``stop_event``), handling reloads and the watchdog."""
         if install_signals:
-            signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
-            signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-            signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+            self.install_signal_handlers()
         wd = watchdog_interval()
         tick = min(0.2, wd) if wd else 0.2
         last_wd = 0.0

@@ -96,6 +96,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0, env: dict[str, str] | None = None) -> GatewayProcess:
+        offset = len(self.log())  # a restart appends: look for "ready:" after this point
         log = self.log_path.open("ab")
         full_env = dict(os.environ)
         full_env.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -110,7 +111,7 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.log()[-2000:]}")
-            if "ready:" in self.log():
+            if "ready:" in self.log()[offset:]:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"gateway not ready: {self.log()[-2000:]}")

@@ -413,3 +413,38 @@ def test_attacked_copies_quarantined_with_the_default_bundle(tmp_path: Path,
     finally:
         gw.stop()
         orthanc.stop()
+
+
+def test_sigterm_drains_open_association_then_exits_0(tmp_path: Path,
+                                                      fixture_bundle: Path) -> None:
+    """SIGTERM: no new associations, the open one may finish its sends, exit 0; whatever was
+    acknowledged and not yet delivered is on disk and delivered after the next start."""
+    port = free_port()
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                       destinations=f'[destinations.o]\nkind = "directory"\npath = "{out}"',
+                       bundle=fixture_bundle)
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
+    files = make_series(tmp_path / "in", 3, rows=64, cols=64)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
+        gw.signal(signal.SIGTERM)
+        assert wait_until(lambda: "draining" in gw.log(), 10)
+        late = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+        assert not late.is_established  # no new associations while draining
+        for f in files[1:]:  # the open association is served to its end
+            assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert gw.proc is not None and gw.proc.wait(30) == 0
+    gw.proc = None
+    gw.start()
+    try:
+        uids = {sop_uid_of(f) for f in files}
+        assert wait_until(lambda: {p.stem for p in out.rglob("*.dcm")} == uids, 30)
+    finally:
+        assert gw.stop() == 0
