@@ -309,6 +309,7 @@ class Gateway:
         last_wd = 0.0
         last_status = 0.0
         last_retention = 0.0
+        last_tmp_sweep = time.monotonic()
         while not self._stop.is_set():
             self._stop.wait(tick)
             if self._reload_requested.is_set():
@@ -322,6 +323,12 @@ class Gateway:
             if now - last_status >= 5.0:
                 self.notifier.status(self._status_line())
                 last_status = now
+            if now - last_tmp_sweep >= 60.0:
+                t = self._config.timeouts
+                stale = self.layout.clear_stale_tmp(2 * max(t.network_s, t.dimse_s) + 60.0)
+                if stale:
+                    LOG.info("removed %d abandoned partial receive(s)", stale)
+                last_tmp_sweep = now
             if now - last_retention >= RETENTION_EVERY_S:
                 self.apply_retention()
                 last_retention = now

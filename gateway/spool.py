@@ -152,6 +152,21 @@ class SpoolLayout:
             self.outbox(name).mkdir(exist_ok=True, mode=0o750)
             self.dead(name).mkdir(exist_ok=True, mode=0o750)
 
+    def clear_stale_tmp(self, older_than_s: float) -> int:
+        """Remove partial receives not written to for ``older_than_s`` (aborted transfers).
+
+        A receive in progress writes at least every network timeout, so a file idle for
+        longer than that belongs to no live association.
+        """
+        n = 0
+        cutoff = time.time() - older_than_s
+        for p in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    n += 1
+        return n
+
     def clear_tmp(self) -> int:
         """Remove partial receives left by a crash; they were never acknowledged."""
         n = 0

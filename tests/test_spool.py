@@ -96,3 +96,14 @@ def test_receipt_metadata_on_the_inode_or_sidecar(tmp_path: Path) -> None:
     side.with_suffix(".json").write_text('{"calling_ae": "CR2"}')
     assert read_meta(side) == {"calling_ae": "CR2"}  # filesystems without user xattrs
     assert read_meta(tmp_path / "absent.dcm") == {}
+
+
+def test_stale_partial_receives_swept(tmp_path: Path) -> None:
+    layout = SpoolLayout(tmp_path)
+    layout.create()
+    old, fresh = layout.tmp / "rx-old.dcm", layout.tmp / "rx-live.dcm"
+    old.write_bytes(b"aborted")
+    fresh.write_bytes(b"arriving")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert layout.clear_stale_tmp(600) == 1
+    assert not old.exists() and fresh.exists()
