@@ -121,3 +121,16 @@ def test_wilson_interval() -> None:
     lo, hi = adaptive.wilson(50, 100)
     assert lo < 0.5 < hi and hi - lo < 0.21
     assert adaptive.wilson(0, 10)[0] == 0.0
+
+
+def test_candidate_aware_attack_runs_on_the_grid(models) -> None:
+    from train import ablation, victim
+
+    x = _images(1, seed=9)
+    y = (victim.predict_logits(models.victim, x) > 0).astype(np.float64)
+    models.extra["candidate_scale"] = ablation.candidate_batch(_images(4, seed=3)).std(0) + 1e-3
+    spec = adaptive.ATTACKS["adaptive-stats-cand"]
+    s = adaptive.AttackSettings(eps=0.003, steps=4, check_every=2)
+    adv = adaptive.run_attack(models, spec, s, x, y)
+    assert np.allclose(adv * 255, np.round(adv * 255), atol=1e-3)
+    assert np.abs(adv - x).max() <= 0.003 + 0.5 / 255 + 1e-6

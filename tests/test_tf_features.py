@@ -75,3 +75,17 @@ def test_quantise_ste_rounds_forward_and_passes_gradient() -> None:
     k = q.numpy() * 255
     assert np.allclose(k, np.round(k), atol=1e-4)
     np.testing.assert_allclose(tape.gradient(s, x).numpy(), [[1.0, 2.0, 3.0]])
+
+
+def test_candidates_equal_the_numpy_candidates_and_differentiate() -> None:
+    from train import ablation
+
+    x = _images()
+    want = ablation.candidate_batch(x)
+    xt = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        got = tf_features.candidates_tf(xt)
+        target = tf.reduce_sum(got[:, 3])  # spam_opp
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    g = tape.gradient(target, xt).numpy()
+    assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0

@@ -44,6 +44,7 @@ class AdaptiveAttack:
     w_surrogate: float = 0.0
     select: str = "detector"  # "detector": keep the iterate the real bundle scores lowest
     description: str = ""
+    candidates: bool = False  # also hold train.ablation's 8 candidate features at clean values
 
 
 ATTACKS: dict[str, AdaptiveAttack] = {a.name: a for a in (
@@ -60,6 +61,9 @@ ATTACKS: dict[str, AdaptiveAttack] = {a.name: a for a in (
                    "(no query of the real forest)"),
     AdaptiveAttack("adaptive-all", w_cnn=1.0, w_stats=1.0, w_hfc=0.2, w_surrogate=1.0,
                    description="all of the above, iterate chosen on the real detector"),
+    AdaptiveAttack("adaptive-stats-cand", w_cnn=1.0, w_stats=1.0, candidates=True,
+                   description="re-adapted to the proposed stronger detector: victim + CNN + "
+                   "the 11 runtime AND the 8 candidate features held at clean values"),
 )}
 
 
@@ -178,7 +182,10 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
 
     from train import tf_features
 
-    scale = tf.constant(models.feature_scale, tf.float64)
+    scale_np = models.feature_scale
+    if spec.candidates:
+        scale_np = np.r_[scale_np, models.extra["candidate_scale"]]
+    scale = tf.constant(scale_np, tf.float64)
     eps = float(s.eps)
     alpha = float(s.eps * s.alpha_frac)
     need_feats = spec.w_stats > 0 or spec.w_surrogate > 0
@@ -202,7 +209,11 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
                 # error on a feature is far below its clean spread (the penalty's unit)
                 f = tf.cast(tf_features.features_tf(xq, dtype=tf.float32), tf.float64)
                 if spec.w_stats > 0:
-                    proxy += spec.w_stats * tf.reduce_mean(tf.square((f - f0) / scale), axis=1)
+                    fs = f
+                    if spec.candidates:
+                        fs = tf.concat([f, tf.cast(tf_features.candidates_tf(xq), tf.float64)],
+                                       axis=1)
+                    proxy += spec.w_stats * tf.reduce_mean(tf.square((fs - f0) / scale), axis=1)
                 if spec.w_surrogate > 0:
                     proxy += spec.w_surrogate * tf.nn.softplus(models.surrogate.logit_tf(f))
             if spec.w_hfc > 0:
@@ -283,7 +294,12 @@ def run_attack(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings,
         yb = y[b0:b0 + s.batch_size].astype(np.float32)
         x0 = tf.constant(xb)
         yt = tf.constant(yb)
-        f0 = tf.constant(features.extract_batch(xb))
+        f0_np = features.extract_batch(xb)
+        if spec.candidates:
+            from train import ablation
+
+            f0_np = np.c_[f0_np, ablation.candidate_batch(xb)]
+        f0 = tf.constant(f0_np)
         cur = tf.identity(x0)
         best = quantise(xb, s.levels)
         best_score = np.full(len(xb), np.inf)
@@ -425,10 +441,14 @@ def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
         sur.save(sur_path)
     probe, names = victim_probe(vic)
     gauss = fit_gaussians(probe, names, x_fit, y_fit)
+    from train import ablation
+
+    cand_scale = ablation.candidate_batch(x_fit).std(axis=0) + 1e-12
     scale = f_clean.std(axis=0) + 1e-12
     return AdaptiveModels(victim=vic, cnn=cnn, detector=det, feature_scale=scale, surrogate=sur,
                           gaussians=gauss, probe=probe,
-                          extra={"bundle_id": manifest.bundle_id, "w_cnn": manifest.w_cnn,
+                          extra={"candidate_scale": cand_scale,
+                                 "bundle_id": manifest.bundle_id, "w_cnn": manifest.w_cnn,
                                  "threshold": manifest.threshold,
                                  "part_thresholds": manifest.training_data.get(
                                      "part_thresholds", {}),

@@ -174,3 +174,64 @@ def quantise_ste(x: Any, levels: int) -> Any:
 
     q = tf.round(tf.clip_by_value(x, 0.0, 1.0) * float(levels)) / float(levels)
     return x + tf.stop_gradient(q - x)
+
+
+def _ste(hard: Any, soft: Any) -> Any:
+    """Forward value ``hard``, gradient of ``soft``."""
+    import tensorflow as tf
+
+    return tf.stop_gradient(hard - soft) + soft
+
+
+def candidates_tf(x: Any, tau: float = 0.15) -> Any:
+    """Differentiable twin of ``train.ablation.candidate_features`` (the 8 SPAM / residual-
+    histogram candidates), batched: (n, H, W) in [0, 1] -> (n, 8) float32.
+
+    Forward values are the exact shares of the rounded grey-level differences; gradients come
+    from soft bin memberships (logistic edges of width ``tau`` grey levels), so an attacker
+    can hold these features at their clean values too (the re-adapted attack on the stronger
+    detector).
+    """
+    import tensorflow as tf
+
+    x = tf.cast(tf.convert_to_tensor(x), tf.float32) * 255.0
+    g = tf.round(x)
+    gx = _ste(g, x)  # rounded in the forward pass, identity gradient
+
+    def mem3(d: Any) -> tuple[Any, Any, Any]:
+        """Soft memberships of -1 / 0 / +1 after truncation, exact (one-hot) forward."""
+        lo = tf.sigmoid((-0.5 - d) / tau)
+        hi = tf.sigmoid((d - 0.5) / tau)
+        mid = 1.0 - lo - hi
+        hard_lo = tf.cast(d <= -0.5, tf.float32)
+        hard_hi = tf.cast(d >= 0.5, tf.float32)
+        return (_ste(hard_lo, lo), _ste(1.0 - hard_lo - hard_hi, mid), _ste(hard_hi, hi))
+
+    spam = []
+    for d in (gx[:, :, 1:] - gx[:, :, :-1], tf.transpose(gx[:, 1:, :] - gx[:, :-1, :],
+                                                         [0, 2, 1])):
+        lo, mid, hi = mem3(d)
+        a = (lo[:, :, :-1], mid[:, :, :-1], hi[:, :, :-1])
+        b = (lo[:, :, 1:], mid[:, :, 1:], hi[:, :, 1:])
+
+        def share(u: Any, v: Any) -> Any:
+            return tf.reduce_mean(u * v, axis=[1, 2])
+
+        spam.append(tf.stack([
+            share(a[1], b[1]),
+            share(a[1], b[0]) + share(a[1], b[2]) + share(a[0], b[1]) + share(a[2], b[1]),
+            share(a[0], b[0]) + share(a[2], b[2]),
+            share(a[0], b[2]) + share(a[2], b[0]),
+        ], axis=1))
+    res = []
+    for r in (gx[:, :, 2:] - 2.0 * gx[:, :, 1:-1] + gx[:, :, :-2],
+              gx[:, 2:, :] - 2.0 * gx[:, 1:-1, :] + gx[:, :-2, :]):
+        ar = tf.abs(r)
+        edges = [tf.sigmoid((ar - e) / tau) for e in (0.5, 1.5, 2.5)]
+        soft = [1.0 - edges[0], edges[0] - edges[1], edges[1] - edges[2], edges[2]]
+        hard = [tf.cast((ar >= lo) & (ar < hi), tf.float32)
+                for lo, hi in ((-1.0, 0.5), (0.5, 1.5), (1.5, 2.5), (2.5, 1e9))]
+        res.append(tf.stack([tf.reduce_mean(_ste(h, s), axis=[1, 2])
+                             for h, s in zip(hard, soft, strict=True)], axis=1))
+    # both directions hold the same number of pairs / residuals: the pooled share is the mean
+    return tf.concat([(spam[0] + spam[1]) / 2.0, (res[0] + res[1]) / 2.0], axis=1)
