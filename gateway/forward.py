@@ -295,6 +295,7 @@ class Forwarder:
         self._sent_now: set[str] = set()  # SOP UIDs sent, not yet in the ledger
         self._dest_attempts = 0
         self._dest_hold_until = 0.0
+        self._last_publish = 0.0
         self.stats = _Stats(dead=len(list_outbox(self.layout.dead(dest.name))))
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -328,7 +329,8 @@ class Forwarder:
         self.ledger.close()
 
     def depth(self) -> int:
-        return self.stats.depth
+        """Instances waiting (exact, read by health and status lines)."""
+        return len(self._entries)
 
     # -- queue -------------------------------------------------------------------------------
 
@@ -346,12 +348,19 @@ class Forwarder:
                     name=n, sop_uid=sop_from_outbox_name(n), seq=n.split("-", 1)[0], meta=meta
                 )
         self._order = names  # list_outbox returns them sorted (receipt order)
-        self._publish()
+        self._publish(force=True)
 
-    def _publish(self) -> None:
+    def _publish(self, force: bool = False) -> None:
+        """Queue depth and oldest age to the metrics, at most every 0.2 s (cheap on a deep
+        backlog: the outbox is FIFO, so the oldest entries are the first few in order)."""
+        mono = time.monotonic()
+        if not force and self._entries and mono - self._last_publish < 0.2:
+            return
+        self._last_publish = mono
         now = time.time()
         self.stats.depth = len(self._entries)
-        ages = [now - e.enqueued_at for e in self._entries.values() if e.enqueued_at]
+        ages = [now - e.enqueued_at for n in self._order[:16]
+                if (e := self._entries.get(n)) is not None and e.enqueued_at]
         self.stats.oldest_age = max(ages) if ages else 0.0
         if self._metrics is not None:
             self._metrics.queue(self.dest.name, self.stats.depth, self.stats.oldest_age,
