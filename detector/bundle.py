@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.errors import BundleError
-from detector.features import FEATURE_SET
+from detector.features import FEATURE_SET, FEATURE_SETS
 from detector.forest import ForestArrays
 from detector.preprocess import INPUT_SIZE, NORMALISATION, RESIZE_METHOD
 
@@ -149,6 +149,7 @@ def write_bundle(
     bundle_id: str | None = None,
     versions: dict[str, str] | None = None,
     rule: dict[str, Any] | None = None,
+    feature_set: str | None = None,
 ) -> Path:
     """Write a bundle directory (created, or emptied of a previous bundle's files).
 
@@ -156,7 +157,8 @@ def write_bundle(
     its own file name. ``versions`` adds training-side library versions (tensorflow,
     scikit-learn...) to the runtime ones recorded automatically. ``rule`` (optional) picks
     the decision rule, see detector.scoring: ``{"name": "max", "cnn_threshold": a,
-    "rf_threshold": b}`` for a per-part OR (then ``threshold`` is normally 0.5). The manifest
+    "rf_threshold": b}`` for a per-part OR (then ``threshold`` is normally 0.5).
+    ``feature_set`` is inferred from ``feature_names`` (features.FEATURE_SETS). The manifest
     is written last, through a temporary file and a rename, so a crash never leaves a
     bundle that verifies but is incomplete.
     """
@@ -164,6 +166,14 @@ def write_bundle(
     out.mkdir(parents=True, exist_ok=True)
     if not 0.0 <= float(w_cnn) <= 1.0:
         raise ValueError(f"w_cnn must be in [0, 1], got {w_cnn}")
+    if feature_set is None:
+        matches = [k for k, names in FEATURE_SETS.items() if names == tuple(feature_names)]
+        if not matches:
+            raise ValueError(
+                f"feature_names match none of the runtime's feature sets ({list(FEATURE_SETS)}); "
+                "pass features.FEATURE_SETS[...] names, or feature_set= explicitly"
+            )
+        feature_set = matches[0]
     if len(feature_names) != forest.n_features:
         raise ValueError(
             f"{len(feature_names)} feature names for a forest of {forest.n_features} features"
@@ -210,7 +220,7 @@ def write_bundle(
         "normalisation": NORMALISATION,
         "resize": RESIZE_METHOD,
         "feature_names": list(feature_names),
-        "feature_set": FEATURE_SET,
+        "feature_set": feature_set,
         "w_cnn": float(w_cnn),
         "threshold": float(threshold),
         "thresholds": {k: float(v) for k, v in thresholds.items()},
@@ -332,15 +342,31 @@ def load_manifest(bundle_dir: str | os.PathLike[str] | None = None) -> Manifest:
     return manifest
 
 
-def check_runtime_compat(manifest: Manifest, feature_names: tuple[str, ...]) -> None:
-    """Refuse a bundle trained for another input size, normalisation, resize or feature set."""
+def manifest_feature_set(manifest: Manifest) -> str:
+    """The feature set a bundle's forest was trained on (v1 for bundles that predate the key)."""
+    return str(manifest.extra.get("feature_set", FEATURE_SET))
+
+
+def check_runtime_compat(manifest: Manifest, feature_names: tuple[str, ...] | None = None) -> None:
+    """Refuse a bundle trained for another input size, normalisation, resize or feature set.
+
+    ``feature_names`` defaults to the names of the bundle's own feature set as this runtime
+    computes them; a feature set this runtime does not know is refused.
+    """
     mpath = manifest.bundle_dir / MANIFEST
+    feature_set = manifest_feature_set(manifest)
+    if feature_set not in FEATURE_SETS:
+        raise BundleError(
+            f"model bundle file {mpath}: feature_set {feature_set!r} is not one this runtime "
+            f"computes ({', '.join(FEATURE_SETS)}); re-export the bundle with this version "
+            "of xray-sentinel"
+        )
+    expected = FEATURE_SETS[feature_set] if feature_names is None else tuple(feature_names)
     wants = {
         "input_size": (manifest.input_size, INPUT_SIZE),
         "normalisation": (manifest.normalisation, NORMALISATION),
         "resize": (manifest.resize, RESIZE_METHOD),
-        "feature_names": (manifest.feature_names, tuple(feature_names)),
-        "feature_set": (manifest.extra.get("feature_set", FEATURE_SET), FEATURE_SET),
+        "feature_names": (manifest.feature_names, expected),
     }
     for key, (have, want) in wants.items():
         if have != want:

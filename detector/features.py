@@ -13,6 +13,11 @@ real FFT (float32 where precision allows), so ``extract`` costs a fraction of a 
 ``bench/detector_latency.py`` measures it. The order of ``FEATURE_NAMES`` is the order of the
 vector and is recorded in every bundle manifest.
 
+Feature sets: "sentinel-features-v1" (FEATURE_NAMES, the default, 11 features) and
+"sentinel-features-v2" (v1 plus 8 SPAM/residual-histogram shares on the 8-bit grid,
+STEGO_REASONS). A bundle records which set its forest was trained on and the Detector
+computes that one, so v1 bundles keep working unchanged when v2 is adopted.
+
 Degenerate images (constant, zero variance) get defined values instead of NaN: skewness and
 kurtosis 0, correlation 0, ratios 0, so the forest always sees finite numbers.
 """
@@ -44,10 +49,32 @@ FEATURE_REASONS: dict[str, str] = {
     "hf_power_share": "share of non-DC spectral power above 1/4 cycle/pixel, where natural "
     "radiographs have almost none and noise has most",
 }
+# Steganalysis features added in v2, in grey levels of the 8-bit grid (x * 255, rounded):
+# PGD at eps 0.003-0.006 on an 8-bit source is, after rounding, +-1 (sometimes +-2) level
+# changes, i.e. LSB-matching embedding, which SPAM-style co-occurrences of truncated
+# differences (Pevny, Bas, Fridrich 2010) and residual histograms detect. Proposed and
+# measured by the adaptive-attack work (train/ablation.py: same definitions, tested equal).
+STEGO_REASONS: dict[str, str] = {
+    "spam_00": "share of adjacent first-difference pairs (truncated to +-1 grey level) both 0",
+    "spam_0x": "share of pairs with exactly one zero: an isolated +-1 change creates them",
+    "spam_same": "share of pairs (+1,+1) or (-1,-1): smooth ramps",
+    "spam_opp": "share of pairs (+1,-1) or (-1,+1): a single-pixel bump, the +-1 embedding "
+    "signature",
+    "res2_0": "share of second-order residuals (1,-2,1) equal to 0 grey levels",
+    "res2_1": "share equal to +-1",
+    "res2_2": "share equal to +-2 (a +-1 change in a flat area makes +-2)",
+    "res2_3plus": "share at least 3",
+}
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_REASONS)
 # Bump when any feature's definition or numerics change: bundles record it and the runtime
 # refuses a bundle whose forest was trained on another definition under the same names.
 FEATURE_SET = "sentinel-features-v1"
+FEATURE_SET_V2 = "sentinel-features-v2"
+# Every set the runtime can compute; a bundle names one (manifest "feature_set").
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    FEATURE_SET: FEATURE_NAMES,
+    FEATURE_SET_V2: FEATURE_NAMES + tuple(STEGO_REASONS),
+}
 N_FEATURES = len(FEATURE_NAMES)
 
 # Half of one 8-bit grey level on the [0, 1] scale: "no change" between neighbours.
@@ -119,11 +146,16 @@ class FeatureExtractor:
     are shared between calls): use one extractor per thread, as ``Detector`` does.
     """
 
-    def __init__(self, shape: tuple[int, int] = (224, 224)) -> None:
+    def __init__(self, shape: tuple[int, int] = (224, 224), feature_set: str = FEATURE_SET) -> None:
         h, w = shape
         if h < 8 or w < 8:
             raise ValueError(f"images must be at least 8x8, got {shape}")
+        if feature_set not in FEATURE_SETS:
+            raise ValueError(f"unknown feature set {feature_set!r}; known: {list(FEATURE_SETS)}")
         self.shape = (h, w)
+        self.feature_set = feature_set
+        self.names = FEATURE_SETS[feature_set]
+        self._stego = feature_set == FEATURE_SET_V2
         f32 = np.float32
         self._x = np.empty((h, w), f32)
         self._d = np.empty((h, w), f32)
@@ -151,6 +183,20 @@ class FeatureExtractor:
         self._th2 = np.empty((hh, wh - 2), f32)
         self._resh = np.empty((hh - 2, wh - 2), f32)
         self._resh2 = np.empty((hh - 2, wh - 2), f32)
+        if self._stego:
+            i16 = np.int16
+            self._g = np.empty((h, w), i16)
+            self._gdx = np.empty((h, w - 1), i16)
+            self._gdy = np.empty((h - 1, w), i16)
+            self._gf = np.empty((h, w), f32)
+            self._r2x = np.empty((h, w - 2), i16)
+            self._r2y = np.empty((h - 2, w), i16)
+            self._tx = np.empty((h, w - 1), np.int8)
+            self._ty = np.empty((h - 1, w), np.int8)
+            self._zx = np.empty((h, w - 1), np.bool_)
+            self._zy = np.empty((h - 1, w), np.bool_)
+            self._px = np.empty((h, w - 2), np.int8)
+            self._py = np.empty((h - 2, w), np.int8)
 
     def extract(self, img: np.ndarray) -> np.ndarray:
         """Feature vector (float64, ordered as FEATURE_NAMES) of one 2-D image in [0, 1].
@@ -250,7 +296,7 @@ class FeatureExtractor:
         cov = float(pair.sum()) / n_pairs - ma * mb
         lag1 = cov / (va * vb) ** 0.5 if va > 1e-20 and vb > 1e-20 else 0.0
 
-        return np.array(
+        base = np.array(
             [
                 skew,
                 kurt,
@@ -266,26 +312,87 @@ class FeatureExtractor:
             ],
             dtype=np.float64,
         )
+        if not self._stego:
+            return base
+        return np.concatenate([base, self._stego_features(x)])
+
+    def _stego_features(self, x: np.ndarray) -> np.ndarray:
+        """SPAM pair shares and second-order residual histogram in 8-bit grey levels.
+
+        Counted with comparisons on int8/int16 buffers instead of bincount codes (bincount
+        casts to int64 first): pairs (a, b) of truncated differences are "both zero",
+        "exactly one zero", a*b = +1 (same sign) or a*b = -1 (opposite signs).
+        """
+        g, dx, dy, tmp = self._g, self._gdx, self._gdy, self._gf
+        np.multiply(x, np.float32(255.0), out=tmp)
+        np.rint(tmp, out=tmp)
+        np.copyto(g, tmp, casting="unsafe")
+        np.subtract(g[:, 1:], g[:, :-1], out=dx)
+        np.subtract(g[1:, :], g[:-1, :], out=dy)
+        # second-order residuals from the unclipped differences: shares of |r| = 0, 1, 2, >= 3
+        n0 = n1 = n2 = n_res = 0
+        for r, d, axis in ((self._r2x, dx, 1), (self._r2y, dy, 0)):
+            if axis == 1:
+                np.subtract(d[:, 1:], d[:, :-1], out=r)
+            else:
+                np.subtract(d[1:, :], d[:-1, :], out=r)
+            np.abs(r, out=r)
+            n0 += np.count_nonzero(r == 0)
+            n1 += np.count_nonzero(r == 1)
+            n2 += np.count_nonzero(r == 2)
+            n_res += r.size
+        # truncated first differences in {-1, 0, +1} and their adjacent pairs
+        n00 = n0x = n_same = n_opp = n_pairs = 0
+        for d, t, z, prod, axis in (
+            (dx, self._tx, self._zx, self._px, 1),
+            (dy, self._ty, self._zy, self._py, 0),
+        ):
+            np.clip(d, -1, 1, out=t, casting="unsafe")
+            np.equal(t, 0, out=z)
+            if axis == 1:
+                za, zb, ta, tb = z[:, :-1], z[:, 1:], t[:, :-1], t[:, 1:]
+            else:
+                za, zb, ta, tb = z[:-1, :], z[1:, :], t[:-1, :], t[1:, :]
+            n00 += np.count_nonzero(za & zb)
+            n0x += np.count_nonzero(za ^ zb)
+            np.multiply(ta, tb, out=prod)
+            n_same += np.count_nonzero(prod == 1)
+            n_opp += np.count_nonzero(prod == -1)
+            n_pairs += prod.size
+        return np.array(
+            [
+                n00 / n_pairs,
+                n0x / n_pairs,
+                n_same / n_pairs,
+                n_opp / n_pairs,
+                n0 / n_res,
+                n1 / n_res,
+                n2 / n_res,
+                (n_res - n0 - n1 - n2) / n_res,
+            ],
+            dtype=np.float64,
+        )
 
 
 _local = threading.local()
 
 
-def _extractor(shape: tuple[int, int]) -> FeatureExtractor:
+def _extractor(shape: tuple[int, int], feature_set: str = FEATURE_SET) -> FeatureExtractor:
     """This thread's extractor for ``shape``: a cache of scratch buffers, not of results."""
-    cache: dict[tuple[int, int], FeatureExtractor] | None = getattr(_local, "cache", None)
+    cache: dict[tuple[int, int, str], FeatureExtractor] | None = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = {}
-    ex = cache.get(shape)
+    key = (shape[0], shape[1], feature_set)
+    ex = cache.get(key)
     if ex is None:
         if len(cache) >= 4:  # odd sizes from ad-hoc calls: do not hoard buffers
             cache.clear()
-        ex = cache[shape] = FeatureExtractor(shape)
+        ex = cache[key] = FeatureExtractor(shape, feature_set)
     return ex
 
 
-def extract(img: np.ndarray) -> np.ndarray:
-    """Feature vector (float64, ordered as FEATURE_NAMES) of one 2-D image in [0, 1].
+def extract(img: np.ndarray, feature_set: str = FEATURE_SET) -> np.ndarray:
+    """Feature vector (float64, ordered as FEATURE_SETS[feature_set]) of one 2-D image in [0, 1].
 
     Reuses a per-thread ``FeatureExtractor`` for the image's shape, so repeated calls cost
     the same as holding one (allocating the buffers each time would triple the cost). The
@@ -293,15 +400,15 @@ def extract(img: np.ndarray) -> np.ndarray:
     """
     if img.ndim != 2:
         raise ValueError(f"extract expects one 2-D image, got shape {img.shape}")
-    return _extractor((int(img.shape[0]), int(img.shape[1]))).extract(img)
+    return _extractor((int(img.shape[0]), int(img.shape[1])), feature_set).extract(img)
 
 
-def extract_batch(imgs: np.ndarray) -> np.ndarray:
-    """Feature matrix (n, N_FEATURES) of a stack of images (n, H, W) in [0, 1]."""
+def extract_batch(imgs: np.ndarray, feature_set: str = FEATURE_SET) -> np.ndarray:
+    """Feature matrix (n, len(FEATURE_SETS[feature_set])) of images (n, H, W) in [0, 1]."""
     if imgs.ndim != 3:
         raise ValueError(f"extract_batch expects (n, H, W), got shape {imgs.shape}")
-    ex = _extractor((int(imgs.shape[1]), int(imgs.shape[2])))
-    out = np.empty((imgs.shape[0], N_FEATURES), dtype=np.float64)
+    ex = _extractor((int(imgs.shape[1]), int(imgs.shape[2])), feature_set)
+    out = np.empty((imgs.shape[0], len(ex.names)), dtype=np.float64)
     for i in range(imgs.shape[0]):
         out[i] = ex.extract(imgs[i])
     return out

@@ -31,10 +31,15 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from detector.bundle import Manifest, check_runtime_compat, load_manifest
+from detector.bundle import (
+    Manifest,
+    check_runtime_compat,
+    load_manifest,
+    manifest_feature_set,
+)
 from detector.cnn import LiteRTModel
 from detector.errors import BundleError
-from detector.features import FEATURE_NAMES, FeatureExtractor
+from detector.features import FeatureExtractor
 from detector.forest import ForestArrays
 from detector.preprocess import (
     DEFAULT_MAX_PIXELS,
@@ -138,7 +143,9 @@ class Detector:
         self.max_pixels = max_pixels
         self.cnn = cnn
         self.forest = forest
-        self._features = FeatureExtractor((INPUT_SIZE, INPUT_SIZE))
+        self._features = FeatureExtractor(
+            (INPUT_SIZE, INPUT_SIZE), feature_set=manifest_feature_set(manifest)
+        )
 
     @classmethod
     def load(
@@ -149,7 +156,7 @@ class Detector:
     ) -> Detector:
         """Verify a bundle (None = the default bundle) and load its CNN and forest."""
         manifest = load_manifest(bundle_dir)
-        check_runtime_compat(manifest, FEATURE_NAMES)
+        check_runtime_compat(manifest)
         forest_path = manifest.path_of("forest")
         try:
             forest = ForestArrays.load(forest_path)

@@ -146,6 +146,7 @@ def test_incompatible_runtime_refused(bundle: Path, tmp_path: Path) -> None:
         other,
         cnn_tflite=bundle / "cnn.tflite",
         forest=forest,
+        feature_set="sentinel-features-v1",
         feature_names=names,
         w_cnn=0.5,
         threshold=0.5,

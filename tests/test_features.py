@@ -224,3 +224,36 @@ def test_added_features_see_one_grey_level_noise_on_real_radiographs(data_dir: P
         aucs[label] = roc_auc_score(y[~train], rf.predict_proba(feats[~train][:, cols])[:, 1])
     assert aucs["paper4"] < 0.75
     assert aucs["all"] > 0.95
+
+
+def test_v2_stego_features_closed_forms() -> None:
+    from detector.features import FEATURE_SET_V2, FEATURE_SETS
+
+    names = FEATURE_SETS[FEATURE_SET_V2]
+    assert names[: len(FEATURE_NAMES)] == FEATURE_NAMES and len(names) == len(FEATURE_NAMES) + 8
+    flat = dict(zip(names, extract(np.full((N, N), 0.4, np.float32), FEATURE_SET_V2), strict=True))
+    assert flat["spam_00"] == 1.0 and flat["res2_0"] == 1.0
+    assert flat["spam_opp"] == flat["res2_3plus"] == 0.0
+    # one pixel raised by one grey level in a flat image: 2 opposite pairs, residuals 2 and 1
+    img = np.full((N, N), 100 / 255, np.float32)
+    img[50, 60] = 101 / 255
+    f = dict(zip(names, extract(img, FEATURE_SET_V2), strict=True))
+    n_pairs = 2 * N * (N - 2)
+    assert f["spam_opp"] == pytest.approx(2 / n_pairs)  # (+1,-1) horizontally and vertically
+    assert f["spam_0x"] == pytest.approx(4 / n_pairs)
+    assert f["res2_2"] == pytest.approx(2 / (2 * N * (N - 2)))  # centre: -2 both ways
+    assert f["res2_1"] == pytest.approx(4 / (2 * N * (N - 2)))  # the four neighbours
+    # the v1 part is unchanged by asking for v2
+    np.testing.assert_array_equal(extract(img, FEATURE_SET_V2)[: len(FEATURE_NAMES)], extract(img))
+
+
+def test_v2_equals_the_ablation_definitions(natural: np.ndarray) -> None:
+    """Same numbers as train/ablation.py's candidate_features, which the adaptive study used."""
+    ablation = pytest.importorskip("train.ablation")
+    from detector.features import FEATURE_SET_V2
+
+    rng = np.random.default_rng(5)
+    for img in (natural, np.clip(natural + rng.choice([-1, 1], natural.shape) / 255, 0, 1)):
+        img = img.astype(np.float32)
+        ours = extract(img, FEATURE_SET_V2)[len(FEATURE_NAMES) :]
+        np.testing.assert_allclose(ours, ablation.candidate_features(img), atol=1e-12)

@@ -150,3 +150,32 @@ def test_max_rule_is_a_per_part_or(fixture_bundle: Path, tmp_path: Path) -> None
 def test_warm_up_runs_every_stage(detector: Detector) -> None:
     seconds = detector.warm_up()
     assert 0.0 < seconds < 30.0
+
+
+def test_v2_feature_set_bundle(fixture_bundle: Path, tmp_path: Path) -> None:
+    """A bundle whose forest was trained on feature set v2 gets 19 features at run time."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    from detector.bundle import load_manifest, write_bundle
+    from detector.features import FEATURE_SET_V2, FEATURE_SETS, extract_batch
+
+    imgs, labels = synthetic_images(16, seed=23)
+    feats = extract_batch(imgs, FEATURE_SET_V2)
+    assert feats.shape == (16, 19)
+    rf = RandomForestClassifier(n_estimators=5, random_state=0).fit(feats, labels)
+    m = load_manifest(fixture_bundle)
+    out = write_bundle(
+        tmp_path / "v2",
+        cnn_tflite=m.path_of("cnn"),
+        forest=ForestArrays.from_sklearn(rf),
+        feature_names=FEATURE_SETS[FEATURE_SET_V2],
+        w_cnn=0.4,
+        threshold=0.5,
+        thresholds={},
+        training_data={},
+        metrics={},
+    )
+    assert load_manifest(out).extra["feature_set"] == FEATURE_SET_V2
+    det = Detector.load(out)
+    _, p_rf, _ = det.score_unit(imgs[0])
+    assert p_rf == pytest.approx(float(rf.predict_proba(feats[:1])[0, 1]), abs=1e-9)
