@@ -367,13 +367,25 @@ def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int, collect: bool
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.monotonic()
 
+    def progress(done: bool) -> None:
+        s = target.stats
+        record_figures("fuzz_progress" if collect else "fuzz_ci_progress", {
+            "executions": s.executions, "seconds": round(time.monotonic() - t0, 1),
+            "finished": done, "outcomes": dict(sorted(s.outcomes.items())),
+            "failures": dict(target.failures), "max_seconds_one_input": round(s.max_seconds, 3),
+            "peak_rss_growth_mib": round(
+                (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)})
+
     @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck))
     @given(hostile_inputs(seeds))
     def fuzz(case: tuple[str, str, bytes]) -> None:
         target.run(*case)
+        if target.stats.executions % 2000 == 0:  # an interrupted long run still reports
+            progress(False)
 
     fuzz()
+    progress(True)
     s = target.stats
     if target.failures:
         record_figures("fuzz_failures", {"executions": s.executions, **target.failures,
