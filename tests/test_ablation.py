@@ -79,7 +79,7 @@ def _attack_row(name: str, eps: float, fooled: float, det_fooled: float) -> dict
             "detection_ci": [max(0, det_fooled - 0.1), min(1, det_fooled + 0.1)],
             "detection_rate_fooled": det_fooled,
             "detection_fooled_ci": [max(0, det_fooled - 0.1), min(1, det_fooled + 0.1)],
-            "undetected_successes": 3, "auc_ci": [0.9, 0.85, 0.95],
+            "undetected_successes": 3, "auc_ci": [0.9, 0.85, 0.95], "clean_fpr_subset": 0.01,
             "parts": {"cnn": {"detection": 0.1, "auc": 0.6},
                       "forest": {"detection": 0.8, "auc": 0.95}},
             "mean_abs_change_grey_levels": 0.7, "changed_pixel_share": 0.6,

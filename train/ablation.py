@@ -161,6 +161,13 @@ def load_feature_data(work_dir: Path, cache: Path, adaptive_dir: Path | None = N
                 pert[idx] = work.load_npy(f"pert/train/{p.name}.npy")
         return pert
 
+    def runtime(rel: str, make: Any, name: str) -> np.ndarray:
+        """The training run's cached runtime features, or computed here (and cached) when
+        the run has not reached that stage yet."""
+        if work.has(rel):
+            return work.load_npy(rel)
+        return _cached(cache / f"{name}.runtime.npy", lambda: features.extract_batch(make()))
+
     parts_x: list[np.ndarray] = []
     parts_y: list[np.ndarray] = []
     specs = [("clean", 0, lambda: work.load_npy("clean/train.npy")),
@@ -169,22 +176,24 @@ def load_feature_data(work_dir: Path, cache: Path, adaptive_dir: Path | None = N
         specs += [("resampled_clean", 0, lambda: work.load_npy("resampled/train_clean.npy")),
                   ("resampled_pert", 1, lambda: work.load_npy("resampled/train_pert.npy"))]
     for rel, label, make in specs:
-        rt = work.load_npy(f"feat/train/{rel}.npy")
+        rt = runtime(f"feat/train/{rel}.npy", make, f"train-{rel}")
         cd = _cached(cache / f"train-{rel}.cand.npy", lambda make=make: candidate_batch(make()))
         parts_x.append(np.c_[rt, cd])
         parts_y.append(np.full(len(rt), label))
     val_parts = []
     for rel, make in [("clean", lambda: work.load_npy("clean/val.npy")),
                       ("resampled_clean", lambda: work.load_npy("resampled/val_clean.npy"))]:
-        if not work.has(f"feat/val/{rel}.npy"):
+        if not work.has(f"feat/val/{rel}.npy") and not work.has(
+                "clean/val.npy" if rel == "clean" else "resampled/val_clean.npy"):
             continue
-        rt = work.load_npy(f"feat/val/{rel}.npy")
+        rt = runtime(f"feat/val/{rel}.npy", make, f"val-{rel}")
         cd = _cached(cache / f"val-{rel}.cand.npy", lambda make=make: candidate_batch(make()))
         val_parts.append(np.c_[rt, cd])
     test = {}
     for kind in ["clean", *[p.name for p in SUITE]]:
-        rt = work.load_npy(f"feat/test/{kind}.npy")
         img_rel = "clean/test.npy" if kind == "clean" else f"pert/test/{kind}.npy"
+        rt = runtime(f"feat/test/{kind}.npy", lambda img_rel=img_rel: work.load_npy(img_rel),
+                     f"test-{kind}")
         cd = _cached(cache / f"test-{kind}.cand.npy",
                      lambda img_rel=img_rel: candidate_batch(work.load_npy(img_rel)))
         test[kind] = np.c_[rt, cd]
@@ -362,10 +371,9 @@ def harden_bundle(bundle_dir: Path, work_dir: Path, adaptive_train_dirs: list[Pa
                                  max_depth=int(cfg.get("max_depth", 12)), seed=seed)
     forest = ForestArrays.from_sklearn(rf)
     val = [work.load_npy("clean/val.npy")]
-    vfeat = [work.load_npy("feat/val/clean.npy")]
     if work.has("resampled/val_clean.npy"):
         val.append(work.load_npy("resampled/val_clean.npy"))
-        vfeat.append(work.load_npy("feat/val/resampled_clean.npy"))
+    vfeat = [features.extract_batch(v) for v in val]
     det = Detector.load(bundle_dir, num_threads=1)
     p_cnn = np.array([det.score_unit(img)[0] for img in np.concatenate(val)])
     p_rf = forest.predict_proba(np.concatenate(vfeat))
