@@ -62,7 +62,7 @@ from gateway.screening import PendingOrder, Screening, WorkItem
 from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, make_cr
 from tests.gateway_harness import write_config
 
-CI_EXAMPLES = 2500
+CI_EXAMPLES = 2000
 HANG_S = 20.0  # per input, on a loaded 2-core machine (a hang would be minutes or forever)
 RSS_GROWTH = 768 * 1024  # KiB
 TYPED_REASONS = {"flagged", "unreadable", "no-pixel-data", "colour", "too-large",
