@@ -190,11 +190,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     res["ours"] = ours
     print(
-        f"\nruntime (features: {len(feats)}, forest: {det.forest.n_trees} trees, "
-        f"max depth {int(det.forest.depths.max())})"
+        f"\nruntime (features: {len(feats)} of set {det._features.feature_set}, forest: "
+        f"{det.forest.n_trees} trees, max depth {int(det.forest.depths.max())})"
     )
     for k, v in ours.items():
         print(fmt(k, v))
+    from detector.features import FEATURE_SETS, FeatureExtractor
+
+    for fs in FEATURE_SETS:
+        if fs != det._features.feature_set:
+            other = FeatureExtractor(feature_set=fs)
+            res[f"features_{fs}"] = measure(lambda other=other: other.extract(img), reps)
+            print(fmt(f"features, set {fs} (not this bundle's)", res[f"features_{fs}"]))
 
     # ---- naive path on the same models
     print("\nnaive path on the same models")
