@@ -10,7 +10,7 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [listener]     ae_title, host, port, [listener.tls] cert/key/ca/require_client_cert
     [[callers]]    ae_title, addresses (IPs or CIDRs)
     [timeouts]     acse_s, dimse_s, network_s, connect_s
-    [limits]       max_associations, max_associations_per_caller, max_instance_mb
+    [limits]       max_associations, max_associations_per_caller, max_instance_mb, max_pdu_kb
     [state]        dir, min_free_mb (the spool's disk watermark)
     [retention]    quarantine_days, sent_ledger_days
     [metrics]      host (loopback only), port
@@ -101,6 +101,7 @@ class LimitsConfig:
     max_associations: int = 16
     max_associations_per_caller: int = 4
     max_instance_bytes: int = 1024 * 1024 * 1024
+    max_pdu_bytes: int = 0  # advertised maximum PDU length; 0 = unlimited (fastest receive)
 
 
 @dataclass(frozen=True)
@@ -455,12 +456,17 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     )
 
     mr = top.sub("limits")
-    mr.check_known(("max_associations", "max_associations_per_caller", "max_instance_mb"))
+    mr.check_known(
+        ("max_associations", "max_associations_per_caller", "max_instance_mb", "max_pdu_kb")
+    )
     limits = LimitsConfig(
         max_associations=mr.int_("max_associations", 16, 1, 1000),
         max_associations_per_caller=mr.int_("max_associations_per_caller", 4, 1, 1000),
         max_instance_bytes=int(mr.num("max_instance_mb", 1024, 0.001, 65536) * 1024 * 1024),
+        max_pdu_bytes=mr.int_("max_pdu_kb", 0, 0, 1024 * 1024) * 1024,
     )
+    if 0 < limits.max_pdu_bytes < 4096:
+        raise mr.fail("max_pdu_kb", "below the DICOM minimum of 4 KiB", "use 0 or at least 4")
 
     sr = top.sub("state", required=True)
     sr.check_known(("dir", "min_free_mb"))

@@ -182,7 +182,7 @@ class StorageReceiver:
             tempfile.NamedTemporaryFile, dir=str(self.layout.tmp), prefix="rx-"
         )
         ae = AE(ae_title=cfg.listener.ae_title)
-        ae.maximum_pdu_size = 0
+        ae.maximum_pdu_size = cfg.limits.max_pdu_bytes  # 0: unlimited (measured fastest)
         ae.acse_timeout = cfg.timeouts.acse_s
         ae.dimse_timeout = cfg.timeouts.dimse_s
         ae.network_timeout = cfg.timeouts.network_s
@@ -277,6 +277,37 @@ class StorageReceiver:
             set_nodelay(assoc.dul.socket.socket)
         assoc._sentinel = _AssocState()
         assoc.acse = _PolicyACSE(assoc, self)
+        self._guard_pdu_length(assoc)
+
+    def _guard_pdu_length(self, assoc: Any) -> None:
+        """Refuse a PDU longer than we could ever accept before reading it.
+
+        pynetdicom reads a PDU whole into memory, whatever length the peer declares and
+        whatever maximum we advertised; a hostile 4 GB PDU would be buffered. The DUL reads a
+        PDU's body with one ``recv(length)`` call: a longer one than the advertised maximum
+        (or, when unlimited, than the maximum instance) closes the connection instead.
+        """
+        cfg = self._config()
+        limits = cfg.limits
+        ceiling = limits.max_pdu_bytes or limits.max_instance_bytes
+        ceiling = max(ceiling + 64 * 1024, 1024 * 1024)  # headers, large A-ASSOCIATE-RQs
+        sock = getattr(getattr(assoc, "dul", None), "socket", None)
+        if sock is None:
+            return
+        recv = sock.recv
+        receiver = self
+
+        def guarded_recv(nr_bytes: int) -> bytes:
+            if nr_bytes > ceiling:
+                st = _state(assoc)
+                LOG.warning("closing connection from %s: PDU of %d bytes declared (limit %d)",
+                            st.peer or _peer(assoc), nr_bytes, ceiling)
+                receiver._audit_safe("rejected", calling_ae=st.calling_ae or None,
+                                     peer=st.peer or _peer(assoc), reason="pdu-too-large")
+                raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {ceiling}")
+            return recv(nr_bytes)  # type: ignore[no-any-return]
+
+        sock.recv = guarded_recv
 
     def _on_established(self, event: Any) -> None:
         st = _state(event.assoc)
@@ -394,7 +425,7 @@ class StorageReceiver:
 
     def _audit_safe(self, event: str, **fields: Any) -> None:
         try:
-            self._audit.append(event, **fields)
+            self._audit.append(event, **{k: v for k, v in fields.items() if v is not None})
         except Exception:  # the audit must never take the receiver down
             LOG.exception("audit append failed for %s", event)
 

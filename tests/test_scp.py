@@ -268,3 +268,30 @@ def test_tls_listener_mutual_authentication(tmp_path: Path) -> None:
         assert not no_cert.is_established
     finally:
         gw.stop()
+
+
+def test_oversized_pdu_refused_before_it_is_read(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    """A peer declaring a 2 GiB PDU is disconnected without the gateway buffering it."""
+    import struct
+
+    gw = gateway_factory(limits="max_instance_mb = 1")
+    port = gw.address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"\x01\x00" + struct.pack(">L", 2**31) + b"\x00" * 4096)
+        deadline = time.monotonic() + 10
+        closed = False
+        while time.monotonic() < deadline:
+            try:
+                if s.recv(4096) == b"":
+                    closed = True
+                    break
+            except (ConnectionResetError, TimeoutError):
+                closed = True
+                break
+    assert closed
+    assert "pdu-too-large" in [e.get("reason") for e in audit_events(gw)]
+    ae = AE(ae_title="MODALITY")  # and the gateway still serves everyone else
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()
