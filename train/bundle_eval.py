@@ -112,11 +112,10 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
     pgd = BY_NAME["pgd_0.006"]
     pert = pipeline.perturb_and_store(pgd, arr, np.arange(len(arr.x)), model, attack_fn, work,
                                       "pert/test", tcfg.seed * 1000 + 1, f"{root.name} pgd_0.006")
-    tag = models.tag
-    clean = pipeline.stage_scores(work, tag, "test", "clean", arr.x,
+    clean = pipeline.stage_scores(work, "test", "clean", arr.x,
                                   pipeline.features_of(work, "feat/test/clean.npy", arr.x),
                                   models, ("cnn", "forest"))
-    attacked = pipeline.stage_scores(work, tag, "test", pgd.name, pert,
+    attacked = pipeline.stage_scores(work, "test", pgd.name, pert,
                                      pipeline.features_of(work, f"feat/test/{pgd.name}.npy", pert),
                                      models, ("cnn", "forest"))
     w, t = manifest.w_cnn, manifest.threshold

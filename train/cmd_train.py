@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for split, attacks, models")
     parser.add_argument("--quick", action="store_true",
                         help="small subsets and few epochs: a smoke run of the whole pipeline")
-    parser.add_argument("--max-depth", type=int, default=12,
+    parser.add_argument("--max-depth", type=int, default=8,
                         help="forest max_depth (size and speed of the shipped forest)")
 
 

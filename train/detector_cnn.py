@@ -98,23 +98,17 @@ def train_binary(model: Any, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_
                  config: CnnTrainConfig, label: str = "cnn", verbose: bool = True) -> Any:
     """Adam + binary cross-entropy; keeps the epoch with the best validation AUC."""
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(config.seed)
     steps = config.epochs * int(np.ceil(len(x) / config.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, max(1, steps))
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(name="auc")])
-    ds = (
-        tf.data.Dataset.from_tensor_slices((x[..., None], y.astype(np.float32)))
-        .shuffle(len(x), seed=config.seed)
-        .batch(config.batch_size)
-        .map(lambda a, b: (tf.image.random_flip_left_right(a, seed=config.seed), b))
-        .prefetch(2)
-    )
+    # numpy batches (Keras slices them): no multi-GB TF constant or shuffle buffer
+    xin, yin = x[..., None], y.astype(np.float32)
     best_auc, best_w = -1.0, None
     for epoch in range(config.epochs):
-        model.fit(ds, epochs=1, verbose=0)
+        model.fit(xin, yin, batch_size=config.batch_size, epochs=1, shuffle=True, verbose=0)
         _, auc = model.evaluate(x_val[..., None], y_val.astype(np.float32), batch_size=128,
                                 verbose=0)
         if verbose:
