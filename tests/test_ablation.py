@@ -130,19 +130,23 @@ def test_harden_bundle_loads_with_the_or_rule(tmp_path: Path, fixture_bundle: Pa
     from detector.scoring import Detector
 
     work = tmp_path / "work"
-    for d in ("feat/train", "feat/val", "clean", "adv-run/adv"):
+    for d in ("clean", "pert/train", "pert/test", "adv-run/adv"):
         (work / d).mkdir(parents=True)
-    clean = np.stack([_smooth(s) for s in range(12)])
+    clean = np.stack([_smooth(s) for s in range(14)])
     pert = np.stack([_pm1(c, s) for s, c in enumerate(clean)])
-    np.save(work / "feat/train/clean.npy", features.extract_batch(clean[:8]))
-    np.save(work / "feat/train/perturbed.npy", features.extract_batch(pert[:8]))
-    np.save(work / "clean/val.npy", clean[8:])
-    np.save(work / "feat/val/clean.npy", features.extract_batch(clean[8:]))
-    np.save(work / "adv-run/adv/adaptive-all_0.006.npy", pert[8:])
-    out = ablation.harden_bundle(fixture_bundle, work, [work / "adv-run"], tmp_path / "hard",
-                                 trees=5)
-    det = Detector.load(out)
-    assert det.rule.name == "max" and det.threshold == 0.5
-    assert det.manifest.training_data["hardened"]["adaptive_examples"] == 4
-    _, p_rf, score = det.score_unit(pert[0])
-    assert 0.0 <= score <= 1.0 and 0.0 <= p_rf <= 1.0
+    np.save(work / "clean/train.npy", clean[:8])
+    np.save(work / "pert/train_kinds.npy", np.zeros(8, np.int64))  # SUITE[0] = pgd_0.003
+    np.save(work / "pert/train/pgd_0.003.npy", pert[:8])
+    np.save(work / "clean/val.npy", clean[8:11])
+    np.save(work / "clean/test.npy", clean[11:])
+    np.save(work / "pert/test/pgd_0.003.npy", pert[11:])
+    np.save(work / "adv-run/adv/adaptive-all_0.006.npy", pert[8:11])
+    for fs, n in ((features.FEATURE_SET, 11), (features.FEATURE_SET_V2, 19)):
+        out = ablation.harden_bundle(fixture_bundle, work, work / "adv-run",
+                                     tmp_path / f"hard-{n}", feature_set=fs, trees=5)
+        det = Detector.load(out)
+        assert det.rule.name == "max" and det.threshold == 0.5
+        assert det.manifest.training_data["hardened"]["adaptive_examples"] == 3
+        assert len(det.manifest.feature_names) == n
+        _, p_rf, score = det.score_unit(pert[0])
+        assert 0.0 <= score <= 1.0 and 0.0 <= p_rf <= 1.0

@@ -192,6 +192,8 @@ def load_feature_data(work_dir: Path, cache: Path, adaptive_dir: Path | None = N
     test = {}
     for kind in ["clean", *[p.name for p in SUITE]]:
         img_rel = "clean/test.npy" if kind == "clean" else f"pert/test/{kind}.npy"
+        if not work.has(img_rel) and not work.has(f"feat/test/{kind}.npy"):
+            continue  # a run without that perturbation (or a small hand-made work dir)
         rt = runtime(f"feat/test/{kind}.npy", lambda img_rel=img_rel: work.load_npy(img_rel),
                      f"test-{kind}")
         cd = _cached(cache / f"test-{kind}.cand.npy",
@@ -333,15 +335,17 @@ def run_ablation(cfg: AblationConfig, log: Any = print) -> dict[str, Any]:
     return results
 
 
-def harden_bundle(bundle_dir: Path, work_dir: Path, adaptive_train_dirs: list[Path],
-                  out_dir: Path, *, trees: int | None = None, seed: int = 0) -> Path:
-    """A bundle whose forest is refitted with adaptive examples crafted on training images.
+def harden_bundle(bundle_dir: Path, work_dir: Path, adaptive_train_dir: Path | None,
+                  out_dir: Path, *, feature_set: str | None = None, cache: Path | None = None,
+                  trees: int | None = None, seed: int = 0) -> Path:
+    """A bundle whose forest is refitted, optionally on the v2 feature set (runtime 11 + the 8
+    candidates, detector.features.FEATURE_SET_V2) and with adaptive examples crafted on
+    training images (every array under ``<adaptive_train_dir>/adv`` whose name starts with
+    "adaptive-", label perturbed).
 
-    Same CNN, same runtime features (so the runtime can load it and the adaptive attacks can
-    be rerun against it), forest trained on the run's training vectors plus the runtime
-    features of every adversarial array under ``<dir>/adv`` (label perturbed). Decision rule
-    "max" (OR of the parts, each calibrated on validation clean images for 0.5% FPR), so
-    neither part can be silenced by the other.
+    Same CNN (so the runtime loads it and the adaptive attacks can be rerun against it).
+    Decision rule "max" (OR of the parts, each calibrated on validation clean images for 0.5%
+    FPR), so neither part can be silenced by the other.
     """
     from detector import bundle as bundle_mod
     from detector import features
@@ -349,34 +353,32 @@ def harden_bundle(bundle_dir: Path, work_dir: Path, adaptive_train_dirs: list[Pa
     from detector.scoring import Detector
     from train import fit_detector, pipeline
 
+    feature_set = feature_set or features.FEATURE_SET
+    names = features.FEATURE_SETS[feature_set]
     manifest = bundle_mod.load_manifest(bundle_dir)
     work = pipeline.Work(work_dir)
-    parts = [("clean", 0), ("perturbed", 1), ("resampled_clean", 0), ("resampled_pert", 1)]
-    xs, ys = [], []
-    for rel, label in parts:
-        if work.has(f"feat/train/{rel}.npy"):
-            f = work.load_npy(f"feat/train/{rel}.npy")
-            xs.append(f)
-            ys.append(np.full(len(f), label))
-    n_adv = 0
-    for d in adaptive_train_dirs:
-        for p in sorted((Path(d) / "adv").glob("adaptive-*.npy")):
-            f = features.extract_batch(np.load(p))
-            xs.append(f)
-            ys.append(np.ones(len(f)))
-            n_adv += len(f)
+    cache = cache or Path(out_dir).parent / (Path(out_dir).name + "-cache")
+    data = load_feature_data(Path(work_dir), cache, None, adaptive_train_dir)
+    if tuple(data.names[: len(names)]) != tuple(names):
+        raise RuntimeError(f"feature names differ: {data.names[:len(names)]} vs {names}")
+    cols = list(range(len(names)))
+    x, y = data.x_train[:, cols], data.y_train
+    adv = [f for k, f in data.adaptive_train.items() if k.startswith("adaptive-")]
+    n_adv = sum(len(f) for f in adv)
+    if adv:
+        x = np.concatenate([x, *[f[:, cols] for f in adv]])
+        y = np.r_[y, np.ones(n_adv)]
     cfg = manifest.training_data.get("config", {})
-    rf = fit_detector.fit_forest(np.concatenate(xs), np.concatenate(ys),
-                                 n_estimators=trees or int(cfg.get("trees", 200)),
+    rf = fit_detector.fit_forest(x, y, n_estimators=trees or int(cfg.get("trees", 200)),
                                  max_depth=int(cfg.get("max_depth", 12)), seed=seed)
     forest = ForestArrays.from_sklearn(rf)
     val = [work.load_npy("clean/val.npy")]
     if work.has("resampled/val_clean.npy"):
         val.append(work.load_npy("resampled/val_clean.npy"))
-    vfeat = [features.extract_batch(v) for v in val]
+    val_x = np.concatenate(val)
     det = Detector.load(bundle_dir, num_threads=1)
-    p_cnn = np.array([det.score_unit(img)[0] for img in np.concatenate(val)])
-    p_rf = forest.predict_proba(np.concatenate(vfeat))
+    p_cnn = np.array([det.score_unit(img)[0] for img in val_x])
+    p_rf = forest.predict_proba(data.val_clean[:, cols])
     a = fit_detector.calibrate_threshold(p_cnn, 0.005)
     b = fit_detector.calibrate_threshold(p_rf, 0.005)
     td = dict(manifest.training_data)
@@ -384,13 +386,13 @@ def harden_bundle(bundle_dir: Path, work_dir: Path, adaptive_train_dirs: list[Pa
                              "cnn": fit_detector.calibrate_threshold(p_cnn),
                              "forest": fit_detector.calibrate_threshold(p_rf)}
     td["hardened"] = {"from_bundle": manifest.bundle_id, "adaptive_examples": n_adv,
-                      "adaptive_dirs": [str(d) for d in adaptive_train_dirs],
-                      "rule": "max", "part_fpr": 0.005}
+                      "adaptive_dir": str(adaptive_train_dir), "feature_set": feature_set,
+                      "rule": "max", "part_fpr": 0.005, "n_val_clean": len(val_x)}
     extra = {k: manifest.path_of(k) for k in ("victim", "cnn_keras", "split")
              if k in manifest.files}
     return Path(bundle_mod.write_bundle(
         out_dir, cnn_tflite=manifest.path_of("cnn"), forest=forest,
-        feature_names=features.FEATURE_NAMES, w_cnn=manifest.w_cnn, threshold=0.5,
+        feature_names=names, w_cnn=manifest.w_cnn, threshold=0.5,
         thresholds={"max_rule": 0.5}, training_data=td, metrics={},
         extra_files=extra, rule={"name": "max", "cnn_threshold": a, "rf_threshold": b}))
 
@@ -408,15 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-depth", type=int, default=12)
     p.add_argument("--harden-bundle", default=None,
                    help="instead: write a bundle (to --out) from this one with the forest "
-                   "refitted on --adaptive-train-dir examples, OR rule")
+                   "refitted (on --feature-set, plus --adaptive-train-dir examples), OR rule")
+    p.add_argument("--feature-set", default=None,
+                   help="detector.features feature set of the hardened forest (default v1)")
     a = p.parse_args(argv)
     from train.pipeline import log
 
     if a.harden_bundle:
-        if not a.adaptive_train_dir:
-            p.error("--harden-bundle needs --adaptive-train-dir")
-        out = harden_bundle(Path(a.harden_bundle), Path(a.work), [Path(a.adaptive_train_dir)],
-                            Path(a.out))
+        out = harden_bundle(Path(a.harden_bundle), Path(a.work),
+                            Path(a.adaptive_train_dir) if a.adaptive_train_dir else None,
+                            Path(a.out), feature_set=a.feature_set)
         log(f"hardened bundle written to {out}")
         return 0
 
