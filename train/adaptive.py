@@ -433,12 +433,14 @@ def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
     det = Detector.load(bundle_dir, num_threads=1)
     cache.mkdir(parents=True, exist_ok=True)
     sur_path = cache / f"surrogate-{manifest.bundle_id}.npz"
+    forest = ForestArrays.load(manifest.path_of("forest"))
+    sur = None
     if sur_path.exists():
         sur = surrogate.Surrogate.load(sur_path)
-    else:
-        forest = ForestArrays.load(manifest.path_of("forest"))
+    elif forest.n_features == f_clean.shape[1]:
         sur = surrogate.fit_surrogate(forest, f_clean, f_pert, seed=seed)
         sur.save(sur_path)
+    # else: a forest on another feature set (v2): no surrogate; attacks needing one are skipped
     probe, names = victim_probe(vic)
     gauss = fit_gaussians(probe, names, x_fit, y_fit)
     from train import ablation
@@ -452,7 +454,7 @@ def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
                                  "threshold": manifest.threshold,
                                  "part_thresholds": manifest.training_data.get(
                                      "part_thresholds", {}),
-                                 "surrogate_fidelity": sur.fidelity})
+                                 "surrogate_fidelity": sur.fidelity if sur else {}})
 
 
 # ---------------------------------------------------------------- the whole suite
@@ -554,6 +556,9 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
                 adv = out.load_npy(rel)
             else:
                 spec = ATTACKS[base]
+                if spec.w_surrogate > 0 and models.surrogate is None:
+                    log(f"{key}: skipped (no surrogate for this bundle's feature set)")
+                    continue
                 s = AttackSettings(eps=eps, steps=cfg.steps, levels=lv, rule=cfg.rule)
                 raw = run_attack(models, spec, s, x, y, progress=key)
                 out.save_npy(rel, pipeline.map_to_detector_input(arr, sel, x, raw - x))
