@@ -257,6 +257,7 @@ class Screening:
         }
         try:
             ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+            parse_elements(ds)
         except Exception as exc:
             LOG.warning("instance %s unreadable: %s", item.sop_uid, type(exc).__name__)
             return self._on_error(cfg, path, meta, base, None, "unreadable", cfg.default,
@@ -395,6 +396,27 @@ class Screening:
             self._audit.append(event, **fields)
         except Exception:
             LOG.exception("audit append failed for %s", event)
+
+
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double, Pixel Data
+
+
+def parse_elements(ds: Dataset) -> None:
+    """Convert every element except pixel data now, inside the caller's ``try``.
+
+    Why: pydicom converts raw elements lazily, so a bad VR or a value of impossible length
+    raises on first access (rule matching, audit fields), outside any handler; the instance
+    would stay in spool/work and fail again at every restart although the modality got Success.
+    Converted here, such an instance is ``unreadable`` like any other parse failure and takes
+    the error policy. Pixel Data stays deferred (the detector reads it frame by frame).
+    """
+    for tag in list(ds.keys()):
+        if tag in _PIXEL_TAGS:
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                parse_elements(item)
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
