@@ -12,10 +12,12 @@ reasons, so ``sentinel rules test`` can say why a rule did or did not match.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
 from gateway.config import ASSOCIATION_KEYS, Config, Rule
 
@@ -84,6 +86,22 @@ def has_pixel_data(ds: Dataset) -> bool:
     return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
+def is_image_class(ds: Dataset) -> bool:
+    """True when the SOP Class (from the dataset, else the file meta) is an image storage class.
+
+    Why not only ``has_pixel_data``: an image whose dataset was cut short or garbled parses to
+    a Dataset without Pixel Data; taken for a non-image it would be passed through unscreened.
+    An image class without Pixel Data goes to the detector instead, which refuses it with a
+    typed reason (no-pixel-data), so it is quarantined.
+    """
+    uids: list[str] = []
+    with contextlib.suppress(Exception):
+        uids.append(str(ds.get("SOPClassUID", "") or ""))
+    with contextlib.suppress(Exception):
+        uids.append(str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ""))
+    return any("Image Storage" in UID(u).name for u in uids if u)
+
+
 def decide(config: Config, ds: Dataset, assoc: Association) -> Decision:
     """Apply the rules to one instance's header (first match wins)."""
     reasons: list[str] = []
@@ -94,8 +112,8 @@ def decide(config: Config, ds: Dataset, assoc: Association) -> Decision:
             return _decision(config, rule, ds, tuple(reasons))
         reasons.append(f"rule {rule.name!r} skipped: {why[-1]}")
     default = config.default
-    if not has_pixel_data(ds) and default.action != "pass":
-        reasons.append("no rule matched and the instance has no Pixel Data: pass")
+    if not has_pixel_data(ds) and not is_image_class(ds) and default.action != "pass":
+        reasons.append("no rule matched and the instance is not an image: pass")
         return Decision(
             rule=default,
             action="pass",
