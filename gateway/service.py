@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -43,6 +44,7 @@ from gateway.spool import SpoolLayout, free_bytes
 LOG = logging.getLogger("sentinel.service")
 
 RETENTION_EVERY_S = 3600.0
+LEFTOVER_AGE_S = 60.0  # a spool temp file untouched this long belongs to no live writer
 DetectorFactory = Callable[[Config], list[Any]]
 
 
@@ -112,6 +114,7 @@ class Gateway:
         cleared = self.layout.clear_tmp()
         if cleared:
             LOG.info("removed %d partial receive(s) left by an earlier stop", cleared)
+        self._clear_crash_leftovers()
         with contextlib.suppress(Exception):
             self.quarantine.recover()
         detectors = self._detector_factory(cfg)  # BundleError stops the start here
@@ -328,12 +331,52 @@ class Gateway:
                 stale = self.layout.clear_stale_tmp(2 * max(t.network_s, t.dimse_s) + 60.0)
                 if stale:
                     LOG.info("removed %d abandoned partial receive(s)", stale)
+                self._clear_crash_leftovers()
                 last_tmp_sweep = now
             if now - last_retention >= RETENTION_EVERY_S:
                 self.apply_retention()
                 last_retention = now
         self.stop()
         return 0
+
+    def _clear_crash_leftovers(self, older_than_s: float = LEFTOVER_AGE_S) -> int:
+        """Remove what a kill leaves in the spool besides partial receives.
+
+        Why: a SIGKILL inside a durable write leaves its temp name (``.<name>.<pid>.<n>.tmp``)
+        in incoming/, work/ or an outbox, and one between the forwarder's two unlinks leaves an
+        outbox sidecar whose instance is gone. Neither is ever forwarded (the queue lists only
+        ``<seq>-<uid>.dcm``), but both hold disk on the spool the watermark protects, one more
+        per crash. Only files untouched for ``older_than_s`` go, because another process
+        (``sentinel quarantine release``) may be writing into an outbox right now; the run
+        loop repeats this every minute, so leftovers of a quick restart go too.
+        """
+        dirs = [self.layout.incoming, self.layout.work]
+        for root in (self.layout.outbox_root, self.layout.dead_root):
+            with contextlib.suppress(OSError):
+                dirs.extend(p for p in root.iterdir() if p.is_dir())
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for d in dirs:
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            names = {e.name for e in entries}
+            for e in entries:
+                name = e.name
+                leftover = (name.startswith(".") and name.endswith(".tmp")) or (
+                    d.parent in (self.layout.outbox_root, self.layout.dead_root)
+                    and name.endswith(".json") and name[:-5] + ".dcm" not in names)
+                if not leftover:
+                    continue
+                with contextlib.suppress(OSError):
+                    if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(e.path)
+                        removed += 1
+        if removed:
+            LOG.info("removed %d temp file(s) or orphan sidecar(s) left by an earlier crash",
+                     removed)
+        return removed
 
     def apply_retention(self) -> int:
         """Purge quarantined instances older than the retention (audited as 'purged')."""
