@@ -14,6 +14,7 @@ re-delivery after a crash is visible even though Orthanc would store it only onc
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import time
@@ -257,9 +258,13 @@ def test_restart_removes_temp_files_left_by_a_kill(tmp_path: Path, fixture_bundl
     ]
     for p in stale:
         p.write_bytes(b"x" * 1024)
+        os.utime(p, (time.time() - 3600, time.time() - 3600))  # left by a crash an hour ago
+    fresh = state / "spool" / "outbox" / "o" / f"00000000000000000003-{uid}.json"
+    fresh.write_bytes(b"{}")  # a sidecar another process is writing right now: kept
     gw = GatewayProcess(cfg, tmp_path / "gateway-2.log", port).start()
     try:
         assert wait_until(lambda: not any(p.exists() for p in stale), 5), [
             p.name for p in stale if p.exists()]
+        assert fresh.exists()
     finally:
         assert gw.stop() == 0
