@@ -18,6 +18,7 @@ import heapq
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -262,11 +263,12 @@ class Screening:
             LOG.warning("instance %s unreadable: %s", item.sop_uid, type(exc).__name__)
             return self._on_error(cfg, path, meta, base, None, "unreadable", cfg.default,
                                   received_at, cfg.default.destinations, item)
+        meta_class = str(meta.get("sop_class", "") or "")
         ids = {
             "study_uid": _uid(ds, "StudyInstanceUID"),
             "series_uid": _uid(ds, "SeriesInstanceUID"),
-            "sop_class": str(ds.get("SOPClassUID", "") or meta.get("sop_class", "")),
-            "modality": str(ds.get("Modality", "") or ""),
+            "sop_class": _uid(ds, "SOPClassUID") or (meta_class if valid_uid(meta_class) else ""),
+            "modality": _code_string(ds, "Modality"),
         }
         base.update({k: v for k, v in ids.items() if v})
         decision = decide(cfg, ds, assoc)
@@ -422,3 +424,15 @@ def parse_elements(ds: Dataset) -> None:
 def _uid(ds: Dataset, keyword: str) -> str:
     value = str(ds.get(keyword, "") or "").strip()
     return value if valid_uid(value) else ""
+
+
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
+
+
+def _code_string(ds: Dataset, keyword: str) -> str:
+    """A CS value (e.g. Modality) only when it is one: it goes into the audit log and into
+    metric labels. Why checked: a corrupted length makes an element swallow the ones after it
+    (patient name and ID included; found by tests/test_fuzz.py), and an unchecked value would
+    carry them into the log, or explode the label set."""
+    value = str(ds.get(keyword, "") or "").strip()
+    return value if _CODE_STRING.fullmatch(value) else ""
