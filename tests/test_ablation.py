@@ -123,6 +123,11 @@ def test_report_sections_state_targets_and_write_files(tmp_path: Path) -> None:
         assert (tmp_path / f).stat().st_size > 1000
     doc = json.loads((tmp_path / "adaptive.json").read_text())
     assert "scores" not in doc["adaptive"]["attacks"]["pgd@0.006"]
+    # a second run against a hardened bundle gets its own section and figure names
+    res = adaptive_report.write_sections(tmp_path / "h", adaptive, None, None, hardened=adaptive)
+    assert "stronger detector" in res["html"]
+    assert res["json"]["verdict_hardened"]["eps_0.006"]["attack"] == "adaptive-all"
+    assert (tmp_path / "h" / "fig_adaptive_hardened_roc_eps0.006.png").exists()
 
 
 def test_harden_bundle_loads_with_the_or_rule(tmp_path: Path, fixture_bundle: Path) -> None:

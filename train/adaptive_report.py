@@ -67,7 +67,8 @@ def roc_points(clean: np.ndarray, attacked: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def adaptive_section(adaptive: dict[str, Any], out: Path,
-                     second_source: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+                     second_source: dict[str, Any] | None, title: str = "Adaptive attacks",
+                     tag: str = "") -> tuple[str, dict[str, Any]]:
     plt = _plt()
     eps_list = sorted({r["eps"] for r in adaptive["attacks"].values()})
     figs = []
@@ -89,7 +90,7 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
         ax.set_title(f"Detector ROC under adaptive attacks, eps {eps} (n={adaptive['n']})\n"
                      "dots: the bundle's operating threshold", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
-        name = f"fig_adaptive_roc_eps{eps}.png"
+        name = f"fig_adaptive_{tag}roc_eps{eps}.png"
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -158,7 +159,7 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
             f"(target &ge; 95%): {'met' if ok else 'MISSED'}.")
     fid = adaptive.get("surrogate_fidelity", {})
     frag = [
-        "<h2>Adaptive attacks</h2>",
+        f"<h2>{html.escape(title)}</h2>",
         f"<p>Bundle {html.escape(str(adaptive['bundle_id']))}: w_cnn = {adaptive['w_cnn']}, "
         f"operating threshold {adaptive['threshold']:.5f}. n = {adaptive['n']} test images "
         "(seeded subset), each attacked at each eps. Every attack optimises the stored image "
@@ -255,7 +256,8 @@ def ablation_section(ab: dict[str, Any], out: Path,
 
 def write_sections(out: Path, adaptive: dict[str, Any] | None = None,
                    ablation: dict[str, Any] | None = None,
-                   metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+                   metrics: dict[str, Any] | None = None,
+                   hardened: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``adaptive.html`` (fragment), ``adaptive.json`` and the PNGs into ``out``.
 
     ``metrics`` is the evaluation's metrics dict (for CNN/forest/ensemble rows and the second
@@ -273,6 +275,15 @@ def write_sections(out: Path, adaptive: dict[str, Any] | None = None,
         doc["adaptive"]["attacks"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"}
                                       for k, r in adaptive["attacks"].items()}
         doc["verdict"] = verdict
+    if hardened:
+        h, verdict = adaptive_section(
+            hardened, out, None, title="Adaptive attacks on the proposed stronger detector "
+            "(v2 features + adaptive training + OR rule)", tag="hardened_")
+        frag.append(h)
+        doc["hardened"] = {k: v for k, v in hardened.items() if k != "attacks"}
+        doc["hardened"]["attacks"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"}
+                                      for k, r in hardened["attacks"].items()}
+        doc["verdict_hardened"] = verdict
     if ablation:
         frag.append(ablation_section(ablation, out, metrics))
         doc["ablation"] = ablation
@@ -293,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adaptive", type=Path, default=None,
                    help="results.json of train.adaptive, or its output directory")
     p.add_argument("--ablation", type=Path, default=None)
+    p.add_argument("--hardened", type=Path, default=None,
+                   help="train.adaptive output directory of a run against a hardened bundle")
     p.add_argument("--metrics", type=Path, default=None)
     a = p.parse_args(argv)
 
@@ -305,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         adaptive = load_results(a.adaptive)
     else:
         adaptive = load(a.adaptive)
-    res = write_sections(a.out, adaptive, load(a.ablation), load(a.metrics))
+    hardened = None
+    if a.hardened is not None:
+        from train.adaptive import load_results
+
+        hardened = load_results(a.hardened)
+    res = write_sections(a.out, adaptive, load(a.ablation), load(a.metrics), hardened)
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>adaptive attacks and "
             "ablation</title><style>body{font-family:sans-serif;max-width:1300px;margin:auto}"
             "table{border-collapse:collapse}td,th{border:1px solid #aaa;padding:3px 6px;"
