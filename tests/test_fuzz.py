@@ -266,7 +266,8 @@ class FuzzTarget:
         cfg_path = write_config(self.root / "c.toml", state=state, port=11112,
                                 destinations=f'[destinations.o]\nkind = "directory"\n'
                                              f'path = "{self.root}/out"\n',
-                                rules=RULES, default='action = "screen"', bundle=self.bundle)
+                                rules=RULES, default='action = "screen"\nthreshold = 1.0',
+                                bundle=self.bundle)
         self.cfg = load_config(cfg_path)
         state.mkdir()
         self.audit = AuditLog(self.cfg.audit_path)
@@ -400,7 +401,10 @@ def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int, collect: bool
     for text in (target.cfg.audit_path.read_text(),):
         assert PATIENT_NAME not in text and PATIENT_ID not in text
     assert sum(s.outcomes.values()) == s.executions
-    assert s.outcomes.get("forwarded", 0) > 0 and len(s.outcomes) >= 4, s.outcomes
+    # both verdict paths and several refusals ran (the default screens at threshold 1.0:
+    # whatever decodes is forwarded; HAND/FOOT are screened at 0: flagged)
+    assert s.outcomes.get("forwarded", 0) >= s.executions // 20, s.outcomes
+    assert s.outcomes.get("quarantined:flagged", 0) > 0 and len(s.outcomes) >= 5, s.outcomes
     return {
         "executions": s.executions,
         "seconds": round(time.monotonic() - t0, 1),
