@@ -31,7 +31,6 @@ from bench.common import (
     GATEWAY_AE,
     MODALITY_AE,
     ORTHANC_AE,
-    audit_times,
     bundle_dir,
     free_port,
     gateway,
@@ -113,7 +112,7 @@ def measure(work: Path, files: list[Path], bundle: Path, workers: int
         finally:
             assoc.release()
         rss = vm_hwm_mb(gw.pid)
-        scored = audit_times(gw.state, "scored")
+        scored = gw.scored_times()
         to_scored = [(scored[u] - acks[u]) * 1000.0 for u in uids[1:] if u in scored]
         if pacs.wait_for_count(len(files), timeout=60) != len(files):
             raise RuntimeError("Orthanc does not hold every instance")
