@@ -622,8 +622,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="decision rule the kept iterate is chosen against")
     p.add_argument("--split", choices=("test", "train"), default="test",
                    help="train: craft adaptive examples for adversarial training of the forest")
+    p.add_argument("--second-source", default=None,
+                   help="instead: clean FPR and PGD 0.006 detection of --bundle (and any "
+                   "--also bundles) on this independent folder; results under --out")
+    p.add_argument("--also", nargs="*", default=[], help="more bundles for --second-source")
     a = p.parse_args(argv)
     from train.pipeline import log
+
+    if a.second_source:
+        second_source_check([Path(a.bundle), *map(Path, a.also)], Path(a.second_source),
+                            Path(a.out), log=log)
+        return 0
 
     run_suite(SuiteConfig(bundle=a.bundle, work=a.work, out=a.out, n=a.n, steps=a.steps,
                           eps=tuple(a.eps), attacks=tuple(a.attacks), rule=a.rule, split=a.split),
@@ -633,3 +642,45 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def second_source_check(bundles: list[Path], data_dir: Path, out: Path, seed: int = 0,
+                        log: Any = print) -> dict[str, Any]:
+    """Clean FPR and PGD eps 0.006 detection of several bundles on an independent source.
+
+    The same stages as ``sentinel evaluate --second-source`` (train.bundle_eval) make the clean
+    arrays and the PGD copies (crafted against the first bundle's victim at 224, mapped onto
+    the native grid); scoring goes through the runtime ``Detector`` so bundles with another
+    feature set or the OR rule are measured as they would run. Never used for fitting.
+    """
+    from detector.bundle import load_manifest
+    from train import attacks as attacks_lib
+    from train import datasets, pipeline, victim
+    from train.attacks import BY_NAME
+
+    root = Path(data_dir)
+    recs, dropped = datasets.drop_duplicates(datasets.scan_folder(root))
+    split = datasets.Split(root=str(root.resolve()), seed=0, fractions=(1.0, 0.0, 0.0),
+                           train=(), val=(), test=tuple(recs), dropped_duplicates=tuple(dropped))
+    work = pipeline.Work(Path(out))
+    arr = pipeline.stage_arrays(split, "test", work)
+    model = victim.load_victim(load_manifest(bundles[0]).path_of("victim"))
+    attack_fn = attacks_lib.make_gradient_attack(model)
+    pgd = BY_NAME["pgd_0.006"]
+    pert = pipeline.perturb_and_store(pgd, arr, np.arange(len(arr.x)), model, attack_fn, work,
+                                      "pert/test", seed * 1000 + 1, f"{root.name} pgd_0.006")
+    res: dict[str, Any] = {"source": str(root), "images": len(arr.x), "bundles": {}}
+    for b in bundles:
+        from detector.scoring import Detector
+
+        det = Detector.load(b, num_threads=1)
+        c = detector_scores(det, arr.x)[:, 2]
+        a = detector_scores(det, pert)[:, 2]
+        k_c, k_a = int((c >= det.threshold).sum()), int((a >= det.threshold).sum())
+        res["bundles"][det.bundle_id] = {
+            "bundle": str(b), "clean_fpr": k_c / len(c), "clean_fpr_ci": wilson(k_c, len(c)),
+            "pgd_0.006_detection": k_a / len(a), "pgd_0.006_detection_ci": wilson(k_a, len(a))}
+        log(f"{b}: {root.name} clean FPR {k_c / len(c):.4f}, PGD 0.006 detection "
+            f"{k_a / len(a):.4f} (n={len(c)})")
+    work.save_json("second_source.json", res)
+    return res
