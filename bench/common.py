@@ -459,8 +459,11 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
             raise RuntimeError(f"gateway forwarded {len(gw.forwarded_times()) - w} of {n}; "
                                f"log: {gw.proc.log()[-1500:]}")
         done = max(gw.forwarded_times().values()) - t0
+        scored = gw.scored_times()
         cpu = {"gateway_cpu_ms": 1000.0 * (cpu_s(gw.pid) - c_gw) / n,
-               "orthanc_cpu_ms": 1000.0 * (cpu_s(pacs.proc.pid) - c_pacs) / n}
+               "orthanc_cpu_ms": 1000.0 * (cpu_s(pacs.proc.pid) - c_pacs) / n,
+               # when screening finished the last instance: tells which stage trails
+               "last_scored_s": (max(scored.values()) - t0) if scored else float("nan")}
         rss = vm_hwm_mb(gw.pid)
         got = pacs.wait_for_count(n + w, timeout=60) - w
         if got != n:

@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                 direct.append(send_direct(work / "d", files, warm=warm))
                 via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers,
                                             warm=warm))
+                g = via[-1]
                 print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway "
-                      f"{via[-1].rate:.1f}/s (ack {via[-1].ack_rate:.1f}/s), "
+                      f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
+                      f"{g.extra['last_scored_s']:.1f} s, all forwarded at {g.done_s:.1f} s), "
                       f"load {loadavg()}", flush=True)
             report(label, direct, via, TARGETS[label])
     print(f"\nloadavg_end: {loadavg()}")
