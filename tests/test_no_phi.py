@@ -3,7 +3,8 @@
 Instances carry patient name, ID, birth date, accession number, referring physician and
 institution (distinctive markers) and take every path the daemon has: forwarded clean, flagged
 into the quarantine, unreadable (a bad VR inside the Patient Name element, so a parser error
-message would quote it), preprocessing errors (pixel data too short), a structured report
+message would quote it), a corrupted length that makes SOP Class UID swallow the patient's
+name and ID, preprocessing errors (pixel data too short), a structured report
 (non-image pass), refused by a rule, and a destination that fails (forward-failed, dead letter).
 The daemon runs at ``--log-level DEBUG`` (the most it ever says), with Python warnings on, and
 its whole stdout/stderr is captured. Neither the audit log, the service log, nor ``/metrics``
@@ -75,6 +76,19 @@ def _bad_vr_in_name(path: Path) -> Path:
     return path
 
 
+def _swallowing_length(path: Path) -> Path:
+    """SOP Class UID's length enlarged so its value runs over Patient Name and ID (a parser
+    takes them for the UID: this once put both into the audit log)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x08\x00\x16\x00UI")
+    end = data.index(MARKERS["patient id"].encode()) + len(MARKERS["patient id"])
+    length = end - (at + 8)
+    length += length % 2
+    data[at + 6: at + 8] = length.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _short_pixels(path: Path) -> Path:
     ds = pydicom.dcmread(path)
     ds.PixelData = ds.PixelData[:-100]
@@ -138,16 +152,20 @@ def test_patient_data_never_in_audit_or_service_log(tmp_path: Path,
     short = _short_pixels(_phi(synthetic(d / "short.dcm", 64, 64, seed=4)))
     sr = make_sr(d / "report.dcm")
     bad = _bad_vr_in_name(_phi(synthetic(d / "badvr.dcm", 64, 64, seed=5)))
+    swallow = _swallowing_length(_phi(synthetic(d / "swallow.dcm", 64, 64, seed=6)))
     gw = DebugGateway(cfg, tmp_path / "service.log", port, mport).start()
     try:
         r = storescu(port, [clean, flagged, rejected, short, sr])
         assert r.returncode == 0, r.stderr[-1500:]
         assert send_raw(port, bad) == 0  # DCMTK will not send a bad VR; a broken modality might
+        assert send_raw(port, swallow) == 0
         audit = state / "audit" / "audit.jsonl"
+        swallow_uid = str(pydicom.filereader.read_file_meta_info(swallow)
+                          .MediaStorageSOPInstanceUID)
 
         def settled() -> bool:
             text = audit.read_text()
-            return (text.count('"event":"quarantined"') >= 3
+            return (text.count('"event":"quarantined"') >= 4 and swallow_uid in text
                     and text.count('"event":"dead-letter"') >= 2)
 
         assert wait_until(settled, 60), audit.read_text()[-3000:]
@@ -170,7 +188,7 @@ def test_patient_data_never_in_audit_or_service_log(tmp_path: Path,
     events = audit_text.count("\n")
     record_figures("no_phi", {"audit_lines_checked": events,
                               "service_log_lines_checked": service_text.count("\n"),
-                              "markers": len(MARKERS), "paths_exercised": 7, "leaks": 0})
+                              "markers": len(MARKERS), "paths_exercised": 8, "leaks": 0})
 
 
 @pytest.mark.parametrize("marker", [PATIENT_NAME, PATIENT_ID])
