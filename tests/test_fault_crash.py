@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from bench.reliability import counting_orthanc, env_count, orthanc_store_counts, record_figures
@@ -80,8 +81,6 @@ def make_instances(directory: Path, n: int, per_study: int = 25, flag_every: int
         study += 1
     for i, f in enumerate(files):
         if i % flag_every == flag_every - 1:
-            import pydicom
-
             ds = pydicom.dcmread(f)
             ds.BodyPartExamined = "HAND"
             ds.save_as(f, enforce_file_format=True)
@@ -214,8 +213,6 @@ def run_crash_cycles(tmp: Path, bundle: Path, cycles: int, n_instances: int,
 
 
 def _body_part(path: Path) -> str:
-    import pydicom
-
     return str(pydicom.dcmread(path, stop_before_pixels=True).get("BodyPartExamined", ""))
 
 
