@@ -640,10 +640,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def second_source_check(bundles: list[Path], data_dir: Path, out: Path, seed: int = 0,
                         log: Any = print) -> dict[str, Any]:
     """Clean FPR and PGD eps 0.006 detection of several bundles on an independent source.
@@ -684,3 +680,7 @@ def second_source_check(bundles: list[Path], data_dir: Path, out: Path, seed: in
             f"{k_a / len(a):.4f} (n={len(c)})")
     work.save_json("second_source.json", res)
     return res
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
