@@ -44,7 +44,8 @@ def _ci(p: float, ci: list[float] | tuple[float, float]) -> str:
 
 def strongest(adaptive: dict[str, Any], eps: float) -> dict[str, Any] | None:
     """Among attacks at ``eps`` that fool the victim on >= 90% of the clean-correct images,
-    the one with the lowest detection among its fooled images; else the most fooling one."""
+    the one with the lowest detection among its fooled images; when none fools that often,
+    the one with the most undetected successes (fooled and not flagged)."""
     rows = [r for r in adaptive["attacks"].values() if abs(r["eps"] - eps) < 1e-9]
     if not rows:
         return None
@@ -52,8 +53,8 @@ def strongest(adaptive: dict[str, Any], eps: float) -> dict[str, Any] | None:
     if ok:
         best = min(ok, key=lambda r: r["detection_rate_fooled"])
         return {**best, "meets_fool_requirement": True}
-    best = max(rows, key=lambda r: (r["fooled_share_of_clean_correct"],
-                                    -r["detection_rate_fooled"]))
+    best = max(rows, key=lambda r: (r["undetected_successes"],
+                                    r["fooled_share_of_clean_correct"]))
     return {**best, "meets_fool_requirement": False}
 
 
@@ -129,8 +130,9 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
         fool_txt = ("fools the victim on "
                     f"{100 * s['fooled_share_of_clean_correct']:.0f}% of clean-correct images")
         if not s["meets_fool_requirement"]:
-            fool_txt += (" (no adaptive attack reached the 90% fooling the target assumes; "
-                         "this is the most fooling one)")
+            fool_txt += (" (no attack reached the 90% fooling the target assumes; this one "
+                         f"leaves the most undetected successes, {s['undetected_successes']} of "
+                         f"{s['n']})")
         lines.append(f"eps {eps}: strongest = <b>{html.escape(s['attack'])}</b>, {fool_txt}; "
                      f"detection among fooled images {100 * s['detection_rate_fooled']:.1f}% "
                      f"(Wilson 95% {100 * s['detection_fooled_ci'][0]:.1f}-"
