@@ -160,6 +160,12 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
             f"clean FPR {100 * fpr:.2f}% (target &le; 1%), PGD 0.006 detection {100 * det:.1f}% "
             f"(target &ge; 95%): {'met' if ok else 'MISSED'}.")
     fid = adaptive.get("surrogate_fidelity", {})
+    any_row = next(iter(adaptive["attacks"].values()), None)
+    fpr_txt = (f" Clean false-positive rate of this subset at the operating point: "
+               f"{100 * any_row['clean_fpr_subset']:.1f}% (the threshold itself is calibrated "
+               "on validation clean images for &le; 1%)." if any_row else "")
+    note = (f"<p><b>Note.</b> {html.escape(str(adaptive['note']))}</p>"
+            if adaptive.get("note") else "")
     frag = [
         f"<h2>{html.escape(title)}</h2>",
         f"<p>Bundle {html.escape(str(adaptive['bundle_id']))}: w_cnn = {adaptive['w_cnn']}, "
@@ -173,7 +179,8 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
         "own threshold (each calibrated on validation clean images for 0.5% FPR): evaluated on "
         "the same images, so it is adaptive to the OR rule only when the row's attack name ends "
         "in '+or'. Forest surrogate fidelity on held-out points: "
-        f"{html.escape(json.dumps({k: round(v, 4) for k, v in fid.items()}))}.</p>",
+        f"{html.escape(json.dumps({k: round(v, 4) for k, v in fid.items()}))}.{fpr_txt}</p>",
+        note,
         _table(header, rows),
         "<p>" + "<br>".join(lines) + "</p>",
         *[f"<figure><img src='{f}'><figcaption>ROC of the ensemble score, clean subset vs "
@@ -331,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hardened", type=Path, default=None,
                    help="train.adaptive output directory of a run against a hardened bundle")
     p.add_argument("--metrics", type=Path, default=None)
+    p.add_argument("--note", default=None, help="a note shown under the Adaptive heading")
+    p.add_argument("--hardened-note", default=None)
     p.add_argument("--second-source", type=Path, default=None,
                    help="second_source.json of python -m train.adaptive --second-source")
     a = p.parse_args(argv)
@@ -344,11 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         adaptive = load_results(a.adaptive)
     else:
         adaptive = load(a.adaptive)
+    if adaptive is not None and a.note:
+        adaptive["note"] = a.note
     hardened = None
     if a.hardened is not None:
         from train.adaptive import load_results
 
         hardened = load_results(a.hardened)
+        if a.hardened_note:
+            hardened["note"] = a.hardened_note
     res = write_sections(a.out, adaptive, load(a.ablation), load(a.metrics), hardened,
                          load(a.second_source))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>adaptive attacks and "
