@@ -612,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--bundle", required=True)
-    p.add_argument("--work", required=True, help="the training work dir that made the bundle")
+    p.add_argument("--work", default=None,
+                   help="the training work dir that made the bundle (not for --second-source)")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--steps", type=int, default=60)
@@ -633,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         second_source_check([Path(a.bundle), *map(Path, a.also)], Path(a.second_source),
                             Path(a.out), log=log)
         return 0
+    if not a.work:
+        p.error("--work is required (the training work dir that made the bundle)")
 
     run_suite(SuiteConfig(bundle=a.bundle, work=a.work, out=a.out, n=a.n, steps=a.steps,
                           eps=tuple(a.eps), attacks=tuple(a.attacks), rule=a.rule, split=a.split),
