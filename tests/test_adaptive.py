@@ -134,3 +134,19 @@ def test_candidate_aware_attack_runs_on_the_grid(models) -> None:
     adv = adaptive.run_attack(models, spec, s, x, y)
     assert np.allclose(adv * 255, np.round(adv * 255), atol=1e-3)
     assert np.abs(adv - x).max() <= 0.003 + 0.5 / 255 + 1e-6
+
+
+def test_load_results_merges_finished_attacks(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "result").mkdir()
+    (tmp_path / "suite.json").write_text(json.dumps({"bundle_id": "b", "n": 2, "attacks": {}}))
+    for name, rule in (("pgd", "ensemble"), ("adaptive-all", "ensemble"),
+                       ("adaptive-all+or", "or")):
+        (tmp_path / "result" / f"{name}_0.006.json").write_text(
+            json.dumps({"attack": name, "eps": 0.006, "rule": rule}))
+    every = adaptive.load_results(tmp_path)
+    assert set(every["attacks"]) == {"pgd@0.006", "adaptive-all@0.006", "adaptive-all+or@0.006"}
+    only_or = adaptive.load_results(tmp_path, rule="or")
+    assert set(only_or["attacks"]) == {"pgd@0.006", "adaptive-all+or@0.006"}
+    assert only_or["bundle_id"] == "b"
