@@ -158,8 +158,12 @@ class FeatureExtractor:
         self._stego = feature_set == FEATURE_SET_V2
         f32 = np.float32
         self._x = np.empty((h, w), f32)
-        self._d = np.empty((h, w), f32)
-        self._d2 = np.empty((h, w), f32)
+        # Two scratch areas shared by temporaries whose lifetimes do not overlap (moments of
+        # x, then of the residual, then |differences|, then difference products): fewer
+        # buffers keep the working set in cache when features, CNN and forest alternate.
+        sa, sb = np.empty(h * w, f32), np.empty(h * w, f32)
+        self._d = sa.reshape(h, w)
+        self._d2 = sb.reshape(h, w)
         self._mult, self._hf = _spectrum_weights((h, w))
         nc = w // 2 + 1
         self._p = np.empty((h, nc), f32)
@@ -167,16 +171,16 @@ class FeatureExtractor:
         self._mask_p = np.empty((h, nc), np.bool_)
         self._dx = np.empty((h, w - 1), f32)
         self._dy = np.empty((h - 1, w), f32)
-        self._adx = np.empty((h, w - 1), f32)
-        self._ady = np.empty((h - 1, w), f32)
+        self._adx = sa[: h * (w - 1)].reshape(h, w - 1)
+        self._ady = sb[: (h - 1) * w].reshape(h - 1, w)
         self._d2x = np.empty((h, w - 2), f32)
         self._d2y = np.empty((h - 2, w), f32)
         self._lap = np.empty((h - 2, w - 2), f32)
         self._t = np.empty((h - 1, w - 2), f32)
         self._res = np.empty((h - 2, w - 2), f32)
-        self._rd = np.empty((h - 2, w - 2), f32)
-        self._rd2 = np.empty((h - 2, w - 2), f32)
-        self._pair = np.empty((h, w - 2), f32)
+        self._rd = sa[: (h - 2) * (w - 2)].reshape(h - 2, w - 2)
+        self._rd2 = sb[: (h - 2) * (w - 2)].reshape(h - 2, w - 2)
+        self._pair = sa[: h * (w - 2)].reshape(h, w - 2)
         hh, wh = h // 2, w // 2
         self._half = np.empty((hh, wh), f32)
         self._th = np.empty((hh, wh - 2), f32)
