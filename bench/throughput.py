@@ -6,8 +6,8 @@ instance, forwarding to a fresh Orthanc), alternating, and the figure that count
 gateway/direct per repeat (median and min..max over the repeats).
 
 Direct: until storescu exits (Orthanc acknowledges each C-STORE after storing it).
-Gateway: until the last instance is stored in Orthanc (the gateway's 'forwarded' audit time of
-the last instance, written after Orthanc's C-STORE response), from the start of storescu.
+Gateway: from the start of storescu until Orthanc holds every instance (its instance count,
+polled every 0.1 s); the time of the gateway's last 'forwarded' audit line is printed beside it.
 
     .venv/bin/python -m bench.throughput                 # 500 x 512x512 and 100 x 2048x2500
     .venv/bin/python -m bench.throughput --tiny          # seconds; what CI runs
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 g = via[-1]
                 print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway "
                       f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
-                      f"{g.extra['last_scored_s']:.1f} s, all forwarded at {g.done_s:.1f} s), "
+                      f"{g.extra['last_scored_s']:.1f} s, all in Orthanc at {g.done_s:.1f} s, "
+                      f"last 'forwarded' audit line at {g.extra['audit_done_s']:.1f} s), "
                       f"load {loadavg()}", flush=True)
             report(label, direct, via, TARGETS[label])
     print(f"\nloadavg_end: {loadavg()}")
