@@ -364,13 +364,10 @@ def test_reload_with_a_tampered_bundle_keeps_the_running_model(tmp_path: Path,
         gw.stop()
 
 
-def test_attacked_copies_quarantined_with_the_default_bundle(tmp_path: Path,
-                                                             data_dir: Path) -> None:
-    """With the trained default bundle: `sentinel attack` copies are held, the originals pass.
-
-    Skipped until the training issue ships detector/models/default (the fixture bundle's
-    verdicts mean nothing, so the tests above force them by configuration instead).
-    """
+def _attacked_copies_are_held(tmp_path: Path, sources: list[Path]) -> None:
+    """Send DICOM ``sources`` and their `sentinel attack` PGD eps 0.006 copies through the
+    gateway with the trained default bundle: originals arrive in Orthanc byte-identical,
+    attacked copies are quarantined as flagged and never reach Orthanc."""
     import subprocess
     import sys
 
@@ -379,6 +376,14 @@ def test_attacked_copies_quarantined_with_the_default_bundle(tmp_path: Path,
     bundle = REPO / "detector" / "models" / "default"
     if not (bundle / "manifest.json").is_file():
         pytest.skip("no trained default bundle in detector/models/default yet")
+    attacked = []
+    for i, f in enumerate(sources):
+        out = tmp_path / "src" / f"attacked{i}.dcm"
+        r = subprocess.run([sys.executable, "-m", "gateway.cli", "attack", str(f), str(out),
+                            "--method", "pgd", "--eps", "0.006", "--bundle", str(bundle)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        attacked.append(out)
     port = free_port()
     orthanc = OrthancServer(tmp_path / "orthanc", {"sentinel": ("SENTINEL", port)})
     orthanc.start()
@@ -387,24 +392,13 @@ def test_attacked_copies_quarantined_with_the_default_bundle(tmp_path: Path,
             f'port = {orthanc.dicom_port}\nae_title = "ORTHANC"\n')
     cfg = write_config(tmp_path / "c.toml", state=state, port=port, destinations=dest,
                        default='action = "screen"', bundle=bundle)
-    src = tmp_path / "src"
-    pngs = sorted((data_dir / "nih_cxr14_1000" / "img512").glob("*.png"))[10:12]
-    clean = [from_image(p, src / f"clean{i}.dcm") for i, p in enumerate(pngs)]
-    attacked = []
-    for i, f in enumerate(clean):
-        out = src / f"attacked{i}.dcm"
-        r = subprocess.run([sys.executable, "-m", "gateway.cli", "attack", str(f), str(out),
-                            "--method", "pgd", "--eps", "0.006", "--bundle", str(bundle)],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        attacked.append(out)
     gw = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
     try:
-        assert storescu(port, [*clean, *attacked]).returncode == 0
+        assert storescu(port, [*sources, *attacked]).returncode == 0
         q = Quarantine(state / "quarantine")
-        assert orthanc.wait_for_count(len(clean), timeout=60) == len(clean)
+        assert orthanc.wait_for_count(len(sources), timeout=60) == len(sources)
         assert wait_until(lambda: len(q.list()) == len(attacked), 60)
-        for f in clean:
+        for f in sources:
             data = orthanc.instance_file(sop_uid_of(f))
             assert data is not None and pixel_sha256(data) == pixel_sha256(f)
         for f in attacked:
@@ -413,6 +407,32 @@ def test_attacked_copies_quarantined_with_the_default_bundle(tmp_path: Path,
     finally:
         gw.stop()
         orthanc.stop()
+
+
+def test_attacked_copies_quarantined_with_the_default_bundle(tmp_path: Path,
+                                                             data_dir: Path) -> None:
+    """Kermany test-split images (never trained on; the split is recorded in the bundle) as
+    8-bit CR: the originals pass, their `sentinel attack` copies are held."""
+    bundle = REPO / "detector" / "models" / "default"
+    split_file = bundle / "split.json"
+    if not split_file.is_file():
+        pytest.skip("no trained default bundle (with its split.json) in detector/models/default")
+    test_split = json.loads(split_file.read_text())["test"]
+    picks = [e["rel"] for e in test_split if e["label"] == 0][:1] + \
+            [e["rel"] for e in test_split if e["label"] == 1][:1]
+    sources = [from_image(data_dir / "kermany224" / rel, tmp_path / "src" / f"clean{i}.dcm")
+               for i, rel in enumerate(picks)]
+    _attacked_copies_are_held(tmp_path, sources)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known miss of the shipped default bundle (issues 3 and 7): `sentinel attack` PGD eps 0.006 "
+    "copies of the high-bit-depth NEMA CRs score 0.34-0.53, under the operating threshold 0.849; "
+    "remove this mark when a retrained bundle flags them"))
+def test_attacked_nema_cr_copies_quarantined_with_the_default_bundle(tmp_path: Path,
+                                                                     nema_dir: Path) -> None:
+    """The two real CR DICOMs (15- and 10-bit, MONOCHROME1) and their attacked copies."""
+    _attacked_copies_are_held(tmp_path, [nema_dir / "RG1_UNCR.dcm", nema_dir / "RG3_UNCR.dcm"])
 
 
 def test_sigterm_drains_open_association_then_exits_0(tmp_path: Path,
