@@ -96,8 +96,19 @@ def read_dicom(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
 
     Raises ``Unreadable`` for a file pydicom cannot parse, and the header refusals of
     ``check_header``. The Pixel Data bytes are read only later, by ``dataset_to_unit``.
-    A deflated dataset is inflated here with an output cap (a zip bomb in the deflate
-    stream stops at the cap instead of exhausting memory).
+    """
+    ds = parse_dicom(path, max_pixels)
+    check_header(ds, max_pixels=max_pixels, source=str(path))
+    return ds
+
+
+def parse_dicom(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """Parse any DICOM file (image or not) with large values deferred, without image checks.
+
+    For callers that must also handle non-image instances (the gateway routes SR and
+    presentation states too). Raises ``Unreadable`` for a file pydicom cannot parse. A
+    deflated dataset is inflated here with an output cap (a zip bomb in the deflate stream
+    stops at the cap instead of exhausting memory).
     """
     path = Path(path)
     try:
@@ -115,7 +126,6 @@ def read_dicom(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         raise Unreadable(f"{path}: no such file") from exc
     except Exception as exc:  # pydicom raises many types on malformed input
         raise Unreadable(f"{path}: not a readable DICOM file ({exc})") from exc
-    check_header(ds, max_pixels=max_pixels, source=str(path))
     return ds
 
 

@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset
 
+from detector.preprocess import parse_dicom
 from gateway.config import Config
 from gateway.rules import Association, Decision, decide
 from gateway.spool import (
@@ -42,7 +42,6 @@ from gateway.spool import (
 )
 
 LOG = logging.getLogger("sentinel.screening")
-DEFER_SIZE = 64 * 1024  # bytes: larger values stay on disk until used
 UNKNOWN_STUDY = "0"  # quarantine folder for instances whose Study UID cannot be read
 
 
@@ -257,7 +256,7 @@ class Screening:
             "peer": assoc.peer,
         }
         try:
-            ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+            ds = parse_dicom(path)
             parse_elements(ds)
         except Exception as exc:
             LOG.warning("instance %s unreadable: %s", item.sop_uid, type(exc).__name__)

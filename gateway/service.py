@@ -55,10 +55,13 @@ def load_detectors(cfg: Config) -> list[Any]:
     """
     from detector.scoring import Detector  # lazy: keeps `sentinel --help` light
 
-    return [
+    detectors = [
         Detector.load(cfg.detector.bundle, num_threads=cfg.detector.threads)
         for _ in range(cfg.detector.workers)
     ]
+    for detector in detectors:
+        detector.warm_up()  # the first real instance per worker must not pay the cold start
+    return detectors
 
 
 def _file_digest(path: Path) -> str:
