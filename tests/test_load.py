@@ -136,7 +136,7 @@ def run_load(tmp: Path, bundle: Path, per_association: int, rows: int = 192
 def test_eight_associations_nothing_lost_limits_hold(tmp_path: Path,
                                                      fixture_bundle: Path) -> None:
     require_dcmtk()
-    record_figures("load_ci", run_load(tmp_path, fixture_bundle, per_association=30))
+    record_figures("load_ci", run_load(tmp_path, fixture_bundle, per_association=80))
 
 
 @pytest.mark.slow

@@ -74,8 +74,12 @@ def test_store_spools_and_forwards_byte_for_byte(gateway_factory, tmp_path: Path
     layout = gw.layout
     assert not list(layout.incoming.iterdir()) and not list(layout.work.iterdir())
     assert not list(layout.tmp.iterdir())
-    events = [e["event"] for e in audit_events(gw)]
-    assert events.count("received") == 3 and events.count("forwarded") == 3
+    # the forwarder audits a delivery on its completer thread, just after the file lands
+    def audited(event: str) -> int:
+        return [e["event"] for e in audit_events(gw)].count(event)
+
+    assert wait_until(lambda: audited("forwarded") == 3, 10), audited("forwarded")
+    assert audited("received") == 3
 
 
 def test_unknown_caller_address_and_called_ae_refused(gateway_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
