@@ -28,17 +28,11 @@ from typing import Any
 
 import numpy as np
 
-CANDIDATE_REASONS: dict[str, str] = {
-    "spam_00": "share of adjacent first-difference pairs (truncated to +-1 grey level) both 0",
-    "spam_0x": "share of pairs with exactly one zero: an isolated +-1 change creates them",
-    "spam_same": "share of pairs (+1,+1) or (-1,-1): smooth ramps",
-    "spam_opp": "share of pairs (+1,-1) or (-1,+1): a single-pixel bump, the +-1 embedding "
-    "signature",
-    "res2_0": "share of second-order residuals (1,-2,1) equal to 0 grey levels",
-    "res2_1": "share equal to +-1",
-    "res2_2": "share equal to +-2 (a +-1 change in a flat area makes +-2)",
-    "res2_3plus": "share at least 3",
-}
+from detector.features import STEGO_REASONS
+
+# The runtime carries these as feature set v2; candidate_features below stays an independent
+# int16 implementation that tests/test_features.py checks the runtime against.
+CANDIDATE_REASONS: dict[str, str] = STEGO_REASONS
 CANDIDATE_NAMES: tuple[str, ...] = tuple(CANDIDATE_REASONS)
 GROUPS: dict[str, tuple[str, ...]] = {
     "spam": CANDIDATE_NAMES[:4],
