@@ -155,3 +155,28 @@ def test_harden_bundle_loads_with_the_or_rule(tmp_path: Path, fixture_bundle: Pa
         assert len(det.manifest.feature_names) == n
         _, p_rf, score = det.score_unit(pert[0])
         assert 0.0 <= score <= 1.0 and 0.0 <= p_rf <= 1.0
+
+
+def test_evaluate_report_gains_the_adaptive_section(tmp_path: Path) -> None:
+    """`sentinel evaluate --adaptive` splices the section, its figures and numbers into the
+    evaluation report it has just written."""
+    from train.cmd_evaluate import add_adaptive_sections
+
+    out = tmp_path / "report"
+    out.mkdir()
+    index = out / "index.html"
+    index.write_text("<!doctype html><html><body><h1>evaluation</h1></body></html>")
+    (out / "metrics.json").write_text(json.dumps({"bundle_id": "b1"}))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({
+        "bundle_id": "b1", "w_cnn": 0.5, "threshold": 0.7, "n": 100,
+        "attacks": {"adaptive-all@0.006": _attack_row("adaptive-all", 0.006, 0.95, 0.2)}}))
+    add_adaptive_sections(index, out, {}, results, None)
+    page = index.read_text()
+    assert page.index("<h1>evaluation</h1>") < page.index("<h2>Adaptive attacks</h2>")
+    assert page.rstrip().endswith("</body></html>")
+    assert "src='adaptive/fig_adaptive_roc_eps0.006.png'" in page
+    assert (out / "adaptive" / "fig_adaptive_roc_eps0.006.png").stat().st_size > 1000
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["bundle_id"] == "b1"
+    assert doc["adaptive"]["verdict"]["target_adaptive_0.006"]["met"] is False

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="cache directory (default: <out>/cache)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--adaptive", type=Path, default=None,
+                        help="output directory (or results.json) of `python -m train.adaptive` "
+                        "against this bundle: adds the report's 'Adaptive attacks' section")
+    parser.add_argument("--ablation", type=Path, default=None,
+                        help="ablation JSON of `python -m train.ablation`: adds the 'Ablation' "
+                        "section")
     parser.add_argument("--model-card", action="store_true",
                         help="also write MODEL_CARD.md from these measurements into the bundle "
                         "(re-writing its manifest, same bundle id)")
@@ -62,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"sentinel evaluate: {exc}", file=sys.stderr)
         return 2
     index = write_report(result, Path(args.out))
+    if args.adaptive or args.ablation:
+        add_adaptive_sections(Path(index), Path(args.out), result["metrics"], args.adaptive,
+                              args.ablation)
     from train.report import add_model_card, model_card, readme_table
 
     table = readme_table(result["metrics"])
@@ -87,3 +96,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"second source: clean FPR {s['clean_fpr_at_threshold']:.4f}, PGD 0.006 "
               f"detection {s['pgd_0.006_detection_at_threshold']:.4f}")
     return 0
+
+
+def add_adaptive_sections(index: Path, out: Path, metrics: dict, adaptive: Path | None,
+                          ablation: Path | None) -> None:
+    """Splice the adaptive-attack and ablation sections (train.adaptive_report) into the
+    evaluation report: the HTML before ``</body>``, the figures under ``out/adaptive``, and the
+    numbers into metrics.json under "adaptive"."""
+    import json
+
+    from train.adaptive import load_results
+    from train.adaptive_report import write_sections
+
+    adaptive_doc = None
+    if adaptive is not None:
+        adaptive_doc = (load_results(adaptive) if adaptive.is_dir()
+                        else json.loads(adaptive.read_text()))
+    ablation_doc = json.loads(ablation.read_text()) if ablation is not None else None
+    res = write_sections(out / "adaptive", adaptive_doc, ablation_doc, metrics)
+    fragment = res["html"].replace("src='", "src='adaptive/")
+    page = index.read_text()
+    index.write_text(page.replace("</body>", fragment + "</body>", 1))
+    metrics_path = out / "metrics.json"
+    doc = json.loads(metrics_path.read_text())
+    doc["adaptive"] = res["json"]
+    metrics_path.write_text(json.dumps(doc, indent=1, default=str))
