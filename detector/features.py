@@ -82,7 +82,7 @@ _NEAR_ZERO = 0.5 / 255.0
 _SQRT_HALF_PI = float(np.sqrt(np.pi / 2.0))
 
 
-def _spectrum_weights(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def spectrum_weights(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Multiplicity of each rfft2 bin in the full spectrum, and the high-frequency mask.
 
     rfft2 keeps columns 0..W/2; the interior columns stand for two conjugate bins each, so
@@ -164,7 +164,7 @@ class FeatureExtractor:
         sa, sb = np.empty(h * w, f32), np.empty(h * w, f32)
         self._d = sa.reshape(h, w)
         self._d2 = sb.reshape(h, w)
-        self._mult, self._hf = _spectrum_weights((h, w))
+        self._mult, self._hf = spectrum_weights((h, w))
         nc = w // 2 + 1
         self._p = np.empty((h, nc), f32)
         self._tmp_p = np.empty((h, nc), f32)

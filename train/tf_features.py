@@ -19,9 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
-
-from detector.features import FEATURE_NAMES
+from detector.features import FEATURE_NAMES, spectrum_weights
 
 _NEAR_ZERO = 0.5 / 255.0
 _SQRT_HALF_PI = math.sqrt(math.pi / 2.0)
@@ -42,19 +40,6 @@ def check_names() -> None:
             f"implements {EXPECTED_NAMES}: add the new features here and rerun "
             "tests/test_tf_features.py"
         )
-
-
-def _spectrum_weights(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Same multiplicities and high-frequency mask as detector.features (rfft2 half plane)."""
-    n_cols = w // 2 + 1
-    mult = np.full((h, n_cols), 2.0, dtype=np.float32)
-    mult[:, 0] = 1.0
-    if w % 2 == 0:
-        mult[:, -1] = 1.0
-    fy = np.abs(np.fft.fftfreq(h))[:, None]
-    fx = np.abs(np.fft.rfftfreq(w))[None, :]
-    hf = ((np.sqrt(fy**2 + fx**2) > 0.25) * mult).astype(np.float32)
-    return mult, hf
 
 
 def _mean(a: Any) -> Any:
@@ -104,7 +89,7 @@ def features_tf(x: Any, soft_width: float = 0.25 / 255.0, dtype: Any = None) -> 
     std, skew, kurt = _moments(x)
 
     # power spectrum over the rfft2 half plane, weighted to the full plane
-    mult_np, hf_np = _spectrum_weights(h, w)
+    mult_np, hf_np = spectrum_weights((h, w))
     mult, hf = tf.constant(mult_np, dtype), tf.constant(hf_np, dtype)
     f = tf.signal.rfft2d(x)
     p = tf.square(tf.math.real(f)) + tf.square(tf.math.imag(f))
