@@ -260,6 +260,18 @@ class _Reader:
             raise self.fail(name, "must be a table", f"write it as [{self.key(name)}]")
         return _Reader(self.path, value, self.key(name))
 
+    def subs(self, name: str) -> list[_Reader]:
+        """An optional array of tables ([[name]] sections), one reader per table."""
+        value = self.table.get(name, [])
+        if not isinstance(value, list):
+            raise self.fail(name, "must be an array of tables", f"write [[{name}]] sections")
+        readers = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.fail(f"{name}[{i}]", "must be a table", f"write [[{name}]] sections")
+            readers.append(_Reader(self.path, item, self.key(f"{name}[{i}]")))
+        return readers
+
     def str_(self, name: str, default: str | None = None) -> str:
         value = self.table.get(name, default)
         if value is None:
@@ -427,16 +439,10 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     except ValueError as exc:
         raise lr.fail("host", f"{listener.host!r} is not an IP address", "e.g. 127.0.0.1") from exc
 
-    callers_raw = data.get("callers", [])
-    if not isinstance(callers_raw, list):
-        raise top.fail("callers", "must be an array of tables", "write [[callers]] sections")
     callers: list[CallerConfig] = []
-    for i, c in enumerate(callers_raw):
-        if not isinstance(c, dict):
-            raise top.fail(f"callers[{i}]", "must be a table", "write [[callers]] sections")
-        cr = _Reader(path, c, f"callers[{i}]")
+    for cr in top.subs("callers"):
         cr.check_known(("ae_title", "addresses"))
-        addrs = c.get("addresses", ["127.0.0.1", "::1"])
+        addrs = cr.table.get("addresses", ["127.0.0.1", "::1"])
         if not isinstance(addrs, list) or not addrs or not all(isinstance(a, str) for a in addrs):
             raise cr.fail("addresses", "must be a non-empty list of IPs/CIDRs", '["10.0.0.0/8"]')
         callers.append(
@@ -553,14 +559,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         else:
             raise d.fail("kind", f"unknown kind {kind!r}", 'use "dicom" or "directory"')
 
-    rules_raw = data.get("rules", [])
-    if not isinstance(rules_raw, list):
-        raise top.fail("rules", "must be an array of tables", "write [[rules]] sections")
     rules: list[Rule] = []
-    for i, raw in enumerate(rules_raw):
-        if not isinstance(raw, dict):
-            raise top.fail(f"rules[{i}]", "must be a table", "write [[rules]] sections")
-        rr_ = _Reader(path, raw, f"rules[{i}]")
+    for rr_ in top.subs("rules"):
         name = rr_.str_("name")
         if any(r.name == name for r in rules) or name == "default":
             raise rr_.fail("name", f"duplicate rule name {name!r}", "give each rule its own name")
