@@ -18,6 +18,28 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LOG = logging.getLogger("sentinel.metrics")
 
+# Modality defined terms of DICOM PS3.3 C.7.3.1.1.1 (current and retired). Why a closed set:
+# Modality comes from the sender's dataset, and every distinct label value is a new time
+# series (about 6 KiB across the counters and the latency histogram) that lives as long as
+# the process: a fuzzed or hostile stream of made-up values grew the gateway's memory
+# without bound. Anything else is counted as "OTHER".
+MODALITY_TERMS = frozenset((
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CFM", "CR", "CT", "CTPROTOCOL", "DG", "DMS", "DOC",
+    "DX", "ECG", "EEG", "EMG", "EOG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT",
+    "IVUS", "KER", "KO", "LEN", "LS", "M3D", "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT",
+    "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PLAN", "POS", "PR", "PT", "PX", "REG", "RESP", "RF",
+    "RG", "RTDOSE", "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT",
+    "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG", "US", "VA", "XA",
+    "XAPROTOCOL", "XC", "AS", "CD", "CF", "CP", "CS", "DD", "DF", "DM", "DS", "EC", "FA", "FS",
+    "LP", "MA", "MS", "OPR", "ST", "VF",
+))
+
+
+def modality_label(value: str) -> str:
+    """The metric label for a Modality value: itself when a DICOM defined term (or empty)."""
+    return value if not value or value in MODALITY_TERMS else "OTHER"
+
+
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 E2E_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
@@ -85,9 +107,10 @@ class Metrics:
         self._acknowledged.labels(caller).inc()
 
     def received(self, modality: str, caller: str) -> None:
-        self._received.labels(modality, caller).inc()
+        self._received.labels(modality_label(modality), caller).inc()
 
     def scored(self, modality: str, caller: str, flagged: bool, seconds: float) -> None:
+        modality = modality_label(modality)
         self._screened.labels(modality, caller).inc()
         if flagged:
             self._flagged.labels(modality, caller).inc()
@@ -99,19 +122,19 @@ class Metrics:
             self._flag_rate.labels(modality).set(n[1] / n[0])
 
     def screen_error(self, modality: str, reason: str) -> None:
-        self._screen_errors.labels(modality, reason).inc()
+        self._screen_errors.labels(modality_label(modality), reason).inc()
 
     def forwarded(self, destination: str, modality: str, caller: str,
                   total_ms: float | None) -> None:
-        self._forwarded.labels(destination, modality, caller).inc()
+        self._forwarded.labels(destination, modality_label(modality), caller).inc()
         if total_ms is not None:
             self._e2e.labels(destination).observe(total_ms / 1000.0)
 
     def quarantined(self, modality: str, caller: str, reason: str) -> None:
-        self._quarantined.labels(modality, caller, reason).inc()
+        self._quarantined.labels(modality_label(modality), caller, reason).inc()
 
     def rejected(self, caller: str, modality: str, reason: str) -> None:
-        self._rejected.labels(caller, modality, reason).inc()
+        self._rejected.labels(caller, modality_label(modality), reason).inc()
 
     def forward_failed(self, destination: str) -> None:
         self._forward_failures.labels(destination).inc()
