@@ -104,7 +104,7 @@ def test_pgd_on_victim_architecture_raises_loss(linear_victim) -> None:  # type:
     assert np.all(_loss(model, adv, y) > _loss(model, x, y))
 
 
-def test_nearest_upsampling_survives_the_area_resize_better() -> None:
+def test_upsamplings_compared_through_the_area_resize() -> None:
     from detector.preprocess import resize_to_input
 
     rng = np.random.default_rng(5)
@@ -112,9 +112,44 @@ def test_nearest_upsampling_survives_the_area_resize_better() -> None:
     kept = {}
     for method in attacks.UPSAMPLING:
         up = attacks.upsample_delta(delta, (700, 700), method)
-        assert np.abs(up).max() <= 0.006 + 1e-7  # still inside the eps ball
-        back = resize_to_input(up[None])[0]
+        if method != "exact":
+            assert np.abs(up).max() <= 0.006 + 1e-7  # still inside the native eps ball
+        back = resize_to_input(up[None] + 0.5)[0] - 0.5
         kept[method] = float(np.mean(back * delta) / 0.006**2)
+    assert kept["exact"] == pytest.approx(1.0, abs=1e-4)
     assert kept["nearest"] > kept["bilinear"] + 0.1
     with pytest.raises(ValueError, match="upsampling"):
         attacks.upsample_delta(delta, (300, 300), "cubic")
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (1955, 1841), (300, 230), (180, 200)])
+def test_exact_mapping_reads_back_as_the_crafted_delta(shape: tuple[int, int]) -> None:
+    """The default mapping: the runtime's area resize of the native delta is the 224 delta
+    (for sources smaller than 224 too, where it is the least-squares best)."""
+    from detector.preprocess import resize_to_input
+
+    rng = np.random.default_rng(6)
+    delta = rng.choice([-0.006, 0.006], size=(224, 224)).astype(np.float32)
+    up = attacks.upsample_delta(delta, shape)
+    assert up.shape == shape
+    back = resize_to_input(up[None].astype(np.float64) + 0.5)[0] - 0.5
+    if min(shape) >= 224:
+        assert np.abs(back - delta).max() < 1e-6
+    else:  # fewer native pixels than 224: the read-back is as close as any native delta gets
+        assert np.mean(back * delta) > 0.3 * 0.006**2
+
+
+def test_exact_mapping_onto_an_8_bit_native_grid_keeps_the_attack() -> None:
+    """Rounded to 8 bits at 512x512 (NIH's grid) the read-back still carries the delta."""
+    from detector.preprocess import resize_to_input
+
+    rng = np.random.default_rng(7)
+    native = np.round((0.3 + 0.4 * rng.random((512, 512))) * 255).astype(np.float32) / 255
+    delta = rng.choice([-0.006, 0.006], size=(224, 224)).astype(np.float32)
+    clean = resize_to_input(native[None])[0]
+    for method, floor in (("exact", 0.9), ("bilinear", 0.0)):
+        out = attacks.to_native(native, delta, 255, method)
+        got = resize_to_input(out[None])[0] - clean
+        kept = float(np.mean(got * delta) / 0.006**2)
+        assert kept > floor, (method, kept)
+    assert kept < 0.7  # bilinear loses much of it (why "exact" is the default)

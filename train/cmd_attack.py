@@ -26,10 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-uid", action="store_true",
                         help="keep the SOP Instance UID (default: a new one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--upsample", choices=("bilinear", "nearest"), default="bilinear",
-                        help="how the 224x224 delta is mapped onto a larger native matrix: "
-                        "bilinear (the evaluation protocol) or nearest (survives the detector's "
-                        "area resize almost intact: a stronger attack)")
+    parser.add_argument("--upsample", choices=("exact", "bilinear", "nearest"), default="exact",
+                        help="how the 224x224 delta is mapped onto a larger native matrix: exact "
+                        "(default: read back through the area resize, the victim sees exactly "
+                        "the crafted image), bilinear (smooth, keeps about half of the attack) "
+                        "or nearest (blocks; stays inside eps on the native grid)")
 
 
 def run(args: argparse.Namespace) -> int:

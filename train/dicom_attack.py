@@ -2,8 +2,9 @@
 
 The perturbation is computed where the threat model puts it (the victim's 224x224 input in
 [0, 1]) and mapped back with the same function the training pipeline uses
-(``train.attacks.to_native``: bilinear upsampling of the delta onto the native matrix,
-rounding to the BitsStored grid), then written back as stored values of the same bit depth,
+(``train.attacks.to_native``: by default the native delta whose area average is exactly the
+crafted one, so the victim reads back the image the attack made; rounding to the BitsStored
+grid), then written back as stored values of the same bit depth,
 sign and photometric interpretation (MONOCHROME1 inverted back) in the same transfer syntax.
 Everything else in the header is kept; the SOP Instance UID is new unless ``keep_uid``.
 """
@@ -75,7 +76,7 @@ def load_victim_from_bundle(bundle_dir: Path | None) -> Any:
 
 
 def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
-                       model: Any, seed: int, upsample: str = "bilinear",
+                       model: Any, seed: int, upsample: str = attacks.DEFAULT_UPSAMPLING,
                        ) -> tuple[np.ndarray, float, float]:
     """Perturb one native unit frame at 224 and map it back; returns (native', logit, logit')."""
     from detector import preprocess
@@ -96,7 +97,7 @@ def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
 
 def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
                  model: Any = None, keep_uid: bool = False, seed: int = 0,
-                 upsample: str = "bilinear") -> AttackResult:
+                 upsample: str = attacks.DEFAULT_UPSAMPLING) -> AttackResult:
     import pydicom
     from pydicom.uid import generate_uid
 

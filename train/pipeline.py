@@ -228,10 +228,14 @@ def perturb_and_store(p: Perturbation, arr: SplitArrays, idx: np.ndarray, model:
     """Perturb images ``idx`` of a split, map onto their native grid, re-read as the detector does.
 
     Chunked: each chunk of CHUNK images is written as soon as it is done, so an interrupted
-    run loses at most one chunk. Returns the (len(idx), 224, 224) detector inputs.
+    run loses at most one chunk. Returns the (len(idx), 224, 224) detector inputs. Sources
+    stored larger than 224 cache under a folder named after the native mapping, so a work
+    dir made with another mapping is never read back as this one.
     """
     from tqdm import tqdm
 
+    if not arr.native_224:
+        rel_dir = f"{rel_dir}/{attacks.DEFAULT_UPSAMPLING}"
     final = f"{rel_dir}/{p.name}.npy"
     if work.has(final):
         return work.load_npy(final)
@@ -322,7 +326,10 @@ def resampled_pair(x224: np.ndarray, delta224: np.ndarray, rng: np.random.Genera
     upsampled (bicubic) to a random native size, given random sensor-like noise at that size,
     rounded to 8 bits, and read back through the runtime path (area resize to 224); the
     perturbed copy adds the same image's perturbation delta mapped onto that native grid with
-    ``attacks.to_native``, exactly as an attack on such a source is stored.
+    ``attacks.to_native``. The mapping here is "bilinear", which keeps only about half of a
+    high-frequency delta after the read-back: weaker, smoothed positives teach the detector
+    the hard case (the shipped bundle was trained this way); attacks for evaluation use the
+    default "exact" mapping, which the victim reads back unweakened.
     """
     from PIL import Image
 
@@ -334,7 +341,8 @@ def resampled_pair(x224: np.ndarray, delta224: np.ndarray, rng: np.random.Genera
     sigma = float(rng.uniform(0.0, RESAMPLE_MAX_SIGMA))
     native = attacks.quantise(up + rng.normal(0.0, sigma, up.shape).astype(np.float32), 255)
     clean = preprocess.resize_to_input(native[None])[0]
-    pert = preprocess.resize_to_input(attacks.to_native(native, delta224, 255)[None])[0]
+    pert = preprocess.resize_to_input(
+        attacks.to_native(native, delta224, 255, upsample="bilinear")[None])[0]
     return clean, pert
 
 
