@@ -425,10 +425,6 @@ def test_attacked_copies_quarantined_with_the_default_bundle(tmp_path: Path,
     _attacked_copies_are_held(tmp_path, sources)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known miss of the shipped default bundle (issues 3 and 7): `sentinel attack` PGD eps 0.006 "
-    "copies of the high-bit-depth NEMA CRs score 0.34-0.53, under the operating threshold 0.849; "
-    "remove this mark when a retrained bundle flags them"))
 def test_attacked_nema_cr_copies_quarantined_with_the_default_bundle(tmp_path: Path,
                                                                      nema_dir: Path) -> None:
     """The two real CR DICOMs (15- and 10-bit, MONOCHROME1) and their attacked copies."""
