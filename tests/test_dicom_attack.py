@@ -134,3 +134,38 @@ def test_nema_j2k_copy_stays_j2k_lossless(nema_dir: Path, tmp_path: Path) -> Non
     assert b.BitsStored == a.BitsStored == 10
     assert b.PhotometricInterpretation == "MONOCHROME1"
     assert 0 < res.max_stored_change <= 0.008 * 6 * 1023
+
+
+def test_cli_lists_every_adaptive_attack_and_needs_data(tmp_path: Path) -> None:
+    from train import adaptive, cmd_attack
+
+    assert tuple(adaptive.ATTACKS) == cmd_attack.ADAPTIVE
+    import subprocess
+    import sys
+
+    src = _write_dicom(tmp_path / "in.dcm")
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "attack", str(src),
+                        str(tmp_path / "o.dcm"), "--method", "adaptive-cnn"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--data" in r.stderr
+    assert not (tmp_path / "o.dcm").exists()
+
+
+def test_adaptive_copy_read_back_within_eps_and_moves_the_victim(tmp_path: Path,
+                                                                  data_dir: Path) -> None:
+    """`sentinel attack --method adaptive-cnn`: white-box through the shipped bundle's victim
+    and detector CNN, statistics fitted on a few Kermany images; what the victim reads back
+    moves by at most eps and pushes its logit towards the other class."""
+    pytest.importorskip("tensorflow")
+    src = _write_dicom(tmp_path / "in.dcm", bits=12, photometric="MONOCHROME2",
+                       shape=(448, 448))
+    adversary, vic = dicom_attack.adaptive_adversary(
+        "adaptive-cnn", 0.006, bundle_dir=None, data_dir=data_dir / "kermany224", n_fit=12,
+        steps=12, log=lambda m: None)
+    res = dicom_attack.attack_dicom(src, tmp_path / "adv.dcm", method="adaptive-cnn",
+                                    param=0.006, model=vic, adversary=adversary)
+    x0, x1 = (preprocess.resize_to_input(preprocess.dataset_to_unit(pydicom.dcmread(p)))[0]
+              for p in (src, res.out_path))
+    assert np.abs(x1 - x0).max() <= 0.006 + 1.0 / 4095
+    before, after = res.victim_logit_before, res.victim_logit_after
+    assert abs(after - before) > 0.1 and np.sign(before) * (after - before) < 0

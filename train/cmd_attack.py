@@ -1,7 +1,8 @@
 """Write an attacked copy of a DICOM file (red-teaming): the perturbation is computed on the
 victim's 224x224 input and mapped back onto the native matrix and bit depth, in the same
 transfer syntax, with a new SOP Instance UID unless --keep-uid. PGD and FGSM use the victim
-classifier carried by the bundle.
+classifier carried by the bundle; the adaptive attacks (issue 7: they know the detector too)
+also fit their statistics on clean images from --data.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import sys
 from pathlib import Path
 
 METHODS = ("pgd", "fgsm", "gaussian", "saltpepper", "contrast")
+ADAPTIVE = ("adaptive-cnn", "adaptive-stats", "adaptive-hfc", "adaptive-surrogate",
+            "adaptive-all", "adaptive-stats-cand")  # train.adaptive.ATTACKS (a test checks)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="DICOM file to attack")
     parser.add_argument("output", type=Path, help="where to write the attacked copy")
-    parser.add_argument("--method", choices=METHODS, default="pgd")
+    parser.add_argument("--method", choices=METHODS + ADAPTIVE, default="pgd",
+                        help="a perturbation of the paper's Table II, or an adaptive attack "
+                        "(needs --data)")
     parser.add_argument("--eps", type=float, default=None,
                         help="eps for pgd/fgsm; sigma (gaussian), amount (saltpepper) or factor "
                         "(contrast) for the others; default: the paper's setting")
@@ -26,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-uid", action="store_true",
                         help="keep the SOP Instance UID (default: a new one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=None,
+                        help="adaptive attacks: a folder of clean images (with labels.csv if "
+                        "any) to fit the attacker's statistics on, e.g. ../shared/data/kermany224")
+    parser.add_argument("--fit-images", type=int, default=200,
+                        help="adaptive attacks: how many images of --data to fit on")
+    parser.add_argument("--steps", type=int, default=60, help="adaptive attacks: PGD steps")
     parser.add_argument("--upsample", choices=("exact", "bilinear", "nearest"), default="exact",
                         help="how the 224x224 delta is mapped onto a larger native matrix: exact "
                         "(default: read back through the area resize, the victim sees exactly "
@@ -36,18 +47,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     from train import attacks
-    from train.dicom_attack import AttackWriteError, attack_dicom, load_victim_from_bundle
+    from train.dicom_attack import (
+        AttackWriteError,
+        adaptive_adversary,
+        attack_dicom,
+        load_victim_from_bundle,
+    )
 
-    param = args.eps if args.eps is not None else attacks.DEFAULT_PARAM[args.method]
+    adaptive = args.method in ADAPTIVE
+    param = (args.eps if args.eps is not None
+             else 0.006 if adaptive else attacks.DEFAULT_PARAM[args.method])
     if not args.input.is_file():
         print(f"sentinel attack: {args.input} is not a file", file=sys.stderr)
         return 2
+    if adaptive and (args.data is None or not args.data.is_dir()):
+        print(f"sentinel attack: --method {args.method} needs --data DIR, a folder of clean "
+              "images to fit the attacker's statistics on (e.g. ../shared/data/kermany224)",
+              file=sys.stderr)
+        return 2
     try:
-        model = (load_victim_from_bundle(args.bundle)
-                 if args.method in ("pgd", "fgsm") else None)
+        adversary = None
+        if adaptive:
+            adversary, model = adaptive_adversary(
+                args.method, param, bundle_dir=args.bundle, data_dir=args.data,
+                n_fit=args.fit_images, steps=args.steps, seed=args.seed,
+                log=lambda m: print(m, file=sys.stderr))
+        else:
+            model = (load_victim_from_bundle(args.bundle)
+                     if args.method in ("pgd", "fgsm") else None)
         res = attack_dicom(args.input, args.output, method=args.method, param=param,
                            model=model, keep_uid=args.keep_uid, seed=args.seed,
-                           upsample=args.upsample)
+                           upsample=args.upsample, adversary=adversary)
     except (AttackWriteError, FileNotFoundError, ValueError) as exc:
         print(f"sentinel attack: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ Everything else in the header is kept; the SOP Instance UID is new unless ``keep
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,14 @@ def load_victim_from_bundle(bundle_dir: Path | None) -> Any:
     return victim.load_victim(manifest.path_of("victim"))
 
 
+# (x224 (1, 224, 224), label (1,), levels) -> adversarial (1, 224, 224): an attack that needs
+# more than the victim (the adaptive ones, which hold the detector too)
+Adversary = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+
 def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
                        model: Any, seed: int, upsample: str = attacks.DEFAULT_UPSAMPLING,
+                       adversary: Adversary | None = None,
                        ) -> tuple[np.ndarray, float, float]:
     """Perturb one native unit frame at 224 and map it back; returns (native', logit, logit')."""
     from detector import preprocess
@@ -84,10 +91,14 @@ def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
 
     x224 = preprocess.resize_to_input(unit[None].astype(np.float32))
     logit = float(victim.predict_logits(model, x224)[0]) if model is not None else float("nan")
-    p = attacks.Perturbation(f"{method}_{param}", method, param)
-    fn = attacks.make_gradient_attack(model) if p.needs_victim else None
     label = np.array([1.0 if logit > 0 else 0.0], np.float32)  # the victim's own prediction
-    adv = attacks.perturb224(p, x224, labels=label, attack=fn, rng=np.random.default_rng(seed))
+    if adversary is not None:
+        adv = adversary(x224, label, levels)
+    else:
+        p = attacks.Perturbation(f"{method}_{param}", method, param)
+        fn = attacks.make_gradient_attack(model) if p.needs_victim else None
+        adv = attacks.perturb224(p, x224, labels=label, attack=fn,
+                                 rng=np.random.default_rng(seed))
     native = attacks.to_native(unit.astype(np.float32), adv[0] - x224[0], levels, upsample)
     after = preprocess.resize_to_input(native[None])
     logit_after = (float(victim.predict_logits(model, after)[0]) if model is not None
@@ -97,15 +108,17 @@ def perturb_unit_frame(unit: np.ndarray, levels: int, method: str, param: float,
 
 def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
                  model: Any = None, keep_uid: bool = False, seed: int = 0,
-                 upsample: str = attacks.DEFAULT_UPSAMPLING) -> AttackResult:
+                 upsample: str = attacks.DEFAULT_UPSAMPLING,
+                 adversary: Adversary | None = None) -> AttackResult:
+    """``adversary`` (see ``adaptive_adversary``) crafts the 224 image instead of ``method``."""
     import pydicom
     from pydicom.uid import generate_uid
 
     from detector import preprocess
 
-    if method not in attacks.METHODS:
+    if adversary is None and method not in attacks.METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {attacks.METHODS}")
-    if method in ("pgd", "fgsm") and model is None:
+    if (adversary is not None or method in ("pgd", "fgsm")) and model is None:
         raise ValueError(f"{method} needs the victim classifier (from the bundle)")
     ds = preprocess.read_dicom(in_path)
     ts = ds.file_meta.TransferSyntaxUID
@@ -124,7 +137,7 @@ def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
     before, after = [], []
     for f in range(len(units)):
         native, lb, la = perturb_unit_frame(units[f], levels, method, param, model, seed + f,
-                                            upsample)
+                                            upsample, adversary)
         new = unit_to_stored(native, bits_stored=bits_stored, signed=signed, invert=invert)
         # keep any bits above BitsStored as they were (overlays in old files)
         high = frames[f].astype(np.int64) & ~((1 << bits_stored) - 1) if not signed else 0
@@ -159,3 +172,58 @@ def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
         max_stored_change=int(np.abs(diff).max()),
         changed_pixel_share=float(np.mean(diff != 0)),
     )
+
+
+def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data_dir: Path,
+                       n_fit: int = 200, steps: int = 60, seed: int = 0,
+                       log: Callable[[str], None] = print) -> tuple[Adversary, Any]:
+    """An adaptive attack of ``train.adaptive`` (it knows the detector) for ``attack_dicom``.
+
+    What the attacker fits besides the bundle's weights (the HFC Gaussians of the victim's
+    features, each feature's clean spread, the forest surrogate) comes from ``n_fit`` clean
+    images of ``data_dir`` (labels from its labels.csv, else the victim's own predictions),
+    as in ``python -m train.adaptive``; returns (adversary, victim).
+    """
+    import tempfile
+
+    from detector import bundle as bundle_mod
+    from detector import features
+    from train import adaptive, datasets, victim
+
+    if method not in adaptive.ATTACKS:
+        raise ValueError(f"unknown adaptive attack {method!r}: use one of "
+                         f"{tuple(adaptive.ATTACKS)}")
+    spec = adaptive.ATTACKS[method]
+    bdir = Path(bundle_dir) if bundle_dir else bundle_mod.DEFAULT_BUNDLE
+    manifest = bundle_mod.load_manifest(bdir)
+    if "cnn_keras" not in manifest.files:
+        raise FileNotFoundError(
+            f"bundle {bdir} carries no Keras twin of its CNN ('cnn_keras' in manifest.json), "
+            "which the white-box attacks differentiate through; use a bundle `sentinel train` "
+            "wrote")
+    recs, _ = datasets.drop_duplicates(datasets.scan_folder(Path(data_dir)))
+    if len(recs) < 10:
+        raise ValueError(f"{data_dir}: {len(recs)} images; the attacker's statistics need at "
+                         "least 10 clean images (e.g. ../shared/data/kermany224)")
+    pick = np.random.default_rng(seed).permutation(len(recs))[:n_fit]
+    log(f"fitting the attacker's statistics on {len(pick)} clean images of {data_dir}")
+    x_fit, y_fit, levels = datasets.load_split_arrays(Path(data_dir), [recs[i] for i in pick])
+    vic = load_victim_from_bundle(bdir)
+    own = (victim.predict_logits(vic, x_fit) > 0).astype(np.int64)
+    y_fit = np.where(y_fit < 0, own, y_fit)
+    pgd = attacks.gradient_attack(attacks.make_gradient_attack(vic), x_fit,
+                                  y_fit.astype(np.float32), "pgd", eps)
+    f_clean = features.extract_batch(x_fit)
+    f_pert = features.extract_batch(attacks.quantise(pgd, int(levels[0]) if levels else 255))
+    with tempfile.TemporaryDirectory(prefix="sentinel-attack-") as cache:
+        models = adaptive.load_models(bdir, x_fit, y_fit, f_clean, f_pert, Path(cache),
+                                      seed=seed)
+    if spec.w_surrogate > 0 and models.surrogate is None:
+        raise ValueError(f"{method} needs a surrogate of the forest, and bundle {bdir}'s forest "
+                         "reads another feature set; use adaptive-cnn, -stats or -hfc")
+
+    def adversary(x224: np.ndarray, label: np.ndarray, levels: int) -> np.ndarray:
+        s = adaptive.AttackSettings(eps=eps, steps=steps, levels=levels, batch_size=1)
+        return adaptive.run_attack(models, spec, s, x224, label)
+
+    return adversary, vic
