@@ -74,3 +74,19 @@ def test_resampled_pair_goes_through_the_native_grid() -> None:
     d = pert - clean
     assert np.abs(d).max() <= 2 / 255 + 1 / 255 + 1e-6  # delta plus rounding on the native grid
     assert np.abs(d).mean() > 0.2 / 255  # the perturbation survives the round trip
+
+
+def test_resampled_copies_of_other_settings_are_not_reused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    rng = np.random.default_rng(2)
+    x = (np.round(rng.random((3, 224, 224)) * 255) / 255).astype(np.float32)
+    cfg = pipeline.TrainConfig(data="d", out="o", work=str(tmp_path))
+    work = pipeline.Work(tmp_path)
+    idx = np.arange(3)
+    clean, _ = pipeline.stage_resampled(cfg, work, "val", x, x, idx, 0)
+    again, _ = pipeline.stage_resampled(cfg, work, "val", x, x, idx, 0)  # cached
+    assert np.array_equal(clean, again)
+    noisier = replace(cfg, resample_noise_levels=4.0)
+    with pytest.raises(ValueError, match="fresh --work"):
+        pipeline.stage_resampled(noisier, work, "val", x, x, idx, 0)

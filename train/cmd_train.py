@@ -25,10 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small subsets and few epochs: a smoke run of the whole pipeline")
     parser.add_argument("--max-depth", type=int, default=8,
                         help="forest max_depth (size and speed of the shipped forest)")
+    parser.add_argument("--resample-noise", type=float, default=None, metavar="LEVELS",
+                        help="largest sensor-noise sigma (8-bit grey levels at the native size) "
+                        "of the resampled clean copies (default 2: the shipped bundle); raise "
+                        "it when your clean images are noisier than the training set's")
+    parser.add_argument("--resample-sizes", type=int, nargs="+", default=None,
+                        metavar="N", help="native sizes of the resampled copies "
+                        "(default 320 448 512 640 768)")
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    from dataclasses import replace
+
     from train.pipeline import TrainConfig, run_pipeline
 
     data = Path(args.data)
@@ -39,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         f"train-{data.resolve().name}-seed{args.seed}{'-quick' if args.quick else ''}")
     cfg = TrainConfig(data=str(data), out=str(args.out), work=str(work), seed=args.seed,
                       quick=args.quick, max_depth=args.max_depth)
+    if args.resample_noise is not None:
+        cfg = replace(cfg, resample_noise_levels=args.resample_noise)
+    if args.resample_sizes:
+        cfg = replace(cfg, resample_sizes=tuple(args.resample_sizes))
     out = run_pipeline(cfg)
     print(f"bundle: {out}")
     return 0

@@ -36,6 +36,16 @@ TRAIN_DRAW: dict[str, float] = {
 CHUNK = 256
 
 
+# Native sizes and sensor-noise range (grey levels of 8 bits, at the native matrix) of the
+# resampled copies; the defaults made the shipped bundle 20261125-cb7846aa. A site whose clean
+# images are noisier at 224 than Kermany's can raise them (`sentinel train --resample-noise`,
+# `--resample-sizes`); measured with 4 levels and sizes up to 1024 (closing note, session 2):
+# NIH clean FPR 4.7% -> 1.3%, but Kermany PGD 0.003 detection 0.986 -> 0.755 and NIH PGD 0.006
+# 0.997 -> 0.771, because natural noise and a one-level perturbation then look alike at 224.
+RESAMPLE_SIZES = (320, 448, 512, 640, 768)
+RESAMPLE_NOISE_LEVELS = 2.0
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a training run (recorded in the bundle manifest)."""
@@ -53,6 +63,8 @@ class TrainConfig:
     max_depth: int = 8  # 200 trees: 2 MB and 0.05 ms at depth 8; 6.7 MB at 12 (same val AUC)
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     resample_augment: float = 0.5  # share of training images also given a resampled copy
+    resample_sizes: tuple[int, ...] = RESAMPLE_SIZES
+    resample_noise_levels: float = RESAMPLE_NOISE_LEVELS
     train_draw: dict[str, float] = field(default_factory=lambda: dict(TRAIN_DRAW))
 
     def quickened(self) -> TrainConfig:
@@ -312,18 +324,19 @@ def stage_perturb_train(cfg: TrainConfig, work: Work, arr: SplitArrays, model: A
 
 # ---------------------------------------------------------------- resampled-source copies
 
-RESAMPLE_SIZES = (320, 448, 512, 640, 768)
-RESAMPLE_MAX_SIGMA = 2.0 / 255
 
 
-def resampled_pair(x224: np.ndarray, delta224: np.ndarray, rng: np.random.Generator
+def resampled_pair(x224: np.ndarray, delta224: np.ndarray, rng: np.random.Generator,
+                   sizes: tuple[int, ...] = RESAMPLE_SIZES,
+                   noise_levels: float = RESAMPLE_NOISE_LEVELS,
                    ) -> tuple[np.ndarray, np.ndarray]:
     """A clean image as a different acquisition chain would store it, and its perturbed copy.
 
     Why: Kermany images are 224x224 double-JPEG, almost noise-free at 224; a detector trained
     on them alone learns "any pixel noise at 224 = tampering" and flags clean images from
     sources stored at a larger matrix with their own sensor noise. Here the clean image is
-    upsampled (bicubic) to a random native size, given random sensor-like noise at that size,
+    upsampled (bicubic) to a random native size of ``sizes``, given sensor-like Gaussian noise
+    of a random sigma up to ``noise_levels`` grey levels at that size,
     rounded to 8 bits, and read back through the runtime path (area resize to 224); the
     perturbed copy adds the same image's perturbation delta mapped onto that native grid with
     ``attacks.to_native``. The mapping here is "bilinear", which keeps only about half of a
@@ -335,10 +348,10 @@ def resampled_pair(x224: np.ndarray, delta224: np.ndarray, rng: np.random.Genera
 
     from detector import preprocess
 
-    size = int(rng.choice(RESAMPLE_SIZES))
+    size = int(rng.choice(sizes))
     up = np.asarray(Image.fromarray(x224.astype(np.float32), mode="F")
                     .resize((size, size), Image.BICUBIC), np.float32)
-    sigma = float(rng.uniform(0.0, RESAMPLE_MAX_SIGMA))
+    sigma = float(rng.uniform(0.0, noise_levels / 255.0))
     native = attacks.quantise(up + rng.normal(0.0, sigma, up.shape).astype(np.float32), 255)
     clean = preprocess.resize_to_input(native[None])[0]
     pert = preprocess.resize_to_input(
@@ -346,11 +359,22 @@ def resampled_pair(x224: np.ndarray, delta224: np.ndarray, rng: np.random.Genera
     return clean, pert
 
 
-def stage_resampled(work: Work, name: str, x: np.ndarray, pert: np.ndarray, idx: np.ndarray,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stage_resampled(cfg: TrainConfig, work: Work, name: str, x: np.ndarray, pert: np.ndarray,
+                    idx: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Resampled clean/perturbed copies of images ``idx`` (delta = their stored perturbation)."""
     from tqdm import tqdm
 
+    settings = {"sizes": list(cfg.resample_sizes),
+                "max_sigma_levels": float(cfg.resample_noise_levels)}
+    legacy = {"sizes": list(RESAMPLE_SIZES), "max_sigma_levels": RESAMPLE_NOISE_LEVELS}
+    made = (work.load_json("resampled/settings.json") if work.has("resampled/settings.json")
+            else legacy if work.has(f"resampled/{name}_pert.npy") else settings)
+    if made != settings:
+        raise ValueError(
+            f"{work.root}: its resampled copies were made with other settings ({made} vs "
+            f"{settings}); pass a fresh --work directory (or delete resampled/ and "
+            "feat/*/resampled_*.npy in it)")
+    work.save_json("resampled/settings.json", settings)
     if work.has(f"resampled/{name}_pert.npy"):
         return work.load_npy(f"resampled/{name}_clean.npy"), work.load_npy(
             f"resampled/{name}_pert.npy")
@@ -358,7 +382,8 @@ def stage_resampled(work: Work, name: str, x: np.ndarray, pert: np.ndarray, idx:
     clean = np.empty((len(idx), 224, 224), np.float32)
     out = np.empty_like(clean)
     for j, i in enumerate(tqdm(idx, desc=f"resampled copies {name}", leave=False)):
-        clean[j], out[j] = resampled_pair(x[i], pert[i] - x[i], rng)
+        clean[j], out[j] = resampled_pair(x[i], pert[i] - x[i], rng, cfg.resample_sizes,
+                                          cfg.resample_noise_levels)
     work.save_npy(f"resampled/{name}_clean.npy", clean)
     work.save_npy(f"resampled/{name}_pert.npy", out)
     return clean, out
@@ -606,10 +631,10 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     rs_idx = np.sort(np.random.default_rng([cfg.seed, 29]).permutation(len(tr.x))[
         : round(cfg.resample_augment * len(tr.x))])
     tr_rs = timed("resampled_train", lambda: stage_resampled(
-        work, "train", tr.x, tr_pert, rs_idx, cfg.seed))
+        cfg, work, "train", tr.x, tr_pert, rs_idx, cfg.seed))
     va_mixed = val_mixed_perturbed(va, va_pert, cfg.seed)
     va_rs = timed("resampled_val", lambda: stage_resampled(
-        work, "val", va.x, va_mixed, np.arange(len(va.x)) if len(rs_idx) else rs_idx,
+        cfg, work, "val", va.x, va_mixed, np.arange(len(va.x)) if len(rs_idx) else rs_idx,
         cfg.seed + 1))
     log("features")
     f_tr = timed("features", lambda: np.concatenate([
