@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from train import datasets, pipeline
+from train import attacks, datasets, pipeline
 from train.attacks import BY_NAME
 
 
@@ -115,8 +115,11 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
     clean = pipeline.stage_scores(work, "test", "clean", arr.x,
                                   pipeline.features_of(work, "feat/test/clean.npy", arr.x),
                                   models, ("cnn", "forest"))
-    attacked = pipeline.stage_scores(work, "test", pgd.name, pert,
-                                     pipeline.features_of(work, f"feat/test/{pgd.name}.npy", pert),
+    # features and scores are cached by name: the name carries the native mapping, so a work
+    # dir made with another mapping is never read back as this one
+    kind = pgd.name if arr.native_224 else f"{pgd.name}-{attacks.DEFAULT_UPSAMPLING}"
+    attacked = pipeline.stage_scores(work, "test", kind, pert,
+                                     pipeline.features_of(work, f"feat/test/{kind}.npy", pert),
                                      models, ("cnn", "forest"))
     w, t = manifest.w_cnn, manifest.threshold
     ens_c = w * clean["cnn"] + (1 - w) * clean["forest"]
