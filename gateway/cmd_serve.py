@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -30,9 +31,12 @@ def setup_logging(level: str) -> None:
     for noisy in ("pynetdicom", "pydicom", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # Python warnings (pydicom's may quote element values, e.g. a malformed patient name)
-    # go through logging too, and only errors are kept.
+    # go through logging too, and only errors are kept. "ignore" as well: under the default
+    # filter the interpreter remembers every distinct warning text it has shown, and a stream
+    # of malformed datasets makes every text distinct (memory without bound).
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,8 +24,10 @@ failing input and fails at the end with a census of the distinct failures (type 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import resource
 import shutil
@@ -33,6 +35,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,6 +345,22 @@ class FuzzTarget:
         return key
 
 
+def _rss_now_kib() -> int:
+    """Resident set size now (VmRSS), after a garbage collection and after glibc has handed
+    back the free memory at the top of its heaps (malloc_trim): what is still resident then is
+    held, not freed memory waiting for reuse."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _fuzz_root() -> Path:
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
@@ -390,10 +409,21 @@ def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int, collect: bool
         fuzz()
 
     # Runs of CHUNK inputs, so hypothesis's per-run bookkeeping does not pile up over a long
-    # run. (The long run's RSS still grows ~10 KiB per input without it, and with warnings
-    # ignored: a suspected per-instance leak on the screening path, reported, not explained.)
-    while target.stats.executions < examples:
-        chunk(min(CHUNK, examples - target.stats.executions))
+    # run. Warnings and log records are silenced while it runs, as `sentinel serve` does
+    # (gateway.cmd_serve.setup_logging): pytest keeps every warning and log record of a test
+    # until it ends, ~7 KiB per malformed input, which is what the first long runs measured
+    # as "growth" (745 MiB over 100,000 inputs); the gateway's own growth is what is asserted.
+    rss_warm: int | None = None
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while target.stats.executions < examples:
+                chunk(min(CHUNK, examples - target.stats.executions))
+                if rss_warm is None:  # decoders, the model and caches are loaded by now
+                    rss_warm = _rss_now_kib()
+    finally:
+        logging.disable(logging.NOTSET)
     progress(True)
     s = target.stats
     if target.failures:
@@ -422,6 +452,10 @@ def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int, collect: bool
         "untyped_errors": len(s.untyped),
         "max_seconds_one_input": round(s.max_seconds, 3),
         "peak_rss_growth_mib": round(rss_growth / 1024, 1),
+        # resident now (after a collection) against after the first chunk: what a leak would
+        # grow; the peak above also moves with the largest single input seen
+        "rss_growth_after_first_chunk_mib": round(
+            (_rss_now_kib() - (rss_warm or _rss_now_kib())) / 1024, 1),
         "seeds": len(seeds),
     }
 
@@ -435,11 +469,11 @@ def test_fuzz_screening_path(target: FuzzTarget, seeds: list[Seed]) -> None:
 @pytest.mark.slow
 def test_fuzz_screening_path_long(target: FuzzTarget, seeds: list[Seed]) -> None:
     n = env_count("fuzz_examples", 100_000)
-    figures = run_fuzz(target, seeds, n, collect=True, rss_limit_kib=None)
+    figures = run_fuzz(target, seeds, n, collect=True)
     assert figures["executions"] >= n * 0.9
     record_figures("fuzz_full", figures)
-    growth_kib = float(figures["peak_rss_growth_mib"]) * 1024  # type: ignore[arg-type]
-    if growth_kib >= RSS_GROWTH:
-        pytest.xfail(f"peak RSS grew {growth_kib / 1024:.0f} MiB over {n} inputs (~"
-                     f"{growth_kib / n:.0f} KiB each): suspected per-instance leak on the "
-                     "screening path, open (see the reliability report)")
+    # Peak RSS stays under RSS_GROWTH (asserted in run_fuzz). Growth of the resident set after
+    # the first chunk is reported, not asserted: inside pytest and hypothesis it moves by tens
+    # of MiB between runs of the same count (their bookkeeping, the largest input seen). The
+    # daemon's own memory per instance is measured by bench/soak.py (flat after warm-up), and
+    # the one per-instance leak found (a metric series per made-up Modality) by test_metrics.

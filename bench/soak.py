@@ -1,0 +1,120 @@
+"""Does the running gateway hold on to memory per instance? A soak of the real daemon.
+
+``sentinel serve`` (screening on, the shipped bundle, a directory destination) receives
+``--rounds`` rounds of ``--n`` instances from DCMTK ``storescu``; after each round, once every
+instance has been screened and delivered, the daemon's resident set (VmRSS) is read. A leak
+shows as a slope that does not flatten; the figures printed are the growth from the end of the
+first round (warm: decoders, model and caches loaded) to the end of the last, and over the
+second half of the rounds alone (a plateau reads 0), per instance.
+Every tenth instance carries a made-up Modality value, the sender-controlled variety that once
+grew the metrics without bound. (Malformed datasets are the fuzz test's job: storescu will not
+send them.)
+
+Run: ``.venv/bin/python -m bench.soak [--rounds 6 --n 500]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (
+    STORESCU,
+    GatewayProcess,
+    bundle_dir,
+    dcmtk_env,
+    free_port,
+    loadavg,
+    make_cr,
+    print_header,
+    wait_until,
+    workdir,
+    write_config,
+)
+
+
+def vm_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def make_round(directory: Path, n: int, round_no: int) -> list[Path]:
+    """``n`` instances of 256x256, one study per 4; every 10th with a made-up Modality."""
+    from pydicom.uid import generate_uid
+
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(round_no)
+    files = []
+    study = ""
+    for i in range(n):
+        if i % 4 == 0:
+            study = generate_uid()
+        pixels = (rng.random((256, 256)) * 4095).astype(np.uint16)
+        modality = f"Z{round_no:02d}{i:04d}"[:16] if i % 10 == 0 else "CR"
+        f = make_cr(directory / f"i{i:05d}.dcm", pixels, 12, study_uid=study,
+                    instance_number=i + 1, modality=modality)
+        files.append(f)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--n", type=int, default=500, help="instances per round")
+    args = p.parse_args(argv)
+    print_header("soak: the daemon's resident memory across rounds", argv or [])
+    with workdir() as root:
+        bundle, which = bundle_dir(root)
+        out = root / "out"
+        port = free_port()
+        cfg = write_config(root / "c.toml", state=root / "state", port=port,
+                           destinations=f'[destinations.o]\nkind = "directory"\n'
+                                        f'path = "{out}"',
+                           default='action = "screen"', bundle=bundle)
+        gw = GatewayProcess(cfg, root / "gateway.log", port).start()
+        assert gw.proc is not None
+        rss: list[float] = []
+        try:
+            done = 0
+            for r in range(args.rounds):
+                files = make_round(root / f"r{r}", args.n, r)
+                t0 = time.monotonic()
+                subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "SENTINEL", "-to", "30",
+                                "-td", "120", "127.0.0.1", str(port), *map(str, files)],
+                               env=dcmtk_env(), capture_output=True, check=False, timeout=600)
+                done += len(files)
+                settled = wait_until(lambda n=done: _handled(root) >= n, 120)
+                time.sleep(1.0)
+                rss.append(vm_rss_mb(gw.proc.pid))
+                print(f"round {r + 1}: {done} instances handled={settled} in "
+                      f"{time.monotonic() - t0:.0f}s, VmRSS {rss[-1]:.1f} MB (load "
+                      f"{loadavg()})", flush=True)
+        finally:
+            gw.stop()
+    if len(rss) > 1:
+        per = (rss[-1] - rss[0]) * 1024 / (args.n * (len(rss) - 1))
+        half = len(rss) // 2
+        late = (rss[-1] - rss[half]) * 1024 / (args.n * (len(rss) - 1 - half) or 1)
+        print(f"bundle: {which}; growth after round 1: {rss[-1] - rss[0]:+.1f} MB over "
+              f"{args.n * (len(rss) - 1)} instances = {per:+.2f} KiB per instance; over the "
+              f"second half of the rounds: {late:+.2f} KiB per instance")
+    return 0
+
+
+def _handled(root: Path) -> int:
+    """Instances delivered to the directory or quarantined so far (from the audit log)."""
+    audit = root / "state" / "audit" / "audit.jsonl"
+    if not audit.exists():
+        return 0
+    text = audit.read_text()
+    return text.count('"event":"forwarded"') + text.count('"event":"quarantined"')
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
