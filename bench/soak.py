@@ -7,8 +7,9 @@ shows as a slope that does not flatten; the figures printed are the growth from 
 first round (warm: decoders, model and caches loaded) to the end of the last, and over the
 second half of the rounds alone (a plateau reads 0), per instance.
 Every tenth instance carries a made-up Modality value, the sender-controlled variety that once
-grew the metrics without bound. (Malformed datasets are the fuzz test's job: storescu will not
-send them.)
+grew the metrics without bound. With ``--hostile`` the rounds are instead the fuzz test's mutated
+datasets (tests/test_fuzz.py, bit flips, truncations, wrong lengths and syntaxes), streamed by a
+pynetdicom SCU as raw bytes, since storescu will not send what it cannot parse.
 
 Run: ``.venv/bin/python -m bench.soak [--rounds 6 --n 500]``.
 """
@@ -63,10 +64,82 @@ def make_round(directory: Path, n: int, round_no: int) -> list[Path]:
     return files
 
 
+def make_hostile_round(directory: Path, n: int, seeds: list) -> list[Path]:  # type: ignore[type-arg]
+    """``n`` files: the fuzz test's mutations of small valid seeds, each with its own UID."""
+    import io
+
+    import pydicom
+    from hypothesis import HealthCheck, given, settings
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import generate_uid
+
+    from tests.test_fuzz import hostile_inputs
+
+    directory.mkdir(parents=True)
+    cases: list[tuple[str, str, bytes]] = []
+
+    @settings(max_examples=n, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(hostile_inputs(seeds))
+    def collect(case: tuple[str, str, bytes]) -> None:
+        cases.append(case)
+
+    collect()
+    files = []
+    for i, (syntax, sop_class, data) in enumerate(cases[:n]):
+        meta = pydicom.dataset.FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = syntax
+        buf = io.BytesIO()
+        buf.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(buf, meta, enforce_standard=True)
+        buf.write(data)
+        f = directory / f"h{i:05d}.dcm"
+        f.write_bytes(buf.getvalue())
+        files.append(f)
+    return files
+
+
+def send_raw(port: int, files: list[Path]) -> int:
+    """Stream each file's dataset bytes as they are over one association; returns how many
+    got any response (Success or a failure status)."""
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE, _config
+
+    from tests.test_fuzz import SYNTAXES
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="MODALITY")
+    classes = {str(read_file_meta_info(f).MediaStorageSOPClassUID) for f in files}
+    for c in sorted(classes)[:12]:
+        ae.add_requested_context(c, [str(s) for s in SYNTAXES][:10])
+    answered = 0
+    assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+    if not assoc.is_established:
+        return 0
+    try:
+        for f in files:
+            try:
+                status = assoc.send_c_store(f)
+            except (ValueError, RuntimeError):  # no context for its syntax: not sent
+                continue
+            if not assoc.is_established:
+                assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL")
+            if status:
+                answered += 1
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return answered
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--n", type=int, default=500, help="instances per round")
+    p.add_argument("--hostile", action="store_true",
+                   help="rounds of mutated datasets (the fuzz test's) instead of clean ones")
     args = p.parse_args(argv)
     print_header("soak: the daemon's resident memory across rounds", argv or [])
     with workdir() as root:
@@ -82,19 +155,32 @@ def main(argv: list[str] | None = None) -> int:
         rss: list[float] = []
         try:
             done = 0
+            seeds = None
+            if args.hostile:
+                from tests.test_fuzz import make_seeds
+
+                seeds = make_seeds(root / "seeds")
             for r in range(args.rounds):
-                files = make_round(root / f"r{r}", args.n, r)
                 t0 = time.monotonic()
-                subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "SENTINEL", "-to", "30",
-                                "-td", "120", "127.0.0.1", str(port), *map(str, files)],
-                               env=dcmtk_env(), capture_output=True, check=False, timeout=600)
-                done += len(files)
-                settled = wait_until(lambda n=done: _handled(root) >= n, 120)
+                if seeds is not None:
+                    files = make_hostile_round(root / f"r{r}", args.n, seeds)
+                    send_raw(port, files)
+                    settled = wait_until(lambda: _spool_empty(root), 120)
+                    done += len(files)
+                else:
+                    files = make_round(root / f"r{r}", args.n, r)
+                    subprocess.run([STORESCU, "-aet", "MODALITY", "-aec", "SENTINEL", "-to",
+                                    "30", "-td", "120", "127.0.0.1", str(port),
+                                    *map(str, files)],
+                                   env=dcmtk_env(), capture_output=True, check=False,
+                                   timeout=600)
+                    done += len(files)
+                    settled = wait_until(lambda n=done: _handled(root) >= n, 120)
                 time.sleep(1.0)
                 rss.append(vm_rss_mb(gw.proc.pid))
                 print(f"round {r + 1}: {done} instances handled={settled} in "
-                      f"{time.monotonic() - t0:.0f}s, VmRSS {rss[-1]:.1f} MB (load "
-                      f"{loadavg()})", flush=True)
+                      f"{time.monotonic() - t0:.0f}s ({_outcomes(root)}), VmRSS {rss[-1]:.1f} MB "
+                      f"(load {loadavg()})", flush=True)
         finally:
             gw.stop()
     if len(rss) > 1:
@@ -105,6 +191,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.n * (len(rss) - 1)} instances = {per:+.2f} KiB per instance; over the "
               f"second half of the rounds: {late:+.2f} KiB per instance")
     return 0
+
+
+def _outcomes(root: Path) -> str:
+    """Audit events so far: forwarded, quarantined, rejected."""
+    audit = root / "state" / "audit" / "audit.jsonl"
+    text = audit.read_text() if audit.exists() else ""
+    counts = {e: text.count('"event":"' + e + '"')
+              for e in ("forwarded", "quarantined", "rejected")}
+    return ", ".join(f"{e} {n}" for e, n in counts.items())
+
+
+def _spool_empty(root: Path) -> bool:
+    """Nothing left in the spool's incoming and work folders (everything routed)."""
+    spool = root / "state" / "spool"
+    return not any(p.is_file() for d in ("incoming", "work") for p in (spool / d).rglob("*"))
 
 
 def _handled(root: Path) -> int:
