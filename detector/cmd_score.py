@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _collect(paths: list[str]) -> list[tuple[Path, bool]]:
+def collect_files(paths: list[str]) -> list[tuple[Path, bool]]:
     """(path, named explicitly) for each file to score, directories walked in sorted order."""
     from detector.errors import PreprocessError
     from detector.preprocess import sniff_format
@@ -88,7 +88,7 @@ def _resolve_threshold(value: str | None, thresholds: dict[str, float]) -> float
         ) from None
 
 
-def _score_one(det: Any, path: Path, threshold: float | None) -> dict[str, Any]:
+def score_one(det: Any, path: Path, threshold: float | None) -> dict[str, Any]:
     from detector.errors import PreprocessError
     from detector.preprocess import read_dicom, sniff_format
 
@@ -168,14 +168,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sentinel score: {exc}", file=sys.stderr)
         return 2
-    targets = _collect(args.paths)
+    targets = collect_files(args.paths)
     if not targets:
         print(
             "sentinel score: no DICOM or PNG/JPEG files found in " + " ".join(args.paths),
             file=sys.stderr,
         )
         return 2
-    rows = [_score_one(det, path, threshold) for path, _ in targets]
+    rows = [score_one(det, path, threshold) for path, _ in targets]
     n_err = sum(r["verdict"] == "error" for r in rows)
     n_flag = sum(r["verdict"] == "flagged" for r in rows)
     if args.json:

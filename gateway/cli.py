@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gateway.cmd_serve", "run the gateway daemon"),
     "check": ("gateway.cmd_check", "validate a config file without starting"),
     "score": ("detector.cmd_score", "score DICOM or image files with a model bundle"),
+    "calibrate": ("detector.cmd_calibrate",
+                  "the threshold for a false-positive rate on your own clean images"),
     "rules": ("gateway.cmd_rules", "show which routing rule matches each file and why"),
     "quarantine": ("gateway.cmd_quarantine", "list, show, release or purge quarantined instances"),
     "audit": ("gateway.cmd_audit", "query the audit log or verify its hash chain"),

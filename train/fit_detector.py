@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from detector.calibration import TARGET_FPR, calibrate_threshold
+
 W_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 PAPER_THRESHOLD = 0.5
-TARGET_FPR = 0.01
 
 
 def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -30,20 +31,6 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     avg = first + (counts - 1) / 2.0 + 1.0
     ranks[order] = np.repeat(avg, counts)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float = TARGET_FPR) -> float:
-    """Smallest threshold t with share(clean score >= t) <= target_fpr.
-
-    Flagging is ``score >= t``, so t is placed just above the k-th highest clean score,
-    where k = floor(target_fpr * n) clean images may still be flagged.
-    """
-    s = np.sort(np.asarray(clean_scores, dtype=np.float64))[::-1]
-    if len(s) == 0:
-        raise ValueError("threshold calibration needs at least one clean validation score")
-    k = int(np.floor(target_fpr * len(s)))
-    t = float(np.nextafter(s[k], np.inf))  # the (k+1)-th highest must not be flagged
-    return min(t, 1.0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,139 @@
+"""Calibrate the operating threshold on your own clean images: ``sentinel calibrate``.
+
+Why: the shipped bundle's threshold was calibrated for a 1% false-positive rate on Kermany
+validation images. Another site's clean images can score higher: on the NIH set, never used in
+training, 4.7% of clean images are flagged at it. This command scores a folder of images you
+know to be clean (untouched radiographs from your modalities), and prints the threshold that
+flags at most ``--fpr`` of them, overall and per DICOM Modality, as config lines for
+``[detector.thresholds]``. The proposal is never below the bundle's own threshold. Raising
+the threshold costs sensitivity. Measure detection at the new
+threshold with attacked copies before relying on it (``sentinel attack`` then
+``sentinel score --threshold T``). Calibrate on one set of images and check the
+false-positive rate on another.
+
+Exit status: 0 when a threshold was found; 2 when no image could be scored or the bundle is
+unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="FILE|DIR",
+                        help="clean images (DICOM, PNG or JPEG files or directories)")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="model bundle directory (default: the shipped bundle)")
+    parser.add_argument("--fpr", type=float, default=0.01,
+                        help="false-positive rate to allow on these images (default 0.01)")
+    parser.add_argument("--threads", type=int, default=1, help="LiteRT threads for the CNN")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _modality(path: Path) -> str:
+    from detector.preprocess import parse_dicom, sniff_format
+
+    try:
+        if sniff_format(path) != "dicom":
+            return ""
+        return str(parse_dicom(path).get("Modality", "") or "").strip()
+    except Exception:  # scoring reports the error; the label is cosmetic
+        return ""
+
+
+def calibrate(scores: dict[str, list[float]], fpr: float, bundle_threshold: float
+              ) -> dict[str, Any]:
+    """Thresholds overall and per modality from clean ``scores`` grouped by Modality.
+
+    A threshold is never proposed below the bundle's. Calibration exists to stop false alarms
+    on a source noisier than the training data, and a lower threshold learned from a few clean
+    images would change the detection rate in a way nobody has measured.
+    """
+    from detector.calibration import calibrate_threshold
+
+    def one(values: list[float]) -> dict[str, Any]:
+        s = np.asarray(values, np.float64)
+        t = max(calibrate_threshold(s, fpr), bundle_threshold)
+        return {"images": len(s), "threshold": t, "fpr_at_threshold": float(np.mean(s >= t)),
+                "fpr_at_bundle_threshold": float(np.mean(s >= bundle_threshold)),
+                "enough_images": len(s) * fpr >= 1.0}
+
+    everything = [v for vs in scores.values() for v in vs]
+    return {"overall": one(everything),
+            "by_modality": {m: one(v) for m, v in sorted(scores.items()) if m}}
+
+
+def config_lines(result: dict[str, Any]) -> str:
+    """The TOML that applies the calibrated thresholds (rule thresholds still win)."""
+    lines = ["[detector.thresholds]"]
+    for m, r in result["by_modality"].items():
+        lines.append(f"{m} = {r['threshold']:.6f}")
+    if len(lines) == 1:  # no DICOM Modality known (PNG/JPEG): a rule or the default
+        return f"[default]\nthreshold = {result['overall']['threshold']:.6f}"
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from detector.cmd_score import collect_files, score_one
+    from detector.errors import BundleError
+    from detector.scoring import Detector
+
+    if not 0.0 < args.fpr < 1.0:
+        print("sentinel calibrate: --fpr must lie between 0 and 1, e.g. 0.01", file=sys.stderr)
+        return 2
+    try:
+        det = Detector.load(args.bundle, num_threads=max(1, args.threads))
+    except BundleError as exc:
+        print(f"sentinel calibrate: {exc}", file=sys.stderr)
+        return 2
+    files = collect_files(args.paths)
+    scores: dict[str, list[float]] = {}
+    errors = []
+    try:
+        from tqdm import tqdm
+
+        it: Any = tqdm(files, desc="scoring", unit="image", disable=len(files) < 50,
+                       file=sys.stderr)
+    except ImportError:
+        it = files
+    for path, _ in it:
+        row = score_one(det, path, None)
+        if row["verdict"] == "error":
+            errors.append(row)
+            continue
+        scores.setdefault(_modality(path), []).append(float(row["score"]))
+    if not scores:
+        print(f"sentinel calibrate: no image could be scored in {' '.join(args.paths)} "
+              f"({len(errors)} error(s))", file=sys.stderr)
+        return 2
+    result = calibrate(scores, args.fpr, det.threshold)
+    result.update(bundle_id=det.bundle_id, bundle_threshold=det.threshold, target_fpr=args.fpr,
+                  errors=len(errors), config=config_lines(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    o = result["overall"]
+    print(f"bundle {det.bundle_id}: {o['images']} clean image(s) scored, {len(errors)} "
+          f"could not be ({', '.join(sorted({e['error']['reason'] for e in errors})) or '-'})")
+    now = 100 * o["fpr_at_bundle_threshold"]
+    print(f"at the bundle's threshold {det.threshold:.6f}: {now:.2f}% of them flagged")
+    print(f"threshold for at most {100 * args.fpr:g}% flagged: {o['threshold']:.6f} "
+          f"({100 * o['fpr_at_threshold']:.2f}% of these images)")
+    for m, r in result["by_modality"].items():
+        print(f"  {m}: {r['images']} image(s), {r['threshold']:.6f} "
+              f"(now {100 * r['fpr_at_bundle_threshold']:.2f}% flagged)")
+    if not o["enough_images"]:
+        print(f"warning: {o['images']} image(s) cannot show a rate of {args.fpr:g}; use at "
+              f"least {int(np.ceil(1 / args.fpr))}", file=sys.stderr)
+    print("\nto use it, add to the gateway config (then `sentinel check`, and SIGHUP):\n")
+    print(result["config"])
+    print("\nmeasure detection at the new threshold before relying on it: `sentinel attack` "
+          "copies, then `sentinel score --threshold T`")
+    return 0

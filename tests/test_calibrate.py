@@ -1,0 +1,72 @@
+"""`sentinel calibrate`: a site's threshold from its own clean images (never below the
+bundle's), per Modality, as config lines the gateway accepts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.calibration import calibrate_threshold
+from detector.cmd_calibrate import calibrate, config_lines
+from tests.dicom_factory import make_series
+
+
+def test_threshold_flags_at_most_the_target_share() -> None:
+    rng = np.random.default_rng(0)
+    s = rng.random(1000)
+    for fpr in (0.001, 0.01, 0.05):
+        t = calibrate_threshold(s, fpr)
+        assert np.mean(s >= t) <= fpr
+        assert np.mean(s >= np.nextafter(np.sort(s)[::-1][int(fpr * 1000)], -1)) > fpr
+    assert calibrate_threshold(s, 1.0) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        calibrate_threshold(np.array([]), 0.01)
+
+
+def test_site_thresholds_per_modality_and_never_below_the_bundle() -> None:
+    rng = np.random.default_rng(1)
+    noisy = list(0.80 + 0.15 * rng.random(400))  # a source that scores high when clean
+    quiet = list(0.30 * rng.random(300))
+    r = calibrate({"CR": noisy, "DX": quiet}, 0.01, bundle_threshold=0.85)
+    cr, dx = r["by_modality"]["CR"], r["by_modality"]["DX"]
+    assert cr["threshold"] > 0.85 and cr["fpr_at_threshold"] <= 0.01
+    assert cr["fpr_at_bundle_threshold"] > 0.5
+    assert dx["threshold"] == 0.85  # quiet images never lower it
+    assert r["overall"]["images"] == 700 and r["overall"]["enough_images"]
+    lines = config_lines(r)
+    assert lines.splitlines()[0] == "[detector.thresholds]"
+    assert f"CR = {cr['threshold']:.6f}" in lines and "DX = 0.850000" in lines
+    assert config_lines(calibrate({"": quiet}, 0.01, 0.85)).startswith("[default]\nthreshold")
+
+
+def test_cli_on_clean_dicoms_prints_config_the_gateway_loads(tmp_path: Path,
+                                                             fixture_bundle: Path) -> None:
+    make_series(tmp_path / "clean", 6, rows=64, cols=64)
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate", str(tmp_path / "clean"),
+                        "--bundle", str(fixture_bundle)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "6 clean image(s) scored" in r.stdout and "[detector.thresholds]" in r.stdout
+    assert "use at least 100" in r.stderr  # 6 images cannot show a 1% rate
+    snippet = r.stdout.split("add to the gateway config")[1].split("\n\n")[1]
+    from gateway.config import load_config
+    from tests.gateway_harness import write_config
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=11112,
+                            destinations=f'[destinations.o]\nkind = "directory"\n'
+                                         f'path = "{tmp_path}/out"\n',
+                            bundle=fixture_bundle)
+    cfg_path.write_text(cfg_path.read_text() + "\n" + snippet + "\n")
+    assert "CR" in load_config(cfg_path).detector.thresholds
+
+
+def test_cli_refuses_bad_fpr_and_empty_folders(tmp_path: Path, fixture_bundle: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for extra, what in ((["--fpr", "0"], "--fpr"), ([], "no image could be scored")):
+        r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate",
+                            str(tmp_path / "empty"), "--bundle", str(fixture_bundle), *extra],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and what in r.stderr
