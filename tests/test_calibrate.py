@@ -70,3 +70,14 @@ def test_cli_refuses_bad_fpr_and_empty_folders(tmp_path: Path, fixture_bundle: P
                             str(tmp_path / "empty"), "--bundle", str(fixture_bundle), *extra],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and what in r.stderr
+
+
+def test_site_calibration_halves_never_share_a_patient() -> None:
+    from train.site_calibration import patient_halves
+
+    patients = [f"p{i // 3}" for i in range(300)]  # three images per patient
+    cal = patient_halves(patients, seed=0)
+    assert np.array_equal(cal, patient_halves(patients, seed=0))
+    in_cal = {p for p, c in zip(patients, cal, strict=True) if c}
+    in_test = {p for p, c in zip(patients, cal, strict=True) if not c}
+    assert not in_cal & in_test and len(in_cal) == 50 and len(in_test) == 50
