@@ -193,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _outcomes(root: Path) -> str:
+def _event_counts(root: Path) -> dict[str, int]:
     """Audit events so far: forwarded, quarantined, rejected."""
     audit = root / "state" / "audit" / "audit.jsonl"
     text = audit.read_text() if audit.exists() else ""
-    counts = {e: text.count('"event":"' + e + '"')
-              for e in ("forwarded", "quarantined", "rejected")}
-    return ", ".join(f"{e} {n}" for e, n in counts.items())
+    return {e: text.count('"event":"' + e + '"') for e in ("forwarded", "quarantined", "rejected")}
+
+
+def _outcomes(root: Path) -> str:
+    return ", ".join(f"{e} {n}" for e, n in _event_counts(root).items())
 
 
 def _spool_empty(root: Path) -> bool:
@@ -210,11 +212,8 @@ def _spool_empty(root: Path) -> bool:
 
 def _handled(root: Path) -> int:
     """Instances delivered to the directory or quarantined so far (from the audit log)."""
-    audit = root / "state" / "audit" / "audit.jsonl"
-    if not audit.exists():
-        return 0
-    text = audit.read_text()
-    return text.count('"event":"forwarded"') + text.count('"event":"quarantined"')
+    counts = _event_counts(root)
+    return counts["forwarded"] + counts["quarantined"]
 
 
 if __name__ == "__main__":

@@ -434,6 +434,7 @@ def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int, collect: bool
         + "; ".join(f"{k} x{v} ({target.failure_examples[k]})"
                     for k, v in target.failures.items()))
     rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    rss_now = _rss_now_kib()
     if rss_limit_kib is not None:
         assert rss_growth < rss_limit_kib, f"peak RSS grew by {rss_growth} KiB"
     assert verify(target.cfg.audit_path).ok
@@ -455,7 +456,7 @@ def run_fuzz(target: FuzzTarget, seeds: list[Seed], examples: int, collect: bool
         # resident now (after a collection) against after the first chunk: what a leak would
         # grow; the peak above also moves with the largest single input seen
         "rss_growth_after_first_chunk_mib": round(
-            (_rss_now_kib() - (rss_warm or _rss_now_kib())) / 1024, 1),
+            (rss_now - (rss_warm if rss_warm is not None else rss_now)) / 1024, 1),
         "seeds": len(seeds),
     }
 

@@ -263,6 +263,14 @@ def ablation_section(ab: dict[str, Any], out: Path,
     return "\n".join(frag)
 
 
+def _without_scores(results: dict[str, Any]) -> dict[str, Any]:
+    """A suite's results for metrics.json: every attack's per-image scores left out."""
+    out = {k: v for k, v in results.items() if k != "attacks"}
+    out["attacks"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"}
+                      for k, r in results["attacks"].items()}
+    return out
+
+
 def write_sections(out: Path, adaptive: dict[str, Any] | None = None,
                    ablation: dict[str, Any] | None = None,
                    metrics: dict[str, Any] | None = None,
@@ -288,18 +296,14 @@ def write_sections(out: Path, adaptive: dict[str, Any] | None = None,
     if adaptive:
         h, verdict = adaptive_section(adaptive, out, ss)
         frag.append(h)
-        doc["adaptive"] = {k: v for k, v in adaptive.items() if k != "attacks"}
-        doc["adaptive"]["attacks"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"}
-                                      for k, r in adaptive["attacks"].items()}
+        doc["adaptive"] = _without_scores(adaptive)
         doc["verdict"] = verdict
     if hardened:
         h, verdict = adaptive_section(
             hardened, out, None, title="Adaptive attacks on the proposed stronger detector "
             "(v2 features + adaptive training + OR rule)", tag="hardened_")
         frag.append(h)
-        doc["hardened"] = {k: v for k, v in hardened.items() if k != "attacks"}
-        doc["hardened"]["attacks"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"}
-                                      for k, r in hardened["attacks"].items()}
+        doc["hardened"] = _without_scores(hardened)
         doc["verdict_hardened"] = verdict
     if second_source:
         rows = [[bid, r["bundle"].rsplit("/", 1)[-1],

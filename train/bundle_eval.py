@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from train import attacks, datasets, pipeline
+from train import datasets, pipeline
 from train.attacks import BY_NAME
 
 
@@ -115,9 +115,7 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
     clean = pipeline.stage_scores(work, "test", "clean", arr.x,
                                   pipeline.features_of(work, "feat/test/clean.npy", arr.x),
                                   models, ("cnn", "forest"))
-    # features and scores are cached by name: the name carries the native mapping, so a work
-    # dir made with another mapping is never read back as this one
-    kind = pgd.name if arr.native_224 else f"{pgd.name}-{attacks.DEFAULT_UPSAMPLING}"
+    kind = pipeline.mapped_name(arr, pgd.name)  # features and scores are cached by name
     attacked = pipeline.stage_scores(work, "test", kind, pert,
                                      pipeline.features_of(work, f"feat/test/{kind}.npy", pert),
                                      models, ("cnn", "forest"))

@@ -61,18 +61,27 @@ def unit_to_stored(unit: np.ndarray, *, bits_stored: int, signed: bool,
     return lo + np.round(np.clip(u, 0.0, 1.0) * (hi - lo)).astype(np.int64)
 
 
-def load_victim_from_bundle(bundle_dir: Path | None) -> Any:
-    """The victim carried by a bundle (manifest entry 'victim'), digest-verified."""
+def bundle_carrying(bundle_dir: Path | None, needs: dict[str, str]) -> tuple[Path, Any]:
+    """(bundle directory, verified manifest) of a bundle that lists every entry of ``needs``
+    (manifest entry -> what it is); else a FileNotFoundError naming what is missing."""
     from detector import bundle as bundle_mod
-    from train import victim
 
     bdir = Path(bundle_dir) if bundle_dir else bundle_mod.DEFAULT_BUNDLE
     manifest = bundle_mod.load_manifest(bdir)
-    if "victim" not in manifest.files:
-        raise FileNotFoundError(
-            f"bundle {bdir} carries no victim classifier ('victim' in manifest.json): train it "
-            "with `sentinel train`, which ships victim.weights.h5 in the bundle"
-        )
+    for entry, what in needs.items():
+        if entry not in manifest.files:
+            raise FileNotFoundError(
+                f"bundle {bdir} carries no {what} ('{entry}' in manifest.json): use a bundle "
+                "`sentinel train` wrote, which ships it"
+            )
+    return bdir, manifest
+
+
+def load_victim_from_bundle(bundle_dir: Path | None) -> Any:
+    """The victim carried by a bundle (manifest entry 'victim'), digest-verified."""
+    from train import victim
+
+    _, manifest = bundle_carrying(bundle_dir, {"victim": "victim classifier"})
     return victim.load_victim(manifest.path_of("victim"))
 
 
@@ -186,7 +195,6 @@ def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data
     """
     import tempfile
 
-    from detector import bundle as bundle_mod
     from detector import features
     from train import adaptive, datasets, victim
 
@@ -194,13 +202,10 @@ def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data
         raise ValueError(f"unknown adaptive attack {method!r}: use one of "
                          f"{tuple(adaptive.ATTACKS)}")
     spec = adaptive.ATTACKS[method]
-    bdir = Path(bundle_dir) if bundle_dir else bundle_mod.DEFAULT_BUNDLE
-    manifest = bundle_mod.load_manifest(bdir)
-    if "cnn_keras" not in manifest.files:
-        raise FileNotFoundError(
-            f"bundle {bdir} carries no Keras twin of its CNN ('cnn_keras' in manifest.json), "
-            "which the white-box attacks differentiate through; use a bundle `sentinel train` "
-            "wrote")
+    # the Keras twin of the detector CNN is what the white-box attacks differentiate through
+    bdir, manifest = bundle_carrying(bundle_dir, {"victim": "victim classifier",
+                                                  "cnn_keras": "Keras twin of its CNN"})
+    vic = victim.load_victim(manifest.path_of("victim"))
     recs, _ = datasets.drop_duplicates(datasets.scan_folder(Path(data_dir)))
     if len(recs) < 10:
         raise ValueError(f"{data_dir}: {len(recs)} images; the attacker's statistics need at "
@@ -208,7 +213,6 @@ def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data
     pick = np.random.default_rng(seed).permutation(len(recs))[:n_fit]
     log(f"fitting the attacker's statistics on {len(pick)} clean images of {data_dir}")
     x_fit, y_fit, levels = datasets.load_split_arrays(Path(data_dir), [recs[i] for i in pick])
-    vic = load_victim_from_bundle(bdir)
     own = (victim.predict_logits(vic, x_fit) > 0).astype(np.int64)
     y_fit = np.where(y_fit < 0, own, y_fit)
     pgd = attacks.gradient_attack(attacks.make_gradient_attack(vic), x_fit,

@@ -234,28 +234,32 @@ def attack_labels(model: Any, arr: SplitArrays) -> np.ndarray:
     return y
 
 
+def mapped_name(arr: SplitArrays, name: str) -> str:
+    """The cache name of a perturbation's images (and their features and scores): sources
+    stored larger than 224 carry the native mapping in it, since the stored pixels depend on it."""
+    return name if arr.native_224 else f"{name}-{attacks.DEFAULT_UPSAMPLING}"
+
+
 def perturb_and_store(p: Perturbation, arr: SplitArrays, idx: np.ndarray, model: Any,
                       attack_fn: Any, work: Work, rel_dir: str, seed: int,
                       desc: str) -> np.ndarray:
     """Perturb images ``idx`` of a split, map onto their native grid, re-read as the detector does.
 
     Chunked: each chunk of CHUNK images is written as soon as it is done, so an interrupted
-    run loses at most one chunk. Returns the (len(idx), 224, 224) detector inputs. Sources
-    stored larger than 224 cache under a folder named after the native mapping, so a work
-    dir made with another mapping is never read back as this one.
+    run loses at most one chunk. Returns the (len(idx), 224, 224) detector inputs, cached
+    under ``mapped_name`` (a work dir made with another native mapping is never read back).
     """
     from tqdm import tqdm
 
-    if not arr.native_224:
-        rel_dir = f"{rel_dir}/{attacks.DEFAULT_UPSAMPLING}"
-    final = f"{rel_dir}/{p.name}.npy"
+    kind = mapped_name(arr, p.name)
+    final = f"{rel_dir}/{kind}.npy"
     if work.has(final):
         return work.load_npy(final)
     labels = attack_labels(model, arr) if p.needs_victim else None
     chunks = []
     starts = list(range(0, len(idx), CHUNK))
     for ci, start in enumerate(tqdm(starts, desc=desc, leave=False)):
-        rel = f"{rel_dir}/{p.name}.part{ci:04d}.npy"
+        rel = f"{rel_dir}/{kind}.part{ci:04d}.npy"
         if work.has(rel):
             chunks.append(work.load_npy(rel))
             continue
@@ -271,7 +275,7 @@ def perturb_and_store(p: Perturbation, arr: SplitArrays, idx: np.ndarray, model:
             else np.empty((0, 224, 224), np.float32))
     work.save_npy(final, full)
     for ci in range(len(starts)):
-        work.path(f"{rel_dir}/{p.name}.part{ci:04d}.npy").unlink(missing_ok=True)
+        work.path(f"{rel_dir}/{kind}.part{ci:04d}.npy").unlink(missing_ok=True)
     return full
 
 
