@@ -14,7 +14,8 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [state]        dir, min_free_mb (the spool's disk watermark)
     [retention]    quarantine_days, sent_ledger_days
     [metrics]      host (loopback only), port
-    [detector]     bundle, workers, threads, on_error, shadow, [detector.thresholds] per modality
+    [detector]     bundle, workers, threads, isolation, timeout_s, on_error, shadow,
+                   [detector.thresholds] per modality
     [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
     [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae)
                          or "directory" (path)
@@ -36,6 +37,7 @@ from pydicom.datadict import keyword_dict
 
 ACTIONS = ("screen", "pass", "reject")
 ON_ERROR = ("quarantine", "forward")
+ISOLATION = ("process", "thread")
 # Match keys that are not DICOM attributes: facts about the association.
 ASSOCIATION_KEYS = ("calling_ae", "called_ae", "peer")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
@@ -127,6 +129,8 @@ class DetectorConfig:
     bundle: Path | None  # None: the shipped default bundle
     workers: int = 2
     threads: int = 1
+    isolation: str = "process"  # "process": each worker scores in its own child; "thread"
+    timeout_s: float = 60.0  # per instance, process isolation only: a hung decoder is killed
     on_error: str = "quarantine"
     shadow: bool = False
     thresholds: Mapping[str, float] = field(default_factory=dict)
@@ -499,7 +503,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         raise xr.fail("host", "metrics must stay on loopback", 'host = "127.0.0.1"')
 
     dr = top.sub("detector")
-    dr.check_known(("bundle", "workers", "threads", "on_error", "shadow", "thresholds"))
+    dr.check_known(("bundle", "workers", "threads", "isolation", "timeout_s", "on_error",
+                    "shadow", "thresholds"))
     bundle_raw = dr.str_("bundle", "default")
     bundle = None if bundle_raw == "default" else dr.path_("bundle", base)
     if bundle is not None and not (bundle / "manifest.json").is_file():
@@ -511,10 +516,15 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     on_error = dr.str_("on_error", "quarantine")
     if on_error not in ON_ERROR:
         raise dr.fail("on_error", f"unknown policy {on_error!r}", f"use one of {ON_ERROR}")
+    isolation = dr.str_("isolation", "process")
+    if isolation not in ISOLATION:
+        raise dr.fail("isolation", f"unknown mode {isolation!r}", f"use one of {ISOLATION}")
     detector = DetectorConfig(
         bundle=bundle,
         workers=dr.int_("workers", 2, 1, 64),
         threads=dr.int_("threads", 1, 1, 64),
+        isolation=isolation,
+        timeout_s=dr.num("timeout_s", 60.0, 1.0, 3600.0),
         on_error=on_error,
         shadow=dr.bool_("shadow", False),
         thresholds=thresholds,

@@ -203,21 +203,30 @@ class Screening:
     # -- the worker --------------------------------------------------------------------------
 
     def _run(self, index: int) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            with self._busy_lock:
-                self._busy += 1
-            try:
-                self.process(item, self._detectors[index])
-            except Exception:
-                # The instance stays on disk (incoming/ or work/) and is retried at restart.
-                LOG.exception("screening failed for %s; left in the spool", item.sop_uid)
-            finally:
-                self.order.resolve(item.assoc_id, item.seq)
+        mine = self._detectors[index]  # this worker alone uses it, so it alone may close it
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if self._detectors[index] is not mine:  # swapped by a reload
+                    close_detector(mine)
+                    mine = self._detectors[index]
                 with self._busy_lock:
-                    self._busy -= 1
+                    self._busy += 1
+                try:
+                    self.process(item, mine)
+                except Exception:
+                    # The instance stays on disk (incoming/ or work/) and is retried at restart.
+                    LOG.exception("screening failed for %s; left in the spool", item.sop_uid)
+                finally:
+                    self.order.resolve(item.assoc_id, item.seq)
+                    with self._busy_lock:
+                        self._busy -= 1
+        finally:
+            close_detector(mine)
+            if self._detectors[index] is not mine:
+                close_detector(self._detectors[index])
 
     def _claim(self, item: WorkItem) -> tuple[Path, dict[str, Any]] | None:
         """Move the instance from incoming/ to work/ so a later resend of the same SOP UID
@@ -400,6 +409,16 @@ class Screening:
 
 
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double, Pixel Data
+
+
+def close_detector(detector: Any) -> None:
+    """Stop a detector's scoring process, if it has one (a thread-local Detector has not)."""
+    close = getattr(detector, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            LOG.exception("could not close a detector")
 
 
 def parse_elements(ds: Dataset) -> None:

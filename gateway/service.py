@@ -38,7 +38,7 @@ from gateway.notify import Notifier, watchdog_interval
 from gateway.quarantine import Quarantine
 from gateway.rules import early_rule
 from gateway.scp import StorageReceiver, StoredInstance
-from gateway.screening import PendingOrder, Screening
+from gateway.screening import PendingOrder, Screening, close_detector
 from gateway.spool import SpoolLayout, free_bytes
 
 LOG = logging.getLogger("sentinel.service")
@@ -49,10 +49,25 @@ DetectorFactory = Callable[[Config], list[Any]]
 
 
 def load_detectors(cfg: Config) -> list[Any]:
-    """One verified Detector per worker (LiteRT interpreters are not thread-safe).
+    """One verified detector per worker (LiteRT interpreters are not thread-safe): by default
+    each in its own scoring process (gateway.detector_process), or in-process threads with
+    ``isolation = "thread"``.
 
     Raises detector.errors.BundleError (names the file) when the bundle does not verify.
     """
+    if cfg.detector.isolation == "process":
+        from gateway.detector_process import ProcessDetector
+
+        started: list[Any] = []
+        try:
+            for _ in range(cfg.detector.workers):
+                started.append(ProcessDetector(cfg.detector.bundle, cfg.detector.threads,
+                                               cfg.detector.timeout_s))
+        except Exception:
+            for detector in started:
+                close_detector(detector)
+            raise
+        return started
     from detector.scoring import Detector  # lazy: keeps `sentinel --help` light
 
     detectors = [
@@ -231,6 +246,7 @@ class Gateway:
             "state": (old.state, new.state),
             "metrics": (old.metrics, new.metrics),
             "detector.workers": (old.detector.workers, new.detector.workers),
+            "detector.isolation": (old.detector.isolation, new.detector.isolation),
         }
         kept = [k for k, (a, b) in restart_only.items() if a != b]
         if kept:
@@ -238,11 +254,12 @@ class Gateway:
                         ", ".join(kept))
         new = dataclasses.replace(
             new, listener=old.listener, state=old.state, metrics=old.metrics,
-            detector=dataclasses.replace(new.detector, workers=old.detector.workers),
+            detector=dataclasses.replace(new.detector, workers=old.detector.workers,
+                                         isolation=old.detector.isolation),
         )
         detectors = None
-        if (new.detector.bundle, new.detector.threads) != (old.detector.bundle,
-                                                           old.detector.threads):
+        if (new.detector.bundle, new.detector.threads, new.detector.timeout_s) != (
+                old.detector.bundle, old.detector.threads, old.detector.timeout_s):
             try:
                 detectors = self._detector_factory(new)
             except Exception as exc:  # BundleError and friends: keep the running model
