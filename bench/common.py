@@ -232,6 +232,36 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively (the gateway's scoring processes)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (int(c) for c in (task / "children").read_text().split()):
+                out += [child, *descendants(child)]
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (the daemon plus its scorers)."""
+    total = 0.0
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):
+            total += cpu_s(p)
+    return total
+
+
+def tree_hwm_mb(pid: int) -> tuple[float, float]:
+    """(sum of peak RSS over the process and its descendants, the process's own peak), MB.
+    The sum is an upper bound of the tree's peak: each part's peak need not coincide."""
+    own = vm_hwm_mb(pid)
+    total = own
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):
+            total += vm_hwm_mb(p)
+    return total, own
+
+
 def storescu_cmd(port: int, files: Sequence[Path], called: str) -> list[str]:
     return [STORESCU, "-aet", MODALITY_AE, "-aec", called, "-to", "30", "-ta", "30",
             "-td", "120", "127.0.0.1", str(port), *map(str, files)]
@@ -449,7 +479,7 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
             if not wait_until(lambda: len(gw.forwarded_times()) >= w, timeout=timeout,
                               interval=0.05):
                 raise RuntimeError(f"warm-up not forwarded; log: {gw.proc.log()[-1500:]}")
-        c_gw, c_pacs = cpu_s(gw.pid), cpu_s(pacs.proc.pid)
+        c_gw, c_pacs = tree_cpu_s(gw.pid), cpu_s(pacs.proc.pid)
         t0 = time.time()
         ack = send_parallel(port, split(files, k), GATEWAY_AE, timeout=timeout)
         n = len(files)
@@ -470,12 +500,13 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
                                f"log: {gw.proc.log()[-1500:]}")
         audit_done = max(gw.forwarded_times().values()) - t0
         scored = gw.scored_times()
-        cpu = {"gateway_cpu_ms": 1000.0 * (cpu_s(gw.pid) - c_gw) / n,
+        rss, daemon_rss = tree_hwm_mb(gw.pid)
+        cpu = {"gateway_cpu_ms": 1000.0 * (tree_cpu_s(gw.pid) - c_gw) / n,
+               "daemon_rss_mb": daemon_rss,
                "orthanc_cpu_ms": 1000.0 * (cpu_s(pacs.proc.pid) - c_pacs) / n,
                # when screening finished the last instance: tells which stage trails
                "last_scored_s": (max(scored.values()) - t0) if scored else float("nan"),
                "audit_done_s": audit_done}
-        rss = vm_hwm_mb(gw.pid)
         got = pacs.wait_for_count(n + w, timeout=60) - w
         if got != n:
             raise RuntimeError(f"Orthanc holds {got} of {n} instances after the gateway send")

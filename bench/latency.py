@@ -40,7 +40,7 @@ from bench.common import (
     percentile,
     print_header,
     summarize,
-    vm_hwm_mb,
+    tree_hwm_mb,
     wait_until,
     workdir,
 )
@@ -111,7 +111,7 @@ def measure(work: Path, files: list[Path], bundle: Path, workers: int
                 time.sleep(GAP_S)
         finally:
             assoc.release()
-        rss = vm_hwm_mb(gw.pid)
+        rss = tree_hwm_mb(gw.pid)[0]
         scored = gw.scored_times()
         to_scored = [(scored[u] - acks[u]) * 1000.0 for u in uids[1:] if u in scored]
         if pacs.wait_for_count(len(files), timeout=60) != len(files):

@@ -28,6 +28,7 @@ from bench.common import (
     GatewayProcess,
     bundle_dir,
     dcmtk_env,
+    descendants,
     free_port,
     loadavg,
     make_cr,
@@ -39,10 +40,13 @@ from bench.common import (
 
 
 def vm_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """Resident set of the daemon plus its scoring processes, MB."""
+    total = 0.0
+    for p in (pid, *descendants(pid)):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024.0
+    return total
 
 
 def make_round(directory: Path, n: int, round_no: int) -> list[Path]:
