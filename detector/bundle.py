@@ -206,8 +206,11 @@ def write_bundle(
         files[name] = {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     if bundle_id is None:
+        # the models and the decision made with them: a new weight, threshold or rule on the
+        # same models is another bundle, and audit records must tell them apart
+        decision = json.dumps([float(w_cnn), float(threshold), rule], sort_keys=True)
         tag = hashlib.sha256(
-            (files["cnn"]["sha256"] + files["forest"]["sha256"]).encode()
+            (files["cnn"]["sha256"] + files["forest"]["sha256"] + decision).encode()
         ).hexdigest()[:8]
         bundle_id = f"{created[:10].replace('-', '')}-{tag}"
     all_versions = _runtime_versions()

@@ -2,7 +2,8 @@
 
 Stacking as in the paper (rule "stack", the default): ``score = w_cnn * p_cnn +
 (1 - w_cnn) * p_rf``, flagged when ``score >= threshold`` (the bundle's operating threshold
-unless the caller passes another).
+unless the caller passes another). Rule "logit" takes the same weighted mean of the parts'
+log-odds instead (``fuse``; the shipped bundle's rule since 2026-11-30, see its model card).
 
 A bundle may instead name the rule "max" with a threshold per part (``rule: {"name": "max",
 "cnn_threshold": a, "rf_threshold": b}`` in the manifest, written by ``write_bundle(rule=...)``).
@@ -27,6 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -83,18 +85,49 @@ class Score:
         }
 
 
+FUSIONS = ("stack", "logit")  # the weighted fusions a bundle can name; "max" is the OR rule
+_LOGIT_CLIP = 1e-6
+
+
+def fuse(p_cnn: Any, p_rf: Any, w_cnn: float, fusion: str = "stack") -> Any:
+    """The weighted fusion of the parts' probabilities, for floats or numpy arrays alike.
+
+    "stack": the paper's ``w p_cnn + (1 - w) p_rf``. "logit": the same weights on the parts'
+    log-odds, mapped back to a probability, ``sigmoid(w logit(p_cnn) + (1 - w) logit(p_rf))``
+    (logarithmic opinion pooling). Why log-odds: a mean of probabilities squeezes the confident
+    tail, so a forest at 0.95 (a clean image from a noisier source) and at 0.9999 (salt and
+    pepper) count almost alike; in log-odds they are 3 and 9, and a low CNN can outvote the first
+    but not the second.
+    """
+    if fusion == "stack":
+        return w_cnn * p_cnn + (1.0 - w_cnn) * p_rf
+    if fusion != "logit":
+        raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSIONS}")
+    a = np.clip(np.asarray(p_cnn, np.float64), _LOGIT_CLIP, 1.0 - _LOGIT_CLIP)
+    b = np.clip(np.asarray(p_rf, np.float64), _LOGIT_CLIP, 1.0 - _LOGIT_CLIP)
+    z = w_cnn * np.log(a / (1.0 - a)) + (1.0 - w_cnn) * np.log(b / (1.0 - b))
+    out = 1.0 / (1.0 + np.exp(-z))
+    return float(out) if out.ndim == 0 else out
+
+
 @dataclass(frozen=True)
 class Rule:
-    """How the two parts become one score: "stack" (weighted mean) or "max" (per-part OR)."""
+    """How the two parts become one score: "stack" (weighted mean of probabilities), "logit"
+    (weighted mean of log-odds) or "max" (per-part OR)."""
 
     name: str = "stack"
     cnn_threshold: float = 0.5
     rf_threshold: float = 0.5
 
     def combine(self, p_cnn: float, p_rf: float, w_cnn: float) -> float:
-        if self.name == "stack":
-            return w_cnn * p_cnn + (1.0 - w_cnn) * p_rf
+        if self.name in FUSIONS:
+            return float(fuse(p_cnn, p_rf, w_cnn, self.name))
         return max(_to_half(p_cnn, self.cnn_threshold), _to_half(p_rf, self.rf_threshold))
+
+    @property
+    def fusion(self) -> str:
+        """The weighted fusion (for offline evaluation); "max" bundles have none."""
+        return self.name if self.name in FUSIONS else "stack"
 
 
 def _to_half(p: float, t: float) -> float:
@@ -107,13 +140,13 @@ def parse_rule(raw: object, bundle_dir: Path) -> Rule:
     if raw is None:
         return Rule()
     where = f"model bundle file {bundle_dir / 'manifest.json'}"
-    if not isinstance(raw, dict) or raw.get("name") not in ("stack", "max"):
+    if not isinstance(raw, dict) or raw.get("name") not in (*FUSIONS, "max"):
         raise BundleError(
-            f'{where}: rule must be {{"name": "stack"}} or {{"name": "max", '
-            f'"cnn_threshold": a, "rf_threshold": b}}, got {raw!r}; re-export'
+            f'{where}: rule must be {{"name": "stack"}}, {{"name": "logit"}} or {{"name": '
+            f'"max", "cnn_threshold": a, "rf_threshold": b}}, got {raw!r}; re-export'
         )
-    if raw["name"] == "stack":
-        return Rule()
+    if raw["name"] in FUSIONS:
+        return Rule(str(raw["name"]))
     try:
         a, b = float(raw["cnn_threshold"]), float(raw["rf_threshold"])
     except (KeyError, TypeError, ValueError) as exc:

@@ -66,3 +66,26 @@ def test_binary_metrics_counts() -> None:
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 1, 2)
     assert m["recall"] == pytest.approx(2 / 3) and m["fpr"] == pytest.approx(1 / 3)
     assert m["accuracy"] == pytest.approx(4 / 6)
+
+
+
+def test_grid_search_in_log_odds_scores_the_fused_log_odds() -> None:
+    """fusion="logit": each grid point's threshold and detection are those of the log-odds
+    fusion (detector.scoring.fuse), not of the probability mean."""
+    from detector.calibration import calibrate_threshold
+    from detector.scoring import fuse
+
+    rng = np.random.default_rng(4)
+    y = np.r_[np.zeros(600), np.ones(600)]
+    cnn = np.clip(np.r_[rng.normal(0.2, 0.1, 600), rng.normal(0.7, 0.2, 600)], 0.001, 0.999)
+    forest = np.clip(np.r_[rng.normal(0.4, 0.2, 600), rng.normal(0.8, 0.2, 600)], 0.001, 0.999)
+    w, points = fd.grid_search_w(cnn, forest, y, fusion="logit")
+    assert [p.w_cnn for p in points] == list(fd.W_GRID)
+    for p in points[::5]:
+        s = fuse(cnn, forest, p.w_cnn, "logit")
+        t = calibrate_threshold(s[y == 0])
+        assert p.threshold == pytest.approx(t)
+        assert p.detection_at_fpr == pytest.approx(np.mean(s[y == 1] >= t))
+    stack = {p.w_cnn: p.threshold for p in fd.grid_search_w(cnn, forest, y)[1]}
+    assert any(abs(stack[p.w_cnn] - p.threshold) > 1e-3 for p in points[1:-1])
+    assert 0.0 < w < 1.0  # both parts carry information here

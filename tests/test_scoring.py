@@ -179,3 +179,40 @@ def test_v2_feature_set_bundle(fixture_bundle: Path, tmp_path: Path) -> None:
     det = Detector.load(out)
     _, p_rf, _ = det.score_unit(imgs[0])
     assert p_rf == pytest.approx(float(rf.predict_proba(feats[:1])[0, 1]), abs=1e-9)
+
+
+def test_logit_rule_weights_log_odds(fixture_bundle: Path, tmp_path: Path) -> None:
+    """Rule "logit": sigmoid(w logit(p_cnn) + (1 - w) logit(p_rf)), the same for floats and
+    arrays, loaded from the manifest, and a bundle id that changes with the decision."""
+    from detector.bundle import load_manifest, write_bundle
+    from detector.scoring import Rule, fuse
+
+    assert fuse(0.5, 0.5, 0.3, "logit") == pytest.approx(0.5)
+    # a confident part outweighs a doubtful one in log-odds, not in probability
+    assert fuse(0.2, 0.9999, 0.5, "logit") > 0.95 > fuse(0.2, 0.9999, 0.5, "stack")
+    assert fuse(0.2, 0.95, 0.5, "logit") < 0.85
+    a, b = np.array([0.1, 0.7, 1.0]), np.array([0.9, 0.2, 0.0])
+    want = [fuse(float(x), float(y), 0.65, "logit") for x, y in zip(a, b, strict=True)]
+    assert np.allclose(fuse(a, b, 0.65, "logit"), want) and np.all(np.isfinite(want))
+    assert fuse(0.3, 0.8, 1.0, "logit") == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="unknown fusion"):
+        fuse(0.1, 0.2, 0.5, "mean")
+
+    m = load_manifest(fixture_bundle)
+    common = dict(cnn_tflite=m.path_of("cnn"), forest=ForestArrays.load(m.path_of("forest")),
+                  feature_names=m.feature_names, w_cnn=0.4, thresholds={}, training_data={},
+                  metrics={})
+    logit = write_bundle(tmp_path / "logit", threshold=0.7, rule={"name": "logit"}, **common)
+    stack = write_bundle(tmp_path / "stack", threshold=0.7, **common)
+    det = Detector.load(logit)
+    assert det.rule == Rule("logit") and det.rule.fusion == "logit"
+    assert Detector.load(stack).rule.fusion == "stack"
+    assert det.bundle_id != Detector.load(stack).bundle_id  # same models, another decision
+    for img in synthetic_images(4, seed=3)[0]:
+        p_cnn, p_rf, score = det.score_unit(img)
+        assert score == pytest.approx(fuse(p_cnn, p_rf, 0.4, "logit"))
+    from train.report import add_model_card
+
+    add_model_card(logit, "# card\n", {})  # rewriting the manifest keeps the rule and the id
+    again = Detector.load(logit)
+    assert again.rule == Rule("logit") and again.bundle_id == det.bundle_id

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from detector.scoring import fuse, parse_rule
 from train import datasets, pipeline
 from train.attacks import BY_NAME
 
@@ -76,7 +77,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         baseline_keras=manifest.path_of("baseline_cnn"), forest_path=manifest.path_of("forest"),
         forest=ForestArrays.load(manifest.path_of("forest")))
     pipeline.log("scoring the test split")
-    book = pipeline.score_book(work, models, te, te_pert)
+    fusion = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir).fusion
+    book = pipeline.score_book(work, models, te, te_pert, fusion=fusion)
     part_thresholds = manifest.training_data["part_thresholds"]
     metrics = evaluate.compute_metrics(book, w_cnn=manifest.w_cnn, threshold=manifest.threshold,
                                        part_thresholds=part_thresholds, seed=seed,
@@ -120,8 +122,9 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
                                      pipeline.features_of(work, f"feat/test/{kind}.npy", pert),
                                      models, ("cnn", "forest"))
     w, t = manifest.w_cnn, manifest.threshold
-    ens_c = w * clean["cnn"] + (1 - w) * clean["forest"]
-    ens_a = w * attacked["cnn"] + (1 - w) * attacked["forest"]
+    fusion = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir).fusion
+    ens_c = fuse(clean["cnn"], clean["forest"], w, fusion)
+    ens_a = fuse(attacked["cnn"], attacked["forest"], w, fusion)
     y = np.r_[np.zeros(len(ens_c)), np.ones(len(ens_a))]
     out: dict[str, Any] = {
         "source": str(root), "images": len(arr.x), "dropped_duplicates": len(dropped),

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small subsets and few epochs: a smoke run of the whole pipeline")
     parser.add_argument("--max-depth", type=int, default=8,
                         help="forest max_depth (size and speed of the shipped forest)")
+    parser.add_argument("--fusion", choices=("logit", "stack"), default="logit",
+                        help="how the CNN and forest are weighted: their log-odds (default) or, "
+                        "as in the paper, their probabilities")
     parser.add_argument("--resample-noise", type=float, default=None, metavar="LEVELS",
                         help="largest sensor-noise sigma (8-bit grey levels at the native size) "
                         "of the resampled clean copies (default 2: the shipped bundle); raise "
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     work = args.work or Path("runs") / (
         f"train-{data.resolve().name}-seed{args.seed}{'-quick' if args.quick else ''}")
     cfg = TrainConfig(data=str(data), out=str(args.out), work=str(work), seed=args.seed,
-                      quick=args.quick, max_depth=args.max_depth)
+                      quick=args.quick, max_depth=args.max_depth, fusion=args.fusion)
     if args.resample_noise is not None:
         cfg = replace(cfg, resample_noise_levels=args.resample_noise)
     if args.resample_sizes:

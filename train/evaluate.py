@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from detector.scoring import fuse
 from train.attacks import SUITE
 from train.fit_detector import (
     PAPER_THRESHOLD,
@@ -35,13 +36,14 @@ class ScoreBook:
     """kind ('clean' or a perturbation name) -> part -> scores (n,)."""
 
     scores: dict[str, dict[str, np.ndarray]]
+    fusion: str = "stack"  # how "ensemble" weights the parts (detector.scoring.fuse)
 
     def part(self, kind: str, part: str, w_cnn: float | None = None) -> np.ndarray:
         s = self.scores[kind]
         if part == "ensemble":
             if w_cnn is None:
                 raise ValueError("the ensemble needs w_cnn")
-            return w_cnn * s["cnn"] + (1.0 - w_cnn) * s["forest"]
+            return fuse(s["cnn"], s["forest"], w_cnn, self.fusion)
         return s[part]
 
     def ensemble(self, kind: str, w_cnn: float) -> np.ndarray:
@@ -110,7 +112,7 @@ def compute_metrics(book: ScoreBook, *, w_cnn: float, threshold: float,
     ens_clean = book.ensemble("clean", w_cnn)
     grid = []
     for w in W_GRID:
-        s = w * mix["cnn"] + (1 - w) * mix["forest"]
+        s = fuse(mix["cnn"], mix["forest"], w, book.fusion)
         m = binary_metrics(y, s, PAPER_THRESHOLD)
         m_t = binary_metrics(y, s, threshold)
         grid.append({"w_cnn": w, "auc": roc_auc(y, s), **{k: m[k] for k in
@@ -119,6 +121,7 @@ def compute_metrics(book: ScoreBook, *, w_cnn: float, threshold: float,
                      "fpr_at_operating_threshold": m_t["fpr"]})
     return {
         "w_cnn": w_cnn,
+        "fusion": book.fusion,
         "threshold": threshold,
         "part_thresholds": thresholds,
         "n_clean": len(ens_clean),

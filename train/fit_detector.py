@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.calibration import TARGET_FPR, calibrate_threshold
+from detector.scoring import fuse
 
 W_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 PAPER_THRESHOLD = 0.5
@@ -43,8 +44,11 @@ class GridPoint:
 
 def grid_search_w(p_cnn: np.ndarray, p_rf: np.ndarray, y: np.ndarray,
                   grid: tuple[float, ...] = W_GRID,
-                  target_fpr: float = TARGET_FPR) -> tuple[float, list[GridPoint]]:
+                  target_fpr: float = TARGET_FPR,
+                  fusion: str = "stack") -> tuple[float, list[GridPoint]]:
     """Choose w_cnn on validation: highest detection at the calibrated FPR, then highest AUC.
+    ``fusion`` is how the parts are weighted ("stack": probabilities, "logit": log-odds; see
+    detector.scoring.fuse).
 
     Why detection first: the gateway runs at the calibrated threshold, and on this task AUCs
     saturate near 1 where they no longer separate candidates. Ties go to the smaller w (the
@@ -53,7 +57,7 @@ def grid_search_w(p_cnn: np.ndarray, p_rf: np.ndarray, y: np.ndarray,
     y = np.asarray(y).astype(bool)
     points = []
     for w in grid:
-        s = w * p_cnn + (1.0 - w) * p_rf
+        s = fuse(p_cnn, p_rf, w, fusion)
         t = calibrate_threshold(s[~y], target_fpr)
         points.append(GridPoint(w, roc_auc(y, s), float(np.mean(s[y] >= t)), t))
     best = max(points, key=lambda p: (round(p.detection_at_fpr, 6), round(p.auc, 6), -p.w_cnn))

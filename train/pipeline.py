@@ -66,6 +66,9 @@ class TrainConfig:
     resample_sizes: tuple[int, ...] = RESAMPLE_SIZES
     resample_noise_levels: float = RESAMPLE_NOISE_LEVELS
     train_draw: dict[str, float] = field(default_factory=lambda: dict(TRAIN_DRAW))
+    # How the parts are weighted (detector.scoring.fuse): "logit" (log-odds, the default since
+    # bundle 2026-11-30) or the paper's "stack" (probabilities); w_cnn is searched in that space.
+    fusion: str = "logit"
 
     def quickened(self) -> TrainConfig:
         """A small run for development and smoke tests (minutes, not an hour)."""
@@ -583,7 +586,8 @@ def stage_scores(work: Work, split_name: str, kind: str, x: np.ndarray,
 
 
 def score_book(work: Work, models: ScoringModels, arr: SplitArrays,
-               pert: dict[str, np.ndarray], clean_only_parts: tuple[str, ...] = ()) -> Any:
+               pert: dict[str, np.ndarray], clean_only_parts: tuple[str, ...] = (),
+               fusion: str = "stack") -> Any:
     """ScoreBook of a split; ``clean_only_parts`` are scored on clean images only (validation
     needs the reference CNNs only to calibrate their thresholds)."""
     from train import evaluate
@@ -597,13 +601,14 @@ def score_book(work: Work, models: ScoringModels, arr: SplitArrays,
         book[p.name] = stage_scores(
             work, arr.name, p.name, pert[p.name],
             features_of(work, f"feat/{arr.name}/{p.name}.npy", pert[p.name]), models, parts)
-    return evaluate.ScoreBook(book)
+    return evaluate.ScoreBook(book, fusion)
 
 
 def run_pipeline(cfg: TrainConfig) -> Path:
     """The whole of ``sentinel train``; returns the bundle directory."""
     from detector import bundle as bundle_mod
     from detector import features
+    from detector.scoring import fuse
     from train import evaluate, fit_detector, victim
 
     if cfg.quick:
@@ -663,8 +668,10 @@ def run_pipeline(cfg: TrainConfig) -> Path:
 
     log("scoring validation and test")
     val_book = timed("score_val", lambda: score_book(
-        work, models, va, va_pert, clean_only_parts=("paper_cnn", "baseline_cnn")))
-    test_book = timed("score_test", lambda: score_book(work, models, te, te_pert))
+        work, models, va, va_pert, clean_only_parts=("paper_cnn", "baseline_cnn"),
+        fusion=cfg.fusion))
+    test_book = timed("score_test", lambda: score_book(work, models, te, te_pert,
+                                                       fusion=cfg.fusion))
 
     # stacking weight and thresholds: validation only (Kermany val + its resampled copies)
     rs_c = stage_scores(work, "val", "resampled_clean", va_rs[0],
@@ -677,17 +684,17 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     yv = np.r_[yv, np.zeros(len(va_rs[0])), np.ones(len(va_rs[1]))]
     val_cnn = np.r_[mix["cnn"], rs_c["cnn"], rs_p["cnn"]]
     val_rf = np.r_[mix["forest"], rs_c["forest"], rs_p["forest"]]
-    w_cnn, grid = fit_detector.grid_search_w(val_cnn, val_rf, yv)
+    w_cnn, grid = fit_detector.grid_search_w(val_cnn, val_rf, yv, fusion=cfg.fusion)
     clean_cnn = np.r_[val_book.part("clean", "cnn"), rs_c["cnn"]]
     clean_rf = np.r_[val_book.part("clean", "forest"), rs_c["forest"]]
-    threshold = fit_detector.calibrate_threshold(w_cnn * clean_cnn + (1 - w_cnn) * clean_rf)
+    threshold = fit_detector.calibrate_threshold(fuse(clean_cnn, clean_rf, w_cnn, cfg.fusion))
     part_thresholds = {
         "cnn": fit_detector.calibrate_threshold(clean_cnn),
         "forest": fit_detector.calibrate_threshold(clean_rf),
         "paper_cnn": fit_detector.calibrate_threshold(val_book.part("clean", "paper_cnn")),
         "baseline_cnn": fit_detector.calibrate_threshold(val_book.part("clean", "baseline_cnn")),
     }
-    log(f"w_cnn {w_cnn}, calibrated threshold {threshold:.5f}")
+    log(f"{cfg.fusion} fusion, w_cnn {w_cnn}, calibrated threshold {threshold:.5f}")
 
     victim_acc = timed("victim_eval", lambda: victim_accuracy(model, te, te_pert))
     test_metrics = timed("metrics", lambda: evaluate.compute_metrics(
@@ -733,6 +740,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
             **({"model_card": card} if (card := model_card_path(cfg)) else {}),
         },
         versions=training_versions(),
+        rule={"name": cfg.fusion},
     )
     log(f"bundle written to {out}; total {time.time() - t_start:.0f} s this invocation")
     return Path(out)

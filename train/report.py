@@ -37,6 +37,14 @@ BASELINE_DEFINITION = (
 )
 
 
+
+def fusion_formula(m: dict) -> str:
+    """How the bundle weights its parts, in words a reader can check (detector.scoring.fuse)."""
+    if m.get("fusion", "stack") == "logit":
+        return ("score = sigmoid(w_cnn * logit(p_cnn) + (1 - w_cnn) * logit(p_rf)), a weighted "
+                "mean of the parts' log-odds (the paper stacks probabilities)")
+    return "score = w_cnn * p_cnn + (1 - w_cnn) * p_rf (the paper's stacking)"
+
 def _plt() -> Any:
     import matplotlib
 
@@ -67,8 +75,8 @@ def figures(result: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     ax.set_ylim(min(0.5, min(min(g[k] for g in grid) for k in ("auc", "accuracy"))) - 0.02, 1.01)
     ax.legend(fontsize=7), ax.grid(alpha=0.3)
     figs.append(_save(fig, out, "fig2_w_grid.png",
-                      "Fig. 2: metrics against the stacking weight w_cnn (threshold 0.5 unless "
-                      "named); dashed: the weight chosen on validation."))
+                      "Fig. 2: metrics against the weight w_cnn (threshold 0.5 unless named; "
+                      f"fusion: {fusion_formula(m)}); dashed: the weight chosen on validation."))
 
     # Fig 3: ROC overall
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -271,7 +279,8 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         "collapse;margin:8px 0}td,th{border:1px solid #aaa;padding:3px 6px;font-size:13px}"
         "img{max-width:100%}</style></head><body>",
         f"<h1>xray-sentinel evaluation: bundle {html.escape(str(m['bundle_id']))}</h1>",
-        f"<p>Operating point: w_cnn = {m['w_cnn']}, threshold = {m['threshold']:.5f} "
+        f"<p>Fusion: {html.escape(fusion_formula(m))}. "
+        f"Operating point: w_cnn = {m['w_cnn']}, threshold = {m['threshold']:.5f} "
         f"(calibrated on validation clean images for FPR &le; 1%). Test clean FPR at it: "
         f"{m['clean_fpr_at_threshold']:.4f} ({m['n_clean']} clean test images).</p>",
         "<h2>Split (by patient, seeded)</h2>",
@@ -335,7 +344,7 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
         "## What it is",
         "A hybrid detector of pixel-level tampering in chest radiographs: a small residual CNN "
         "(trainable high-pass first layer, about 6 M multiply-adds) and a 200-tree Random Forest "
-        "on 11 image statistics, stacked as score = w_cnn * p_cnn + (1 - w_cnn) * p_rf. "
+        f"on 11 image statistics, fused as {fusion_formula(m)}. "
         f"w_cnn = {m['w_cnn']}, operating threshold = {m['threshold']:.5f} (calibrated on "
         "validation clean images for a false-positive rate of at most 1%).",
         "",
@@ -381,8 +390,8 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
             "another acquisition and encode chain can sit on the wrong side of the threshold: "
             "recalibrate (or retrain with `sentinel train`) on your own clean images.")
     lines += [
-        "- Non-adaptive attacks only: an attacker who knows the detector (issue 7) is not "
-        "measured here.",
+        "- Non-adaptive attacks only in these tables: attackers who know the detector are "
+        "measured apart (README, \"Adaptive attacks\") and it does not withstand them.",
         "- Trained on 8-bit JPEG-derived images; clinical 10-16-bit DICOM is handled by the "
         "same normalisation but was not in the training data.",
         "- The victim classifier shipped in the bundle (victim.weights.h5) exists only for "
@@ -431,4 +440,4 @@ def add_model_card(bundle_dir: Path, text: str, extra_metrics: dict[str, Any]) -
         feature_names=man.feature_names, w_cnn=man.w_cnn, threshold=man.threshold,
         thresholds=man.thresholds, training_data=man.training_data,
         metrics={**man.metrics, **extra_metrics}, extra_files=extras, bundle_id=man.bundle_id,
-        versions=man.versions)
+        versions=man.versions, rule=man.extra.get("rule"))
