@@ -37,7 +37,8 @@ CHUNK = 256
 
 
 # Native sizes and sensor-noise range (grey levels of 8 bits, at the native matrix) of the
-# resampled copies; the defaults made the shipped bundle 20261125-cb7846aa. A site whose clean
+# resampled copies; the defaults made the shipped bundles 20261125-cb7846aa and
+# 20261130-8ee30cf0 (the same models as 20261130-d9ff165a, log-odds fusion). A site whose clean
 # images are noisier at 224 than Kermany's can raise them (`sentinel train --resample-noise`,
 # `--resample-sizes`); measured with 4 levels and sizes up to 1024 (closing note, session 2):
 # NIH clean FPR 4.7% -> 1.3%, but Kermany PGD 0.003 detection 0.986 -> 0.755 and NIH PGD 0.006

@@ -380,6 +380,14 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
                   f"ms, forest {lat['forest']['median']:.2f} ms, total "
                   f"{lat['total']['median']:.2f} ms."]
     lines += ["", "## Known limits"]
+    weak = {k: v["ensemble"]["at_threshold"]["recall"] for k, v in per.items()
+            if v["ensemble"]["at_threshold"]["recall"] < 0.95}
+    if weak:
+        lines.append(
+            "- Perturbations of the paper's Table II detected under 95% at the operating "
+            "threshold (Kermany test): " + ", ".join(f"{k} {r:.4f}" for k, r in weak.items())
+            + ". A global contrast change alters no pixel's noise and is not what this "
+            "detector models.")
     if ss:
         lines.append(
             f"- Second source `{Path(ss['source']).name}` (adult NIH chest X-rays, 512x512 "
