@@ -386,7 +386,7 @@ class GatewayRun:
 @contextlib.contextmanager
 def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int = 2,
             max_assoc: int = 16, env: dict[str, str] | None = None,
-            default_rule: str = SCREEN_ALL) -> Iterator[GatewayRun]:
+            default_rule: str = SCREEN_ALL, isolation: str = "process") -> Iterator[GatewayRun]:
     """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc.
 
     ``default_rule`` 'action = "pass"' isolates the receive + forward cost (profiling only;
@@ -406,7 +406,8 @@ def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int
     )
     text = cfg.read_text()
     if "workers = 1\n" in text:  # the harness writes one worker; the product default is 2
-        cfg.write_text(text.replace("workers = 1\n", f"workers = {workers}\n", 1))
+        text = text.replace("workers = 1\n", f"workers = {workers}\n", 1)
+    cfg.write_text(text.replace("[detector]\n", f'[detector]\nisolation = "{isolation}"\n', 1))
     full_env = {"TCP_NODELAY": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
     proc = GatewayProcess(cfg, root / "gateway.log", port)
     proc.start(timeout=120, env=full_env)
@@ -463,7 +464,8 @@ def send_direct(root: Path, files: Sequence[Path], k: int = 1,
 
 def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
                      workers: int = 2, timeout: float = 900,
-                     default_rule: str = SCREEN_ALL, warm: Sequence[Path] = ()) -> Send:
+                     default_rule: str = SCREEN_ALL, warm: Sequence[Path] = (),
+                     isolation: str = "process") -> Send:
     """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
 
     ``done_s`` ends when Orthanc holds every instance (polled every 0.1 s).
@@ -471,7 +473,7 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
     port = free_port()
     with orthanc(root / "orthanc", gateway_port=port) as pacs, \
             gateway(root / "gw", pacs.dicom_port, port, bundle, workers=workers,
-                    default_rule=default_rule) as gw:
+                    default_rule=default_rule, isolation=isolation) as gw:
         assert pacs.proc is not None
         w = len(warm)
         if warm:

@@ -45,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path("/tmp/sentinel-bench-cache"),
                    help="where the generated DICOM sets and the fixture bundle are kept")
     p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--isolation", nargs="+", choices=("process", "thread"), default=["process"],
+                   help="gateway screening isolation; two values measure both, side by side "
+                   "in every repeat")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode: 6 x 512x512 only, one repeat")
     args = p.parse_args(argv)
@@ -84,18 +87,22 @@ def main(argv: list[str] | None = None) -> int:
             files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
             direct: list[Send] = []
-            via: list[Send] = []
+            via: dict[str, list[Send]] = {iso: [] for iso in args.isolation}
             for r in range(args.repeats):
                 direct.append(send_direct(work / "d", files, warm=warm))
-                via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers,
-                                            warm=warm))
-                g = via[-1]
-                print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway "
-                      f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
-                      f"{g.extra['last_scored_s']:.1f} s, all in Orthanc at {g.done_s:.1f} s, "
-                      f"last 'forwarded' audit line at {g.extra['audit_done_s']:.1f} s), "
-                      f"load {loadavg()}", flush=True)
-            report(label, direct, via, TARGETS[label])
+                for iso in args.isolation:
+                    via[iso].append(send_via_gateway(work / "g", files, bundle,
+                                                     workers=args.workers, warm=warm,
+                                                     isolation=iso))
+                    g = via[iso][-1]
+                    print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway ({iso}) "
+                          f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
+                          f"{g.extra['last_scored_s']:.1f} s, all in Orthanc at "
+                          f"{g.done_s:.1f} s, last 'forwarded' audit line at "
+                          f"{g.extra['audit_done_s']:.1f} s), load {loadavg()}", flush=True)
+            for iso in args.isolation:
+                tag = f" ({iso} isolation)" if len(args.isolation) > 1 else ""
+                report(label + tag, direct, via[iso], TARGETS[label])
     print(f"\nloadavg_end: {loadavg()}")
     return 0
 
