@@ -27,6 +27,7 @@ CASES = {
     "bench.ingest": [r"ratio ingest gateway/discard 512x512: \d+\.\d+ \[.*\] n=1"],
     "bench.latency": [r"ratio added-latency p50 / direct C-STORE p50 512x512: \d+\.\d+",
                       r"target added p50 <= 50 ms: (met|MISSED) \(median \d+\.\d+ ms\)"],
+    "bench.forward_ceiling": [r"ratio pynetdicom/storescu 512x512: \d+\.\d+ \[.*\] n=1"],
     "bench.scaling": [r"ratio scaling k=2 gateway/direct 512x512: \d+\.\d+",
                       r"ratio scaling matrix 512 gateway/direct: \d+\.\d+"],
 }
