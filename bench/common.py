@@ -134,6 +134,15 @@ def make_set(directory: Path, n: int, rows: int, cols: int, seed: int = 0) -> li
     return files
 
 
+def issue_sets(cache: Path, n512: int, nlarge: int, min_n: int = 1
+               ) -> Iterator[tuple[str, int, int, list[Path]]]:
+    """The issue's two sets, (label, rows, cols, files): n512 of 512x512 and nlarge of
+    2048x2500 16-bit CR, made once under ``cache``; a set with fewer than ``min_n`` is skipped."""
+    for label, n, rows, cols in (("512x512", n512, 512, 512), ("2048x2500", nlarge, 2500, 2048)):
+        if n >= min_n:
+            yield label, rows, cols, make_set(cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+
+
 def warm_set(cache: Path, rows: int, cols: int, n: int = 2) -> list[Path]:
     """A few instances of the same size, sent before each measured send (see send_direct)."""
     return make_set(cache / f"warm-{rows}x{cols}-{n}", n, rows, cols, seed=1)

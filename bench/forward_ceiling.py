@@ -18,8 +18,8 @@ from pathlib import Path
 
 from bench.common import (
     ORTHANC_AE,
+    issue_sets,
     loadavg,
-    make_set,
     orthanc,
     print_header,
     ratio_line,
@@ -71,11 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print_header("forwarder ceiling: storescu vs pynetdicom SCU into Orthanc",
                  ["bench.forward_ceiling", *(sys.argv[1:] if argv is None else argv)])
     with workdir() as work:
-        for label, n, rows, cols in (("512x512", args.n512, 512, 512),
-                                     ("2048x2500", args.nlarge, 2500, 2048)):
-            if n <= 0:
-                continue
-            files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+        for label, _rows, _cols, files in issue_sets(args.cache, args.n512, args.nlarge):
+            n = len(files)
             dcmtk, py = [], []
             for r in range(args.repeats):
                 with orthanc(work / "a") as pacs:

@@ -20,8 +20,8 @@ from pathlib import Path
 from bench.common import (
     Send,
     bundle_dir,
+    issue_sets,
     loadavg,
-    make_set,
     print_header,
     ratio_line,
     send_discard,
@@ -52,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle, which = bundle_dir(args.cache, args.bundle)
     print(f"bundle: {which}; gateway workers: {args.workers}")
     with workdir() as work:
-        for label, n, rows, cols in (("512x512", args.n512, 512, 512),
-                                     ("2048x2500", args.nlarge, 2500, 2048)):
-            if n <= 0:
-                continue
-            files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+        for label, rows, cols, files in issue_sets(args.cache, args.n512, args.nlarge):
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
             base: list[Send] = []
             via: list[Send] = []
@@ -66,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                             warm=warm))
                 print(f"  repeat {r + 1}: discard {base[-1].ack_rate:.1f}/s, gateway ack "
                       f"{via[-1].ack_rate:.1f}/s, load {loadavg()}", flush=True)
-            print(f"\n## {label}: {n} instances")
+            print(f"\n## {label}: {len(files)} instances")
             print(f"discard-only SCP inst/s {summarize([s.ack_rate for s in base]).fmt()}"
                   f"  peak RSS MB {summarize([s.rss_mb for s in base]).fmt(0)}")
             print(f"gateway ack      inst/s {summarize([s.ack_rate for s in via]).fmt()}"

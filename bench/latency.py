@@ -34,8 +34,8 @@ from bench.common import (
     bundle_dir,
     free_port,
     gateway,
+    issue_sets,
     loadavg,
-    make_set,
     orthanc,
     percentile,
     print_header,
@@ -137,11 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle, which = bundle_dir(args.cache, args.bundle)
     print(f"bundle: {which}; gateway workers: {args.workers}")
     with workdir() as work:
-        for label, n, rows, cols in (("512x512", args.n512, 512, 512),
-                                     ("2048x2500", args.nlarge, 2500, 2048)):
-            if n <= 1:
-                continue
-            files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+        for label, _rows, _cols, files in issue_sets(args.cache, args.n512, args.nlarge,
+                                                     min_n=2):
             pooled: list[float] = []
             p50s: list[float] = []
             p95s: list[float] = []

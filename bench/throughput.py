@@ -22,8 +22,8 @@ from pathlib import Path
 from bench.common import (
     Send,
     bundle_dir,
+    issue_sets,
     loadavg,
-    make_set,
     print_header,
     ratio_line,
     send_direct,
@@ -79,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                  ["bench.throughput", *(sys.argv[1:] if argv is None else argv)])
     bundle, which = bundle_dir(args.cache, args.bundle)
     print(f"bundle: {which}; gateway workers: {args.workers}")
-    sets = [("512x512", args.n512, 512, 512), ("2048x2500", args.nlarge, 2500, 2048)]
     with workdir() as work:
-        for label, n, rows, cols in sets:
-            if n <= 0:
-                continue
-            files = make_set(args.cache / f"set-{rows}x{cols}-{n}", n, rows, cols)
+        for label, rows, cols, files in issue_sets(args.cache, args.n512, args.nlarge):
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
             direct: list[Send] = []
             via: dict[str, list[Send]] = {iso: [] for iso in args.isolation}
