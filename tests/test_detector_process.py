@@ -75,18 +75,19 @@ def test_bad_input_gets_the_detectors_typed_reason(child: ProcessDetector,
 
 def test_crash_mid_instance_is_typed_and_the_next_gets_a_fresh_child(
         child: ProcessDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    f = synthetic(tmp_path / "a.dcm", rows=256, cols=256)
+    # a 3000x3000 instance takes the child well over 10 ms: the kill lands mid-instance
+    f = synthetic(tmp_path / "a.dcm", rows=3000, cols=3000)
     first = child.pid
     assert first is not None
     conn = child._conn
     assert conn is not None
-    real_poll = conn.poll
+    real_send = conn.send
 
-    def die_then_poll(timeout: float) -> bool:  # the decoder "segfaults" mid-instance
+    def send_then_die(obj: object) -> None:  # the decoder "segfaults" on this instance
+        real_send(obj)
         os.kill(first, 9)
-        return real_poll(timeout)
 
-    monkeypatch.setattr(conn, "poll", die_then_poll)
+    monkeypatch.setattr(conn, "send", send_then_die)
     with pytest.raises(ScoringProcessError) as ei:
         child.score_path(f)
     assert ei.value.reason == "detector-crashed"
