@@ -227,12 +227,17 @@ def bundle_dir(cache: Path, explicit: Path | None = None) -> tuple[Path, str]:
 # -- processes -------------------------------------------------------------------------------
 
 
-def vm_hwm_mb(pid: int) -> float:
-    """Peak resident set size of a running process (VmHWM), in MB."""
+def status_mb(pid: int, key: str) -> float:
+    """A memory line of /proc/PID/status (VmHWM: peak resident set, VmRSS: resident now), MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set size of a running process (VmHWM), in MB."""
+    return status_mb(pid, "VmHWM")
 
 
 def cpu_s(pid: int) -> float:

@@ -33,6 +33,7 @@ from bench.common import (
     loadavg,
     make_cr,
     print_header,
+    status_mb,
     wait_until,
     workdir,
     write_config,
@@ -41,12 +42,7 @@ from bench.common import (
 
 def vm_rss_mb(pid: int) -> float:
     """Resident set of the daemon plus its scoring processes, MB."""
-    total = 0.0
-    for p in (pid, *descendants(pid)):
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) / 1024.0
-    return total
+    return sum(status_mb(p, "VmRSS") for p in (pid, *descendants(pid)))
 
 
 def make_round(directory: Path, n: int, round_no: int) -> list[Path]:

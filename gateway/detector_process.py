@@ -101,8 +101,7 @@ class ProcessDetector:
         parent_sock, child_sock = socket.socketpair()
         argv = [sys.executable, "-m", "gateway.detector_process", str(child_sock.fileno()),
                 str(self._threads)] + ([self._bundle] if self._bundle else [])
-        proc = subprocess.Popen(argv, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL,
-                                start_new_session=False)
+        proc = subprocess.Popen(argv, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL)
         child_sock.close()
         parent = multiprocessing.connection.Connection(parent_sock.detach())
         self._proc, self._conn = proc, parent
@@ -144,11 +143,9 @@ class ProcessDetector:
         return self._score(str(path), threshold)
 
     def _score(self, source: Any, threshold: float | None) -> Any:
-        if self._proc is not None and self._proc.poll() is not None:
-            self._kill()  # died between instances (killed from outside): start afresh
         try:
             self._send((source, threshold))
-        except OSError:  # the child was gone before this instance reached it: one retry
+        except OSError:  # the child died between instances (killed from outside): one retry
             self._kill()
             self._send((source, threshold))
         assert self._conn is not None

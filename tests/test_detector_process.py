@@ -3,7 +3,6 @@ containment, restart, clean shutdown, and the config knobs that choose it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
@@ -13,6 +12,7 @@ import pydicom
 import pytest
 from dicom_factory import make_series, synthetic
 
+from bench.common import descendants
 from detector.errors import BundleError
 from detector.preprocess import parse_dicom
 from detector.scoring import Detector
@@ -174,12 +174,8 @@ def test_isolation_config(tmp_path: Path) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    """Scoring children of a process (its direct children running gateway.detector_process)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return [c for c in out if _alive(c) and b"gateway.detector_process" in
+    """Live scoring processes under ``pid`` (running gateway.detector_process)."""
+    return [c for c in descendants(pid) if _alive(c) and b"gateway.detector_process" in
             Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
