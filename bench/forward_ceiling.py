@@ -1,10 +1,10 @@
-"""The forwarder's ceiling: DCMTK storescu against a bare pynetdicom SCU, into the same Orthanc.
+"""The forwarder's ceiling: DCMTK storescu against the gateway's own sender, into the same Orthanc.
 
-Why: the gateway forwards with pynetdicom (one persistent association per destination, the
-stored dataset streamed as it is: ``STORE_SEND_CHUNKED_DATASET``). Whatever the gateway does
+Why: the gateway forwards with pynetdicom (``gateway.forward.DicomSender``: one persistent
+association per destination, the stored dataset streamed as it is). Whatever the gateway does
 before forwarding, its end-to-end rate cannot beat what that sender alone achieves. This script
-measures the sender with nothing else running, side by side with storescu sending the same set
-to a fresh Orthanc of the same configuration, and prints the ratio.
+runs that sender with nothing else of the daemon around it, side by side with storescu sending
+the same set to a fresh Orthanc of the same configuration, and prints the ratio.
 
     .venv/bin/python -m bench.forward_ceiling [--n512 300] [--nlarge 40] [--repeats 3]
 """
@@ -26,34 +26,29 @@ from bench.common import (
     send_parallel,
     summarize,
     workdir,
+    write_config,
 )
 from tests.dcmtk import free_port
 
 
-def pynetdicom_send(port: int, files: list[Path]) -> float:
-    """Seconds for a pynetdicom SCU set up as gateway.forward.DicomSender to send ``files``."""
-    from pydicom.filereader import read_file_meta_info
-    from pynetdicom import AE, _config, evt
+def pynetdicom_send(root: Path, port: int, files: list[Path]) -> float:
+    """Seconds for the gateway's own sender (gateway.forward.DicomSender, one association) to
+    send ``files`` to the Orthanc on ``port``: the forwarder without the rest of the daemon."""
+    from gateway.config import load_config
+    from gateway.forward import DicomSender
 
-    from gateway.forward import _nodelay_handler
-
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    meta = read_file_meta_info(files[0])
-    ae = AE(ae_title="SENTINEL")
-    ae.maximum_pdu_size = 0
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
-    assoc = ae.associate("127.0.0.1", port, ae_title=ORTHANC_AE,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler)])
-    if not assoc.is_established:
-        raise RuntimeError("Orthanc refused the pynetdicom association")
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\nport = {port}\n'
+            f'ae_title = "{ORTHANC_AE}"\n')
+    cfg = load_config(write_config(root / "sender.toml", state=root / "state", port=free_port(),
+                                   destinations=dest))
+    sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
     t0 = time.perf_counter()
-    for f in files:
-        status = assoc.send_c_store(f)
-        if int(getattr(status, "Status", -1)) != 0:
-            raise RuntimeError(f"C-STORE of {f} failed: {status}")
-    took = time.perf_counter() - t0
-    assoc.release()
-    return took
+    try:
+        for f in files:
+            sender.send(f, {})
+        return time.perf_counter() - t0
+    finally:
+        sender.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     send_parallel(pacs.dicom_port, [files], ORTHANC_AE)
                     dcmtk.append(n / (time.perf_counter() - t0))
                 with orthanc(work / "b", gateway_port=free_port()) as pacs:
-                    py.append(n / pynetdicom_send(pacs.dicom_port, files))
+                    py.append(n / pynetdicom_send(work / "b", pacs.dicom_port, files))
                 print(f"  repeat {r + 1}: storescu {dcmtk[-1]:.1f}/s, pynetdicom {py[-1]:.1f}/s, "
                       f"load {loadavg()}", flush=True)
             print(f"\n## {label}: {n} instances")

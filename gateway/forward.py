@@ -105,6 +105,7 @@ class DicomSender:
     """A persistent association to one DICOM destination, reopened as needed."""
 
     def __init__(self, dest: DestinationConfig, config_provider: Callable[[], Config]) -> None:
+        _config.STORE_SEND_CHUNKED_DATASET = True  # stream the stored bytes as they are
         self.dest = dest
         self._config = config_provider
         self._assoc: Any = None
@@ -264,7 +265,6 @@ class Forwarder:
         metrics: Any,
         blocks: Callable[[str, str], bool] = lambda a, s: False,
     ) -> None:
-        _config.STORE_SEND_CHUNKED_DATASET = True
         self.dest = dest
         self._config = config_provider
         self._audit = audit
