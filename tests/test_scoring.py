@@ -197,6 +197,13 @@ def test_logit_rule_weights_log_odds(fixture_bundle: Path, tmp_path: Path) -> No
     assert fuse(0.3, 0.8, 1.0, "logit") == pytest.approx(0.3)
     with pytest.raises(ValueError, match="unknown fusion"):
         fuse(0.1, 0.2, 0.5, "mean")
+    from detector.scoring import FUSIONS
+    from train.cmd_train import FUSION_CHOICES
+    from train.pipeline import TrainConfig
+
+    assert FUSION_CHOICES == FUSIONS  # `sentinel train --fusion` offers what the runtime has
+    with pytest.raises(ValueError, match="fusion 'mean'"):
+        TrainConfig(data="d", out="o", work="w", fusion="mean")
 
     m = load_manifest(fixture_bundle)
     common = dict(cnn_tflite=m.path_of("cnn"), forest=ForestArrays.load(m.path_of("forest")),

@@ -90,7 +90,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
                            ("grid", "models", "timings_s", "config", "victim")}
     if cfg.second_source:
         pipeline.log("second source")
-        metrics["second_source"] = second_source(cfg, manifest, model, attack_fn, models)
+        metrics["second_source"] = second_source(cfg, manifest, model, attack_fn, models,
+                                                 book.fusion)
     pipeline.log("latency")
     metrics["latency_ms"] = measure_latency(Path(cfg.bundle), te.x, cfg.latency_samples)
     metrics["evaluate_seconds"] = round(time.time() - t0, 1)
@@ -99,7 +100,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
-                  models: pipeline.ScoringModels) -> dict[str, Any]:
+                  models: pipeline.ScoringModels, fusion: str) -> dict[str, Any]:
     """Clean FPR and PGD eps 0.006 detection at the operating threshold on a source never used
     for fitting; PGD is crafted against the victim at 224 and mapped onto the native grid."""
     from train import evaluate, fit_detector
@@ -122,7 +123,6 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
                                      pipeline.features_of(work, f"feat/test/{kind}.npy", pert),
                                      models, ("cnn", "forest"))
     w, t = manifest.w_cnn, manifest.threshold
-    fusion = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir).fusion
     ens_c = fuse(clean["cnn"], clean["forest"], w, fusion)
     ens_a = fuse(attacked["cnn"], attacked["forest"], w, fusion)
     y = np.r_[np.zeros(len(ens_c)), np.ones(len(ens_a))]

@@ -11,6 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+# detector.scoring.FUSIONS, spelt out: importing it here would load numpy and pydicom for every
+# `sentinel --help` (tests/test_scoring.py holds the two equal)
+FUSION_CHOICES = ("stack", "logit")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path,
@@ -25,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small subsets and few epochs: a smoke run of the whole pipeline")
     parser.add_argument("--max-depth", type=int, default=8,
                         help="forest max_depth (size and speed of the shipped forest)")
-    parser.add_argument("--fusion", choices=("logit", "stack"), default="logit",
+    parser.add_argument("--fusion", choices=FUSION_CHOICES, default="logit",
                         help="how the CNN and forest are weighted: their log-odds (default) or, "
                         "as in the paper, their probabilities")
     parser.add_argument("--resample-noise", type=float, default=None, metavar="LEVELS",

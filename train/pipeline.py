@@ -71,6 +71,12 @@ class TrainConfig:
     # bundle 2026-11-30) or the paper's "stack" (probabilities); w_cnn is searched in that space.
     fusion: str = "logit"
 
+    def __post_init__(self) -> None:
+        from detector.scoring import FUSIONS
+
+        if self.fusion not in FUSIONS:  # at construction, not after 20 minutes of training
+            raise ValueError(f"fusion {self.fusion!r}: use one of {FUSIONS}")
+
     def quickened(self) -> TrainConfig:
         """A small run for development and smoke tests (minutes, not an hour)."""
         return replace(self, victim_epochs=2, cnn_epochs=2, paper_epochs=1,
