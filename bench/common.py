@@ -400,8 +400,10 @@ class GatewayRun:
 @contextlib.contextmanager
 def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int = 2,
             max_assoc: int = 16, env: dict[str, str] | None = None,
-            default_rule: str = SCREEN_ALL, isolation: str = "process") -> Iterator[GatewayRun]:
-    """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc.
+            default_rule: str = SCREEN_ALL, isolation: str = "process",
+            associations: int = 1) -> Iterator[GatewayRun]:
+    """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc over
+    ``associations`` concurrent associations.
 
     ``default_rule`` 'action = "pass"' isolates the receive + forward cost (profiling only;
     every reported figure screens).
@@ -411,7 +413,7 @@ def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int
     root.mkdir(parents=True)
     state = root / "state"
     dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
-            f'port = {orthanc_port}\nae_title = "{ORTHANC_AE}"\n')
+            f'port = {orthanc_port}\nae_title = "{ORTHANC_AE}"\nassociations = {associations}\n')
     cfg = write_config(
         root / "gateway.toml", state=state, port=port, destinations=dest, default=default_rule,
         bundle=bundle, limits=(f"max_associations = {max_assoc}\n"
@@ -479,7 +481,7 @@ def send_direct(root: Path, files: Sequence[Path], k: int = 1,
 def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
                      workers: int = 2, timeout: float = 900,
                      default_rule: str = SCREEN_ALL, warm: Sequence[Path] = (),
-                     isolation: str = "process") -> Send:
+                     isolation: str = "process", associations: int = 1) -> Send:
     """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
 
     ``done_s`` ends when Orthanc holds every instance (polled every 0.1 s).
@@ -487,7 +489,8 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
     port = free_port()
     with orthanc(root / "orthanc", gateway_port=port) as pacs, \
             gateway(root / "gw", pacs.dicom_port, port, bundle, workers=workers,
-                    default_rule=default_rule, isolation=isolation) as gw:
+                    default_rule=default_rule, isolation=isolation,
+                    associations=associations) as gw:
         assert pacs.proc is not None
         w = len(warm)
         if warm:

@@ -31,9 +31,12 @@ from bench.common import (
 from tests.dcmtk import free_port
 
 
-def pynetdicom_send(root: Path, port: int, files: list[Path]) -> float:
-    """Seconds for the gateway's own sender (gateway.forward.DicomSender, one association) to
-    send ``files`` to the Orthanc on ``port``: the forwarder without the rest of the daemon."""
+def pynetdicom_send(root: Path, port: int, files: list[Path], associations: int = 1) -> float:
+    """Seconds for the gateway's own sender (gateway.forward.DicomSender) to send ``files`` to
+    the Orthanc on ``port`` over ``associations`` concurrent associations (one thread each, the
+    files dealt round robin): the forwarder without the rest of the daemon."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from gateway.config import load_config
     from gateway.forward import DicomSender
 
@@ -41,14 +44,20 @@ def pynetdicom_send(root: Path, port: int, files: list[Path]) -> float:
             f'ae_title = "{ORTHANC_AE}"\n')
     cfg = load_config(write_config(root / "sender.toml", state=root / "state", port=free_port(),
                                    destinations=dest))
-    sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
+    senders = [DicomSender(cfg.destinations["pacs"], lambda: cfg) for _ in range(associations)]
+
+    def run(k: int) -> None:
+        for f in files[k::associations]:
+            senders[k].send(f, {})
+
     t0 = time.perf_counter()
     try:
-        for f in files:
-            sender.send(f, {})
+        with ThreadPoolExecutor(associations) as pool:
+            list(pool.map(run, range(associations)))
         return time.perf_counter() - t0
     finally:
-        sender.close()
+        for sender in senders:
+            sender.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=Path("/tmp/sentinel-bench-cache"))
     p.add_argument("--bundle", type=Path, default=None,
                    help="accepted like the other scripts' and unused: no detector runs here")
+    p.add_argument("--associations", type=int, default=1,
+                   help="concurrent associations of the gateway's sender (storescu: always one)")
     p.add_argument("--tiny", action="store_true", help="smoke mode: 6 x 512x512, one repeat")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.tiny:
@@ -75,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     send_parallel(pacs.dicom_port, [files], ORTHANC_AE)
                     dcmtk.append(n / (time.perf_counter() - t0))
                 with orthanc(work / "b", gateway_port=free_port()) as pacs:
-                    py.append(n / pynetdicom_send(work / "b", pacs.dicom_port, files))
+                    py.append(n / pynetdicom_send(work / "b", pacs.dicom_port, files,
+                                                  args.associations))
                 print(f"  repeat {r + 1}: storescu {dcmtk[-1]:.1f}/s, pynetdicom {py[-1]:.1f}/s, "
                       f"load {loadavg()}", flush=True)
             print(f"\n## {label}: {n} instances")

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 gateway(work / "gw", pacs.dicom_port, port, bundle, workers=args.workers,
                         default_rule='action = "pass"' if args.no_screen else SCREEN_ALL) as gw:
             cmd = [pyspy, "record", "--pid", str(gw.pid), "--rate", str(args.rate), "--format",
-                   "raw", "--threads", "--nonblocking", "-o", str(raw)]
+                   "raw", "--threads", "--nonblocking", "--subprocesses", "-o", str(raw)]
             if args.idle:
                 cmd.append("--idle")
             if args.gil:

@@ -48,6 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--isolation", nargs="+", choices=("process", "thread"), default=["process"],
                    help="gateway screening isolation; two values measure both, side by side "
                    "in every repeat")
+    p.add_argument("--associations", nargs="+", type=int, default=[1],
+                   help="the gateway's forwarding associations to Orthanc (destination "
+                   "setting `associations`); several values measure each, side by side")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode: 6 x 512x512 only, one repeat")
     args = p.parse_args(argv)
@@ -82,23 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     with workdir() as work:
         for label, rows, cols, files in issue_sets(args.cache, args.n512, args.nlarge):
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
+            variants = [(iso, k) for iso in args.isolation for k in args.associations]
             direct: list[Send] = []
-            via: dict[str, list[Send]] = {iso: [] for iso in args.isolation}
+            via: dict[tuple[str, int], list[Send]] = {v: [] for v in variants}
             for r in range(args.repeats):
                 direct.append(send_direct(work / "d", files, warm=warm))
-                for iso in args.isolation:
-                    via[iso].append(send_via_gateway(work / "g", files, bundle,
-                                                     workers=args.workers, warm=warm,
-                                                     isolation=iso))
-                    g = via[iso][-1]
-                    print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway ({iso}) "
+                for iso, k in variants:
+                    via[iso, k].append(send_via_gateway(work / "g", files, bundle,
+                                                        workers=args.workers, warm=warm,
+                                                        isolation=iso, associations=k))
+                    g = via[iso, k][-1]
+                    print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway ({iso}, "
+                          f"{k} forwarding association{'s' if k > 1 else ''}) "
                           f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
                           f"{g.extra['last_scored_s']:.1f} s, all in Orthanc at "
                           f"{g.done_s:.1f} s, last 'forwarded' audit line at "
                           f"{g.extra['audit_done_s']:.1f} s), load {loadavg()}", flush=True)
-            for iso in args.isolation:
-                tag = f" ({iso} isolation)" if len(args.isolation) > 1 else ""
-                report(label + tag, direct, via[iso], TARGETS[label])
+            for iso, k in variants:
+                tag = f" ({iso} isolation, {k} forwarding association{'s' if k > 1 else ''})"
+                report(label + (tag if len(variants) > 1 else ""), direct, via[iso, k],
+                       TARGETS[label])
     print(f"\nloadavg_end: {loadavg()}")
     return 0
 

@@ -17,7 +17,8 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [detector]     bundle, workers, threads, isolation, timeout_s, on_error, shadow,
                    [detector.thresholds] per modality
     [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
-    [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae)
+    [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae,
+                         associations)
                          or "directory" (path)
     [[rules]]      name, action, destinations, threshold, shadow, [rules.match]
     [default]      action, destinations, threshold, shadow
@@ -154,6 +155,7 @@ class DestinationConfig:
     tls: TLSConfig | None = None
     present_caller_ae: bool = False
     path: Path | None = None
+    associations: int = 1  # concurrent associations (sender threads) to a DICOM destination
 
 
 @dataclass(frozen=True)
@@ -556,7 +558,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             d.check_known(("kind", "path"))
             destinations[name] = DestinationConfig(name=name, kind=kind, path=d.path_("path", base))
         elif kind == "dicom":
-            d.check_known(("kind", "host", "port", "ae_title", "tls", "present_caller_ae"))
+            d.check_known(("kind", "host", "port", "ae_title", "tls", "present_caller_ae",
+                           "associations"))
             destinations[name] = DestinationConfig(
                 name=name,
                 kind=kind,
@@ -565,6 +568,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                 ae_title=d.ae("ae_title"),
                 tls=_parse_tls(d, base, inbound=False),
                 present_caller_ae=d.bool_("present_caller_ae", False),
+                associations=d.int_("associations", 1, 1, 16),
             )
         else:
             raise d.fail("kind", f"unknown kind {kind!r}", 'use "dicom" or "directory"')

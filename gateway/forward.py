@@ -10,13 +10,20 @@ Why this shape:
 - Byte-for-byte: the stored file's dataset bytes are sent as they are, in their own transfer
   syntax (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``: no decode, no re-encode, streamed); the
   association proposes exactly the (SOP Class, transfer syntax) pairs the queue holds.
-- One persistent association per destination (per presented calling AE title), reopened when it
-  fails; released after ``idle_release_s`` without work. ``TCP_NODELAY`` is set on its socket.
+- ``associations`` persistent associations per destination (default 1; per presented calling AE
+  title), one sender thread each, reopened when they fail; released after ``idle_release_s``
+  without work. ``TCP_NODELAY`` is set on their sockets. A C-STORE waits for the peer's answer
+  (Orthanc or DCMTK do not negotiate asynchronous operations), so one association is idle
+  while the peer stores; a second keeps the link busy (measured: the gateway's sender alone
+  reached 0.50 / 0.74 of storescu with one association and 1.15 / 1.18 with two, 512x512 /
+  2048x2500 images, ``bench/forward_ceiling.py``).
 - Failures back off exponentially (capped); a connection failure holds the whole destination,
   an instance refused by the peer holds only its study (others go on). After ``max_age_s`` an
   instance is dead-lettered to ``spool/dead/<dest>/``, audited and counted.
 - Order: an instance is not sent while an earlier instance of its study is waiting, nor while an
-  earlier instance from the same association is still being screened (``PendingOrder``).
+  earlier instance from the same association is still being screened (``PendingOrder``). With
+  one association instances also arrive in that order; with more, they start in that order
+  and may finish out of it (DICOM receivers file instances by their UIDs, not by arrival).
 """
 
 from __future__ import annotations
@@ -277,15 +284,20 @@ class Forwarder:
         self.ledger = SentLedger(
             self.layout.sent_log(dest.name), cfg.retention.sent_ledger_days * 86400
         )
-        self.sender: DicomSender | DirectorySender = (
+        self.senders: list[DicomSender | DirectorySender] = [
             DicomSender(dest, config_provider) if dest.kind == "dicom" else DirectorySender(dest)
-        )
+            for _ in range(dest.associations)
+        ]
+        # Queue state (entries, order, in flight, destination hold, stats) is shared by the
+        # sender threads: every read and change of it holds ``_cond``; sends happen outside it.
         self._entries: dict[str, Entry] = {}
         self._order: list[str] = []
+        self._in_flight: dict[str, str] = {}  # outbox name -> SOP UID, being sent now
         self._cond = threading.Condition()
         self._wake = False
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._last_scan = 0.0
+        self._threads: list[threading.Thread] = []
         # Bookkeeping after a successful send (ledger fsync, unlink, audit) runs on a
         # completer thread, overlapping the next C-STORE instead of delaying it.
         self._done: queue.Queue[tuple[Entry, float] | None] = queue.Queue()
@@ -300,11 +312,17 @@ class Forwarder:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def sender(self) -> DicomSender | DirectorySender:
+        """The first sender (the only one with ``associations = 1``)."""
+        return self.senders[0]
+
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name=f"forward-{self.dest.name}", daemon=True
-        )
-        self._thread.start()
+        for k, sender in enumerate(self.senders):
+            name = f"forward-{self.dest.name}" + (f"-{k + 1}" if len(self.senders) > 1 else "")
+            thread = threading.Thread(target=self._run, args=(sender,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         self._completer = threading.Thread(
             target=self._complete_loop, name=f"forward-done-{self.dest.name}", daemon=True
         )
@@ -313,19 +331,21 @@ class Forwarder:
     def notify(self) -> None:
         with self._cond:
             self._wake = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the send in progress, release the association; the queue stays on disk."""
         with self._cond:
             self._stop = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._completer is not None:
             self._done.put(None)
             self._completer.join(timeout)
-        self.sender.close()
+        for sender in self.senders:
+            sender.close()
         self.ledger.close()
 
     def depth(self) -> int:
@@ -335,6 +355,7 @@ class Forwarder:
     # -- queue -------------------------------------------------------------------------------
 
     def _rescan(self) -> None:
+        """Re-read the outbox directory (caller holds ``_cond``)."""
         with self._lock:
             completing = set(self._completing)
         names = [n for n in list_outbox(self.dir) if n not in completing]
@@ -375,7 +396,9 @@ class Forwarder:
         held_assocs: set[str] = set()
         for n in self._order:
             e = self._entries.get(n)
-            if e is None:
+            if e is None or n in self._in_flight:
+                continue
+            if e.sop_uid in self._in_flight.values():  # a second copy: wait for the first
                 continue
             study = e.study
             if (study and study in held_studies) or (e.assoc_id and e.assoc_id in held_assocs):
@@ -391,35 +414,39 @@ class Forwarder:
             return e, 0.0
         return None, wait
 
-    def _run(self) -> None:
-        last_scan = 0.0
+    def _run(self, sender: DicomSender | DirectorySender) -> None:
+        """One sender thread: claim the next sendable entry, send it, repeat."""
         last_work = time.monotonic()
         while True:
             with self._cond:
                 if self._stop:
                     return
-            mono = time.monotonic()
-            if self._wake or mono - last_scan >= RESCAN_S:
-                with self._cond:
+                mono = time.monotonic()
+                if self._wake or mono - self._last_scan >= RESCAN_S:
                     self._wake = False
-                self._rescan()
-                last_scan = mono
-            entry, wait = self._next(time.time())
-            if entry is None:
-                self._expire_while_held()
-                idle = self._config().forwarding.idle_release_s
-                if self.sender.is_open and time.monotonic() - last_work > idle:
-                    self.sender.close()
-                with self._cond:
+                    self._rescan()
+                    self._last_scan = mono
+                entry, wait = self._next(time.time())
+                if entry is None:
+                    self._expire_while_held()
+                    idle = self._config().forwarding.idle_release_s
+                    if sender.is_open and time.monotonic() - last_work > idle:
+                        sender.close()
                     if not self._wake and not self._stop:
                         self._cond.wait(max(0.005, wait))
-                continue
-            self._deliver(entry)
+                    continue
+                self._in_flight[entry.name] = entry.sop_uid
+            try:
+                self._deliver(entry, sender)
+            finally:
+                with self._cond:
+                    self._in_flight.pop(entry.name, None)
             last_work = time.monotonic()
 
     # -- one delivery ------------------------------------------------------------------------
 
     def _remove(self, entry: Entry) -> None:
+        """Drop an entry and its files (caller holds ``_cond``)."""
         for suffix in (".dcm", ".json"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / (entry.name[:-4] + suffix))
@@ -427,7 +454,7 @@ class Forwarder:
         with contextlib.suppress(ValueError):
             self._order.remove(entry.name)
 
-    def _deliver(self, entry: Entry) -> None:
+    def _deliver(self, entry: Entry, sender: DicomSender | DirectorySender) -> None:
         base = {
             "sop_uid": entry.sop_uid,
             "study_uid": entry.study or None,
@@ -439,31 +466,36 @@ class Forwarder:
         if sent_now or entry.sop_uid in self.ledger:
             LOG.info("%s already delivered to %s; dropping the duplicate", entry.sop_uid,
                      self.dest.name)
-            self._remove(entry)
-            self._publish()
+            with self._cond:
+                self._remove(entry)
+                self._publish()
             return
         path = self.dir / entry.name
         t0 = time.perf_counter()
         try:
-            self.sender.send(path, entry.meta)
+            sender.send(path, entry.meta)
         except FileNotFoundError:
-            self._remove(entry)  # taken away from outside (e.g. a purge); nothing to send
+            with self._cond:
+                self._remove(entry)  # taken away from outside (e.g. a purge); nothing to send
             return
         except SendError as exc:
-            self._failed(entry, exc, fields)
+            with self._cond:
+                self._failed(entry, exc, fields)
             return
         except Exception as exc:  # a bug or a malformed file: treat as the instance's failure
-            self._failed(entry, SendError(f"{type(exc).__name__}: {exc}", False), fields)
+            with self._cond:
+                self._failed(entry, SendError(f"{type(exc).__name__}: {exc}", False), fields)
             return
         latency_ms = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             self._completing.add(entry.name)
             self._sent_now.add(entry.sop_uid)
-        self._entries.pop(entry.name, None)
-        with contextlib.suppress(ValueError):
-            self._order.remove(entry.name)
-        self._dest_attempts = 0
-        self.stats.sent += 1
+        with self._cond:
+            self._entries.pop(entry.name, None)
+            with contextlib.suppress(ValueError):
+                self._order.remove(entry.name)
+            self._dest_attempts = 0
+            self.stats.sent += 1
         received_at = entry.meta.get("received_at")
         total_ms = None
         if isinstance(received_at, int | float):
@@ -474,7 +506,8 @@ class Forwarder:
                 str(entry.meta.get("calling_ae", "")), total_ms,
             )
         self._done.put((entry, latency_ms))
-        self._publish()
+        with self._cond:
+            self._publish()
 
     def _complete_loop(self) -> None:
         """Record each delivery: ledger (fsync) first, then remove the outbox entry, audit."""
@@ -537,6 +570,8 @@ class Forwarder:
         if self._dest_attempts == 0 and not any(e.attempts for e in self._entries.values()):
             return
         for e in list(self._entries.values()):
+            if e.name in self._in_flight:
+                continue
             if e.attempts or self._dest_attempts:
                 self._maybe_dead_letter(e, self.stats.last_error or "unreachable")
 

@@ -133,6 +133,12 @@ bundle = "nowhere"
     cfg = load_config(write(tmp_path, text.replace('bundle = "nowhere"', "")))
     pacs = cfg.destinations["pacs"]
     assert pacs.kind == "dicom" and pacs.port == 4242 and pacs.present_caller_ae
+    assert pacs.associations == 1  # one association unless asked: strict arrival order
+    two = text.replace('bundle = "nowhere"', "").replace("present_caller_ae = true",
+                                                          "associations = 2")
+    assert load_config(write(tmp_path, two)).destinations["pacs"].associations == 2
+    with pytest.raises(ConfigError, match=r"destinations.pacs.associations"):
+        load_config(write(tmp_path, two.replace("associations = 2", "associations = 0")))
 
 
 def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,13 @@ from tests.orthanc import OrthancServer, require_orthanc
 class CaptureSCP:
     """A Storage SCP that keeps what arrives: (calling AE, SOP UID, transfer syntax, bytes)."""
 
-    def __init__(self, ssl_context: Any = None) -> None:
+    def __init__(self, ssl_context: Any = None, store_delay_s: float = 0.0) -> None:
         self.port = free_port()
         self.received: list[tuple[str, str, str, bytes]] = []
+        self.associations: set[int] = set()  # the associations that carried a C-STORE
+        self.most_at_once = 0  # the most C-STOREs in progress together
+        self._busy = 0
+        self._delay = store_delay_s  # a PACS that takes its time to store
         self._lock = threading.Lock()
         self._saved = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = False  # keep the raw bytes in memory here
@@ -52,6 +57,12 @@ class CaptureSCP:
 
     def _store(self, event: Any) -> int:
         with self._lock:
+            self._busy += 1
+            self.most_at_once = max(self.most_at_once, self._busy)
+            self.associations.add(id(event.assoc))
+        time.sleep(self._delay)
+        with self._lock:
+            self._busy -= 1
             self.received.append((
                 str(event.assoc.requestor.ae_title).strip(),
                 str(event.request.AffectedSOPInstanceUID),
@@ -78,7 +89,7 @@ def enqueue_copy(cfg: Config, dest: str, f: Path, tmp_path: Path, **meta: str) -
     """Queue a copy of ``f`` the way the screening workers (or a release) do."""
     ds = pydicom.dcmread(f, stop_before_pixels=True)
     staged = tmp_path / "staged" / f.name
-    staged.parent.mkdir(exist_ok=True)
+    staged.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(f, staged)
     enqueue_outbox(cfg.state_dir, dest, staged, {
         "sop_uid": str(ds.SOPInstanceUID), "study_uid": str(ds.StudyInstanceUID),
@@ -139,6 +150,38 @@ def test_byte_for_byte_in_order_once(capture: CaptureSCP, tmp_path: Path, nema_d
         assert len(capture.received) == len(files)
     finally:
         fw.stop()
+
+
+def test_parallel_associations_deliver_each_instance_once(tmp_path: Path) -> None:
+    """``associations = 3``: C-STOREs overlap on several associations, every instance arrives
+    once and byte for byte, and a second copy of a SOP UID is not sent beside the first."""
+    capture = CaptureSCP(store_delay_s=0.05)
+    try:
+        dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+                f'port = {capture.port}\nae_title = "CAPTURE"\nassociations = 3\n')
+        cfg = make_config(tmp_path, dest)
+        assert cfg.destinations["pacs"].associations == 3
+        files = make_series(tmp_path / "in", 12, rows=64, cols=64)
+        for f in files:
+            enqueue_copy(cfg, "pacs", f, tmp_path)
+        enqueue_copy(cfg, "pacs", files[0], tmp_path / "again")  # the same SOP UID, queued twice
+        fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path),
+                       Metrics())
+        assert len(fw.senders) == 3
+        fw.start()
+        try:
+            assert wait_until(lambda: not list_outbox(fw.dir), 60)
+        finally:
+            fw.stop()
+        uids = [uid for _c, uid, _t, _d in capture.received]
+        assert sorted(uids) == sorted(sop_uid_of(f) for f in files), "lost or sent twice"
+        by_uid = {uid: data for _c, uid, _t, data in capture.received}
+        assert all(by_uid[sop_uid_of(f)] == dataset_bytes(f) for f in files)
+        assert len(capture.associations) >= 2 and capture.most_at_once >= 2, (
+            capture.associations, capture.most_at_once)
+        assert fw.stats.sent == len(files)
+    finally:
+        capture.stop()
 
 
 def test_present_caller_ae(capture: CaptureSCP, tmp_path: Path) -> None:
