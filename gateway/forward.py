@@ -14,9 +14,10 @@ Why this shape:
   title), one sender thread each, reopened when they fail; released after ``idle_release_s``
   without work. ``TCP_NODELAY`` is set on their sockets. A C-STORE waits for the peer's answer
   (Orthanc or DCMTK do not negotiate asynchronous operations), so one association is idle
-  while the peer stores; a second keeps the link busy (measured: the gateway's sender alone
-  reached 0.50 / 0.74 of storescu with one association and 1.15 / 1.18 with two, 512x512 /
-  2048x2500 images, ``bench/forward_ceiling.py``).
+  while the peer stores; a second keeps the link busy (measured on a quiet 2-core machine: the
+  gateway's sender alone reached 0.50 / 0.74 of one storescu into Orthanc with one
+  association and 0.73 / 0.93 with two, 512x512 / 2048x2500 images,
+  ``bench/forward_ceiling.py``).
 - Failures back off exponentially (capped); a connection failure holds the whole destination,
   an instance refused by the peer holds only its study (others go on). After ``max_age_s`` an
   instance is dead-lettered to ``spool/dead/<dest>/``, audited and counted.
