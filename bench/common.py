@@ -401,9 +401,9 @@ class GatewayRun:
 def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int = 2,
             max_assoc: int = 16, env: dict[str, str] | None = None,
             default_rule: str = SCREEN_ALL, isolation: str = "process",
-            associations: int = 1) -> Iterator[GatewayRun]:
+            associations: int = 1, nice: int | None = None) -> Iterator[GatewayRun]:
     """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc over
-    ``associations`` concurrent associations.
+    ``associations`` concurrent associations; ``nice``: the scorers' niceness (None: default).
 
     ``default_rule`` 'action = "pass"' isolates the receive + forward cost (profiling only;
     every reported figure screens).
@@ -423,7 +423,8 @@ def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int
     text = cfg.read_text()
     if "workers = 1\n" in text:  # the harness writes one worker; the product default is 2
         text = text.replace("workers = 1\n", f"workers = {workers}\n", 1)
-    cfg.write_text(text.replace("[detector]\n", f'[detector]\nisolation = "{isolation}"\n', 1))
+    settings = f'isolation = "{isolation}"\n' + ("" if nice is None else f"nice = {nice}\n")
+    cfg.write_text(text.replace("[detector]\n", f"[detector]\n{settings}", 1))
     full_env = {"TCP_NODELAY": "1", "OPENBLAS_NUM_THREADS": "1", **(env or {})}
     proc = GatewayProcess(cfg, root / "gateway.log", port)
     proc.start(timeout=120, env=full_env)
@@ -481,7 +482,8 @@ def send_direct(root: Path, files: Sequence[Path], k: int = 1,
 def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
                      workers: int = 2, timeout: float = 900,
                      default_rule: str = SCREEN_ALL, warm: Sequence[Path] = (),
-                     isolation: str = "process", associations: int = 1) -> Send:
+                     isolation: str = "process", associations: int = 1,
+                     nice: int | None = None) -> Send:
     """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
 
     ``done_s`` ends when Orthanc holds every instance (polled every 0.1 s).
@@ -490,7 +492,7 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
     with orthanc(root / "orthanc", gateway_port=port) as pacs, \
             gateway(root / "gw", pacs.dicom_port, port, bundle, workers=workers,
                     default_rule=default_rule, isolation=isolation,
-                    associations=associations) as gw:
+                    associations=associations, nice=nice) as gw:
         assert pacs.proc is not None
         w = len(warm)
         if warm:

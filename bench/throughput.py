@@ -51,12 +51,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--associations", nargs="+", type=int, default=[1],
                    help="the gateway's forwarding associations to Orthanc (destination "
                    "setting `associations`); several values measure each, side by side")
+    p.add_argument("--nice", nargs="+", type=int, default=[10],
+                   help="niceness of the gateway's scoring processes ([detector] nice, default "
+                   "10); several values measure each, side by side")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode: 6 x 512x512 only, one repeat")
     args = p.parse_args(argv)
     if args.tiny:
         args.n512, args.nlarge, args.repeats = 6, 0, 1
     return args
+
+
+def variant_name(variant: tuple[str, int, int]) -> str:
+    iso, k, nice = variant
+    return (f"{iso} isolation, {k} forwarding association{'s' if k > 1 else ''}"
+            + (f", scorers at nice {nice}" if iso == "process" else ""))
 
 
 def report(label: str, direct: list[Send], via: list[Send], target: float | None) -> None:
@@ -85,26 +94,27 @@ def main(argv: list[str] | None = None) -> int:
     with workdir() as work:
         for label, rows, cols, files in issue_sets(args.cache, args.n512, args.nlarge):
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
-            variants = [(iso, k) for iso in args.isolation for k in args.associations]
+            variants = [(iso, k, nice) for iso in args.isolation for k in args.associations
+                        for nice in args.nice]
             direct: list[Send] = []
-            via: dict[tuple[str, int], list[Send]] = {v: [] for v in variants}
+            via: dict[tuple[str, int, int], list[Send]] = {v: [] for v in variants}
             for r in range(args.repeats):
                 direct.append(send_direct(work / "d", files, warm=warm))
-                for iso, k in variants:
-                    via[iso, k].append(send_via_gateway(work / "g", files, bundle,
-                                                        workers=args.workers, warm=warm,
-                                                        isolation=iso, associations=k))
-                    g = via[iso, k][-1]
-                    print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway ({iso}, "
-                          f"{k} forwarding association{'s' if k > 1 else ''}) "
+                for v in variants:
+                    iso, k, nice = v
+                    via[v].append(send_via_gateway(work / "g", files, bundle,
+                                                   workers=args.workers, warm=warm,
+                                                   isolation=iso, associations=k, nice=nice))
+                    g = via[v][-1]
+                    print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway "
+                          f"({variant_name(v)}) "
                           f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
                           f"{g.extra['last_scored_s']:.1f} s, all in Orthanc at "
                           f"{g.done_s:.1f} s, last 'forwarded' audit line at "
                           f"{g.extra['audit_done_s']:.1f} s), load {loadavg()}", flush=True)
-            for iso, k in variants:
-                tag = f" ({iso} isolation, {k} forwarding association{'s' if k > 1 else ''})"
-                report(label + (tag if len(variants) > 1 else ""), direct, via[iso, k],
-                       TARGETS[label])
+            for v in variants:
+                tag = f" ({variant_name(v)})" if len(variants) > 1 else ""
+                report(label + tag, direct, via[v], TARGETS[label])
     print(f"\nloadavg_end: {loadavg()}")
     return 0
 

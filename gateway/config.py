@@ -14,7 +14,7 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [state]        dir, min_free_mb (the spool's disk watermark)
     [retention]    quarantine_days, sent_ledger_days
     [metrics]      host (loopback only), port
-    [detector]     bundle, workers, threads, isolation, timeout_s, on_error, shadow,
+    [detector]     bundle, workers, threads, isolation, timeout_s, nice, on_error, shadow,
                    [detector.thresholds] per modality
     [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
     [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae,
@@ -132,6 +132,9 @@ class DetectorConfig:
     threads: int = 1
     isolation: str = "process"  # "process": each worker scores in its own child; "thread"
     timeout_s: float = 60.0  # per instance, process isolation only: a hung decoder is killed
+    # Niceness of the scoring processes (process isolation): receiving and acknowledging, the
+    # modality's wait, come first; screening works off the spool when the CPUs are shared.
+    nice: int = 10
     on_error: str = "quarantine"
     shadow: bool = False
     thresholds: Mapping[str, float] = field(default_factory=dict)
@@ -505,8 +508,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         raise xr.fail("host", "metrics must stay on loopback", 'host = "127.0.0.1"')
 
     dr = top.sub("detector")
-    dr.check_known(("bundle", "workers", "threads", "isolation", "timeout_s", "on_error",
-                    "shadow", "thresholds"))
+    dr.check_known(("bundle", "workers", "threads", "isolation", "timeout_s", "nice",
+                    "on_error", "shadow", "thresholds"))
     bundle_raw = dr.str_("bundle", "default")
     bundle = None if bundle_raw == "default" else dr.path_("bundle", base)
     if bundle is not None and not (bundle / "manifest.json").is_file():
@@ -527,6 +530,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         threads=dr.int_("threads", 1, 1, 64),
         isolation=isolation,
         timeout_s=dr.num("timeout_s", 60.0, 1.0, 3600.0),
+        nice=dr.int_("nice", 10, 0, 19),
         on_error=on_error,
         shadow=dr.bool_("shadow", False),
         thresholds=thresholds,

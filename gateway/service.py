@@ -62,7 +62,7 @@ def load_detectors(cfg: Config) -> list[Any]:
         try:
             for _ in range(cfg.detector.workers):
                 started.append(ProcessDetector(cfg.detector.bundle, cfg.detector.threads,
-                                               cfg.detector.timeout_s))
+                                               cfg.detector.timeout_s, cfg.detector.nice))
         except Exception:
             for detector in started:
                 close_detector(detector)

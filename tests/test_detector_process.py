@@ -165,12 +165,31 @@ def test_isolation_config(tmp_path: Path) -> None:
     p.write_text(MINIMAL)
     cfg = load_config(p)
     assert cfg.detector.isolation == "process" and cfg.detector.timeout_s == 60.0
-    p.write_text(MINIMAL + '[detector]\nisolation = "thread"\ntimeout_s = 5\n')
+    assert cfg.detector.nice == 10
+    p.write_text(MINIMAL + '[detector]\nisolation = "thread"\ntimeout_s = 5\nnice = 0\n')
     cfg = load_config(p)
     assert cfg.detector.isolation == "thread" and cfg.detector.timeout_s == 5.0
+    assert cfg.detector.nice == 0
     p.write_text(MINIMAL + '[detector]\nisolation = "fork"\n')
     with pytest.raises(ConfigError, match=r"detector.isolation.*fix:.*process"):
         load_config(p)
+    p.write_text(MINIMAL + "[detector]\nnice = 20\n")
+    with pytest.raises(ConfigError, match=r"detector.nice"):
+        load_config(p)
+
+
+def _nice(pid: int) -> int:
+    """The niceness of a process (field 19 of /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def test_child_runs_at_the_configured_niceness(fixture_bundle: Path) -> None:
+    d = ProcessDetector(fixture_bundle, nice=7)
+    try:
+        assert d.pid is not None and _nice(d.pid) == min(19, _nice(os.getpid()) + 7)
+    finally:
+        d.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -194,6 +213,7 @@ def test_daemon_survives_a_scoring_child_killed_and_leaves_none_behind(
         assert gw.proc is not None
         kids = _children(gw.proc.pid)
         assert len(kids) == 1  # one scoring process per worker (the harness runs one)
+        assert _nice(kids[0]) == min(19, _nice(gw.proc.pid) + 10)  # the default: receive first
         os.kill(kids[0], 9)
         assert wait_until(lambda: _exited(kids[0]), 20)  # every thread gone, as after an OOM kill
         files = make_series(tmp_path / "in", 6, rows=128, cols=128)
