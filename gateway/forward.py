@@ -119,8 +119,16 @@ class DicomSender:
         self._assoc: Any = None
         self._calling = ""
         self._contexts: list[tuple[str, str]] = []  # proposed pairs, most recent last
+        self.opening = False  # negotiating an association right now
 
     def _open(self, calling_ae: str) -> None:
+        self.opening = True
+        try:
+            self._negotiate(calling_ae)
+        finally:
+            self.opening = False
+
+    def _negotiate(self, calling_ae: str) -> None:
         cfg = self._config()
         ae = AE(ae_title=calling_ae)
         ae.maximum_pdu_size = 0
@@ -218,6 +226,8 @@ def _nodelay_handler(event: Any) -> None:
 
 class DirectorySender:
     """A local directory as destination: ``<path>/<StudyUID>/<SOPUID>.dcm``, written durably."""
+
+    opening = False  # no association to negotiate
 
     def __init__(self, dest: DestinationConfig) -> None:
         assert dest.path is not None
@@ -418,6 +428,7 @@ class Forwarder:
     def _run(self, sender: DicomSender | DirectorySender) -> None:
         """One sender thread: claim the next sendable entry, send it, repeat."""
         last_work = time.monotonic()
+        refusals = 0  # this sender's own failures while another association worked
         while True:
             with self._cond:
                 if self._stop:
@@ -438,11 +449,16 @@ class Forwarder:
                     continue
                 self._in_flight[entry.name] = entry.sop_uid
             try:
-                self._deliver(entry, sender)
+                alone = self._deliver(entry, sender)
             finally:
                 with self._cond:
                     self._in_flight.pop(entry.name, None)
             last_work = time.monotonic()
+            refusals = refusals + 1 if alone else 0
+            if alone:  # rest this sender; the others carry the queue meanwhile
+                with self._cond:
+                    if not self._stop:
+                        self._cond.wait(self._backoff(refusals))
 
     # -- one delivery ------------------------------------------------------------------------
 
@@ -455,7 +471,11 @@ class Forwarder:
         with contextlib.suppress(ValueError):
             self._order.remove(entry.name)
 
-    def _deliver(self, entry: Entry, sender: DicomSender | DirectorySender) -> None:
+    def _deliver(self, entry: Entry, sender: DicomSender | DirectorySender) -> bool:
+        """Send one entry and record the outcome. True when only this sender failed to connect
+        while another association to the destination is open: a PACS that accepts fewer
+        associations than ``associations`` asks for. The entry then goes back to the queue
+        untouched (no attempt counted, the destination not held) and the caller rests."""
         base = {
             "sop_uid": entry.sop_uid,
             "study_uid": entry.study or None,
@@ -470,7 +490,7 @@ class Forwarder:
             with self._cond:
                 self._remove(entry)
                 self._publish()
-            return
+            return False
         path = self.dir / entry.name
         t0 = time.perf_counter()
         try:
@@ -478,15 +498,20 @@ class Forwarder:
         except FileNotFoundError:
             with self._cond:
                 self._remove(entry)  # taken away from outside (e.g. a purge); nothing to send
-            return
+            return False
         except SendError as exc:
+            others = [s for s in self.senders if s is not sender]
+            if exc.connection and any(s.is_open or s.opening for s in others):
+                LOG.warning("an extra association to %s failed while another works (does it "
+                            "accept %d from us?): %s", self.dest.name, len(self.senders), exc)
+                return True
             with self._cond:
                 self._failed(entry, exc, fields)
-            return
+            return False
         except Exception as exc:  # a bug or a malformed file: treat as the instance's failure
             with self._cond:
                 self._failed(entry, SendError(f"{type(exc).__name__}: {exc}", False), fields)
-            return
+            return False
         latency_ms = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             self._completing.add(entry.name)
@@ -509,6 +534,7 @@ class Forwarder:
         self._done.put((entry, latency_ms))
         with self._cond:
             self._publish()
+        return False
 
     def _complete_loop(self) -> None:
         """Record each delivery: ledger (fsync) first, then remove the outbox entry, audit."""

@@ -37,7 +37,8 @@ from tests.orthanc import OrthancServer, require_orthanc
 class CaptureSCP:
     """A Storage SCP that keeps what arrives: (calling AE, SOP UID, transfer syntax, bytes)."""
 
-    def __init__(self, ssl_context: Any = None, store_delay_s: float = 0.0) -> None:
+    def __init__(self, ssl_context: Any = None, store_delay_s: float = 0.0,
+                 max_associations: int = 10) -> None:
         self.port = free_port()
         self.received: list[tuple[str, str, str, bytes]] = []
         self.associations: set[int] = set()  # the associations that carried a C-STORE
@@ -49,6 +50,7 @@ class CaptureSCP:
         _config.STORE_RECV_CHUNKED_DATASET = False  # keep the raw bytes in memory here
         ae = AE(ae_title="CAPTURE")
         ae.maximum_pdu_size = 0
+        ae.maximum_associations = max_associations  # more are rejected (A-ASSOCIATE-RJ)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
@@ -180,6 +182,32 @@ def test_parallel_associations_deliver_each_instance_once(tmp_path: Path) -> Non
         assert len(capture.associations) >= 2 and capture.most_at_once >= 2, (
             capture.associations, capture.most_at_once)
         assert fw.stats.sent == len(files)
+    finally:
+        capture.stop()
+
+
+def test_fewer_associations_accepted_than_asked_for_still_delivers(tmp_path: Path) -> None:
+    """A PACS that takes one association from us while ``associations = 3``: the extra senders
+    rest, the one that connected carries the queue, nothing is held back or dead-lettered."""
+    capture = CaptureSCP(store_delay_s=0.02, max_associations=1)
+    try:
+        dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+                f'port = {capture.port}\nae_title = "CAPTURE"\nassociations = 3\n')
+        cfg = make_config(tmp_path, dest, forwarding="backoff_initial_s = 30\n")
+        files = make_series(tmp_path / "in", 10, rows=64, cols=64)
+        for f in files:
+            enqueue_copy(cfg, "pacs", f, tmp_path)
+        fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path),
+                       Metrics())
+        fw.start()
+        try:
+            # a destination hold would wait backoff_initial_s = 30 s: it must not happen
+            assert wait_until(lambda: not list_outbox(fw.dir), 20), fw.stats
+        finally:
+            fw.stop()
+        assert sorted(uid for _c, uid, _t, _d in capture.received) == sorted(
+            sop_uid_of(f) for f in files)
+        assert len(capture.associations) == 1 and fw.stats.sent == len(files)
     finally:
         capture.stop()
 
