@@ -359,6 +359,11 @@ class Forwarder:
             sender.close()
         self.ledger.close()
 
+    def alive(self) -> bool:
+        """Every sender thread and the completer are running (the daemon's health check)."""
+        threads = [*self._threads, self._completer]
+        return bool(self._threads) and all(t is not None and t.is_alive() for t in threads)
+
     def depth(self) -> int:
         """Instances waiting (exact, read by health and status lines)."""
         return len(self._entries)

@@ -181,8 +181,7 @@ class Gateway:
     # -- health ------------------------------------------------------------------------------
 
     def _threads_alive(self) -> bool:
-        fw_ok = all(f._thread is not None and f._thread.is_alive()
-                    for f in self.forwarders.values())
+        fw_ok = all(f.alive() for f in self.forwarders.values())
         sc_ok = self.screening is not None and all(t.is_alive() for t in self.screening._threads)
         return fw_ok and sc_ok
 

@@ -169,12 +169,14 @@ def test_parallel_associations_deliver_each_instance_once(tmp_path: Path) -> Non
         enqueue_copy(cfg, "pacs", files[0], tmp_path / "again")  # the same SOP UID, queued twice
         fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path),
                        Metrics())
-        assert len(fw.senders) == 3
+        assert len(fw.senders) == 3 and not fw.alive()
         fw.start()
         try:
+            assert fw.alive()  # what the daemon's health check and watchdog ask
             assert wait_until(lambda: not list_outbox(fw.dir), 60)
         finally:
             fw.stop()
+        assert not fw.alive()
         uids = [uid for _c, uid, _t, _d in capture.received]
         assert sorted(uids) == sorted(sop_uid_of(f) for f in files), "lost or sent twice"
         by_uid = {uid: data for _c, uid, _t, data in capture.received}
