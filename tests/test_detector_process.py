@@ -17,7 +17,7 @@ from detector.errors import BundleError
 from detector.preprocess import parse_dicom
 from detector.scoring import Detector
 from gateway.config import ConfigError, load_config
-from gateway.detector_process import ProcessDetector, ScoringProcessError
+from gateway.detector_process import CHILD_MALLOC_ENV, ProcessDetector, ScoringProcessError
 from tests.dcmtk import require_dcmtk, storescu
 from tests.gateway_harness import GatewayProcess, new_ports, wait_until, write_config
 
@@ -188,6 +188,10 @@ def test_child_runs_at_the_configured_niceness(fixture_bundle: Path) -> None:
     d = ProcessDetector(fixture_bundle, nice=7)
     try:
         assert d.pid is not None and _nice(d.pid) == min(19, _nice(os.getpid()) + 7)
+        # and keeps large decode buffers in its heap (see CHILD_MALLOC_ENV)
+        environ = Path(f"/proc/{d.pid}/environ").read_bytes().split(b"\0")
+        for key, value in CHILD_MALLOC_ENV.items():
+            assert f"{key}={os.environ.get(key, value)}".encode() in environ
     finally:
         d.close()
 
