@@ -62,11 +62,13 @@ SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 class SendError(Exception):
-    """A send that failed. ``connection`` True: the destination is unreachable (hold all)."""
+    """A send that failed. ``connection`` True: the destination is unreachable (hold all).
+    ``at_open`` True: no association could be opened (nothing of the instance was sent)."""
 
-    def __init__(self, message: str, connection: bool) -> None:
+    def __init__(self, message: str, connection: bool, at_open: bool = False) -> None:
         super().__init__(message)
         self.connection = connection
+        self.at_open = at_open
 
 
 @dataclass
@@ -112,21 +114,27 @@ def client_ssl_context(dest: DestinationConfig) -> ssl.SSLContext | None:
 class DicomSender:
     """A persistent association to one DICOM destination, reopened as needed."""
 
-    def __init__(self, dest: DestinationConfig, config_provider: Callable[[], Config]) -> None:
+    def __init__(self, dest: DestinationConfig, config_provider: Callable[[], Config],
+                 open_lock: threading.Lock | None = None) -> None:
         _config.STORE_SEND_CHUNKED_DATASET = True  # stream the stored bytes as they are
         self.dest = dest
         self._config = config_provider
+        # Senders of one destination open their associations one at a time: a PACS that limits
+        # associations counts those still negotiating, and simultaneous requests could all be
+        # refused where one at a time gets the allowed number accepted.
+        self._open_lock = open_lock or threading.Lock()
         self._assoc: Any = None
         self._calling = ""
         self._contexts: list[tuple[str, str]] = []  # proposed pairs, most recent last
         self.opening = False  # negotiating an association right now
 
     def _open(self, calling_ae: str) -> None:
-        self.opening = True
-        try:
-            self._negotiate(calling_ae)
-        finally:
-            self.opening = False
+        with self._open_lock:
+            self.opening = True
+            try:
+                self._negotiate(calling_ae)
+            finally:
+                self.opening = False
 
     def _negotiate(self, calling_ae: str) -> None:
         cfg = self._config()
@@ -150,7 +158,7 @@ class DicomSender:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
             raise SendError(
                 f"association to {self.dest.host}:{self.dest.port} ({self.dest.ae_title}) {why}",
-                connection=True,
+                connection=True, at_open=True,
             )
         self._assoc = assoc
         self._calling = calling_ae
@@ -295,8 +303,10 @@ class Forwarder:
         self.ledger = SentLedger(
             self.layout.sent_log(dest.name), cfg.retention.sent_ledger_days * 86400
         )
+        open_lock = threading.Lock()
         self.senders: list[DicomSender | DirectorySender] = [
-            DicomSender(dest, config_provider) if dest.kind == "dicom" else DirectorySender(dest)
+            DicomSender(dest, config_provider, open_lock) if dest.kind == "dicom"
+            else DirectorySender(dest)
             for _ in range(dest.associations)
         ]
         # Queue state (entries, order, in flight, destination hold, stats) is shared by the
@@ -477,9 +487,9 @@ class Forwarder:
             self._order.remove(entry.name)
 
     def _deliver(self, entry: Entry, sender: DicomSender | DirectorySender) -> bool:
-        """Send one entry and record the outcome. True when only this sender failed to connect
-        while another association to the destination is open: a PACS that accepts fewer
-        associations than ``associations`` asks for. The entry then goes back to the queue
+        """Send one entry and record the outcome. True when only this sender could not open its
+        association while another association to the destination is open: a PACS that accepts
+        fewer associations than ``associations`` asks for. The entry then goes back to the queue
         untouched (no attempt counted, the destination not held) and the caller rests."""
         base = {
             "sop_uid": entry.sop_uid,
@@ -506,7 +516,10 @@ class Forwarder:
             return False
         except SendError as exc:
             others = [s for s in self.senders if s is not sender]
-            if exc.connection and any(s.is_open or s.opening for s in others):
+            # Only a refused *opening* rests this sender alone: an association that fails
+            # mid-C-STORE is a failure of the instance or of the link and counts as usual
+            # (so an instance that makes the PACS abort is still backed off and dead-lettered).
+            if exc.at_open and any(s.is_open or s.opening for s in others):
                 LOG.warning("an extra association to %s failed while another works (does it "
                             "accept %d from us?): %s", self.dest.name, len(self.senders), exc)
                 return True
