@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import DestinationConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +46,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"  listener {cfg.listener.ae_title} on {cfg.listener.host}:{cfg.listener.port}"
           f"{' (TLS)' if cfg.listener.tls else ''}")
     print(f"  {len(cfg.callers)} allowed caller(s); state in {cfg.state_dir}")
-    print(f"  destinations: {', '.join(f'{n} ({d.kind})' for n, d in cfg.destinations.items())}")
+    print(f"  destinations: {', '.join(_describe(n, d) for n, d in cfg.destinations.items())}")
     rules = [f"{r.name}:{r.action}" for r in cfg.rules] + [f"default:{cfg.default.action}"]
     print(f"  rules: {', '.join(rules)}")
     print(f"  bundle: {bundle_note}")
     return 0
+
+
+def _describe(name: str, dest: DestinationConfig) -> str:
+    """``pacs (dicom, 2 associations)``, ``archive (directory)``."""
+    if dest.kind == "dicom" and dest.associations > 1:
+        return f"{name} (dicom, {dest.associations} associations)"
+    return f"{name} ({dest.kind})"

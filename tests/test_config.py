@@ -147,6 +147,10 @@ def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[
     good = write(tmp_path, MINIMAL)
     assert main(["check", "--config", str(good), "--no-bundle"]) == 0
     assert "ok:" in capsys.readouterr().out
+    pacs = write(tmp_path, MINIMAL + '[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+                 'port = 4242\nae_title = "PACS"\nassociations = 2\n')
+    assert main(["check", "--config", str(pacs), "--no-bundle"]) == 0
+    assert "pacs (dicom, 2 associations)" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
     bad.write_text(MINIMAL.replace("port = 11112", "port = 0"))
     assert main(["check", "--config", str(bad), "--no-bundle"]) == 2
