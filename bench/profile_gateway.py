@@ -3,9 +3,9 @@
 Why a script: the profile that matters is the daemon's under the benchmark's own load (the
 receiver, screening workers and forwarder threads competing for two cores and one GIL), so
 this starts the same servers as bench/throughput.py, attaches ``py-spy record`` (sampling,
-non-blocking) to the gateway process for the duration of the send, and prints where the
-on-CPU samples go: by thread role, by self time, and by inclusive time of the gateway's and
-detector's own functions. The raw collapsed stacks are kept for flame graphs.
+non-blocking) to the gateway process and its scoring children for the duration of the send,
+and prints where the on-CPU samples go: by thread role, by self time, and by inclusive time of
+the gateway's and detector's own functions. The raw collapsed stacks are kept for flame graphs.
 
 Needs py-spy (``.venv/bin/pip install py-spy``) and ptrace permission on the child.
 
@@ -44,6 +44,8 @@ OWN = re.compile(r"\((gateway|detector)/")
 
 def role(thread_frame: str, stack: list[str]) -> str:
     text = ";".join(stack)
+    if "detector_process.py" in text:
+        return "scoring process (decode + score)"
     if "forward.py" in text and "_run" in text:
         return "forwarder"
     if "screening.py" in text:
