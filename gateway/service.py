@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit import AuditLog
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, DetectorConfig, load_config
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics, MetricsServer
 from gateway.notify import Notifier, watchdog_interval
@@ -257,8 +257,10 @@ class Gateway:
                                          isolation=old.detector.isolation),
         )
         detectors = None
-        if (new.detector.bundle, new.detector.threads, new.detector.timeout_s) != (
-                old.detector.bundle, old.detector.threads, old.detector.timeout_s):
+        def scorer_settings(d: DetectorConfig) -> tuple[Any, ...]:
+            return d.bundle, d.threads, d.timeout_s, d.nice
+
+        if scorer_settings(new.detector) != scorer_settings(old.detector):
             try:
                 detectors = self._detector_factory(new)
             except Exception as exc:  # BundleError and friends: keep the running model

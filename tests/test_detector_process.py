@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -218,6 +219,18 @@ def test_daemon_survives_a_scoring_child_killed_and_leaves_none_behind(
         kids = _children(gw.proc.pid)
         assert len(kids) == 1  # one scoring process per worker (the harness runs one)
         assert _nice(kids[0]) == min(19, _nice(gw.proc.pid) + 10)  # the default: receive first
+        # a reload with another niceness starts a scoring process at it (the old one is closed
+        # when its worker takes the next instance)
+        cfg.write_text(cfg.read_text().replace("[detector]\n", "[detector]\nnice = 3\n", 1))
+        gw.signal(signal.SIGHUP)
+        want = min(19, _nice(gw.proc.pid) + 3)
+
+        def reniced() -> list[int]:
+            return [c for c in _children(gw.proc.pid)  # type: ignore[union-attr]
+                    if _nice(c) == want]
+
+        assert wait_until(lambda: len(reniced()) == 1, 30), gw.log()[-2000:]
+        kids = reniced()
         os.kill(kids[0], 9)
         assert wait_until(lambda: _exited(kids[0]), 20)  # every thread gone, as after an OOM kill
         files = make_series(tmp_path / "in", 6, rows=128, cols=128)
