@@ -126,15 +126,10 @@ class DicomSender:
         self._assoc: Any = None
         self._calling = ""
         self._contexts: list[tuple[str, str]] = []  # proposed pairs, most recent last
-        self.opening = False  # negotiating an association right now
 
     def _open(self, calling_ae: str) -> None:
         with self._open_lock:
-            self.opening = True
-            try:
-                self._negotiate(calling_ae)
-            finally:
-                self.opening = False
+            self._negotiate(calling_ae)
 
     def _negotiate(self, calling_ae: str) -> None:
         cfg = self._config()
@@ -235,8 +230,6 @@ def _nodelay_handler(event: Any) -> None:
 class DirectorySender:
     """A local directory as destination: ``<path>/<StudyUID>/<SOPUID>.dcm``, written durably."""
 
-    opening = False  # no association to negotiate
-
     def __init__(self, dest: DestinationConfig) -> None:
         assert dest.path is not None
         self.dest = dest
@@ -303,9 +296,9 @@ class Forwarder:
         self.ledger = SentLedger(
             self.layout.sent_log(dest.name), cfg.retention.sent_ledger_days * 86400
         )
-        open_lock = threading.Lock()
+        self._open_lock = threading.Lock()  # held by whichever sender is opening an association
         self.senders: list[DicomSender | DirectorySender] = [
-            DicomSender(dest, config_provider, open_lock) if dest.kind == "dicom"
+            DicomSender(dest, config_provider, self._open_lock) if dest.kind == "dicom"
             else DirectorySender(dest)
             for _ in range(dest.associations)
         ]
@@ -519,7 +512,7 @@ class Forwarder:
             # Only a refused *opening* rests this sender alone: an association that fails
             # mid-C-STORE is a failure of the instance or of the link and counts as usual
             # (so an instance that makes the PACS abort is still backed off and dead-lettered).
-            if exc.at_open and any(s.is_open or s.opening for s in others):
+            if exc.at_open and (self._open_lock.locked() or any(s.is_open for s in others)):
                 LOG.warning("an extra association to %s failed while another works (does it "
                             "accept %d from us?): %s", self.dest.name, len(self.senders), exc)
                 return True
