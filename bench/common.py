@@ -534,6 +534,26 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
     return Send(n, megabytes(files), ack, max(done, ack), rss, cpu)
 
 
+def send_receive_only(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
+                      warm: Sequence[Path] = ()) -> Send:
+    """storescu into a gateway that only receives: every instance routed ``pass`` (no
+    screening) to a destination with nothing listening, so the forwarder only backs off.
+
+    Why: the acknowledgement rate of the receive path alone (stream to spool, xattr, fsync,
+    rename, directory fsync, routing, outbox link) with nothing competing for the cores, the
+    ceiling of the full gateway's ingest rate. ``done_s`` equals ``ack_s``.
+    """
+    port = free_port()
+    with gateway(root / "gw", free_port(), port, bundle, default_rule='action = "pass"') as gw:
+        if warm:
+            send_parallel(port, [warm], GATEWAY_AE)
+        c0 = tree_cpu_s(gw.pid)
+        ack = send_parallel(port, split(files, k), GATEWAY_AE)
+        cpu = 1000.0 * (tree_cpu_s(gw.pid) - c0) / len(files)
+        rss, _ = tree_hwm_mb(gw.pid)
+    return Send(len(files), megabytes(files), ack, ack, rss, {"gateway_cpu_ms": cpu})
+
+
 @contextlib.contextmanager
 def discard_scp(port: int) -> Iterator[int]:
     """bench/discard_scp.py as a child process on ``port``; yields its pid."""

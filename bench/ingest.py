@@ -7,6 +7,10 @@ hand-off) while screening and forwarding run beside it on the same two cores, as
 The gateway here is the full daemon (screening on, forwarding to a fresh Orthanc); the rate is
 instances over the time until storescu exits (every C-STORE answered).
 
+Each repeat also sends the set to a gateway that only receives (rule ``pass``, its destination
+down, so nothing is screened or forwarded): the ceiling of the ingest ratio, which tells the
+receive path's own cost apart from the competition with screening and forwarding.
+
     .venv/bin/python -m bench.ingest
     .venv/bin/python -m bench.ingest --tiny
 """
@@ -25,6 +29,7 @@ from bench.common import (
     print_header,
     ratio_line,
     send_discard,
+    send_receive_only,
     send_via_gateway,
     summarize,
     warm_set,
@@ -56,12 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
             base: list[Send] = []
             via: list[Send] = []
+            alone: list[Send] = []
             for r in range(args.repeats):
                 base.append(send_discard(files))
                 via.append(send_via_gateway(work / "g", files, bundle, workers=args.workers,
                                             warm=warm))
+                alone.append(send_receive_only(work / "r", files, bundle, warm=warm))
                 print(f"  repeat {r + 1}: discard {base[-1].ack_rate:.1f}/s, gateway ack "
-                      f"{via[-1].ack_rate:.1f}/s, load {loadavg()}", flush=True)
+                      f"{via[-1].ack_rate:.1f}/s, receive-only ack {alone[-1].ack_rate:.1f}/s, "
+                      f"load {loadavg()}", flush=True)
             print(f"\n## {label}: {len(files)} instances")
             print(f"discard-only SCP inst/s {summarize([s.ack_rate for s in base]).fmt()}"
                   f"  peak RSS MB {summarize([s.rss_mb for s in base]).fmt(0)}")
@@ -73,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{summarize([s.extra['gateway_cpu_ms'] for s in via]).fmt()}")
             ratios = [v.ack_rate / b.ack_rate for b, v in zip(base, via, strict=True)]
             print(ratio_line(f"ingest gateway/discard {label}", ratios, TARGET), flush=True)
+            print(f"receive-only ack inst/s {summarize([s.ack_rate for s in alone]).fmt()}"
+                  f"  CPU ms per instance "
+                  f"{summarize([s.extra['gateway_cpu_ms'] for s in alone]).fmt()}")
+            print(ratio_line(f"receive-only gateway/discard {label} (not a target: the ceiling "
+                             "of the row above)",
+                             [a.ack_rate / b.ack_rate for b, a in zip(base, alone, strict=True)]),
+                  flush=True)
     print(f"\nloadavg_end: {loadavg()}")
     return 0
 

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="only sample the thread holding the GIL (where Python time goes)")
     p.add_argument("--no-screen", action="store_true",
                    help='default rule action = "pass": receive + forward only')
+    p.add_argument("--receive-only", action="store_true",
+                   help='action = "pass" to a destination with nothing listening: the receive '
+                   "path alone (as bench.ingest --receive-only)")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out", type=Path, default=Path("/tmp/sentinel-profile"))
     p.add_argument("--cache", type=Path, default=Path("/tmp/sentinel-bench-cache"))
@@ -114,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
           f"load {loadavg()}")
     with workdir() as work:
         port = free_port()
+        pass_only = args.no_screen or args.receive_only
         with orthanc(work / "orthanc", gateway_port=port) as pacs, \
-                gateway(work / "gw", pacs.dicom_port, port, bundle, workers=args.workers,
-                        default_rule='action = "pass"' if args.no_screen else SCREEN_ALL) as gw:
+                gateway(work / "gw", free_port() if args.receive_only else pacs.dicom_port, port,
+                        bundle, workers=args.workers,
+                        default_rule='action = "pass"' if pass_only else SCREEN_ALL) as gw:
             cmd = [pyspy, "record", "--pid", str(gw.pid), "--rate", str(args.rate), "--format",
                    "raw", "--threads", "--nonblocking", "--subprocesses", "-o", str(raw)]
             if args.idle:
@@ -127,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
             t0 = time.time()
             ack = send_parallel(port, split(files, args.k), GATEWAY_AE)
-            wait_until(lambda: len(gw.forwarded_times()) >= args.n, timeout=600, interval=0.05)
-            done = max(gw.forwarded_times().values()) - t0
+            if not args.receive_only:
+                wait_until(lambda: len(gw.forwarded_times()) >= args.n, timeout=600,
+                           interval=0.05)
+            done = max(gw.forwarded_times().values(), default=t0 + ack) - t0
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
     print(f"acknowledged in {ack:.2f} s ({args.n / ack:.1f}/s), all forwarded in {done:.2f} s "

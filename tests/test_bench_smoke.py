@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 
 CASES = {
     "bench.throughput": [r"ratio throughput gateway/direct 512x512: \d+\.\d+ \[.*\] n=1"],
-    "bench.ingest": [r"ratio ingest gateway/discard 512x512: \d+\.\d+ \[.*\] n=1"],
+    "bench.ingest": [r"ratio ingest gateway/discard 512x512: \d+\.\d+ \[.*\] n=1",
+                     r"ratio receive-only gateway/discard 512x512 .*: \d+\.\d+ \[.*\] n=1"],
     "bench.latency": [r"ratio added-latency p50 / direct C-STORE p50 512x512: \d+\.\d+",
                       r"target added p50 <= 50 ms: (met|MISSED) \(median \d+\.\d+ ms\)"],
     "bench.forward_ceiling": [r"ratio pynetdicom/storescu 512x512: \d+\.\d+ \[.*\] n=1"],
