@@ -62,6 +62,14 @@ def test_evaluate_set_uses_only_its_columns() -> None:
     assert without["per_perturbation"]["pgd_0.006"]["auc"] < 0.75
     assert set(with_info["importances"]) == {"f0", "f5"}
     assert "a@0.006" in with_info["adaptive"]
+    # ROC kept on the FPR grid: monotone, near perfect with the informative feature, near the
+    # diagonal without it
+    roc = with_info["per_perturbation"]["pgd_0.006"]["tpr_at_fpr"]
+    assert len(roc) == len(ablation.ROC_FPR_GRID) and roc == sorted(roc) and roc[-1] == 1.0
+    assert roc[ablation.ROC_FPR_GRID.index(0.1)] > 0.8
+    assert without["per_perturbation"]["pgd_0.006"]["tpr_at_fpr"][
+        ablation.ROC_FPR_GRID.index(0.1)] < 0.5
+    assert len(with_info["adaptive"]["a@0.006"]["tpr_at_fpr"]) == len(ablation.ROC_FPR_GRID)
     # adversarial training with examples like the adaptive ones raises their detection
     extra = np.r_[[np.r_[np.zeros(5), 0.5, np.zeros(13)]] * 40] + np.random.default_rng(
         1).normal(0, 0.1, (40, 19))
@@ -98,8 +106,11 @@ def test_report_sections_state_targets_and_write_files(tmp_path: Path) -> None:
                                                               0.2)}}
     data = _data()
     ab = {"trees": 20, "max_depth": 6, "n_train": 120, "n_test": 60, "n_adaptive": 20,
+          "roc_fpr_grid": list(ablation.ROC_FPR_GRID),
           "sets": {"runtime (11)": ablation.evaluate_set(data, [0, 5], trees=10, max_depth=4,
-                                                         seed=0)},
+                                                         seed=0),
+                   "without f5": ablation.evaluate_set(data, [0], trees=10, max_depth=4,
+                                                       seed=0)},
           "single_feature_auc": {"spectral_entropy": {"pgd_0.003": 0.51, "pgd_0.006": 0.52},
                                  "noise_sigma": {"pgd_0.003": 0.99, "pgd_0.006": 1.0}},
           "candidate_reasons": ablation.CANDIDATE_REASONS,
@@ -118,8 +129,9 @@ def test_report_sections_state_targets_and_write_files(tmp_path: Path) -> None:
     html = (tmp_path / "adaptive.html").read_text()
     assert "<h2>Adaptive attacks</h2>" in html and "<h2>Ablation</h2>" in html
     assert "short by 19.0 points" in html and "does not hold here" in html
+    assert "fig_ablation_roc.png" in html
     for f in ("fig_adaptive_roc_eps0.006.png", "fig_adaptive_roc_eps0.003.png",
-              "fig_ablation_single_feature.png"):
+              "fig_ablation_single_feature.png", "fig_ablation_roc.png"):
         assert (tmp_path / f).stat().st_size > 1000
     doc = json.loads((tmp_path / "adaptive.json").read_text())
     assert "scores" not in doc["adaptive"]["attacks"]["pgd@0.006"]
@@ -171,9 +183,26 @@ def test_evaluate_report_gains_the_adaptive_section(tmp_path: Path) -> None:
     results.write_text(json.dumps({
         "bundle_id": "b1", "w_cnn": 0.5, "threshold": 0.7, "n": 100,
         "attacks": {"adaptive-all@0.006": _attack_row("adaptive-all", 0.006, 0.95, 0.2)}}))
-    add_adaptive_sections(index, out, {}, results, None)
+    # a run against a hardened bundle (a train.adaptive output directory) and the bundles'
+    # second-source comparison (second_source.json) join the same report
+    hard = tmp_path / "hardened"
+    (hard / "result").mkdir(parents=True)
+    (hard / "suite.json").write_text(json.dumps({"bundle_id": "h1", "w_cnn": 0.5,
+                                                 "threshold": 0.7, "n": 100}))
+    (hard / "result" / "adaptive-all_0.006.json").write_text(
+        json.dumps(_attack_row("adaptive-all", 0.006, 0.95, 0.4)))
+    nih = tmp_path / "nih"
+    nih.mkdir()
+    (nih / "second_source.json").write_text(json.dumps({"source": "nih", "images": 999, "bundles": {
+        "b1": {"bundle": "x/default", "clean_fpr": 0.001, "clean_fpr_ci": [0.0, 0.006],
+               "pgd_0.006_detection": 1.0, "pgd_0.006_detection_ci": [0.99, 1.0]},
+        "h1": {"bundle": "x/hardened", "clean_fpr": 0.03, "clean_fpr_ci": [0.02, 0.04],
+               "pgd_0.006_detection": 1.0, "pgd_0.006_detection_ci": [0.99, 1.0]}}}))
+    add_adaptive_sections(index, out, {}, results, None, hard, nih)
     page = index.read_text()
     assert page.index("<h1>evaluation</h1>") < page.index("<h2>Adaptive attacks</h2>")
+    assert "stronger detector" in page and "<td>h1</td><td>hardened</td>" in page
+    assert "src='adaptive/fig_adaptive_hardened_roc_eps0.006.png'" in page
     assert page.rstrip().endswith("</body></html>")
     assert "src='adaptive/fig_adaptive_roc_eps0.006.png'" in page
     assert (out / "adaptive" / "fig_adaptive_roc_eps0.006.png").stat().st_size > 1000

@@ -27,8 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory (or results.json) of `python -m train.adaptive` "
                         "against this bundle: adds the report's 'Adaptive attacks' section")
     parser.add_argument("--ablation", type=Path, default=None,
-                        help="ablation JSON of `python -m train.ablation`: adds the 'Ablation' "
-                        "section")
+                        help="ablation.json (or its directory) of `python -m train.ablation`: adds "
+                        "the 'Ablation' section")
+    parser.add_argument("--hardened", type=Path, default=None,
+                        help="output directory of `python -m train.adaptive` against a hardened "
+                        "bundle (`python -m train.ablation --harden-bundle`): adds its section")
+    parser.add_argument("--bundles-second-source", type=Path, default=None,
+                        help="second_source.json (or its directory) of `python -m train.adaptive "
+                        "--second-source` (bundles on an independent source): adds the comparison")
     parser.add_argument("--model-card", action="store_true",
                         help="also write MODEL_CARD.md from these measurements into the bundle "
                         "(re-writing its manifest, same bundle id)")
@@ -68,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"sentinel evaluate: {exc}", file=sys.stderr)
         return 2
     index = write_report(result, Path(args.out))
-    if args.adaptive or args.ablation:
+    if args.adaptive or args.ablation or args.hardened or args.bundles_second_source:
         add_adaptive_sections(Path(index), Path(args.out), result["metrics"], args.adaptive,
-                              args.ablation)
+                              args.ablation, args.hardened, args.bundles_second_source)
     from train.report import add_model_card, model_card, readme_table
 
     table = readme_table(result["metrics"])
@@ -99,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_adaptive_sections(index: Path, out: Path, metrics: dict, adaptive: Path | None,
-                          ablation: Path | None) -> None:
+                          ablation: Path | None, hardened: Path | None = None,
+                          bundles_second_source: Path | None = None) -> None:
     """Splice the adaptive-attack and ablation sections (train.adaptive_report) into the
     evaluation report: the HTML before ``</body>``, the figures under ``out/adaptive``, and the
     numbers into metrics.json under "adaptive"."""
@@ -108,12 +115,19 @@ def add_adaptive_sections(index: Path, out: Path, metrics: dict, adaptive: Path 
     from train.adaptive import load_results
     from train.adaptive_report import write_sections
 
-    adaptive_doc = None
-    if adaptive is not None:
-        adaptive_doc = (load_results(adaptive) if adaptive.is_dir()
-                        else json.loads(adaptive.read_text()))
-    ablation_doc = json.loads(ablation.read_text()) if ablation is not None else None
-    res = write_sections(out / "adaptive", adaptive_doc, ablation_doc, metrics)
+    def results(path: Path | None) -> dict | None:
+        if path is None:
+            return None
+        return load_results(path) if path.is_dir() else json.loads(path.read_text())
+
+    def json_of(path: Path | None, name: str) -> dict | None:
+        if path is None:
+            return None
+        return json.loads((path / name if path.is_dir() else path).read_text())
+
+    res = write_sections(out / "adaptive", results(adaptive), json_of(ablation, "ablation.json"),
+                         metrics, hardened=results(hardened),
+                         second_source=json_of(bundles_second_source, "second_source.json"))
     fragment = res["html"].replace("src='", "src='adaptive/")
     page = index.read_text()
     index.write_text(page.replace("</body>", fragment + "</body>", 1))
