@@ -95,6 +95,17 @@ def _attack_row(name: str, eps: float, fooled: float, det_fooled: float) -> dict
                        .tolist()}}
 
 
+def _with_home(row: dict, threshold: float) -> dict:
+    """A result row plus its detection at a home-source threshold (train.adaptive)."""
+    s = np.asarray(row["scores"]["attacked"])
+    fooled = np.ones(len(s), bool)
+    det = float(np.mean(s >= threshold))
+    return {**row, "home": {"threshold": threshold, "fooled": fooled.astype(int).tolist(),
+                            "detection": det, "detection_fooled": det,
+                            "detection_fooled_ci": [max(0, det - 0.1), min(1, det + 0.1)],
+                            "clean_fpr_subset": 0.01}}
+
+
 def test_report_sections_state_targets_and_write_files(tmp_path: Path) -> None:
     adaptive = {"bundle_id": "b1", "w_cnn": 0.5, "threshold": 0.7, "n": 100,
                 "surrogate_fidelity": {"decision_agreement": 0.97},
@@ -140,6 +151,38 @@ def test_report_sections_state_targets_and_write_files(tmp_path: Path) -> None:
     assert "stronger detector" in res["html"]
     assert res["json"]["verdict_hardened"]["eps_0.006"]["attack"] == "adaptive-all"
     assert (tmp_path / "h" / "fig_adaptive_hardened_roc_eps0.006.png").exists()
+    assert "home_threshold_0.006" not in v  # no home operating point in these rows
+
+
+def test_report_reads_the_home_source_threshold(tmp_path: Path) -> None:
+    """Rows measured at a threshold calibrated on the source's own clean images get a column,
+    a verdict of their own and the threshold trade-off figure (with the second source's clean
+    false-positive rate when its per-image scores are given)."""
+    rng = np.random.default_rng(1)
+    adaptive = {"bundle_id": "b1", "w_cnn": 0.5, "threshold": 0.9, "n": 100,
+                "home_threshold": 0.6,
+                "val_clean_scores": {"home": (rng.random(200) * 0.6).tolist(),
+                                     "resampled": rng.random(200).tolist()},
+                "attacks": {"adaptive-all@0.006": _with_home(
+                                _attack_row("adaptive-all", 0.006, 0.95, 0.05), 0.6),
+                            "adaptive-cnn@0.006": _with_home(
+                                _attack_row("adaptive-cnn", 0.006, 0.95, 0.05), 0.6)}}
+    nih = {"source": "/data/nih", "images": 50, "bundles": {"b1": {
+        "bundle": "x/default", "clean_fpr": 0.0, "clean_fpr_ci": [0.0, 0.07],
+        "pgd_0.006_detection": 1.0, "pgd_0.006_detection_ci": [0.93, 1.0],
+        "clean_scores": (rng.random(50) * 0.8).tolist()}}}
+    res = adaptive_report.write_sections(tmp_path, adaptive, second_source=nih)
+    home = res["json"]["verdict"]["home_threshold_0.006"]
+    expect = min(r["home"]["detection_fooled"] for r in adaptive["attacks"].values())
+    assert home["detection_among_fooled"] == pytest.approx(expect)
+    assert home["threshold"] == 0.6
+    assert "home-source threshold" in res["html"]
+    assert (tmp_path / "fig_adaptive_threshold_tradeoff.png").stat().st_size > 1000
+    # per-image lists stay out of the JSON that goes into metrics.json
+    doc = res["json"]
+    assert "fooled" not in doc["adaptive"]["attacks"]["adaptive-all@0.006"]["home"]
+    text = json.dumps(doc)
+    assert "clean_scores" not in text and "val_clean_scores" not in text
 
 
 def test_harden_bundle_loads_with_the_or_rule(tmp_path: Path, fixture_bundle: Path) -> None:

@@ -150,3 +150,26 @@ def test_load_results_merges_finished_attacks(tmp_path: Path) -> None:
     only_or = adaptive.load_results(tmp_path, rule="or")
     assert set(only_or["attacks"]) == {"pgd@0.006", "adaptive-all+or@0.006"}
     assert only_or["bundle_id"] == "b"
+
+
+def test_home_operating_point_counts_only_fooled_images(models) -> None:
+    """Detection at the home-source threshold is read among the images the attack fooled, and
+    the per-image mask comes with it (the report draws detection against any threshold)."""
+    from train import victim
+
+    x = _images(4, seed=3)
+    y = (victim.predict_logits(models.victim, x) > 0).astype(np.float64)  # all clean-correct
+    adv = x.copy()
+    adv[:2] = adaptive.run_attack(models, adaptive.AdaptiveAttack("victim-only", select="proxy"),
+                                  adaptive.AttackSettings(eps=0.006, steps=8, kappa=50.0),
+                                  x[:2], y[:2])
+    fooled = (victim.predict_logits(models.victim, adv) > 0) != (y == 1)
+    attacked = np.array([0.9, 0.1, 0.95, 0.2])  # 1st and 3rd above the threshold
+    r = adaptive.home_operating_point(models, x, y, adv, np.array([0.1, 0.2, 0.3, 0.6]),
+                                      attacked, threshold=0.5)
+    assert r["fooled"] == fooled.astype(int).tolist()
+    want = np.mean(attacked[fooled] >= 0.5) if fooled.any() else 0.0
+    assert r["detection_fooled"] == pytest.approx(want)
+    assert r["detection"] == pytest.approx(0.5)
+    assert r["clean_fpr_subset"] == pytest.approx(0.25)
+    assert r["threshold"] == 0.5

@@ -26,7 +26,7 @@ the pure transfer variant keeps its own loss's best instead (``select="proxy"``)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +409,32 @@ def _or_block(models: AdaptiveModels, clean_scores: np.ndarray, adv_scores: np.n
                         "detection_fooled_ci": wilson(k, int(fooled.sum()))}}
 
 
+def home_operating_point(models: AdaptiveModels, x: np.ndarray, y: np.ndarray,
+                         x_adv: np.ndarray, clean_scores: np.ndarray,
+                         attacked_scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Detection at a threshold calibrated on the attacked source's own clean validation
+    images (what ``sentinel calibrate`` sets for a site), beside the bundle's own.
+
+    Why: the bundle's threshold is also calibrated on resampled copies that stand in for
+    noisier, unseen sources; that margin is room an adaptive attacker can use. The attacks keep
+    the iterate the real detector scores lowest, whatever the threshold, so their images
+    measure both operating points without being crafted again. ``fooled`` (per image) lets
+    the report draw detection against any threshold.
+    """
+    from train import victim
+
+    la = victim.predict_logits(models.victim, x_adv)
+    lc = victim.predict_logits(models.victim, x)
+    fooled = ((lc > 0) == (y == 1)) & ((la > 0) != (y == 1))
+    flagged = np.asarray(attacked_scores) >= threshold
+    k = int((flagged & fooled).sum())
+    return {"threshold": threshold, "fooled": fooled.astype(int).tolist(),
+            "detection": float(flagged.mean()),
+            "detection_fooled": float(k / max(1, int(fooled.sum()))),
+            "detection_fooled_ci": wilson(k, int(fooled.sum())),
+            "clean_fpr_subset": float(np.mean(np.asarray(clean_scores) >= threshold))}
+
+
 def settings_dict(s: AttackSettings, spec: AdaptiveAttack) -> dict[str, Any]:
     return {"settings": asdict(s), "attack": asdict(spec)}
 
@@ -475,6 +501,9 @@ class SuiteConfig:
     n_boot: int = 1000
     rule: str = "ensemble"  # decision rule the attacks' iterate selection targets ("or")
     split: str = "test"  # "train": adaptive examples for adversarial training of the forest
+    # a stronger attacker: the detector terms weighted this much against the victim term
+    # (None: each attack's own det_weight); the attack's name gets "-w<weight>"
+    det_weight: float | None = None
 
 
 def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
@@ -487,6 +516,7 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     import json
     import time
 
+    from detector.calibration import calibrate_threshold
     from train import attacks, pipeline
 
     work = pipeline.Work(Path(cfg.work))
@@ -525,6 +555,8 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     val_scores = out.cached_npy("val_clean_scores.npy", lambda: detector_scores(
         models.detector, np.concatenate(val_x)))
     models.extra["or_thresholds"] = calibrate_or_rule(val_scores[:, 0], val_scores[:, 1])
+    n_home = len(val_x[0])
+    home_thr = calibrate_threshold(val_scores[:n_home, 2])
     clean_scores = out.cached_npy("clean_scores.npy",
                                   lambda: detector_scores(models.detector, x))
     results: dict[str, Any] = {
@@ -534,6 +566,11 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
         "hfc_layers": list(models.gaussians.layers) if models.gaussians else [],
         "steps": cfg.steps, "attacks": {}, "or_thresholds": models.extra["or_thresholds"],
         "n_val_clean": len(val_scores),
+        "home_threshold": home_thr,
+        # fused scores of the validation clean images: the source's own, and the resampled
+        # copies the bundle's threshold was also calibrated on (for the threshold trade-off)
+        "val_clean_scores": {"home": np.round(val_scores[:n_home, 2], 6).tolist(),
+                             "resampled": np.round(val_scores[n_home:, 2], 6).tolist()},
     }
     out.save_json("suite.json", results)  # header: results are merged in by load_results
     arr = pipeline.SplitArrays(name="test", root="", records=(), x=x, y=y.astype(np.int64),
@@ -543,6 +580,8 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     for eps in cfg.eps:
         for base in ("pgd", *cfg.attacks):
             name = base if (cfg.rule == "ensemble" or base == "pgd") else f"{base}+{cfg.rule}"
+            if cfg.det_weight is not None and base != "pgd":
+                name += f"-w{cfg.det_weight:g}"
             key = f"{name}@{eps}"
             rel = f"adv/{name}_{eps}.npy"
             t0 = time.time()
@@ -556,6 +595,8 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
                 adv = out.load_npy(rel)
             else:
                 spec = ATTACKS[base]
+                if cfg.det_weight is not None:
+                    spec = replace(spec, det_weight=cfg.det_weight)
                 if spec.w_surrogate > 0 and models.surrogate is None:
                     log(f"{key}: skipped (no surrogate for this bundle's feature set)")
                     continue
@@ -576,13 +617,21 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
                 r["attack_seconds"] = round(seconds, 1)
                 r["steps"] = cfg.steps if base in ATTACKS else attacks.PGD_STEPS
                 r["rule"] = cfg.rule
+                if cfg.det_weight is not None and base != "pgd":
+                    r["det_weight"] = cfg.det_weight
+                out.save_json(res_rel, r)
+            if r.get("home", {}).get("threshold") != home_thr:  # also fills in older results
+                r["home"] = home_operating_point(models, x, y, adv, clean_scores[:, 2],
+                                                 np.asarray(r["scores"]["attacked"]), home_thr)
                 out.save_json(res_rel, r)
             results["attacks"][key] = r
             log(f"{key}: victim acc {r['victim_accuracy_attacked']:.3f}, fooled "
                 f"{r['fooled_share_of_clean_correct']:.3f}, detection {r['detection_rate']:.3f} "
                 f"(fooled only {r['detection_rate_fooled']:.3f}), AUC {r['auc_ci'][0]:.3f}"
                 + (f"; OR rule: detection among fooled {r['or_rule']['detection_fooled']:.3f}"
-                   if "or_rule" in r else ""))
+                   if "or_rule" in r else "")
+                + f"; at the home-source threshold {home_thr:.4f}: detection among fooled "
+                f"{r['home']['detection_fooled']:.3f}")
     fname = "results.json" if cfg.rule == "ensemble" else f"results-{cfg.rule}.json"
     (Path(cfg.out) / fname).write_text(json.dumps(results, indent=1))
     return results
@@ -627,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: clean FPR and PGD 0.006 detection of --bundle (and any "
                    "--also bundles) on this independent folder; results under --out")
     p.add_argument("--also", nargs="*", default=[], help="more bundles for --second-source")
+    p.add_argument("--det-weight", type=float, default=None,
+                   help="a stronger attacker: weight of the detector terms against the victim "
+                   "term (default: each attack's own, 0.5); names get '-w<weight>'")
     a = p.parse_args(argv)
     from train.pipeline import log
 
@@ -638,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--work is required (the training work dir that made the bundle)")
 
     run_suite(SuiteConfig(bundle=a.bundle, work=a.work, out=a.out, n=a.n, steps=a.steps,
-                          eps=tuple(a.eps), attacks=tuple(a.attacks), rule=a.rule, split=a.split),
+                          eps=tuple(a.eps), attacks=tuple(a.attacks), rule=a.rule, split=a.split,
+                          det_weight=a.det_weight),
               log=log)
     return 0
 
@@ -678,7 +731,9 @@ def second_source_check(bundles: list[Path], data_dir: Path, out: Path, seed: in
         k_c, k_a = int((c >= det.threshold).sum()), int((a >= det.threshold).sum())
         res["bundles"][det.bundle_id] = {
             "bundle": str(b), "clean_fpr": k_c / len(c), "clean_fpr_ci": wilson(k_c, len(c)),
-            "pgd_0.006_detection": k_a / len(a), "pgd_0.006_detection_ci": wilson(k_a, len(a))}
+            "pgd_0.006_detection": k_a / len(a), "pgd_0.006_detection_ci": wilson(k_a, len(a)),
+            # per image, so a report can read this source's FPR at any other threshold
+            "clean_scores": np.round(c, 6).tolist()}
         log(f"{b}: {root.name} clean FPR {k_c / len(c):.4f}, PGD 0.006 detection "
             f"{k_a / len(a):.4f} (n={len(c)})")
     work.save_json("second_source.json", res)

@@ -42,16 +42,23 @@ def _ci(p: float, ci: list[float] | tuple[float, float]) -> str:
     return f"{p:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def strongest(adaptive: dict[str, Any], eps: float) -> dict[str, Any] | None:
+def strongest(adaptive: dict[str, Any], eps: float, at: str | None = None
+              ) -> dict[str, Any] | None:
     """Among attacks at ``eps`` that fool the victim on >= 90% of the clean-correct images,
     the one with the lowest detection among its fooled images; when none fools that often,
-    the one with the most undetected successes (fooled and not flagged)."""
-    rows = [r for r in adaptive["attacks"].values() if abs(r["eps"] - eps) < 1e-9]
+    the one with the most undetected successes (fooled and not flagged).
+
+    ``at="home"``: detection at the home-source threshold (see train.adaptive
+    ``home_operating_point``) instead of the bundle's; only rows that carry it.
+    """
+    rows = [r for r in adaptive["attacks"].values() if abs(r["eps"] - eps) < 1e-9
+            and (at is None or at in r)]
     if not rows:
         return None
     ok = [r for r in rows if r["fooled_share_of_clean_correct"] >= TARGET_FOOL]
     if ok:
-        best = min(ok, key=lambda r: r["detection_rate_fooled"])
+        best = min(ok, key=lambda r: r[at]["detection_fooled"] if at else
+                   r["detection_rate_fooled"])
         return {**best, "meets_fool_requirement": True}
     best = max(rows, key=lambda r: (r["undetected_successes"],
                                     r["fooled_share_of_clean_correct"]))
@@ -67,9 +74,58 @@ def roc_points(clean: np.ndarray, attacked: np.ndarray) -> tuple[np.ndarray, np.
     return np.r_[0, fp / max(1, len(clean))], np.r_[0, tp / max(1, len(attacked))]
 
 
+def threshold_tradeoff_figure(adaptive: dict[str, Any], out: Path, tag: str,
+                              second_source_scores: tuple[str, list[float]] | None
+                              ) -> str | None:
+    """Detection among fooled images of every attack at eps 0.006, and the clean false-positive
+    rates (the source's own validation images, the resampled copies, a second source when
+    given), against the operating threshold: what the bundle's margin for unseen sources costs
+    against an adaptive attacker."""
+    val = adaptive.get("val_clean_scores")
+    rows = [r for r in adaptive["attacks"].values()
+            if abs(r["eps"] - 0.006) < 1e-9 and "home" in r]
+    if not val or not rows:
+        return None
+    plt = _plt()
+    grid = np.linspace(0.2, 1.0, 161)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in sorted(rows, key=lambda r: r["attack"]):
+        s = np.asarray(r["scores"]["attacked"])
+        fooled = np.asarray(r["home"]["fooled"], bool)
+        a1.plot(grid, [np.mean(s[fooled] >= t) if fooled.any() else np.nan for t in grid],
+                lw=1.2, label=r["attack"])
+    clean = [("validation, own source", val["home"]), ("validation, resampled copies",
+                                                         val["resampled"])]
+    if second_source_scores:
+        clean.append((f"{second_source_scores[0]} (never used)", second_source_scores[1]))
+    for label, c in clean:
+        if len(c):
+            c = np.asarray(c)
+            a2.plot(grid, [np.mean(c >= t) for t in grid], lw=1.4, label=label)
+    for ax in (a1, a2):
+        ax.axvline(adaptive["threshold"], color="k", ls="--", lw=0.8)
+        ax.axvline(adaptive["home_threshold"], color="k", ls=":", lw=0.8)
+        ax.set_xlabel("operating threshold (dashed: the bundle's; dotted: home-source)")
+    a1.axhline(TARGET_DETECTION, color="grey", lw=0.6)
+    a1.set_ylabel("detection among fooled images, eps 0.006")
+    a1.legend(fontsize=6)
+    a2.axhline(TARGET_FPR, color="grey", lw=0.6)
+    a2.set_yscale("log"), a2.set_ylim(5e-4, 1)
+    a2.set_ylabel("clean false-positive rate (log)")
+    a2.legend(fontsize=7)
+    fig.suptitle("What the threshold buys: adaptive detection against false alarms", fontsize=10)
+    fig.tight_layout()
+    name = f"fig_adaptive_{tag}threshold_tradeoff.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def adaptive_section(adaptive: dict[str, Any], out: Path,
                      second_source: dict[str, Any] | None, title: str = "Adaptive attacks",
-                     tag: str = "") -> tuple[str, dict[str, Any]]:
+                     tag: str = "",
+                     second_source_scores: tuple[str, list[float]] | None = None
+                     ) -> tuple[str, dict[str, Any]]:
     plt = _plt()
     eps_list = sorted({r["eps"] for r in adaptive["attacks"].values()})
     figs = []
@@ -110,12 +166,15 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
             f"{r['mean_abs_change_grey_levels']:.2f} / {r['changed_pixel_share']:.2f}",
             (_ci(r["or_rule"]["detection_fooled"], r["or_rule"]["detection_fooled_ci"])
              if "or_rule" in r else "-"),
+            (_ci(r["home"]["detection_fooled"], r["home"]["detection_fooled_ci"])
+             if "home" in r else "-"),
         ])
     header = ["attack", "eps", "n", "steps", "victim acc clean", "victim acc attacked",
               "fooled (share of clean-correct, count)", "detection [95% Wilson]",
               "detection among fooled", "undetected successes", "ensemble AUC [95% CI]",
               "CNN / forest detection (own thresholds)", "mean |change| (grey levels) / "
-              "share of pixels changed", "OR rule: detection among fooled"]
+              "share of pixels changed", "OR rule: detection among fooled",
+              "detection among fooled at the home-source threshold"]
     verdict: dict[str, Any] = {}
     lines = []
     for eps in eps_list:
@@ -148,6 +207,26 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
             f"Target (detection &ge; 50% at eps 0.006 under the strongest adaptive attack, clean "
             f"FPR &le; 1%): {'met' if miss <= 0 else 'MISSED'}: {100 * det:.1f}%"
             + ("" if miss <= 0 else f", short by {100 * miss:.1f} points") + ".")
+    home6 = strongest(adaptive, 0.006, at="home")
+    if home6 is not None and "home_threshold" in adaptive:
+        det = home6["home"]["detection_fooled"]
+        verdict["home_threshold_0.006"] = {
+            "threshold": adaptive["home_threshold"], "attack": home6["attack"],
+            "detection_among_fooled": det, "met": bool(det >= TARGET_DETECTION),
+            "meets_fool_requirement": home6["meets_fool_requirement"]}
+        lines.append(
+            f"At a threshold calibrated on the attacked source's own clean validation images "
+            f"({adaptive['home_threshold']:.4f}, 1% FPR on them; what <code>sentinel calibrate"
+            f"</code> sets for a site) instead of the bundle's {adaptive['threshold']:.4f}: "
+            f"strongest at eps 0.006 = <b>{html.escape(home6['attack'])}</b>, detection among "
+            f"fooled images {100 * det:.1f}% (Wilson 95% "
+            f"{100 * home6['home']['detection_fooled_ci'][0]:.1f}-"
+            f"{100 * home6['home']['detection_fooled_ci'][1]:.1f}%). The bundle's threshold is "
+            "higher because it is also calibrated on resampled copies that stand in for noisier "
+            "sources it never saw (see the trade-off figure).")
+        trade = threshold_tradeoff_figure(adaptive, out, tag, second_source_scores)
+        if trade:
+            figs.append(trade)
     if second_source:
         fpr = second_source["clean_fpr_at_threshold"]
         det = second_source["pgd_0.006_detection_at_threshold"]
@@ -183,8 +262,12 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
         note,
         _table(header, rows),
         "<p>" + "<br>".join(lines) + "</p>",
-        *[f"<figure><img src='{f}'><figcaption>ROC of the ensemble score, clean subset vs "
-          f"each attack ({html.escape(f)})</figcaption></figure>" for f in figs],
+        *[f"<figure><img src='{f}'><figcaption>"
+          + ("Left: detection among fooled images of each attack at eps 0.006 against the "
+             "operating threshold; right: clean false-positive rates against the same "
+             "threshold." if "tradeoff" in f else
+             f"ROC of the ensemble score, clean subset vs each attack ({html.escape(f)})")
+          + "</figcaption></figure>" for f in figs],
     ]
     return "\n".join(frag), verdict
 
@@ -315,10 +398,12 @@ def ablation_section(ab: dict[str, Any], out: Path,
 
 
 def _without_scores(results: dict[str, Any]) -> dict[str, Any]:
-    """A suite's results for metrics.json: every attack's per-image scores left out."""
-    out = {k: v for k, v in results.items() if k != "attacks"}
-    out["attacks"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"}
-                      for k, r in results["attacks"].items()}
+    """A suite's results for metrics.json: every per-image list left out."""
+    out = {k: v for k, v in results.items() if k not in ("attacks", "val_clean_scores")}
+    out["attacks"] = {
+        k: {kk: ({hk: hv for hk, hv in vv.items() if hk != "fooled"} if kk == "home" else vv)
+            for kk, vv in r.items() if kk != "scores"}
+        for k, r in results["attacks"].items()}
     return out
 
 
@@ -344,15 +429,24 @@ def write_sections(out: Path, adaptive: dict[str, Any] | None = None,
             ss = {"source": second_source["source"], "images": second_source["images"],
                   "clean_fpr_at_threshold": row["clean_fpr"],
                   "pgd_0.006_detection_at_threshold": row["pgd_0.006_detection"]}
+    def clean_scores_of(results: dict[str, Any]) -> tuple[str, list[float]] | None:
+        """(source name, per-image clean scores) of that bundle on the second source."""
+        row = (second_source or {}).get("bundles", {}).get(results.get("bundle_id"), {})
+        if not row.get("clean_scores"):
+            return None
+        return Path(str(second_source["source"])).name, row["clean_scores"]  # type: ignore[index]
+
     if adaptive:
-        h, verdict = adaptive_section(adaptive, out, ss)
+        h, verdict = adaptive_section(adaptive, out, ss,
+                                      second_source_scores=clean_scores_of(adaptive))
         frag.append(h)
         doc["adaptive"] = _without_scores(adaptive)
         doc["verdict"] = verdict
     if hardened:
         h, verdict = adaptive_section(
             hardened, out, None, title="Adaptive attacks on the proposed stronger detector "
-            "(v2 features + adaptive training + OR rule)", tag="hardened_")
+            "(v2 features + adaptive training + OR rule)", tag="hardened_",
+            second_source_scores=clean_scores_of(hardened))
         frag.append(h)
         doc["hardened"] = _without_scores(hardened)
         doc["verdict_hardened"] = verdict
@@ -369,7 +463,10 @@ def write_sections(out: Path, adaptive: dict[str, Any] | None = None,
             + "<p>PGD crafted against the victim at 224x224 and mapped onto the native 512x512 "
             "grid (train.attacks.to_native), 40 steps; targets: clean FPR &le; 1%, detection "
             "&ge; 95%.</p>")
-        doc["second_source"] = second_source
+        doc["second_source"] = {
+            **second_source, "bundles": {
+                bid: {k: v for k, v in r.items() if k != "clean_scores"}
+                for bid, r in second_source["bundles"].items()}}
     if ablation:
         frag.append(ablation_section(ablation, out, metrics))
         doc["ablation"] = ablation
