@@ -161,6 +161,8 @@ def test_report_reads_the_home_source_threshold(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     adaptive = {"bundle_id": "b1", "w_cnn": 0.5, "threshold": 0.9, "n": 100,
                 "home_threshold": 0.6,
+                "clean_fpr_split": {"images": 873, "split": "test", "at_bundle_threshold": 0.0,
+                                    "at_home_threshold": 0.0092},
                 "val_clean_scores": {"home": (rng.random(200) * 0.6).tolist(),
                                      "resampled": rng.random(200).tolist()},
                 "attacks": {"adaptive-all@0.006": _with_home(
@@ -177,6 +179,7 @@ def test_report_reads_the_home_source_threshold(tmp_path: Path) -> None:
     assert home["detection_among_fooled"] == pytest.approx(expect)
     assert home["threshold"] == 0.6
     assert "home-source threshold" in res["html"]
+    assert "all 873 test images: 0.92% at the home-source threshold" in res["html"]
     assert (tmp_path / "fig_adaptive_threshold_tradeoff.png").stat().st_size > 1000
     # per-image lists stay out of the JSON that goes into metrics.json
     doc = res["json"]

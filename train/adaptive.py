@@ -557,6 +557,10 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     models.extra["or_thresholds"] = calibrate_or_rule(val_scores[:, 0], val_scores[:, 1])
     n_home = len(val_x[0])
     home_thr = calibrate_threshold(val_scores[:n_home, 2])
+    # every clean image of the split (not only the attacked subset): the clean false-positive
+    # rate of both operating points on data never used for thresholds
+    split_clean = out.cached_npy(f"{cfg.split}_clean_scores.npy",
+                                 lambda: detector_scores(models.detector, x_all))[:, 2]
     clean_scores = out.cached_npy("clean_scores.npy",
                                   lambda: detector_scores(models.detector, x))
     results: dict[str, Any] = {
@@ -567,6 +571,10 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
         "steps": cfg.steps, "attacks": {}, "or_thresholds": models.extra["or_thresholds"],
         "n_val_clean": len(val_scores),
         "home_threshold": home_thr,
+        "clean_fpr_split": {"images": len(split_clean), "split": cfg.split,
+                            "at_bundle_threshold": float(np.mean(
+                                split_clean >= models.extra["threshold"])),
+                            "at_home_threshold": float(np.mean(split_clean >= home_thr))},
         # fused scores of the validation clean images: the source's own, and the resampled
         # copies the bundle's threshold was also calibrated on (for the threshold trade-off)
         "val_clean_scores": {"home": np.round(val_scores[:n_home, 2], 6).tolist(),

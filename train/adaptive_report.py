@@ -223,7 +223,11 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
             f"{100 * home6['home']['detection_fooled_ci'][0]:.1f}-"
             f"{100 * home6['home']['detection_fooled_ci'][1]:.1f}%). The bundle's threshold is "
             "higher because it is also calibrated on resampled copies that stand in for noisier "
-            "sources it never saw (see the trade-off figure).")
+            "sources it never saw (see the trade-off figure)."
+            + (f" Clean false-positive rate on all {cfg_fpr['images']} {cfg_fpr['split']} "
+               f"images: {100 * cfg_fpr['at_home_threshold']:.2f}% at the home-source "
+               f"threshold, {100 * cfg_fpr['at_bundle_threshold']:.2f}% at the bundle's."
+               if (cfg_fpr := adaptive.get("clean_fpr_split")) else ""))
         trade = threshold_tradeoff_figure(adaptive, out, tag, second_source_scores)
         if trade:
             figs.append(trade)
