@@ -3,6 +3,7 @@ bundle's), per Modality, as config lines the gateway accepts."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from detector.calibration import calibrate_threshold
-from detector.cmd_calibrate import calibrate, config_lines
+from detector.cmd_calibrate import calibrate, config_lines, min_images_to_lower
 from tests.dicom_factory import make_series
 
 
@@ -41,6 +42,23 @@ def test_site_thresholds_per_modality_and_never_below_the_bundle() -> None:
     assert lines.splitlines()[0] == "[detector.thresholds]"
     assert f"CR = {cr['threshold']:.6f}" in lines and "DX = 0.850000" in lines
     assert config_lines(calibrate({"": quiet}, 0.01, 0.85)).startswith("[default]\nthreshold")
+    assert not dx["below_bundle"] and not dx["lower_refused"]  # not asked to lower
+
+
+def test_allow_lower_needs_enough_images_and_keeps_the_target_rate() -> None:
+    """--allow-lower: a quiet source with enough clean images gets its own 1% point, below the
+    bundle's; one with too few keeps the bundle's and says why; a noisy one still goes up."""
+    rng = np.random.default_rng(2)
+    quiet = list(0.30 * rng.random(400))
+    few = list(0.30 * rng.random(100))
+    noisy = list(0.80 + 0.15 * rng.random(400))
+    assert min_images_to_lower(0.01) == 300
+    r = calibrate({"CR": quiet, "DX": few, "MG": noisy}, 0.01, 0.85, allow_lower=True)
+    cr, dx, mg = (r["by_modality"][m] for m in ("CR", "DX", "MG"))
+    assert cr["threshold"] < 0.3 and cr["below_bundle"] and cr["fpr_at_threshold"] <= 0.01
+    assert cr["threshold"] == pytest.approx(np.nextafter(np.sort(quiet)[::-1][4], 1.0))
+    assert dx["threshold"] == 0.85 and dx["lower_refused"] and not dx["below_bundle"]
+    assert mg["threshold"] > 0.85 and not mg["lower_refused"]
 
 
 def test_cli_on_clean_dicoms_prints_config_the_gateway_loads(tmp_path: Path,
@@ -61,6 +79,14 @@ def test_cli_on_clean_dicoms_prints_config_the_gateway_loads(tmp_path: Path,
                             bundle=fixture_bundle)
     cfg_path.write_text(cfg_path.read_text() + "\n" + snippet + "\n")
     assert "CR" in load_config(cfg_path).detector.thresholds
+    # --allow-lower is wired through, and 6 images are too few to go below the bundle's
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate", str(tmp_path / "clean"),
+                        "--bundle", str(fixture_bundle), "--allow-lower", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    overall = json.loads(r.stdout)["overall"]
+    assert overall["below_bundle"] is False
+    assert overall["threshold"] >= json.loads(r.stdout)["bundle_threshold"]
 
 
 def test_cli_refuses_bad_fpr_and_empty_folders(tmp_path: Path, fixture_bundle: Path) -> None:

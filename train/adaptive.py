@@ -502,7 +502,7 @@ class SuiteConfig:
     rule: str = "ensemble"  # decision rule the attacks' iterate selection targets ("or")
     split: str = "test"  # "train": adaptive examples for adversarial training of the forest
     # a stronger attacker: the detector terms weighted this much against the victim term
-    # (None: each attack's own det_weight); the attack's name gets "-w<weight>"
+    # (None: AttackSettings.det_weight, 0.5); the attack's name gets "-w<weight>"
     det_weight: float | None = None
 
 
@@ -603,12 +603,12 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
                 adv = out.load_npy(rel)
             else:
                 spec = ATTACKS[base]
-                if cfg.det_weight is not None:
-                    spec = replace(spec, det_weight=cfg.det_weight)
                 if spec.w_surrogate > 0 and models.surrogate is None:
                     log(f"{key}: skipped (no surrogate for this bundle's feature set)")
                     continue
                 s = AttackSettings(eps=eps, steps=cfg.steps, levels=lv, rule=cfg.rule)
+                if cfg.det_weight is not None:
+                    s = replace(s, det_weight=cfg.det_weight)
                 raw = run_attack(models, spec, s, x, y, progress=key)
                 out.save_npy(rel, pipeline.map_to_detector_input(arr, sel, x, raw - x))
                 adv = out.load_npy(rel)
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--also", nargs="*", default=[], help="more bundles for --second-source")
     p.add_argument("--det-weight", type=float, default=None,
                    help="a stronger attacker: weight of the detector terms against the victim "
-                   "term (default: each attack's own, 0.5); names get '-w<weight>'")
+                   "term (default 0.5); names get '-w<weight>'")
     a = p.parse_args(argv)
     from train.pipeline import log
 
