@@ -89,11 +89,12 @@ def threshold_tradeoff_figure(adaptive: dict[str, Any], out: Path, tag: str,
     plt = _plt()
     grid = np.linspace(0.2, 1.0, 161)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in sorted(rows, key=lambda r: r["attack"]):
+    colours = plt.cm.tab20(np.linspace(0, 1, max(2, len(rows))))  # 10 default colours repeat
+    for colour, r in zip(colours, sorted(rows, key=lambda r: r["attack"]), strict=False):
         s = np.asarray(r["scores"]["attacked"])
         fooled = np.asarray(r["home"]["fooled"], bool)
         a1.plot(grid, [np.mean(s[fooled] >= t) if fooled.any() else np.nan for t in grid],
-                lw=1.2, label=r["attack"])
+                lw=1.2, color=colour, label=r["attack"])
     clean = [("validation, own source", val["home"]), ("validation, resampled copies",
                                                          val["resampled"])]
     if second_source_scores:
@@ -216,8 +217,9 @@ def adaptive_section(adaptive: dict[str, Any], out: Path,
             "meets_fool_requirement": home6["meets_fool_requirement"]}
         lines.append(
             f"At a threshold calibrated on the attacked source's own clean validation images "
-            f"({adaptive['home_threshold']:.4f}, 1% FPR on them; what <code>sentinel calibrate"
-            f"</code> sets for a site) instead of the bundle's {adaptive['threshold']:.4f}: "
+            f"({adaptive['home_threshold']:.4f}, 1% FPR on them; what <code>sentinel calibrate "
+            f"--allow-lower</code> proposes for a site) instead of the bundle's "
+            f"{adaptive['threshold']:.4f}: "
             f"strongest at eps 0.006 = <b>{html.escape(home6['attack'])}</b>, detection among "
             f"fooled images {100 * det:.1f}% (Wilson 95% "
             f"{100 * home6['home']['detection_fooled_ci'][0]:.1f}-"
