@@ -289,8 +289,10 @@ def ablation_roc_figure(ab: dict[str, Any], out: Path) -> str | None:
     first = next(iter(sets.values()))
     panels = [("per_perturbation", k) for k in ("pgd_0.003", "pgd_0.006")
               if "tpr_at_fpr" in first["per_perturbation"].get(k, {})]
+    # the adaptive run's own plain PGD repeats the PGD panel on fewer images: left out
     panels += [("adaptive", k) for k in sorted(first.get("adaptive", {}))
-               if k.endswith("@0.006") and "tpr_at_fpr" in first["adaptive"][k]]
+               if k.startswith("adaptive") and k.endswith("@0.006")
+               and "tpr_at_fpr" in first["adaptive"][k]]
     if not panels:
         return None
     cols = min(4, len(panels))
