@@ -92,7 +92,9 @@ def _attack_row(name: str, eps: float, fooled: float, det_fooled: float) -> dict
                       "forest": {"detection": 0.8, "auc": 0.95}},
             "mean_abs_change_grey_levels": 0.7, "changed_pixel_share": 0.6,
             "scores": {"clean": rng.random(n).tolist(), "attacked": (rng.random(n) + 0.5)
-                       .tolist()}}
+                       .tolist()},
+            "part_scores": {"clean": rng.random((n, 2)).tolist(),
+                            "attacked": rng.random((n, 2)).tolist()}}
 
 
 def _with_home(row: dict, threshold: float) -> dict:
@@ -146,6 +148,7 @@ def test_report_sections_state_targets_and_write_files(tmp_path: Path) -> None:
         assert (tmp_path / f).stat().st_size > 1000
     doc = json.loads((tmp_path / "adaptive.json").read_text())
     assert "scores" not in doc["adaptive"]["attacks"]["pgd@0.006"]
+    assert "part_scores" not in doc["adaptive"]["attacks"]["pgd@0.006"]
     # a second run against a hardened bundle gets its own section and figure names
     res = adaptive_report.write_sections(tmp_path / "h", adaptive, None, None, hardened=adaptive)
     assert "stronger detector" in res["html"]

@@ -410,7 +410,7 @@ def _without_scores(results: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in results.items() if k not in ("attacks", "val_clean_scores")}
     out["attacks"] = {
         k: {kk: ({hk: hv for hk, hv in vv.items() if hk != "fooled"} if kk == "home" else vv)
-            for kk, vv in r.items() if kk != "scores"}
+            for kk, vv in r.items() if kk not in ("scores", "part_scores")}
         for k, r in results["attacks"].items()}
     return out
 
