@@ -400,8 +400,11 @@ def ablation_section(ab: dict[str, Any], out: Path,
     if roc:
         frag.append(f"<figure><img src='{roc}'><figcaption>ROC of the forest refitted on each "
                     "feature set (grey: each runtime feature left out in turn); dotted: the 1% "
-                    "false-positive rate the thresholds are calibrated for. The CNN / forest / "
-                    "ensemble curves are Fig. 4 of the evaluation above.</figcaption></figure>")
+                    "false-positive rate the thresholds are calibrated for. PGD panels: the whole "
+                    "test split; adaptive panels: the adaptive run's own clean test images "
+                    f"({ab.get('n_adaptive', '?')}), so their false-positive rate moves in steps "
+                    "of one image. The CNN / forest / ensemble curves are Fig. 4 of the "
+                    "evaluation above.</figcaption></figure>")
     return "\n".join(frag)
 
 
