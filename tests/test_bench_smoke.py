@@ -8,6 +8,7 @@ bench/RESULTS.md, measured on full sets).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -50,3 +51,22 @@ def test_bench_script_tiny(module: str, tmp_path: Path, fixture_bundle: Path) ->
     # every run records where it ran and under which load
     assert re.search(r"^loadavg_start: [\d.]+ [\d.]+ [\d.]+$", r.stdout, re.M)
     assert re.search(r"^orthanc: .*Orthanc", r.stdout, re.M)
+
+
+def test_detector_latency_script_writes_every_stage(tmp_path: Path, fixture_bundle: Path) -> None:
+    """bench/detector_latency.py on the fixture bundle at its smallest allowed run: the runtime
+    stages, the naive path on the same models and the ratios all come out (figures: RESULTS)."""
+    pytest.importorskip("tensorflow")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+    out = tmp_path / "latency.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.detector_latency", "--bundle", str(fixture_bundle),
+         "--repeats", "200", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for key in ("ours", "naive", "forest200"):
+        assert key in res, f"no {key!r} in {sorted(res)}"
+    assert re.search(r"paper ensemble 2\.74 ms / ours \d+\.\d+ ms", r.stdout)
+    assert re.search(r"naive \d+\.\d+ ms / ours \d+\.\d+ ms = \d+\.\dx", r.stdout)
