@@ -37,6 +37,7 @@ its own ``PreprocessError`` subclass.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -181,9 +182,29 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+@contextlib.contextmanager
+def _header_errors(source: str) -> Iterator[None]:
+    """Map what pydicom raises on a malformed element to ``Unreadable``.
+
+    Why: pydicom converts an element only when it is first read, so a corrupt VR or value in
+    the header surfaces here, as NotImplementedError, KeyError or whatever the converter
+    raises (found by mutation: an unknown VR in PhotometricInterpretation), not at parse time.
+    """
+    try:
+        yield
+    except PreprocessError:
+        raise
+    except Exception as exc:
+        raise Unreadable(f"{source}: a header element is malformed ({exc})") from exc
+
+
 def check_header(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "") -> None:
     """Refuse a dataset from its header alone, before any pixel is read or decoded."""
-    src = source or "dataset"
+    with _header_errors(source or "dataset"):
+        _check_header(ds, max_pixels, source or "dataset")
+
+
+def _check_header(ds: Dataset, max_pixels: int, src: str) -> None:
     if "PixelData" not in ds:
         if "SOPClassUID" not in ds:
             # pydicom stops quietly at end of file; a dataset without even its SOP Class
@@ -411,11 +432,13 @@ def unit_params(ds: Dataset, source: str = "dataset") -> tuple[int, bool, bool]:
 
     Public so that training can map [0, 1] values back onto stored values exactly.
     """
-    bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
+    with _header_errors(source):
+        bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
+        raw_slope = ds.get("RescaleSlope", 1.0)
     try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        slope = float(raw_slope or 1.0)
     except (TypeError, ValueError) as exc:
         raise Unreadable(f"{source}: RescaleSlope is not a number") from exc
     if slope < 0:

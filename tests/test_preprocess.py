@@ -563,3 +563,17 @@ def test_scoring_path_equals_normalise_then_resize(
     np.testing.assert_allclose(
         resize_frame(ints), resize_frame(ints.astype(np.float64)), rtol=1e-13, atol=1e-9
     )
+
+
+def test_malformed_header_element_is_unreadable(tmp_path: Path) -> None:
+    """An unknown VR in PhotometricInterpretation (found by the mutation test): pydicom parses
+    the file and raises NotImplementedError only when the element is read; the header check
+    must turn that into a typed refusal, as for any other malformed input."""
+    ds = make_ds(ramp(72, 64), bits_stored=12)
+    raw = save(ds, tmp_path / "ok.dcm").read_bytes()
+    tag = b"\x28\x00\x04\x00CS"
+    assert raw.count(tag) == 1
+    bad = tmp_path / "bad-vr.dcm"
+    bad.write_bytes(raw.replace(tag, b"\x28\x00\x04\x00C,"))
+    with pytest.raises(Unreadable, match="header element is malformed"):
+        preprocess_path(bad)
