@@ -225,14 +225,10 @@ def tpr_at_fpr(clean: np.ndarray, attacked: np.ndarray,
     Why a grid: 20 feature sets x 3-14 attacks of full curves (one point per image) would make
     ablation.json megabytes; the grid keeps what a reader compares (the low-FPR region).
     """
-    s = np.r_[clean, attacked]
-    y = np.r_[np.zeros(len(clean)), np.ones(len(attacked))]
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    # only cut between distinct scores: tied scores are flagged together or not at all
-    last = np.r_[s[1:] != s[:-1], True]
-    fpr = np.r_[0.0, (np.cumsum(1 - y) / max(1, len(clean)))[last]]
-    tpr = np.r_[0.0, (np.cumsum(y) / max(1, len(attacked)))[last]]
+    from train.evaluate import roc_curve
+
+    fpr, tpr = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(attacked))],
+                         np.r_[clean, attacked])
     return [round(float(tpr[fpr <= g + 1e-12].max()), 4) for g in grid]
 
 

@@ -342,20 +342,28 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (float(max(0.0, c - h)), float(min(1.0, c + h)))
 
 
+def victim_outcomes(models: AdaptiveModels, x: np.ndarray, y: np.ndarray,
+                    x_adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the victim is right on the clean image; it is wrong on the attacked one.
+    An image is *fooled* when both hold (a clean-correct image the attack turned wrong)."""
+    from train import victim
+
+    lc = victim.predict_logits(models.victim, x)
+    la = victim.predict_logits(models.victim, x_adv)
+    return (lc > 0) == (y == 1), (la > 0) != (y == 1)
+
+
 def measure(models: AdaptiveModels, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray,
             clean_scores: np.ndarray, part_thresholds: dict[str, float],
             n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Victim accuracy under attack and detection at the bundle's operating threshold."""
-    from train import fit_detector, victim
+    from train import fit_detector
 
     det = models.detector
     thr = float(det.threshold)
     adv_scores = detector_scores(det, x_adv)
-    la = victim.predict_logits(models.victim, x_adv)
-    lc = victim.predict_logits(models.victim, x)
-    correct_clean = (lc > 0) == (y == 1)
-    wrong_adv = (la > 0) != (y == 1)
-    fooled = correct_clean & wrong_adv  # a clean-correct image the attack turned wrong
+    correct_clean, wrong_adv = victim_outcomes(models, x, y, x_adv)
+    fooled = correct_clean & wrong_adv
     flagged = adv_scores[:, 2] >= thr
     n = len(x)
     n_fooled = int(fooled.sum())
@@ -413,7 +421,7 @@ def home_operating_point(models: AdaptiveModels, x: np.ndarray, y: np.ndarray,
                          x_adv: np.ndarray, clean_scores: np.ndarray,
                          attacked_scores: np.ndarray, threshold: float) -> dict[str, Any]:
     """Detection at a threshold calibrated on the attacked source's own clean validation
-    images (what ``sentinel calibrate`` sets for a site), beside the bundle's own.
+    images (what ``sentinel calibrate --allow-lower`` proposes for a site), beside the bundle's own.
 
     Why: the bundle's threshold is also calibrated on resampled copies that stand in for
     noisier, unseen sources; that margin is room an adaptive attacker can use. The attacks keep
@@ -421,11 +429,8 @@ def home_operating_point(models: AdaptiveModels, x: np.ndarray, y: np.ndarray,
     measure both operating points without being crafted again. ``fooled`` (per image) lets
     the report draw detection against any threshold.
     """
-    from train import victim
-
-    la = victim.predict_logits(models.victim, x_adv)
-    lc = victim.predict_logits(models.victim, x)
-    fooled = ((lc > 0) == (y == 1)) & ((la > 0) != (y == 1))
+    correct_clean, wrong_adv = victim_outcomes(models, x, y, x_adv)
+    fooled = correct_clean & wrong_adv
     flagged = np.asarray(attacked_scores) >= threshold
     k = int((flagged & fooled).sum())
     return {"threshold": threshold, "fooled": fooled.astype(int).tolist(),
