@@ -564,10 +564,10 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     home_thr = calibrate_threshold(val_scores[:n_home, 2])
     # every clean image of the split (not only the attacked subset): the clean false-positive
     # rate of both operating points on data never used for thresholds
-    split_clean = out.cached_npy(f"{cfg.split}_clean_scores.npy",
-                                 lambda: detector_scores(models.detector, x_all))[:, 2]
-    clean_scores = out.cached_npy("clean_scores.npy",
-                                  lambda: detector_scores(models.detector, x))
+    split_scores = out.cached_npy(f"{cfg.split}_clean_scores.npy",
+                                  lambda: detector_scores(models.detector, x_all))
+    split_clean = split_scores[:, 2]
+    clean_scores = np.asarray(split_scores[idx])  # the attacked subset's own clean images
     results: dict[str, Any] = {
         "bundle": cfg.bundle, "bundle_id": models.extra["bundle_id"], "work": cfg.work,
         "n": len(idx), "threshold": models.extra["threshold"], "w_cnn": models.extra["w_cnn"],
