@@ -13,10 +13,11 @@ real FFT (float32 where precision allows), so ``extract`` costs a fraction of a 
 ``bench/detector_latency.py`` measures it. The order of ``FEATURE_NAMES`` is the order of the
 vector and is recorded in every bundle manifest.
 
-Feature sets: "sentinel-features-v1" (FEATURE_NAMES, the default, 11 features) and
+Feature sets: "sentinel-features-v1" (FEATURE_NAMES, 11 features),
 "sentinel-features-v2" (v1 plus 8 SPAM/residual-histogram shares on the 8-bit grid,
-STEGO_REASONS). A bundle records which set its forest was trained on and the Detector
-computes that one, so v1 bundles keep working unchanged when v2 is adopted.
+STEGO_REASONS) and "sentinel-features-v3" (v1 plus the stride-grid spectral peaks,
+GRID_REASONS). A bundle records which set its forest was trained on and the Detector
+computes that one, so older bundles keep working unchanged when a new set is adopted.
 
 Degenerate images (constant, zero variance) get defined values instead of NaN: skewness and
 kurtosis 0, correlation 0, ratios 0, so the forest always sees finite numbers.
@@ -65,15 +66,31 @@ STEGO_REASONS: dict[str, str] = {
     "res2_2": "share equal to +-2 (a +-1 change in a flat area makes +-2)",
     "res2_3plus": "share at least 3",
 }
+# Added in v3. A gradient attack's perturbation is the sign of the victim's input gradient,
+# and a network that downsamples with stride-2 layers imprints a periodic pattern on that
+# gradient (period 2, 4, 8 pixels: spectral peaks on the grid of multiples of 1/8 cycle per
+# pixel). A natural radiograph's spectrum is smooth there; a periodogram bin over the median
+# of its neighbours is then about Exp(1)/ln 2, whatever the source's noise level, which is why
+# this feature holds across sources whose noise differs (Kermany, NIH, high-bit-depth CR).
+GRID_REASONS: dict[str, str] = {
+    "stride_grid_peaks": "log10 of the mean, over the off-axis frequencies (a/8, b/8) "
+    "cycles/pixel, of the power over the median power around it: strided networks' gradients "
+    "are periodic there, natural spectra are not",
+}
+# Off-axis only: the axes (a/8, 0) and (0, b/8) carry the 8x8 block edges of JPEG sources.
+GRID_STEPS = 8  # grid of 1/8 cycle per pixel (periods 8, 4, 8/3, 2): >= 3 stride-2 stages
+GRID_RING = 4  # neighbourhood: the (2*4+1)^2 window around each peak, minus its 3x3 centre
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_REASONS)
 # Bump when any feature's definition or numerics change: bundles record it and the runtime
 # refuses a bundle whose forest was trained on another definition under the same names.
 FEATURE_SET = "sentinel-features-v1"
 FEATURE_SET_V2 = "sentinel-features-v2"
+FEATURE_SET_V3 = "sentinel-features-v3"
 # Every set the runtime can compute; a bundle names one (manifest "feature_set").
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     FEATURE_SET: FEATURE_NAMES,
     FEATURE_SET_V2: FEATURE_NAMES + tuple(STEGO_REASONS),
+    FEATURE_SET_V3: FEATURE_NAMES + tuple(GRID_REASONS),
 }
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -98,6 +115,57 @@ def spectrum_weights(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     fx = np.abs(np.fft.rfftfreq(w))[None, :]
     hf = ((np.sqrt(fy**2 + fx**2) > 0.25) * mult).astype(np.float32)
     return mult, hf
+
+
+def grid_indices(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices into the rfft2 half plane (h, w//2 + 1) of the off-axis grid peaks and
+    of each peak's neighbourhood ring, (k,) and (k, m).
+
+    Each distinct full-plane frequency appears once (the half plane holds one of every
+    conjugate pair; on the last column of an even width both are stored, and one is kept).
+    A neighbour outside the half plane is read from its conjugate, which has the same power.
+    """
+    h, w = shape
+    nc = w // 2 + 1
+
+    def half_plane(u: int, v: int) -> int:
+        u, v = u % h, v % w
+        if v >= nc:  # conjugate: (-u, -v)
+            u, v = (-u) % h, (-v) % w
+        return u * nc + v
+
+    peaks: list[int] = []
+    rings: list[list[int]] = []
+    seen: set[int] = set()
+    for a in range(1, GRID_STEPS):
+        for b in range(1, GRID_STEPS):
+            u, v = round(a * h / GRID_STEPS), round(b * w / GRID_STEPS)
+            i = half_plane(u, v)
+            conj = half_plane(-u, -v)
+            if i in seen or conj in seen:
+                continue
+            seen.add(i)
+            peaks.append(i)
+            rings.append([half_plane(u + du, v + dv)
+                          for du in range(-GRID_RING, GRID_RING + 1)
+                          for dv in range(-GRID_RING, GRID_RING + 1)
+                          if max(abs(du), abs(dv)) > 1])
+    return np.array(peaks, np.intp), np.array(rings, np.intp)
+
+
+def grid_peaks(power_half: np.ndarray, peaks: np.ndarray, rings: np.ndarray) -> float:
+    """The stride_grid_peaks feature from the half-plane power spectrum (any scale: a ratio).
+
+    0.0 for a spectrum with no power around the peaks (a constant image), as for the other
+    degenerate cases of this module.
+    """
+    flat = power_half.reshape(-1)
+    med = np.median(flat[rings], axis=1)
+    ok = med > 0.0
+    if not ok.any():
+        return 0.0
+    ratio = float(np.mean(flat[peaks][ok] / med[ok]))
+    return float(np.log10(ratio)) if ratio > 0.0 else 0.0
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -156,6 +224,7 @@ class FeatureExtractor:
         self.feature_set = feature_set
         self.names = FEATURE_SETS[feature_set]
         self._stego = feature_set == FEATURE_SET_V2
+        self._grid = grid_indices((h, w)) if feature_set == FEATURE_SET_V3 else None
         f32 = np.float32
         self._x = np.empty((h, w), f32)
         # Two scratch areas shared by temporaries whose lifetimes do not overlap (moments of
@@ -224,6 +293,7 @@ class FeatureExtractor:
         np.multiply(f.real, f.real, out=p)
         np.multiply(f.imag, f.imag, out=tmp)
         p += tmp
+        grid = grid_peaks(p, *self._grid) if self._grid is not None else 0.0
         mult = self._mult
         total = _dot(mult, p)
         if total > 0.0:
@@ -316,6 +386,8 @@ class FeatureExtractor:
             ],
             dtype=np.float64,
         )
+        if self._grid is not None:
+            return np.append(base, grid)
         if not self._stego:
             return base
         return np.concatenate([base, self._stego_features(x)])

@@ -257,3 +257,65 @@ def test_v2_equals_the_ablation_definitions(natural: np.ndarray) -> None:
         img = img.astype(np.float32)
         ours = extract(img, FEATURE_SET_V2)[len(FEATURE_NAMES) :]
         np.testing.assert_allclose(ours, ablation.candidate_features(img), atol=1e-12)
+
+
+def _grid_peaks_full_plane(img: np.ndarray) -> float:
+    """Reference for stride_grid_peaks on the full numpy FFT plane: every distinct off-axis
+    grid frequency once (one of each conjugate pair), its 9x9 window minus the 3x3 centre."""
+    from detector.features import GRID_RING, GRID_STEPS
+
+    h, w = img.shape
+    power = np.abs(np.fft.fft2(img.astype(np.float64))) ** 2
+    ratios, seen = [], set()
+    for a in range(1, GRID_STEPS):
+        for b in range(1, GRID_STEPS):
+            u, v = round(a * h / GRID_STEPS) % h, round(b * w / GRID_STEPS) % w
+            if (u, v) in seen or ((-u) % h, (-v) % w) in seen:
+                continue
+            seen.add((u, v))
+            ring = [power[(u + du) % h, (v + dv) % w]
+                    for du in range(-GRID_RING, GRID_RING + 1)
+                    for dv in range(-GRID_RING, GRID_RING + 1) if max(abs(du), abs(dv)) > 1]
+            ratios.append(power[u, v] / np.median(ring))
+    return math.log10(float(np.mean(ratios)))
+
+
+def test_v3_grid_peaks_against_the_full_plane(natural: np.ndarray) -> None:
+    """The half-plane indexing (conjugates, the Nyquist column) gives the full-plane value,
+    on a natural image and with a stride pattern, and at an odd size too."""
+    from detector.features import FEATURE_SET_V3, FEATURE_SETS, grid_indices
+
+    names = FEATURE_SETS[FEATURE_SET_V3]
+    assert names == (*FEATURE_NAMES, "stride_grid_peaks")
+    peaks, rings = grid_indices((N, N))
+    assert len(peaks) == len(set(peaks.tolist())) == 25 and rings.shape == (25, 72)
+    assert not set(peaks.tolist()) & set(rings.ravel().tolist())  # no peak in a ring
+    yy, xx = np.mgrid[0:N, 0:N]
+    stride = 0.003 * np.sign(np.cos(np.pi * xx / 2 + 0.3) * np.cos(np.pi * yy / 4 + 0.5))
+    for img in (natural, np.clip(natural + stride, 0, 1), natural[:201, :187]):
+        img = np.ascontiguousarray(img, np.float32)
+        got = extract(img, FEATURE_SET_V3)
+        assert got[-1] == pytest.approx(_grid_peaks_full_plane(img), abs=1e-4)
+        np.testing.assert_array_equal(got[:-1], extract(img))  # v1 part unchanged
+
+
+def test_v3_grid_peaks_separate_stride_patterns_from_noise(natural: np.ndarray) -> None:
+    """Why the feature is in v3: white noise of any level leaves it near its natural value
+    (a smooth spectrum), a +-0.003 pattern with the period-2/4/8 structure of a strided
+    network's gradient lifts it by more than an order of magnitude; scale-free; constant -> 0."""
+    from detector.features import FEATURE_SET_V3
+
+    def grid(img: np.ndarray) -> float:
+        return float(extract(np.clip(img, 0, 1).astype(np.float32), FEATURE_SET_V3)[-1])
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:N, 0:N]
+    # a random pattern that repeats every 8 pixels: what stride-2 layers imprint on gradients
+    tile = rng.choice([-1.0, 1.0], (8, 8))
+    stride = 0.003 * tile[yy % 8, xx % 8]
+    clean = grid(natural)
+    noisy = [grid(natural + rng.normal(0, s, natural.shape)) for s in (0.002, 0.01)]
+    attacked = grid(natural + stride)
+    assert max([clean, *noisy]) < 0.7 < 1.0 < attacked
+    assert grid(natural * 0.5) == pytest.approx(grid(natural), abs=1e-6)
+    assert grid(np.full((N, N), 0.4)) == 0.0

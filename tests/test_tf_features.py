@@ -89,3 +89,29 @@ def test_candidates_equal_the_numpy_candidates_and_differentiate() -> None:
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
     g = tape.gradient(target, xt).numpy()
     assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+
+
+def test_v3_grid_peaks_equal_the_runtime_and_descend() -> None:
+    """The TF twin of stride_grid_peaks (feature set v3) equals the runtime's value, and a
+    sign step against its gradient lowers the runtime's value: what an attacker who holds the
+    feature uses."""
+    yy, xx = np.mgrid[0:224, 0:224]
+    tile = np.random.default_rng(8).choice([-1.0, 1.0], (8, 8))
+    base = _images()
+    stride = np.clip(base[0] + 0.004 * tile[yy % 8, xx % 8], 0, 1).astype(np.float32)
+    x = np.concatenate([base, stride[None]])
+    want = features.extract_batch(x, features.FEATURE_SET_V3)
+    got = tf_features.features_set_tf(tf.constant(x), features.FEATURE_SET_V3).numpy()
+    assert got.shape == want.shape == (len(x), 12)
+    # the runtime's float32 FFT: ~3e-5 on the smooth image, against a clean spread of ~0.1
+    np.testing.assert_allclose(got[:, -1], want[:, -1], rtol=1e-4, atol=1e-4)
+    assert want[-1, -1] > 1.0  # the periodic pattern stands out
+    v = tf.Variable(x[-1:])
+    with tf.GradientTape() as tape:
+        g_val = tf_features.grid_peaks_tf(v)[0]
+    g = tape.gradient(g_val, v).numpy()[0]
+    assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+    lowered = np.clip(x[-1] - np.sign(g) * 0.002, 0, 1).astype(np.float32)
+    assert features.extract(lowered, features.FEATURE_SET_V3)[-1] < want[-1, -1]
+    with pytest.raises(ValueError, match="no differentiable twin"):
+        tf_features.features_set_tf(tf.constant(x), features.FEATURE_SET_V2)

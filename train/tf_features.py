@@ -152,6 +152,51 @@ def features_tf(x: Any, soft_width: float = 0.25 / 255.0, dtype: Any = None) -> 
                      lag1, hf_share], axis=1)
 
 
+def grid_peaks_tf(x: Any, dtype: Any = None) -> Any:
+    """(n, H, W) in [0, 1] -> (n,): ``stride_grid_peaks`` of feature set v3, differentiable.
+
+    The same half-plane bins as the runtime (``detector.features.grid_indices``); the median
+    of each ring is the mean of its two middle values after a sort (numpy's median of an even
+    count), whose gradient flows to those two bins.
+    """
+    import tensorflow as tf
+
+    from detector.features import grid_indices
+
+    dtype = dtype or tf.float64
+    x = tf.cast(tf.convert_to_tensor(x), dtype)
+    peaks_np, rings_np = grid_indices((int(x.shape[1]), int(x.shape[2])))
+    f = tf.signal.rfft2d(x)
+    p = tf.square(tf.math.real(f)) + tf.square(tf.math.imag(f))
+    p = tf.reshape(p, [tf.shape(p)[0], -1])
+    peak = tf.gather(p, peaks_np, axis=1)  # (n, k)
+    ring = tf.sort(tf.gather(p, rings_np, axis=1), axis=-1)  # (n, k, m)
+    m = rings_np.shape[1]
+    med = (ring[..., (m - 1) // 2] + ring[..., m // 2]) / 2.0
+    ok = med > 0.0
+    ratio = tf.where(ok, peak / tf.where(ok, med, tf.ones_like(med)), tf.zeros_like(med))
+    count = tf.reduce_sum(tf.cast(ok, dtype), axis=1)
+    mean = tf.reduce_sum(ratio, axis=1) / tf.maximum(count, 1.0)
+    good = mean > 0.0
+    return tf.where(good, tf.math.log(tf.where(good, mean, tf.ones_like(mean))) / math.log(10.0),
+                    tf.zeros_like(mean))
+
+
+def features_set_tf(x: Any, feature_set: str, dtype: Any = None) -> Any:
+    """``features_tf`` for the forest's feature set: v1 (11) or v3 (v1 and the grid peaks)."""
+    import tensorflow as tf
+
+    from detector.features import FEATURE_SET, FEATURE_SET_V3
+
+    base = features_tf(x, dtype=dtype)
+    if feature_set == FEATURE_SET:
+        return base
+    if feature_set == FEATURE_SET_V3:
+        return tf.concat([base, grid_peaks_tf(x, dtype=base.dtype)[:, None]], axis=1)
+    raise ValueError(f"no differentiable twin of feature set {feature_set!r} "
+                     f"(v1 and v3 have one)")
+
+
 def quantise_ste(x: Any, levels: int) -> Any:
     """Round to the grid k/levels in the forward pass, identity gradient (BPDA / straight-through):
     the detector sees stored (quantised) pixels, so the attack must optimise those."""
