@@ -14,6 +14,16 @@ each part is mapped piecewise-linearly so that its own threshold lands on 0.5
 max(g(p_cnn; a), g(p_rf; b))``: flagged at threshold 0.5 exactly when either part passes its
 own threshold (an OR rule), the score stays in [0, 1] and monotone in both parts, and a
 caller's threshold still means "flag when score >= threshold".
+Any rule may carry a **stride-grid gate** (``"gate": {"feature": "stride_grid_peaks",
+"threshold": g, "slope": b}``, bundles since 2026-12-01): the feature (detector.features,
+GRID_REASONS) measures periodic spectral peaks that a gradient attack through a strided
+network leaves and a natural radiograph does not. It is a third, one-sided expert in log-odds:
+``score' = sigmoid(logit(score) + b * max(0, v - g))``. Below g (its 99.9th percentile on the
+validation clean images) it changes nothing; above, every tenth of a decade of peak power adds
+b/10 to the log-odds. Why a gate and not another forest input: the forest also reads noise
+statistics that differ between sources, so a forest given the feature grew unsure of clean
+images from an unseen source (NIH: 3.5% flagged, closing note of session 6); the gate's
+statistic is a ratio to the image's own spectrum, and its threshold holds across sources.
 A multi-frame instance is scored frame by frame and takes its worst (highest) frame: one
 tampered frame is enough to hold the instance.
 
@@ -41,7 +51,7 @@ from detector.bundle import (
 )
 from detector.cnn import LiteRTModel
 from detector.errors import BundleError
-from detector.features import FeatureExtractor
+from detector.features import FEATURE_SET, FEATURE_SET_V3, FEATURE_SETS, FeatureExtractor
 from detector.forest import ForestArrays
 from detector.preprocess import (
     DEFAULT_MAX_PIXELS,
@@ -68,6 +78,7 @@ class Score:
     bundle_id: str
     timings_ms: dict[str, float]
     frame_scores: tuple[float, ...] = field(default=())
+    grid_peaks: float | None = None  # the gate's feature (worst frame), None without a gate
 
     def as_dict(self) -> dict[str, object]:
         """Plain-JSON form for audit records, sidecars and ``sentinel score --json``."""
@@ -82,6 +93,7 @@ class Score:
             "bundle_id": self.bundle_id,
             "timings_ms": dict(self.timings_ms),
             "frame_scores": list(self.frame_scores),
+            "grid_peaks": self.grid_peaks,
         }
 
 
@@ -110,19 +122,41 @@ def fuse(p_cnn: Any, p_rf: Any, w_cnn: float, fusion: str = "stack") -> Any:
     return float(out) if out.ndim == 0 else out
 
 
+GATE_FEATURE = "stride_grid_peaks"
+
+
+def apply_gate(score: Any, grid: Any, threshold: float, slope: float) -> Any:
+    """``sigmoid(logit(score) + slope * max(0, grid - threshold))`` for floats or arrays: the
+    score unchanged below the gate's threshold, raised in log-odds above it."""
+    bonus = slope * np.maximum(0.0, np.asarray(grid, np.float64) - threshold)
+    s = np.clip(np.asarray(score, np.float64), _LOGIT_CLIP, 1.0 - _LOGIT_CLIP)
+    raised = 1.0 / (1.0 + np.exp(-(np.log(s / (1.0 - s)) + bonus)))
+    out = np.where(bonus > 0.0, raised, np.asarray(score, np.float64))
+    return float(out) if out.ndim == 0 else out
+
+
 @dataclass(frozen=True)
 class Rule:
     """How the two parts become one score: "stack" (weighted mean of probabilities), "logit"
-    (weighted mean of log-odds) or "max" (per-part OR)."""
+    (weighted mean of log-odds) or "max" (per-part OR); then the optional stride-grid gate."""
 
     name: str = "stack"
     cnn_threshold: float = 0.5
     rf_threshold: float = 0.5
+    gate_threshold: float | None = None  # None: no gate
+    gate_slope: float = 0.0
 
-    def combine(self, p_cnn: float, p_rf: float, w_cnn: float) -> float:
+    def combine(self, p_cnn: float, p_rf: float, w_cnn: float,
+                grid: float | None = None) -> float:
         if self.name in FUSIONS:
-            return float(fuse(p_cnn, p_rf, w_cnn, self.name))
-        return max(_to_half(p_cnn, self.cnn_threshold), _to_half(p_rf, self.rf_threshold))
+            score = float(fuse(p_cnn, p_rf, w_cnn, self.name))
+        else:
+            score = max(_to_half(p_cnn, self.cnn_threshold), _to_half(p_rf, self.rf_threshold))
+        if self.gate_threshold is None:
+            return score
+        if grid is None:
+            raise ValueError("this rule has a stride-grid gate: pass the grid feature")
+        return float(apply_gate(score, grid, self.gate_threshold, self.gate_slope))
 
     @property
     def fusion(self) -> str:
@@ -145,8 +179,9 @@ def parse_rule(raw: object, bundle_dir: Path) -> Rule:
             f'{where}: rule must be {{"name": "stack"}}, {{"name": "logit"}} or {{"name": '
             f'"max", "cnn_threshold": a, "rf_threshold": b}}, got {raw!r}; re-export'
         )
+    gate = _parse_gate(raw.get("gate"), where)
     if raw["name"] in FUSIONS:
-        return Rule(str(raw["name"]))
+        return Rule(str(raw["name"]), **gate)
     try:
         a, b = float(raw["cnn_threshold"]), float(raw["rf_threshold"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -155,7 +190,25 @@ def parse_rule(raw: object, bundle_dir: Path) -> Rule:
         ) from exc
     if not (0.0 < a < 1.0 and 0.0 < b < 1.0):
         raise BundleError(f"{where}: rule 'max' part thresholds must lie in (0, 1), got {a}, {b}")
-    return Rule("max", a, b)
+    return Rule("max", a, b, **gate)
+
+
+def _parse_gate(raw: object, where: str) -> dict[str, float]:
+    """Rule keyword arguments of an optional "gate" entry (empty when there is none)."""
+    if raw is None:
+        return {}
+    try:
+        if not isinstance(raw, dict) or raw.get("feature") != GATE_FEATURE:
+            raise ValueError("unknown gate")
+        g, b = float(raw["threshold"]), float(raw["slope"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(
+            f'{where}: rule "gate" must be {{"feature": "{GATE_FEATURE}", "threshold": g, '
+            f'"slope": b}}, got {raw!r}; re-export the bundle'
+        ) from exc
+    if not (np.isfinite(g) and np.isfinite(b) and b > 0.0):
+        raise BundleError(f"{where}: gate threshold must be finite and slope > 0, got {g}, {b}")
+    return {"gate_threshold": g, "gate_slope": b}
 
 
 class Detector:
@@ -176,9 +229,20 @@ class Detector:
         self.max_pixels = max_pixels
         self.cnn = cnn
         self.forest = forest
-        self._features = FeatureExtractor(
-            (INPUT_SIZE, INPUT_SIZE), feature_set=manifest_feature_set(manifest)
-        )
+        feature_set = manifest_feature_set(manifest)
+        self._n_forest = len(FEATURE_SETS[feature_set])
+        self._grid_at: int | None = None
+        if self.rule.gate_threshold is not None:
+            # the gate reads stride_grid_peaks: compute v3 (v1 + it) when the forest reads v1
+            if GATE_FEATURE not in FEATURE_SETS[feature_set]:
+                if feature_set != FEATURE_SET:
+                    raise BundleError(
+                        f"model bundle {manifest.bundle_dir}: a stride-grid gate needs feature "
+                        f"set {FEATURE_SET} or {FEATURE_SET_V3}, not {feature_set}; re-export"
+                    )
+                feature_set = FEATURE_SET_V3
+            self._grid_at = FEATURE_SETS[feature_set].index(GATE_FEATURE)
+        self._features = FeatureExtractor((INPUT_SIZE, INPUT_SIZE), feature_set=feature_set)
 
     @classmethod
     def load(
@@ -230,19 +294,22 @@ class Detector:
 
     def score_unit(self, img224: np.ndarray) -> tuple[float, float, float]:
         """(p_cnn, p_rf, score) of one 224x224 image in [0, 1]."""
-        p_cnn, p_rf, score, _ = self._score_timed(img224)
+        p_cnn, p_rf, score, _, _ = self._score_timed(img224)
         return p_cnn, p_rf, score
 
-    def _score_timed(self, img: np.ndarray) -> tuple[float, float, float, tuple[float, ...]]:
+    def _score_timed(self, img: np.ndarray
+                     ) -> tuple[float, float, float, float | None, tuple[float, ...]]:
+        """(p_cnn, p_rf, score, grid feature or None, stage seconds) of one image."""
         t0 = time.perf_counter()
         feats = self._features.extract(img)
         t1 = time.perf_counter()
         p_cnn = float(self.cnn.predict(img))
         t2 = time.perf_counter()
-        p_rf = float(self.forest.predict_proba(feats[None, :])[0])
+        p_rf = float(self.forest.predict_proba(feats[None, : self._n_forest])[0])
         t3 = time.perf_counter()
-        score = self.rule.combine(p_cnn, p_rf, self.w_cnn)
-        return p_cnn, p_rf, score, (t1 - t0, t2 - t1, t3 - t2)
+        grid = None if self._grid_at is None else float(feats[self._grid_at])
+        score = self.rule.combine(p_cnn, p_rf, self.w_cnn, grid)
+        return p_cnn, p_rf, score, grid, (t1 - t0, t2 - t1, t3 - t2)
 
     def score_frames(
         self,
@@ -254,10 +321,12 @@ class Detector:
         thr = self.threshold if threshold is None else float(threshold)
         t_start = time.perf_counter()
         parts: list[tuple[float, float, float]] = []
+        grids: list[float | None] = []
         spent = np.zeros(3)
         for img in frames:
-            p_cnn, p_rf, score, times = self._score_timed(img)
+            p_cnn, p_rf, score, grid, times = self._score_timed(img)
             parts.append((p_cnn, p_rf, score))
+            grids.append(grid)
             spent += times
         if not parts:
             raise ValueError("no frames to score")
@@ -282,6 +351,7 @@ class Detector:
                 "total": total * 1e3,
             },
             frame_scores=scores,
+            grid_peaks=grids[worst],
         )
 
     def score_dataset(self, ds: Dataset, threshold: float | None = None) -> Score:

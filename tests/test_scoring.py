@@ -152,30 +152,34 @@ def test_warm_up_runs_every_stage(detector: Detector) -> None:
     assert 0.0 < seconds < 30.0
 
 
-def test_v2_feature_set_bundle(fixture_bundle: Path, tmp_path: Path) -> None:
-    """A bundle whose forest was trained on feature set v2 gets 19 features at run time."""
+@pytest.mark.parametrize(("feature_set", "n"), [("sentinel-features-v2", 19),
+                                               ("sentinel-features-v3", 12)])
+def test_feature_set_bundle(fixture_bundle: Path, tmp_path: Path, feature_set: str,
+                            n: int) -> None:
+    """A bundle whose forest was trained on feature set v2 (v3) gets 19 (12) features at run
+    time."""
     from sklearn.ensemble import RandomForestClassifier
 
     from detector.bundle import load_manifest, write_bundle
-    from detector.features import FEATURE_SET_V2, FEATURE_SETS, extract_batch
+    from detector.features import FEATURE_SETS, extract_batch
 
     imgs, labels = synthetic_images(16, seed=23)
-    feats = extract_batch(imgs, FEATURE_SET_V2)
-    assert feats.shape == (16, 19)
+    feats = extract_batch(imgs, feature_set)
+    assert feats.shape == (16, n)
     rf = RandomForestClassifier(n_estimators=5, random_state=0).fit(feats, labels)
     m = load_manifest(fixture_bundle)
     out = write_bundle(
-        tmp_path / "v2",
+        tmp_path / "bundle",
         cnn_tflite=m.path_of("cnn"),
         forest=ForestArrays.from_sklearn(rf),
-        feature_names=FEATURE_SETS[FEATURE_SET_V2],
+        feature_names=FEATURE_SETS[feature_set],
         w_cnn=0.4,
         threshold=0.5,
         thresholds={},
         training_data={},
         metrics={},
     )
-    assert load_manifest(out).extra["feature_set"] == FEATURE_SET_V2
+    assert load_manifest(out).extra["feature_set"] == feature_set
     det = Detector.load(out)
     _, p_rf, _ = det.score_unit(imgs[0])
     assert p_rf == pytest.approx(float(rf.predict_proba(feats[:1])[0, 1]), abs=1e-9)
@@ -223,3 +227,83 @@ def test_logit_rule_weights_log_odds(fixture_bundle: Path, tmp_path: Path) -> No
     add_model_card(logit, "# card\n", {})  # rewriting the manifest keeps the rule and the id
     again = Detector.load(logit)
     assert again.rule == Rule("logit") and again.bundle_id == det.bundle_id
+
+
+def _stride_pattern(img: np.ndarray, amplitude: float = 0.004) -> np.ndarray:
+    """img plus a pattern that repeats every 8 pixels: what a strided network's gradient
+    imprints on a gradient attack (detector.features, GRID_REASONS)."""
+    tile = np.random.default_rng(8).choice([-1.0, 1.0], (8, 8))
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
+    return np.clip(img + amplitude * tile[yy % 8, xx % 8], 0, 1).astype(np.float32)
+
+
+def test_gate_raises_log_odds_above_its_threshold_only() -> None:
+    from detector.errors import BundleError
+    from detector.scoring import Rule, apply_gate, parse_rule
+
+    assert apply_gate(0.3, 0.2, 0.5, 10.0) == 0.3  # below the gate: the score as it was
+    assert apply_gate(0.3, 0.5, 0.5, 10.0) == 0.3
+    # above: + slope * (v - g) in log-odds
+    assert apply_gate(0.3, 0.6, 0.5, 10.0) == pytest.approx(
+        1 / (1 + np.exp(-(np.log(0.3 / 0.7) + 1.0))))
+    v = np.array([0.0, 0.55, 0.7, 1.5])
+    out = apply_gate(np.full(4, 0.2), v, 0.5, 10.0)
+    assert out[0] == 0.2 and np.all(np.diff(out) > 0) and out[-1] > 0.99
+    rule = parse_rule({"name": "logit", "gate": {"feature": "stride_grid_peaks",
+                                                 "threshold": 0.53, "slope": 10}}, Path("."))
+    assert rule == Rule("logit", gate_threshold=0.53, gate_slope=10.0)
+    assert rule.combine(0.2, 0.3, 0.5, grid=0.1) == Rule("logit").combine(0.2, 0.3, 0.5)
+    assert rule.combine(0.2, 0.3, 0.5, grid=1.2) > 0.99
+    with pytest.raises(ValueError, match="pass the grid feature"):
+        rule.combine(0.2, 0.3, 0.5)
+    for bad in ({"feature": "noise_sigma", "threshold": 0.5, "slope": 10},
+                {"feature": "stride_grid_peaks", "threshold": 0.5},
+                {"feature": "stride_grid_peaks", "threshold": 0.5, "slope": 0},
+                "0.5"):
+        with pytest.raises(BundleError, match="gate"):
+            parse_rule({"name": "logit", "gate": bad}, Path("."))
+
+
+def test_gated_bundle_flags_a_stride_pattern_the_parts_miss(fixture_bundle: Path,
+                                                            tmp_path: Path) -> None:
+    """A v1 forest with a gate: the runtime computes v3 (v1 + the grid feature), the forest
+    reads the first 11, scores below the gate are exactly the ungated ones, and a stride
+    pattern the fixture's parts do not flag is flagged by the gate (Score.grid_peaks says so).
+    A gate on a v2 forest is refused."""
+    from detector.bundle import load_manifest, write_bundle
+    from detector.errors import BundleError
+    from detector.features import FEATURE_SET_V3, extract
+
+    m = load_manifest(fixture_bundle)
+    common = dict(cnn_tflite=m.path_of("cnn"), forest=ForestArrays.load(m.path_of("forest")),
+                  w_cnn=m.w_cnn, thresholds={}, training_data={}, metrics={})
+    gate = {"feature": "stride_grid_peaks", "threshold": 0.6, "slope": 10.0}
+    plain = Detector.load(write_bundle(tmp_path / "plain", threshold=0.99,
+                                       feature_names=m.feature_names, **common))
+    gated = Detector.load(write_bundle(tmp_path / "gated", threshold=0.99,
+                                       feature_names=m.feature_names,
+                                       rule={"name": "stack", "gate": gate}, **common))
+    imgs, _ = synthetic_images(4, seed=29)
+    for img in imgs:
+        assert extract(img, FEATURE_SET_V3)[-1] < 0.6
+        assert gated.score_unit(img) == plain.score_unit(img)
+    attacked = _stride_pattern(imgs[0])
+    s_plain, s_gated = plain.score_frames([attacked]), gated.score_frames([attacked])
+    assert not s_plain.flagged and s_plain.grid_peaks is None
+    assert s_gated.flagged and s_gated.grid_peaks == pytest.approx(
+        extract(attacked, FEATURE_SET_V3)[-1]) and s_gated.grid_peaks > 1.0
+    assert (s_gated.p_cnn, s_gated.p_rf) == (s_plain.p_cnn, s_plain.p_rf)
+    assert s_gated.as_dict()["grid_peaks"] == s_gated.grid_peaks
+
+    from sklearn.ensemble import RandomForestClassifier
+
+    from detector.features import FEATURE_SET_V2, FEATURE_SETS, extract_batch
+
+    x, y = synthetic_images(8, seed=31)
+    rf = RandomForestClassifier(n_estimators=3, random_state=0).fit(
+        extract_batch(x, FEATURE_SET_V2), y)
+    common["forest"] = ForestArrays.from_sklearn(rf)
+    v2 = write_bundle(tmp_path / "v2", threshold=0.5, feature_names=FEATURE_SETS[FEATURE_SET_V2],
+                      rule={"name": "stack", "gate": gate}, **common)
+    with pytest.raises(BundleError, match="gate needs feature set"):
+        Detector.load(v2)
