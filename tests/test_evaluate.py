@@ -56,3 +56,33 @@ def test_roc_curve_is_monotone_from_origin_to_one() -> None:
     fpr, tpr = evaluate.roc_curve(y, rng.random(200) + y)
     assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+
+
+def test_gated_book_scores_as_the_runtime_rule() -> None:
+    """With a gate, the ensemble is the runtime's gated score (the same apply_gate), in the
+    per-kind, mixed and w-grid figures alike; the mix carries the grid feature along."""
+    from dataclasses import replace
+
+    from detector.scoring import Rule
+
+    book = _book()
+    rng = np.random.default_rng(3)
+    for kind, block in book.scores.items():
+        block["grid"] = rng.uniform(0.0, 0.4, 120) if kind == "clean" else rng.uniform(0, 2, 120)
+    gated = replace(book, gate=(0.5, 10.0))
+    rule = Rule("stack", gate_threshold=0.5, gate_slope=10.0)
+    s = gated.scores["pgd_0.003"]
+    want = [rule.combine(c, f, 0.4, g) for c, f, g in zip(s["cnn"], s["forest"], s["grid"],
+                                                           strict=True)]
+    np.testing.assert_allclose(gated.ensemble("pgd_0.003", 0.4), want, rtol=1e-12)
+    # clean grid values all lie below the gate: the clean scores are untouched
+    np.testing.assert_array_equal(gated.ensemble("clean", 0.4), book.ensemble("clean", 0.4))
+    _, mix = gated.mixed(seed=1, w_cnn=0.4)
+    np.testing.assert_allclose(mix["ensemble"], gated.combine(mix, 0.4))
+    assert np.all(gated.ensemble("pgd_0.003", 0.4) >= book.ensemble("pgd_0.003", 0.4))
+    m = evaluate.compute_metrics(gated, w_cnn=0.4, threshold=0.6, part_thresholds={
+        "cnn": 0.4, "forest": 0.45, "paper_cnn": 0.5, "baseline_cnn": 0.5}, n_boot=20)
+    g04 = next(g for g in m["w_grid_test"] if g["w_cnn"] == 0.4)
+    y0, mix0 = gated.mixed(seed=0, w_cnn=0.4)  # compute_metrics' own mix (seed 0)
+    assert g04["recall_at_operating_threshold"] == pytest.approx(
+        np.mean(mix0["ensemble"][y0 == 1] >= 0.6))

@@ -89,3 +89,18 @@ def test_grid_search_in_log_odds_scores_the_fused_log_odds() -> None:
     stack = {p.w_cnn: p.threshold for p in fd.grid_search_w(cnn, forest, y)[1]}
     assert any(abs(stack[p.w_cnn] - p.threshold) > 1e-3 for p in points[1:-1])
     assert 0.0 < w < 1.0  # both parts carry information here
+
+
+def test_gate_and_threshold_share_the_false_positive_budget() -> None:
+    """calibrate_gate: the gate sits at its own FPR point of the clean grid values, and the
+    operating threshold keeps score and gate together at the 1% target on those images."""
+    rng = np.random.default_rng(4)
+    scores, grid = rng.uniform(0, 1, 2000), rng.normal(0.1, 0.15, 2000)
+    grid[:3] = [0.9, 1.0, 1.1]  # three clean images with a natural periodic peak
+    (g, slope), t = fd.calibrate_gate(scores, grid, 0.001, 10.0)
+    assert slope == 10.0 and np.mean(grid >= g) <= 0.001 < np.mean(grid >= np.nextafter(g, -1))
+    from detector.scoring import apply_gate
+
+    flagged = apply_gate(scores, grid, g, slope) >= t
+    assert np.mean(flagged) <= 0.01
+    assert t >= fd.calibrate_threshold(scores)  # the gate's images take part of the budget

@@ -90,3 +90,19 @@ def test_resampled_copies_of_other_settings_are_not_reused(tmp_path: Path) -> No
     noisier = replace(cfg, resample_noise_levels=4.0)
     with pytest.raises(ValueError, match="fresh --work"):
         pipeline.stage_resampled(noisier, work, "val", x, x, idx, 0)
+
+
+def test_feature_caches_and_forests_are_named_by_feature_set() -> None:
+    """v1 keeps the work dirs' old names (their caches stay valid); another set gets its own
+    folder and forest file, so switching sets never reads the other's features."""
+    from train.pipeline import TrainConfig, feature_dir, forest_rel
+
+    assert feature_dir("sentinel-features-v1") == "feat"
+    assert feature_dir("sentinel-features-v3") == "feat-v3"
+    v1 = TrainConfig(data="d", out="o", work="w")
+    v3 = TrainConfig(data="d", out="o", work="w", feature_set="sentinel-features-v3")
+    assert forest_rel(v1) == "models/forest-200trees-depth8.npz"
+    assert forest_rel(v3) == "models/forest-200trees-depth8-v3.npz"
+    assert v1.grid_gate
+    with pytest.raises(ValueError, match="feature set"):
+        TrainConfig(data="d", out="o", work="w", feature_set="sentinel-features-v9")

@@ -47,6 +47,10 @@ def test_train_evaluate_attack_end_to_end(tmp_path: Path) -> None:
     det = Detector.load(bundle)
     score = det.score_path(data / "img/000.png")
     assert 0.0 <= score.score <= 1.0
+    # the stride-grid gate is calibrated and shipped (its feature reported with each score)
+    rule = json.loads((bundle / "manifest.json").read_text())["rule"]
+    assert rule["gate"]["feature"] == "stride_grid_peaks" and rule["gate"]["slope"] > 0
+    assert score.grid_peaks is not None
     # resumable: a second run with the same work dir skips every stage and rewrites the bundle
     assert main(["train", "--data", str(data), "--out", str(bundle), "--work",
                  str(tmp_path / "work"), "--quick"]) == 0

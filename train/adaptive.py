@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from detector.features import FEATURE_SET
+
 
 @dataclass(frozen=True)
 class AdaptiveAttack:
@@ -183,6 +185,8 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
     from train import tf_features
 
     scale_np = models.feature_scale
+    feature_set = models.extra.get("feature_set", FEATURE_SET)
+    n_forest = int(models.extra.get("n_forest", len(models.feature_scale)))
     if spec.candidates:
         scale_np = np.r_[scale_np, models.extra["candidate_scale"]]
     scale = tf.constant(scale_np, tf.float64)
@@ -207,7 +211,8 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
             if need_feats:
                 # float32 inside the attack: ~2x faster than float64, and 1e-3 relative
                 # error on a feature is far below its clean spread (the penalty's unit)
-                f = tf.cast(tf_features.features_tf(xq, dtype=tf.float32), tf.float64)
+                f = tf.cast(tf_features.features_set_tf(xq, feature_set, dtype=tf.float32),
+                            tf.float64)
                 if spec.w_stats > 0:
                     fs = f
                     if spec.candidates:
@@ -215,7 +220,8 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
                                        axis=1)
                     proxy += spec.w_stats * tf.reduce_mean(tf.square((fs - f0) / scale), axis=1)
                 if spec.w_surrogate > 0:
-                    proxy += spec.w_surrogate * tf.nn.softplus(models.surrogate.logit_tf(f))
+                    proxy += spec.w_surrogate * tf.nn.softplus(
+                        models.surrogate.logit_tf(f[:, :n_forest]))
             if spec.w_hfc > 0:
                 acts = models.probe(img, training=False)
                 proxy += spec.w_hfc * hfc_distance(list(acts), models.gaussians, 1.0 - y)
@@ -294,7 +300,7 @@ def run_attack(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings,
         yb = y[b0:b0 + s.batch_size].astype(np.float32)
         x0 = tf.constant(xb)
         yt = tf.constant(yb)
-        f0_np = features.extract_batch(xb)
+        f0_np = features.extract_batch(xb, models.extra.get("feature_set", FEATURE_SET))
         if spec.candidates:
             from train import ablation
 
@@ -444,12 +450,38 @@ def settings_dict(s: AttackSettings, spec: AdaptiveAttack) -> dict[str, Any]:
     return {"settings": asdict(s), "attack": asdict(spec)}
 
 
+def attacker_feature_set(bundle_dir: Path) -> str:
+    """The feature set the attacker holds: the forest's inputs, and the stride-grid gate's
+    feature where the bundle has a gate (v3 = v1 and that feature); for a v2 forest, v1 (its
+    eight extra features are what the candidates term of adaptive-stats-cand holds)."""
+    from detector import bundle as bundle_mod
+    from detector.features import FEATURE_SET_V3
+    from detector.scoring import parse_rule
+
+    manifest = bundle_mod.load_manifest(bundle_dir)
+    fs = bundle_mod.manifest_feature_set(manifest)
+    gated = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir).gate_threshold is not None
+    return FEATURE_SET_V3 if fs == FEATURE_SET_V3 or (gated and fs == FEATURE_SET) else FEATURE_SET
+
+
+def _forest_reads_prefix(manifest: Any, attacker_set: str, n_columns: int) -> bool:
+    """Whether the forest's inputs are the first columns of the attacker's feature vector
+    (else a v2 forest: no surrogate, and the attacks that need one are skipped)."""
+    from detector import bundle as bundle_mod
+    from detector.features import FEATURE_SETS
+
+    forest_names = FEATURE_SETS[bundle_mod.manifest_feature_set(manifest)]
+    names = FEATURE_SETS[attacker_set]
+    return n_columns == len(names) and names[: len(forest_names)] == forest_names
+
+
 def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
                 f_clean: np.ndarray, f_pert: np.ndarray, cache: Path,
                 seed: int = 0) -> AdaptiveModels:
     """Everything the attacker builds from the bundle and some clean training images:
     the victim, the detector CNN (Keras), the runtime Detector, the forest surrogate (cached as
-    .npz in ``cache``), the HFC Gaussians, and the clean spread of each feature."""
+    .npz in ``cache``), the HFC Gaussians, and the clean spread of each feature.
+    ``f_clean``/``f_pert`` are features of ``attacker_feature_set(bundle_dir)``."""
     import keras
 
     from detector import bundle as bundle_mod
@@ -468,10 +500,11 @@ def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
     sur = None
     if sur_path.exists():
         sur = surrogate.Surrogate.load(sur_path)
-    elif forest.n_features == f_clean.shape[1]:
-        sur = surrogate.fit_surrogate(forest, f_clean, f_pert, seed=seed)
+    elif _forest_reads_prefix(manifest, attacker_feature_set(bundle_dir), f_clean.shape[1]):
+        # the forest reads the first n_features columns (v1 of v3 with a gated v1 forest)
+        n = forest.n_features
+        sur = surrogate.fit_surrogate(forest, f_clean[:, :n], f_pert[:, :n], seed=seed)
         sur.save(sur_path)
-    # else: a forest on another feature set (v2): no surrogate; attacks needing one are skipped
     probe, names = victim_probe(vic)
     gauss = fit_gaussians(probe, names, x_fit, y_fit)
     from train import ablation
@@ -483,6 +516,8 @@ def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
                           extra={"candidate_scale": cand_scale,
                                  "bundle_id": manifest.bundle_id, "w_cnn": manifest.w_cnn,
                                  "threshold": manifest.threshold,
+                                 "feature_set": attacker_feature_set(bundle_dir),
+                                 "n_forest": forest.n_features,
                                  "part_thresholds": manifest.training_data.get(
                                      "part_thresholds", {}),
                                  "surrogate_fidelity": sur.fidelity if sur else {}})
@@ -547,8 +582,9 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     # HFC Gaussians from training images outside an attacked training subset
     pool = np.setdiff1d(np.arange(len(xt)), idx if cfg.split == "train" else [])
     fit_idx = pool[_subset(len(pool), cfg.n_fit, cfg.seed + 1)]
-    f_clean = work.load_npy("feat/train/clean.npy")
-    f_pert = work.load_npy("feat/train/perturbed.npy")
+    fdir = pipeline.feature_dir(attacker_feature_set(Path(cfg.bundle)))
+    f_clean = work.load_npy(f"{fdir}/train/clean.npy")
+    f_pert = work.load_npy(f"{fdir}/train/perturbed.npy")
     log("loading the bundle, fitting the surrogate and the HFC Gaussians")
     models = load_models(Path(cfg.bundle), xt[fit_idx], yt[fit_idx], f_clean, f_pert,
                          Path(cfg.out), seed=cfg.seed)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.scoring import fuse, parse_rule
+from detector.scoring import parse_rule
 from train import datasets, pipeline
 from train.attacks import BY_NAME
 
@@ -75,10 +75,12 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     models = pipeline.ScoringModels(
         cnn_tflite=manifest.path_of("cnn"), paper_keras=manifest.path_of("paper_cnn"),
         baseline_keras=manifest.path_of("baseline_cnn"), forest_path=manifest.path_of("forest"),
-        forest=ForestArrays.load(manifest.path_of("forest")))
+        forest=ForestArrays.load(manifest.path_of("forest")),
+        feature_set=bundle_mod.manifest_feature_set(manifest),
+        grid=rule_gate(manifest) is not None)
     pipeline.log("scoring the test split")
     fusion = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir).fusion
-    book = pipeline.score_book(work, models, te, te_pert, fusion=fusion)
+    book = pipeline.score_book(work, models, te, te_pert, fusion=fusion, gate=rule_gate(manifest))
     part_thresholds = manifest.training_data["part_thresholds"]
     metrics = evaluate.compute_metrics(book, w_cnn=manifest.w_cnn, threshold=manifest.threshold,
                                        part_thresholds=part_thresholds, seed=seed,
@@ -99,6 +101,12 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     return {"metrics": metrics, "book": book, "curves": curves}
 
 
+def rule_gate(manifest: Any) -> tuple[float, float] | None:
+    """(threshold, slope) of the bundle's stride-grid gate, or None."""
+    rule = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir)
+    return None if rule.gate_threshold is None else (rule.gate_threshold, rule.gate_slope)
+
+
 def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
                   models: pipeline.ScoringModels, fusion: str) -> dict[str, Any]:
     """Clean FPR and PGD eps 0.006 detection at the operating threshold on a source never used
@@ -116,15 +124,20 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
     pert = pipeline.perturb_and_store(pgd, arr, np.arange(len(arr.x)), model, attack_fn, work,
                                       "pert/test", tcfg.seed * 1000 + 1, f"{root.name} pgd_0.006")
     clean = pipeline.stage_scores(work, "test", "clean", arr.x,
-                                  pipeline.features_of(work, "feat/test/clean.npy", arr.x),
+                                  pipeline.features_of(work, "test", "clean", arr.x,
+                                                       models.feature_set),
                                   models, ("cnn", "forest"))
     kind = pipeline.mapped_name(arr, pgd.name)  # features and scores are cached by name
     attacked = pipeline.stage_scores(work, "test", kind, pert,
-                                     pipeline.features_of(work, f"feat/test/{kind}.npy", pert),
+                                     pipeline.features_of(work, "test", kind, pert,
+                                                          models.feature_set),
                                      models, ("cnn", "forest"))
+    if models.grid:
+        clean["grid"] = pipeline.grid_values(work, "test", "clean", arr.x)
+        attacked["grid"] = pipeline.grid_values(work, "test", kind, pert)
     w, t = manifest.w_cnn, manifest.threshold
-    ens_c = fuse(clean["cnn"], clean["forest"], w, fusion)
-    ens_a = fuse(attacked["cnn"], attacked["forest"], w, fusion)
+    book = evaluate.ScoreBook({}, fusion, rule_gate(manifest))
+    ens_c, ens_a = book.combine(clean, w), book.combine(attacked, w)
     y = np.r_[np.zeros(len(ens_c)), np.ones(len(ens_a))]
     out: dict[str, Any] = {
         "source": str(root), "images": len(arr.x), "dropped_duplicates": len(dropped),

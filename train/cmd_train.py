@@ -14,6 +14,7 @@ from pathlib import Path
 # detector.scoring.FUSIONS, spelt out: importing it here would load numpy and pydicom for every
 # `sentinel --help` (tests/test_scoring.py holds the two equal)
 FUSION_CHOICES = ("stack", "logit")
+FEATURE_SET_CHOICES = ("sentinel-features-v1", "sentinel-features-v3")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resample-sizes", type=int, nargs="+", default=None,
                         metavar="N", help="native sizes of the resampled copies "
                         "(default 320 448 512 640 768)")
+    parser.add_argument("--feature-set", choices=FEATURE_SET_CHOICES,
+                        default="sentinel-features-v1",
+                        help="the forest's inputs: v1 (default) or v3, v1 plus the stride-grid "
+                        "spectral peaks (measured: unsure of clean images from a new source)")
+    parser.add_argument("--no-grid-gate", action="store_true",
+                        help="leave out the stride-grid gate (bundles before 2026-12-01)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     work = args.work or Path("runs") / (
         f"train-{data.resolve().name}-seed{args.seed}{'-quick' if args.quick else ''}")
     cfg = TrainConfig(data=str(data), out=str(args.out), work=str(work), seed=args.seed,
-                      quick=args.quick, max_depth=args.max_depth, fusion=args.fusion)
+                      quick=args.quick, max_depth=args.max_depth, fusion=args.fusion,
+                      feature_set=args.feature_set, grid_gate=not args.no_grid_gate)
     if args.resample_noise is not None:
         cfg = replace(cfg, resample_noise_levels=args.resample_noise)
     if args.resample_sizes:

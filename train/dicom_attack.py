@@ -217,8 +217,9 @@ def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data
     y_fit = np.where(y_fit < 0, own, y_fit)
     pgd = attacks.gradient_attack(attacks.make_gradient_attack(vic), x_fit,
                                   y_fit.astype(np.float32), "pgd", eps)
-    f_clean = features.extract_batch(x_fit)
-    f_pert = features.extract_batch(attacks.quantise(pgd, int(levels[0]) if levels else 255))
+    fs = adaptive.attacker_feature_set(bdir)
+    f_clean = features.extract_batch(x_fit, fs)
+    f_pert = features.extract_batch(attacks.quantise(pgd, int(levels[0]) if levels else 255), fs)
     with tempfile.TemporaryDirectory(prefix="sentinel-attack-") as cache:
         models = adaptive.load_models(bdir, x_fit, y_fit, f_clean, f_pert, Path(cache),
                                       seed=seed)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.scoring import fuse
+from detector.scoring import apply_gate, fuse
 from train.attacks import SUITE
 from train.fit_detector import (
     PAPER_THRESHOLD,
@@ -37,13 +37,21 @@ class ScoreBook:
 
     scores: dict[str, dict[str, np.ndarray]]
     fusion: str = "stack"  # how "ensemble" weights the parts (detector.scoring.fuse)
+    # (threshold, slope) of the bundle's stride-grid gate (detector.scoring.apply_gate), whose
+    # feature values are each kind's "grid" entry; None: no gate
+    gate: tuple[float, float] | None = None
+
+    def combine(self, parts: dict[str, np.ndarray], w_cnn: float) -> np.ndarray:
+        """The runtime's decision score from the parts' scores (and the gate's feature)."""
+        s = fuse(parts["cnn"], parts["forest"], w_cnn, self.fusion)
+        return s if self.gate is None else apply_gate(s, parts["grid"], *self.gate)
 
     def part(self, kind: str, part: str, w_cnn: float | None = None) -> np.ndarray:
         s = self.scores[kind]
         if part == "ensemble":
             if w_cnn is None:
                 raise ValueError("the ensemble needs w_cnn")
-            return fuse(s["cnn"], s["forest"], w_cnn, self.fusion)
+            return self.combine(s, w_cnn)
         return s[part]
 
     def ensemble(self, kind: str, w_cnn: float) -> np.ndarray:
@@ -72,7 +80,7 @@ class ScoreBook:
         n = len(pick)
         rows = np.arange(n)
         out = {}
-        for part in parts:
+        for part in [*parts, *(["grid"] if "grid" in common else [])]:
             stacked = np.stack([self.part(k, part, w_cnn) for k in kinds])
             out[part] = np.r_[self.part("clean", part, w_cnn), stacked[pick, rows]]
         return np.r_[np.zeros(n), np.ones(n)], out
@@ -112,7 +120,7 @@ def compute_metrics(book: ScoreBook, *, w_cnn: float, threshold: float,
     ens_clean = book.ensemble("clean", w_cnn)
     grid = []
     for w in W_GRID:
-        s = fuse(mix["cnn"], mix["forest"], w, book.fusion)
+        s = book.combine(mix, w)
         m = binary_metrics(y, s, PAPER_THRESHOLD)
         m_t = binary_metrics(y, s, threshold)
         grid.append({"w_cnn": w, "auc": roc_auc(y, s), **{k: m[k] for k in

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.calibration import TARGET_FPR, calibrate_threshold
-from detector.scoring import fuse
+from detector.scoring import apply_gate, fuse
 
 W_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 PAPER_THRESHOLD = 0.5
@@ -62,6 +62,19 @@ def grid_search_w(p_cnn: np.ndarray, p_rf: np.ndarray, y: np.ndarray,
         points.append(GridPoint(w, roc_auc(y, s), float(np.mean(s[y] >= t)), t))
     best = max(points, key=lambda p: (round(p.detection_at_fpr, 6), round(p.auc, 6), -p.w_cnn))
     return best.w_cnn, points
+
+
+def calibrate_gate(clean_scores: np.ndarray, clean_grid: np.ndarray, gate_fpr: float,
+                   slope: float, target_fpr: float = TARGET_FPR,
+                   ) -> tuple[tuple[float, float], float]:
+    """((gate threshold, slope), operating threshold) from validation clean images.
+
+    The gate's threshold is the ``gate_fpr`` point of the clean images' grid feature; the
+    operating threshold is then calibrated on the gated scores, so at most ``target_fpr`` of
+    the clean images are flagged by the score and the gate together.
+    """
+    gate = (calibrate_threshold(clean_grid, gate_fpr), float(slope))
+    return gate, calibrate_threshold(apply_gate(clean_scores, clean_grid, *gate), target_fpr)
 
 
 def fit_forest(x: np.ndarray, y: np.ndarray, *, n_estimators: int = 200,
