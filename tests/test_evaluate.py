@@ -86,3 +86,30 @@ def test_gated_book_scores_as_the_runtime_rule() -> None:
     y0, mix0 = gated.mixed(seed=0, w_cnn=0.4)  # compute_metrics' own mix (seed 0)
     assert g04["recall_at_operating_threshold"] == pytest.approx(
         np.mean(mix0["ensemble"][y0 == 1] >= 0.6))
+
+
+def test_model_card_and_readme_table_state_the_gate_and_the_dicom_check() -> None:
+    """The card and the README table say what the gate does and how the real DICOM files
+    came out, from the metrics (nothing typed in by hand)."""
+    from train.report import gate_sentence, model_card, readme_table
+
+    m = evaluate.compute_metrics(_book(), w_cnn=0.4, threshold=0.42, part_thresholds={
+        "cnn": 0.4, "forest": 0.45, "paper_cnn": 0.5, "baseline_cnn": 0.5}, n_boot=20)
+    split = {n: {"images": 10, "patients": 5, "positive": 6, "negative": 4}
+             for n in ("train", "val", "test")}
+    m.update(bundle_id="b-1", split={**split, "seed": 0, "digest": "d", "dropped_duplicates": 0})
+    assert gate_sentence(m) == ""
+    m["rule"] = {"name": "logit", "gate": {"feature": "stride_grid_peaks", "threshold": 0.5317,
+                                           "slope": 10.0}}
+    v = {"p_cnn": 0.7, "p_rf": 0.5, "grid_peaks": 1.4}
+    m["dicom_check"] = {"folder": "/d/dicom_cr_nema", "eps": [0.003, 0.006], "files": [
+        {"file": "RG3_UNCR.dcm", "clean": {**v, "score": 0.02, "flagged": False},
+         "pgd_0.003": {**v, "score": 1.0, "flagged": True},
+         "pgd_0.006": {**v, "score": 0.6, "flagged": False}}], "all_as_expected": False}
+    table = readme_table(m)
+    assert "| real CR DICOMs (RG3_UNCR.dcm)" in table and "| n/a | 1 of 1 / 1 of 2 |" in table
+    card = model_card(m, table, "sentinel train ...")
+    assert "exceeds 0.5317" in card and "rise by 10 per decade" in card
+    assert ("RG3_UNCR.dcm clean 0.020 passes, pgd_0.003 1.000 flagged, pgd_0.006 0.600 "
+            "passes") in card
+    assert "stride-grid gate knows one kind of attacker" in card

@@ -28,6 +28,7 @@ class EvalConfig:
     out: str
     work: str
     second_source: str | None = None
+    dicom_check: str | None = None  # folder of real DICOM files: clean and attacked copies
     seed: int = 0
     n_boot: int = 1000
     latency_samples: int = 300
@@ -88,12 +89,17 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     metrics["victim"] = pipeline.victim_accuracy(model, te, te_pert)
     metrics["split"] = split.summary()
     metrics["bundle_id"] = manifest.bundle_id
+    metrics["rule"] = manifest.extra.get("rule")
     metrics["training"] = {k: manifest.training_data.get(k) for k in
                            ("grid", "models", "timings_s", "config", "victim")}
     if cfg.second_source:
         pipeline.log("second source")
         metrics["second_source"] = second_source(cfg, manifest, model, attack_fn, models,
                                                  book.fusion)
+    if cfg.dicom_check:
+        pipeline.log("real DICOM files and their attacked copies")
+        metrics["dicom_check"] = dicom_check(Path(cfg.bundle), Path(cfg.dicom_check), model,
+                                             Path(cfg.work) / "dicom_check")
     pipeline.log("latency")
     metrics["latency_ms"] = measure_latency(Path(cfg.bundle), te.x, cfg.latency_samples)
     metrics["evaluate_seconds"] = round(time.time() - t0, 1)
@@ -164,6 +170,44 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
     fpr, tpr = evaluate.roc_curve(y, np.r_[ens_c, ens_a])
     out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     return out
+
+
+DICOM_CHECK_EPS = (0.003, 0.006)
+
+
+def dicom_check(bundle_dir: Path, folder: Path, victim_model: Any, work: Path,
+                eps: tuple[float, ...] = DICOM_CHECK_EPS) -> dict[str, Any]:
+    """Each DICOM file of ``folder`` (uncompressed and lossless syntaxes, any bit depth) scored
+    by the runtime as it is, and its `sentinel attack` PGD copy at each eps (crafted against
+    the bundle's victim at 224, mapped onto the native matrix, same bit depth and syntax):
+    the issue's "clean copies pass, attacked copies are flagged" on real files."""
+    from detector.scoring import Detector
+    from train.dicom_attack import attack_dicom
+
+    det = Detector.load(bundle_dir)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm")
+    if not files:
+        raise ValueError(f"--dicom-check {folder}: no .dcm files there")
+    rows = []
+    for f in files:
+        clean = det.score_path(f)
+        row: dict[str, Any] = {"file": f.name, "threshold": det.threshold,
+                               "clean": _verdict(clean)}
+        for e in eps:
+            out = work / f"{f.stem}_pgd{e}.dcm"
+            res = attack_dicom(f, out, method="pgd", param=e, model=victim_model)
+            row[f"pgd_{e}"] = {**_verdict(det.score_path(out)),
+                               "victim_logit": [res.victim_logit_before,
+                                                res.victim_logit_after]}
+        rows.append(row)
+    ok = all(not r["clean"]["flagged"] and all(r[f"pgd_{e}"]["flagged"] for e in eps)
+             for r in rows)
+    return {"folder": str(folder), "eps": list(eps), "files": rows, "all_as_expected": ok}
+
+
+def _verdict(score: Any) -> dict[str, Any]:
+    return {"score": score.score, "p_cnn": score.p_cnn, "p_rf": score.p_rf,
+            "grid_peaks": score.grid_peaks, "flagged": score.flagged}
 
 
 def measure_latency(bundle_dir: Path, x: np.ndarray, n: int) -> dict[str, Any]:

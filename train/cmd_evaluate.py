@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--second-source", type=Path, default=None,
                         help="an independent folder (e.g. nih_cxr14_1000): clean FPR and PGD "
                         "0.006 detection at the operating threshold")
+    parser.add_argument("--dicom-check", type=Path, default=None, metavar="DIR",
+                        help="a folder of real DICOM files (e.g. dicom_cr_nema): each scored "
+                        "as it is and as `sentinel attack` PGD copies at eps 0.003 and 0.006")
     parser.add_argument("--work", type=Path, default=None,
                         help="cache directory (default: <out>/cache)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
@@ -46,8 +49,8 @@ sentinel train --data ../shared/data/kermany224 --out detector/models/default \\
     --work runs/train-full --seed 0
 # evaluate: HTML report, PNG figures, metrics.json (reuses the training work dir's caches)
 sentinel evaluate --bundle detector/models/default --data ../shared/data/kermany224 \\
-    --second-source ../shared/data/nih_cxr14_1000 --out runs/report --work runs/train-full \\
-    --model-card
+    --second-source ../shared/data/nih_cxr14_1000 --dicom-check ../shared/data/dicom_cr_nema \\
+    --out runs/report --work runs/train-full --model-card
 # red-team a real DICOM and score it
 sentinel attack ../shared/data/dicom_cr_nema/RG1_UNCR.dcm /tmp/rg1_pgd.dcm --method pgd --eps 0.006
 sentinel score /tmp/rg1_pgd.dcm
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(bundle=str(bundle), data=str(args.data), out=str(args.out),
                      work=str(args.work or Path(args.out) / "cache"),
                      second_source=str(args.second_source) if args.second_source else None,
+                     dicom_check=str(args.dicom_check) if args.dicom_check else None,
                      n_boot=args.bootstrap)
     try:
         result = run_evaluation(cfg)
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         extra = {"second_source": {k: v for k, v in m.get("second_source", {}).items()
                                    if k in ("source", "images", "clean_fpr_at_threshold",
                                             "pgd_0.006_detection_at_threshold", "auc_ci")},
-                 "latency_ms": m.get("latency_ms", {})}
+                 "latency_ms": m.get("latency_ms", {}),
+                 **({"dicom_check": m["dicom_check"]} if "dicom_check" in m else {})}
         add_model_card(Path(bundle), model_card(m, table, REPRODUCE), extra)
         print(f"model card: {Path(bundle) / 'MODEL_CARD.md'}")
     m = result["metrics"]
@@ -101,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         s = m["second_source"]
         print(f"second source: clean FPR {s['clean_fpr_at_threshold']:.4f}, PGD 0.006 "
               f"detection {s['pgd_0.006_detection_at_threshold']:.4f}")
+    for row in m.get("dicom_check", {}).get("files", []):
+        print(f"{row['file']}: " + ", ".join(
+            f"{k} {v['score']:.3f}{' flagged' if v['flagged'] else ''}"
+            for k, v in row.items() if isinstance(v, dict)))
     return 0
 
 

@@ -315,6 +315,20 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
                 *[[f"victim {k}", f"{v:.4f}"] for k, v in ss.get("victim", {}).items()],
             ]),
         ]
+    dc = m.get("dicom_check")
+    if dc:
+        kinds = ["clean", *(f"pgd_{e}" for e in dc["eps"])]
+        parts_html += [
+            f"<h2>Real DICOM files: {html.escape(dc['folder'])}, as they are and as "
+            "<code>sentinel attack</code> PGD copies (runtime scores at the operating "
+            "threshold)</h2>",
+            _table(["file", *kinds], [
+                [r["file"], *(f"{r[k]['score']:.3f} ({'flagged' if r[k]['flagged'] else 'passes'}"
+                              f"; CNN {r[k]['p_cnn']:.3f}, forest {r[k]['p_rf']:.3f}"
+                              + (f", grid {r[k]['grid_peaks']:.2f}"
+                                 if r[k]["grid_peaks"] is not None else "") + ")"
+                              for k in kinds)] for r in dc["files"]]),
+        ]
     for name, caption in figs:
         parts_html.append(f"<figure><img src='{name}'><figcaption>{html.escape(caption)}"
                           "</figcaption></figure>")
@@ -332,6 +346,19 @@ def _jd(o: Any) -> Any:
     return str(o)
 
 
+def gate_sentence(m: dict[str, Any]) -> str:
+    """The stride-grid gate in words, or "" for a bundle without one."""
+    gate = (m.get("rule") or {}).get("gate")
+    if not gate:
+        return ""
+    return (" Then a stride-grid gate: where the image's `stride_grid_peaks` (mean power at the "
+            "off-axis 1/8-cycle frequencies over the median power around each, log10; what a "
+            "gradient attack through a network with stride-2 layers leaves) exceeds "
+            f"{gate['threshold']:.4f}, its 99.9th percentile on the validation clean images, "
+            f"the score's log-odds rise by {gate['slope']:g} per decade above it; below, the "
+            "score is unchanged. The operating threshold was calibrated with the gate in place.")
+
+
 def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
     """MODEL_CARD.md text from measured metrics (nothing here is typed in by hand)."""
     split = m["split"]
@@ -346,7 +373,7 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
         "(trainable high-pass first layer, about 6 M multiply-adds) and a 200-tree Random Forest "
         f"on 11 image statistics, fused as {fusion_formula(m)}. "
         f"w_cnn = {m['w_cnn']}, operating threshold = {m['threshold']:.5f} (calibrated on "
-        "validation clean images for a false-positive rate of at most 1%).",
+        "validation clean images for a false-positive rate of at most 1%)." + gate_sentence(m),
         "",
         "## Training data",
         "`kermany224`: 5,840 paediatric chest X-rays (Guangzhou Women and Children's Medical "
@@ -397,6 +424,22 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
             "detector learned what a clean *Kermany* image's noise looks like; images from "
             "another acquisition and encode chain can sit on the wrong side of the threshold: "
             "recalibrate (or retrain with `sentinel train`) on your own clean images.")
+    dc = m.get("dicom_check")
+    if dc:
+        lines.append(
+            f"- Real DICOM files (`{Path(dc['folder']).name}`, scored by the runtime at the "
+            "operating threshold, clean and as `sentinel attack` PGD copies): "
+            + "; ".join(f"{r['file']} " + ", ".join(
+                f"{k} {r[k]['score']:.3f}{' flagged' if r[k]['flagged'] else ' passes'}"
+                for k in ("clean", *(f"pgd_{e}" for e in dc["eps"]))) for r in dc["files"])
+            + ". Two images: a check of the DICOM path, not a rate.")
+    if (m.get("rule") or {}).get("gate"):
+        lines.append(
+            "- The stride-grid gate knows one kind of attacker: gradient attacks through a "
+            "network that downsamples with stride-2 layers (most CNNs), whose perturbation "
+            "repeats every 2-8 pixels. An attacker who smooths the perturbation or holds that "
+            "feature down (README, \"Adaptive attacks\") is not caught by it; nor are "
+            "noise, salt and pepper or contrast changes, which the CNN and forest handle.")
     lines += [
         "- Non-adaptive attacks only in these tables: attackers who know the detector are "
         "measured apart (README, \"Adaptive attacks\") and it does not withstand them.",
@@ -429,6 +472,15 @@ def readme_table(m: dict[str, Any]) -> str:
         rows.append(f"| NIH (never trained on): clean FPR / PGD 0.006 detection | n/a | "
                     f"{ss['clean_fpr_at_threshold']:.4f} / "
                     f"{ss['pgd_0.006_detection_at_threshold']:.4f} |")
+    dc = m.get("dicom_check")
+    if dc:
+        kinds = [f"pgd_{e}" for e in dc["eps"]]
+        rows.append(
+            "| real CR DICOMs (" + ", ".join(r["file"] for r in dc["files"]) + "): clean "
+            f"passed / attacked (PGD {' and '.join(str(e) for e in dc['eps'])}) flagged | n/a | "
+            f"{sum(not r['clean']['flagged'] for r in dc['files'])} of {len(dc['files'])} / "
+            f"{sum(r[k]['flagged'] for r in dc['files'] for k in kinds)} of "
+            f"{len(dc['files']) * len(kinds)} |")
     return "\n".join(rows)
 
 
