@@ -73,6 +73,7 @@ FIELDS: frozenset[str] = frozenset(
         "score",
         "p_cnn",
         "p_rf",
+        "grid_peaks",
         "threshold",
         "bundle_id",
         "rule",

@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,9 @@ class QuarantineRecord:
     destinations: tuple[str, ...]
     received_at: str  # UTC ISO 8601
     quarantined_at: str  # UTC ISO 8601
+    # the bundle's stride-grid gate feature (detector.scoring); None without a gate, and in
+    # sidecars written before bundles had one
+    grid_peaks: float | None = None
 
     def __post_init__(self) -> None:
         check_uid(self.sop_uid, "SOPInstanceUID")
@@ -91,7 +94,8 @@ class QuarantineRecord:
     def from_json(cls, text: str) -> QuarantineRecord:
         data: dict[str, Any] = json.loads(text)
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(data))
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"quarantine sidecar lacks {missing}")
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -314,6 +314,7 @@ class Screening:
             "scored", rule=decision.rule.name, score=float(score.score), p_cnn=float(score.p_cnn),
             p_rf=float(score.p_rf), threshold=float(score.threshold), bundle_id=score.bundle_id,
             verdict=verdict, latency_ms=round(latency_ms, 3), **base,
+            **({} if score.grid_peaks is None else {"grid_peaks": float(score.grid_peaks)}),
         )
         if self._metrics is not None:
             self._metrics.scored(modality, assoc.calling_ae, bool(score.flagged), latency_ms / 1e3)
@@ -380,6 +381,8 @@ class Screening:
             p_cnn=None if score is None else float(score.p_cnn),
             p_rf=None if score is None else float(score.p_rf),
             threshold=None if score is None else float(score.threshold),
+            grid_peaks=None if score is None or score.grid_peaks is None
+            else float(score.grid_peaks),
             rule=rule,
             bundle_id=bundle_id,
             calling_ae=str(meta.get("calling_ae", "")),

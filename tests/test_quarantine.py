@@ -315,3 +315,17 @@ def test_put_racing_purge_of_the_same_study_loses_nothing(tmp_path: Path) -> Non
     held = [r.sop_uid for r in q.list()]
     assert errors == []
     assert sorted(purged + held) == sorted(sops) and not set(purged) & set(held)
+
+
+def test_sidecars_from_before_the_gate_still_load() -> None:
+    """grid_peaks (the bundle's stride-grid gate feature) round-trips; a sidecar written before
+    bundles had a gate has no such key and still loads (None), a sidecar without a required
+    key is still refused."""
+    rec = record_for("1.2.3.4", "1.2.3", grid_peaks=1.46)
+    assert QuarantineRecord.from_json(rec.to_json()).grid_peaks == 1.46
+    old = json.loads(rec.to_json())
+    del old["grid_peaks"]
+    assert QuarantineRecord.from_json(json.dumps(old)).grid_peaks is None
+    del old["score"]
+    with pytest.raises(ValueError, match="lacks"):
+        QuarantineRecord.from_json(json.dumps(old))

@@ -406,6 +406,8 @@ def _attacked_copies_are_held(tmp_path: Path, sources: list[Path],
         for f in attacked:
             assert orthanc.find_instance(sop_uid_of(f)) is None
         assert {r.reason for r in q.list()} == {"flagged"}
+        # the default bundle's stride-grid gate feature travels with the verdict
+        assert all(r.grid_peaks is not None and r.grid_peaks > 0.5 for r in q.list())
     finally:
         gw.stop()
         orthanc.stop()
