@@ -1,7 +1,8 @@
 """Score DICOM or PNG/JPEG files for adversarial perturbations with a verified model bundle.
 
-Prints one row per file (file, SOP Instance UID, frames, score, P_cnn, P_rf, verdict, ms) or,
-with --json, one JSON document. Directories are walked recursively; in a directory, files
+Prints one row per file (file, SOP Instance UID, frames, score, P_cnn, P_rf, verdict, ms; and
+grid, the stride-grid gate's feature, for a bundle with a gate) or, with --json, one JSON
+document. Directories are walked recursively; in a directory, files
 that are neither DICOM (Part 10) nor PNG/JPEG by content are skipped, while a file named on
 the command line is always scored or reported as an error.
 
@@ -116,11 +117,14 @@ def score_one(det: Any, path: Path, threshold: float | None) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("file", "SOP Instance UID", "frames", "score", "P_cnn", "P_rf", "verdict", "ms")
+    gated = any(r.get("grid_peaks") is not None for r in rows)
+    head = ("file", "SOP Instance UID", "frames", "score", "P_cnn", "P_rf",
+            *(("grid",) if gated else ()), "verdict", "ms")
     body = []
     for r in rows:
         if r["verdict"] == "error":
-            body.append((r["file"], r["sop_instance_uid"] or "-", "-", "-", "-", "-", "ERROR", "-"))
+            body.append((r["file"], r["sop_instance_uid"] or "-", "-", "-", "-", "-",
+                         *(("-",) if gated else ()), "ERROR", "-"))
         else:
             body.append(
                 (
@@ -130,6 +134,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                     f"{r['score']:.4f}",
                     f"{r['p_cnn']:.4f}",
                     f"{r['p_rf']:.4f}",
+                    *((f"{r['grid_peaks']:.3f}",) if gated else ()),
                     "FLAGGED" if r["verdict"] == "flagged" else "clean",
                     f"{r['timings_ms']['total']:.1f}",
                 )

@@ -160,3 +160,35 @@ def test_real_command_line(fixture_bundle: Path, nema_dir: Path) -> None:
     rows = [line for line in proc.stdout.splitlines() if ".dcm" in line]
     assert len(rows) == 4
     assert all(("clean" in r) != ("FLAGGED" in r) for r in rows)
+
+
+def test_gated_bundle_adds_the_grid_column(
+    fixture_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a stride-grid gate the table shows the gate's feature, so a held image whose CNN
+    and forest score low says why; the JSON carries it as grid_peaks."""
+    from PIL import Image
+
+    from detector.bundle import load_manifest, write_bundle
+    from detector.forest import ForestArrays
+
+    m = load_manifest(fixture_bundle)
+    gated = write_bundle(tmp_path / "gated", cnn_tflite=m.path_of("cnn"),
+                         forest=ForestArrays.load(m.path_of("forest")),
+                         feature_names=m.feature_names, w_cnn=m.w_cnn, threshold=0.99,
+                         thresholds={}, training_data={}, metrics={},
+                         rule={"name": "stack", "gate": {"feature": "stride_grid_peaks",
+                                                         "threshold": 0.6, "slope": 10.0}})
+    yy, xx = np.mgrid[0:224, 0:224]
+    tile = np.random.default_rng(8).choice([-1, 1], (8, 8))
+    img = np.clip(120 + 20 * np.sin(yy / 30) + tile[yy % 8, xx % 8], 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "stride.png")
+    rc, out, _ = run_cli(capsys, "--bundle", str(gated), "--json", str(tmp_path / "stride.png"))
+    (row,) = json.loads(out)["files"]
+    assert rc == 1 and row["verdict"] == "flagged" and row["grid_peaks"] > 1.0
+    _, table, _ = run_cli(capsys, "--bundle", str(gated), str(tmp_path / "stride.png"))
+    head, line = table.strip().splitlines()[:2]
+    cols = head.split()
+    assert cols.index("grid") == cols.index("P_rf") + 1 and f"{row['grid_peaks']:.3f}" in line
+    _, plain, _ = run_cli(capsys, "--bundle", str(fixture_bundle), str(tmp_path / "stride.png"))
+    assert "grid" not in plain.splitlines()[0]
