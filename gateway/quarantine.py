@@ -232,12 +232,16 @@ class Quarantine:
         dcm = study / f"{record.sop_uid}.dcm"
         if not Path(src).is_file():
             raise FileNotFoundError(f"quarantine put: {src} does not exist (nothing to hold)")
-        with self._dir_lock():  # a release/purge must not remove the folder under our feet
+        # A release/purge must not remove the folder under our feet: not before the sidecar is
+        # in it, and not between the move and the fsync of the folder that makes the move
+        # durable (a purge of the study racing this put removed the folder there, and the
+        # fsync raised FileNotFoundError for an instance that was purged as asked).
+        with self._dir_lock():
             if not study.is_dir():
                 study.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(self.root)
             _write_atomic(study / f"{record.sop_uid}.json", record.to_json().encode())
-        _move_durably(Path(src), dcm)
+            _move_durably(Path(src), dcm)
         return dcm
 
     def _entries(self) -> Iterator[tuple[Path, Path]]:
