@@ -583,6 +583,11 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
     pool = np.setdiff1d(np.arange(len(xt)), idx if cfg.split == "train" else [])
     fit_idx = pool[_subset(len(pool), cfg.n_fit, cfg.seed + 1)]
     fdir = pipeline.feature_dir(attacker_feature_set(Path(cfg.bundle)))
+    if not work.has(f"{fdir}/train/perturbed.npy"):
+        raise ValueError(
+            f"{cfg.work} has no {fdir}/train/ features, the set bundle {cfg.bundle} is attacked "
+            "through: rerun `sentinel train` with this --work directory (finished stages are "
+            "skipped; it caches them)")
     f_clean = work.load_npy(f"{fdir}/train/clean.npy")
     f_pert = work.load_npy(f"{fdir}/train/perturbed.npy")
     log("loading the bundle, fitting the surrogate and the HFC Gaussians")

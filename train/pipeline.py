@@ -706,6 +706,11 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         features_of(work, "train", "resampled_pert", tr_rs[1], cfg.feature_set)]))
     y_tr = np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert)), np.zeros(len(tr_rs[0])),
                  np.ones(len(tr_rs[1]))]
+    if cfg.grid_gate:
+        # an adaptive attacker (train.adaptive) holds the gate's feature too and takes its
+        # clean spread from the training split: cache the v3 features there (~6 s)
+        timed("features_v3", lambda: [grid_values(work, "train", k, x) for k, x in
+                                      (("clean", tr.x), ("perturbed", tr_pert))])
 
     cnn_path = timed("cnn", lambda: stage_cnn(
         cfg, work, with_resampled(sets, tr_rs, va_rs), "cnn", "shipped", cfg.cnn_epochs))
