@@ -439,7 +439,9 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
             "network that downsamples with stride-2 layers (most CNNs), whose perturbation "
             "repeats every 2-8 pixels. An attacker who smooths the perturbation or holds that "
             "feature down (README, \"Adaptive attacks\") is not caught by it; nor are "
-            "noise, salt and pepper or contrast changes, which the CNN and forest handle.")
+            "noise, salt and pepper or contrast changes, which the CNN and forest handle. "
+            "Measured with the bundled victim's attacks only: a diagnostic network that "
+            "downsamples differently leaves other or weaker peaks.")
     lines += [
         "- Non-adaptive attacks only in these tables: attackers who know the detector are "
         "measured apart (README, \"Adaptive attacks\") and it does not withstand them.",
