@@ -35,6 +35,11 @@ from detector.forest import ForestArrays
 from detector.preprocess import INPUT_SIZE, NORMALISATION, RESIZE_METHOD
 
 FORMAT_VERSION = 1
+# A bundle whose rule has a stride-grid gate is written as format 2, so that a runtime from
+# before the gate refuses it ("format_version 2 is not 1") instead of silently scoring without
+# the gate; this runtime reads both.
+GATED_FORMAT_VERSION = 2
+READABLE_FORMATS = (FORMAT_VERSION, GATED_FORMAT_VERSION)
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "default"
 MANIFEST = "manifest.json"
 CNN_FILE = "cnn.tflite"
@@ -216,7 +221,7 @@ def write_bundle(
     all_versions = _runtime_versions()
     all_versions.update(versions or {})
     doc: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+        "format_version": GATED_FORMAT_VERSION if (rule or {}).get("gate") else FORMAT_VERSION,
         "bundle_id": bundle_id,
         "created": created,
         "input_size": INPUT_SIZE,
@@ -281,11 +286,11 @@ def load_manifest(bundle_dir: str | os.PathLike[str] | None = None) -> Manifest:
     )
     if hashlib.sha256(zeroed).hexdigest() != claimed:
         raise _fail(mpath, "its contents do not match its manifest_sha256 (edited or corrupt)")
-    if doc["format_version"] != FORMAT_VERSION:
+    if doc["format_version"] not in READABLE_FORMATS:
         raise _fail(
             mpath,
-            f"format_version {doc['format_version']} is not {FORMAT_VERSION}, the "
-            "version this runtime reads",
+            f"format_version {doc['format_version']} is not one of "
+            f"{', '.join(map(str, READABLE_FORMATS))}, the versions this runtime reads",
         )
 
     files: dict[str, FileEntry] = {}

@@ -241,3 +241,32 @@ def test_shipped_default_bundle_verifies_and_detects_changes(tmp_path: Path) -> 
         assert path.name in str(info.value)
         path.write_bytes(original)
     load_manifest(copy)
+
+
+def test_gated_bundles_are_format_2_and_unknown_formats_refused(bundle: Path,
+                                                                tmp_path: Path) -> None:
+    """A bundle with a stride-grid gate is written as format 2, so a runtime from before the gate
+    (which reads format 1 only) refuses it instead of scoring without the gate; this runtime
+    reads 1 and 2 and refuses anything else, naming what it reads."""
+    import hashlib
+
+    from detector.bundle import GATED_FORMAT_VERSION, READABLE_FORMATS
+    from detector.forest import ForestArrays
+
+    common = dict(cnn_tflite=bundle / "cnn.tflite", forest=ForestArrays.load(bundle / "forest.npz"),
+                  feature_names=FEATURE_NAMES, w_cnn=0.5, threshold=0.5, thresholds={},
+                  training_data={}, metrics={})
+    gated = write_bundle(tmp_path / "gated", rule={"name": "logit", "gate": {
+        "feature": "stride_grid_peaks", "threshold": 0.5, "slope": 10.0}}, **common)
+    plain = write_bundle(tmp_path / "plain", rule={"name": "logit"}, **common)
+    assert load_manifest(gated).format_version == GATED_FORMAT_VERSION == 2
+    assert load_manifest(plain).format_version == 1 and READABLE_FORMATS == (1, 2)
+    Detector.load(gated)
+    # a format this runtime does not read, with a valid digest: refused, naming 1 and 2
+    raw = (plain / MANIFEST).read_text()
+    claimed = json.loads(raw)["manifest_sha256"]
+    zeroed = raw.replace('"format_version": 1', '"format_version": 3', 1).replace(claimed, "0" * 64)
+    digest = hashlib.sha256(zeroed.encode()).hexdigest()
+    (plain / MANIFEST).write_text(zeroed.replace("0" * 64, digest, 1))
+    with pytest.raises(BundleError, match="format_version 3 is not one of 1, 2"):
+        load_manifest(plain)
