@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 REPRODUCE = """\
-# train (25 min 25 s on 2 CPU cores, measured; resumable: rerun the same command after a stop)
+# train (26 min 4 s on 2 CPU cores, measured; resumable: rerun the same command after a stop)
 sentinel train --data ../shared/data/kermany224 --out detector/models/default \\
     --work runs/train-full --seed 0
 # evaluate: HTML report, PNG figures, metrics.json (reuses the training work dir's caches)
