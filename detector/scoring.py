@@ -211,6 +211,21 @@ def _parse_gate(raw: object, where: str) -> dict[str, float]:
     return {"gate_threshold": g, "gate_slope": b}
 
 
+def extracted_feature_set(manifest: Manifest, rule: Rule) -> str:
+    """The feature set the runtime extracts for a bundle: its forest's, or v3 (v1 and
+    stride_grid_peaks) when a stride-grid gate needs that feature and the forest reads v1.
+    The forest reads the first columns of it."""
+    feature_set = manifest_feature_set(manifest)
+    if rule.gate_threshold is None or GATE_FEATURE in FEATURE_SETS[feature_set]:
+        return feature_set
+    if feature_set != FEATURE_SET:
+        raise BundleError(
+            f"model bundle {manifest.bundle_dir}: a stride-grid gate needs feature set "
+            f"{FEATURE_SET} or {FEATURE_SET_V3}, not {feature_set}; re-export"
+        )
+    return FEATURE_SET_V3
+
+
 class Detector:
     """A loaded, verified bundle ready to score images. Not thread-safe: one per thread."""
 
@@ -229,19 +244,9 @@ class Detector:
         self.max_pixels = max_pixels
         self.cnn = cnn
         self.forest = forest
-        feature_set = manifest_feature_set(manifest)
-        self._n_forest = len(FEATURE_SETS[feature_set])
-        self._grid_at: int | None = None
-        if self.rule.gate_threshold is not None:
-            # the gate reads stride_grid_peaks: compute v3 (v1 + it) when the forest reads v1
-            if GATE_FEATURE not in FEATURE_SETS[feature_set]:
-                if feature_set != FEATURE_SET:
-                    raise BundleError(
-                        f"model bundle {manifest.bundle_dir}: a stride-grid gate needs feature "
-                        f"set {FEATURE_SET} or {FEATURE_SET_V3}, not {feature_set}; re-export"
-                    )
-                feature_set = FEATURE_SET_V3
-            self._grid_at = FEATURE_SETS[feature_set].index(GATE_FEATURE)
+        feature_set = extracted_feature_set(manifest, self.rule)
+        self._grid_at = (FEATURE_SETS[feature_set].index(GATE_FEATURE)
+                         if self.rule.gate_threshold is not None else None)
         self._features = FeatureExtractor((INPUT_SIZE, INPUT_SIZE), feature_set=feature_set)
 
     @classmethod
@@ -305,7 +310,7 @@ class Detector:
         t1 = time.perf_counter()
         p_cnn = float(self.cnn.predict(img))
         t2 = time.perf_counter()
-        p_rf = float(self.forest.predict_proba(feats[None, : self._n_forest])[0])
+        p_rf = float(self.forest.predict_proba(feats[None, : self.forest.n_features])[0])
         t3 = time.perf_counter()
         grid = None if self._grid_at is None else float(feats[self._grid_at])
         score = self.rule.combine(p_cnn, p_rf, self.w_cnn, grid)

@@ -456,12 +456,12 @@ def attacker_feature_set(bundle_dir: Path) -> str:
     eight extra features are what the candidates term of adaptive-stats-cand holds)."""
     from detector import bundle as bundle_mod
     from detector.features import FEATURE_SET_V3
-    from detector.scoring import parse_rule
+    from detector.scoring import extracted_feature_set, parse_rule
 
     manifest = bundle_mod.load_manifest(bundle_dir)
-    fs = bundle_mod.manifest_feature_set(manifest)
-    gated = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir).gate_threshold is not None
-    return FEATURE_SET_V3 if fs == FEATURE_SET_V3 or (gated and fs == FEATURE_SET) else FEATURE_SET
+    fs = extracted_feature_set(manifest, parse_rule(manifest.extra.get("rule"),
+                                                    manifest.bundle_dir))
+    return fs if fs == FEATURE_SET_V3 else FEATURE_SET
 
 
 def _forest_reads_prefix(manifest: Any, attacker_set: str, n_columns: int) -> bool:

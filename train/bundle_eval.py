@@ -73,15 +73,16 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     tcfg = pipeline.TrainConfig(data=cfg.data, out="", work=cfg.work, seed=seed)
     pipeline.log("perturbing the test split")
     te_pert = pipeline.stage_perturb_eval(tcfg, work, te, model, attack_fn)
+    rule = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir)
+    gate = None if rule.gate_threshold is None else (rule.gate_threshold, rule.gate_slope)
     models = pipeline.ScoringModels(
         cnn_tflite=manifest.path_of("cnn"), paper_keras=manifest.path_of("paper_cnn"),
         baseline_keras=manifest.path_of("baseline_cnn"), forest_path=manifest.path_of("forest"),
         forest=ForestArrays.load(manifest.path_of("forest")),
         feature_set=bundle_mod.manifest_feature_set(manifest),
-        grid=rule_gate(manifest) is not None)
+        grid=gate is not None)
     pipeline.log("scoring the test split")
-    fusion = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir).fusion
-    book = pipeline.score_book(work, models, te, te_pert, fusion=fusion, gate=rule_gate(manifest))
+    book = pipeline.score_book(work, models, te, te_pert, fusion=rule.fusion, gate=gate)
     part_thresholds = manifest.training_data["part_thresholds"]
     metrics = evaluate.compute_metrics(book, w_cnn=manifest.w_cnn, threshold=manifest.threshold,
                                        part_thresholds=part_thresholds, seed=seed,
@@ -95,7 +96,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.second_source:
         pipeline.log("second source")
         metrics["second_source"] = second_source(cfg, manifest, model, attack_fn, models,
-                                                 book.fusion)
+                                                 book)
     if cfg.dicom_check:
         pipeline.log("real DICOM files and their attacked copies")
         metrics["dicom_check"] = dicom_check(Path(cfg.bundle), Path(cfg.dicom_check), model,
@@ -107,16 +108,11 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     return {"metrics": metrics, "book": book, "curves": curves}
 
 
-def rule_gate(manifest: Any) -> tuple[float, float] | None:
-    """(threshold, slope) of the bundle's stride-grid gate, or None."""
-    rule = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir)
-    return None if rule.gate_threshold is None else (rule.gate_threshold, rule.gate_slope)
-
-
 def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
-                  models: pipeline.ScoringModels, fusion: str) -> dict[str, Any]:
+                  models: pipeline.ScoringModels, book: Any) -> dict[str, Any]:
     """Clean FPR and PGD eps 0.006 detection at the operating threshold on a source never used
-    for fitting; PGD is crafted against the victim at 224 and mapped onto the native grid."""
+    for fitting; PGD is crafted against the victim at 224 and mapped onto the native grid.
+    ``book`` (the test split's ScoreBook) gives the decision rule: fusion and gate."""
     from train import evaluate, fit_detector
 
     root = Path(cfg.second_source)  # type: ignore[arg-type]
@@ -142,7 +138,6 @@ def second_source(cfg: EvalConfig, manifest: Any, model: Any, attack_fn: Any,
         clean["grid"] = pipeline.grid_values(work, "test", "clean", arr.x)
         attacked["grid"] = pipeline.grid_values(work, "test", kind, pert)
     w, t = manifest.w_cnn, manifest.threshold
-    book = evaluate.ScoreBook({}, fusion, rule_gate(manifest))
     ens_c, ens_a = book.combine(clean, w), book.combine(attacked, w)
     y = np.r_[np.zeros(len(ens_c)), np.ones(len(ens_a))]
     out: dict[str, Any] = {
@@ -193,16 +188,21 @@ def dicom_check(bundle_dir: Path, folder: Path, victim_model: Any, work: Path,
         clean = det.score_path(f)
         row: dict[str, Any] = {"file": f.name, "threshold": det.threshold,
                                "clean": _verdict(clean)}
-        for e in eps:
+        for e, kind in zip(eps, dicom_check_kinds(eps)[1:], strict=True):
             out = work / f"{f.stem}_pgd{e}.dcm"
             res = attack_dicom(f, out, method="pgd", param=e, model=victim_model)
-            row[f"pgd_{e}"] = {**_verdict(det.score_path(out)),
+            row[kind] = {**_verdict(det.score_path(out)),
                                "victim_logit": [res.victim_logit_before,
                                                 res.victim_logit_after]}
         rows.append(row)
-    ok = all(not r["clean"]["flagged"] and all(r[f"pgd_{e}"]["flagged"] for e in eps)
+    ok = all(not r["clean"]["flagged"] and all(r[k]["flagged"] for k in dicom_check_kinds(eps)[1:])
              for r in rows)
     return {"folder": str(folder), "eps": list(eps), "files": rows, "all_as_expected": ok}
+
+
+def dicom_check_kinds(eps: Any) -> list[str]:
+    """The keys of one file's row in ``dicom_check``: "clean", then "pgd_<eps>" per eps."""
+    return ["clean", *(f"pgd_{e}" for e in eps)]
 
 
 def _verdict(score: Any) -> dict[str, Any]:

@@ -106,10 +106,13 @@ def run(args: argparse.Namespace) -> int:
         s = m["second_source"]
         print(f"second source: clean FPR {s['clean_fpr_at_threshold']:.4f}, PGD 0.006 "
               f"detection {s['pgd_0.006_detection_at_threshold']:.4f}")
-    for row in m.get("dicom_check", {}).get("files", []):
-        print(f"{row['file']}: " + ", ".join(
-            f"{k} {v['score']:.3f}{' flagged' if v['flagged'] else ''}"
-            for k, v in row.items() if isinstance(v, dict)))
+    if "dicom_check" in m:
+        from train.bundle_eval import dicom_check_kinds
+
+        for row in m["dicom_check"]["files"]:
+            print(f"{row['file']}: " + ", ".join(
+                f"{k} {row[k]['score']:.3f}{' flagged' if row[k]['flagged'] else ''}"
+                for k in dicom_check_kinds(m["dicom_check"]["eps"])))
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from train.attacks import SUITE
+from train.bundle_eval import dicom_check_kinds
 from train.evaluate import PART_LABELS, PARTS
 
 # The paper's figures (paper-summary.md), for the side-by-side table.
@@ -317,7 +318,7 @@ def write_report(result: dict[str, Any], out: Path) -> Path:
         ]
     dc = m.get("dicom_check")
     if dc:
-        kinds = ["clean", *(f"pgd_{e}" for e in dc["eps"])]
+        kinds = dicom_check_kinds(dc["eps"])
         parts_html += [
             f"<h2>Real DICOM files: {html.escape(dc['folder'])}, as they are and as "
             "<code>sentinel attack</code> PGD copies (runtime scores at the operating "
@@ -431,7 +432,7 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
             "operating threshold, clean and as `sentinel attack` PGD copies): "
             + "; ".join(f"{r['file']} " + ", ".join(
                 f"{k} {r[k]['score']:.3f}{' flagged' if r[k]['flagged'] else ' passes'}"
-                for k in ("clean", *(f"pgd_{e}" for e in dc["eps"]))) for r in dc["files"])
+                for k in dicom_check_kinds(dc["eps"])) for r in dc["files"])
             + ". Two images: a check of the DICOM path, not a rate.")
     if (m.get("rule") or {}).get("gate"):
         lines.append(
@@ -476,7 +477,7 @@ def readme_table(m: dict[str, Any]) -> str:
                     f"{ss['pgd_0.006_detection_at_threshold']:.4f} |")
     dc = m.get("dicom_check")
     if dc:
-        kinds = [f"pgd_{e}" for e in dc["eps"]]
+        kinds = dicom_check_kinds(dc["eps"])[1:]
         rows.append(
             "| real CR DICOMs (" + ", ".join(r["file"] for r in dc["files"]) + "): clean "
             f"passed / attacked (PGD {' and '.join(str(e) for e in dc['eps'])}) flagged | n/a | "

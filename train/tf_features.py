@@ -73,8 +73,10 @@ def _var(a: Any) -> Any:
     return _mean(d * d)
 
 
-def features_tf(x: Any, soft_width: float = 0.25 / 255.0, dtype: Any = None) -> Any:
-    """(n, H, W) tensor in [0, 1] -> (n, 11) tensor of ``dtype``, ordered as FEATURE_NAMES.
+def features_tf(x: Any, soft_width: float = 0.25 / 255.0, dtype: Any = None,
+                grid: bool = False) -> Any:
+    """(n, H, W) tensor in [0, 1] -> (n, 11) tensor of ``dtype``, ordered as FEATURE_NAMES
+    (with ``grid``, (n, 12): feature set v3, stride_grid_peaks from the same FFT).
 
     Computed in float64 by default: float32 reductions over 50k pixels drift by ~1e-3 relative
     on dark, low-contrast images (the skewness of a nearly flat image), while numpy's pairwise
@@ -148,26 +150,23 @@ def features_tf(x: Any, soft_width: float = 0.25 / 255.0, dtype: Any = None) -> 
     lag1 = tf.where(okc, cov / tf.sqrt(tf.where(okc, va * vb, tf.ones_like(va))),
                     tf.zeros_like(cov))
 
-    return tf.stack([skew, kurt, entropy, lap_var, std, noise_sigma, res_kurt, ratio, near_zero,
-                     lag1, hf_share], axis=1)
+    out = [skew, kurt, entropy, lap_var, std, noise_sigma, res_kurt, ratio, near_zero, lag1,
+           hf_share]
+    if grid:
+        out.append(_grid_from_power(p, (h, w)))
+    return tf.stack(out, axis=1)
 
 
-def grid_peaks_tf(x: Any, dtype: Any = None) -> Any:
-    """(n, H, W) in [0, 1] -> (n,): ``stride_grid_peaks`` of feature set v3, differentiable.
-
-    The same half-plane bins as the runtime (``detector.features.grid_indices``); the median
-    of each ring is the mean of its two middle values after a sort (numpy's median of an even
-    count), whose gradient flows to those two bins.
-    """
+def _grid_from_power(p: Any, shape: tuple[int, int]) -> Any:
+    """stride_grid_peaks from the rfft2 half-plane power (n, H, W//2 + 1): the same bins as the
+    runtime (``detector.features.grid_indices``); the median of each ring is the mean of its
+    two middle values after a sort (numpy's median of an even count), whose gradient flows to
+    those two bins."""
     import tensorflow as tf
 
     from detector.features import grid_indices
 
-    dtype = dtype or tf.float64
-    x = tf.cast(tf.convert_to_tensor(x), dtype)
-    peaks_np, rings_np = grid_indices((int(x.shape[1]), int(x.shape[2])))
-    f = tf.signal.rfft2d(x)
-    p = tf.square(tf.math.real(f)) + tf.square(tf.math.imag(f))
+    peaks_np, rings_np = grid_indices(shape)
     p = tf.reshape(p, [tf.shape(p)[0], -1])
     peak = tf.gather(p, peaks_np, axis=1)  # (n, k)
     ring = tf.sort(tf.gather(p, rings_np, axis=1), axis=-1)  # (n, k, m)
@@ -175,26 +174,32 @@ def grid_peaks_tf(x: Any, dtype: Any = None) -> Any:
     med = (ring[..., (m - 1) // 2] + ring[..., m // 2]) / 2.0
     ok = med > 0.0
     ratio = tf.where(ok, peak / tf.where(ok, med, tf.ones_like(med)), tf.zeros_like(med))
-    count = tf.reduce_sum(tf.cast(ok, dtype), axis=1)
+    count = tf.reduce_sum(tf.cast(ok, p.dtype), axis=1)
     mean = tf.reduce_sum(ratio, axis=1) / tf.maximum(count, 1.0)
     good = mean > 0.0
     return tf.where(good, tf.math.log(tf.where(good, mean, tf.ones_like(mean))) / math.log(10.0),
                     tf.zeros_like(mean))
 
 
-def features_set_tf(x: Any, feature_set: str, dtype: Any = None) -> Any:
-    """``features_tf`` for the forest's feature set: v1 (11) or v3 (v1 and the grid peaks)."""
+def grid_peaks_tf(x: Any, dtype: Any = None) -> Any:
+    """(n, H, W) in [0, 1] -> (n,): ``stride_grid_peaks`` of feature set v3, differentiable."""
     import tensorflow as tf
 
+    x = tf.cast(tf.convert_to_tensor(x), dtype or tf.float64)
+    f = tf.signal.rfft2d(x)
+    p = tf.square(tf.math.real(f)) + tf.square(tf.math.imag(f))
+    return _grid_from_power(p, (int(x.shape[1]), int(x.shape[2])))
+
+
+def features_set_tf(x: Any, feature_set: str, dtype: Any = None) -> Any:
+    """``features_tf`` for the forest's feature set: v1 (11) or v3 (v1 and the grid peaks,
+    from the same FFT)."""
     from detector.features import FEATURE_SET, FEATURE_SET_V3
 
-    base = features_tf(x, dtype=dtype)
-    if feature_set == FEATURE_SET:
-        return base
-    if feature_set == FEATURE_SET_V3:
-        return tf.concat([base, grid_peaks_tf(x, dtype=base.dtype)[:, None]], axis=1)
-    raise ValueError(f"no differentiable twin of feature set {feature_set!r} "
-                     f"(v1 and v3 have one)")
+    if feature_set not in (FEATURE_SET, FEATURE_SET_V3):
+        raise ValueError(f"no differentiable twin of feature set {feature_set!r} "
+                         f"(v1 and v3 have one)")
+    return features_tf(x, dtype=dtype, grid=feature_set == FEATURE_SET_V3)
 
 
 def quantise_ste(x: Any, levels: int) -> Any:
