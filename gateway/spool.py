@@ -22,18 +22,24 @@ Other processes (``sentinel quarantine release``) put instances into an outbox w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# A destination name becomes a directory (outbox, dead letters) and a file name (sent ledger):
+# the same rule as ``[destinations.NAME]`` in the config, and never "." or "..".
+DESTINATION_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SEQ_LOCK = threading.Lock()
 _SEQ_LAST = [0]  # monotonic sequence for outbox names within this process
 _COUNTER = itertools.count()
@@ -42,6 +48,20 @@ _COUNTER = itertools.count()
 def valid_uid(uid: str) -> bool:
     """A DICOM UID safe to use as a file name (digits and dots, at most 64 characters)."""
     return 0 < len(uid) <= 64 and UID_RE.fullmatch(uid) is not None
+
+
+def check_destination_name(name: str) -> str:
+    """Return ``name`` when it is a destination name safe as one path part, else ValueError.
+
+    Why here and not only in the config: ``sentinel quarantine release --state-dir`` takes
+    names from the command line and from sidecars, with no config to check them against; a
+    name like ``../../x`` must never become a path."""
+    if not isinstance(name, str) or not DESTINATION_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"destination {name!r} is not a destination name (letters, digits, _ . - only, at "
+            "most 64 characters, not . or ..); refused as a path part"
+        )
+    return name
 
 
 def fsync_dir(path: Path) -> None:
@@ -136,13 +156,13 @@ class SpoolLayout:
         return self.root / "sent"
 
     def outbox(self, destination: str) -> Path:
-        return self.outbox_root / destination
+        return _inside(self.outbox_root, destination, "")
 
     def dead(self, destination: str) -> Path:
-        return self.dead_root / destination
+        return _inside(self.dead_root, destination, "")
 
     def sent_log(self, destination: str) -> Path:
-        return self.sent_root / f"{destination}.log"
+        return _inside(self.sent_root, destination, ".log")
 
     def create(self, destinations: Iterator[str] | tuple[str, ...] = ()) -> None:
         for d in (self.tmp, self.incoming, self.work, self.outbox_root, self.dead_root,
@@ -175,6 +195,19 @@ class SpoolLayout:
                 p.unlink()
                 n += 1
         return n
+
+
+def _inside(parent: Path, destination: str, suffix: str) -> Path:
+    """``parent/<destination><suffix>``, refused unless it is a plain entry of ``parent`` once
+    symbolic links are resolved (defence in depth behind ``check_destination_name``)."""
+    check_destination_name(destination)
+    path = parent / f"{destination}{suffix}"
+    if path.resolve().parent != parent.resolve():
+        raise ValueError(
+            f"destination {destination!r}: {path} resolves outside {parent}; refused (remove the "
+            "symbolic link there)"
+        )
+    return path
 
 
 def free_bytes(path: Path) -> int:
@@ -222,10 +255,10 @@ def place_in_outboxes(
     sop_uid = str(meta.get("sop_uid") or "")
     if not valid_uid(sop_uid):
         raise ValueError(f"meta['sop_uid'] must be a valid UID, got {sop_uid!r}")
+    outboxes = [(dest, layout.outbox(dest)) for dest in destinations]  # all checked first
     placed: list[Path] = []
     dirs: set[Path] = set()
-    for dest in destinations:
-        d = layout.outbox(dest)
+    for dest, d in outboxes:
         d.mkdir(parents=True, exist_ok=True, mode=0o750)
         name = outbox_name(sop_uid, str(meta.get("seq") or ""))
         target = d / name
@@ -287,49 +320,161 @@ def enqueue_outbox(state_dir: Path, destination: str, src: Path, meta: dict[str,
     return placed[0]
 
 
-class SentLedger:
-    """SOP Instance UIDs already delivered to one destination: never send the same UID twice.
+class _Bloom:
+    """A Bloom filter of UIDs: membership with no false negatives, about 1.8 bytes per UID at a
+    0.1% false-positive rate (a Python set or dict costs about 200 bytes per UID)."""
 
-    An append-only text file (``uid<TAB>unix-time`` per line), fsynced after each append, loaded
-    into a set at start and compacted (entries older than the retention dropped).
+    def __init__(self, capacity: int, fp_rate: float = 0.001) -> None:
+        self.capacity = max(1024, capacity)
+        self._bits = max(8192, math.ceil(-self.capacity * math.log(fp_rate) / math.log(2) ** 2))
+        self._k = max(1, round(self._bits / self.capacity * math.log(2)))
+        self._array = bytearray((self._bits + 7) // 8)
+
+    def _positions(self, uid: str) -> Iterator[int]:
+        digest = hashlib.blake2b(uid.encode(), digest_size=16).digest()
+        h1, h2 = int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little") | 1
+        return ((h1 + i * h2) % self._bits for i in range(self._k))
+
+    def add(self, uid: str) -> None:
+        for pos in self._positions(uid):
+            self._array[pos >> 3] |= 1 << (pos & 7)
+
+    def __contains__(self, uid: str) -> bool:
+        return all(self._array[pos >> 3] & (1 << (pos & 7)) for pos in self._positions(uid))
+
+
+MAX_CACHED = 100_000  # UIDs per destination kept in memory (about 20 MB); the rest on disk
+
+
+class SentLedger:
+    """SOP Instance UIDs already delivered to one destination: never send the same UID twice
+    within the retention window.
+
+    An append-only text file (``uid<TAB>unix-time`` per line), fsynced after each append. Why it
+    is bounded, in memory and on disk, for a process that runs for months: entries older than
+    the retention leave memory as time passes and leave the file when it is compacted (at start
+    and whenever expired lines outnumber the live ones); at most ``max_cached`` of the newest
+    UIDs stay in memory, and older ones still inside the window are kept in a Bloom filter
+    (a couple of bytes each) so that a lookup that misses memory reads the file only when the
+    filter says the UID may be there: a new UID (the common case) costs no disk read, and no UID
+    of the window is ever forgotten.
     """
 
-    def __init__(self, path: Path, retention_s: float) -> None:
+    COMPACT_MIN_LINES = 1024  # never rewrite the file for fewer expired lines than this
+
+    def __init__(self, path: Path, retention_s: float, max_cached: int = MAX_CACHED,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self.retention_s = float(retention_s)
+        self.max_cached = max(1, int(max_cached))
+        self._clock = clock
         self._lock = threading.Lock()
-        self._uids: set[str] = set()
+        self._uids: OrderedDict[str, float] = OrderedDict()  # newest last
+        self._spilled = _Bloom(self.max_cached)  # in the window, on disk, not in memory
+        self._n_spilled = 0  # an upper bound: spilled entries expire unseen until compaction
+        self._disk_lines = 0
         path.parent.mkdir(parents=True, exist_ok=True)
-        keep: list[str] = []
-        cutoff = time.time() - retention_s
-        if path.exists():
-            for line in path.read_text(errors="replace").splitlines():
-                uid, _, ts = line.partition("\t")
+        self._fh = path.open("ab")
+        with self._lock:
+            self._compact()
+
+    def _cutoff(self) -> float:
+        return self._clock() - self.retention_s
+
+    def _read(self, cutoff: float) -> Iterator[tuple[str, float]]:
+        """(uid, time) of every well-formed line of the file inside the window, in file order."""
+        try:
+            fh = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with fh:
+            for raw in fh:
+                uid, _, ts = raw.decode(errors="replace").rstrip("\n").partition("\t")
                 try:
                     t = float(ts)
                 except ValueError:
                     continue
                 if t >= cutoff and valid_uid(uid):
-                    self._uids.add(uid)
-                    keep.append(line)
-            write_text_durable(path, "".join(x + "\n" for x in keep))
-        self._fh = path.open("ab")
+                    yield uid, t
+
+    def _compact(self) -> None:
+        """Rewrite the file with the window's entries only; rebuild memory and the filter from it
+        (caller holds the lock)."""
+        cutoff = self._cutoff()
+        latest: dict[str, float] = {}
+        for uid, t in self._read(cutoff):
+            latest[uid] = t  # a UID sent twice (a deliberate resend) keeps its latest time
+        entries = sorted(latest.items(), key=lambda item: item[1])
+        write_text_durable(self.path, "".join(f"{u}\t{t:.3f}\n" for u, t in entries))
+        self._fh.close()
+        self._fh = self.path.open("ab")
+        self._disk_lines = len(entries)
+        keep = entries[-self.max_cached:]
+        spilled = entries[: len(entries) - len(keep)]
+        self._uids = OrderedDict(keep)
+        self._spilled = _Bloom(max(self.max_cached, 2 * len(spilled)))
+        for uid, _ in spilled:
+            self._spilled.add(uid)
+        self._n_spilled = len(spilled)
+
+    def _expire(self) -> None:
+        """Drop expired entries from memory; compact the file when it is mostly expired lines
+        (caller holds the lock)."""
+        cutoff = self._cutoff()
+        while self._uids:
+            uid, t = next(iter(self._uids.items()))
+            if t >= cutoff:
+                break
+            del self._uids[uid]
+        live = len(self._uids) + self._n_spilled
+        if self._disk_lines > 2 * live + self.COMPACT_MIN_LINES:
+            self._compact()
+
+    def sent_at(self, uid: str) -> float | None:
+        """When ``uid`` was delivered (unix time), or None when not within the retention."""
+        with self._lock:
+            self._expire()
+            t = self._uids.get(uid)
+            if t is not None:
+                return t
+            if self._n_spilled == 0 or uid not in self._spilled:
+                return None
+            found = None
+            for u, t in self._read(self._cutoff()):  # the filter may be wrong: the file is not
+                if u == uid:
+                    found = t
+            return found
 
     def __contains__(self, uid: str) -> bool:
-        with self._lock:
-            return uid in self._uids
+        return self.sent_at(uid) is not None
 
     def __len__(self) -> int:
+        """UIDs known within the window (entries moved out of memory counted until the next
+        compaction shows whether they expired)."""
         with self._lock:
-            return len(self._uids)
+            self._expire()
+            return len(self._uids) + self._n_spilled
 
     def add(self, uid: str) -> None:
+        """Record a delivery durably (fsync); a UID already in memory is not written again."""
         with self._lock:
+            self._expire()
+            now = self._clock()
             if uid in self._uids:
                 return
-            self._fh.write(f"{uid}\t{time.time():.3f}\n".encode())
+            self._fh.write(f"{uid}\t{now:.3f}\n".encode())
             self._fh.flush()
             os.fsync(self._fh.fileno())
-            self._uids.add(uid)
+            self._disk_lines += 1
+            self._uids.pop(uid, None)
+            self._uids[uid] = now
+            while len(self._uids) > self.max_cached:
+                old, _ = self._uids.popitem(last=False)
+                if self._n_spilled >= self._spilled.capacity:
+                    self._compact()  # a larger filter, built from the file
+                    break
+                self._spilled.add(old)
+                self._n_spilled += 1
 
     def close(self) -> None:
         with self._lock:

@@ -107,3 +107,77 @@ def test_stale_partial_receives_swept(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert layout.clear_stale_tmp(600) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_sent_ledger_memory_is_bounded_by_its_retention(tmp_path: Path) -> None:
+    """Issue 20, defect 6c: a long-running forwarder's ledger forgets (in memory and on disk)
+    what is older than the retention, as a restart would, instead of growing for ever."""
+    path = tmp_path / "sent" / "pacs.log"
+    led = SentLedger(path, retention_s=0.5)
+    for i in range(50):
+        led.add(f"1.2.{i}")
+    assert len(led) == 50 and "1.2.0" in led
+    time.sleep(0.7)
+    for i in range(50, 60):
+        led.add(f"1.2.{i}")
+    assert "1.2.0" not in led and "1.2.55" in led
+    assert len(led._uids) == 10  # the expired 50 are gone from memory
+    led.close()
+
+
+def test_sent_ledger_cap_keeps_idempotency_for_the_whole_window(tmp_path: Path) -> None:
+    """Past ``max_cached`` entries the oldest leave memory but not the ledger: a lookup that
+    misses memory consults the file, so every UID of the retention window is still known."""
+    path = tmp_path / "sent" / "pacs.log"
+    led = SentLedger(path, retention_s=3600, max_cached=100)
+    for i in range(2500):  # past the first Bloom filter's capacity (1024): it is rebuilt larger
+        led.add(f"1.3.{i}")
+    assert len(led._uids) <= 100 and len(led) == 2500
+    assert all(f"1.3.{i}" in led for i in range(0, 2500, 37))
+    reads = 0
+    real_read = led._read
+
+    def counting_read(cutoff: float):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        return real_read(cutoff)
+
+    led._read = counting_read  # type: ignore[method-assign]
+    assert not any(f"2.9.{i}" in led for i in range(2000))  # new UIDs: no file read, or rare
+    assert reads <= 20
+    sent_at = led.sent_at("1.3.0")
+    assert sent_at is not None and abs(sent_at - time.time()) < 60
+    led.close()
+    led2 = SentLedger(path, retention_s=3600, max_cached=100)  # a restart: still bounded
+    assert len(led2._uids) <= 100 and "1.3.0" in led2 and "1.3.2499" in led2
+    led2.close()
+
+
+def test_sent_ledger_file_is_compacted_while_running(tmp_path: Path) -> None:
+    path = tmp_path / "sent" / "pacs.log"
+    led = SentLedger(path, retention_s=0.3)
+    for i in range(3000):
+        led.add(f"1.4.{i}")
+    time.sleep(0.4)
+    for i in range(3000, 6000):
+        led.add(f"1.4.{i}")
+    led.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) < 4500  # the first 3000, expired, were compacted away while running
+    assert lines[-1].startswith("1.4.5999\t")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "../x", "a/b", "/etc", "x" * 65, "a\0b"])
+def test_spool_paths_refuse_destination_names_that_leave_their_directory(
+        tmp_path: Path, name: str) -> None:
+    """Issue 20, defect 5 (defence in depth): whatever a caller passes, an outbox, dead-letter
+    or ledger path is a plain name inside its directory under the state directory."""
+    layout = SpoolLayout(tmp_path / "state")
+    for make in (layout.outbox, layout.dead, layout.sent_log):
+        with pytest.raises(ValueError, match="destination"):
+            make(name)
+    src = tmp_path / "x.dcm"
+    src.write_bytes(b"x")
+    with pytest.raises(ValueError, match="destination"):
+        place_in_outboxes(layout, (name,), src, {"sop_uid": "1.2"}, remove_src=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["x.dcm"]
