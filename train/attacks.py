@@ -224,3 +224,200 @@ def to_native(native: np.ndarray, delta224: np.ndarray, levels: int,
             raise ValueError("batched to_native needs natives of the delta's own size")
         return quantise(native + delta224, levels)
     return quantise(native + upsample_delta(delta224, native.shape, upsample), levels)
+
+
+# --------------------------------------------------------------------------- native attacks
+# Issue 15: attacks the way an attacker makes them. The image is perturbed at its NATIVE matrix
+# (what is stored), the gradient flows through the victim's own preprocessing (its resize to its
+# input size, part of the victim callable), and the result is quantised to the storage grid.
+# A victim here is any callable from a (n, rows, cols, 1) float tensor in [0, 1] to logits:
+# (n,) or (n, 1) for a binary classifier (the pneumonia logit), (n, K) for K classes. Labels
+# are the class the attack moves away from (untargeted), usually the victim's own prediction.
+
+NATIVE_ATTACKS = ("pgd", "fgsm", "mi_fgsm", "di_fgsm", "pgd_l2")
+MI_STEPS = 10  # MI-FGSM and DI-FGSM: 10 iterations of eps/10 (Dong et al. 2018, Xie et al. 2019)
+L2_STEPS = 40
+
+
+@dataclass(frozen=True)
+class NativeAttack:
+    """One attacker setting. ``eps`` is L-inf in [0, 1] units; for ``pgd_l2`` the L2 budget is
+    ``eps * sqrt(rows * cols)``, the energy of an L-inf pattern that moves every pixel by eps."""
+
+    method: str
+    eps: float
+    steps: int | None = None
+    random_start: bool = True  # PGD L-inf only (Madry et al.)
+    momentum: float = 1.0  # MI-FGSM and DI-FGSM (decay factor mu)
+    diversity_prob: float = 0.5  # DI-FGSM: chance of the random resize-and-pad per step
+    diversity_scale: float = 1.1  # DI-FGSM: largest resize factor (and the padded size)
+
+    def __post_init__(self) -> None:
+        if self.method not in NATIVE_ATTACKS:
+            raise ValueError(f"unknown attack {self.method!r}: use one of {NATIVE_ATTACKS}")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps {self.eps} must lie in (0, 1) (units of the full range)")
+
+    @property
+    def n_steps(self) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return {"pgd": PGD_STEPS, "fgsm": 1, "mi_fgsm": MI_STEPS, "di_fgsm": MI_STEPS,
+                "pgd_l2": L2_STEPS}[self.method]
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_{self.eps:g}"
+
+
+def attack_loss(logits: Any, labels: Any) -> Any:
+    """Per-image loss the untargeted attack ascends: cross-entropy of ``labels``."""
+    import tensorflow as tf
+
+    if len(logits.shape) == 2 and logits.shape[-1] not in (None, 1):
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.int32), logits=logits)
+    z = tf.reshape(logits, [-1])
+    return tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=z)
+
+
+def victim_margin(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """How sure the victim is of ``labels`` (positive = still that class, negative = fooled):
+    the signed binary logit, or the label's logit minus the best other one."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels).astype(int)
+    if logits.ndim == 2 and logits.shape[1] > 1:
+        own = logits[np.arange(len(labels)), labels]
+        other = np.where(np.arange(logits.shape[1])[None] == labels[:, None], -np.inf, logits)
+        return own - other.max(axis=1)
+    z = logits.reshape(-1)
+    return np.where(labels == 1, z, -z)
+
+
+def predicted_class(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim == 2 and logits.shape[1] > 1:
+        return logits.argmax(axis=1)
+    return (logits.reshape(-1) > 0).astype(np.int64)
+
+
+def _input_diversity(x: Any, prob: float, scale: float, rng: Any) -> Any:
+    """DI (Xie et al. 2019) at the native matrix: with probability ``prob`` resize to a random
+    size in [rows, scale * rows) (nearest, as the paper) and pad at random to scale * rows;
+    the victim then reads the result through its own preprocessing."""
+    import tensorflow as tf
+
+    if float(rng.uniform()) >= prob:
+        return x
+    rows, cols = int(x.shape[1]), int(x.shape[2])
+    out_r, out_c = int(rows * scale), int(cols * scale)
+    k = float(rng.uniform(1.0, scale))
+    rr, cc = min(out_r, max(rows, int(rows * k))), min(out_c, max(cols, int(cols * k)))
+    y = tf.image.resize(x, (rr, cc), method="nearest")
+    top, left = int(rng.integers(0, out_r - rr + 1)), int(rng.integers(0, out_c - cc + 1))
+    return tf.pad(y, [[0, 0], [top, out_r - rr - top], [left, out_c - cc - left], [0, 0]])
+
+
+_COMPILED: dict[int, tuple[Any, Any]] = {}
+
+
+def _compiled_gradient(victim: Any) -> Any:
+    """d loss / d input of ``victim`` as one traced graph (kept per victim object)."""
+    import tensorflow as tf
+
+    hit = _COMPILED.get(id(victim))
+    if hit is not None and hit[0] is victim:
+        return hit[1]
+
+    @tf.function(reduce_retracing=True)
+    def grad(adv: Any, y: Any) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(adv)
+            loss = tf.reduce_sum(attack_loss(victim(adv), y))
+        return tape.gradient(loss, adv)
+
+    if len(_COMPILED) > 32:
+        _COMPILED.clear()
+    _COMPILED[id(victim)] = (victim, grad)
+    return grad
+
+
+def native_attack(victim: Any, x: np.ndarray, labels: np.ndarray, attack: NativeAttack, *,
+                  levels: int, seed: int = 0, batch_size: int = 8) -> np.ndarray:
+    """Attack (n, rows, cols) native images in [0, 1]; returns the stored result on k / levels.
+
+    Every iterate stays in [0, 1] and (L-inf attacks) in the eps-ball around ``x``; the last
+    one is rounded to the storage grid, so the change in stored values is at most
+    ``round(eps * levels)`` levels. The victim reads the native tensor through its own
+    preprocessing (its first layer, or the wrapper of ``site_victim``).
+    """
+    x = np.asarray(x, np.float32)
+    if x.ndim != 3:
+        raise ValueError(f"native_attack expects (n, rows, cols) images, got shape {x.shape}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(x)
+    for i in range(0, len(x), batch_size):
+        out[i:i + batch_size] = _attack_batch(victim, x[i:i + batch_size],
+                                              labels[i:i + batch_size], attack, rng)
+    return quantise(out, levels)
+
+
+def _attack_batch(victim: Any, x: np.ndarray, labels: np.ndarray, a: NativeAttack,
+                  rng: np.random.Generator) -> np.ndarray:
+    import tensorflow as tf
+
+    x0 = tf.constant(x[..., None])
+    y = tf.constant(labels)
+    eps = float(a.eps)
+    steps = a.n_steps
+    axes = [1, 2, 3]
+
+    plain = _compiled_gradient(victim)
+
+    def grad_of(adv: Any) -> Any:
+        if a.method != "di_fgsm":
+            return plain(adv, y)
+        with tf.GradientTape() as tape:
+            tape.watch(adv)
+            # the diversity transform is inside the tape: the gradient flows back through it
+            seen = _input_diversity(adv, a.diversity_prob, a.diversity_scale, rng)
+            loss = tf.reduce_sum(attack_loss(victim(seen), y))
+        return tape.gradient(loss, adv)
+
+    if a.method == "pgd_l2":
+        budget = eps * float(np.sqrt(x.shape[1] * x.shape[2]))
+        alpha = 2.5 * budget / steps
+        adv = tf.identity(x0)
+        for _ in range(steps):
+            g = grad_of(adv)
+            g = g / (tf.sqrt(tf.reduce_sum(g * g, axis=axes, keepdims=True)) + 1e-12)
+            adv = adv + alpha * g
+            d = adv - x0
+            norm = tf.sqrt(tf.reduce_sum(d * d, axis=axes, keepdims=True))
+            d = d * tf.minimum(1.0, budget / (norm + 1e-12))
+            adv = tf.clip_by_value(x0 + d, 0.0, 1.0)
+        return adv.numpy()[..., 0]
+
+    if a.method == "fgsm":
+        alpha, start = eps, x0
+    elif a.method == "pgd":
+        alpha = eps / 10.0
+        start = x0
+        if a.random_start:
+            noise = rng.uniform(-eps, eps, x0.shape).astype(np.float32)
+            start = tf.clip_by_value(x0 + noise, 0.0, 1.0)
+    else:  # mi_fgsm, di_fgsm: eps / steps per step, momentum on L1-normalised gradients
+        alpha, start = eps / steps, x0
+    adv = tf.identity(start)
+    velocity = tf.zeros_like(x0)
+    for _ in range(steps):
+        g = grad_of(adv)
+        if a.method in ("mi_fgsm", "di_fgsm") and a.momentum > 0:
+            g = g / (tf.reduce_mean(tf.abs(g), axis=axes, keepdims=True) + 1e-12)
+            velocity = a.momentum * velocity + g
+            g = velocity
+        adv = adv + alpha * tf.sign(g)
+        adv = tf.clip_by_value(adv, x0 - eps, x0 + eps)
+        adv = tf.clip_by_value(adv, 0.0, 1.0)
+    return adv.numpy()[..., 0]

@@ -3,6 +3,11 @@ victim's 224x224 input and mapped back onto the native matrix and bit depth, in 
 transfer syntax, with a new SOP Instance UID unless --keep-uid. PGD and FGSM use the victim
 classifier carried by the bundle; the adaptive attacks (issue 7: they know the detector too)
 also fit their statistics on clean images from --data.
+
+With --victim MODEL (a site's own Keras model or SavedModel) the attack is made the way an
+attacker who targets that AI makes it: at the DICOM's native matrix, through the model's own
+resize (--input-size, --resize, --antialias), rounded to BitsStored and written back in the same
+transfer syntax (issue 15).
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import sys
 from pathlib import Path
 
 METHODS = ("pgd", "fgsm", "gaussian", "saltpepper", "contrast")
+# gradient attacks at the native matrix through --victim's own resize (train.attacks
+# .NATIVE_ATTACKS with dashes; a test holds the two equal)
+NATIVE = ("pgd", "fgsm", "mi-fgsm", "di-fgsm", "pgd-l2")
+RESIZES = ("bilinear", "area", "bicubic")  # train.zoo.RESIZE_METHODS
 ADAPTIVE = ("adaptive-cnn", "adaptive-stats", "adaptive-hfc", "adaptive-surrogate",
             "adaptive-all", "adaptive-stats-cand")  # train.adaptive.ATTACKS (a test checks)
 
@@ -20,7 +29,7 @@ ADAPTIVE = ("adaptive-cnn", "adaptive-stats", "adaptive-hfc", "adaptive-surrogat
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="DICOM file to attack")
     parser.add_argument("output", type=Path, help="where to write the attacked copy")
-    parser.add_argument("--method", choices=METHODS + ADAPTIVE, default="pgd",
+    parser.add_argument("--method", choices=METHODS + ADAPTIVE + NATIVE[2:], default="pgd",
                         help="a perturbation of the paper's Table II, or an adaptive attack "
                         "(needs --data)")
     parser.add_argument("--eps", type=float, default=None,
@@ -42,6 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: read back through the area resize, the victim sees exactly "
                         "the crafted image), bilinear (smooth, keeps about half of the attack) "
                         "or nearest (blocks; stays inside eps on the native grid)")
+    site = parser.add_argument_group(
+        "your own victim", "attack at the DICOM's native matrix through your own classifier "
+        "and its resize, as an attacker who targets your AI would (pgd, fgsm, mi-fgsm, "
+        "di-fgsm, pgd-l2)")
+    site.add_argument("--victim", type=Path, default=None, metavar="MODEL",
+                      help="a Keras model file (.keras/.h5) or a TensorFlow SavedModel "
+                      "directory: input (N, N, 1 or 3), output one logit/probability or "
+                      "class scores")
+    site.add_argument("--input-size", type=int, default=224, metavar="N",
+                      help="the model's input size (default 224)")
+    site.add_argument("--resize", choices=RESIZES, default="bilinear",
+                      help="how your pipeline resizes the stored image to N (default bilinear)")
+    site.add_argument("--antialias", action="store_true",
+                      help="anti-aliased bilinear/bicubic downsampling (PIL-like)")
+    site.add_argument("--input-scale", type=float, default=1.0,
+                      help="multiply the [0, 1] image by this before the model (255 for a "
+                      "model trained on 0..255)")
+    site.add_argument("--victim-output", choices=("auto", "logit", "probability"),
+                      default="auto", help="what the model answers (auto: a Keras model's last "
+                      "activation decides; a SavedModel is taken to answer logits)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
         load_victim_from_bundle,
     )
 
+    if args.victim is not None:
+        return _run_native(args)
+    if args.method in NATIVE[2:]:
+        print(f"sentinel attack: --method {args.method} runs at the native matrix through a "
+              "victim of yours: pass --victim MODEL (with --input-size and --resize)",
+              file=sys.stderr)
+        return 2
     adaptive = args.method in ADAPTIVE
     param = (args.eps if args.eps is not None
              else 0.006 if adaptive else attacks.DEFAULT_PARAM[args.method])
@@ -85,4 +121,36 @@ def run(args: argparse.Namespace) -> int:
           f"SOP Instance UID {res.sop_instance_uid}; stored values changed on "
           f"{100 * res.changed_pixel_share:.1f}% of pixels (max {res.max_stored_change}); "
           f"victim logit {res.victim_logit_before:+.3f} -> {res.victim_logit_after:+.3f}")
+    return 0
+
+
+def _run_native(args: argparse.Namespace) -> int:
+    """--victim: the attack runs at the native matrix through the site's model and resize."""
+    if args.method not in NATIVE:
+        print(f"sentinel attack: --victim takes a gradient attack ({', '.join(NATIVE)}), not "
+              f"{args.method}", file=sys.stderr)
+        return 2
+    if not args.input.is_file():
+        print(f"sentinel attack: {args.input} is not a file", file=sys.stderr)
+        return 2
+    from train import attacks, zoo
+    from train.dicom_attack import AttackWriteError, attack_dicom_native, load_site_victim
+
+    try:
+        pipeline = zoo.Pipeline(args.input_size, args.resize, args.antialias)
+        attack = attacks.NativeAttack(args.method.replace("-", "_"),
+                                      args.eps if args.eps is not None else 0.006)
+        victim = load_site_victim(args.victim, pipeline, output=args.victim_output,
+                                  input_scale=args.input_scale)
+        res = attack_dicom_native(args.input, args.output, victim, attack,
+                                  keep_uid=args.keep_uid, seed=args.seed)
+    except (AttackWriteError, FileNotFoundError, ValueError) as exc:
+        print(f"sentinel attack: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {res.out_path}: {res.method} {res.param} at the native matrix through "
+          f"{args.victim} [{pipeline.tag}], syntax {res.transfer_syntax}, SOP Instance UID "
+          f"{res.sop_instance_uid}; stored values changed on {100 * res.changed_pixel_share:.1f}% "
+          f"of pixels (max {res.max_stored_change}); victim margin for its own prediction "
+          f"{res.victim_logit_before:+.3f} -> {res.victim_logit_after:+.3f}"
+          f"{' (fooled)' if res.victim_logit_after < 0 < res.victim_logit_before else ''}")
     return 0

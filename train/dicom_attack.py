@@ -40,7 +40,7 @@ class AttackResult:
     param: float
     sop_instance_uid: str
     transfer_syntax: str
-    victim_logit_before: float
+    victim_logit_before: float  # native attacks: the margin for the victim's own prediction
     victim_logit_after: float
     max_stored_change: int
     changed_pixel_share: float
@@ -120,9 +120,6 @@ def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
                  upsample: str = attacks.DEFAULT_UPSAMPLING,
                  adversary: Adversary | None = None) -> AttackResult:
     """``adversary`` (see ``adaptive_adversary``) crafts the 224 image instead of ``method``."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
     from detector import preprocess
 
     if adversary is None and method not in attacks.METHODS:
@@ -130,13 +127,7 @@ def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
     if (adversary is not None or method in ("pgd", "fgsm")) and model is None:
         raise ValueError(f"{method} needs the victim classifier (from the bundle)")
     ds = preprocess.read_dicom(in_path)
-    ts = ds.file_meta.TransferSyntaxUID
-    if ts.is_encapsulated and str(ts) not in _REENCODE_PLUGIN:
-        raise AttackWriteError(
-            f"{in_path}: transfer syntax {ts.name} ({ts}) is lossy or has no lossless encoder "
-            "here; decompress it first (e.g. `dcmdjpeg IN OUT`) and attack the uncompressed copy"
-        )
-    original_uid = str(ds.SOPInstanceUID)
+    _check_writable(ds, in_path)
     bits_stored, signed, invert = _unit_params(ds)
     levels = (1 << bits_stored) - 1
     stored = ds.pixel_array
@@ -153,6 +144,20 @@ def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
         out_frames[f] = (new | high if not signed else new).astype(frames.dtype)
         before.append(lb)
         after.append(la)
+    return _write_copy(ds, Path(in_path), Path(out_path), out_frames, stored, keep_uid=keep_uid,
+                       method=method, param=param, before=before, after=after)
+
+
+def _write_copy(ds: Any, in_path: Path, out_path: Path, out_frames: np.ndarray,
+                stored: np.ndarray, *, keep_uid: bool, method: str, param: float,
+                before: list[float], after: list[float]) -> AttackResult:
+    """Write ``out_frames`` (stored values) into ``ds`` in its own transfer syntax and save it:
+    the one writer of every attacked copy (Table II, adaptive and native attacks alike)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ts = ds.file_meta.TransferSyntaxUID
+    original_uid = str(ds.SOPInstanceUID)
     arr = out_frames[0] if len(out_frames) == 1 else out_frames
     if ts.is_encapsulated:
         plugin = _REENCODE_PLUGIN[str(ts)]
@@ -232,3 +237,145 @@ def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data
         return adaptive.run_attack(models, spec, s, x224, label)
 
     return adversary, vic
+
+
+def _check_writable(ds: Any, in_path: Path) -> None:
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts.is_encapsulated and str(ts) not in _REENCODE_PLUGIN:
+        raise AttackWriteError(
+            f"{in_path}: transfer syntax {ts.name} ({ts}) is lossy or has no lossless encoder "
+            "here; decompress it first (e.g. `dcmdjpeg IN OUT`) and attack the uncompressed copy"
+        )
+
+
+def attack_dicom_native(in_path: Path, out_path: Path, victim: Any,
+                        attack: attacks.NativeAttack, *, keep_uid: bool = False,
+                        seed: int = 0) -> AttackResult:
+    """Attack a DICOM file at its native matrix through ``victim``'s own preprocessing (issue 15).
+
+    ``victim`` maps a (n, rows, cols, 1) tensor in [0, 1] to logits (a zoo member, or
+    ``site_victim``: a site's own model behind its resize). Each frame is attacked away from
+    the victim's own prediction, rounded to the BitsStored grid and written back in the same
+    transfer syntax, bit depth, sign and photometric interpretation by the writer of
+    ``attack_dicom``; no 224x224 detour and no mapping back.
+    """
+    from detector import preprocess
+
+    ds = preprocess.read_dicom(in_path)
+    _check_writable(ds, in_path)
+    bits_stored, signed, invert = _unit_params(ds)
+    levels = (1 << bits_stored) - 1
+    stored = ds.pixel_array
+    frames = stored[None] if int(ds.get("NumberOfFrames", 1) or 1) == 1 else stored
+    units = preprocess.dataset_to_unit(ds)
+    out_frames = np.empty(frames.shape, frames.dtype)
+    before, after = [], []
+    for f in range(len(units)):
+        unit = units[f].astype(np.float32)[None]
+        logits = _logits(victim, unit)
+        label = attacks.predicted_class(logits)
+        native = attacks.native_attack(victim, unit, label, attack, levels=levels,
+                                       seed=seed + f, batch_size=1)[0]
+        before.append(float(attacks.victim_margin(logits, label)[0]))
+        after.append(float(attacks.victim_margin(_logits(victim, native[None]), label)[0]))
+        new = unit_to_stored(native, bits_stored=bits_stored, signed=signed, invert=invert)
+        high = frames[f].astype(np.int64) & ~((1 << bits_stored) - 1) if not signed else 0
+        out_frames[f] = (new | high if not signed else new).astype(frames.dtype)
+    return _write_copy(ds, Path(in_path), Path(out_path), out_frames, stored,
+                       keep_uid=keep_uid, method=attack.method, param=attack.eps,
+                       before=before, after=after)
+
+
+def _logits(victim: Any, x: np.ndarray) -> np.ndarray:
+    out = np.asarray(victim(x[..., None].astype(np.float32)))
+    return out.reshape(len(x), -1) if out.ndim > 1 and out.shape[-1] > 1 else out.reshape(-1)
+
+
+OUTPUT_KINDS = ("auto", "logit", "probability")
+
+
+class SiteVictim:
+    """A site's own classifier behind its own preprocessing, as a native-matrix victim.
+
+    Reads (n, rows, cols, 1) in [0, 1], resizes by ``pipeline`` (train.zoo.Pipeline), scales
+    by ``input_scale`` (e.g. 255 for a model trained on 0..255), repeats the grey channel when
+    the model takes three, and returns logits: a sigmoid or softmax output is turned back into
+    log-odds / log-probabilities so the attack's loss is the model's own cross-entropy.
+    """
+
+    def __init__(self, model: Any, pipeline: Any, *, channels: int = 1,
+                 probability: bool = False, input_scale: float = 1.0) -> None:
+        self.model = model
+        self.pipeline = pipeline
+        self.channels = channels
+        self.probability = probability
+        self.input_scale = float(input_scale)
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        import tensorflow as tf
+
+        from train import zoo
+
+        x = zoo.resize_tf(tf.convert_to_tensor(x, tf.float32), self.pipeline)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        if self.channels == 3:
+            x = tf.repeat(x, 3, axis=-1)
+        out = self.model(x)
+        if isinstance(out, dict):  # a SavedModel endpoint answers {name: tensor}
+            out = next(iter(out.values()))
+        out = tf.cast(out, tf.float32)
+        if self.probability:
+            p = tf.clip_by_value(out, 1e-7, 1.0 - 1e-7)
+            out = (tf.math.log(p) - tf.math.log1p(-p)) if out.shape[-1] in (None, 1) \
+                else tf.math.log(p)
+        return out
+
+
+def load_site_victim(path: Path, pipeline: Any, *, output: str = "auto",
+                     input_scale: float = 1.0) -> SiteVictim:
+    """A site's Keras model file (.keras / .h5) or TensorFlow SavedModel directory as a victim.
+
+    ``output`` "auto" reads a Keras model's last activation (sigmoid/softmax = probability);
+    a SavedModel is taken to answer logits unless ``output`` says "probability".
+    """
+    import keras
+
+    path = Path(path)
+    if output not in OUTPUT_KINDS:
+        raise ValueError(f"--victim-output {output!r}: use one of {OUTPUT_KINDS}")
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise FileNotFoundError(f"--victim {path}: a directory without saved_model.pb is "
+                                    "no SavedModel; pass a .keras/.h5 file or a SavedModel dir")
+        model = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
+        channels, prob = 1, output == "probability"
+        try:
+            import tensorflow as tf
+
+            sig = tf.saved_model.load(str(path)).signatures["serving_default"]
+            spec = next(iter(sig.structured_input_signature[1].values()))
+            channels = int(spec.shape[-1] or 1)
+        except Exception:  # an unusual signature: assume one channel
+            channels = 1
+    elif path.is_file() and path.suffix.lower() in (".keras", ".h5", ".hdf5"):
+        try:
+            model = keras.saving.load_model(str(path), compile=False)
+        except Exception as exc:
+            raise ValueError(f"--victim {path}: Keras cannot load it ({exc}); save it with "
+                             "model.save('site.keras') or export a SavedModel") from exc
+        shape = model.inputs[0].shape
+        channels = int(shape[-1] or 1)
+        last = getattr(model.layers[-1], "activation", None)
+        act = getattr(last, "__name__", "")
+        prob = output == "probability" or (output == "auto" and act in ("sigmoid", "softmax"))
+        fixed = [d for d in shape[1:3] if d is not None]
+        if fixed and any(d != pipeline.size for d in fixed):
+            raise ValueError(f"--victim {path} takes {tuple(shape[1:3])} inputs but "
+                             f"--input-size is {pipeline.size}: pass --input-size {fixed[0]}")
+    else:
+        raise FileNotFoundError(f"--victim {path}: not a .keras/.h5 file or SavedModel directory")
+    if channels not in (1, 3):
+        raise ValueError(f"--victim {path} takes {channels} channels; 1 or 3 are supported")
+    return SiteVictim(model, pipeline, channels=channels, probability=prob,
+                      input_scale=input_scale)
