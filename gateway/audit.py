@@ -51,6 +51,10 @@ EVENTS: frozenset[str] = frozenset(
         "forwarded",
         "forward-failed",
         "dead-letter",
+        # the forwarder did not send an instance because its SOP Instance UID was already
+        # delivered to that destination (idempotency per UID): audited, because an operator's
+        # release may be what was dropped
+        "duplicate-dropped",
         "quarantined",
         "released",
         "purged",
@@ -79,8 +83,10 @@ FIELDS: frozenset[str] = frozenset(
         "rule",
         "destination",
         "latency_ms",
-        "actor",
+        "actor",  # the account of the real uid of an operator command
+        "sudo_user",  # what SUDO_USER said beside it: a claim the caller controls
         "reason",
+        "outcome",  # what an operator action actually did (e.g. queued, queued-duplicate)
         "verdict",
         "status",
         "detail",

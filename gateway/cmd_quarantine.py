@@ -2,32 +2,52 @@
 
   sentinel quarantine list    (--config F | --state-dir DIR) [--json]
   sentinel quarantine show    SOP_UID [--png FILE] [--json] (--config F | --state-dir DIR)
-  sentinel quarantine release SOP_UID --reason TEXT [--destination NAME ...] (...)
+  sentinel quarantine release SOP_UID --reason TEXT [--destination NAME ...]
+                              [--resend-duplicate] (...)
   sentinel quarantine purge   (SOP_UID | --study UID | --older-than DAYS) --reason TEXT (...)
 
 Release sends the held bytes on unchanged and without re-scoring, to the destinations recorded
 when the instance was quarantined (or ``--destination``); the running gateway's forwarder picks
 them up from its outbox. Release and purge are written to the audit log with the operator's OS
-user name and the reason. Exit codes: 0 done, 1 no such instance, 2 error.
+user name (the real uid's account; under sudo, what SUDO_USER says is recorded beside it as
+``sudo_user``, a claim and not an identity) and the reason.
+
+A release is refused (exit 3, the instance stays held) when its SOP Instance UID was already
+forwarded to a destination within the sent ledger's retention, or a different copy of it is
+still waiting in that destination's outbox. Why: the gateway sends each UID once per
+destination, so the forwarder would drop the released copy (typically a tampered copy of an
+instance already delivered); sent anyway, the PACS would get a second, different object under
+one UID, which most PACS reject or store over the first. ``--resend-duplicate`` sends it anyway
+(the audit log says so); ``purge`` discards it.
+
+Destination names are path parts: they must be names ([A-Za-z0-9_.-], not . or ..), known to
+the config with ``--config``, and, with only ``--state-dir``, existing outboxes of the gateway.
+
+Exit codes: 0 done, 1 no such instance, 2 error, 3 release refused (see above).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pwd
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gateway.audit import AuditLog
 from gateway.cmd_audit import StatePaths, add_location_arguments, locate
 from gateway.quarantine import NotQuarantined, Quarantine, QuarantineRecord
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2, 3
+
+
+class ReleaseRefused(Exception):
+    """The release would not do what the operator asks (the forwarder would drop it)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="send here instead of the recorded destinations (repeatable)",
     )
+    rel.add_argument(
+        "--resend-duplicate",
+        action="store_true",
+        help="send even when this SOP Instance UID was already forwarded to a destination: the "
+        "PACS gets a second object under the same UID (most reject it or overwrite the first)",
+    )
 
     purge = sub.add_parser("purge", help="delete held instances (audited)")
     target = purge.add_mutually_exclusive_group(required=True)
@@ -66,14 +92,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def operator_name() -> str:
-    """Who is acting, for the audit log: the account of the real uid (not ``$USER``, which any
-    caller can set) and, under sudo, the account that ran sudo."""
+    """Who is acting, for the audit log's ``actor``: the account of the real uid, which the
+    caller cannot choose (not ``$USER`` nor ``$SUDO_USER``, which any caller can set)."""
+    uid = os.getuid()
     try:
-        name = pwd.getpwuid(os.getuid()).pw_name
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        name = f"uid {os.getuid()}"
-    invoker = os.environ.get("SUDO_USER")
-    return f"{invoker} (sudo as {name})" if invoker and invoker != name else name
+        return f"uid:{uid}"
+
+
+def sudo_claim() -> str | None:
+    """What ``SUDO_USER`` says (sudo sets it to the account that ran sudo, but so can anyone):
+    recorded beside ``actor`` as ``sudo_user``, never instead of it."""
+    claim = os.environ.get("SUDO_USER", "").strip()
+    return claim or None
 
 
 def _check_account(state_dir: Path) -> None:
@@ -141,9 +173,12 @@ def _show(q: Quarantine, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _outbox_enqueuer(state_dir: Path) -> Callable[[Path, QuarantineRecord], None]:
+def _outbox_enqueuer(state_dir: Path, resend_duplicate: bool
+                     ) -> Callable[[Path, QuarantineRecord], None]:
     """Queue the held bytes for every destination of the record, leaving the source in place
-    (the quarantine removes it after this returns); the daemon's forwarder sends them."""
+    (the quarantine removes it after this returns); the daemon's forwarder sends them.
+    ``resend_duplicate`` marks the entries so the forwarder sends them even under a UID it
+    already delivered (only the operator's explicit --resend-duplicate sets it)."""
     from gateway.spool import SpoolLayout, place_in_outboxes
 
     def enqueue(src: Path, record: QuarantineRecord) -> None:
@@ -158,48 +193,129 @@ def _outbox_enqueuer(state_dir: Path) -> Callable[[Path, QuarantineRecord], None
             "received_at": record.received_at,
             "released_from_quarantine": True,
         }
+        if resend_duplicate:
+            meta["resend_duplicate"] = True
         place_in_outboxes(SpoolLayout(state_dir), record.destinations, src, meta, remove_src=False)
 
     return enqueue
 
 
+def _check_destinations(names: Sequence[str], paths: StatePaths, given: bool) -> None:
+    """Every destination must be a safe name that the gateway knows: in the config with
+    --config; with only --state-dir, an existing outbox (the daemon makes one per destination
+    at start). ``given``: the names came from --destination (else from the held record)."""
+    from gateway.spool import SpoolLayout, check_destination_name
+
+    assert paths.state_dir is not None
+    for name in names:
+        check_destination_name(name)
+    origin = "--destination" if given else "the destination recorded for this instance"
+    if paths.destinations is not None:
+        unknown = [n for n in names if n not in paths.destinations]
+        if unknown:
+            raise ValueError(
+                f"unknown destination(s) {unknown} ({origin}); the config defines: "
+                f"{', '.join(paths.destinations)}"
+                + ("" if given else "; name one of those with --destination")
+            )
+        return
+    layout = SpoolLayout(paths.state_dir)
+    known = sorted(p.name for p in layout.outbox_root.iterdir()
+                   if p.is_dir() and not p.is_symlink()) if layout.outbox_root.is_dir() else []
+    for name in names:
+        outbox = layout.outbox(name)  # refuses a path that leaves the outbox directory
+        if not outbox.is_dir() or outbox.is_symlink():
+            raise ValueError(
+                f"no outbox for destination {name!r} ({origin}) under {layout.outbox_root}; "
+                f"the gateway's outboxes are: {', '.join(known) or 'none'}; name one of those "
+                "with --destination, or pass --config so the names come from the gateway's "
+                "config"
+            )
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _duplicates(q: Quarantine, sop_uid: str, names: Sequence[str], paths: StatePaths,
+                retention_days: float) -> dict[str, str]:
+    """Per destination, why the forwarder would drop this release (already delivered under the
+    UID, or a different copy of the UID queued ahead of it); absent where it would be sent."""
+    from gateway.spool import SpoolLayout, delivered_at, waiting_in_outbox
+
+    assert paths.state_dir is not None
+    layout = SpoolLayout(paths.state_dir)
+    held = q.instance_path(sop_uid).read_bytes()
+    found: dict[str, str] = {}
+    for name in names:
+        t = delivered_at(layout, name, sop_uid, retention_days * 86400)
+        if t is not None:
+            found[name] = f"already forwarded to {name} on {_when(t)}"
+            continue
+        for entry in waiting_in_outbox(layout, name, sop_uid):
+            with contextlib.suppress(FileNotFoundError):  # sent meanwhile: the ledger has it
+                if entry.read_bytes() != held:  # the same bytes again: an interrupted release
+                    found[name] = f"a different copy is waiting in the outbox of {name}"
+                    break
+    return found
+
+
 def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
     if paths.state_dir is None:
         raise ValueError("release needs --config or --state-dir (to find the outbox)")
-    if args.destination and paths.destinations is not None:
-        unknown = sorted(set(args.destination) - set(paths.destinations))
-        if unknown:
-            raise ValueError(
-                f"unknown destination(s) {unknown}; the config defines: "
-                f"{', '.join(paths.destinations)}"
-            )
+    record = q.get(args.sop_uid)
+    if record is None:
+        raise NotQuarantined(f"SOP Instance {args.sop_uid} is not in the quarantine at {q.root}")
+    names = list(args.destination) if args.destination else list(record.destinations)
+    _check_destinations(names, paths, given=bool(args.destination))
+    from gateway.config import RetentionConfig, load_config
+
+    retention_days = RetentionConfig().sent_ledger_days  # the default, without a config
+    if args.config is not None:
+        retention_days = load_config(args.config).retention.sent_ledger_days
+    duplicates = _duplicates(q, args.sop_uid, names, paths, retention_days)
+    if duplicates and not args.resend_duplicate:
+        raise ReleaseRefused(
+            f"SOP Instance {args.sop_uid} not released: an instance with this SOP Instance UID "
+            f"was {'; '.join(duplicates.values())}. The gateway sends each UID once per "
+            "destination, so this copy would be dropped; sent anyway, the PACS would get a "
+            "second, different object under the same UID, which most PACS reject or store over "
+            "the first. It stays in the quarantine. To send it anyway: --resend-duplicate; to "
+            f"discard it: sentinel quarantine purge {args.sop_uid} --reason ..."
+        )
+    for why in duplicates.values():
+        print(f"warning: {args.sop_uid} was {why}; sending a second object under the same UID "
+              "as asked (--resend-duplicate)", file=sys.stderr)
     record = q.release(
         args.sop_uid,
         reason=args.reason,
         actor=operator_name(),
-        enqueue=_outbox_enqueuer(paths.state_dir),
-        destinations=args.destination,
+        sudo_user=sudo_claim(),
+        enqueue=_outbox_enqueuer(paths.state_dir, args.resend_duplicate),
+        destinations=names,
+        outcomes={name: "queued-duplicate" for name in duplicates},
     )
     print(f"released {record.sop_uid}: queued for {', '.join(record.destinations)}")
     return EXIT_OK
 
 
 def _purge(q: Quarantine, args: argparse.Namespace) -> int:
-    actor = operator_name()
+    actor, sudo_user = operator_name(), sudo_claim()
     if args.older_than is not None:
         if args.older_than < 0:
             raise ValueError("--older-than must be zero or more days")
-        purged = q.expire(timedelta(days=args.older_than), actor=actor, reason=args.reason)
+        purged = q.expire(timedelta(days=args.older_than), actor=actor, reason=args.reason,
+                          sudo_user=sudo_user)
     elif args.study is not None:
         if not q.has_study(args.study):
             raise NotQuarantined(f"Study {args.study} has nothing in the quarantine at {q.root}")
-        purged = q.purge(args.study, actor=actor, reason=args.reason)
+        purged = q.purge(args.study, actor=actor, reason=args.reason, sudo_user=sudo_user)
     else:
         if q.get(args.sop_uid) is None:
             raise NotQuarantined(
                 f"SOP Instance {args.sop_uid} is not in the quarantine at {q.root}"
             )
-        purged = q.purge(args.sop_uid, actor=actor, reason=args.reason)
+        purged = q.purge(args.sop_uid, actor=actor, reason=args.reason, sudo_user=sudo_user)
     for record in purged:
         print(f"purged {record.sop_uid} (study {record.study_uid})")
     print(f"{len(purged)} instance(s) purged", file=sys.stderr)
@@ -230,6 +346,9 @@ def run(args: argparse.Namespace) -> int:
     except NotQuarantined as exc:
         print(f"sentinel quarantine: {exc.args[0]}", file=sys.stderr)
         return EXIT_NOT_FOUND
+    except ReleaseRefused as exc:
+        print(f"sentinel quarantine: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except (OSError, ValueError) as exc:
         print(f"sentinel quarantine: {exc}", file=sys.stderr)
         return EXIT_ERROR

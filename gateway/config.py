@@ -554,8 +554,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         )
     destinations: dict[str, DestinationConfig] = {}
     for name in dest_table.table:
-        if not _NAME_RE.fullmatch(name):
-            raise dest_table.fail(name, "bad destination name", "use letters, digits, _ . -")
+        if not _NAME_RE.fullmatch(name) or name in (".", ".."):  # it names spool directories
+            raise dest_table.fail(name, "bad destination name",
+                                  "use letters, digits, _ . - (not . or ..)")
         d = dest_table.sub(name)
         kind = d.str_("kind")
         if kind == "directory":

@@ -6,7 +6,9 @@ Why this shape:
   picked up by the running daemon, and nothing is lost on a crash.
 - A destination never gets the same SOP Instance UID twice from us: a per-destination ledger of
   delivered UIDs (``spool/sent/<dest>.log``, fsynced) is consulted before each send and written
-  before the outbox entry is removed.
+  before the outbox entry is removed. A dropped duplicate is audited (``duplicate-dropped``);
+  the one exception is an operator's ``quarantine release --resend-duplicate``, marked in the
+  entry's sidecar, which is sent and audited as such.
 - Byte-for-byte: the stored file's dataset bytes are sent as they are, in their own transfer
   syntax (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``: no decode, no re-encode, streamed); the
   association proposes exactly the (SOP Class, transfer syntax) pairs the queue holds.
@@ -38,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -490,14 +493,7 @@ class Forwarder:
             "destination": self.dest.name,
         }
         fields = {k: v for k, v in base.items() if v}
-        with self._lock:
-            sent_now = entry.sop_uid in self._sent_now
-        if sent_now or entry.sop_uid in self.ledger:
-            LOG.info("%s already delivered to %s; dropping the duplicate", entry.sop_uid,
-                     self.dest.name)
-            with self._cond:
-                self._remove(entry)
-                self._publish()
+        if not entry.meta.get("resend_duplicate") and self._drop_if_delivered(entry, fields):
             return False
         path = self.dir / entry.name
         t0 = time.perf_counter()
@@ -554,6 +550,38 @@ class Forwarder:
             if item is None:
                 return
             entry, latency_ms = item
+    def _drop_if_delivered(self, entry: Entry, fields: dict[str, Any]) -> bool:
+        """Drop an entry whose SOP Instance UID this destination already has (idempotency per
+        UID: a modality's resend, a crash before the outbox entry went); True when dropped.
+
+        Audited, not only logged: what is dropped may be an operator's release of a different
+        object under the same UID (a tampered copy of an instance delivered before), and the
+        audit log has to say that it never left. ``sentinel quarantine release`` refuses such a
+        release up front; this covers the race where the first copy is delivered after it."""
+        with self._lock:
+            sent_now = entry.sop_uid in self._sent_now
+        sent_at = None if sent_now else self.ledger.sent_at(entry.sop_uid)
+        if not sent_now and sent_at is None:
+            return False
+        released = bool(entry.meta.get("released_from_quarantine"))
+        when = "moments ago" if sent_at is None else "at " + datetime.fromtimestamp(
+            sent_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        (LOG.warning if released else LOG.info)(
+            "%s already delivered to %s %s; dropping the %s", entry.sop_uid, self.dest.name,
+            when, "copy released from quarantine" if released else "duplicate")
+        with self._cond:
+            self._remove(entry)
+            self._publish()
+        self._audit_safe(
+            "duplicate-dropped",
+            reason=f"SOP Instance UID already delivered to {self.dest.name} {when}",
+            detail=("released from quarantine; not sent (sentinel quarantine release "
+                    "--resend-duplicate sends a second object under the UID)") if released
+            else "received again; not sent",
+            calling_ae=str(entry.meta.get("calling_ae", "")) or None, **fields,
+        )
+        return True
+
             try:
                 self.ledger.add(entry.sop_uid)
             except OSError:
@@ -569,7 +597,10 @@ class Forwarder:
             self._audit_safe(
                 "forwarded", latency_ms=round(latency_ms, 3), status="ok",
                 calling_ae=str(entry.meta.get("calling_ae", "")) or None,
-                modality=str(entry.meta.get("modality", "")) or None, **fields,
+                modality=str(entry.meta.get("modality", "")) or None,
+                detail="released from quarantine with --resend-duplicate: sent even if the UID "
+                "was delivered before" if entry.meta.get("resend_duplicate") else None,
+                **fields,
             )
 
     def _backoff(self, attempts: int) -> float:

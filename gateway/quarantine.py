@@ -30,7 +30,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -300,6 +300,8 @@ class Quarantine:
         actor: str,
         enqueue: Callable[[Path, QuarantineRecord], None],
         destinations: Sequence[str] | None = None,
+        sudo_user: str | None = None,
+        outcomes: Mapping[str, str] | None = None,
     ) -> QuarantineRecord:
         """Send a held instance on without re-scoring, then remove it from the quarantine.
 
@@ -307,7 +309,10 @@ class Quarantine:
         crash after it and before the removal leaves the instance both queued and held, and a
         second release queues the same SOP Instance UID again (forwarding is idempotent per UID).
         ``destinations`` overrides the ones recorded at quarantine time; ``enqueue`` sends to
-        ``record.destinations`` of the record it is given.
+        ``record.destinations`` of the record it is given. Each destination's ``released`` event
+        carries ``outcome``: ``outcomes[destination]``, else ``queued`` (what the forwarder then
+        does is its own event: ``forwarded``, ``duplicate-dropped``, ``dead-letter``).
+        ``actor`` is the account that acts; ``sudo_user`` only what SUDO_USER claimed.
         """
         if not reason or not reason.strip():
             raise ValueError("release needs a non-empty reason (it goes into the audit log)")
@@ -330,26 +335,31 @@ class Quarantine:
                     series_uid=record.series_uid,
                     destination=destination,
                     actor=actor,
+                    **({"sudo_user": sudo_user} if sudo_user else {}),
                     reason=reason,
+                    outcome=(outcomes or {}).get(destination, "queued"),
                 )
         return record
 
-    def purge(self, uid: str, *, actor: str, reason: str) -> list[QuarantineRecord]:
+    def purge(self, uid: str, *, actor: str, reason: str,
+              sudo_user: str | None = None) -> list[QuarantineRecord]:
         """Delete one instance (SOP Instance UID) or a whole study (Study Instance UID)."""
         if not reason or not reason.strip():
             raise ValueError("purge needs a non-empty reason (it goes into the audit log)")
         study = self.root / check_uid(uid)
         if not study.is_dir():
-            return [self._purge_one(self.instance_path(uid), actor=actor, reason=reason)]
+            return [self._purge_one(self.instance_path(uid), actor=actor, reason=reason,
+                                    sudo_user=sudo_user)]
         purged = [
-            self._purge_one(dcm, actor=actor, reason=reason)
+            self._purge_one(dcm, actor=actor, reason=reason, sudo_user=sudo_user)
             for dcm, _ in list(self._entries())
             if dcm.parent == study
         ]
         self._remove_if_empty(study)  # strays of an interrupted put: recover() at start-up
         return purged
 
-    def _purge_one(self, dcm: Path, *, actor: str, reason: str) -> QuarantineRecord:
+    def _purge_one(self, dcm: Path, *, actor: str, reason: str,
+                   sudo_user: str | None = None) -> QuarantineRecord:
         record = self._load(dcm, dcm.with_suffix(".json"))
         self._remove(dcm)
         if self.audit is not None:
@@ -359,6 +369,7 @@ class Quarantine:
                 study_uid=record.study_uid,
                 series_uid=record.series_uid,
                 actor=actor,
+                **({"sudo_user": sudo_user} if sudo_user else {}),
                 reason=reason,
             )
         return record
@@ -370,6 +381,7 @@ class Quarantine:
         *,
         actor: str = "retention",
         reason: str | None = None,
+        sudo_user: str | None = None,
     ) -> list[QuarantineRecord]:
         """Purge every instance quarantined more than ``older_than`` ago (retention by age)."""
         now = now or datetime.now(UTC)
@@ -381,7 +393,8 @@ class Quarantine:
         for dcm, sidecar in list(self._entries()):
             record = self._load(dcm, sidecar)
             if parse_time(record.quarantined_at) < cutoff:
-                purged.append(self._purge_one(dcm, actor=actor, reason=reason))
+                purged.append(self._purge_one(dcm, actor=actor, reason=reason,
+                                              sudo_user=sudo_user))
         return purged
 
     def recover(self) -> list[Path]:

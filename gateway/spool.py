@@ -320,6 +320,43 @@ def enqueue_outbox(state_dir: Path, destination: str, src: Path, meta: dict[str,
     return placed[0]
 
 
+def read_ledger(path: Path, cutoff: float) -> Iterator[tuple[str, float]]:
+    """(uid, unix time) of every well-formed line of a sent ledger at or after ``cutoff``, in
+    file order; nothing when the file does not exist. Reads only: the daemon owns the file."""
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return
+    with fh:
+        for raw in fh:
+            uid, _, ts = raw.decode(errors="replace").rstrip("\n").partition("\t")
+            try:
+                t = float(ts)
+            except ValueError:
+                continue
+            if t >= cutoff and valid_uid(uid):
+                yield uid, t
+
+
+def delivered_at(layout: SpoolLayout, destination: str, sop_uid: str,
+                 retention_s: float) -> float | None:
+    """When the daemon's sent ledger says ``sop_uid`` went to ``destination`` (the latest time
+    within the retention), or None: the forwarder drops a UID it finds there. For other
+    processes (``sentinel quarantine release``), which must know before they queue."""
+    found = None
+    for uid, t in read_ledger(layout.sent_log(destination), time.time() - retention_s):
+        if uid == sop_uid:
+            found = t if found is None else max(found, t)
+    return found
+
+
+def waiting_in_outbox(layout: SpoolLayout, destination: str, sop_uid: str) -> list[Path]:
+    """Outbox entries of ``sop_uid`` still queued for ``destination``, oldest first: a second
+    copy queued behind one of them is dropped when the first is delivered."""
+    d = layout.outbox(destination)
+    return [d / n for n in list_outbox(d) if sop_from_outbox_name(n) == sop_uid]
+
+
 class _Bloom:
     """A Bloom filter of UIDs: membership with no false negatives, about 1.8 bytes per UID at a
     0.1% false-positive rate (a Python set or dict costs about 200 bytes per UID)."""
@@ -382,20 +419,7 @@ class SentLedger:
         return self._clock() - self.retention_s
 
     def _read(self, cutoff: float) -> Iterator[tuple[str, float]]:
-        """(uid, time) of every well-formed line of the file inside the window, in file order."""
-        try:
-            fh = self.path.open("rb")
-        except FileNotFoundError:
-            return
-        with fh:
-            for raw in fh:
-                uid, _, ts = raw.decode(errors="replace").rstrip("\n").partition("\t")
-                try:
-                    t = float(ts)
-                except ValueError:
-                    continue
-                if t >= cutoff and valid_uid(uid):
-                    yield uid, t
+        return read_ledger(self.path, cutoff)
 
     def _compact(self) -> None:
         """Rewrite the file with the window's entries only; rebuild memory and the filter from it

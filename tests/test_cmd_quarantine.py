@@ -16,7 +16,7 @@ from test_quarantine import make_dicom, record_for
 
 from gateway.audit import verify
 from gateway.cli import main
-from gateway.cmd_quarantine import operator_name
+from gateway.cmd_quarantine import operator_name, sudo_claim
 from gateway.quarantine import Quarantine
 from gateway.residual_map import panel_size
 
@@ -29,6 +29,7 @@ def state(tmp_path: Path) -> Path:
     for sop, study in (("1.2.3.1", "1.2.3"), ("1.2.3.2", "1.2.3"), ("4.5.1", "4.5")):
         src = make_dicom(tmp_path / "spool" / f"{sop}.dcm", sop, study)
         q.put(src, record_for(sop, study, destinations=("pacs",)))
+    (state / "spool" / "outbox" / "pacs").mkdir(parents=True)  # as the daemon makes it at start
     return state
 
 
@@ -213,8 +214,9 @@ def test_operator_name_uses_the_real_uid_and_sudo(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LOGNAME", "someone-else")
     monkeypatch.delenv("SUDO_USER", raising=False)
     assert operator_name() == real
-    monkeypatch.setenv("SUDO_USER", "alice")
-    assert operator_name() == f"alice (sudo as {real})"
+    assert sudo_claim() is None
+    monkeypatch.setenv("SUDO_USER", "alice")  # a claim anyone can make: beside, not instead
+    assert operator_name() == real and sudo_claim() == "alice"
 
 
 @pytest.mark.integration
@@ -293,3 +295,113 @@ def test_release_and_purge_refused_for_another_account(
     assert main(["quarantine", "release", "4.5.1", *base]) == 2
     assert main(["quarantine", "list", "--state-dir", str(state)]) == 0  # reading is fine
     assert len(Quarantine(state / "quarantine").list()) == 3
+
+
+# -- issue 20, defect 4: a release the forwarder would drop is refused at release time ---------
+
+
+def _forwarded_before(state: Path, dest: str, sop: str, when: float) -> None:
+    """The daemon's sent ledger for ``dest`` says ``sop`` was delivered at ``when``, and the
+    destination's outbox exists (the daemon creates it at start)."""
+    sent = state / "spool" / "sent"
+    sent.mkdir(parents=True, exist_ok=True)
+    with (sent / f"{dest}.log").open("a") as fh:
+        fh.write(f"{sop}\t{when:.3f}\n")
+    (state / "spool" / "outbox" / dest).mkdir(parents=True, exist_ok=True)
+
+
+def test_release_of_an_already_forwarded_uid_is_refused_with_the_reason(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tampered copy of an instance already forwarded was quarantined: releasing it would make
+    the forwarder drop it (idempotency per UID) while the log says released. The CLI refuses,
+    says to whom and when the UID went, and keeps the instance held."""
+    import time as _time
+
+    _forwarded_before(state, "pacs", "1.2.3.1", _time.time() - 3600)
+    argv = ["quarantine", "release", "1.2.3.1", "--state-dir", str(state), "--reason", "ok"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "already forwarded to pacs" in err and "--resend-duplicate" in err
+    assert (state / "quarantine" / "1.2.3" / "1.2.3.1.dcm").exists()
+    assert not list((state / "spool" / "outbox" / "pacs").glob("*.dcm"))
+    assert [e for e in audit_events(state) if e["event"] == "released"] == []
+
+
+def test_release_with_resend_duplicate_is_queued_marked_and_audited(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time as _time
+
+    _forwarded_before(state, "pacs", "1.2.3.1", _time.time() - 3600)
+    argv = ["quarantine", "release", "1.2.3.1", "--state-dir", str(state), "--reason", "ok",
+            "--resend-duplicate"]
+    assert main(argv) == 0
+    assert "second object under the same UID" in capsys.readouterr().err
+    (queued,) = (state / "spool" / "outbox" / "pacs").glob("*.dcm")
+    assert json.loads(queued.with_suffix(".json").read_text())["resend_duplicate"] is True
+    (event,) = [e for e in audit_events(state) if e["event"] == "released"]
+    assert event["outcome"] == "queued-duplicate"
+
+
+def test_release_of_a_uid_still_waiting_in_the_outbox_is_refused(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A clean copy of the UID is still queued for the destination: the released copy would be
+    dropped behind it just the same."""
+    from gateway.spool import SpoolLayout, place_in_outboxes
+
+    clean = make_dicom(state.parent / "clean" / "1.2.3.1.dcm", "1.2.3.1", "1.2.3", seed=5)
+    place_in_outboxes(SpoolLayout(state), ("pacs",), clean, {"sop_uid": "1.2.3.1"})
+    argv = ["quarantine", "release", "1.2.3.1", "--state-dir", str(state), "--reason", "ok"]
+    assert main(argv) == 3
+    assert "waiting in the outbox of pacs" in capsys.readouterr().err
+
+
+# -- issue 20, defect 5: destination names are path parts -----------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "../../../../tmp/evil", ""])
+def test_release_refuses_a_destination_that_is_not_a_name(
+    state: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {p for p in state.parent.rglob("*")}
+    argv = ["quarantine", "release", "1.2.3.1", "--state-dir", str(state), "--reason", "ok",
+            "--destination", name]
+    assert main(argv) == 2
+    assert "destination" in capsys.readouterr().err
+    assert {p for p in state.parent.rglob("*")} == before  # nothing written anywhere
+    assert (state / "quarantine" / "1.2.3" / "1.2.3.1.dcm").exists()
+
+
+def test_release_with_state_dir_needs_an_existing_outbox(
+    state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["quarantine", "release", "1.2.3.1", "--state-dir", str(state), "--reason", "ok",
+            "--destination", "pacz"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no outbox for destination 'pacz'" in err and "pacs" in err and "--config" in err
+    assert not (state / "spool" / "outbox" / "pacz").exists()
+    assert main([*argv[:-1], "pacs"]) == 0
+
+
+# -- issue 20, defect 6a: the actor is the real account; SUDO_USER is only a claim -----------
+
+
+def test_audit_actor_is_the_real_account_and_sudo_user_is_recorded_beside_it(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import pwd
+
+    real = pwd.getpwuid(os.getuid()).pw_name
+    monkeypatch.setenv("SUDO_USER", "chief-radiologist")  # anyone can set this
+    assert main(["quarantine", "release", "1.2.3.1", "--state-dir", str(state),
+                 "--reason", "ok"]) == 0
+    assert main(["quarantine", "purge", "4.5.1", "--state-dir", str(state), "--reason", "x"]) == 0
+    events = [e for e in audit_events(state) if e["event"] in ("released", "purged")]
+    assert len(events) == 2
+    for e in events:
+        assert e["actor"] == real
+        assert e["sudo_user"] == "chief-radiologist"

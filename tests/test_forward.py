@@ -318,3 +318,55 @@ def test_tls_destination_mutual_authentication(tmp_path: Path) -> None:
             fw.stop()
     finally:
         scp.stop()
+
+
+def _queue(cfg: Config, dest: str, f: Path, tmp_path: Path, **meta: Any) -> None:
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    staged = tmp_path / "staged" / f"{time.monotonic_ns()}.dcm"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(f, staged)
+    enqueue_outbox(cfg.state_dir, dest, staged, {
+        "sop_uid": str(ds.SOPInstanceUID), "study_uid": str(ds.StudyInstanceUID), **meta})
+
+
+def test_a_released_duplicate_uid_is_audited_when_dropped_and_sent_when_asked(
+        tmp_path: Path) -> None:
+    """Issue 20, defect 4: the forwarder drops a second object under a UID it already delivered
+    (idempotency); when that object was released from the quarantine the drop is an audit event
+    of its own, not only a log line; a release marked ``resend_duplicate`` is sent anyway."""
+    import json
+
+    out = tmp_path / "out"
+    cfg = make_config(tmp_path, f'[destinations.pacs]\nkind = "directory"\npath = "{out}"\n')
+    original = make_series(tmp_path / "in", 1, rows=32, cols=32)[0]
+    ds = pydicom.dcmread(original)
+    tampered = tmp_path / "tampered.dcm"
+    arr = ds.pixel_array.copy()
+    arr[0, 0] ^= 1
+    ds.PixelData = arr.tobytes()
+    ds.save_as(tampered)
+    target = out / str(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path), Metrics())
+    fw.start()
+
+    def events(name: str) -> list[dict[str, Any]]:
+        lines = cfg.audit_path.read_text().splitlines() if cfg.audit_path.exists() else []
+        return [e for e in map(json.loads, lines) if e["event"] == name]
+
+    try:
+        _queue(cfg, "pacs", original, tmp_path)
+        assert wait_until(lambda: len(events("forwarded")) == 1, 20)
+        first = target.read_bytes()
+        _queue(cfg, "pacs", tampered, tmp_path, released_from_quarantine=True)
+        assert wait_until(lambda: fw.depth() == 0 and len(events("duplicate-dropped")) == 1, 20)
+        (drop,) = events("duplicate-dropped")
+        assert drop["sop_uid"] == str(ds.SOPInstanceUID) and drop["destination"] == "pacs"
+        assert "released" in drop["detail"]
+        assert target.read_bytes() == first  # nothing sent
+        _queue(cfg, "pacs", tampered, tmp_path, released_from_quarantine=True,
+               resend_duplicate=True)
+        assert wait_until(lambda: len(events("forwarded")) == 2, 20)
+        assert target.read_bytes() == tampered.read_bytes()
+        assert "duplicate" in events("forwarded")[-1]["detail"]
+    finally:
+        fw.stop()
