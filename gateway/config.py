@@ -20,8 +20,10 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae,
                          associations)
                          or "directory" (path)
-    [[rules]]      name, action, destinations, threshold, shadow, [rules.match]
+    [[rules]]      name, action, destinations, threshold, shadow, allow_unscreened_pixels,
+                   [rules.match]
     [default]      action, destinations, threshold, shadow
+                   (what a rule may decide from headers the sender writes: gateway.rules)
 """
 
 from __future__ import annotations
@@ -186,12 +188,27 @@ class Matcher:
 
 @dataclass(frozen=True)
 class Rule:
+    """One routing rule (or the default, which has no matchers).
+
+    ``allow_unscreened_pixels`` is the one way to forward an instance with pixel data unscreened;
+    it is refused at load unless the rule is a ``pass`` keyed only on association facts
+    (``calling_ae``, ``called_ae``, ``peer``), which the gateway checks itself, never on a
+    header the sender writes (see gateway.rules).
+    """
+
     name: str
     action: str
     destinations: tuple[str, ...]
     matchers: tuple[Matcher, ...] = ()
     threshold: float | None = None
     shadow: bool = False
+    allow_unscreened_pixels: bool = False
+
+    @property
+    def header_keys(self) -> tuple[str, ...]:
+        """The dataset attributes this rule tests: values the sender writes, so they may make
+        screening stricter but never weaker (gateway.rules)."""
+        return tuple(m.key for m in self.matchers if m.key not in ASSOCIATION_KEYS)
 
 
 @dataclass(frozen=True)
@@ -394,7 +411,7 @@ def _parse_rule(
     r: _Reader, name: str, destinations: Mapping[str, DestinationConfig], is_default: bool
 ) -> Rule:
     allowed = ("action", "destinations", "threshold", "shadow")
-    r.check_known(allowed if is_default else ("name", *allowed, "match"))
+    r.check_known(allowed if is_default else ("name", *allowed, "match", "allow_unscreened_pixels"))
     action = r.str_("action", "screen")
     if action not in ACTIONS:
         raise r.fail("action", f"unknown action {action!r}", f"use one of {', '.join(ACTIONS)}")
@@ -414,6 +431,9 @@ def _parse_rule(
         raise r.fail("destinations", "empty for a forwarding action", "name at least one")
     threshold = r.num("threshold", None, 0.0, 1.0) if "threshold" in r.table else None
     matchers = _parse_matchers(r.sub("match")) if not is_default else ()
+    unscreened = False if is_default else r.bool_("allow_unscreened_pixels", False)
+    if unscreened:
+        _check_unscreened(r, action, matchers)
     return Rule(
         name=name,
         action=action,
@@ -421,7 +441,34 @@ def _parse_rule(
         matchers=matchers,
         threshold=threshold,
         shadow=r.bool_("shadow", False),
+        allow_unscreened_pixels=unscreened,
     )
+
+
+def _check_unscreened(r: _Reader, action: str, matchers: tuple[Matcher, ...]) -> None:
+    """``allow_unscreened_pixels`` only where it cannot be reached by editing a header.
+
+    Why refused otherwise: a rule that tests Modality, BodyPartExamined or any other attribute is
+    matched by whoever writes that attribute, which is exactly who tampers with the pixels.
+    Association facts are checked by the gateway (allowed callers, addresses, TLS), so a rule
+    keyed on them names a sender, not a label.
+    """
+    key = "allow_unscreened_pixels"
+    if action != "pass":
+        raise r.fail(key, f"only meaningful with action = \"pass\", not {action!r}",
+                     "remove allow_unscreened_pixels or make the rule a pass")
+    header = [m.key for m in matchers if m.key not in ASSOCIATION_KEYS]
+    if header:
+        raise r.fail(
+            key,
+            f"the rule also matches on {', '.join(header)}, which the sender writes: anyone "
+            "able to tamper with the pixels could relabel an image to skip screening",
+            "match only on " + ", ".join(ASSOCIATION_KEYS) + " (a trusted sender), or remove "
+            "allow_unscreened_pixels so that instances with pixel data are screened",
+        )
+    if not matchers:
+        raise r.fail(key, "the rule has no [rules.match]: it would turn screening off for "
+                     "every sender", "name the sender with calling_ae and peer")
 
 
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
