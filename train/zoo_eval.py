@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       digest=m["split_digest"])[0]
             cells.append(attack_cell(det, loaded[m["family"]], m, sources[s], a, e, out,
                                      args.seed, args.batch_size))
-        if args.processing:
+        if args.processing and (out / "processing.json").is_file():
+            processing = json.loads((out / "processing.json").read_text())
+        elif args.processing:
             from train import processing as proc
 
             processing = proc.clean_fpr_table(det, {s: sources[s].x for s in args.sources},
