@@ -7,10 +7,12 @@ the key and the fix (``ConfigError``). ``sentinel check`` runs exactly this load
 
 Layout of the file (see ``systemd/sentinel.example.toml`` for a commented example)::
 
-    [listener]     ae_title, host, port, [listener.tls] cert/key/ca/require_client_cert
+    [listener]     ae_title, host, port, [listener.tls] cert/key/ca/require_client_cert/
+                   require_cert_matches_ae
     [[callers]]    ae_title, addresses (IPs or CIDRs)
     [timeouts]     acse_s, dimse_s, network_s, connect_s
-    [limits]       max_associations, max_associations_per_caller, max_instance_mb, max_pdu_kb
+    [limits]       max_associations, max_associations_per_caller, max_instance_mb, max_pdu_kb,
+                   max_connections, max_connections_per_address
     [state]        dir, min_free_mb (the spool's disk watermark)
     [retention]    quarantine_days, sent_ledger_days
     [metrics]      host (loopback only), port
@@ -66,6 +68,9 @@ class TLSConfig:
     key: Path | None
     ca: Path | None
     require_client_cert: bool = True
+    # Listener only: the client certificate's subject CN or a SAN DNS name must equal the
+    # calling AE title, so a certificate vouches for one AE title, not for any on the list.
+    require_cert_matches_ae: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,12 +106,24 @@ class TimeoutsConfig:
     connect_s: float = 10.0  # outbound TCP connect to a destination
 
 
+# The maximum PDU length the listener advertises and enforces when max_pdu_kb is absent or 0.
+# "Unlimited" let any peer make the gateway buffer a PDU of any declared length (issue 20);
+# bench/pdu_size.py measured the receive rate per size (bench/RESULTS.md).
+DEFAULT_MAX_PDU_KB = 256
+# Above this a PDU is no faster to receive, and each connection may hold a few copies of one.
+MAX_PDU_KB = 16 * 1024
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     max_associations: int = 16
     max_associations_per_caller: int = 4
     max_instance_bytes: int = 1024 * 1024 * 1024
-    max_pdu_bytes: int = 0  # advertised maximum PDU length; 0 = unlimited (fastest receive)
+    # advertised and enforced maximum P-DATA-TF length; always bounded (gateway.scp._PduReader)
+    max_pdu_bytes: int = DEFAULT_MAX_PDU_KB * 1024
+    # open TCP connections, counted at accept (before any read or TLS handshake)
+    max_connections: int = 32
+    max_connections_per_address: int = 16
 
 
 @dataclass(frozen=True)
@@ -350,7 +367,8 @@ def _parse_tls(r: _Reader, base: Path, inbound: bool) -> TLSConfig | None:
     if "tls" not in r.table:
         return None
     t = r.sub("tls")
-    t.check_known(("cert", "key", "ca", "require_client_cert"))
+    listener_only = ("require_cert_matches_ae",) if inbound else ()
+    t.check_known(("cert", "key", "ca", "require_client_cert", *listener_only))
     cert = t.path_("cert", base) if "cert" in t.table else None
     key = t.path_("key", base) if "key" in t.table else None
     ca = t.path_("ca", base) if "ca" in t.table else None
@@ -366,7 +384,47 @@ def _parse_tls(r: _Reader, base: Path, inbound: bool) -> TLSConfig | None:
         raise t.fail("ca", "require_client_cert needs a CA", "set ca or require_client_cert=false")
     if not inbound and ca is None:
         raise t.fail("ca", "outbound TLS needs the CA that signed the peer", "set ca = \"...\"")
-    return TLSConfig(cert=cert, key=key, ca=ca, require_client_cert=require)
+    matches_ae = inbound and t.bool_("require_cert_matches_ae", False)
+    if matches_ae and not require:
+        raise t.fail("require_cert_matches_ae", "there is no client certificate to compare "
+                     "with the calling AE title", "set require_client_cert = true (and ca), "
+                     "or require_cert_matches_ae = false")
+    return TLSConfig(cert=cert, key=key, ca=ca, require_client_cert=require,
+                     require_cert_matches_ae=matches_ae)
+
+
+def _parse_limits(mr: _Reader) -> LimitsConfig:
+    """[limits]: what one peer, and all of them together, may make the listener hold.
+
+    ``max_pdu_kb = 0`` used to mean unlimited; it now means the bounded default, so files
+    written for older versions keep loading with a safe meaning.
+    """
+    mr.check_known(("max_associations", "max_associations_per_caller", "max_instance_mb",
+                    "max_pdu_kb", "max_connections", "max_connections_per_address"))
+    max_associations = mr.int_("max_associations", 16, 1, 1000)
+    pdu_kb = mr.int_("max_pdu_kb", DEFAULT_MAX_PDU_KB, 0, 1024 * 1024)
+    if 0 < pdu_kb < 4:
+        raise mr.fail("max_pdu_kb", "below the DICOM minimum of 4 KiB",
+                      f"use at least 4, or {DEFAULT_MAX_PDU_KB} (the default)")
+    if pdu_kb > MAX_PDU_KB:
+        raise mr.fail("max_pdu_kb", f"{pdu_kb} KiB would let every connection make the gateway "
+                      f"buffer that much", f"use at most {MAX_PDU_KB}, or {DEFAULT_MAX_PDU_KB} "
+                      "(the default; DCMTK senders never send PDUs over 128 KiB)")
+    connections = mr.int_("max_connections", 2 * max_associations, 1, 100_000)
+    if connections < max_associations:
+        raise mr.fail("max_connections", f"{connections} is below max_associations "
+                      f"({max_associations}), which could then never be reached",
+                      f"use at least {max_associations} (default: twice max_associations)")
+    per_address = mr.int_("max_connections_per_address", min(max_associations, connections),
+                          1, 100_000)
+    return LimitsConfig(
+        max_associations=max_associations,
+        max_associations_per_caller=mr.int_("max_associations_per_caller", 4, 1, 1000),
+        max_instance_bytes=int(mr.num("max_instance_mb", 1024, 0.001, 65536) * 1024 * 1024),
+        max_pdu_bytes=(pdu_kb or DEFAULT_MAX_PDU_KB) * 1024,
+        max_connections=connections,
+        max_connections_per_address=per_address,
+    )
 
 
 def _parse_network(
@@ -518,17 +576,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     )
 
     mr = top.sub("limits")
-    mr.check_known(
-        ("max_associations", "max_associations_per_caller", "max_instance_mb", "max_pdu_kb")
-    )
-    limits = LimitsConfig(
-        max_associations=mr.int_("max_associations", 16, 1, 1000),
-        max_associations_per_caller=mr.int_("max_associations_per_caller", 4, 1, 1000),
-        max_instance_bytes=int(mr.num("max_instance_mb", 1024, 0.001, 65536) * 1024 * 1024),
-        max_pdu_bytes=mr.int_("max_pdu_kb", 0, 0, 1024 * 1024) * 1024,
-    )
-    if 0 < limits.max_pdu_bytes < 4096:
-        raise mr.fail("max_pdu_kb", "below the DICOM minimum of 4 KiB", "use 0 or at least 4")
+    limits = _parse_limits(mr)
 
     sr = top.sub("state", required=True)
     sr.check_known(("dir", "min_free_mb"))

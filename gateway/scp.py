@@ -13,10 +13,24 @@ Design points, each measured or required:
   meta, then the dataset bytes as sent, in the negotiated transfer syntax), so forwarding can be
   byte-for-byte.
 - ``TCP_NODELAY`` on every accepted socket (pynetdicom 3.0.4 never sets it; loopback C-STOREs
-  otherwise stall ~40 ms on delayed ACKs) and ``maximum_pdu_size = 0``.
-- The allow-list (calling AE title + source address) and association limits (overall and per
+  otherwise stall ~40 ms on delayed ACKs).
+- Nothing a peer declares is buffered unchecked (issue 20: one unauthenticated connection
+  declaring a 900 MiB PDU grew the daemon by 822 MB). pynetdicom reads a PDU whole, so every
+  read goes through ``_PduReader``: before the association is established any PDU is capped at
+  64 KiB (an A-ASSOCIATE-RQ), after it a P-DATA-TF at the maximum we advertised
+  (``limits.max_pdu_kb``, always bounded) and anything else at 64 KiB; a longer declaration
+  closes the connection after its 6-byte header. The request must be complete within
+  ``timeouts.acse_s`` of the connect (no slow-loris slot holding), a PDU body that stalls for
+  ``timeouts.network_s`` ends the connection, and a DIMSE message may hold at most
+  ``IN_MEMORY_MESSAGE_LIMIT`` bytes in memory (datasets of C-STOREs stream to disk).
+- Open TCP connections are counted when accepted, before any byte is read or any TLS handshake
+  runs (``limits.max_connections``, ``limits.max_connections_per_address``); an excess one is
+  closed at once. The TLS handshake runs in the connection's own thread under the same
+  ``acse_s`` deadline, not in the accept loop where one silent peer would stall every other.
+- The allow-list (calling AE title + source address, and optionally the client certificate's
+  name, ``listener.tls.require_cert_matches_ae``) and association limits (overall and per
   caller) are enforced during association negotiation, answered with A-ASSOCIATE-RJ and the
-  standard reason, and audited.
+  standard reason. Every refusal and abort, at any stage, is audited with its reason.
 - Past the spool's disk watermark the answer is 0xA700 (Out of Resources).
 """
 
@@ -24,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import ipaddress
 import logging
 import os
 import socket
@@ -41,6 +57,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.acse import ACSE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from gateway.config import Config
 from gateway.spool import (
@@ -66,6 +83,22 @@ RJ_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE
 RJ_NO_REASON = (0x01, 0x01, 0x01)  # rejected-permanent, service-user, no reason (address)
 RJ_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, presentation provider, local limit exceeded
 
+# Longest PDU read before the association is established (an A-ASSOCIATE-RQ: 128 presentation
+# contexts with a handful of transfer syntaxes each stay far below), and of any PDU other than
+# P-DATA-TF after it (release and abort PDUs carry 4 bytes).
+SMALL_PDU_LIMIT = 64 * 1024
+# Bytes one DIMSE message may hold in memory: its command set, or the dataset of a message that
+# is not a C-STORE (those stream to spool/tmp). A command set is a few hundred bytes.
+IN_MEMORY_MESSAGE_LIMIT = 1024 * 1024
+# Complete DIMSE messages waiting for the association's thread. A peer that waits for answers
+# (no asynchronous operations are negotiated) never has more than one; each queued C-STORE
+# holds an open file in spool/tmp.
+MAX_QUEUED_MESSAGES = 8
+_READ_CHUNK = 256 * 1024  # one recv_into; pynetdicom's own loop reads 4 KiB at a time
+# DUL states in which an association is (or was just) established: P-DATA-TF may arrive.
+_DATA_STATES = frozenset({"Sta6", "Sta7", "Sta8", "Sta9", "Sta10", "Sta11", "Sta12"})
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+
 
 @dataclass(frozen=True)
 class StoredInstance:
@@ -83,6 +116,15 @@ class StoredInstance:
 
 
 @dataclass
+class _Connection:
+    """One accepted TCP connection, counted from accept() until its socket is closed."""
+
+    peer: str
+    opened: float = field(default_factory=time.monotonic)
+    counted: bool = True
+
+
+@dataclass
 class _AssocState:
     assoc_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     calling_ae: str = ""
@@ -91,6 +133,116 @@ class _AssocState:
     counted: bool = False
     bytes_in: int = 0
     too_large: bool = False
+    requested: bool = False  # an A-ASSOCIATE-RQ was decoded on this connection
+    ended: bool = False  # refused or aborted by us, and audited: audit it once
+    conn: _Connection | None = None
+
+
+class _Refused(OSError):
+    """Raised into pynetdicom's DUL to end a connection we refused (it catches OSError)."""
+
+
+_LOG_QUIET = threading.local()
+
+
+class _QuietRefusals(logging.Filter):
+    """Drop pynetdicom's errors and tracebacks for a connection we ended on purpose.
+
+    The DUL logs every failed or short read as an error with a traceback; for our own
+    refusals the gateway has already logged one warning and written the audit line. The flag
+    is per thread, and each connection has its own DUL thread, which ends with it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_LOG_QUIET, "active", False)
+
+
+class _PduReader:
+    """pynetdicom's PDU reads for one connection, bounded in length and in time.
+
+    Replaces ``AssociationSocket.recv``: the DUL reads a PDU as ``recv(6)`` (type, reserved,
+    length), then ``recv(length)``, and buffers the whole body. Here the header is checked
+    before the body is read: a declared length above the limit for this PDU type and phase
+    refuses the connection (``pdu-too-large``), so at most the limit is ever buffered. The
+    body is read into one buffer of its declared size with ``recv_into`` (one copy fewer, and
+    fewer calls, than pynetdicom's 4 KiB loop).
+    """
+
+    def __init__(self, receiver: StorageReceiver, assoc: Any, sock: socket.socket,
+                 conn: _Connection, acse_s: float, network_s: float) -> None:
+        self._receiver = receiver
+        self._assoc = assoc
+        self._sock = sock
+        self._deadline = conn.opened + acse_s
+        self._network_s = network_s
+        self._body: int | None = None  # length announced by the header just read
+        self._established = False
+
+    def _data_phase(self) -> bool:
+        """True once the association is established (sticky: release and abort follow)."""
+        if not self._established:
+            try:
+                state = self._assoc.dul.state_machine.current_state
+            except AttributeError:
+                return False
+            if state in _DATA_STATES:
+                self._established = True
+                self._sock.settimeout(self._network_s)
+        return self._established
+
+    def limit(self, pdu_type: int) -> int:
+        if pdu_type == 0x04 and self._data_phase():
+            return int(self._assoc.acceptor.maximum_length or SMALL_PDU_LIMIT)
+        return SMALL_PDU_LIMIT
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._body is None:  # a PDU header
+            data = self._read(nr_bytes)
+            if len(data) == 6 and data[0] in _PDU_TYPES:
+                length = int.from_bytes(data[2:6], "big")
+                limit = self.limit(data[0])
+                if length > limit:
+                    phase = "advertised" if data[0] == 0x04 and self._established else (
+                        "before association" if not self._established else "for this PDU")
+                    self._refuse("pdu-too-large", f"PDU type 0x{data[0]:02X} declares {length} "
+                                 f"bytes; the limit {phase} is {limit}")
+                self._body = length
+            return data
+        expected, self._body = self._body, None
+        if nr_bytes != expected:  # not pynetdicom's read pattern: never read past a limit
+            self._refuse("pdu-too-large", f"read of {nr_bytes} bytes after a header of "
+                         f"{expected}")
+        return self._read(nr_bytes)
+
+    def _read(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        got = 0
+        with memoryview(buf) as view:
+            while got < n:
+                if not self._data_phase():
+                    left = self._deadline - time.monotonic()
+                    if left <= 0:
+                        self._timed_out()
+                    self._sock.settimeout(left)
+                try:
+                    k = self._sock.recv_into(view[got:], min(n - got, _READ_CHUNK))
+                except TimeoutError:
+                    self._timed_out()
+                if not k:
+                    break
+                got += k
+        return buf if got == n else buf[:got]
+
+    def _timed_out(self) -> None:
+        if self._established:
+            self._refuse("network-timeout",
+                         f"no data for {self._network_s:g} s in the middle of a PDU")
+        self._refuse("association-request-timeout",
+                     "no complete association request within timeouts.acse_s")
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self._receiver._end(self._assoc, reason, detail)
+        raise _Refused(detail)
 
 
 class _PolicyACSE(ACSE):
@@ -110,6 +262,40 @@ class _PolicyACSE(ACSE):
             self.assoc.kill()
             return
         super()._negotiate_as_acceptor()
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the gateway's connection admission.
+
+    ``verify_request`` runs in the accept loop for every new connection, before a thread is
+    started, a byte is read or a TLS handshake begins: it counts the connection or closes it.
+    ``get_request`` wraps TLS without handshaking (pynetdicom's handshakes in the accept loop,
+    where one peer that never speaks stalls every other connection); the connection's own
+    thread handshakes under the ``acse_s`` deadline.
+    """
+
+    receiver: StorageReceiver
+    request_queue_size = 128  # a burst of refused connections must not crowd out a modality
+    block_on_close = False  # shutdown must not wait for handshakes in progress
+    daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.receiver._open_connection(request, client_address)
+
+
+class _Handler(RequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        self.server.receiver._serve_connection(self)
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -161,6 +347,9 @@ class StorageReceiver:
         self._lock = threading.Lock()
         self._active: dict[str, int] = {}
         self._total = 0
+        self._connections = 0
+        self._per_address: dict[str, int] = {}
+        self._accepted: dict[int, _Connection] = {}  # id(socket) -> counted, not yet served
         self._accepting = True
         self._server: Any = None
         self._ae: AE | None = None
@@ -181,31 +370,39 @@ class StorageReceiver:
         _dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
             tempfile.NamedTemporaryFile, dir=str(self.layout.tmp), prefix="rx-"
         )
+        logging.getLogger("pynetdicom.dul").addFilter(_QuietRefusals())
         ae = AE(ae_title=cfg.listener.ae_title)
-        ae.maximum_pdu_size = cfg.limits.max_pdu_bytes  # 0: unlimited (measured fastest)
+        ae.maximum_pdu_size = cfg.limits.max_pdu_bytes  # bounded: see _PduReader
         ae.acse_timeout = cfg.timeouts.acse_s
         ae.dimse_timeout = cfg.timeouts.dimse_s
         ae.network_timeout = cfg.timeouts.network_s
-        # Our own admission check counts and audits; pynetdicom's is only a backstop.
-        ae.maximum_associations = cfg.limits.max_associations + 1
+        # Our own admission counts connections and associations and audits; pynetdicom's
+        # (which counts connection threads) is only a backstop above ours.
+        ae.maximum_associations = cfg.limits.max_connections + 1
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         handlers = [
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_C_STORE, self._on_store),
         ]
         self._ae = ae
-        self._server = ae.start_server(
+        server = ae.make_server(
             (cfg.listener.host, cfg.listener.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=server_ssl_context(cfg),
+            server_class=_Server,
+            request_handler=_Handler,
         )
-        host, port = self._server.server_address[:2]
+        server.receiver = self
+        thread = threading.Thread(target=server.serve_forever, name="AcceptorServer",
+                                  daemon=True)
+        thread.start()
+        ae._servers.append(server)  # server.shutdown() removes it from there
+        self._server = server
+        host, port = server.server_address[:2]
         LOG.info("listening as %s on %s:%d", cfg.listener.ae_title, host, port)
         return host, port
 
@@ -241,9 +438,12 @@ class StorageReceiver:
         peer = _peer(assoc)
         state = _state(assoc)
         state.calling_ae, state.called_ae, state.peer = calling, called, peer
+        state.requested = True
         reason = ""
+        detail: str | None = None
         rejection: tuple[int, int, int] | None = None
         callers = cfg.find_caller(calling)
+        tls = cfg.listener.tls
         if not self._accepting:
             rejection, reason = RJ_LIMIT, "draining"
         elif called != cfg.listener.ae_title:
@@ -252,6 +452,10 @@ class StorageReceiver:
             rejection, reason = RJ_CALLING_AE, "calling-ae-not-allowed"
         elif not any(c.allows(peer) for c in callers):
             rejection, reason = RJ_NO_REASON, "address-not-allowed"
+        elif tls is not None and tls.require_cert_matches_ae and calling not in (
+                names := certificate_names(assoc)):
+            rejection, reason = RJ_CALLING_AE, "certificate-ae-mismatch"
+            detail = "certificate names: " + (", ".join(names) or "(no certificate)")
         else:
             with self._lock:
                 if self._total >= cfg.limits.max_associations:
@@ -264,8 +468,10 @@ class StorageReceiver:
                     state.counted = True
         if rejection is not None:
             LOG.warning("association refused: caller %r from %s: %s", calling, peer, reason)
+            state.ended = True
             self._audit_safe(
-                "rejected", calling_ae=calling, called_ae=called, peer=peer, reason=reason
+                "rejected", calling_ae=calling, called_ae=called, peer=peer, reason=reason,
+                detail=detail,
             )
             if self._metrics is not None:
                 # a title off the allow-list is the sender's choice: one label for all of
@@ -273,43 +479,127 @@ class StorageReceiver:
                 self._metrics.rejected(calling if callers else "UNKNOWN", "", reason)
         return rejection
 
-    def _on_conn_open(self, event: Any) -> None:
-        assoc = event.assoc
-        with contextlib.suppress(AttributeError):
-            set_nodelay(assoc.dul.socket.socket)
-        assoc._sentinel = _AssocState()
-        assoc.acse = _PolicyACSE(assoc, self)
-        self._guard_pdu_length(assoc)
+    # -- connections: counted at accept, bounded until admitted ------------------------------
 
-    def _guard_pdu_length(self, assoc: Any) -> None:
-        """Refuse a PDU longer than we could ever accept before reading it.
+    def _open_connection(self, request: Any, client_address: Any) -> bool:
+        """Count a new TCP connection, or refuse it (closed unread) past the limits.
 
-        pynetdicom reads a PDU whole into memory, whatever length the peer declares and
-        whatever maximum we advertised; a hostile 4 GB PDU would be buffered. The DUL reads a
-        PDU's body with one ``recv(length)`` call: a longer one than the advertised maximum
-        (or, when unlimited, than the maximum instance) closes the connection instead.
+        Runs in the accept loop: quick, no reads. Audited, since a flood of connections is
+        exactly what an operator must be able to see afterwards.
         """
+        limits = self._config().limits
+        peer = _normal_address(client_address[0] if client_address else "")
+        reason = ""
+        with self._lock:
+            if self._connections >= limits.max_connections:
+                reason = "connection-limit"
+                detail = f"{self._connections} connections open (limits.max_connections)"
+            elif self._per_address.get(peer, 0) >= limits.max_connections_per_address:
+                reason = "address-connection-limit"
+                detail = (f"{self._per_address[peer]} connections open from this address "
+                          "(limits.max_connections_per_address)")
+            else:
+                self._connections += 1
+                self._per_address[peer] = self._per_address.get(peer, 0) + 1
+                self._accepted[id(request)] = _Connection(peer)
+                return True
+        LOG.warning("connection from %s closed unread: %s", peer, reason)
+        self._audit_safe("rejected", peer=peer, reason=reason, detail=detail)
+        if self._metrics is not None:
+            self._metrics.rejected("UNKNOWN", "", reason)
+        return False
+
+    def _release_connection(self, conn: _Connection) -> None:
+        with self._lock:
+            if not conn.counted:
+                return
+            conn.counted = False
+            self._connections -= 1
+            n = self._per_address.get(conn.peer, 1) - 1
+            if n <= 0:
+                self._per_address.pop(conn.peer, None)
+            else:
+                self._per_address[conn.peer] = n
+
+    def open_connections(self) -> int:
+        """TCP connections open now (admitted or not yet), for tests and metrics."""
+        with self._lock:
+            return self._connections
+
+    def _serve_connection(self, handler: _Handler) -> None:
+        """The connection's thread: TLS handshake, then pynetdicom's association, guarded."""
+        sock = handler.request
+        with self._lock:
+            conn = self._accepted.pop(id(sock), None)
+        if conn is None:  # not through verify_request (cannot happen with _Server)
+            conn = _Connection(_normal_address(handler.client_address[0]), counted=False)
         cfg = self._config()
-        limits = cfg.limits
-        ceiling = limits.max_pdu_bytes or limits.max_instance_bytes
-        ceiling = max(ceiling + 64 * 1024, 1024 * 1024)  # headers, large A-ASSOCIATE-RQs
-        sock = getattr(getattr(assoc, "dul", None), "socket", None)
-        if sock is None:
-            return
-        recv = sock.recv
-        receiver = self
+        started = False
+        try:
+            set_nodelay(sock)
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(max(0.001, conn.opened + cfg.timeouts.acse_s - time.monotonic()))
+                try:
+                    sock.do_handshake()
+                except (OSError, ValueError) as exc:
+                    LOG.warning("TLS handshake with %s failed: %s", conn.peer, exc)
+                    self._audit_safe("rejected", peer=conn.peer, reason="tls-handshake-failed",
+                                     detail=str(exc)[:300])
+                    if self._metrics is not None:
+                        self._metrics.rejected("UNKNOWN", "", "tls-handshake-failed")
+                    return
+            if self._ae is not None:
+                self._ae.maximum_associations = cfg.limits.max_connections + 1
+            assoc = handler._create_association()
+            # the maximum we advertise and enforce on this association (reloads apply to new
+            # associations only)
+            assoc.acceptor.maximum_length = cfg.limits.max_pdu_bytes
+            st = _state(assoc)
+            st.peer, st.conn = conn.peer, conn
+            assoc.acse = _PolicyACSE(assoc, self)
+            reader = _PduReader(self, assoc, sock, conn, cfg.timeouts.acse_s,
+                                cfg.timeouts.network_s)
+            assoc.dul.socket.recv = reader.recv  # type: ignore[method-assign]
+            run = assoc.run
 
-        def guarded_recv(nr_bytes: int) -> bytes:
-            if nr_bytes > ceiling:
-                st = _state(assoc)
-                LOG.warning("closing connection from %s: PDU of %d bytes declared (limit %d)",
-                            st.peer or _peer(assoc), nr_bytes, ceiling)
-                receiver._audit_safe("rejected", calling_ae=st.calling_ae or None,
-                                     peer=st.peer or _peer(assoc), reason="pdu-too-large")
-                raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {ceiling}")
-            return recv(nr_bytes)  # type: ignore[no-any-return]
+            def run_then_release() -> None:
+                try:
+                    run()
+                finally:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                    self._release_association(st)
+                    self._release_connection(conn)
 
-        sock.recv = guarded_recv
+            assoc.run = run_then_release  # type: ignore[method-assign]
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": handler.client_address})
+            assoc.start()
+            started = True
+        finally:
+            if not started:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._release_connection(conn)
+
+    def _end(self, assoc: Any, reason: str, detail: str) -> None:
+        """Refuse or abort a connection now: log and audit it once, shut the socket down.
+
+        Called from the connection's DUL thread; the socket's shutdown makes the peer see
+        the end at once (its further sends are reset), whatever pynetdicom does next.
+        """
+        st = _state(assoc)
+        _LOG_QUIET.active = True  # this connection's DUL thread: see _QuietRefusals
+        if not st.ended:
+            st.ended = True
+            LOG.warning("ending connection from %s (caller %r): %s: %s",
+                        st.peer or _peer(assoc), st.calling_ae, reason, detail)
+            self._audit_safe("rejected", calling_ae=st.calling_ae or None,
+                             called_ae=st.called_ae or None, peer=st.peer or _peer(assoc),
+                             reason=reason, detail=detail)
+            if self._metrics is not None:
+                self._metrics.rejected(st.calling_ae if st.counted else "UNKNOWN", "", reason)
+        with contextlib.suppress(OSError, AttributeError):
+            assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
 
     def _on_established(self, event: Any) -> None:
         st = _state(event.assoc)
@@ -319,30 +609,62 @@ class StorageReceiver:
         )
 
     def _on_conn_close(self, event: Any) -> None:
-        st = _state(event.assoc)
-        if st.counted:
-            with self._lock:
-                st.counted = False
-                self._total -= 1
-                n = self._active.get(st.calling_ae, 1) - 1
-                if n <= 0:
-                    self._active.pop(st.calling_ae, None)
-                else:
-                    self._active[st.calling_ae] = n
+        assoc = event.assoc
+        st = _state(assoc)
+        self._release_association(st)
+        if not st.requested:
+            # Closed before any association request was decoded. pynetdicom's association
+            # thread would wait out acse_s for one: wake it, so the connection's slot frees now.
+            conn = st.conn
+            if (not st.ended and conn is not None and self._config().timeouts.acse_s
+                    <= time.monotonic() - conn.opened + 0.05):
+                self._end(assoc, "association-request-timeout",
+                          "no association request within timeouts.acse_s")
+            with contextlib.suppress(AttributeError):
+                assoc.dul.to_user_queue.put(None)
+
+    def _release_association(self, st: _AssocState) -> None:
+        with self._lock:
+            if not st.counted:
+                return
+            st.counted = False
+            self._total -= 1
+            n = self._active.get(st.calling_ae, 1) - 1
+            if n <= 0:
+                self._active.pop(st.calling_ae, None)
+            else:
+                self._active[st.calling_ae] = n
 
     def _on_data(self, event: Any) -> None:
-        """Count bytes of the instance in progress; abort one that passes the size limit."""
-        st = _state(event.assoc)
+        """Bound what one association makes us hold, before each PDU is decoded.
+
+        The instance in progress may not pass ``max_instance_mb`` (it streams to disk, but the
+        disk is shared); a DIMSE message may not hold more than IN_MEMORY_MESSAGE_LIMIT in
+        memory (command fragments that never end, or a dataset that is not a C-STORE's); and
+        at most MAX_QUEUED_MESSAGES complete messages may wait for the association's thread.
+        """
+        assoc = event.assoc
+        st = _state(assoc)
         st.bytes_in += len(event.data)
         if not st.too_large and st.bytes_in > self._config().limits.max_instance_bytes:
             st.too_large = True
-            LOG.warning("aborting association from %r: instance over the size limit",
-                        st.calling_ae)
-            self._audit_safe(
-                "rejected", calling_ae=st.calling_ae, peer=st.peer, reason="instance-too-large"
-            )
-            with contextlib.suppress(OSError, AttributeError):
-                event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+            self._end(assoc, "instance-too-large",
+                      f"more than {self._config().limits.max_instance_bytes} bytes")
+            return
+        dimse = getattr(assoc, "dimse", None)
+        msg = getattr(dimse, "message", None)
+        if msg is not None:
+            held = _buffered(getattr(msg, "encoded_command_set", None))
+            if getattr(msg, "_data_set_file", None) is None:
+                held += _buffered(getattr(msg, "data_set", None))
+            if held > IN_MEMORY_MESSAGE_LIMIT:
+                self._end(assoc, "message-too-large",
+                          f"{held} bytes of one DIMSE message held in memory")
+                return
+        queued = getattr(getattr(dimse, "msg_queue", None), "qsize", lambda: 0)()
+        if queued > MAX_QUEUED_MESSAGES:
+            self._end(assoc, "too-many-outstanding-messages",
+                      f"{queued} messages sent without waiting for answers")
 
     # -- the C-STORE handler: spool only ---------------------------------------------------
 
@@ -352,7 +674,10 @@ class StorageReceiver:
         st.bytes_in = 0
         req = event.request
         sop_uid = str(req.AffectedSOPInstanceUID or "")
-        sop_class = str(req.AffectedSOPClassUID or "")
+        # The SOP class of the negotiated presentation context, not the request's own claim: a
+        # rule's pass holds only when the dataset names the same class (gateway.rules).
+        sop_class = str(getattr(getattr(event, "context", None), "abstract_syntax", "")
+                        or req.AffectedSOPClassUID or "")
         tmp_path: Path | None = getattr(req, "_dataset_path", None)
         tmp_file = getattr(req, "_dataset_file", None)
         if tmp_path is None or tmp_file is None:
@@ -442,6 +767,43 @@ def _state(assoc: Any) -> _AssocState:
 
 def _peer(assoc: Any) -> str:
     try:
-        return str(assoc.requestor.address)
+        return _normal_address(str(assoc.requestor.address))
     except (ValueError, AttributeError):
         return ""
+
+
+def _normal_address(address: str) -> str:
+    """An IPv4-mapped IPv6 address as IPv4 (one count and one audit form per host)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _buffered(obj: Any) -> int:
+    """Bytes written so far to an in-memory buffer (0 for anything else)."""
+    if isinstance(obj, io.BytesIO):
+        return obj.getbuffer().nbytes
+    return 0
+
+
+def certificate_names(assoc: Any) -> tuple[str, ...]:
+    """The verified client certificate's subject CN and SAN DNS names (stripped), if any.
+
+    These are what ``listener.tls.require_cert_matches_ae`` compares with the calling AE
+    title: a certificate then vouches for the AE title, not only for the hospital's CA.
+    """
+    try:
+        sock = assoc.dul.socket.socket
+        cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+    except (AttributeError, OSError, ValueError):
+        cert = None
+    if not cert:
+        return ()
+    names = [str(value) for rdn in cert.get("subject", ()) for key, value in rdn
+             if key == "commonName"]
+    names += [str(value) for key, value in cert.get("subjectAltName", ()) if key == "DNS"]
+    return tuple(n.strip() for n in names)
