@@ -543,13 +543,6 @@ class Forwarder:
             self._publish()
         return False
 
-    def _complete_loop(self) -> None:
-        """Record each delivery: ledger (fsync) first, then remove the outbox entry, audit."""
-        while True:
-            item = self._done.get()
-            if item is None:
-                return
-            entry, latency_ms = item
     def _drop_if_delivered(self, entry: Entry, fields: dict[str, Any]) -> bool:
         """Drop an entry whose SOP Instance UID this destination already has (idempotency per
         UID: a modality's resend, a crash before the outbox entry went); True when dropped.
@@ -582,6 +575,13 @@ class Forwarder:
         )
         return True
 
+    def _complete_loop(self) -> None:
+        """Record each delivery: ledger (fsync) first, then remove the outbox entry, audit."""
+        while True:
+            item = self._done.get()
+            if item is None:
+                return
+            entry, latency_ms = item
             try:
                 self.ledger.add(entry.sop_uid)
             except OSError:
