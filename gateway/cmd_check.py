@@ -1,7 +1,10 @@
 """Validate a config file without starting: ``sentinel check --config FILE``.
 
 Exit 0 when the file is usable (and the model bundle verifies, unless --no-bundle), 2 otherwise;
-each message names the file, the key and the fix.
+each message names the file, the key and the fix. A usable file can still say something it does
+not do: rules that decide by a header the sender writes (a ``pass`` on Modality, a threshold per
+Modality, ``allow_unscreened_pixels``). Each such rule gets a ``WARNING:`` line, what it means
+and the fix (gateway.rules.config_warnings); the exit status stays 0.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"invalid: {exc}", file=sys.stderr)
         return 2
     bundle_note = "not checked"
+    bundle_threshold: float | None = None
     if not args.no_bundle:
         from detector.bundle import DEFAULT_BUNDLE, load_manifest
         from detector.errors import BundleError
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
                   "point detector.bundle at a verified bundle", file=sys.stderr)
             return 2
         bundle_note = f"{bundle} ({getattr(manifest, 'bundle_id', '?')}) verified"
+        bundle_threshold = getattr(manifest, "threshold", None)
     print(f"ok: {cfg.path}")
     print(f"  listener {cfg.listener.ae_title} on {cfg.listener.host}:{cfg.listener.port}"
           f"{' (TLS)' if cfg.listener.tls else ''}")
@@ -50,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
     rules = [f"{r.name}:{r.action}" for r in cfg.rules] + [f"default:{cfg.default.action}"]
     print(f"  rules: {', '.join(rules)}")
     print(f"  bundle: {bundle_note}")
+    from gateway.rules import config_warnings
+
+    for what, meaning, fix in config_warnings(cfg, bundle_threshold):
+        print(f"WARNING: {cfg.path}: {what}")
+        print(f"    means: {meaning}")
+        print(f"    fix: {fix}")
     return 0
 
 

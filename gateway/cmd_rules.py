@@ -2,6 +2,9 @@
 
 The association facts a rule may test (calling/called AE title, peer address) are not in a file:
 give them with --calling-ae, --called-ae and --peer (the called AE defaults to the listener's).
+The SOP class of the presentation context is the file meta's (what storescu proposes) unless
+--sop-class names another. The outcome shown is the gateway's real one: a ``pass`` that the
+instance's pixel data overrides is shown as ``screen``, with the reason (gateway.rules).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--calling-ae", default="", help="calling AE title to assume")
     t.add_argument("--called-ae", default=None, help="called AE title (default: the listener's)")
     t.add_argument("--peer", default="127.0.0.1", help="peer address to assume")
+    t.add_argument("--sop-class", default="",
+                   help="SOP class UID of the negotiated presentation context (default: the "
+                   "file meta's MediaStorageSOPClassUID)")
     t.add_argument("files", nargs="+", type=Path, metavar="FILE")
 
 
@@ -46,10 +52,13 @@ def run(args: argparse.Namespace) -> int:
                   "(reason unreadable)")
             status = 1
             continue
-        d = decide(cfg, ds, assoc)
+        d = decide(cfg, ds, assoc, sop_class=args.sop_class, path=f)
         thr = "bundle default" if d.threshold is None else f"{d.threshold:g}"
+        if d.at_most_bundle:
+            thr += " or the bundle's if lower"
         extra = " shadow" if d.shadow else ""
-        print(f"{f}: rule {d.rule.name!r} -> {d.action}{extra} to "
+        unscreened = " UNSCREENED" if d.action == "pass" and d.override else ""
+        print(f"{f}: rule {d.rule.name!r} -> {d.action}{extra}{unscreened} to "
               f"{', '.join(d.destinations) or '(none)'}"
               + (f", threshold {thr}" if d.action == "screen" else ""))
         for why in d.reasons:

@@ -279,9 +279,11 @@ class Screening:
             "modality": _code_string(ds, "Modality"),
         }
         base.update({k: v for k, v in ids.items() if v})
-        decision = decide(cfg, ds, assoc)
+        # The negotiated context's SOP class (the SCP records it): a pass must agree with it.
+        decision = decide(cfg, ds, assoc, sop_class=meta_class, path=path)
         modality = ids["modality"]
-        self._audit_safe("received", rule=decision.rule.name, **base)
+        self._audit_safe("received", rule=decision.rule.name, **base,
+                         **({"detail": decision.override} if decision.override else {}))
         if self._metrics is not None:
             self._metrics.received(modality, assoc.calling_ae)
 
@@ -296,7 +298,8 @@ class Screening:
         try:
             if detector is None:
                 raise RuntimeError("no detector loaded")
-            score = detector.score_dataset(ds, threshold=decision.threshold)
+            threshold = decision.threshold_for(getattr(detector, "threshold", None))
+            score = detector.score_dataset(ds, threshold=threshold)
         except Exception as exc:
             reason = str(getattr(exc, "reason", "") or "detector-error")
             LOG.warning("instance %s not scored: %s (%s)", item.sop_uid, reason,

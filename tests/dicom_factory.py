@@ -168,3 +168,23 @@ def dataset_bytes(path: Path) -> bytes:
     with path.open("rb") as fh:
         fh.seek(offset)
         return fh.read()
+
+
+def relabel(src: Path, dst: Path, *, modality: str | None = None, sop_class: str | None = None,
+            new_uid: bool = True) -> Path:
+    """A copy of ``src`` with its header edited as a tamperer would: another Modality (``OT``,
+    lower-case ``cr``) or another SOP class in both the dataset and the file meta (an SR class
+    with the Pixel Data kept). Pixel data and transfer syntax are kept byte for byte."""
+    ds = pydicom.dcmread(src)
+    if modality is not None:
+        ds.Modality = modality
+    if sop_class is not None:
+        ds.SOPClassUID = sop_class
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+    if new_uid:
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst

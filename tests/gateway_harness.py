@@ -36,11 +36,23 @@ def write_config(
     forwarding: str = "backoff_initial_s = 0.2\nbackoff_max_s = 1\nmax_age_s = 600",
     limits: str = "",
     min_free_mb: float = 1,
+    relay_unscreened: bool = True,
 ) -> Path:
-    """Write a gateway TOML config for a test and return its path."""
+    """Write a gateway TOML config for a test and return its path.
+
+    With a ``pass`` default and ``relay_unscreened`` (most tests of receiving and forwarding,
+    which load no model), a last rule forwards every instance unscreened, whatever its sender
+    (also one recovered from the spool without metadata), with ``allow_unscreened_pixels``: a
+    pass default alone no longer forwards pixel data unscreened (gateway.rules). Tests of
+    screening itself give ``relay_unscreened=False``.
+    """
     caller_tables = "\n".join(
         f'[[callers]]\nae_title = "{c}"\naddresses = ["127.0.0.1", "::1"]\n' for c in callers
     )
+    if relay_unscreened and default.strip().startswith('action = "pass"'):
+        rules += ('\n[[rules]]\nname = "relay-unscreened"\naction = "pass"\n'
+                  'allow_unscreened_pixels = true\n[rules.match]\n'
+                  'calling_ae = { regex = ".*" }\n')
     text = f"""
 [listener]
 ae_title = "SENTINEL"

@@ -36,9 +36,32 @@ def test_example_config_loads() -> None:
     assert cfg.listener.host == "127.0.0.1" and cfg.listener.port == 11112
     assert cfg.state_dir == Path("/var/lib/xray-sentinel")
     assert cfg.destinations["archive"].kind == "directory"
-    assert cfg.rules[0].action == "screen" and cfg.default.action == "pass"
+    # every instance with pixel data is screened; SR/KO/PR pass on their own (gateway.rules)
+    assert cfg.rules == () and cfg.default.action == "screen"
     assert cfg.audit_path == Path("/var/lib/xray-sentinel/audit/audit.jsonl")
     assert cfg.quarantine_dir == Path("/var/lib/xray-sentinel/quarantine")
+
+
+def test_example_config_rules_as_commented_load_and_check_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The example's commented rules, uncommented, are valid; the shipped file draws no
+    WARNING from `sentinel check`, the one that lets a sender's pixels through unscreened does."""
+    from gateway.cli import main
+
+    text = (REPO / "systemd" / "sentinel.example.toml").read_text()
+    assert main(["check", "--no-bundle", "--config", str(write(tmp_path, text))]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    start = text.index("# [[rules]]")
+    block = text[start:text.index("[default]", start)]
+    rules = "\n".join(line[2:].split("  #")[0].rstrip() if line.startswith("# ") else line
+                      for line in block.splitlines())
+    cfg = load_config(write(tmp_path, text.replace(block, rules + "\n")))
+    assert [(r.name, r.action) for r in cfg.rules] == [
+        ("old-cr-room", "reject"), ("dx-room-2", "screen"), ("us-room", "pass")]
+    assert cfg.rules[2].allow_unscreened_pixels and not cfg.rules[1].allow_unscreened_pixels
+    assert main(["check", "--no-bundle", "--config", str(cfg.path)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING:" in out and "'us-room' sets allow_unscreened_pixels" in out
 
 
 def test_minimal_defaults_and_relative_paths(tmp_path: Path) -> None:
