@@ -42,6 +42,7 @@ def setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from detector.errors import BundleError
     from gateway.config import ConfigError, load_config
+    from gateway.detector_process import ScoringStartError
     from gateway.service import Gateway
 
     setup_logging(args.log_level)
@@ -58,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     except BundleError as exc:
         log.error("model bundle refused, not starting: %s (fix: restore the bundle files or "
                   "point [detector] bundle at a verified bundle)", exc)
+        gateway.stop()
+        return 2
+    except ScoringStartError as exc:  # not the bundle: a killed child, a denied system call...
+        log.error("not starting: %s (fix: the cause named here; the model bundle was not "
+                  "refused)", exc)
         gateway.stop()
         return 2
     except OSError as exc:

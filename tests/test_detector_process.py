@@ -3,9 +3,12 @@ containment, restart, clean shutdown, and the config knobs that choose it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,9 +21,21 @@ from detector.errors import BundleError
 from detector.preprocess import parse_dicom
 from detector.scoring import Detector
 from gateway.config import ConfigError, load_config
-from gateway.detector_process import CHILD_MALLOC_ENV, ProcessDetector, ScoringProcessError
+from gateway.detector_process import (
+    CHILD_MALLOC_ENV,
+    ProcessDetector,
+    ScoringProcessError,
+    ScoringStartError,
+)
+from tests import seccomp_deny
 from tests.dcmtk import require_dcmtk, storescu
-from tests.gateway_harness import GatewayProcess, new_ports, wait_until, write_config
+from tests.gateway_harness import (
+    REPO_ROOT,
+    GatewayProcess,
+    new_ports,
+    wait_until,
+    write_config,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -80,18 +95,17 @@ def test_crash_mid_instance_is_typed_and_the_next_gets_a_fresh_child(
     f = synthetic(tmp_path / "a.dcm", rows=3000, cols=3000)
     first = child.pid
     assert first is not None
-    conn = child._conn
-    assert conn is not None
-    real_send = conn.send
+    real_send = child._send
 
-    def send_then_die(obj: object) -> None:  # the decoder "segfaults" on this instance
-        real_send(obj)
-        os.kill(first, 9)
+    def send_then_die(*args: object) -> None:  # the decoder "segfaults" on this instance
+        real_send(*args)  # type: ignore[arg-type]
+        if child.pid == first:
+            os.kill(first, 9)
 
-    monkeypatch.setattr(conn, "send", send_then_die)
+    monkeypatch.setattr(child, "_send", send_then_die)
     with pytest.raises(ScoringProcessError) as ei:
         child.score_path(f)
-    assert ei.value.reason == "detector-crashed"
+    assert ei.value.reason == "detector-crashed" and "SIGKILL" in str(ei.value)
     assert not _alive(first)
     assert child.score_path(f).score >= 0.0  # a fresh child takes the next instance
     assert child.pid != first and child.restarts == 1
@@ -245,3 +259,247 @@ def test_daemon_survives_a_scoring_child_killed_and_leaves_none_behind(
         assert wait_until(lambda: not _alive(fresh[0]), 20)
     finally:
         gw.stop()
+
+
+# -- a scoring child where setpriority is denied (issue 20, defect 1) --------------------------
+# The unit's SystemCallFilter=~@resources (SystemCallErrorNumber=EPERM) made os.nice fail in the
+# child, which died, and `serve` told the operator to restore the bundle files. These run the
+# code under a real seccomp filter (tests/seccomp_deny.py) that denies setpriority the same way.
+
+needs_seccomp = pytest.mark.skipif(not seccomp_deny.supported(),
+                                   reason="the seccomp test filter knows x86_64 and aarch64 only")
+SECCOMP = [sys.executable, str(REPO_ROOT / "tests" / "seccomp_deny.py"), "setpriority"]
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OPENBLAS_NUM_THREADS": "1"}
+
+NICE_DENIED = r"""
+import json, logging, os, sys
+from pathlib import Path
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+from gateway.detector_process import ProcessDetector
+
+def nice(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+d = ProcessDetector(Path(sys.argv[1]), nice=10)
+first = d.score_path(sys.argv[2]).score
+os.kill(d.pid, 9)
+d._proc.wait(10)
+second = d.score_path(sys.argv[2]).score  # a fresh child: it must not warn again
+print(json.dumps({"child": nice(d.pid), "parent": nice(os.getpid()), "same": first == second,
+                  "restarts": d.restarts, "nice_error": d.nice_error}))
+d.close()
+"""
+
+
+@needs_seccomp
+def test_child_scores_where_setpriority_is_denied_and_warns_once(fixture_bundle: Path,
+                                                                 tmp_path: Path) -> None:
+    f = synthetic(tmp_path / "a.dcm", rows=128, cols=128)
+    run = subprocess.run([*SECCOMP, "eperm", "--", sys.executable, "-c", NICE_DENIED,
+                          str(fixture_bundle), str(f)],
+                         cwd=REPO_ROOT, env=CHILD_ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.splitlines()[-1])
+    # it could not renice, kept its parent's priority, and scored (twice: restart included)
+    assert out["child"] == out["parent"] and out["same"] and out["restarts"] == 1
+    assert out["nice_error"].startswith("PermissionError")
+    warned = [line for line in run.stderr.splitlines() if "[detector] nice" in line]
+    assert len(warned) == 1, run.stderr[-3000:]
+    assert warned[0].startswith("WARNING") and "SystemCallFilter" in warned[0]
+
+
+def _serve_until_ready_or_exit(cfg: Path, log: Path, prefix: list[str]) -> subprocess.Popen[bytes]:
+    """``sentinel serve`` behind ``prefix``; returns once it logged ready or has exited."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "gateway.cli", "serve",
+                                 "--config", str(cfg)],
+                                cwd=REPO_ROOT, env=CHILD_ENV, stdout=out,
+                                stderr=subprocess.STDOUT)
+    assert wait_until(lambda: proc.poll() is not None or "ready:" in log.read_text(), 120), (
+        log.read_text()[-3000:])
+    return proc
+
+
+@needs_seccomp
+@pytest.mark.parametrize("case", ["setpriority-eperm", "setpriority-sigsys", "corrupt-bundle"])
+def test_serve_names_the_real_reason_screening_cannot_start(case: str, fixture_bundle: Path,
+                                                            tmp_path: Path) -> None:
+    bundle = fixture_bundle
+    prefix: list[str] = []
+    if case == "corrupt-bundle":
+        bundle = tmp_path / "bundle"
+        shutil.copytree(fixture_bundle, bundle)
+        forest = bundle / "forest.npz"
+        forest.write_bytes(forest.read_bytes()[:-100])
+    else:  # the unit's filter with SystemCallErrorNumber=EPERM, and without it (SIGSYS)
+        prefix = [*SECCOMP, "eperm" if case == "setpriority-eperm" else "kill", "--"]
+    port, mport = new_ports()
+    archive = tmp_path / "archive"
+    cfg = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                       metrics_port=mport, bundle=bundle,
+                       destinations=f'[destinations.archive]\nkind = "directory"\n'
+                                    f'path = "{archive}"\n',
+                       default='action = "screen"\ndestinations = ["archive"]\nshadow = true')
+    log = tmp_path / "serve.log"
+    proc = _serve_until_ready_or_exit(cfg, log, prefix)
+    try:
+        text = log.read_text()
+        if case == "setpriority-eperm":  # starts, screens at normal priority, says so once
+            assert proc.poll() is None, text[-3000:]
+            require_dcmtk()
+            files = make_series(tmp_path / "in", 2, rows=128, cols=128)
+            assert storescu(port, files).returncode == 0
+            assert wait_until(lambda: len(list(archive.rglob("*.dcm"))) == 2, 60), (
+                log.read_text()[-3000:])
+            assert log.read_text().count("[detector] nice = 10") == 1
+            return
+        assert proc.wait(30) == 2, text[-3000:]
+        if case == "corrupt-bundle":  # a refused bundle still says so, naming the file
+            assert "model bundle refused" in text and "forest.npz" in text, text[-3000:]
+            assert "restore the bundle files" in text
+        else:  # not a bundle problem: no advice to restore it, and the real cause named
+            assert "restore the bundle" not in text and "bundle refused" not in text, text
+            assert "the scoring process could not start" in text and "SIGSYS" in text, text
+            assert "SystemCallFilter" in text
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+# -- the wire from a child cannot run code in the daemon (issue 20, defect 6) -----------------
+# A stand-in child speaks the start of the protocol, then answers the first request with what a
+# subverted child might send. It is run instead of the real one by pointing sys.executable at
+# a wrapper, so ProcessDetector starts it exactly as it starts the real child.
+
+FAKE_CHILD = r"""
+import json, os, pickle, socket, struct, sys, time
+
+class Payload:  # unpickling this opens (creates) the marker file: code run by the receiver
+    def __reduce__(self):
+        return (open, (os.environ["FAKE_MARKER"], "w"))
+
+sock = socket.socket(fileno=int(sys.argv[3]))  # argv: -m gateway.detector_process FD ...
+def send(data):
+    sock.sendall(struct.pack("!I", len(data)) + data)
+def recv():
+    n = struct.unpack("!I", sock.recv(4, socket.MSG_WAITALL))[0]
+    return sock.recv(n, socket.MSG_WAITALL) if n else b""
+
+mode = os.environ["FAKE_MODE"]
+if mode == "exit-at-start":
+    sys.exit(3)
+if os.environ.get("FAKE_HANDSHAKE") == "pickle":  # what the daemon before the fix expected
+    send(pickle.dumps(("ready", "fake-bundle", 0.5)))
+else:
+    send(json.dumps({"kind": "ready", "bundle_id": "fake-bundle", "threshold": 0.5,
+                     "nice_error": ""}).encode())
+request = recv()
+rid = json.loads(request)["id"] if request.startswith(b"{") else 1
+good = {"score": 0.25, "p_cnn": 0.2, "p_rf": 0.3, "threshold": 0.5, "flagged": False,
+        "frames": 1, "worst_frame": 0, "bundle_id": "fake-bundle",
+        "timings_ms": {"total": 1.0}, "frame_scores": [0.25], "grid_peaks": None}
+if mode == "pickle":
+    send(pickle.dumps(("ok", Payload())))
+elif mode == "huge":
+    sock.sendall(struct.pack("!I", (16 << 20) + 1))  # a length past the limit, then nothing
+elif mode == "good":
+    send(json.dumps({"kind": "score", "id": rid, "score": good}).encode())
+else:
+    send(mode.replace("RID", str(rid)).replace("GOOD", json.dumps(good)).encode())
+time.sleep(30)  # stays alive: the daemon must end it
+"""
+
+
+@pytest.fixture()
+def fake_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Make ProcessDetector start the stand-in child; returns a setter for its mode."""
+    script = tmp_path / "fake_child.py"
+    script.write_text(FAKE_CHILD)
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(wrapper))
+    monkeypatch.setenv("FAKE_MARKER", str(tmp_path / "marker"))
+
+    def mode(value: str) -> Path:
+        monkeypatch.setenv("FAKE_MODE", value)
+        return tmp_path / "marker"
+
+    return mode
+
+
+def test_a_pickle_from_the_child_is_not_run(fake_child, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    marker = fake_child("pickle")
+    d = ProcessDetector(None, timeout_s=10)
+    first = d.pid
+    try:
+        with pytest.raises(ScoringProcessError) as ei:
+            d.score_path(tmp_path / "any.dcm")
+        assert not marker.exists()  # before the fix: the daemon unpickled it and ran open()
+        assert ei.value.reason == "detector-protocol-error"
+        assert first is not None and wait_until(lambda: not _alive(first), 10)
+        fake_child("good")  # the next instance gets a fresh child
+        assert d.score_path(tmp_path / "any.dcm").score == 0.25 and d.restarts == 1
+    finally:
+        d.close()
+
+
+GOOD_WITH = 'GOOD'.join(['{"kind": "score", "id": RID, "score": ', '}'])
+
+
+@pytest.mark.parametrize("reply", [
+    "huge",                                                   # over MAX_REPLY_BYTES
+    "not json at all",
+    '{"kind": "score", "id": RID, "score": {"score": NaN}}',    # NaN is no verdict
+    '["score", RID]',                                         # not an object
+    GOOD_WITH.replace('"id": RID', '"id": 999'),               # a reply to another request
+    GOOD_WITH.replace('}', ', "extra": 1}', 1),                # unknown key in the envelope
+    GOOD_WITH.replace("GOOD", '{"score": "0.1"}'),             # a string for a number
+    '{"kind": "error", "id": RID, "reason": "ok\\nforged audit line", "message": "x"}',
+])
+def test_a_reply_that_is_not_a_valid_score_is_a_protocol_error(fake_child, reply: str,
+                                                               tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fake_child(reply)
+    d = ProcessDetector(None, timeout_s=10)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ScoringProcessError) as ei:
+            d.score_path(tmp_path / "any.dcm")
+        assert ei.value.reason == "detector-protocol-error", str(ei.value)
+        assert time.monotonic() - t0 < 5 and d.pid is None  # killed at once, not timed out
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("score", 1e400), ("p_cnn", None), ("flagged", 1), ("frames", 0), ("worst_frame", 1),
+    ("frame_scores", [0.9]), ("bundle_id", "another-bundle"), ("threshold", 0.7),
+    ("timings_ms", {"total": "1"}), ("grid_peaks", "x"), ("flagged", True),
+    ("p_rf", 10 ** 400), ("p_rf", "1e999"),  # too large for a float; infinity as JSON text
+])
+def test_each_score_field_is_checked(fake_child, field: str, value: object,
+                                     tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    good = {"score": 0.25, "p_cnn": 0.2, "p_rf": 0.3, "threshold": 0.5, "flagged": False,
+            "frames": 1, "worst_frame": 0, "bundle_id": "fake-bundle",
+            "timings_ms": {"total": 1.0}, "frame_scores": [0.25], "grid_peaks": None}
+    good[field] = value
+    text = json.dumps({"kind": "score", "id": 0, "score": good}).replace('"id": 0', '"id": RID')
+    fake_child(text.replace('"1e999"', "1e999"))
+    d = ProcessDetector(None, timeout_s=10)
+    try:
+        with pytest.raises(ScoringProcessError) as ei:
+            d.score_path(tmp_path / "any.dcm")
+        assert ei.value.reason == "detector-protocol-error", str(ei.value)
+    finally:
+        d.close()
+
+
+def test_a_child_that_dies_at_start_is_not_called_a_bundle_problem(fake_child) -> None:  # type: ignore[no-untyped-def]
+    fake_child("exit-at-start")
+    with pytest.raises(ScoringStartError) as ei:
+        ProcessDetector(None, timeout_s=10)
+    assert not isinstance(ei.value, BundleError)
+    assert "could not start" in str(ei.value) and "exited with code 3" in str(ei.value)
+
