@@ -10,6 +10,12 @@ Settings bound to open sockets or threads (listener address/AE title/TLS, state 
 metrics port, worker count) keep their running values until a restart; a reload that changes
 them says so in the log.
 
+A destination changed or removed by a reload is retired off the run loop: a background thread
+stops its old forwarder (which finishes the send in flight, up to a minute against a slow PACS)
+and then starts the new one. The run loop is also what pings systemd's watchdog, and joining the
+old forwarder there starved it (``WatchdogSec=30``). The new forwarder starts only after the old
+one has stopped, because two on one outbox could send the instance in flight twice.
+
 SIGTERM drains: stop accepting, let open associations finish (up to ``drain_s``), let workers
 finish the instance in hand and forwarders the send in flight; everything else is already on
 disk and is picked up at the next start. Exit status 0.
@@ -116,6 +122,9 @@ class Gateway:
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
         self._reload_lock = threading.Lock()
+        # destinations whose old forwarder is stopping on a background thread (see _retire)
+        self._retiring: dict[str, threading.Thread] = {}
+        self._retire_failed: list[str] = []
         self._observer: Any = None
         self._config_digest = _file_digest(config.path)
         self._last_change = 0.0
@@ -184,7 +193,9 @@ class Gateway:
     # -- health ------------------------------------------------------------------------------
 
     def _threads_alive(self) -> bool:
-        fw_ok = all(f.alive() for f in self.forwarders.values())
+        # a snapshot: a retirement thread may add or remove a forwarder meanwhile
+        fw_ok = all(f.alive() for f in list(self.forwarders.values()))
+        fw_ok = fw_ok and not self._retire_failed
         sc_ok = self.screening is not None and all(t.is_alive() for t in self.screening._threads)
         return fw_ok and sc_ok
 
@@ -209,7 +220,7 @@ class Gateway:
             self.metrics.associations.set(self.receiver.active_associations())
 
     def _status_line(self) -> str:
-        q = sum(f.depth() for f in self.forwarders.values())
+        q = sum(f.depth() for f in list(self.forwarders.values()))
         bundle = self.screening.bundle_id if self.screening else ""
         host, port = self.address or ("?", 0)
         return (f"listening {self._config.listener.ae_title}@{host}:{port}, bundle {bundle}, "
@@ -276,13 +287,13 @@ class Gateway:
         self._config = new
         for name in [n for n in self.forwarders if n not in new.destinations]:
             LOG.warning("destination %s removed; its outbox stays on disk", name)
-            self.forwarders.pop(name).stop()
+            self._retire(name)
         for name, dest in new.destinations.items():
             fw = self.forwarders.get(name)
             if fw is not None and fw.dest != dest:
-                self.forwarders.pop(name).stop()
-                fw = None
-            if fw is None:
+                self._retire(name)  # its replacement starts once it has stopped
+                continue
+            if fw is None and name not in self._retiring:
                 self._start_forwarder(name, dest)
         bundle_id = self.screening.bundle_id if self.screening else ""
         with contextlib.suppress(Exception):
@@ -290,6 +301,33 @@ class Gateway:
                               status="reload")
         LOG.info("configuration reloaded from %s", path)
         return True
+
+    def _retire(self, name: str) -> None:
+        """Stop destination ``name``'s forwarder on a background thread, then start one for the
+        destination as the config then stands, if it still has it (caller holds the reload
+        lock). Never blocks the run loop: see the module docstring."""
+        old = self.forwarders.pop(name)
+
+        def retire() -> None:
+            try:
+                old.stop()
+            except Exception:
+                LOG.exception("stopping the old forwarder of %s failed", name)
+            with self._reload_lock:
+                self._retiring.pop(name, None)
+                dest = self._config.destinations.get(name)
+                if dest is None or self._stop.is_set() or name in self.forwarders:
+                    return
+                try:
+                    self._start_forwarder(name, dest)
+                    LOG.info("destination %s: forwarder restarted with the new settings", name)
+                except Exception:  # unhealthy from now on: the watchdog lets systemd restart us
+                    LOG.exception("destination %s: the new forwarder did not start", name)
+                    self._retire_failed.append(name)
+
+        thread = threading.Thread(target=retire, name=f"retire-{name}", daemon=True)
+        self._retiring[name] = thread
+        thread.start()
 
     def _watch_config_file(self) -> None:
         """Reload when the config file changes (editors replace it: watch its directory)."""
@@ -440,6 +478,8 @@ class Gateway:
                         assoc.abort()
         if self.screening is not None:
             self.screening.stop(self.drain_s)
+        for thread in list(self._retiring.values()):  # old forwarders finishing a send
+            thread.join(65.0)  # Forwarder.stop(): 30 s for its senders, 30 s for its completer
         for fw in list(self.forwarders.values()):
             fw.stop(self.drain_s)
         if self._observer is not None:
