@@ -20,7 +20,7 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
                    [detector.thresholds] per modality
     [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
     [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae,
-                         associations)
+                         associations; tls: cert/key/ca/verify_hostname)
                          or "directory" (path)
     [[rules]]      name, action, destinations, threshold, shadow, allow_unscreened_pixels,
                    [rules.match]
@@ -71,6 +71,10 @@ class TLSConfig:
     # Listener only: the client certificate's subject CN or a SAN DNS name must equal the
     # calling AE title, so a certificate vouches for one AE title, not for any on the list.
     require_cert_matches_ae: bool = False
+    # Destination only: check that the PACS's certificate names ``host`` (hostname or IP in its
+    # SAN), as HTTPS does. Off only by ``verify_hostname = false``: the CA alone would accept
+    # any certificate it ever signed (a modality's, another server's) as the PACS.
+    verify_hostname: bool = True
 
 
 @dataclass(frozen=True)
@@ -368,7 +372,8 @@ def _parse_tls(r: _Reader, base: Path, inbound: bool) -> TLSConfig | None:
         return None
     t = r.sub("tls")
     listener_only = ("require_cert_matches_ae",) if inbound else ()
-    t.check_known(("cert", "key", "ca", "require_client_cert", *listener_only))
+    destination_only = () if inbound else ("verify_hostname",)
+    t.check_known(("cert", "key", "ca", "require_client_cert", *listener_only, *destination_only))
     cert = t.path_("cert", base) if "cert" in t.table else None
     key = t.path_("key", base) if "key" in t.table else None
     ca = t.path_("ca", base) if "ca" in t.table else None
@@ -389,8 +394,10 @@ def _parse_tls(r: _Reader, base: Path, inbound: bool) -> TLSConfig | None:
         raise t.fail("require_cert_matches_ae", "there is no client certificate to compare "
                      "with the calling AE title", "set require_client_cert = true (and ca), "
                      "or require_cert_matches_ae = false")
+    # Destination only: the PACS's certificate must name the host we dial (SAN DNS or IP).
+    verify_hostname = inbound or t.bool_("verify_hostname", True)
     return TLSConfig(cert=cert, key=key, ca=ca, require_client_cert=require,
-                     require_cert_matches_ae=matches_ae)
+                     require_cert_matches_ae=matches_ae, verify_hostname=verify_hostname)
 
 
 def _parse_limits(mr: _Reader) -> LimitsConfig:

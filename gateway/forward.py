@@ -101,15 +101,21 @@ class Entry:
 
 
 def client_ssl_context(dest: DestinationConfig) -> ssl.SSLContext | None:
+    """TLS for a DICOM destination: the peer's chain must lead to ``ca`` and, unless the
+    destination says ``verify_hostname = false``, its certificate must name ``host``.
+
+    Why the name too: a hospital CA signs certificates for modalities, workstations and other
+    servers; with the chain alone, any of them (or whoever holds one's key) on the PACS's
+    address or DNS name would receive the forwarded studies."""
     tls = dest.tls
     if tls is None:
         return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED on
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(str(tls.ca))
     if tls.cert is not None:
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    ctx.check_hostname = False  # DICOM peers are named by AE title; the CA pins identity
+    ctx.check_hostname = tls.verify_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -149,7 +155,8 @@ class DicomSender:
             self.dest.host,
             self.dest.port,
             ae_title=self.dest.ae_title,
-            tls_args=(ssl_ctx, None) if ssl_ctx is not None else None,  # type: ignore[arg-type]
+            # server_hostname: the name the certificate must carry (SNI and check_hostname)
+            tls_args=(ssl_ctx, self.dest.host) if ssl_ctx is not None else None,
             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler)],
         )
         if not assoc.is_established:
