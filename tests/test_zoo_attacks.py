@@ -233,3 +233,26 @@ def test_cli_native_method_names_match_the_attacks() -> None:
 
     assert tuple(m.replace("-", "_") for m in cmd_attack.NATIVE) == attacks.NATIVE_ATTACKS
     assert cmd_attack.RESIZES == zoo.RESIZE_METHODS
+
+
+def test_a_saved_zoo_member_loads_as_a_site_victim(tmp_path) -> None:
+    """A model whose first layer is a zoo pipeline, saved with model.save(), is a --victim in a
+    fresh process (it failed with "Could not locate class 'PipelineResize'" before the layer
+    was registered on load)."""
+    import subprocess
+    import sys
+
+    model = tiny_victim()
+    model.save(tmp_path / "member.keras")
+    x = images(1, 64, 64, 255)
+    np.save(tmp_path / "x.npy", x)
+    want = zoo.predict_logits(model, zoo.resize_tf(
+        tf.constant(x[..., None]), zoo.Pipeline(32, "area")).numpy()[..., 0])
+    code = ("import sys, numpy as np; from train import dicom_attack, zoo; "
+            "v = dicom_attack.load_site_victim(sys.argv[1], zoo.Pipeline(32, 'area')); "
+            "x = np.load(sys.argv[2]); print(float(np.asarray(v(x[..., None])).reshape(-1)[0]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "member.keras"),
+                        str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert abs(float(r.stdout.strip().splitlines()[-1]) - float(want[0])) < 1e-4

@@ -341,6 +341,9 @@ def load_site_victim(path: Path, pipeline: Any, *, output: str = "auto",
     """
     import keras
 
+    from train import zoo
+
+    zoo.ensure_registered()  # a zoo member saved with model.save() loads as a site model too
     path = Path(path)
     if output not in OUTPUT_KINDS:
         raise ValueError(f"--victim-output {output!r}: use one of {OUTPUT_KINDS}")

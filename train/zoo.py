@@ -149,11 +149,17 @@ def _register_layer() -> type:
 _LAYER: type | None = None
 
 
-def pipeline_layer(pipeline: Pipeline) -> Any:
+def ensure_registered() -> type:
+    """Register the pipeline layer with Keras (once), so a saved zoo member loads as a model."""
     global _LAYER
     if _LAYER is None:
         _LAYER = _register_layer()
-    return _LAYER(pipeline.size, pipeline.method, pipeline.antialias, name="pipeline")
+    return _LAYER
+
+
+def pipeline_layer(pipeline: Pipeline) -> Any:
+    return ensure_registered()(pipeline.size, pipeline.method, pipeline.antialias,
+                               name="pipeline")
 
 
 # ----------------------------------------------------------------------------- families
