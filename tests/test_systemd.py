@@ -50,6 +50,22 @@ def test_unit_has_the_required_settings() -> None:
     assert re.search(r"^u xray-sentinel ", sysusers, re.M)
 
 
+def test_unit_lets_the_scorers_nice_and_read_cpuinfo() -> None:
+    """Where real systemd cannot run (test_systemd_real.py skips), the two collisions between
+    the hardening and the daemon, checked on the text: a deny of @resources must be followed by
+    an allow of setpriority (the scoring processes' `nice`; without it they died with EPERM and
+    the unit did not start), and ProcSubset=pid hides /proc/cpuinfo (LiteRT then runs without
+    XNNPACK, 3x slower)."""
+    lines = UNIT.read_text().splitlines()
+    filters = [ln.split("=", 1)[1] for ln in lines if ln.startswith("SystemCallFilter=")]
+    deny = max((i for i, f in enumerate(filters) if f.startswith("~") and "@resources" in f),
+               default=-1)
+    if deny >= 0:
+        assert any("setpriority" in f.split() for f in filters[deny + 1:]
+                   if not f.startswith("~")), filters
+    assert "ProcSubset=pid" not in lines
+
+
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     tool = analyze()
     r = subprocess.run([tool, "verify", str(unit_for_verify(tmp_path))], capture_output=True,

@@ -190,6 +190,18 @@ def sent_by_dcmtk(path: Path) -> bytes:
     return data
 
 
+def children_nice(ns: SystemdNamespace, pid: int) -> dict[str, int]:
+    """Nice value of each child of ``pid`` (a PID inside the namespace), by command line, read
+    from the namespace's /proc (field 19 of stat)."""
+    proc = ns.path("/proc")
+    found = {}
+    for child in (proc / str(pid) / "task" / str(pid) / "children").read_text().split():
+        cmd = (proc / child / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        stat = (proc / child / "stat").read_text()
+        found[f"{child}: {cmd}"] = int(stat.rsplit(")", 1)[1].split()[16])
+    return found
+
+
 def audit_events(ns: SystemdNamespace) -> list[dict]:  # type: ignore[type-arg]
     path = ns.path(STATE) / "audit" / "audit.jsonl"
     if not path.is_file():
@@ -267,10 +279,10 @@ def test_shipped_unit_runs_under_real_systemd(tmp_path: Path, nema_dir: Path) ->
         assert "active (running)" in status, status
 
         # the scoring processes lowered their own priority under the unit's syscall filter
-        ps = ns.run(["ps", "-o", "ni=,args=", "--ppid", main_pid]).stdout
-        scorers = [line.split(None, 1) for line in ps.splitlines() if "detector_process" in line]
-        assert scorers, f"no scoring process under the daemon:\n{ps}"
-        assert all(int(ni) == config_nice for ni, _ in scorers), ps
+        scorers = {cmd: nice for cmd, nice in children_nice(ns, int(main_pid)).items()
+                   if "detector_process" in cmd}
+        assert scorers, "no scoring process under the daemon"
+        assert all(nice == config_nice for nice in scorers.values()), scorers
 
         # DCMTK on the host: echo, then a clean CR and its attacked copy
         r = echoscu(port, calling="ECHOSCU")
