@@ -4,17 +4,18 @@ Why: the shipped bundle's threshold was calibrated for a 1% false-positive rate 
 validation images. Another site's clean images can score higher: on the NIH set, never used in
 training, 4.7% of clean images are flagged at it. This command scores a folder of images you
 know to be clean (untouched radiographs from your modalities), and prints the threshold that
-flags at most ``--fpr`` of them, overall and per DICOM Modality, as config lines for
-``[detector.thresholds]``. The proposal is never below the bundle's own threshold unless
-``--allow-lower`` is given and there are enough images (at least 3 / fpr). Raising the
-threshold costs sensitivity. Lowering it to your own images' 1% point keeps 1% of them
-flagged and makes an attacker who knows the detector work much harder: the bundle's threshold
-is also calibrated on resampled copies that stand in for noisier sources it never saw, and an
-adaptive attacker uses that margin (README, "Adaptive attacks": on Kermany, the strongest
-adaptive attack at eps 0.006 goes from about 1% detected at the bundle's threshold to about
-two thirds at Kermany's own 1% point). Measure detection at the new threshold with attacked
-copies before relying on it (``sentinel attack`` then ``sentinel score --threshold T``).
-Calibrate on one set of images and check the false-positive rate on another.
+flags at most ``--fpr`` of them, overall and per DICOM Modality, as config lines: the overall
+point as ``[default] threshold`` (Modality is sender-written, so per-Modality thresholds in
+``[detector.thresholds]`` only ever tighten it and are printed only where they do). The proposal
+is never below the bundle's own threshold unless ``--allow-lower`` is given and there are enough
+images (at least 3 / fpr). Raising the threshold costs sensitivity. Lowering it to your own
+images' 1% point keeps 1% of them flagged and makes an attacker who knows the detector work much
+harder: the bundle's threshold is also calibrated on resampled copies that stand in for noisier
+sources it never saw, and an adaptive attacker uses that margin (README, "Adaptive attacks": on
+Kermany, the strongest adaptive attack at eps 0.006 goes from about 1% detected at the bundle's
+threshold to about two thirds at Kermany's own 1% point). Measure detection at the new threshold
+with attacked copies before relying on it (``sentinel attack`` then ``sentinel score --threshold
+T``). Calibrate on one set of images and check the false-positive rate on another.
 
 Exit status: 0 when a threshold was found; 2 when no image could be scored or the bundle is
 unusable.
@@ -92,12 +93,21 @@ def calibrate(scores: dict[str, list[float]], fpr: float, bundle_threshold: floa
 
 
 def config_lines(result: dict[str, Any]) -> str:
-    """The TOML that applies the calibrated thresholds (rule thresholds still win)."""
-    lines = ["[detector.thresholds]"]
-    for m, r in result["by_modality"].items():
-        lines.append(f"{m} = {r['threshold']:.6f}")
-    if len(lines) == 1:  # no DICOM Modality known (PNG/JPEG): a rule or the default
-        return f"[default]\nthreshold = {result['overall']['threshold']:.6f}"
+    """The TOML that applies the calibrated thresholds in the gateway.
+
+    Why the overall threshold goes on ``[default]`` and not per Modality: Modality is written by
+    the sender, so a per-Modality threshold only ever tightens the sender's baseline (a
+    relabelled image must never pick a more lenient one; gateway.rules). The overall point is
+    the site's baseline; a Modality whose own point lies below it (a quieter modality) may keep
+    it in ``[detector.thresholds]``, where it can only make screening stricter.
+    """
+    overall = result["overall"]["threshold"]
+    lines = ["[default]", f"threshold = {overall:.6f}"]
+    tighter = {m: r["threshold"] for m, r in result["by_modality"].items()
+               if r["threshold"] < overall}
+    if tighter:
+        lines += ["", "[detector.thresholds]  # only ever tightens [default]'s threshold"]
+        lines += [f"{m} = {t:.6f}" for m, t in tighter.items()]
     return "\n".join(lines)
 
 
@@ -164,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"not lowered ({', '.join(refused)}): --allow-lower needs at least "
               f"{min_images_to_lower(args.fpr)} clean images per group at --fpr {args.fpr:g}",
               file=sys.stderr)
-    print("\nto use it, add to the gateway config (then `sentinel check`, and SIGHUP):\n")
+    print("\nto use it, put these keys in the gateway config's tables of the same name (the "
+          "[default] table exists already; a [[rules]] entry keyed on calling_ae may carry the "
+          "threshold for one sender instead), then `sentinel check`, and SIGHUP:\n")
     print(result["config"])
     print("\nmeasure detection at the new threshold before relying on it: `sentinel attack` "
           "copies, then `sentinel score --threshold T`")

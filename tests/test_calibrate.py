@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,14 @@ def test_site_thresholds_per_modality_and_never_below_the_bundle() -> None:
     assert cr["fpr_at_bundle_threshold"] > 0.5
     assert dx["threshold"] == 0.85  # quiet images never lower it
     assert r["overall"]["images"] == 700 and r["overall"]["enough_images"]
-    lines = config_lines(r)
-    assert lines.splitlines()[0] == "[detector.thresholds]"
-    assert f"CR = {cr['threshold']:.6f}" in lines and "DX = 0.850000" in lines
-    assert config_lines(calibrate({"": quiet}, 0.01, 0.85)).startswith("[default]\nthreshold")
+    # the overall point is the site's baseline on [default]; per Modality only what tightens it
+    # (Modality is sender-written: a relabelled image must not pick a more lenient threshold)
+    snippet = tomllib.loads(config_lines(r))
+    assert snippet["default"]["threshold"] == pytest.approx(r["overall"]["threshold"], abs=1e-6)
+    assert r["overall"]["threshold"] > 0.85
+    assert snippet["detector"]["thresholds"] == {"DX": 0.85}  # CR's point is above: left out
+    only = tomllib.loads(config_lines(calibrate({"": quiet}, 0.01, 0.85)))
+    assert only == {"default": {"threshold": 0.85}}
     assert not dx["below_bundle"] and not dx["lower_refused"]  # not asked to lower
 
 
@@ -68,17 +73,19 @@ def test_cli_on_clean_dicoms_prints_config_the_gateway_loads(tmp_path: Path,
                         "--bundle", str(fixture_bundle)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "6 clean image(s) scored" in r.stdout and "[detector.thresholds]" in r.stdout
+    assert "6 clean image(s) scored" in r.stdout and "[default]" in r.stdout
     assert "use at least 100" in r.stderr  # 6 images cannot show a 1% rate
-    snippet = r.stdout.split("add to the gateway config")[1].split("\n\n")[1]
+    snippet = r.stdout.split("and SIGHUP:")[1].split("\n\nmeasure")[0]
     from gateway.config import load_config
     from tests.gateway_harness import write_config
+    threshold = tomllib.loads(snippet)["default"]["threshold"]
     cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=11112,
                             destinations=f'[destinations.o]\nkind = "directory"\n'
                                          f'path = "{tmp_path}/out"\n',
-                            bundle=fixture_bundle)
-    cfg_path.write_text(cfg_path.read_text() + "\n" + snippet + "\n")
-    assert "CR" in load_config(cfg_path).detector.thresholds
+                            bundle=fixture_bundle,
+                            default=f'action = "screen"\nthreshold = {threshold}',
+                            relay_unscreened=False)
+    assert load_config(cfg_path).default.threshold == pytest.approx(threshold)
     # --allow-lower is wired through, and 6 images are too few to go below the bundle's
     r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate", str(tmp_path / "clean"),
                         "--bundle", str(fixture_bundle), "--allow-lower", "--json"],
