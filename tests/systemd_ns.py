@@ -35,6 +35,8 @@ then checks that none is left.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import os
 import shlex
 import shutil
@@ -43,6 +45,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -108,6 +111,9 @@ def skip_unless_possible() -> None:
             pytest.skip(f"real-systemd test: {tool} not found (Debian package util-linux)")
     if not os.access(SYSTEMD, os.X_OK):
         pytest.skip(f"real-systemd test: {SYSTEMD} not found (Debian package systemd)")
+    if _comm(1) == "systemd":
+        pytest.skip("real-systemd test: PID 1 here is systemd already; a second one in a "
+                    "namespace would manage the same cgroup tree (test the unit with the host's)")
     filesystems = Path("/proc/filesystems").read_text()
     if "\toverlay\n" not in filesystems:
         pytest.skip("real-systemd test: no overlayfs in this kernel (the namespace writes /etc "
@@ -117,6 +123,14 @@ def skip_unless_possible() -> None:
     if probe.returncode != 0:
         pytest.skip(f"real-systemd test: cannot create PID+mount namespaces here "
                     f"({probe.stderr.strip()})")
+
+
+def _die_with_parent() -> None:
+    """In the forked child before exec: SIGKILL it when the thread that started it exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _children(pid: int) -> list[int]:
@@ -199,6 +213,7 @@ class SystemdNamespace:
         self.pid = 0
         self.ns = ""
         self._cgroups_before: set[Path] = set()
+        self._lock: BinaryIO | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> SystemdNamespace:
@@ -214,14 +229,26 @@ class SystemdNamespace:
 
     def start(self) -> None:
         """Boot systemd and wait until ``systemctl is-system-running`` says it is up."""
+        # One namespace at a time on a host: two systemds would manage the same cgroup paths
+        # (system.slice/...) in the shared hierarchies. The lock is flock on systemd's binary,
+        # so no lock file is left behind; the kernel drops it if this process dies.
+        self._lock = SYSTEMD.open("rb")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         devs = [str(os.stat(p).st_dev) for p in PRIVATE_TMPFS]
+        # a namespace that died without close() (its owner SIGKILLed) left its cgroups: PID 1
+        # here is not systemd (skip_unless_possible), so unit-named ones are such leftovers
+        _remove_new_cgroups(set(), timeout=0)
         self._cgroups_before = _cgroup_dirs()
         self._log = self.log_path.open("wb")
-        cmd = ["unshare", "--pid", "--fork", "--mount", "--mount-proc",
+        # --kill-child and _die_with_parent: should this process die without close() (SIGKILL,
+        # a CI timeout), unshare dies with it and takes the namespace's PID 1, and so the
+        # whole namespace, along
+        cmd = ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--mount-proc",
                "sh", "-c", BOOT_SCRIPT, "boot", *devs,
                *(f"{t}={s}" for t, s in self.binds.items())]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.boot_timeout
         while not self.pid:  # unshare's child: sh, then (after exec) systemd
             if self._proc.poll() is not None:
@@ -256,29 +283,34 @@ class SystemdNamespace:
     def close(self) -> None:
         """Kill the namespace (SIGKILL to its PID 1 kills everything in it), reap unshare,
         check that no process of it is left, and remove the cgroups it made."""
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self.ns:
-            deadline = time.monotonic() + 10
-            while (left := processes_in_ns(self.ns)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert not left, f"processes of the namespace survived its PID 1: {left}"
-            self.ns = ""
-        if self._cgroups_before:
-            stuck = _remove_new_cgroups(self._cgroups_before)
-            self._cgroups_before = set()
-            assert not stuck, f"cgroups of the namespace could not be removed: {stuck}"
-        self.pid = 0
+        try:
+            if self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # --kill-child takes its child along
+                    self._proc.kill()
+                    self._proc.wait(timeout=10)
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            if self.ns:
+                deadline = time.monotonic() + 10
+                while (left := processes_in_ns(self.ns)) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert not left, f"processes of the namespace survived its PID 1: {left}"
+                self.ns = ""
+            if self._cgroups_before:
+                stuck = _remove_new_cgroups(self._cgroups_before)
+                self._cgroups_before = set()
+                assert not stuck, f"cgroups of the namespace could not be removed: {stuck}"
+        finally:
+            self.pid = 0
+            if self._lock is not None:
+                self._lock.close()  # releases the flock
+                self._lock = None
 
     # -- use -------------------------------------------------------------------------------
     @property
