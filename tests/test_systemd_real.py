@@ -264,7 +264,11 @@ def test_shipped_unit_runs_under_real_systemd(tmp_path: Path, nema_dir: Path) ->
         timings["systemd booted"] = time.monotonic() - t_begin
         stage_sources(ns, port, metrics_port)
         for cmd in install_cmds:  # the README's install block, verbatim, in order
-            ns.run(cmd, cwd=STAGE, timeout=180)
+            r = ns.run(cmd, cwd=STAGE, timeout=180, check=False)
+            assert r.returncode == 0, (f"README step `{cmd}` exited {r.returncode}:\n"
+                                       f"{r.stdout[-2000:]}{r.stderr[-2000:]}\n"
+                                       f"the service's journal:\n"
+                                       f"{ns.journal(SERVICE, since)[-6000:]}")
         timings["README install block done (READY)"] = time.monotonic() - t_begin
         t_ready = time.monotonic()
         assert ns.path("/etc/systemd/system/xray-sentinel.service").read_bytes() == \
