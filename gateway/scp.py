@@ -212,7 +212,12 @@ class _PduReader:
         if nr_bytes != expected:  # not pynetdicom's read pattern: never read past a limit
             self._refuse("pdu-too-large", f"read of {nr_bytes} bytes after a header of "
                          f"{expected}")
-        return self._read(nr_bytes)
+        data = self._read(nr_bytes)
+        if not self._established:
+            # the request is in: the answer (A-ASSOCIATE-AC/RJ) is sent under the network
+            # timeout, not under what is left of the request's deadline
+            self._sock.settimeout(self._network_s)
+        return data
 
     def _read(self, n: int) -> bytearray:
         buf = bytearray(n)

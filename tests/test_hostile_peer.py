@@ -457,3 +457,44 @@ def test_command_fragments_never_ending_are_cut_off(gateway_factory) -> None:  #
     assert len(held) == 1 and held[0]["calling_ae"] == "MODALITY"
     assert int(held[0]["detail"].split()[0]) <= IN_MEMORY_MESSAGE_LIMIT + advertised
     assert echo_ok(port)
+
+
+def test_silent_peer_on_a_tls_port_does_not_stall_the_listener(tmp_path: Path) -> None:
+    """pynetdicom runs the TLS handshake in its accept loop with no timeout: one peer that
+    connects and says nothing stalled every later connection. The handshake now runs in the
+    connection's own thread, under the acse_s deadline, and a failed one is audited."""
+    import ssl
+
+    from tests.gateway_harness import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                            destinations=DEST.format(out=tmp_path / "out"))
+    cfg_path.write_text(cfg_path.read_text().replace("acse_s = 10", "acse_s = 2").replace(
+        f"port = {port}\n",
+        f'port = {port}\n[listener.tls]\ncert = "{pki["server_cert"]}"\n'
+        f'key = "{pki["server_key"]}"\nca = "{pki["ca"]}"\nrequire_client_cert = true\n', 1))
+    gw = Gateway(load_config(cfg_path), detector_factory=lambda cfg: [], drain_s=5)
+    gw.start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        time.sleep(0.2)  # the listener has accepted it
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+        ctx.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+        ctx.check_hostname = False
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 10
+        t0 = time.monotonic()
+        assoc = ae.associate("127.0.0.1", port, ae_title="SENTINEL", tls_args=(ctx, None))
+        spent = time.monotonic() - t0
+        assert assoc.is_established, "a TLS caller was not served while another peer was silent"
+        assoc.release()
+        assert spent < 1.5, f"the TLS association waited {spent:.1f} s behind a silent peer"
+        assert server_closes(silent, 5)  # at acse_s
+        silent.close()
+        assert wait_until(lambda: "tls-handshake-failed" in reasons(gw), 5), reasons(gw)
+        assert wait_until(lambda: gw.receiver.open_connections() == 0, 5)
+    finally:
+        gw.stop()
