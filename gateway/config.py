@@ -127,7 +127,7 @@ class LimitsConfig:
     max_pdu_bytes: int = DEFAULT_MAX_PDU_KB * 1024
     # open TCP connections, counted at accept (before any read or TLS handshake)
     max_connections: int = 32
-    max_connections_per_address: int = 16
+    max_connections_per_address: int = 24
 
 
 @dataclass(frozen=True)
@@ -422,7 +422,10 @@ def _parse_limits(mr: _Reader) -> LimitsConfig:
         raise mr.fail("max_connections", f"{connections} is below max_associations "
                       f"({max_associations}), which could then never be reached",
                       f"use at least {max_associations} (default: twice max_associations)")
-    per_address = mr.int_("max_connections_per_address", min(max_associations, connections),
+    # One host may not take every slot, yet one that fills the association limit (a router,
+    # a PACS) must still get an A-ASSOCIATE-RJ with its reason rather than a closed socket.
+    per_address = mr.int_("max_connections_per_address",
+                          max(connections * 3 // 4, min(connections, max_associations + 1)),
                           1, 100_000)
     return LimitsConfig(
         max_associations=max_associations,

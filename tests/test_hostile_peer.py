@@ -363,7 +363,7 @@ def test_unlimited_max_pdu_means_the_bounded_default(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"limits\.max_connections.*below max_associations"):
         limits("max_associations = 8\nmax_connections = 4")
     got = limits("max_associations = 8")
-    assert (got.max_connections, got.max_connections_per_address) == (16, 8)  # type: ignore[attr-defined]
+    assert (got.max_connections, got.max_connections_per_address) == (16, 12)  # type: ignore[attr-defined]
 
 
 def test_connections_over_the_limit_closed_unread_and_audited(gateway_factory) -> None:  # type: ignore[no-untyped-def]
