@@ -218,10 +218,12 @@ class DicomSender:
                 f"{self.dest.name} answered C-STORE status 0x{int(code):04X}", connection=False
             )
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Release the association, or abort it (``abort``: a send is still in flight past the
+        drain's deadline, and a release would wait for the PACS's answer to it)."""
         if self._assoc is not None:
             with contextlib.suppress(Exception):
-                if self._assoc.is_established:
+                if self._assoc.is_established and not abort:
                     self._assoc.release()
                 else:
                     self._assoc.abort()
@@ -263,7 +265,7 @@ class DirectorySender:
         except OSError as exc:
             raise SendError(f"cannot write to {self.root}: {exc}", connection=True) from exc
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         """Nothing to release."""
 
     @property
@@ -358,7 +360,8 @@ class Forwarder:
             self._cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the send in progress, release the association; the queue stays on disk."""
+        """Finish the send in progress, release the association; the queue stays on disk.
+        Returns within ``timeout`` (one deadline for senders and completer alike)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -367,8 +370,12 @@ class Forwarder:
             thread.join(max(0.0, deadline - time.monotonic()))
         if self._completer is not None:
             self._done.put(None)
-            self._completer.join(timeout)
-        for sender in self.senders:
+            self._completer.join(max(0.0, deadline - time.monotonic()))
+        for sender, thread in zip(self.senders, self._threads, strict=False):
+            # a send still in flight is not acknowledged: its instance stays in the outbox and
+            # is sent again at the next start (idempotent per SOP Instance UID)
+            sender.close(abort=thread.is_alive())
+        for sender in self.senders[len(self._threads):]:
             sender.close()
         self.ledger.close()
 

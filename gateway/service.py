@@ -18,7 +18,9 @@ one has stopped, because two on one outbox could send the instance in flight twi
 
 SIGTERM drains: stop accepting, let open associations finish (up to ``drain_s``), let workers
 finish the instance in hand and forwarders the send in flight; everything else is already on
-disk and is picked up at the next start. Exit status 0.
+disk and is picked up at the next start. The whole drain keeps within ``STOP_BUDGET_S``, under
+the unit's ``TimeoutStopSec=60``, so systemd never has to SIGKILL a draining gateway. Exit
+status 0.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ from gateway.spool import SpoolLayout, free_bytes
 LOG = logging.getLogger("sentinel.service")
 
 RETENTION_EVERY_S = 3600.0
-LEFTOVER_AGE_S = 60.0  # a spool temp file untouched this long belongs to no live writer
+LEFTOVER_AGE_S = 60.0
+# The whole drain on SIGTERM, below the unit's TimeoutStopSec=60 with room for the interpreter's
+# exit: past it systemd would SIGKILL (nothing acknowledged is lost then, but the drain is cut).
+STOP_BUDGET_S = 45.0  # a spool temp file untouched this long belongs to no live writer
 DetectorFactory = Callable[[Config], list[Any]]
 
 
@@ -122,6 +127,7 @@ class Gateway:
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
         self._reload_lock = threading.Lock()
+        self._reloader: threading.Thread | None = None  # a reload the run loop started
         # destinations whose old forwarder is stopping on a background thread (see _retire)
         self._retiring: dict[str, threading.Thread] = {}
         self._retire_failed: list[str] = []
@@ -240,6 +246,23 @@ class Gateway:
             finally:
                 self.notifier.ready(self._status_line())
 
+    def _reloading(self) -> bool:
+        return self._reloader is not None and self._reloader.is_alive()
+
+    def _reload_in_background(self) -> None:
+        """Apply a reload on its own thread, so the run loop keeps feeding the watchdog while
+        new scoring processes start (see the module docstring). One at a time: a request that
+        comes meanwhile is applied when this one is done."""
+
+        def apply() -> None:
+            try:
+                self.reload()
+            except Exception:  # a reload must never take the daemon down; the old config runs
+                LOG.exception("reload failed; the running configuration is kept")
+
+        self._reloader = threading.Thread(target=apply, name="reload", daemon=True)
+        self._reloader.start()
+
     def _reject(self, path: Path, reason: str) -> bool:
         LOG.error("config reload refused, keeping the running configuration: %s", reason)
         with contextlib.suppress(Exception):
@@ -357,7 +380,7 @@ class Gateway:
             self._last_change = 0.0
             if _file_digest(self._config.path) != self._config_digest:
                 LOG.info("config file changed; reloading")
-                self.reload()
+                self._reload_requested.set()  # applied by the run loop, off its own thread
 
     # -- run and stop ------------------------------------------------------------------------
 
@@ -380,9 +403,9 @@ class Gateway:
         last_tmp_sweep = time.monotonic()
         while not self._stop.is_set():
             self._stop.wait(tick)
-            if self._reload_requested.is_set():
+            if self._reload_requested.is_set() and not self._reloading():
                 self._reload_requested.clear()
-                self.reload()
+                self._reload_in_background()
             self._check_file_change()
             now = time.monotonic()
             if wd and now - last_wd >= wd and self._threads_alive():
@@ -462,7 +485,12 @@ class Gateway:
         return self._stop
 
     def stop(self) -> None:
-        """Drain: stop accepting, finish in-flight work, release everything."""
+        """Drain: stop accepting, finish in-flight work, release everything, in STOP_BUDGET_S."""
+        deadline = time.monotonic() + STOP_BUDGET_S
+
+        def left(cap: float) -> float:
+            return max(0.0, min(cap, deadline - time.monotonic()))
+
         self._stop.set()
         self._ready = False
         self.notifier.stopping()
@@ -470,18 +498,20 @@ class Gateway:
         if self.receiver is not None:
             self.receiver.stop_accepting()
             self.receiver.shutdown()
-            if not self.receiver.wait_idle(self.drain_s):
+            if not self.receiver.wait_idle(left(self.drain_s)):
                 LOG.warning("associations still open after %.0fs; aborting them", self.drain_s)
                 ae = self.receiver._ae
                 for assoc in list(ae.active_associations) if ae is not None else []:
                     with contextlib.suppress(Exception):
                         assoc.abort()
+        if self._reloader is not None:  # a reload starting scoring processes: let it finish,
+            self._reloader.join(left(self.drain_s))  # so screening.stop closes what it swapped in
         if self.screening is not None:
-            self.screening.stop(self.drain_s)
+            self.screening.stop(left(self.drain_s))
         for thread in list(self._retiring.values()):  # old forwarders finishing a send
-            thread.join(65.0)  # Forwarder.stop(): 30 s for its senders, 30 s for its completer
+            thread.join(left(65.0))  # Forwarder.stop(): up to 30 s for its send in flight
         for fw in list(self.forwarders.values()):
-            fw.stop(self.drain_s)
+            fw.stop(left(self.drain_s))
         if self._observer is not None:
             with contextlib.suppress(Exception):
                 self._observer.stop()

@@ -157,3 +157,93 @@ def test_reloads_while_an_old_forwarder_drains_end_with_one_forwarder_of_the_las
     finally:
         gw.stop()
         scp.stop()
+
+
+def test_reload_that_starts_new_scorers_keeps_the_watchdog_fed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload that changes the detector settings starts new scoring processes (each loads
+    and verifies the bundle: seconds apiece on a loaded machine, up to START_TIMEOUT_S). Here
+    that takes 3 s against a 2 s watchdog; the pings must go on meanwhile, and the reload
+    still applies (the new detectors are swapped in, the config is the new one)."""
+    monkeypatch.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.1)
+    messages: list[tuple[float, str]] = []
+    listening = threading.Event()
+    listening.set()
+
+    def listen() -> None:
+        while listening.is_set():
+            try:
+                messages.append((time.monotonic(), sock.recv(4096).decode()))
+            except TimeoutError:
+                continue
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    loads: list[float] = []
+
+    def slow_scorers(cfg: Any) -> list[Any]:
+        if loads:  # the first load is at start; the reload's takes 3 s
+            time.sleep(3.0)
+        loads.append(cfg.detector.timeout_s)
+        return []
+
+    out = f'[destinations.out]\nkind = "directory"\npath = "{tmp_path / "out"}"\n'
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=free_port(),
+                            destinations=out, detector_extra="timeout_s = 30")
+    gw = Gateway(load_config(cfg_path), detector_factory=slow_scorers,
+                 notifier=Notifier(str(sock_path)), drain_s=5)
+    gw.start()
+    runner = threading.Thread(target=gw.run_forever, kwargs={"install_signals": False},
+                              daemon=True)
+    runner.start()
+    try:
+        time.sleep(1.5)
+        cfg_path.write_text(cfg_path.read_text().replace("timeout_s = 30", "timeout_s = 45"))
+        t_reload = time.monotonic()
+        gw.request_reload()
+        assert wait_until(lambda: gw.config.detector.timeout_s == 45, 20)
+        t_end = time.monotonic() + 1.5
+        time.sleep(1.5)
+    finally:
+        gw.stop_event().set()
+        runner.join(60)
+        listening.clear()
+        listener.join(5)
+        sock.close()
+    assert loads == [30, 45]
+    pings = [t for t, m in messages if "WATCHDOG=1" in m and t_reload <= t <= t_end]
+    gaps = [b - a for a, b in zip([t_reload, *pings], [*pings, t_end], strict=True)]
+    print(f"longest gap between WATCHDOG=1 pings across a 3 s scorer start: {max(gaps):.2f} s")
+    assert max(gaps) < WATCHDOG_USEC / 1e6, f"watchdog starved for {max(gaps):.2f} s"
+
+
+def test_stop_keeps_within_its_budget_against_a_stalled_pacs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM's drain ends within STOP_BUDGET_S however long the PACS sits on a C-STORE (the
+    unit's TimeoutStopSec would otherwise SIGKILL a draining gateway). The budget is cut to 3 s
+    here against a 30 s C-STORE and a 20 s drain_s; the instance stays queued on disk."""
+    import gateway.service as service
+
+    monkeypatch.setattr(service, "STOP_BUDGET_S", 3.0)
+    scp = CaptureSCP(store_delay_s=30.0)
+    state = tmp_path / "state"
+    cfg_path = write_config(tmp_path / "c.toml", state=state, port=free_port(),
+                            destinations=_dest(scp.port, False))
+    gw = Gateway(load_config(cfg_path), detector_factory=no_detectors, drain_s=20)
+    gw.start()
+    try:
+        uid = _queue(state, make_series(tmp_path / "in", 1, rows=32, cols=32)[0], tmp_path)
+        assert wait_until(lambda: scp._busy > 0, 20)
+        t0 = time.monotonic()
+        gw.stop()
+        took = time.monotonic() - t0
+    finally:
+        scp.stop()
+    print(f"stop took {took:.1f} s against a 3 s budget (drain_s 20, a 30 s C-STORE in flight)")
+    assert took < 6.0, f"stop took {took:.1f} s against a 3 s budget"
+    assert any(uid in p.name for p in (state / "spool" / "outbox" / "pacs").iterdir())
