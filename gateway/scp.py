@@ -163,9 +163,10 @@ class _PduReader:
     Replaces ``AssociationSocket.recv``: the DUL reads a PDU as ``recv(6)`` (type, reserved,
     length), then ``recv(length)``, and buffers the whole body. Here the header is checked
     before the body is read: a declared length above the limit for this PDU type and phase
-    refuses the connection (``pdu-too-large``), so at most the limit is ever buffered. The
-    body is read into one buffer of its declared size with ``recv_into`` (one copy fewer, and
-    fewer calls, than pynetdicom's 4 KiB loop).
+    refuses the connection (``pdu-too-large``), so at most the limit is ever buffered. Reads go
+    with ``recv_into`` into one buffer per connection, reused, and the DUL copies out of the
+    view returned (measured: as fast as pynetdicom's own 4 KiB loop; a fresh zeroed buffer per
+    256 KiB PDU received ~35% slower from a pynetdicom sender).
     """
 
     def __init__(self, receiver: StorageReceiver, assoc: Any, sock: socket.socket,
@@ -177,6 +178,7 @@ class _PduReader:
         self._network_s = network_s
         self._body: int | None = None  # length announced by the header just read
         self._established = False
+        self._buf = memoryview(bytearray(4096))  # grows to the longest PDU allowed, once
 
     def _data_phase(self) -> bool:
         """True once the association is established (sticky: release and abort follow)."""
@@ -195,7 +197,8 @@ class _PduReader:
             return int(self._assoc.acceptor.maximum_length or SMALL_PDU_LIMIT)
         return SMALL_PDU_LIMIT
 
-    def recv(self, nr_bytes: int) -> bytearray:
+    def recv(self, nr_bytes: int) -> memoryview:
+        """What pynetdicom's DUL asked for; valid until the next call (it copies at once)."""
         if self._body is None:  # a PDU header
             data = self._read(nr_bytes)
             if len(data) == 6 and data[0] in _PDU_TYPES:
@@ -219,24 +222,25 @@ class _PduReader:
             self._sock.settimeout(self._network_s)
         return data
 
-    def _read(self, n: int) -> bytearray:
-        buf = bytearray(n)
+    def _read(self, n: int) -> memoryview:
+        if n > len(self._buf):  # within the limit: the header was checked
+            self._buf = memoryview(bytearray(max(n, self.limit(0x04))))
+        view = self._buf
         got = 0
-        with memoryview(buf) as view:
-            while got < n:
-                if not self._data_phase():
-                    left = self._deadline - time.monotonic()
-                    if left <= 0:
-                        self._timed_out()
-                    self._sock.settimeout(left)
-                try:
-                    k = self._sock.recv_into(view[got:], min(n - got, _READ_CHUNK))
-                except TimeoutError:
+        while got < n:
+            if not self._data_phase():
+                left = self._deadline - time.monotonic()
+                if left <= 0:
                     self._timed_out()
-                if not k:
-                    break
-                got += k
-        return buf if got == n else buf[:got]
+                self._sock.settimeout(left)
+            try:
+                k = self._sock.recv_into(view[got:n], min(n - got, _READ_CHUNK))
+            except TimeoutError:
+                self._timed_out()
+            if not k:
+                break
+            got += k
+        return view[:got]
 
     def _timed_out(self) -> None:
         if self._established:
@@ -375,7 +379,9 @@ class StorageReceiver:
         _dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
             tempfile.NamedTemporaryFile, dir=str(self.layout.tmp), prefix="rx-"
         )
-        logging.getLogger("pynetdicom.dul").addFilter(_QuietRefusals())
+        dul_log = logging.getLogger("pynetdicom.dul")
+        if not any(isinstance(f, _QuietRefusals) for f in dul_log.filters):
+            dul_log.addFilter(_QuietRefusals())
         ae = AE(ae_title=cfg.listener.ae_title)
         ae.maximum_pdu_size = cfg.limits.max_pdu_bytes  # bounded: see _PduReader
         ae.acse_timeout = cfg.timeouts.acse_s
