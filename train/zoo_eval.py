@@ -43,6 +43,12 @@ class Source:
     name: str
     x: np.ndarray
     ids: tuple[str, ...]
+    seed: int = 0
+
+    @property
+    def tag(self) -> str:
+        """Which sample: cached cells of another size or seed are other cells."""
+        return f"n{len(self.x)}s{self.seed}"
 
 
 def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
@@ -64,11 +70,11 @@ def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
             raise ValueError(f"{files[i]}: expected an 8-bit image")
         xs.append(img.native)
     out["nih512"] = Source("nih512", np.stack(xs).astype(np.float32),
-                           tuple(files[i].relative_to(nih_dir).as_posix() for i in pick))
+                           tuple(files[i].relative_to(nih_dir).as_posix() for i in pick), seed)
     kerm = zoo.load_kermany(work, data_root / "kermany224", parts=("test",))
     pick = np.sort(np.random.default_rng(seed + 1).permutation(len(kerm.y["test"]))[:n_kermany])
     out["kermany224"] = Source("kermany224", kerm.x["test"][pick].astype(np.float32) / 255.0,
-                               tuple(f"test[{i}]" for i in pick))
+                               tuple(f"test[{i}]" for i in pick), seed)
     return out
 
 
@@ -106,7 +112,7 @@ def _save_json(path: Path, obj: Any) -> None:
 
 
 def clean_cell(det: Any, src: Source, out: Path) -> dict:
-    path = out / "clean" / f"{src.name}.json"
+    path = out / "clean" / f"{src.name}__{src.tag}.json"
     if path.is_file():
         return json.loads(path.read_text())
     s = score_stored(det, src.x)
@@ -125,7 +131,8 @@ def attack_cell(det: Any, member: Any, meta: dict, src: Source, method: str, eps
     """One (family, source, attack, eps) cell, cached."""
     from train import attacks, zoo
 
-    key = f"{meta['family']}__{meta['pipeline_tag']}__{src.name}__{method}__{eps:g}"
+    key = (f"{meta['family']}__{meta['pipeline_tag']}__{src.name}__{src.tag}__{method}__"
+           f"{eps:g}__s{seed}")
     path = out / "cells" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -343,14 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         sources = load_sources(args.work, data_root, args.nih, args.kermany, args.seed)
         clean = [clean_cell(det, sources[s], out) for s in args.sources]
-        jobs = [(m, s, a, e) for m in members for s in args.sources for a in args.attacks
+        # source-major: every family's NIH cells (the unseen source) come before Kermany's
+        jobs = [(m, s, a, e) for s in args.sources for m in members for a in args.attacks
                 for e in args.eps]
         bar = tqdm(jobs, desc="zoo cells", unit="cell", file=sys.stdout, mininterval=5)
         loaded: dict[str, Any] = {}
         for m, s, a, e in bar:
             bar.set_postfix_str(f"{m['family']} {s} {a} {e:g}")
             if m["family"] not in loaded:
-                loaded.clear()
+                loaded.clear()  # one member in memory at a time
                 loaded[m["family"]] = zoo.load_member(args.work, m["family"], seed=args.seed,
                                                       digest=m["split_digest"])[0]
             cells.append(attack_cell(det, loaded[m["family"]], m, sources[s], a, e, out,
