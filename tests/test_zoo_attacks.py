@@ -256,3 +256,33 @@ def test_a_saved_zoo_member_loads_as_a_site_victim(tmp_path) -> None:
                        env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert abs(float(r.stdout.strip().splitlines()[-1]) - float(want[0])) < 1e-4
+
+
+def test_cli_victim_takes_a_savedmodel_with_class_scores(tmp_path) -> None:
+    """A SavedModel directory answering two class logits: the attack lowers the margin of the
+    predicted class over the other, at the native matrix, within eps in stored levels."""
+    import pydicom
+
+    from gateway.cli import main
+    from tests import dicom_factory
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 1))
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inp, keras.layers.Dense(2)(x)).export(str(tmp_path / "sm"), verbose=False)
+    src = dicom_factory.synthetic(tmp_path / "in.dcm", rows=100, cols=90, bits_stored=12)
+    rc = main(["attack", str(src), str(tmp_path / "out.dcm"), "--victim", str(tmp_path / "sm"),
+               "--input-size", "32", "--method", "pgd-l2", "--eps", "0.02"])
+    assert rc == 0
+    a, b = pydicom.dcmread(src), pydicom.dcmread(tmp_path / "out.dcm")
+    assert b.pixel_array.shape == (100, 90) and b.BitsStored == 12
+    assert np.any(a.pixel_array != b.pixel_array)
+    from train import dicom_attack
+
+    victim = dicom_attack.load_site_victim(tmp_path / "sm", zoo.Pipeline(32, "bilinear"))
+    from detector import preprocess
+
+    z0, z1 = (np.asarray(victim(preprocess.dataset_to_unit(d)[..., None])) for d in (a, b))
+    label = attacks.predicted_class(z0)
+    assert attacks.victim_margin(z1, label)[0] < attacks.victim_margin(z0, label)[0]
