@@ -93,6 +93,7 @@ FIELDS: frozenset[str] = frozenset(
         "config_path",
         "attempts",
         "error",
+        "suppressed",  # refusals of the same kind from the same peer left out of the audit
     }
 )
 

@@ -307,6 +307,34 @@ class _Handler(RequestHandler):
         self.server.receiver._serve_connection(self)
 
 
+class RefusalThrottle:
+    """At most one audit line per (peer, reason) every ``window_s`` for refusals in the accept
+    loop, with the count of those left out in the next one.
+
+    Why: the accept loop refuses a connection flood, and each audit line is an fsync. Auditing
+    every refused connection would pace the accept loop (and every honest caller behind it) at
+    the disk's fsync rate, which is what the flood wants; the metrics still count every one.
+    """
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._skipped: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, key: tuple[str, str], now: float) -> int | None:
+        """None: leave this one out of the audit; else write it, with this many left out."""
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.window_s:
+                self._skipped[key] = self._skipped.get(key, 0) + 1
+                return None
+            if len(self._last) > 4096:  # many peers: forget those whose window is over
+                self._last = {k: t for k, t in self._last.items() if now - t < self.window_s}
+            self._last[key] = now
+            return self._skipped.pop(key, 0)
+
+
 def set_nodelay(sock: socket.socket | None) -> None:
     """Disable Nagle on a DICOM socket (the 40 ms delayed-ACK stall on loopback)."""
     if sock is None:
@@ -359,6 +387,7 @@ class StorageReceiver:
         self._connections = 0
         self._per_address: dict[str, int] = {}
         self._accepted: dict[int, _Connection] = {}  # id(socket) -> counted, not yet served
+        self._refusals = RefusalThrottle()
         self._accepting = True
         self._server: Any = None
         self._ae: AE | None = None
@@ -514,10 +543,14 @@ class StorageReceiver:
                 self._per_address[peer] = self._per_address.get(peer, 0) + 1
                 self._accepted[id(request)] = _Connection(peer)
                 return True
-        LOG.warning("connection from %s closed unread: %s", peer, reason)
-        self._audit_safe("rejected", peer=peer, reason=reason, detail=detail)
         if self._metrics is not None:
             self._metrics.rejected("UNKNOWN", "", reason)
+        suppressed = self._refusals.admit((peer, reason), time.monotonic())
+        if suppressed is None:  # this window's line is written: counted only, not fsynced
+            return False
+        LOG.warning("connection from %s closed unread: %s", peer, reason)
+        self._audit_safe("rejected", peer=peer, reason=reason, detail=detail,
+                         suppressed=suppressed or None)
         return False
 
     def _release_connection(self, conn: _Connection) -> None:

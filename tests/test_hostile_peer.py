@@ -387,6 +387,34 @@ def test_connections_over_the_limit_closed_unread_and_audited(gateway_factory) -
     assert echo_ok(port)
 
 
+def test_a_connection_flood_is_audited_once_per_window_and_counted(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    """200 connections past the limit from one address: each is closed unread, but the audit
+    (an fsync per line) gets one line per window, so the flood cannot pace the accept loop at
+    the disk's fsync rate; the next window's line says how many were left out."""
+    gw = gateway_factory(limits="max_associations = 2\nmax_connections = 3\n"
+                                "max_connections_per_address = 3")
+    port = gw.address[1]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    try:
+        assert wait_until(lambda: gw.receiver.open_connections() == 3, 5)
+        t0 = time.monotonic()
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                assert server_closes(extra, 5)
+        flood_s = time.monotonic() - t0
+        assert reasons(gw) == ["connection-limit"]
+        gw.receiver._refusals.window_s = 0.0  # the window is over: the next refusal is written
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            assert server_closes(extra, 5)
+        lines = [e for e in audit_events(gw.config.state_dir)
+                 if e.get("reason") == "connection-limit"]
+        assert [r.get("suppressed") for r in lines] == [None, 199]
+        print(f"200 refused connections in {flood_s:.2f} s, 2 audit lines")
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_incomplete_association_request_ends_at_acse_timeout(tmp_path: Path) -> None:
     """Slow-loris: a request that never completes, and a connection that never speaks, hold a
     slot for ``timeouts.acse_s`` at most; both are audited."""
