@@ -39,6 +39,33 @@ def no_detectors(cfg: Any) -> list[Any]:
     return []
 
 
+class NotifySocket:
+    """systemd's end of ``NOTIFY_SOCKET``: records each datagram with the time it came."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[tuple[float, str]] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.1)
+        self._listening = threading.Event()
+        self._listening.set()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while self._listening.is_set():
+            try:
+                self.messages.append((time.monotonic(), self._sock.recv(4096).decode()))
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self._listening.clear()
+        self._thread.join(5)
+        self._sock.close()
+
+
 def _dest(port: int, present_caller_ae: bool) -> str:
     return (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\nport = {port}\n'
             f'ae_title = "CAPTURE"\npresent_caller_ae = {str(present_caller_ae).lower()}\n')
@@ -59,29 +86,14 @@ def test_reload_during_a_slow_send_keeps_the_watchdog_fed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(0.1)
-    messages: list[tuple[float, str]] = []
-    listening = threading.Event()
-    listening.set()
-
-    def listen() -> None:
-        while listening.is_set():
-            try:
-                messages.append((time.monotonic(), sock.recv(4096).decode()))
-            except TimeoutError:
-                continue
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    messages = notify.messages
     scp = CaptureSCP(store_delay_s=STORE_DELAY_S)
     state = tmp_path / "state"
     cfg_path = write_config(tmp_path / "c.toml", state=state, port=free_port(),
                             destinations=_dest(scp.port, False))
     gw = Gateway(load_config(cfg_path), detector_factory=no_detectors,
-                 notifier=Notifier(str(sock_path)), drain_s=5)
+                 notifier=Notifier(str(notify.path)), drain_s=5)
     gw.start()
     runner = threading.Thread(target=gw.run_forever, kwargs={"install_signals": False},
                               daemon=True)
@@ -107,9 +119,7 @@ def test_reload_during_a_slow_send_keeps_the_watchdog_fed(
     finally:
         gw.stop_event().set()
         runner.join(60)
-        listening.clear()
-        listener.join(5)
-        sock.close()
+        notify.close()
         scp.stop()
     assert [uid for _, uid, *_ in scp.received] == [first, second]  # each once, in order
     pings = [t for t, m in messages if "WATCHDOG=1" in m and t_reload - 1.0 <= t <= t_end]
@@ -167,23 +177,8 @@ def test_reload_that_starts_new_scorers_keeps_the_watchdog_fed(
     still applies (the new detectors are swapped in, the config is the new one)."""
     monkeypatch.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(0.1)
-    messages: list[tuple[float, str]] = []
-    listening = threading.Event()
-    listening.set()
-
-    def listen() -> None:
-        while listening.is_set():
-            try:
-                messages.append((time.monotonic(), sock.recv(4096).decode()))
-            except TimeoutError:
-                continue
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    messages = notify.messages
     loads: list[float] = []
 
     def slow_scorers(cfg: Any) -> list[Any]:
@@ -196,7 +191,7 @@ def test_reload_that_starts_new_scorers_keeps_the_watchdog_fed(
     cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=free_port(),
                             destinations=out, detector_extra="timeout_s = 30")
     gw = Gateway(load_config(cfg_path), detector_factory=slow_scorers,
-                 notifier=Notifier(str(sock_path)), drain_s=5)
+                 notifier=Notifier(str(notify.path)), drain_s=5)
     gw.start()
     runner = threading.Thread(target=gw.run_forever, kwargs={"install_signals": False},
                               daemon=True)
@@ -212,9 +207,7 @@ def test_reload_that_starts_new_scorers_keeps_the_watchdog_fed(
     finally:
         gw.stop_event().set()
         runner.join(60)
-        listening.clear()
-        listener.join(5)
-        sock.close()
+        notify.close()
     assert loads == [30, 45]
     pings = [t for t, m in messages if "WATCHDOG=1" in m and t_reload <= t <= t_end]
     gaps = [b - a for a, b in zip([t_reload, *pings], [*pings, t_end], strict=True)]
