@@ -222,9 +222,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     )
     import keras
 
-    keras_note = "bundle's Keras original (cnn_keras)"
-    if "cnn_keras" in det.manifest.files:
-        model = keras.saving.load_model(det.manifest.path_of("cnn_keras"), compile=False)
+    from detector.errors import BundleError
+    from train import training_bundle
+
+    keras_note = "bundle's Keras original (cnn_keras, in its training bundle)"
+    try:
+        keras_path: Path | None = training_bundle.load_training(
+            det.manifest.bundle_dir, ("cnn_keras",)).path_of("cnn_keras")
+    except (BundleError, FileNotFoundError):
+        keras_path = None
+    if keras_path is not None:
+        model = keras.saving.load_model(keras_path, compile=False)
     else:
         keras_note = (
             "NO Keras original in the bundle: timed an untrained model of the "

@@ -10,8 +10,11 @@ authenticity: whoever can rewrite the whole directory can rewrite the digests to
 directory with file permissions; signing would be the next step).
 
 Nothing in a bundle is executable on load: the CNN is a TFLite flatbuffer, the forest an
-``.npz`` read with ``allow_pickle=False``; a Keras original (``cnn_keras``), if carried, is
-only read by benchmarks and training, never by the runtime.
+``.npz`` read with ``allow_pickle=False``. Training-only files (the victim, the detector CNN's
+Keras original, the reference CNNs, split.json) live in a separate training bundle
+(train.training_bundle) with the same digest discipline, so a start hashes only what scoring
+reads; bundles written before that split may still carry them here, and the runtime never
+reads them.
 """
 
 from __future__ import annotations
@@ -239,17 +242,88 @@ def write_bundle(
     }
     if rule is not None:
         doc["rule"] = dict(rule)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=out)
+    write_manifest(out, doc)
+    return out
+
+
+def _fail(path: Path, why: str, fix: str = _FIX) -> BundleError:
+    return BundleError(f"model bundle file {path}: {why}; {fix}")
+
+
+def write_manifest(out_dir: Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` as ``out_dir/manifest.json`` with its own digest, through a temporary file
+    and a rename (fsynced), so a crash never leaves a manifest that verifies but is partial."""
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=out_dir)
     with os.fdopen(fd, "wb") as fh:
         fh.write(_manifest_bytes(doc))
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, manifest_path)
-    return out
+    os.replace(tmp, out_dir / MANIFEST)
+    return out_dir / MANIFEST
 
 
-def _fail(path: Path, why: str) -> BundleError:
-    return BundleError(f"model bundle file {path}: {why}; {_FIX}")
+def read_verified_doc(mpath: Path, required: tuple[str, ...], fix: str = _FIX) -> dict[str, Any]:
+    """A manifest's JSON object, its keys ``required`` present and its ``manifest_sha256``
+    matching its own bytes; ``BundleError`` naming ``mpath`` and ``fix`` otherwise."""
+    raw = mpath.read_bytes()
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(mpath, f"is not valid JSON ({exc})", fix) from exc
+    if not isinstance(doc, dict):
+        raise _fail(mpath, "is not a JSON object", fix)
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise _fail(mpath, f"lacks the keys {', '.join(missing)}", fix)
+    claimed = doc["manifest_sha256"]
+    if not isinstance(claimed, str) or not re.fullmatch(r"[0-9a-f]{64}", claimed):
+        raise _fail(mpath, "manifest_sha256 is not a SHA-256 hex digest", fix)
+    zeroed = raw.replace(
+        f'"manifest_sha256": "{claimed}"'.encode(),
+        f'"manifest_sha256": "{_ZERO_DIGEST}"'.encode(),
+        1,
+    )
+    if hashlib.sha256(zeroed).hexdigest() != claimed:
+        raise _fail(mpath, "its contents do not match its manifest_sha256 (edited or corrupt)",
+                    fix)
+    return doc
+
+
+def verify_files(bdir: Path, raw_files: Any, fix: str = _FIX) -> dict[str, FileEntry]:
+    """Check every entry of a manifest's ``files`` (inside ``bdir``, recorded size and SHA-256)
+    and that ``bdir`` holds no unlisted file; ``BundleError`` names the offending file."""
+    mpath = bdir / MANIFEST
+    if not isinstance(raw_files, dict):
+        raise _fail(mpath, "files is not an object", fix)
+    files: dict[str, FileEntry] = {}
+    root = bdir.resolve()
+    for name, entry in raw_files.items():
+        try:
+            rel, digest, size = str(entry["path"]), str(entry["sha256"]), int(entry["bytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _fail(mpath, f"entry {name!r} needs path, sha256 and bytes ({exc})",
+                        fix) from exc
+        fpath = (bdir / rel).resolve()
+        if fpath.parent != root or rel in (MANIFEST, "") or "/" in rel or "\\" in rel:
+            raise _fail(mpath, f"entry {name!r} points outside the bundle directory: {rel!r}",
+                        fix)
+        if not fpath.is_file():
+            raise _fail(bdir / rel, f"is missing (listed as {name!r} in {MANIFEST})", fix)
+        actual_size = fpath.stat().st_size
+        if actual_size != size:
+            raise _fail(bdir / rel, f"has {actual_size} bytes, {MANIFEST} records {size}", fix)
+        if sha256_file(fpath) != digest:
+            raise _fail(bdir / rel, f"SHA-256 does not match {MANIFEST} (changed or corrupt)",
+                        fix)
+        files[name] = FileEntry(path=rel, sha256=digest, bytes=size)
+    listed = {e.path for e in files.values()} | {MANIFEST}
+    for p in sorted(bdir.iterdir()):
+        if p.name.startswith(".") or p.name == "__pycache__":
+            continue
+        if p.name not in listed:
+            raise _fail(p, f"is not listed in {MANIFEST}; remove it or re-export the bundle",
+                        fix)
+    return files
 
 
 def load_manifest(bundle_dir: str | os.PathLike[str] | None = None) -> Manifest:
@@ -266,26 +340,7 @@ def load_manifest(bundle_dir: str | os.PathLike[str] | None = None) -> Manifest:
             f"model bundle {bdir} has no {MANIFEST}; pass --bundle DIR or train one with "
             "`sentinel train`"
         )
-    raw = mpath.read_bytes()
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(mpath, f"is not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise _fail(mpath, "is not a JSON object")
-    missing = [k for k in _REQUIRED if k not in doc]
-    if missing:
-        raise _fail(mpath, f"lacks the keys {', '.join(missing)}")
-    claimed = doc["manifest_sha256"]
-    if not isinstance(claimed, str) or not re.fullmatch(r"[0-9a-f]{64}", claimed):
-        raise _fail(mpath, "manifest_sha256 is not a SHA-256 hex digest")
-    zeroed = raw.replace(
-        f'"manifest_sha256": "{claimed}"'.encode(),
-        f'"manifest_sha256": "{_ZERO_DIGEST}"'.encode(),
-        1,
-    )
-    if hashlib.sha256(zeroed).hexdigest() != claimed:
-        raise _fail(mpath, "its contents do not match its manifest_sha256 (edited or corrupt)")
+    doc = read_verified_doc(mpath, _REQUIRED)
     if doc["format_version"] not in READABLE_FORMATS:
         raise _fail(
             mpath,
@@ -293,36 +348,13 @@ def load_manifest(bundle_dir: str | os.PathLike[str] | None = None) -> Manifest:
             f"{', '.join(map(str, READABLE_FORMATS))}, the versions this runtime reads",
         )
 
-    files: dict[str, FileEntry] = {}
     raw_files = doc["files"]
     if not isinstance(raw_files, dict):
         raise _fail(mpath, "files is not an object")
     for name in ("cnn", "forest"):
         if name not in raw_files:
             raise _fail(mpath, f"lists no {name!r} file")
-    root = bdir.resolve()
-    for name, entry in raw_files.items():
-        try:
-            rel, digest, size = str(entry["path"]), str(entry["sha256"]), int(entry["bytes"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _fail(mpath, f"entry {name!r} needs path, sha256 and bytes ({exc})") from exc
-        fpath = (bdir / rel).resolve()
-        if fpath.parent != root or rel in (MANIFEST, "") or "/" in rel or "\\" in rel:
-            raise _fail(mpath, f"entry {name!r} points outside the bundle directory: {rel!r}")
-        if not fpath.is_file():
-            raise _fail(bdir / rel, f"is missing (listed as {name!r} in {MANIFEST})")
-        actual_size = fpath.stat().st_size
-        if actual_size != size:
-            raise _fail(bdir / rel, f"has {actual_size} bytes, {MANIFEST} records {size}")
-        if sha256_file(fpath) != digest:
-            raise _fail(bdir / rel, f"SHA-256 does not match {MANIFEST} (changed or corrupt)")
-        files[name] = FileEntry(path=rel, sha256=digest, bytes=size)
-    listed = {e.path for e in files.values()} | {MANIFEST}
-    for p in sorted(bdir.iterdir()):
-        if p.name.startswith(".") or p.name == "__pycache__":
-            continue
-        if p.name not in listed:
-            raise _fail(p, f"is not listed in {MANIFEST}; remove it or re-export the bundle")
+    files = verify_files(bdir, raw_files)
 
     try:
         manifest = Manifest(

@@ -366,7 +366,7 @@ def harden_bundle(bundle_dir: Path, work_dir: Path, adaptive_train_dir: Path | N
     from detector import features
     from detector.forest import ForestArrays
     from detector.scoring import Detector
-    from train import fit_detector, pipeline
+    from train import fit_detector, pipeline, training_bundle
 
     feature_set = feature_set or features.FEATURE_SET
     names = features.FEATURE_SETS[feature_set]
@@ -403,13 +403,18 @@ def harden_bundle(bundle_dir: Path, work_dir: Path, adaptive_train_dir: Path | N
     td["hardened"] = {"from_bundle": manifest.bundle_id, "adaptive_examples": n_adv,
                       "adaptive_dir": str(adaptive_train_dir), "feature_set": feature_set,
                       "rule": "max", "part_fpr": 0.005, "n_val_clean": len(val_x)}
-    extra = {k: manifest.path_of(k) for k in ("victim", "cnn_keras", "split")
-             if k in manifest.files}
-    return Path(bundle_mod.write_bundle(
+    # the hardened bundle is a new runtime bundle (new forest and rule, new id); it gets a
+    # training bundle of its own beside it, with the parent's victim, Keras CNN and split
+    tfiles = training_bundle.load_training(bundle_dir)
+    extra = {k: tfiles.path_of(k) for k in ("victim", "cnn_keras", "split") if k in tfiles.paths}
+    out = Path(bundle_mod.write_bundle(
         out_dir, cnn_tflite=manifest.path_of("cnn"), forest=forest,
         feature_names=names, w_cnn=manifest.w_cnn, threshold=0.5,
         thresholds={"max_rule": 0.5}, training_data=td, metrics={},
-        extra_files=extra, rule={"name": "max", "cnn_threshold": a, "rf_threshold": b}))
+        rule={"name": "max", "cnn_threshold": a, "rf_threshold": b}))
+    training_bundle.write_training_bundle(training_bundle.training_dir_for(out),
+                                          bundle_mod.load_manifest(out).bundle_id, extra)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -484,14 +484,14 @@ def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
     ``f_clean``/``f_pert`` are features of ``attacker_feature_set(bundle_dir)``."""
     import keras
 
-    from detector import bundle as bundle_mod
     from detector.forest import ForestArrays
     from detector.scoring import Detector
-    from train import surrogate, victim
+    from train import surrogate, training_bundle, victim
 
-    manifest = bundle_mod.load_manifest(bundle_dir)
-    vic = victim.load_victim(manifest.path_of("victim"))
-    cnn = keras.saving.load_model(str(manifest.path_of("cnn_keras")), safe_mode=True,
+    tfiles = training_bundle.load_training(bundle_dir, ("victim", "cnn_keras"))
+    manifest = tfiles.runtime
+    vic = victim.load_victim(tfiles.path_of("victim"))
+    cnn = keras.saving.load_model(str(tfiles.path_of("cnn_keras")), safe_mode=True,
                                   compile=False)
     det = Detector.load(bundle_dir, num_threads=1)
     cache.mkdir(parents=True, exist_ok=True)
@@ -759,9 +759,8 @@ def second_source_check(bundles: list[Path], data_dir: Path, out: Path, seed: in
     the native grid); scoring goes through the runtime ``Detector`` so bundles with another
     feature set or the OR rule are measured as they would run. Never used for fitting.
     """
-    from detector.bundle import load_manifest
     from train import attacks as attacks_lib
-    from train import datasets, pipeline, victim
+    from train import datasets, pipeline, training_bundle, victim
     from train.attacks import BY_NAME
 
     root = Path(data_dir)
@@ -770,7 +769,8 @@ def second_source_check(bundles: list[Path], data_dir: Path, out: Path, seed: in
                            train=(), val=(), test=tuple(recs), dropped_duplicates=tuple(dropped))
     work = pipeline.Work(Path(out))
     arr = pipeline.stage_arrays(split, "test", work)
-    model = victim.load_victim(load_manifest(bundles[0]).path_of("victim"))
+    model = victim.load_victim(training_bundle.load_training(bundles[0], ("victim",))
+                               .path_of("victim"))
     attack_fn = attacks_lib.make_gradient_attack(model)
     pgd = BY_NAME["pgd_0.006"]
     pert = pipeline.perturb_and_store(pgd, arr, np.arange(len(arr.x)), model, attack_fn, work,

@@ -51,14 +51,16 @@ def _check_split_files(split: datasets.Split, root: Path) -> datasets.Split:
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     from detector import bundle as bundle_mod
     from detector.forest import ForestArrays
-    from train import evaluate, victim
+    from train import evaluate, training_bundle, victim
 
     t0 = time.time()
-    manifest = bundle_mod.load_manifest(Path(cfg.bundle))
+    tfiles = training_bundle.load_training(
+        Path(cfg.bundle), ("victim", "split", "paper_cnn", "baseline_cnn"))
+    manifest = tfiles.runtime
     work = pipeline.Work(Path(cfg.work))
-    split = _check_split_files(datasets.Split.from_json(manifest.path_of("split")),
+    split = _check_split_files(datasets.Split.from_json(tfiles.path_of("split")),
                                Path(cfg.data))
-    victim_sha = manifest.files["victim"].sha256
+    victim_sha = tfiles.sha256["victim"]
     key = {"split": split.digest, "victim": victim_sha}
     if work.has("cache_key.json") and work.load_json("cache_key.json") != key:
         raise ValueError(
@@ -67,7 +69,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         )
     work.save_json("cache_key.json", key)
     te = pipeline.stage_arrays(split, "test", work)
-    model = victim.load_victim(manifest.path_of("victim"))
+    model = victim.load_victim(tfiles.path_of("victim"))
     attack_fn = pipeline.attacks.make_gradient_attack(model)
     seed = int(manifest.training_data.get("config", {}).get("seed", cfg.seed))
     tcfg = pipeline.TrainConfig(data=cfg.data, out="", work=cfg.work, seed=seed)
@@ -76,8 +78,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     rule = parse_rule(manifest.extra.get("rule"), manifest.bundle_dir)
     gate = None if rule.gate_threshold is None else (rule.gate_threshold, rule.gate_slope)
     models = pipeline.ScoringModels(
-        cnn_tflite=manifest.path_of("cnn"), paper_keras=manifest.path_of("paper_cnn"),
-        baseline_keras=manifest.path_of("baseline_cnn"), forest_path=manifest.path_of("forest"),
+        cnn_tflite=manifest.path_of("cnn"), paper_keras=tfiles.path_of("paper_cnn"),
+        baseline_keras=tfiles.path_of("baseline_cnn"), forest_path=manifest.path_of("forest"),
         forest=ForestArrays.load(manifest.path_of("forest")),
         feature_set=bundle_mod.manifest_feature_set(manifest),
         grid=gate is not None)
@@ -233,7 +235,11 @@ def _measure_latency(bundle_dir: Path, x: np.ndarray, n: int) -> dict[str, Any]:
         t = det.score_frames([img]).timings_ms
         for k in rows:
             rows[k].append(t[k])
-    paper = LiteRTModel(det.manifest.path_of("paper_cnn_tflite"), num_threads=1)
+    from train import training_bundle
+
+    paper_path = training_bundle.load_training(bundle_dir, ("paper_cnn_tflite",)).path_of(
+        "paper_cnn_tflite")
+    paper = LiteRTModel(paper_path, num_threads=1)
     for img in imgs[:10]:
         paper.predict(img)
     pt = []

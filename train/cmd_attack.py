@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="eps for pgd/fgsm; sigma (gaussian), amount (saltpepper) or factor "
                         "(contrast) for the others; default: the paper's setting")
     parser.add_argument("--bundle", type=Path, default=None,
-                        help="bundle carrying the victim classifier (default: the shipped one)")
+                        help="runtime bundle whose victim to attack with (default: the "
+                        "shipped one); the victim is read from its training bundle, DIR-training "
+                        "beside it (train/models/default for the shipped bundle)")
     parser.add_argument("--keep-uid", action="store_true",
                         help="keep the SOP Instance UID (default: a new one)")
     parser.add_argument("--seed", type=int, default=0)
@@ -75,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    from detector.errors import BundleError
     from train import attacks
     from train.dicom_attack import (
         AttackWriteError,
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         res = attack_dicom(args.input, args.output, method=args.method, param=param,
                            model=model, keep_uid=args.keep_uid, seed=args.seed,
                            upsample=args.upsample, adversary=adversary)
-    except (AttackWriteError, FileNotFoundError, ValueError) as exc:
+    except (AttackWriteError, BundleError, FileNotFoundError, ValueError) as exc:
         print(f"sentinel attack: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {res.out_path}: {res.method} {res.param}, syntax {res.transfer_syntax}, "

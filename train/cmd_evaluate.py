@@ -13,7 +13,10 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None,
-                        help="bundle directory (default: the shipped default bundle)")
+                        help="bundle directory (default: the shipped default bundle); its "
+                        "victim, reference CNNs and split.json are read from its training "
+                        "bundle, DIR-training beside it (train/models/default for the shipped "
+                        "bundle)")
     parser.add_argument("--data", required=True, type=Path,
                         help="the folder the bundle was trained on (its test split is used)")
     parser.add_argument("--out", required=True, type=Path, help="report directory to write")
@@ -60,6 +63,7 @@ sentinel score /tmp/rg1_pgd.dcm
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     from detector.bundle import DEFAULT_BUNDLE
+    from detector.errors import BundleError
     from train.bundle_eval import EvalConfig, run_evaluation
     from train.report import write_report
 
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                      n_boot=args.bootstrap)
     try:
         result = run_evaluation(cfg)
-    except ValueError as exc:
+    except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"sentinel evaluate: {exc}", file=sys.stderr)
         return 2
     index = write_report(result, Path(args.out))

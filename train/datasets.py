@@ -84,9 +84,12 @@ class Split:
             }
         return out
 
-    def to_json(self, path: Path) -> None:
+    def to_json(self, path: Path, root: str | None = None) -> None:
+        """Write the split; records are paths relative to the data root, and ``root`` (default
+        ``self.root``) is what is recorded for it: pass the root as the user gave it for a
+        copy that ships, not this machine's absolute path. Readers re-root onto their --data."""
         data = {
-            "root": self.root,
+            "root": self.root if root is None else root,
             "seed": self.seed,
             "fractions": list(self.fractions),
             "dropped_duplicates": list(self.dropped_duplicates),
@@ -96,6 +99,8 @@ class Split:
 
     @classmethod
     def from_json(cls, path: Path) -> Split:
+        """Read a split; ``root`` is as recorded (an old split.json has the build machine's
+        absolute path there): image paths are ``rel`` under whatever --data the reader uses."""
         data = json.loads(path.read_text())
         parts = {
             name: tuple(Record(**r) for r in data[name]) for name in SPLIT_NAMES

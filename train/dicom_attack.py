@@ -62,27 +62,22 @@ def unit_to_stored(unit: np.ndarray, *, bits_stored: int, signed: bool,
 
 
 def bundle_carrying(bundle_dir: Path | None, needs: dict[str, str]) -> tuple[Path, Any]:
-    """(bundle directory, verified manifest) of a bundle that lists every entry of ``needs``
-    (manifest entry -> what it is); else a FileNotFoundError naming what is missing."""
+    """(runtime bundle directory, its verified training files) where the training bundle
+    (train.training_bundle) carries every entry of ``needs`` (manifest entry -> what it is);
+    else a FileNotFoundError naming what is missing and where it was looked for."""
     from detector import bundle as bundle_mod
+    from train import training_bundle
 
     bdir = Path(bundle_dir) if bundle_dir else bundle_mod.DEFAULT_BUNDLE
-    manifest = bundle_mod.load_manifest(bdir)
-    for entry, what in needs.items():
-        if entry not in manifest.files:
-            raise FileNotFoundError(
-                f"bundle {bdir} carries no {what} ('{entry}' in manifest.json): use a bundle "
-                "`sentinel train` wrote, which ships it"
-            )
-    return bdir, manifest
+    return bdir, training_bundle.load_training(bdir, tuple(needs))
 
 
 def load_victim_from_bundle(bundle_dir: Path | None) -> Any:
-    """The victim carried by a bundle (manifest entry 'victim'), digest-verified."""
+    """The victim of a runtime bundle (entry 'victim' of its training bundle), digest-verified."""
     from train import victim
 
-    _, manifest = bundle_carrying(bundle_dir, {"victim": "victim classifier"})
-    return victim.load_victim(manifest.path_of("victim"))
+    _, files = bundle_carrying(bundle_dir, {"victim": "victim classifier"})
+    return victim.load_victim(files.path_of("victim"))
 
 
 # (x224 (1, 224, 224), label (1,), levels) -> adversarial (1, 224, 224): an attack that needs
@@ -208,9 +203,9 @@ def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data
                          f"{tuple(adaptive.ATTACKS)}")
     spec = adaptive.ATTACKS[method]
     # the Keras twin of the detector CNN is what the white-box attacks differentiate through
-    bdir, manifest = bundle_carrying(bundle_dir, {"victim": "victim classifier",
-                                                  "cnn_keras": "Keras twin of its CNN"})
-    vic = victim.load_victim(manifest.path_of("victim"))
+    bdir, files = bundle_carrying(bundle_dir, {"victim": "victim classifier",
+                                               "cnn_keras": "Keras twin of its CNN"})
+    vic = victim.load_victim(files.path_of("victim"))
     recs, _ = datasets.drop_duplicates(datasets.scan_folder(Path(data_dir)))
     if len(recs) < 10:
         raise ValueError(f"{data_dir}: {len(recs)} images; the attacker's statistics need at "

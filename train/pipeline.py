@@ -662,7 +662,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     from detector import bundle as bundle_mod
     from detector import features
     from detector.scoring import GATE_FEATURE, fuse
-    from train import evaluate, fit_detector, victim
+    from train import evaluate, fit_detector, training_bundle, victim
 
     if cfg.quick:
         cfg = cfg.quickened()
@@ -772,7 +772,8 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         test_book, w_cnn=w_cnn, threshold=threshold, part_thresholds=part_thresholds,
         seed=cfg.seed, n_boot=1000))
     training = {
-        "data": str(Path(cfg.data).resolve()),
+        "data": str(cfg.data),  # as given: a build machine's absolute path means nothing
+        # on another
         "split": split.summary(),
         "config": asdict(cfg),
         "grid": [asdict(g) for g in grid],
@@ -786,10 +787,23 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     work.save_json("test_metrics.json", test_metrics)
     work.save_json("training.json", training)
     split.to_json(work.path("split.json"))
+    # the shipped copy records the data root as given (records are relative to it), not this
+    # machine's absolute path; the work dir's copy above keeps it to check --data on resume
+    split.to_json(work.path("training", "split.json"), root=str(cfg.data))
     timings["total_wall_s_this_invocation"] = round(time.time() - t_start, 1)
     work.save_json("timings.json", timings)
     check_feature_cache(work, te.x, cfg.feature_set)
     log("writing bundle")
+    tfiles = {
+        "victim": work.path(victim.VICTIM_FILE),
+        "cnn_keras": work.path("models/cnn.keras"),
+        "paper_cnn": work.path("models/paper_cnn.keras"),
+        "paper_cnn_tflite": paper_tflite,
+        "baseline_cnn": work.path("models/baseline_cnn.keras"),
+        "split": work.path("training", "split.json"),
+    }
+    for src in tfiles.values():  # an old-layout bundle in --out carried them: now unlisted
+        (Path(cfg.out) / Path(src).name).unlink(missing_ok=True)
     out = bundle_mod.write_bundle(
         Path(cfg.out),
         cnn_tflite=cnn_path,
@@ -801,19 +815,18 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         training_data=training,
         metrics=metrics,
         extra_files={
-            "victim": work.path(victim.VICTIM_FILE),
-            "cnn_keras": work.path("models/cnn.keras"),
-            "paper_cnn": work.path("models/paper_cnn.keras"),
-            "paper_cnn_tflite": paper_tflite,
-            "baseline_cnn": work.path("models/baseline_cnn.keras"),
-            "split": work.path("split.json"),
             "test_metrics": work.path("test_metrics.json"),
             **({"model_card": card} if (card := model_card_path(cfg)) else {}),
         },
         versions=training_versions(),
         rule=rule,
     )
-    log(f"bundle written to {out}; total {time.time() - t_start:.0f} s this invocation")
+    # training-only files in a bundle of their own, so a gateway start hashes only what scoring
+    # reads (train.training_bundle: OUT-training, or train/models/default for the shipped one)
+    tdir = training_bundle.write_training_bundle(
+        training_bundle.training_dir_for(out), bundle_mod.load_manifest(out).bundle_id, tfiles)
+    log(f"bundle written to {out}, its training bundle to {tdir}; total "
+        f"{time.time() - t_start:.0f} s this invocation")
     return Path(out)
 
 

@@ -31,10 +31,10 @@ def patient_halves(patients: list[str], seed: int) -> np.ndarray:
 
 def run(bundle: Path | None, data: Path, out: Path, fpr: float = 0.01, seed: int = 0,
         log: Any = print) -> dict[str, Any]:
-    from detector.bundle import DEFAULT_BUNDLE, load_manifest
+    from detector.bundle import DEFAULT_BUNDLE
     from detector.calibration import calibrate_threshold
     from detector.scoring import Detector
-    from train import attacks, datasets, pipeline, victim
+    from train import attacks, datasets, pipeline, training_bundle, victim
     from train.adaptive import detector_scores, wilson
 
     bdir = Path(bundle) if bundle else DEFAULT_BUNDLE
@@ -43,7 +43,8 @@ def run(bundle: Path | None, data: Path, out: Path, fpr: float = 0.01, seed: int
                            train=(), val=(), test=tuple(recs), dropped_duplicates=tuple(dropped))
     work = pipeline.Work(Path(out))
     arr = pipeline.stage_arrays(split, "test", work)
-    model = victim.load_victim(load_manifest(bdir).path_of("victim"))
+    model = victim.load_victim(training_bundle.load_training(bdir, ("victim",))
+                               .path_of("victim"))
     pgd = attacks.BY_NAME["pgd_0.006"]
     pert = pipeline.perturb_and_store(pgd, arr, np.arange(len(arr.x)), model,
                                       attacks.make_gradient_attack(model), work, "pert/test",

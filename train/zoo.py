@@ -395,9 +395,10 @@ def default_data_root() -> Path:
 
 
 def bundle_split_path() -> Path:
-    from detector import bundle as bundle_mod
+    """split.json of the shipped bundle (in its training bundle, train/models/default)."""
+    from train import training_bundle
 
-    return bundle_mod.DEFAULT_BUNDLE / "split.json"
+    return training_bundle.load_training(None, ("split",)).path_of("split")
 
 
 def load_kermany(work: Path, data: Path | None = None, split_path: Path | None = None,
