@@ -169,3 +169,23 @@ def test_adaptive_copy_read_back_within_eps_and_moves_the_victim(tmp_path: Path,
     assert np.abs(x1 - x0).max() <= 0.006 + 1.0 / 4095
     before, after = res.victim_logit_before, res.victim_logit_after
     assert abs(after - before) > 0.1 and np.sign(before) * (after - before) < 0
+
+
+def test_cli_attack_with_no_bundle_uses_the_shipped_training_bundle(tmp_path: Path) -> None:
+    """After the Quick start, `sentinel attack IN OUT` needs no --bundle: the victim is in the
+    training bundle that ships with train/ (train/models/default), not in the runtime bundle."""
+    pytest.importorskip("tensorflow")
+    from detector.bundle import load_manifest
+    from gateway.cli import main
+    from train.training_bundle import load_training
+
+    assert "victim" not in load_manifest(None).files
+    assert load_training(None, ("victim",)).path_of("victim").parent.parts[-3:] == (
+        "train", "models", "default")
+    src = _write_dicom(tmp_path / "in.dcm", bits=8, photometric="MONOCHROME2", shape=(224, 224))
+    out = tmp_path / "out.dcm"
+    assert main(["attack", str(src), str(out), "--method", "fgsm", "--eps", "0.006"]) == 0
+    a, b = (pydicom.dcmread(p) for p in (src, out))
+    diff = np.abs(b.pixel_array.astype(np.int64) - a.pixel_array.astype(np.int64))
+    assert 0 < diff.max() <= round(0.006 * 255) + 1
+    assert b.SOPInstanceUID != a.SOPInstanceUID

@@ -417,10 +417,9 @@ def test_attacked_copies_quarantined_with_the_default_bundle(tmp_path: Path,
                                                              data_dir: Path) -> None:
     """Kermany test-split images (never trained on; the split is recorded in the bundle) as
     8-bit CR: the originals pass, their `sentinel attack` copies are held."""
-    bundle = REPO / "detector" / "models" / "default"
-    split_file = bundle / "split.json"
+    split_file = REPO / "train" / "models" / "default" / "split.json"  # its training bundle
     if not split_file.is_file():
-        pytest.skip("no trained default bundle (with its split.json) in detector/models/default")
+        pytest.skip("no training bundle (with its split.json) in train/models/default")
     test_split = json.loads(split_file.read_text())["test"]
     picks = [e["rel"] for e in test_split if e["label"] == 0][:1] + \
             [e["rel"] for e in test_split if e["label"] == 1][:1]

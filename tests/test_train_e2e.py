@@ -59,3 +59,19 @@ def test_train_evaluate_attack_end_to_end(tmp_path: Path) -> None:
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["per_perturbation"]) >= {"pgd_0.003", "pgd_0.006"}
     assert (report / "index.html").is_file() and (report / "fig3_roc_overall.png").is_file()
+    # the runtime bundle carries what scoring reads; the victim, reference CNNs and split sit
+    # in its sibling training bundle, which names it, and the split records the root as given
+    from detector.bundle import load_manifest
+    from train.training_bundle import TRAINING_FILES, load_training
+
+    assert not set(load_manifest(bundle).files) & set(TRAINING_FILES)
+    files = load_training(bundle, tuple(TRAINING_FILES))
+    assert files.source == tmp_path / "bundle-training"
+    split = json.loads(files.path_of("split").read_text())
+    assert split["root"] == str(data) and not Path(split["test"][0]["rel"]).is_absolute()
+    assert load_manifest(bundle).training_data["data"] == str(data)
+    # sentinel attack --bundle finds the victim there
+    from test_dicom_attack import _write_dicom
+
+    src = _write_dicom(tmp_path / "in.dcm", bits=8, photometric="MONOCHROME2", shape=(224, 224))
+    assert main(["attack", str(src), str(tmp_path / "adv.dcm"), "--bundle", str(bundle)]) == 0

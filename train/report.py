@@ -448,8 +448,11 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
         "measured apart (README, \"Adaptive attacks\") and it does not withstand them.",
         "- Trained on 8-bit JPEG-derived images; clinical 10-16-bit DICOM is handled by the "
         "same normalisation but was not in the training data.",
-        "- The victim classifier shipped in the bundle (victim.weights.h5) exists only for "
-        "red-teaming (`sentinel attack`); it is not a diagnostic model.",
+        "- The victim classifier (victim.weights.h5) exists only for red-teaming (`sentinel "
+        "attack`); it is not a diagnostic model. It ships with the reference CNNs and "
+        "split.json in a training bundle apart from this runtime bundle (train/models/default "
+        "for the shipped one, OUT-training beside a bundle `sentinel train --out OUT` wrote), "
+        "so the gateway hashes only what scoring reads.",
         "",
         "## Reproduce",
         "```",
