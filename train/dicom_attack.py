@@ -115,12 +115,27 @@ def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
                  upsample: str = attacks.DEFAULT_UPSAMPLING,
                  adversary: Adversary | None = None) -> AttackResult:
     """``adversary`` (see ``adaptive_adversary``) crafts the 224 image instead of ``method``."""
-    from detector import preprocess
-
     if adversary is None and method not in attacks.METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {attacks.METHODS}")
     if (adversary is not None or method in ("pgd", "fgsm")) and model is None:
         raise ValueError(f"{method} needs the victim classifier (from the bundle)")
+
+    def attack_frame(unit: np.ndarray, levels: int, f: int) -> tuple[np.ndarray, float, float]:
+        return perturb_unit_frame(unit, levels, method, param, model, seed + f, upsample,
+                                  adversary)
+
+    return _attack_frames(in_path, out_path, attack_frame, keep_uid=keep_uid, method=method,
+                          param=param)
+
+
+def _attack_frames(in_path: Path | str, out_path: Path | str,
+                   attack_frame: Callable[[np.ndarray, int, int], tuple[np.ndarray, float, float]],
+                   *, keep_uid: bool, method: str, param: float) -> AttackResult:
+    """Read a DICOM's frames as unit arrays, attack each with ``attack_frame(unit, levels,
+    frame index) -> (attacked unit, victim margin before, after)``, and write the copy back
+    on the BitsStored grid: the one frame loop of every attacked copy."""
+    from detector import preprocess
+
     ds = preprocess.read_dicom(in_path)
     _check_writable(ds, in_path)
     bits_stored, signed, invert = _unit_params(ds)
@@ -131,8 +146,7 @@ def attack_dicom(in_path: Path, out_path: Path, *, method: str, param: float,
     out_frames = np.empty(frames.shape, frames.dtype)
     before, after = [], []
     for f in range(len(units)):
-        native, lb, la = perturb_unit_frame(units[f], levels, method, param, model, seed + f,
-                                            upsample, adversary)
+        native, lb, la = attack_frame(units[f], levels, f)
         new = unit_to_stored(native, bits_stored=bits_stored, signed=signed, invert=invert)
         # keep any bits above BitsStored as they were (overlays in old files)
         high = frames[f].astype(np.int64) & ~((1 << bits_stored) - 1) if not signed else 0
@@ -254,31 +268,18 @@ def attack_dicom_native(in_path: Path, out_path: Path, victim: Any,
     transfer syntax, bit depth, sign and photometric interpretation by the writer of
     ``attack_dicom``; no 224x224 detour and no mapping back.
     """
-    from detector import preprocess
-
-    ds = preprocess.read_dicom(in_path)
-    _check_writable(ds, in_path)
-    bits_stored, signed, invert = _unit_params(ds)
-    levels = (1 << bits_stored) - 1
-    stored = ds.pixel_array
-    frames = stored[None] if int(ds.get("NumberOfFrames", 1) or 1) == 1 else stored
-    units = preprocess.dataset_to_unit(ds)
-    out_frames = np.empty(frames.shape, frames.dtype)
-    before, after = [], []
-    for f in range(len(units)):
-        unit = units[f].astype(np.float32)[None]
+    def attack_frame(unit_frame: np.ndarray, levels: int, f: int
+                     ) -> tuple[np.ndarray, float, float]:
+        unit = unit_frame.astype(np.float32)[None]
         logits = _logits(victim, unit)
         label = attacks.predicted_class(logits)
         native = attacks.native_attack(victim, unit, label, attack, levels=levels,
                                        seed=seed + f, batch_size=1)[0]
-        before.append(float(attacks.victim_margin(logits, label)[0]))
-        after.append(float(attacks.victim_margin(_logits(victim, native[None]), label)[0]))
-        new = unit_to_stored(native, bits_stored=bits_stored, signed=signed, invert=invert)
-        high = frames[f].astype(np.int64) & ~((1 << bits_stored) - 1) if not signed else 0
-        out_frames[f] = (new | high if not signed else new).astype(frames.dtype)
-    return _write_copy(ds, Path(in_path), Path(out_path), out_frames, stored,
-                       keep_uid=keep_uid, method=attack.method, param=attack.eps,
-                       before=before, after=after)
+        return (native, float(attacks.victim_margin(logits, label)[0]),
+                float(attacks.victim_margin(_logits(victim, native[None]), label)[0]))
+
+    return _attack_frames(in_path, out_path, attack_frame, keep_uid=keep_uid,
+                          method=attack.method, param=attack.eps)
 
 
 def _logits(victim: Any, x: np.ndarray) -> np.ndarray:
