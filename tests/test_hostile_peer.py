@@ -18,6 +18,7 @@ a complete association request (slow-loris), and the DIMSE message held in memor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -366,13 +367,24 @@ def test_unlimited_max_pdu_means_the_bounded_default(tmp_path: Path) -> None:
     assert (got.max_connections, got.max_connections_per_address) == (16, 12)  # type: ignore[attr-defined]
 
 
-def test_connections_over_the_limit_closed_unread_and_audited(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def connection_limit_reached(gateway_factory) -> Iterator[Gateway]:  # type: ignore[no-untyped-def]
+    """A gateway allowing 3 TCP connections, with 3 idle ones open while the block runs."""
     gw = gateway_factory(limits="max_associations = 2\nmax_connections = 3\n"
                                 "max_connections_per_address = 3")
     port = gw.address[1]
     idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
     try:
         assert wait_until(lambda: gw.receiver.open_connections() == 3, 5)
+        yield gw
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_connections_over_the_limit_closed_unread_and_audited(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    with connection_limit_reached(gateway_factory) as gw:
+        port = gw.address[1]
         with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
             t0 = time.monotonic()
             # closed before anything is read: the 1 GiB it announces is never looked at
@@ -380,9 +392,6 @@ def test_connections_over_the_limit_closed_unread_and_audited(gateway_factory) -
             assert server_closes(extra, 5)
             assert time.monotonic() - t0 < 2
         assert reasons(gw) == ["connection-limit"]
-    finally:
-        for s in idle:
-            s.close()
     assert wait_until(lambda: gw.receiver.open_connections() == 0, 10)
     assert echo_ok(port)
 
@@ -391,12 +400,8 @@ def test_a_connection_flood_is_audited_once_per_window_and_counted(gateway_facto
     """200 connections past the limit from one address: each is closed unread, but the audit
     (an fsync per line) gets one line per window, so the flood cannot pace the accept loop at
     the disk's fsync rate; the next window's line says how many were left out."""
-    gw = gateway_factory(limits="max_associations = 2\nmax_connections = 3\n"
-                                "max_connections_per_address = 3")
-    port = gw.address[1]
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
-    try:
-        assert wait_until(lambda: gw.receiver.open_connections() == 3, 5)
+    with connection_limit_reached(gateway_factory) as gw:
+        port = gw.address[1]
         t0 = time.monotonic()
         for _ in range(200):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
@@ -410,9 +415,6 @@ def test_a_connection_flood_is_audited_once_per_window_and_counted(gateway_facto
                  if e.get("reason") == "connection-limit"]
         assert [r.get("suppressed") for r in lines] == [None, 199]
         print(f"200 refused connections in {flood_s:.2f} s, 2 audit lines")
-    finally:
-        for s in idle:
-            s.close()
 
 
 def test_incomplete_association_request_ends_at_acse_timeout(tmp_path: Path) -> None:
