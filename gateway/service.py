@@ -127,6 +127,8 @@ class Gateway:
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
         self._reload_lock = threading.Lock()
+        self._signalled_reload = False  # set by the signal handler only (see _on_signal)
+        self._signalled_stop = False
         self._reloader: threading.Thread | None = None  # a reload the run loop started
         # destinations whose old forwarder is stopping on a background thread (see _retire)
         self._retiring: dict[str, threading.Thread] = {}
@@ -387,9 +389,30 @@ class Gateway:
     def install_signal_handlers(self) -> None:
         """SIGHUP reloads, SIGTERM/SIGINT drain. Install before ``start()`` so that a signal
         arriving while models load is not fatal (it is acted on once the loop runs)."""
-        signal.signal(signal.SIGHUP, lambda *_: self._reload_requested.set())
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Only note the signal; the run loop acts on it (``_take_signals``) within a tick.
+
+        Why not ``Event.set()`` here: Python runs a handler in the main thread between two
+        bytecodes, possibly inside that same ``Event.set()`` called by the handler of a signal a
+        moment before, which holds the event's lock; the lock is not reentrant, so the second
+        handler waited for ever. Two SIGTERMs at once (``timeout`` forwarding one beside an
+        operator's ``pkill``) left the daemon deadlocked, not draining and not feeding the
+        watchdog. A plain assignment cannot block.
+        """
+        if signum == signal.SIGHUP:
+            self._signalled_reload = True
+        else:
+            self._signalled_stop = True
+
+    def _take_signals(self) -> None:
+        if self._signalled_reload:
+            self._signalled_reload = False
+            self._reload_requested.set()
+        if self._signalled_stop:
+            self._stop.set()
 
     def run_forever(self, install_signals: bool = True) -> int:
         """Block until SIGTERM/SIGINT (or ``stop_event``), handling reloads and the watchdog."""
@@ -403,6 +426,9 @@ class Gateway:
         last_tmp_sweep = time.monotonic()
         while not self._stop.is_set():
             self._stop.wait(tick)
+            self._take_signals()
+            if self._stop.is_set():
+                break
             if self._reload_requested.is_set() and not self._reloading():
                 self._reload_requested.clear()
                 self._reload_in_background()

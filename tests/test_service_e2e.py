@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -470,3 +471,31 @@ def test_sigterm_drains_open_association_then_exits_0(tmp_path: Path,
         assert wait_until(lambda: {p.stem for p in out.rglob("*.dcm")} == uids, 30)
     finally:
         assert gw.stop() == 0
+
+
+def test_a_storm_of_signals_neither_deadlocks_nor_loses_the_stop(tmp_path: Path,
+                                                                 fixture_bundle: Path) -> None:
+    """Thousands of SIGHUPs, then SIGTERMs in a burst (``timeout`` forwarding one beside an
+    operator's ``pkill`` sends two at once): the daemon drains and exits 0. A handler that
+    called ``Event.set()`` could be re-entered inside that call, and the event's lock is not
+    reentrant: the daemon hung for ever, neither draining nor feeding the watchdog."""
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                       destinations=f'[destinations.o]\nkind = "directory"\n'
+                                    f'path = "{tmp_path / "out"}"',
+                       bundle=fixture_bundle)
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
+    assert gw.proc is not None
+    pid = gw.proc.pid
+    try:
+        for _ in range(3000):
+            os.kill(pid, signal.SIGHUP)
+        for _ in range(50):
+            os.kill(pid, signal.SIGTERM)
+        rc = gw.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the daemon did not exit within 60 s of SIGTERM after a burst of signals: "
+                    + gw.log()[-1500:])
+    finally:
+        gw.kill()
+    assert rc == 0 and "stopped" in gw.log()
