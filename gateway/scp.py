@@ -559,11 +559,7 @@ class StorageReceiver:
                 return
             conn.counted = False
             self._connections -= 1
-            n = self._per_address.get(conn.peer, 1) - 1
-            if n <= 0:
-                self._per_address.pop(conn.peer, None)
-            else:
-                self._per_address[conn.peer] = n
+            _count_down(self._per_address, conn.peer)
 
     def open_connections(self) -> int:
         """TCP connections open now (admitted or not yet), for tests and metrics."""
@@ -673,11 +669,7 @@ class StorageReceiver:
                 return
             st.counted = False
             self._total -= 1
-            n = self._active.get(st.calling_ae, 1) - 1
-            if n <= 0:
-                self._active.pop(st.calling_ae, None)
-            else:
-                self._active[st.calling_ae] = n
+            _count_down(self._active, st.calling_ae)
 
     def _on_data(self, event: Any) -> None:
         """Bound what one association makes us hold, before each PDU is decoded.
@@ -799,6 +791,16 @@ class StorageReceiver:
             self._audit.append(event, **{k: v for k, v in fields.items() if v is not None})
         except Exception:  # the audit must never take the receiver down
             LOG.exception("audit append failed for %s", event)
+
+
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """One less open under ``key``; the key leaves the map at zero, so that the per-caller and
+    per-address maps hold only what is open (their keys are the peers' choice)."""
+    n = counts.get(key, 1) - 1
+    if n <= 0:
+        counts.pop(key, None)
+    else:
+        counts[key] = n
 
 
 def _state(assoc: Any) -> _AssocState:
