@@ -104,3 +104,29 @@ def test_gate_and_threshold_share_the_false_positive_budget() -> None:
     flagged = apply_gate(scores, grid, g, slope) >= t
     assert np.mean(flagged) <= 0.01
     assert t >= fd.calibrate_threshold(scores)  # the gate's images take part of the budget
+
+
+def test_operating_point_keeps_the_budget_on_every_source_with_the_parts_included() -> None:
+    """The threshold and the either-part thresholds together flag at most 1% of each source's
+    clean validation images, even where one source is far noisier than the other."""
+    from train.fit_detector import CleanGroup, operating_point, search_operating_point
+
+    rng = np.random.default_rng(0)
+    quiet = CleanGroup(rng.beta(1, 9, 1000), rng.beta(1, 9, 1000), None)
+    noisy = CleanGroup(rng.beta(3, 4, 600), rng.beta(4, 3, 600), None)
+    for part_fpr in (0.0, 0.0025, 0.005):
+        a, b, t = operating_point([quiet, noisy], 0.5, part_fpr, "logit", None)
+        assert (a is None) == (b is None) == (part_fpr == 0.0)
+        for g in (quiet, noisy):
+            fused = fd.fuse(g.cnn, g.forest, 0.5, "logit")
+            flagged = fused >= t
+            if a is not None:
+                flagged |= (g.cnn >= a) | (g.forest >= b)
+            assert flagged.sum() <= int(0.01 * len(g.cnn))
+    # attacks that only the forest sees: the override finds them, the fused score does not
+    p_cnn, p_rf = rng.beta(2, 5, 400), rng.uniform(0.985, 1.0, 400)
+    best, points = search_operating_point([quiet, noisy], p_cnn, p_rf, None, "logit", None,
+                                          w_grid=(0.5,))
+    plain = next(p for p in points if p.part_fpr == 0.0)
+    assert best.part_fpr > 0 and best.either_rf is not None
+    assert best.detection > plain.detection + 0.2

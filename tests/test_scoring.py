@@ -307,3 +307,40 @@ def test_gated_bundle_flags_a_stride_pattern_the_parts_miss(fixture_bundle: Path
                       rule={"name": "stack", "gate": gate}, **common)
     with pytest.raises(BundleError, match="gate needs feature set"):
         Detector.load(v2)
+
+
+def test_either_part_override_flags_what_one_part_alone_sees(fixture_bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """Rule "either" (issue 15): the fused score is kept, and a part passing its own threshold
+    flags on its own, so a confident forest is not averaged away by an unsure CNN."""
+    from detector.bundle import load_manifest, write_bundle
+    from detector.errors import BundleError
+    from detector.scoring import Either, Rule, apply_either, parse_rule
+
+    rule = Rule("logit", either_rf=0.97, either_at=0.89)
+    assert rule.either == Either(None, 0.97, 0.89)
+    assert Rule("logit").combine(0.5, 0.97, 0.65) < 0.89  # the miss measured in issue 15
+    assert rule.combine(0.5, 0.97, 0.65) == pytest.approx(0.89)  # now flagged at 0.89
+    assert rule.combine(0.5, 0.96, 0.65) < 0.89
+    assert rule.combine(0.99, 0.99, 0.65) == pytest.approx(Rule("logit").combine(0.99, 0.99, 0.65))
+    # arrays and floats agree, and the map is monotone in each part
+    p = np.linspace(0, 1, 101)
+    s = apply_either(np.zeros_like(p), np.zeros_like(p), p, rule.either)
+    assert np.all(np.diff(s) >= 0) and s[-1] == 1.0
+    assert float(apply_either(0.0, 0.0, 0.5, rule.either)) == pytest.approx(s[50])
+
+    m = load_manifest(fixture_bundle)
+    out = write_bundle(tmp_path / "either", cnn_tflite=m.path_of("cnn"),
+                       forest=ForestArrays.load(m.path_of("forest")),
+                       feature_names=m.feature_names, w_cnn=0.5, threshold=0.6, thresholds={},
+                       training_data={}, metrics={},
+                       rule={"name": "logit", "either": {"cnn": None, "forest": 0.3, "at": 0.6}})
+    det = Detector.load(out)
+    imgs, _ = synthetic_images(8, seed=17)
+    for img in imgs:
+        p_cnn, p_rf, score = det.score_unit(img)
+        assert (score >= 0.6) == (Rule("logit").combine(p_cnn, p_rf, 0.5) >= 0.6 or p_rf >= 0.3)
+    for bad in ({"cnn": 1.2, "at": 0.5}, {"cnn": 0.5}, {"forest": 0.5, "at": 0.5, "x": 1},
+                "either"):
+        with pytest.raises(BundleError, match="either"):
+            parse_rule({"name": "logit", "either": bad}, tmp_path)

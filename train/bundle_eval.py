@@ -84,7 +84,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         feature_set=bundle_mod.manifest_feature_set(manifest),
         grid=gate is not None)
     pipeline.log("scoring the test split")
-    book = pipeline.score_book(work, models, te, te_pert, fusion=rule.fusion, gate=gate)
+    book = pipeline.score_book(work, models, te, te_pert, fusion=rule.fusion, gate=gate,
+                               either=rule.either)
     part_thresholds = manifest.training_data["part_thresholds"]
     metrics = evaluate.compute_metrics(book, w_cnn=manifest.w_cnn, threshold=manifest.threshold,
                                        part_thresholds=part_thresholds, seed=seed,

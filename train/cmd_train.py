@@ -46,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "spectral peaks (measured: unsure of clean images from a new source)")
     parser.add_argument("--no-grid-gate", action="store_true",
                         help="leave out the stride-grid gate (bundles before 2026-12-01)")
+    parser.add_argument("--no-zoo", action="store_true",
+                        help="train without the victim zoo's attacks and processed clean "
+                        "images (bundles before issue 15)")
+    parser.add_argument("--zoo-work", type=Path, default=None, metavar="DIR",
+                        help="cache of trained zoo members (default WORK/zoo-members; the "
+                        "README's `python -m train.zoo --work runs/zoo train` fills runs/zoo)")
+    parser.add_argument("--zoo-holdout", nargs="+", default=(), metavar="FAMILY",
+                        help="leave these zoo families' attacks out of the detector's training "
+                        "(a fold of the leave-one-family-out evaluation, python -m "
+                        "train.zoo_lofo)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,9 +70,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     work = args.work or Path("runs") / (
         f"train-{data.resolve().name}-seed{args.seed}{'-quick' if args.quick else ''}")
-    cfg = TrainConfig(data=str(data), out=str(args.out), work=str(work), seed=args.seed,
-                      quick=args.quick, max_depth=args.max_depth, fusion=args.fusion,
-                      feature_set=args.feature_set, grid_gate=not args.no_grid_gate)
+    try:
+        cfg = TrainConfig(data=str(data), out=str(args.out), work=str(work), seed=args.seed,
+                          quick=args.quick, max_depth=args.max_depth, fusion=args.fusion,
+                          feature_set=args.feature_set, grid_gate=not args.no_grid_gate,
+                          zoo=not args.no_zoo, zoo_holdout=tuple(args.zoo_holdout),
+                          zoo_work=str(args.zoo_work or ""))
+    except ValueError as exc:  # an unknown zoo family, every family held out, ...
+        print(f"sentinel train: {exc}", file=sys.stderr)
+        return 2
     if args.resample_noise is not None:
         cfg = replace(cfg, resample_noise_levels=args.resample_noise)
     if args.resample_sizes:

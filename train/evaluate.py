@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.scoring import apply_gate, fuse
+from detector.scoring import Either, apply_either, apply_gate, fuse
 from train.attacks import SUITE
 from train.fit_detector import (
     PAPER_THRESHOLD,
@@ -40,11 +40,14 @@ class ScoreBook:
     # (threshold, slope) of the bundle's stride-grid gate (detector.scoring.apply_gate), whose
     # feature values are each kind's "grid" entry; None: no gate
     gate: tuple[float, float] | None = None
+    either: Either | None = None  # the bundle's either-part override (detector.scoring)
 
     def combine(self, parts: dict[str, np.ndarray], w_cnn: float) -> np.ndarray:
         """The runtime's decision score from the parts' scores (and the gate's feature)."""
         s = fuse(parts["cnn"], parts["forest"], w_cnn, self.fusion)
-        return s if self.gate is None else apply_gate(s, parts["grid"], *self.gate)
+        if self.gate is not None:
+            s = apply_gate(s, parts["grid"], *self.gate)
+        return apply_either(s, parts["cnn"], parts["forest"], self.either)
 
     def part(self, kind: str, part: str, w_cnn: float | None = None) -> np.ndarray:
         s = self.scores[kind]

@@ -127,3 +127,113 @@ def binary_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, 
         "fpr": fp / (fp + tn) if fp + tn else 0.0,
         "tp": tp, "fp": fp, "fn": fn, "tn": tn,
     }
+
+
+@dataclass(frozen=True)
+class CleanGroup:
+    """One validation source's clean images: the parts' scores and the gate's feature."""
+
+    cnn: np.ndarray
+    forest: np.ndarray
+    grid: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """w_cnn, the either-part thresholds (None: off) and the operating threshold, with the
+    validation detection they give."""
+
+    w_cnn: float
+    part_fpr: float
+    either_cnn: float | None
+    either_rf: float | None
+    threshold: float
+    detection: float
+    auc: float
+
+
+PART_FPRS = (0.0, 0.001, 0.0025, 0.005)
+
+
+def threshold_beside(scores: np.ndarray, already: np.ndarray, target_fpr: float) -> float:
+    """Smallest t such that the images already flagged plus those with score >= t are at most
+    floor(target_fpr * n) (1.0 when ``already`` alone spends the budget)."""
+    k = int(np.floor(target_fpr * len(scores))) - int(already.sum())
+    if k < 0:
+        return 1.0
+    rest = np.sort(np.asarray(scores, np.float64)[~already])[::-1]
+    if k >= len(rest):
+        return 0.0
+    return min(float(np.nextafter(rest[k], np.inf)), 1.0)
+
+
+def part_threshold(groups: list[CleanGroup], part: str, part_fpr: float) -> float | None:
+    """A part's own threshold: the strictest of its per-source ``part_fpr`` points (None when
+    the budget share is 0 or no threshold below 1 keeps it)."""
+    if part_fpr <= 0.0:
+        return None
+    t = max(calibrate_threshold(getattr(g, part), part_fpr) for g in groups if len(g.cnn))
+    return t if 0.0 < t < 1.0 else None
+
+
+def operating_point(groups: list[CleanGroup], w: float, part_fpr: float, fusion: str,
+                    gate: tuple[float, float] | None,
+                    target_fpr: float = TARGET_FPR) -> tuple[float | None, float | None, float]:
+    """(either_cnn, either_rf, threshold) keeping at most ``target_fpr`` of every source's clean
+    validation images flagged by the fused score, the gate and the parts together."""
+    a = part_threshold(groups, "cnn", part_fpr)
+    b = part_threshold(groups, "forest", part_fpr)
+    t = 0.0
+    for g in groups:
+        if not len(g.cnn):
+            continue
+        s = fuse(g.cnn, g.forest, w, fusion)
+        if gate is not None:
+            s = apply_gate(s, g.grid, *gate)
+        already = np.zeros(len(s), bool)
+        if a is not None:
+            already |= g.cnn >= a
+        if b is not None:
+            already |= g.forest >= b
+        t = max(t, threshold_beside(s, already, target_fpr))
+    return a, b, t
+
+
+def search_operating_point(groups: list[CleanGroup], p_cnn: np.ndarray, p_rf: np.ndarray,
+                           grid: np.ndarray | None, fusion: str,
+                           gate: tuple[float, float] | None,
+                           w_grid: tuple[float, ...] = W_GRID,
+                           part_fprs: tuple[float, ...] = PART_FPRS,
+                           ) -> tuple[OperatingPoint, list[OperatingPoint]]:
+    """The (w_cnn, either-part share) with the highest detection of the perturbed validation
+    images (``p_cnn``, ``p_rf``, ``grid``) at the per-source operating threshold; ties go to
+    the smaller share, then the smaller w (the forest is the cheaper part)."""
+    from detector.scoring import Either, apply_either
+
+    points = []
+    for part_fpr in part_fprs:
+        for w in w_grid:
+            a, b, t = operating_point(groups, w, part_fpr, fusion, gate)
+            s = fuse(p_cnn, p_rf, w, fusion)
+            if gate is not None:
+                s = apply_gate(s, grid, *gate)
+            either = Either(a, b, t) if (a is not None or b is not None) and 0 < t < 1 else None
+            s = apply_either(s, p_cnn, p_rf, either)
+            clean = np.concatenate([_group_score(g, w, fusion, gate, either) for g in groups])
+            y = np.r_[np.zeros(len(clean)), np.ones(len(s))]
+            points.append(OperatingPoint(w, part_fpr, either and either.cnn,
+                                         either and either.forest, t,
+                                         float(np.mean(s >= t)), roc_auc(y, np.r_[clean, s])))
+    best = max(points, key=lambda p: (round(p.detection, 6), -p.part_fpr, round(p.auc, 6),
+                                      -p.w_cnn))
+    return best, points
+
+
+def _group_score(g: CleanGroup, w: float, fusion: str, gate: tuple[float, float] | None,
+                 either: object) -> np.ndarray:
+    from detector.scoring import apply_either
+
+    s = fuse(g.cnn, g.forest, w, fusion)
+    if gate is not None:
+        s = apply_gate(s, g.grid, *gate)
+    return apply_either(s, g.cnn, g.forest, either)  # type: ignore[arg-type]

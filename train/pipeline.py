@@ -82,6 +82,19 @@ class TrainConfig:
     # of the validation clean images' stride_grid_peaks, and the operating threshold is then
     # calibrated on the gated scores, so the 1% false-positive budget holds for both together.
     grid_gate: bool = True
+    # The victim zoo (train.zoo, train.zoo_examples): attacks at the native matrix through the
+    # drawn member's own resize, and modality processing as clean. Examples are drawn from
+    # every family of ``zoo_families``; those of ``zoo_holdout`` are left out of the detector's
+    # training (leave-one-family-out evaluation). Members are cached under ``zoo_work``
+    # (default <work>/zoo-members) by split digest.
+    zoo: bool = True
+    zoo_families: tuple[str, ...] = ("strided", "maxpool", "avgpool", "residual", "blurpool",
+                                     "depthwise", "patchify", "vit")
+    zoo_holdout: tuple[str, ...] = ()
+    zoo_work: str = ""
+    zoo_train_images: int = 2048
+    zoo_val_images: int = 640
+    zoo_member_epochs: int | None = None
 
     def __post_init__(self) -> None:
         from detector.features import FEATURE_SETS
@@ -92,11 +105,28 @@ class TrainConfig:
         if self.feature_set not in FEATURE_SETS:
             raise ValueError(f"feature set {self.feature_set!r}: use one of "
                              f"{list(FEATURE_SETS)}")
+        from train.zoo import FAMILIES
+
+        unknown = [f for f in (*self.zoo_families, *self.zoo_holdout) if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"zoo families {unknown}: use of {list(FAMILIES)}")
+        if self.zoo and not set(self.zoo_families) - set(self.zoo_holdout):
+            raise ValueError("every zoo family is held out: keep at least one for training")
 
     def quickened(self) -> TrainConfig:
         """A small run for development and smoke tests (minutes, not an hour)."""
         return replace(self, victim_epochs=2, cnn_epochs=2, paper_epochs=1,
-                       paper_max_images=150, trees=50)
+                       paper_max_images=150, trees=50,
+                       zoo_families=tuple(f for f in self.zoo_families
+                                          if f in ("maxpool", "avgpool")) or self.zoo_families,
+                       zoo_train_images=64, zoo_val_images=32, zoo_member_epochs=1)
+
+    @property
+    def zoo_tag(self) -> str:
+        """Model-file suffix of this zoo setting ("" without the zoo)."""
+        if not self.zoo:
+            return ""
+        return "-zoo" + "".join(f"-no{f}" for f in sorted(self.zoo_holdout))
 
 
 QUICK_SIZES = {"train": 400, "val": 160, "test": 160}
@@ -374,19 +404,25 @@ def resampled_pair(x224: np.ndarray, delta224: np.ndarray, rng: np.random.Genera
     the hard case (the shipped bundle was trained this way); attacks for evaluation use the
     default "exact" mapping, which the victim reads back unweakened.
     """
-    from PIL import Image
-
     from detector import preprocess
 
-    size = int(rng.choice(sizes))
-    up = np.asarray(Image.fromarray(x224.astype(np.float32), mode="F")
-                    .resize((size, size), Image.BICUBIC), np.float32)
-    sigma = float(rng.uniform(0.0, noise_levels / 255.0))
-    native = attacks.quantise(up + rng.normal(0.0, sigma, up.shape).astype(np.float32), 255)
+    native = resampled_native(x224, int(rng.choice(sizes)), rng, noise_levels)
     clean = preprocess.resize_to_input(native[None])[0]
     pert = preprocess.resize_to_input(
         attacks.to_native(native, delta224, 255, upsample="bilinear")[None])[0]
     return clean, pert
+
+
+def resampled_native(x224: np.ndarray, size: int, rng: np.random.Generator,
+                     noise_levels: float = RESAMPLE_NOISE_LEVELS) -> np.ndarray:
+    """A 224 image as a ``size`` x ``size`` acquisition would store it: bicubic upsampling,
+    Gaussian sensor noise of a drawn sigma up to ``noise_levels`` grey levels, 8-bit rounding."""
+    from PIL import Image
+
+    up = np.asarray(Image.fromarray(x224.astype(np.float32), mode="F")
+                    .resize((size, size), Image.BICUBIC), np.float32)
+    sigma = float(rng.uniform(0.0, noise_levels / 255.0))
+    return attacks.quantise(up + rng.normal(0.0, sigma, up.shape).astype(np.float32), 255)
 
 
 def stage_resampled(cfg: TrainConfig, work: Work, name: str, x: np.ndarray, pert: np.ndarray,
@@ -417,6 +453,26 @@ def stage_resampled(cfg: TrainConfig, work: Work, name: str, x: np.ndarray, pert
     work.save_npy(f"resampled/{name}_clean.npy", clean)
     work.save_npy(f"resampled/{name}_pert.npy", out)
     return clean, out
+
+
+# ---------------------------------------------------------------- the victim zoo
+
+def stage_zoo(cfg: TrainConfig, work: Work, split: datasets.Split, tr: SplitArrays,
+              va: SplitArrays, te: SplitArrays) -> tuple[Any, Any, list[dict]]:
+    """Zoo members (trained or cached) and the zoo examples of train and val, each whole: the
+    held-out families are dropped where the detector is fitted, so every fold shares them."""
+    from train import zoo_examples
+
+    zoo_work = Path(cfg.zoo_work) if cfg.zoo_work else work.path("zoo-members")
+    members = zoo_examples.ensure_members(
+        zoo_work, cfg.zoo_families, split.digest, {"train": tr.x, "val": va.x, "test": te.x},
+        {"train": tr.y, "val": va.y, "test": te.y}, cfg.zoo_member_epochs, log=log)
+    draw = zoo_examples.ZooDraw(families=tuple(cfg.zoo_families))
+    ex_tr = zoo_examples.stage_zoo_examples(work.root, "train", tr.x, cfg.zoo_train_images,
+                                            draw, zoo_work, split.digest, cfg.seed, log=log)
+    ex_va = zoo_examples.stage_zoo_examples(work.root, "val", va.x, cfg.zoo_val_images,
+                                            draw, zoo_work, split.digest, cfg.seed + 1, log=log)
+    return ex_tr, ex_va, members
 
 
 # ---------------------------------------------------------------- features
@@ -476,9 +532,10 @@ def val_mixed_perturbed(va: SplitArrays, va_pert: dict[str, np.ndarray],
     return np.stack([va_pert[p.name] for p in SUITE])[pick, rows] if len(va.x) else va.x
 
 
-def with_resampled(sets: DetectorSets, tr_pair: tuple[np.ndarray, np.ndarray],
-                   va_pair: tuple[np.ndarray, np.ndarray]) -> DetectorSets:
-    """The shipped CNN's data: Kermany pairs plus the resampled-source pairs."""
+def with_pairs(sets: DetectorSets, tr_pair: tuple[np.ndarray, np.ndarray],
+               va_pair: tuple[np.ndarray, np.ndarray]) -> DetectorSets:
+    """``sets`` plus clean/perturbed pairs for training and validation (the shipped CNN's data:
+    Kermany pairs, then the resampled-source pairs, then the zoo examples)."""
     (tc, tp), (vc, vp) = tr_pair, va_pair
     return DetectorSets(
         x_train=np.concatenate([sets.x_train, tc, tp]),
@@ -525,11 +582,11 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
 
 
 def forest_rel(cfg: TrainConfig) -> str:
-    """One file per forest setting, so a rerun with another --max-depth or feature set refits
-    (v1 forests keep their old names)."""
+    """One file per forest setting, so a rerun with another --max-depth, feature set or zoo
+    setting refits (v1 forests without the zoo keep their old names)."""
     fdir = feature_dir(cfg.feature_set)
     tag = "" if fdir == "feat" else "-" + fdir.removeprefix("feat-")
-    return f"models/forest-{cfg.trees}trees-depth{cfg.max_depth}{tag}.npz"
+    return f"models/forest-{cfg.trees}trees-depth{cfg.max_depth}{tag}{cfg.zoo_tag}.npz"
 
 
 def stage_forest(cfg: TrainConfig, work: Work, f_train: np.ndarray, y_train: np.ndarray) -> Any:
@@ -634,7 +691,8 @@ def grid_values(work: Work, split_name: str, kind: str, x: np.ndarray) -> np.nda
 
 def score_book(work: Work, models: ScoringModels, arr: SplitArrays,
                pert: dict[str, np.ndarray], clean_only_parts: tuple[str, ...] = (),
-               fusion: str = "stack", gate: tuple[float, float] | None = None) -> Any:
+               fusion: str = "stack", gate: tuple[float, float] | None = None,
+               either: Any = None) -> Any:
     """ScoreBook of a split; ``clean_only_parts`` are scored on clean images only (validation
     needs the reference CNNs only to calibrate their thresholds). With ``models.grid`` each
     kind also gets the gate's feature values ("grid")."""
@@ -654,14 +712,14 @@ def score_book(work: Work, models: ScoringModels, arr: SplitArrays,
         book["clean"]["grid"] = grid_values(work, arr.name, "clean", arr.x)
         for p in SUITE:
             book[p.name]["grid"] = grid_values(work, arr.name, p.name, pert[p.name])
-    return evaluate.ScoreBook(book, fusion, gate)
+    return evaluate.ScoreBook(book, fusion, gate, either)
 
 
 def run_pipeline(cfg: TrainConfig) -> Path:
     """The whole of ``sentinel train``; returns the bundle directory."""
     from detector import bundle as bundle_mod
     from detector import features
-    from detector.scoring import GATE_FEATURE, fuse
+    from detector.scoring import GATE_FEATURE, Either
     from train import evaluate, fit_detector, training_bundle, victim
 
     if cfg.quick:
@@ -698,6 +756,13 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     va_rs = timed("resampled_val", lambda: stage_resampled(
         cfg, work, "val", va.x, va_mixed, np.arange(len(va.x)) if len(rs_idx) else rs_idx,
         cfg.seed + 1))
+    zoo_members: list[dict] = []
+    if cfg.zoo:
+        ex_tr, ex_va, zoo_members = timed("zoo", lambda: stage_zoo(cfg, work, split, tr, va, te))
+        zoo_tr_keep = ~np.isin(ex_tr.family, list(cfg.zoo_holdout))
+        zoo_va_keep = ~np.isin(ex_va.family, list(cfg.zoo_holdout))
+        log(f"zoo examples: {int(zoo_tr_keep.sum())} training and {int(zoo_va_keep.sum())} "
+            f"validation pairs (held out: {list(cfg.zoo_holdout) or 'none'})")
     log("features")
     f_tr = timed("features", lambda: np.concatenate([
         features_of(work, "train", "clean", tr.x, cfg.feature_set),
@@ -706,14 +771,27 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         features_of(work, "train", "resampled_pert", tr_rs[1], cfg.feature_set)]))
     y_tr = np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert)), np.zeros(len(tr_rs[0])),
                  np.ones(len(tr_rs[1]))]
+    cnn_sets = with_pairs(sets, tr_rs, va_rs)
+    if cfg.zoo:
+        f_tr = np.concatenate([
+            f_tr,
+            features_of(work, "train", "zoo_clean", ex_tr.clean, cfg.feature_set)[zoo_tr_keep],
+            features_of(work, "train", "zoo_attacked", ex_tr.attacked,
+                        cfg.feature_set)[zoo_tr_keep]])
+        n_zoo = int(zoo_tr_keep.sum())
+        y_tr = np.r_[y_tr, np.zeros(n_zoo), np.ones(n_zoo)]
+        cnn_sets = with_pairs(cnn_sets,
+                              (ex_tr.clean[zoo_tr_keep], ex_tr.attacked[zoo_tr_keep]),
+                              (ex_va.clean[zoo_va_keep], ex_va.attacked[zoo_va_keep]))
     if cfg.grid_gate:
         # an adaptive attacker (train.adaptive) holds the gate's feature too and takes its
         # clean spread from the training split: cache the v3 features there (~6 s)
         timed("features_v3", lambda: [grid_values(work, "train", k, x) for k, x in
                                       (("clean", tr.x), ("perturbed", tr_pert))])
 
-    cnn_path = timed("cnn", lambda: stage_cnn(
-        cfg, work, with_resampled(sets, tr_rs, va_rs), "cnn", "shipped", cfg.cnn_epochs))
+    cnn_name = "cnn" + cfg.zoo_tag
+    cnn_path = timed(cnn_name, lambda: stage_cnn(
+        cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs))
     forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
     paper_tflite = timed("paper_cnn", lambda: stage_cnn(
         cfg, work, sets, "paper_cnn", "paper", cfg.paper_epochs, cfg.paper_max_images))
@@ -743,22 +821,60 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     yv = np.r_[yv, np.zeros(len(va_rs[0])), np.ones(len(va_rs[1]))]
     val_cnn = np.r_[mix["cnn"], rs_c["cnn"], rs_p["cnn"]]
     val_rf = np.r_[mix["forest"], rs_c["forest"], rs_p["forest"]]
-    w_cnn, grid = fit_detector.grid_search_w(val_cnn, val_rf, yv, fusion=cfg.fusion)
-    clean_cnn = np.r_[val_book.part("clean", "cnn"), rs_c["cnn"]]
-    clean_rf = np.r_[val_book.part("clean", "forest"), rs_c["forest"]]
-    clean_fused = fuse(clean_cnn, clean_rf, w_cnn, cfg.fusion)
+    # the clean validation images by source: the threshold keeps the 1% budget on each
+    clean_groups = {"kermany": (val_book.part("clean", "cnn"), val_book.part("clean", "forest"),
+                                val_book.part("clean", "grid") if cfg.grid_gate else None),
+                    "resampled": (rs_c["cnn"], rs_c["forest"],
+                                  grid_values(work, "val", "resampled_clean", va_rs[0])
+                                  if cfg.grid_gate else None)}
+    if cfg.zoo:
+        zc = stage_scores(work, "val", "zoo_clean", ex_va.clean,
+                          features_of(work, "val", "zoo_clean", ex_va.clean, cfg.feature_set),
+                          models, ("cnn", "forest"))
+        za = stage_scores(work, "val", "zoo_attacked", ex_va.attacked,
+                          features_of(work, "val", "zoo_attacked", ex_va.attacked,
+                                      cfg.feature_set), models, ("cnn", "forest"))
+        zgrid = (grid_values(work, "val", "zoo_clean", ex_va.clean) if cfg.grid_gate
+                 else np.zeros(len(ex_va)))
+        k = zoo_va_keep
+        yv = np.r_[yv, np.zeros(int(k.sum())), np.ones(int(k.sum()))]
+        val_cnn = np.r_[val_cnn, zc["cnn"][k], za["cnn"][k]]
+        val_rf = np.r_[val_rf, zc["forest"][k], za["forest"][k]]
+        for name, rows in (("zoo-stored", k & ~ex_va.processed), ("zoo-processed",
+                                                                   k & ex_va.processed)):
+            clean_groups[name] = (zc["cnn"][rows], zc["forest"][rows], zgrid[rows])
     rule: dict[str, Any] = {"name": cfg.fusion}
     gate = None
+    groups = [fit_detector.CleanGroup(*g) for g in clean_groups.values()]
     if cfg.grid_gate:
-        clean_grid = np.r_[val_book.part("clean", "grid"),
-                           grid_values(work, "val", "resampled_clean", va_rs[0])]
-        gate, threshold = fit_detector.calibrate_gate(clean_fused, clean_grid, GATE_FPR,
-                                                      GATE_SLOPE)
+        # the gate's threshold: its share of the budget on every clean validation image
+        gate = (fit_detector.calibrate_threshold(np.concatenate([g.grid for g in groups]),
+                                                 GATE_FPR), GATE_SLOPE)
         rule["gate"] = {"feature": GATE_FEATURE, "threshold": gate[0], "slope": gate[1]}
-        test_book = replace(test_book, gate=gate)
         log(f"stride-grid gate at {gate[0]:.4f} ({GATE_FPR:.1%} of validation clean images)")
-    else:
-        threshold = fit_detector.calibrate_threshold(clean_fused)
+    val_grid = None
+    if cfg.grid_gate:  # the gate's feature of every validation image, in yv's order
+        val_grid = np.r_[mix["grid"], clean_groups["resampled"][2],
+                         grid_values(work, "val", "resampled_pert", va_rs[1])]
+        if cfg.zoo:
+            val_grid = np.r_[val_grid, zgrid[zoo_va_keep], grid_values(
+                work, "val", "zoo_attacked", ex_va.attacked)[zoo_va_keep]]
+    # w_cnn and the either-part override together, at the operating threshold that keeps the
+    # 1% budget on each source's clean validation images (the gate and the parts included)
+    pos = yv == 1
+    best, grid = fit_detector.search_operating_point(
+        groups, val_cnn[pos], val_rf[pos], None if val_grid is None else val_grid[pos],
+        cfg.fusion, gate, part_fprs=fit_detector.PART_FPRS if cfg.zoo else (0.0,))
+    w_cnn, threshold = best.w_cnn, best.threshold
+    either = None
+    if best.either_cnn is not None or best.either_rf is not None:
+        either = Either(best.either_cnn, best.either_rf, threshold)
+        rule["either"] = either.manifest_entry()
+        log(f"either-part override: CNN {best.either_cnn}, forest {best.either_rf} "
+            f"({best.part_fpr:.2%} of each source's clean validation images each)")
+    test_book = replace(test_book, gate=gate, either=either)
+    clean_cnn = np.concatenate([g.cnn for g in groups])
+    clean_rf = np.concatenate([g.forest for g in groups])
     part_thresholds = {
         "cnn": fit_detector.calibrate_threshold(clean_cnn),
         "forest": fit_detector.calibrate_threshold(clean_rf),
@@ -781,7 +897,10 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         "victim": victim_acc,
         "timings_s": timings,
         "models": {n: work.load_json(f"models/{n}.json")
-                   for n in ("cnn", "paper_cnn", "baseline_cnn")},
+                   for n in (cnn_name, "paper_cnn", "baseline_cnn")},
+        "zoo": ({"members": zoo_members, "holdout": list(cfg.zoo_holdout),
+                 "train_pairs": int(zoo_tr_keep.sum()), "val_pairs": int(zoo_va_keep.sum())}
+                if cfg.zoo else None),
     }
     metrics = summary_metrics(test_metrics)
     work.save_json("test_metrics.json", test_metrics)
@@ -796,7 +915,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     log("writing bundle")
     tfiles = {
         "victim": work.path(victim.VICTIM_FILE),
-        "cnn_keras": work.path("models/cnn.keras"),
+        "cnn_keras": work.path(f"models/{cnn_name}.keras"),
         "paper_cnn": work.path("models/paper_cnn.keras"),
         "paper_cnn_tflite": paper_tflite,
         "baseline_cnn": work.path("models/baseline_cnn.keras"),

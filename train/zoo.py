@@ -455,9 +455,12 @@ def predict_logits(model: Any, x_native: np.ndarray, batch_size: int = 64) -> np
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
+    """ROC AUC, NaN where a split holds one class only (a tiny --quick split can)."""
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score(y, s))
+    if len(np.unique(y[y >= 0])) < 2:
+        return float("nan")
+    return float(roc_auc_score(y[y >= 0], s[y >= 0]))
 
 
 def train_member(family: str, data: KermanyArrays, *, pipeline: Pipeline | None = None,

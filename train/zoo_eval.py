@@ -126,24 +126,55 @@ def clean_cell(det: Any, src: Source, out: Path) -> dict:
     return cell
 
 
-def attack_cell(det: Any, member: Any, meta: dict, src: Source, method: str, eps: float,
-                out: Path, seed: int, batch_size: int) -> dict:
-    """One (family, source, attack, eps) cell, cached."""
+def cell_key(meta: dict, src: Source, method: str, eps: float, seed: int) -> str:
+    return (f"{meta['family']}__{meta['pipeline_tag']}__{src.name}__{src.tag}__{method}__"
+            f"{eps:g}__s{seed}")
+
+
+@dataclass(frozen=True)
+class AttackedImages:
+    """One cell's stored attacked images (8-bit, native matrix) and which fooled the member."""
+
+    adv: np.ndarray  # float32 on k/255
+    fooled: np.ndarray  # bool
+    attack_wall_s: float
+
+
+def attacked_images(member: Any, meta: dict, src: Source, method: str, eps: float, out: Path,
+                    seed: int, batch_size: int) -> AttackedImages:
+    """The attack of one (family, source, method, eps) cell, cached as 8-bit arrays under
+    ``out/advs`` so every detector bundle (the shipped one, each leave-out fold) scores the
+    very same attacked images."""
     from train import attacks, zoo
 
-    key = (f"{meta['family']}__{meta['pipeline_tag']}__{src.name}__{src.tag}__{method}__"
-           f"{eps:g}__s{seed}")
+    path = out / "advs" / f"{cell_key(meta, src, method, eps, seed)}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return AttackedImages(z["adv"].astype(np.float32) / LEVELS, z["fooled"].astype(bool),
+                                  float(z["attack_wall_s"]))
+    t0 = time.perf_counter()
+    label = attacks.predicted_class(zoo.predict_logits(member, src.x))
+    adv = attacks.native_attack(member, src.x, label, attacks.NativeAttack(method, eps),
+                                levels=LEVELS, seed=seed, batch_size=batch_size)
+    wall = time.perf_counter() - t0
+    fooled = attacks.predicted_class(zoo.predict_logits(member, adv)) != label
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, adv=np.round(adv * LEVELS).astype(np.uint8), fooled=fooled,
+                        attack_wall_s=wall)
+    os.replace(tmp, path)
+    return AttackedImages(adv, fooled, wall)
+
+
+def attack_cell(det: Any, member: Any, meta: dict, src: Source, method: str, eps: float,
+                out: Path, seed: int, batch_size: int) -> dict:
+    """One (family, source, attack, eps) cell scored by ``det``, cached."""
+    key = cell_key(meta, src, method, eps, seed)
     path = out / "cells" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    clean_logits = zoo.predict_logits(member, src.x)
-    label = attacks.predicted_class(clean_logits)
-    adv = attacks.native_attack(member, src.x, label, attacks.NativeAttack(method, eps),
-                                levels=LEVELS, seed=seed, batch_size=batch_size)
-    t_attack = time.perf_counter() - t0
-    adv_logits = zoo.predict_logits(member, adv)
-    fooled = attacks.predicted_class(adv_logits) != label
+    att = attacked_images(member, meta, src, method, eps, out, seed, batch_size)
+    adv, fooled, t_attack = att.adv, att.fooled, att.attack_wall_s
     s = score_stored(det, adv)
     flagged = s["score"] >= det.threshold
     change = np.abs(np.round(adv * LEVELS) - np.round(src.x * LEVELS))

@@ -1,0 +1,289 @@
+"""Leave-one-family-out evaluation of zoo-trained detectors (issue 15).
+
+A detector trained on attacks against some network families is judged on a family it never
+saw: each family's attacked images are scored by the **fold bundle** whose training left that
+family out (``sentinel train --zoo-holdout FAMILY ...``, which records the held-out families in
+its manifest), beside the **final bundle** that trained on every family. The attacked images
+are made once per cell (``train.zoo_eval.attacked_images``: native matrix, the member's own
+resize, 8-bit storage) and cached, so every bundle scores the very same images.
+
+Reported, with Wilson 95% intervals: detection among the images each attack fooled, per
+source x family x attack x eps, for the held-out and the final bundle; clean FPR per source for
+every bundle; and with ``--processing`` the final bundle's clean FPR per kind of modality
+processing at the fixed evaluation settings, which the training draw never uses
+(train.zoo_examples). The issue's targets are checked on the held-out figures::
+
+    python -m train.zoo_lofo --bundle runs/bundle-zoo --fold runs/bundle-lofo-a ... \\
+        --out runs/zoo-lofo --processing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGETS = {0.006: 0.90, 0.003: 0.70}  # detection of fooled images, held-out family
+MIN_FOOLED = 20  # a cell counts towards the targets when at least this many images are fooled
+CLEAN_FPR_TARGETS = {"kermany224": 0.01, "nih512": 0.02}
+PROCESSING_FPR_TARGET = 0.02
+
+
+@dataclass(frozen=True)
+class ScoredBundle:
+    """A loaded runtime Detector, where it came from and which families it never saw."""
+
+    name: str
+    path: Path
+    detector: Any
+    holdout: tuple[str, ...]
+
+
+def load_bundle(path: Path) -> ScoredBundle:
+    from detector.bundle import load_manifest
+    from detector.scoring import Detector
+
+    zoo = (load_manifest(path).training_data or {}).get("zoo") or {}
+    return ScoredBundle(path.name, path, Detector.load(path), tuple(zoo.get("holdout", ())))
+
+
+def fold_for(family: str, folds: list[ScoredBundle]) -> ScoredBundle | None:
+    """The fold bundle that never saw ``family`` (the first, if several did not)."""
+    return next((b for b in folds if family in b.holdout), None)
+
+
+def _wilson(k: int, n: int) -> list[float]:
+    from train.adaptive import wilson
+
+    return list(wilson(k, n)) if n else [float("nan"), float("nan")]
+
+
+def detection(det: Any, adv: np.ndarray, fooled: np.ndarray) -> dict:
+    from train.zoo_eval import score_stored
+
+    s = score_stored(det, adv)
+    flagged = s["score"] >= det.threshold
+    k, n = int((flagged & fooled).sum()), int(fooled.sum())
+    return {"detected": k, "fooled": n, "rate": k / n if n else None, "ci": _wilson(k, n),
+            "median_score": float(np.median(s["score"][fooled])) if n else None}
+
+
+def clean_fpr(det: Any, x: np.ndarray) -> dict:
+    from train.zoo_eval import score_stored
+
+    flagged = score_stored(det, x)["score"] >= det.threshold
+    k, n = int(flagged.sum()), len(x)
+    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n)}
+
+
+def score_cell(att: Any, meta: dict, source: str, attack: str, eps: float,
+               final: ScoredBundle, folds: list[ScoredBundle]) -> dict:
+    """One cell's detection by the final bundle and by the fold that held its family out."""
+    fold = fold_for(meta["family"], folds)
+    return {"source": source, "family": meta["family"], "pipeline": meta["pipeline_tag"],
+            "attack": attack, "eps": eps, "n": len(att.adv), "fooled": int(att.fooled.sum()),
+            "final": detection(final.detector, att.adv, att.fooled),
+            "held_out": detection(fold.detector, att.adv, att.fooled) if fold else None,
+            "held_out_bundle": fold.name if fold else None}
+
+
+def targets_check(cells: list[dict], clean: dict, processing: list[dict]) -> list[str]:
+    """Every target line of the issue that the held-out figures miss ([] when all hold)."""
+    misses = []
+    for c in cells:
+        held = c.get("held_out")
+        if held is None or held["fooled"] < MIN_FOOLED or c["eps"] not in TARGETS:
+            continue
+        if held["rate"] < TARGETS[c["eps"]]:
+            misses.append(f"{c['source']} {c['family']} {c['attack']} eps {c['eps']:g}: "
+                          f"{100 * held['rate']:.0f}% of {held['fooled']} fooled "
+                          f"< {100 * TARGETS[c['eps']]:.0f}%")
+    for source, by_bundle in clean.items():
+        limit = CLEAN_FPR_TARGETS.get(source)
+        for name, r in by_bundle.items():
+            if limit is not None and r["fpr"] > limit:
+                misses.append(f"clean {source} ({name}): {100 * r['fpr']:.1f}% > "
+                              f"{100 * limit:.0f}%")
+    for r in processing:
+        if r["fpr"] > PROCESSING_FPR_TARGET:
+            misses.append(f"processing {r['kind']} {r['setting']} on {r['source']}: "
+                          f"{100 * r['fpr']:.1f}% > {100 * PROCESSING_FPR_TARGET:.0f}%")
+    return misses
+
+
+def _pct(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if not r["fooled"]:
+        return "- (0 fooled)"
+    lo, hi = r["ci"]
+    return (f"{100 * r['rate']:.0f}% ({r['detected']}/{r['fooled']}) "
+            f"[{100 * lo:.0f}, {100 * hi:.0f}]")
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# Victim zoo, leave-one-family-out: bundle {results['bundle']}",
+        "",
+        "Each family's attacks are scored by the fold bundle whose training left that family "
+        "out (held out) and by the final bundle, which trained on every family. Attacks at the "
+        "native matrix through the member's own resize, stored at 8 bits; detection = flagged "
+        "among the images the attack fooled, at each bundle's own threshold; [Wilson 95%]. "
+        f"Targets (held out, cells with >= {MIN_FOOLED} fooled): "
+        + ", ".join(f">= {100 * v:.0f}% at eps {k:g}" for k, v in TARGETS.items()) + ".",
+        "",
+        "## Clean false positives",
+        "",
+        "| source | " + " | ".join(results["bundles"]) + " |",
+        "| --- | " + " | ".join("---" for _ in results["bundles"]) + " |",
+    ]
+    for source, by_bundle in results["clean"].items():
+        row = [source]
+        for name in results["bundles"]:
+            r = by_bundle.get(name)
+            row.append("-" if r is None else
+                       f"{100 * r['fpr']:.1f}% ({r['flagged']}/{r['n']}) "
+                       f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Detection among fooled images", "",
+              "| source | family | attack | eps | fooled | held out (bundle) | final bundle |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in results["cells"]:
+        held = c.get("held_out")
+        lines.append(f"| {c['source']} | {c['family']} | {c['attack']} | {c['eps']:g} | "
+                     f"{c['fooled']}/{c['n']} | {_pct(held)} ({c.get('held_out_bundle', '-')}) "
+                     f"| {_pct(c['final'])} |")
+    if results["processing"]:
+        lines += ["", "## Clean FPR per modality processing (evaluation settings, final "
+                  "bundle)", "", "| kind | setting | source | flagged | FPR [95%] |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in results["processing"]:
+            lo, hi = r["fpr_ci"]
+            lines.append(f"| {r['kind']} | {r['setting']} | {r['source']} | {r['flagged']}/"
+                         f"{r['n']} | {100 * r['fpr']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |")
+    lines += ["", "## Targets", ""]
+    lines += ([f"- missed: {m}" for m in results["misses"]] or ["- every target holds"])
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot(results: dict, path: Path) -> None:
+    """Held-out detection per family (bars per eps), one panel per source x attack."""
+    from train import zoo_eval
+
+    cells = [{**c, "detection_fooled": (c["held_out"] or {}).get("rate"),
+              "detection_fooled_ci": (c["held_out"] or {}).get("ci", [0.0, 0.0]),
+              "fooled": (c["held_out"] or {}).get("fooled", 0)} for c in results["cells"]]
+    zoo_eval.bar_plot({"cells": cells, "members": results["members"],
+                       "bundle_id": f"{results['bundle']} held out",
+                       "threshold": results["threshold"]}, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from train import zoo, zoo_eval
+
+    ap = argparse.ArgumentParser(prog="python -m train.zoo_lofo",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path, help="the final (all-family) bundle")
+    ap.add_argument("--fold", type=Path, nargs="+", default=[],
+                    help="fold bundles, each trained with --zoo-holdout")
+    ap.add_argument("--zoo-work", type=Path, default=Path("runs/zoo"))
+    ap.add_argument("--attacks-dir", type=Path, default=Path("runs/zoo-attacks"),
+                    help="cache of attacked images, shared by every evaluation")
+    ap.add_argument("--out", type=Path, default=Path("runs/zoo-lofo"))
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--families", nargs="+", default=list(zoo.FAMILIES),
+                    choices=list(zoo.FAMILIES))
+    ap.add_argument("--sources", nargs="+", default=list(zoo_eval.SOURCES),
+                    choices=zoo_eval.SOURCES)
+    ap.add_argument("--attacks", nargs="+", default=list(zoo_eval.DEFAULT_ATTACKS))
+    ap.add_argument("--eps", nargs="+", type=float, default=list(zoo_eval.DEFAULT_EPS))
+    ap.add_argument("--nih", type=int, default=100)
+    ap.add_argument("--kermany", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--processing", action="store_true")
+    ap.add_argument("--attacks-only", action="store_true",
+                    help="make (and cache) the attacked images, score nothing: run it while "
+                    "the fold bundles train")
+    args = ap.parse_args(argv)
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    data_root = args.data or zoo.default_data_root()
+    sources = zoo_eval.load_sources(args.zoo_work, data_root, args.nih, args.kermany, args.seed)
+    members = {m["family"]: m for m in zoo.list_members(args.zoo_work) if m["seed"] == args.seed}
+    missing = [f for f in args.families if f not in members]
+    if missing:
+        print(f"zoo members not trained under {args.zoo_work}: {missing} (python -m train.zoo "
+              f"--work {args.zoo_work} train)", file=sys.stderr)
+        return 2
+    # family-major, so each member is loaded once
+    jobs = [(f, s, a, e) for f in args.families for s in args.sources for a in args.attacks
+            for e in args.eps]
+    attacked: dict[tuple[str, str, str, float], Any] = {}
+    loaded: dict[str, Any] = {}
+    for f, s, a, e in tqdm(jobs, desc="zoo attacks", unit="cell", mininterval=10):
+        meta = members[f]
+        key = zoo_eval.cell_key(meta, sources[s], a, e, args.seed)
+        if not (args.attacks_dir / "advs" / f"{key}.npz").is_file() and f not in loaded:
+            loaded.clear()
+            loaded[f] = zoo.load_member(args.zoo_work, f, seed=args.seed,
+                                        digest=meta["split_digest"])[0]
+        attacked[(f, s, a, e)] = zoo_eval.attacked_images(
+            loaded.get(f), meta, sources[s], a, e, args.attacks_dir, args.seed, args.batch_size)
+    if args.attacks_only or args.bundle is None:
+        print(f"{len(attacked)} cells of attacked images under {args.attacks_dir / 'advs'}")
+        return 0
+    final = load_bundle(args.bundle)
+    folds = [load_bundle(p) for p in args.fold]
+    unseen = [f for f in args.families if fold_for(f, folds) is None]
+    if unseen:
+        print(f"no fold bundle holds out {unseen}: train one with `sentinel train ... "
+              f"--zoo-holdout {' '.join(unseen)}`; those rows show the final bundle only",
+              file=sys.stderr)
+    bundles = [final, *folds]
+    clean = {s: {b.name: clean_fpr(b.detector, sources[s].x) for b in bundles}
+             for s in args.sources}
+    cells = []
+    for s in args.sources:
+        for f in args.families:
+            for a in args.attacks:
+                for e in args.eps:
+                    cells.append(score_cell(attacked[(f, s, a, e)], members[f], s, a, e, final,
+                                            folds))
+    processing: list[dict] = []
+    if args.processing:
+        from train import processing as proc
+
+        processing = proc.clean_fpr_table(final.detector,
+                                          {s: sources[s].x for s in args.sources},
+                                          args.out / "processing", seed=args.seed)
+    results = {
+        "bundle": final.detector.bundle_id, "threshold": final.detector.threshold,
+        "bundles": [b.name for b in bundles],
+        "folds": {b.name: {"bundle_id": b.detector.bundle_id, "holdout": list(b.holdout),
+                           "threshold": b.detector.threshold} for b in folds},
+        "members": [{k: members[f][k] for k in ("family", "pipeline_tag", "test_auc")}
+                    for f in args.families],
+        "clean": clean, "cells": cells, "processing": processing,
+        "settings": {"nih": args.nih, "kermany": args.kermany, "seed": args.seed,
+                     "attacks": args.attacks, "eps": args.eps},
+    }
+    results["misses"] = targets_check(cells, clean, processing)
+    args.out.mkdir(parents=True, exist_ok=True)
+    zoo_eval._save_json(args.out / "results.json", results)
+    (args.out / "table.md").write_text(markdown(results))
+    bar_plot(results, args.out / "detection_held_out.png")
+    print(f"wrote {args.out / 'table.md'}; {len(results['misses'])} target(s) missed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
