@@ -30,18 +30,24 @@ import numpy as np
 
 TARGETS = {0.006: 0.90, 0.003: 0.70}  # detection of fooled images, held-out family
 MIN_FOOLED = 20  # a cell counts towards the targets when at least this many images are fooled
-CLEAN_FPR_TARGETS = {"kermany224": 0.01, "nih512": 0.02}
+CLEAN_FPR_TARGETS = {"kermany224": 0.01, "nih512": 0.02, "nih512-site": 0.01}
 PROCESSING_FPR_TARGET = 0.02
+
+
+SITE_TARGETS = {0.006: 0.95, 0.003: 0.85}  # after `sentinel calibrate` on the site's images
+SITE_FPR = 0.01
 
 
 @dataclass(frozen=True)
 class ScoredBundle:
-    """A loaded runtime Detector, where it came from and which families it never saw."""
+    """A loaded runtime Detector, where it came from, which families it never saw, and its
+    threshold after a site's ``sentinel calibrate`` (None until calibrated)."""
 
     name: str
     path: Path
     detector: Any
     holdout: tuple[str, ...]
+    site_threshold: float | None = None
 
 
 def load_bundle(path: Path) -> ScoredBundle:
@@ -63,22 +69,61 @@ def _wilson(k: int, n: int) -> list[float]:
     return list(wilson(k, n)) if n else [float("nan"), float("nan")]
 
 
-def detection(det: Any, adv: np.ndarray, fooled: np.ndarray) -> dict:
+def detection(b: ScoredBundle, adv: np.ndarray, fooled: np.ndarray) -> dict:
+    """Detection of the fooled images at the bundle's threshold (and at its site threshold,
+    as "site", when it has one)."""
     from train.zoo_eval import score_stored
 
-    s = score_stored(det, adv)
-    flagged = s["score"] >= det.threshold
-    k, n = int((flagged & fooled).sum()), int(fooled.sum())
-    return {"detected": k, "fooled": n, "rate": k / n if n else None, "ci": _wilson(k, n),
-            "median_score": float(np.median(s["score"][fooled])) if n else None}
+    s = score_stored(b.detector, adv)["score"]
+    n = int(fooled.sum())
+
+    def at(t: float) -> dict:
+        k = int(((s >= t) & fooled).sum())
+        return {"detected": k, "fooled": n, "rate": k / n if n else None, "ci": _wilson(k, n),
+                "threshold": t}
+
+    out = {**at(b.detector.threshold),
+           "median_score": float(np.median(s[fooled])) if n else None}
+    if b.site_threshold is not None:
+        out["site"] = at(b.site_threshold)
+    return out
 
 
-def clean_fpr(det: Any, x: np.ndarray) -> dict:
+def site_calibrated(b: ScoredBundle, calib: np.ndarray) -> ScoredBundle:
+    """The bundle after ``sentinel calibrate --allow-lower`` on ``calib`` (a site's clean
+    images): the same code path, detector.cmd_calibrate.calibrate."""
+    from dataclasses import replace
+
+    from detector.cmd_calibrate import calibrate
     from train.zoo_eval import score_stored
 
-    flagged = score_stored(det, x)["score"] >= det.threshold
+    scores = score_stored(b.detector, calib)["score"].tolist()
+    result = calibrate({"": scores}, SITE_FPR, b.detector.threshold, allow_lower=True)
+    return replace(b, site_threshold=float(result["overall"]["threshold"]))
+
+
+def clean_fpr(det: Any, x: np.ndarray, threshold: float | None = None) -> dict:
+    from train.zoo_eval import score_stored
+
+    t = det.threshold if threshold is None else threshold
+    flagged = score_stored(det, x)["score"] >= t
     k, n = int(flagged.sum()), len(x)
-    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n)}
+    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n), "threshold": t}
+
+
+def nih_site_split(data_root: Path, exclude: tuple[str, ...], n_calib: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """NIH images outside the evaluation sample, split into a site's ``n_calib`` calibration
+    images and the rest (on which the site's clean FPR is measured)."""
+    from train import datasets
+
+    nih_dir = data_root / "nih_cxr14_1000"
+    skip = set(exclude)
+    files = [p for p in sorted(nih_dir.rglob("*.png"))
+             if p.relative_to(nih_dir).as_posix() not in skip]
+    order = np.random.default_rng([seed, 59]).permutation(len(files))
+    xs = np.stack([datasets.load_native(files[i]).native for i in order]).astype(np.float32)
+    return xs[:n_calib], xs[n_calib:]
 
 
 def score_cell(att: Any, meta: dict, source: str, attack: str, eps: float,
@@ -87,8 +132,8 @@ def score_cell(att: Any, meta: dict, source: str, attack: str, eps: float,
     fold = fold_for(meta["family"], folds)
     return {"source": source, "family": meta["family"], "pipeline": meta["pipeline_tag"],
             "attack": attack, "eps": eps, "n": len(att.adv), "fooled": int(att.fooled.sum()),
-            "final": detection(final.detector, att.adv, att.fooled),
-            "held_out": detection(fold.detector, att.adv, att.fooled) if fold else None,
+            "final": detection(final, att.adv, att.fooled),
+            "held_out": detection(fold, att.adv, att.fooled) if fold else None,
             "held_out_bundle": fold.name if fold else None}
 
 
@@ -103,6 +148,15 @@ def targets_check(cells: list[dict], clean: dict, processing: list[dict]) -> lis
             misses.append(f"{c['source']} {c['family']} {c['attack']} eps {c['eps']:g}: "
                           f"{100 * held['rate']:.0f}% of {held['fooled']} fooled "
                           f"< {100 * TARGETS[c['eps']]:.0f}%")
+    for c in cells:
+        site = (c.get("held_out") or {}).get("site")
+        if (c["source"] != "nih512" or site is None or site["fooled"] < MIN_FOOLED
+                or c["eps"] not in SITE_TARGETS):
+            continue
+        if site["rate"] < SITE_TARGETS[c["eps"]]:
+            misses.append(f"site-calibrated {c['family']} {c['attack']} eps {c['eps']:g}: "
+                          f"{100 * site['rate']:.0f}% of {site['fooled']} fooled "
+                          f"< {100 * SITE_TARGETS[c['eps']]:.0f}%")
     for source, by_bundle in clean.items():
         limit = CLEAN_FPR_TARGETS.get(source)
         for name, r in by_bundle.items():
@@ -150,14 +204,21 @@ def markdown(results: dict) -> str:
                        f"{100 * r['fpr']:.1f}% ({r['flagged']}/{r['n']}) "
                        f"[{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Detection among fooled images", "",
-              "| source | family | attack | eps | fooled | held out (bundle) | final bundle |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    site = results.get("site")
+    lines += ["", "## Detection among fooled images", ""]
+    if site:
+        lines += [f"Site-calibrated: each bundle's threshold after `sentinel calibrate "
+                  f"--allow-lower` on {site['images']} clean NIH images outside the evaluation "
+                  "sample (the row `nih512-site` above is its FPR on the remaining NIH images).",
+                  ""]
+    lines += ["| source | family | attack | eps | fooled | held out (fold) | held out, "
+              "site-calibrated | final bundle |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in results["cells"]:
         held = c.get("held_out")
         lines.append(f"| {c['source']} | {c['family']} | {c['attack']} | {c['eps']:g} | "
                      f"{c['fooled']}/{c['n']} | {_pct(held)} ({c.get('held_out_bundle', '-')}) "
-                     f"| {_pct(c['final'])} |")
+                     f"| {_pct((held or {}).get('site'))} | {_pct(c['final'])} |")
     if results["processing"]:
         lines += ["", "## Clean FPR per modality processing (evaluation settings, final "
                   "bundle)", "", "| kind | setting | source | flagged | FPR [95%] |",
@@ -208,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--processing", action="store_true")
+    ap.add_argument("--site", type=int, default=300, metavar="N",
+                    help="also calibrate every bundle as a site would (`sentinel calibrate "
+                    "--allow-lower`) on N clean NIH images outside the evaluation sample, and "
+                    "report detection at that threshold and the FPR on the remaining NIH "
+                    "images (0: skip)")
     ap.add_argument("--attacks-only", action="store_true",
                     help="make (and cache) the attacked images, score nothing: run it while "
                     "the fold bundles train")
@@ -251,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     bundles = [final, *folds]
     clean = {s: {b.name: clean_fpr(b.detector, sources[s].x) for b in bundles}
              for s in args.sources}
+    if args.site and "nih512" in args.sources:
+        calib, rest = nih_site_split(data_root, sources["nih512"].ids, args.site, args.seed)
+        final, *folds = bundles = [site_calibrated(b, calib) for b in bundles]
+        clean["nih512-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold)
+                                for b in bundles}
     cells = []
     for s in args.sources:
         for f in args.families:
@@ -269,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": final.detector.bundle_id, "threshold": final.detector.threshold,
         "bundles": [b.name for b in bundles],
         "folds": {b.name: {"bundle_id": b.detector.bundle_id, "holdout": list(b.holdout),
-                           "threshold": b.detector.threshold} for b in folds},
+                           "threshold": b.detector.threshold,
+                           "site_threshold": b.site_threshold} for b in folds},
+        "site": ({"images": args.site, "threshold": final.site_threshold}
+                 if final.site_threshold is not None else None),
         "members": [{k: members[f][k] for k in ("family", "pipeline_tag", "test_auc")}
                     for f in args.families],
         "clean": clean, "cells": cells, "processing": processing,
