@@ -79,3 +79,11 @@ def test_markdown_names_the_fold_and_both_thresholds() -> None:
     assert "| nih512 | vit | pgd | 0.006 | 20/100 | 50% (10/20) [30, 70] (fold-a) | " \
            "75% (15/20) [50, 90] | 100% (20/20) [80, 100] |" in md
     assert "every target holds" in md and "300 clean NIH images" in md
+
+
+def test_report_section_is_the_markdown_as_escaped_html() -> None:
+    md = "# Victim zoo\n\ntext <b>\n\n| a | b |\n| --- | --- |\n| 1 | <script> |\n- missed: x\n"
+    out = zoo_lofo.markdown_html(md)
+    assert "<h2>Victim zoo</h2>" in out and "<p>text &lt;b&gt;</p>" in out
+    assert "<tr><th>a</th><th>b</th></tr><tr><td>1</td><td>&lt;script&gt;</td></tr>" in out
+    assert "---" not in out and "&bull; missed: x" in out

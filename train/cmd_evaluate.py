@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundles-second-source", type=Path, default=None,
                         help="second_source.json (or its directory) of `python -m train.adaptive "
                         "--second-source` (bundles on an independent source): adds the comparison")
+    parser.add_argument("--zoo", type=Path, default=None, metavar="DIR",
+                        help="output directory of `python -m train.zoo_lofo` for this bundle: "
+                        "adds the 'Victim zoo' section (leave-one-family-out detection, clean "
+                        "FPR per source and per processing kind) to the report and model card")
     parser.add_argument("--model-card", action="store_true",
                         help="also write MODEL_CARD.md from these measurements into the bundle "
                         "(re-writing its manifest, same bundle id)")
@@ -85,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if args.adaptive or args.ablation or args.hardened or args.bundles_second_source:
         add_adaptive_sections(Path(index), Path(args.out), result["metrics"], args.adaptive,
                               args.ablation, args.hardened, args.bundles_second_source)
+    zoo_md = ""
+    if args.zoo:
+        zoo_md = add_zoo_section(Path(index), Path(args.out), args.zoo)
     from train.report import add_model_card, model_card, readme_table
 
     table = readme_table(result["metrics"])
@@ -96,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
                                             "pgd_0.006_detection_at_threshold", "auc_ci")},
                  "latency_ms": m.get("latency_ms", {}),
                  **({"dicom_check": m["dicom_check"]} if "dicom_check" in m else {})}
-        add_model_card(Path(bundle), model_card(m, table, REPRODUCE), extra)
+        card = model_card(m, table, REPRODUCE)
+        if zoo_md:
+            card += "\n" + zoo_md.replace("# Victim zoo", "## Victim zoo", 1)
+        add_model_card(Path(bundle), card, extra)
         print(f"model card: {Path(bundle) / 'MODEL_CARD.md'}")
     m = result["metrics"]
     per = m["per_perturbation"]
@@ -151,3 +161,20 @@ def add_adaptive_sections(index: Path, out: Path, metrics: dict, adaptive: Path 
     doc = json.loads(metrics_path.read_text())
     doc["adaptive"] = res["json"]
     metrics_path.write_text(json.dumps(doc, indent=1, default=str))
+
+
+def add_zoo_section(index: Path, out: Path, zoo_dir: Path) -> str:
+    """Splice the victim-zoo section (train.zoo_lofo) into the report and metrics.json;
+    returns its markdown for the model card."""
+    import json
+
+    from train.zoo_lofo import report_section
+
+    html_text, md, results = report_section(zoo_dir, out)
+    page = index.read_text()
+    index.write_text(page.replace("</body>", html_text + "</body>", 1))
+    metrics_path = out / "metrics.json"
+    doc = json.loads(metrics_path.read_text())
+    doc["zoo"] = results
+    metrics_path.write_text(json.dumps(doc, indent=1, default=str))
+    return md

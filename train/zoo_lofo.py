@@ -232,6 +232,58 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_html(md: str) -> str:
+    """This module's markdown (headings, paragraphs, list items, pipe tables) as HTML, escaped:
+    the report section is the same text as table.md."""
+    import html
+
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            head, body = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("- ")]
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                       + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>"
+                                                            for c in r) + "</tr>"
+                                           for r in body) + "</table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("#"):
+            level = min(4, len(line) - len(line.lstrip("#")) + 1)
+            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<p>&bull; {html.escape(line[2:])}</p>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def report_section(zoo_out: Path, report_out: Path) -> tuple[str, str, dict]:
+    """(HTML, markdown, results) of a ``python -m train.zoo_lofo`` output directory for the
+    evaluation report and the model card; its figure is copied to ``report_out/zoo``."""
+    import json
+    import shutil
+
+    results = json.loads((Path(zoo_out) / "results.json").read_text())
+    md = markdown(results)
+    html_text = markdown_html(md)
+    fig = Path(zoo_out) / "detection_held_out.png"
+    if fig.is_file():
+        (report_out / "zoo").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fig, report_out / "zoo" / fig.name)
+        html_text += (f"<figure><img src='zoo/{fig.name}' width='900'><figcaption>Detection "
+                      "of fooled images by the fold bundle that never saw the family "
+                      "(Wilson 95% intervals; dashed 90%, dotted 70%).</figcaption></figure>")
+    return html_text, md, results
+
+
 def bar_plot(results: dict, path: Path) -> None:
     """Held-out detection per family (bars per eps), one panel per source x attack."""
     from train import zoo_eval
