@@ -51,6 +51,12 @@ def test_train_evaluate_attack_end_to_end(tmp_path: Path) -> None:
     rule = json.loads((bundle / "manifest.json").read_text())["rule"]
     assert rule["gate"]["feature"] == "stride_grid_peaks" and rule["gate"]["slope"] > 0
     assert score.grid_peaks is not None
+    # the victim zoo (issue 15): members trained and cached, their attacks and processed clean
+    # images in the detector's training
+    zoo_info = json.loads((bundle / "manifest.json").read_text())["training_data"]["zoo"]
+    assert [m["family"] for m in zoo_info["members"]] == ["maxpool", "avgpool"]
+    assert zoo_info["train_pairs"] > 0 and zoo_info["holdout"] == []
+    assert (tmp_path / "work" / "zoo-members" / "members").is_dir()
     # resumable: a second run with the same work dir skips every stage and rewrites the bundle
     assert main(["train", "--data", str(data), "--out", str(bundle), "--work",
                  str(tmp_path / "work"), "--quick"]) == 0
