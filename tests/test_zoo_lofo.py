@@ -87,3 +87,11 @@ def test_report_section_is_the_markdown_as_escaped_html() -> None:
     assert "<h2>Victim zoo</h2>" in out and "<p>text &lt;b&gt;</p>" in out
     assert "<tr><th>a</th><th>b</th></tr><tr><td>1</td><td>&lt;script&gt;</td></tr>" in out
     assert "---" not in out and "&bull; missed: x" in out
+
+
+def test_a_bundle_trained_without_the_zoo_holds_every_family_out(fixture_bundle: Path) -> None:
+    from train.zoo import FAMILIES
+
+    b = zoo_lofo.load_bundle(fixture_bundle)
+    assert set(b.holdout) == set(FAMILIES)
+    assert zoo_lofo.fold_for("avgpool", [b]) is b

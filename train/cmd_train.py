@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "spectral peaks (measured: unsure of clean images from a new source)")
     parser.add_argument("--no-grid-gate", action="store_true",
                         help="leave out the stride-grid gate (bundles before 2026-12-01)")
+    parser.add_argument("--cnn-epochs", type=int, default=None, metavar="N",
+                        help="epochs of the detector CNN (default 3; measured with the zoo: "
+                        "validation AUC 0.864, 0.888, 0.896 after epochs 1-3, still rising)")
     parser.add_argument("--no-zoo", action="store_true",
                         help="train without the victim zoo's attacks and processed clean "
                         "images (bundles before issue 15)")
@@ -79,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # an unknown zoo family, every family held out, ...
         print(f"sentinel train: {exc}", file=sys.stderr)
         return 2
+    if args.cnn_epochs is not None:
+        cfg = replace(cfg, cnn_epochs=args.cnn_epochs)
     if args.resample_noise is not None:
         cfg = replace(cfg, resample_noise_levels=args.resample_noise)
     if args.resample_sizes:

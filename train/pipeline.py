@@ -123,10 +123,12 @@ class TrainConfig:
 
     @property
     def zoo_tag(self) -> str:
-        """Model-file suffix of this zoo setting ("" without the zoo)."""
+        """Model-file suffix of this zoo setting ("" without the zoo; CNN epochs other than
+        the default are named too, so a rerun with --cnn-epochs trains anew)."""
         if not self.zoo:
             return ""
-        return "-zoo" + "".join(f"-no{f}" for f in sorted(self.zoo_holdout))
+        epochs = "" if self.cnn_epochs == TrainConfig.cnn_epochs else f"-e{self.cnn_epochs}"
+        return "-zoo" + "".join(f"-no{f}" for f in sorted(self.zoo_holdout)) + epochs
 
 
 QUICK_SIZES = {"train": 400, "val": 160, "test": 160}

@@ -50,12 +50,18 @@ class ScoredBundle:
     site_threshold: float | None = None
 
 
-def load_bundle(path: Path) -> ScoredBundle:
-    from detector.bundle import load_manifest
+def load_bundle(path: Path | None) -> ScoredBundle:
+    """A bundle (None: the shipped one) and the families its training never saw: those it held
+    out, or every family when it was trained without the zoo (bundles before issue 15), so
+    such a bundle is its own leave-every-family-out fold."""
+    from detector.bundle import DEFAULT_BUNDLE, load_manifest
     from detector.scoring import Detector
+    from train.zoo import FAMILIES
 
-    zoo = (load_manifest(path).training_data or {}).get("zoo") or {}
-    return ScoredBundle(path.name, path, Detector.load(path), tuple(zoo.get("holdout", ())))
+    path = Path(path or DEFAULT_BUNDLE)
+    zoo = (load_manifest(path).training_data or {}).get("zoo")
+    holdout = tuple(FAMILIES) if not zoo else tuple(zoo.get("holdout", ()))
+    return ScoredBundle(path.name, path, Detector.load(path), holdout)
 
 
 def fold_for(family: str, folds: list[ScoredBundle]) -> ScoredBundle | None:
@@ -302,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m train.zoo_lofo",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", type=Path, help="the final (all-family) bundle")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="the final (all-family) bundle (default: the shipped bundle, which was "
+                    "trained without the zoo and so holds every family out)")
     ap.add_argument("--fold", type=Path, nargs="+", default=[],
                     help="fold bundles, each trained with --zoo-holdout")
     ap.add_argument("--zoo-work", type=Path, default=Path("runs/zoo"))
@@ -356,11 +364,13 @@ def main(argv: list[str] | None = None) -> int:
                                         digest=meta["split_digest"])[0]
         attacked[(f, s, a, e)] = zoo_eval.attacked_images(
             loaded.get(f), meta, sources[s], a, e, args.attacks_dir, args.seed, args.batch_size)
-    if args.attacks_only or args.bundle is None:
+    if args.attacks_only:
         print(f"{len(attacked)} cells of attacked images under {args.attacks_dir / 'advs'}")
         return 0
     final = load_bundle(args.bundle)
     folds = [load_bundle(p) for p in args.fold]
+    if not folds and set(args.families) <= set(final.holdout):
+        folds = [final]  # trained without the zoo: every family is held out of it
     unseen = [f for f in args.families if fold_for(f, folds) is None]
     if unseen:
         print(f"no fold bundle holds out {unseen}: train one with `sentinel train ... "
