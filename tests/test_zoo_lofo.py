@@ -95,3 +95,15 @@ def test_a_bundle_trained_without_the_zoo_holds_every_family_out(fixture_bundle:
     b = zoo_lofo.load_bundle(fixture_bundle)
     assert set(b.holdout) == set(FAMILIES)
     assert zoo_lofo.fold_for("avgpool", [b]) is b
+
+
+def test_model_card_section_is_replaced_not_repeated() -> None:
+    md = "# Victim zoo, leave-one-family-out: bundle B\n\ntext\n\n## Targets\n\n- ok\n"
+    card = "# Model card\n\n## Training data\n\nx\n"
+    once = zoo_lofo.with_zoo_section(card, md)
+    assert once.startswith(card.rstrip("\n")) and "## Victim zoo\n" in once
+    assert "### Targets" in once and "Victim zoo, leave-one-family-out: bundle B." in once
+    twice = zoo_lofo.with_zoo_section(once + "\n## Licence\n\nCC\n",
+                                      md.replace("- ok", "- new"))
+    assert twice.count("## Victim zoo") == 1 and "- new" in twice and "- ok" not in twice
+    assert twice.rstrip().endswith("CC") and "## Training data" in twice

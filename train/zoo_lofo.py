@@ -290,6 +290,36 @@ def report_section(zoo_out: Path, report_out: Path) -> tuple[str, str, dict]:
     return html_text, md, results
 
 
+ZOO_HEADING = "## Victim zoo"
+
+
+def with_zoo_section(card: str, md: str) -> str:
+    """A model card's text with its victim-zoo section replaced by (or appended as) ``md``,
+    whose headings move one level down under ``ZOO_HEADING``."""
+    body = "\n".join(("#" + line) if line.startswith("#") else line
+                     for line in md.splitlines()[1:])
+    section = f"{ZOO_HEADING}\n\n{md.splitlines()[0].lstrip('# ')}.\n{body}\n"
+    head, sep, rest = card.partition(ZOO_HEADING)
+    if sep:  # drop the old section up to the next section of the same level
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1:] if nxt >= 0 else ""
+        return head + section + ("\n" + tail if tail else "")
+    return card.rstrip("\n") + "\n\n" + section
+
+
+def write_model_card_section(bundle_dir: Path, md: str, results: dict) -> None:
+    """Put the zoo section into a bundle's MODEL_CARD.md (same bundle id; the manifest is
+    rewritten so the card's digest still checks) and a summary into its metrics."""
+    from detector.bundle import load_manifest
+    from train.report import add_model_card
+
+    man = load_manifest(bundle_dir)
+    card = man.path_of("model_card").read_text() if "model_card" in man.files else ""
+    summary = {"clean": results["clean"], "misses": results["misses"],
+               "site": results.get("site")}
+    add_model_card(Path(bundle_dir), with_zoo_section(card, md), {"zoo": summary})
+
+
 def bar_plot(results: dict, path: Path) -> None:
     """Held-out detection per family (bars per eps), one panel per source x attack."""
     from train import zoo_eval
@@ -334,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--allow-lower`) on N clean NIH images outside the evaluation sample, and "
                     "report detection at that threshold and the FPR on the remaining NIH "
                     "images (0: skip)")
+    ap.add_argument("--model-card", action="store_true",
+                    help="also write the section into the final bundle's MODEL_CARD.md")
     ap.add_argument("--attacks-only", action="store_true",
                     help="make (and cache) the attacked images, score nothing: run it while "
                     "the fold bundles train")
@@ -417,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     zoo_eval._save_json(args.out / "results.json", results)
     (args.out / "table.md").write_text(markdown(results))
     bar_plot(results, args.out / "detection_held_out.png")
+    if args.model_card:
+        write_model_card_section(final.path, markdown(results), results)
+        print(f"model card: {final.path / 'MODEL_CARD.md'}")
     print(f"wrote {args.out / 'table.md'}; {len(results['misses'])} target(s) missed")
     return 0
 
