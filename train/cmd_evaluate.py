@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 REPRODUCE = """\
 # train (26 min 4 s on 2 CPU cores, measured; resumable: rerun the same command after a stop)
 sentinel train --data ../shared/data/kermany224 --out detector/models/default \\
-    --work runs/train-full --seed 0
+    --work runs/train-full --seed 0 --no-zoo
 # evaluate: HTML report, PNG figures, metrics.json (reuses the training work dir's caches)
 sentinel evaluate --bundle detector/models/default --data ../shared/data/kermany224 \\
     --second-source ../shared/data/nih_cxr14_1000 --dicom-check ../shared/data/dicom_cr_nema \\

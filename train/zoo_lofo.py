@@ -408,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no fold bundle holds out {unseen}: train one with `sentinel train ... "
               f"--zoo-holdout {' '.join(unseen)}`; those rows show the final bundle only",
               file=sys.stderr)
-    bundles = [final, *folds]
+    own_fold = folds == [final]  # a bundle trained without the zoo: its own fold
+    bundles = [final] if own_fold else [final, *folds]
     clean = {s: {b.name: clean_fpr(b.detector, sources[s].x) for b in bundles}
              for s in args.sources}
     if args.site and "nih512" in args.sources:
         calib, rest = nih_site_split(data_root, sources["nih512"].ids, args.site, args.seed)
-        final, *folds = bundles = [site_calibrated(b, calib) for b in bundles]
+        bundles = [site_calibrated(b, calib) for b in bundles]
+        final, folds = bundles[0], ([bundles[0]] if own_fold else bundles[1:])
         clean["nih512-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold)
                                 for b in bundles}
     cells = []
