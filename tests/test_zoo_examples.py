@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from train import processing, zoo, zoo_examples  # noqa: E402
+from train import processing, zoo, zoo_examples
 
 
 def smooth_images(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
