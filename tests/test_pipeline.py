@@ -95,14 +95,25 @@ def test_resampled_copies_of_other_settings_are_not_reused(tmp_path: Path) -> No
 def test_feature_caches_and_forests_are_named_by_feature_set() -> None:
     """v1 keeps the work dirs' old names (their caches stay valid); another set gets its own
     folder and forest file, so switching sets never reads the other's features."""
+    from dataclasses import replace
+
     from train.pipeline import TrainConfig, feature_dir, forest_rel
 
     assert feature_dir("sentinel-features-v1") == "feat"
     assert feature_dir("sentinel-features-v3") == "feat-v3"
-    v1 = TrainConfig(data="d", out="o", work="w")
-    v3 = TrainConfig(data="d", out="o", work="w", feature_set="sentinel-features-v3")
+    v1 = TrainConfig(data="d", out="o", work="w", zoo=False)
+    v3 = TrainConfig(data="d", out="o", work="w", feature_set="sentinel-features-v3", zoo=False)
     assert forest_rel(v1) == "models/forest-200trees-depth8.npz"
     assert forest_rel(v3) == "models/forest-200trees-depth8-v3.npz"
     assert v1.grid_gate
+    # the zoo (the default), its held-out families and other CNN epochs are other models
+    zoo = TrainConfig(data="d", out="o", work="w")
+    assert forest_rel(zoo) == "models/forest-200trees-depth8-zoo.npz"
+    fold = replace(zoo, zoo_holdout=("vit", "patchify"), cnn_epochs=8)
+    assert forest_rel(fold) == "models/forest-200trees-depth8-zoo-nopatchify-novit-e8.npz"
+    with pytest.raises(ValueError, match="zoo families"):
+        replace(zoo, zoo_holdout=("resnet",))
+    with pytest.raises(ValueError, match="held out"):
+        replace(zoo, zoo_holdout=tuple(zoo.zoo_families))
     with pytest.raises(ValueError, match="feature set"):
         TrainConfig(data="d", out="o", work="w", feature_set="sentinel-features-v9")
