@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,17 @@ def build_benchmark_forest(
     rf = RandomForestClassifier(n_estimators=n_trees, random_state=seed, n_jobs=1)
     rf.fit(X, y.astype(np.int64))
     return rf, ForestArrays.from_sklearn(rf), rng.normal(size=(256, n_feat))
+
+
+def each_file_with_a_flipped_byte(directory: Path) -> Iterator[Path]:
+    """Yield each file of ``directory`` while its middle byte is flipped, restoring it after:
+    the tamper check of a bundle, file by file."""
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        original = path.read_bytes()
+        changed = bytearray(original)
+        changed[len(changed) // 2] ^= 0x01
+        path.write_bytes(bytes(changed))
+        try:
+            yield path
+        finally:
+            path.write_bytes(original)

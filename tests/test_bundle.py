@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixture_bundle import each_file_with_a_flipped_byte
 
 from detector.bundle import (
     MANIFEST,
@@ -231,15 +232,10 @@ def test_shipped_default_bundle_verifies_and_detects_changes(tmp_path: Path) -> 
     Detector.load(None)
     copy = tmp_path / "default"
     shutil.copytree(DEFAULT_BUNDLE, copy, ignore=shutil.ignore_patterns("__pycache__", ".*"))
-    for path in sorted(p for p in copy.iterdir() if p.is_file()):
-        original = path.read_bytes()
-        changed = bytearray(original)
-        changed[len(changed) // 2] ^= 0x01
-        path.write_bytes(bytes(changed))
+    for path in each_file_with_a_flipped_byte(copy):
         with pytest.raises(BundleError) as info:
             load_manifest(copy)
         assert path.name in str(info.value)
-        path.write_bytes(original)
     load_manifest(copy)
 
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fixture_bundle import each_file_with_a_flipped_byte
 
 from detector.bundle import DEFAULT_BUNDLE, MANIFEST, load_manifest, write_bundle
 from detector.errors import BundleError
@@ -63,15 +64,10 @@ def _pair(tmp_path: Path) -> tuple[Path, Path]:
 def test_training_bundle_with_a_changed_byte_is_refused_naming_the_file(tmp_path: Path) -> None:
     rt, tr = _pair(tmp_path)
     assert load_training(rt).source == tr  # the sibling is found first
-    for path in sorted(p for p in tr.iterdir() if p.is_file()):
-        original = path.read_bytes()
-        changed = bytearray(original)
-        changed[len(changed) // 2] ^= 0x01
-        path.write_bytes(bytes(changed))
+    for path in each_file_with_a_flipped_byte(tr):
         with pytest.raises(BundleError) as info:
             load_training(rt)
         assert path.name in str(info.value) and "sentinel train" in str(info.value)
-        path.write_bytes(original)
     (tr / "stray.pkl").write_bytes(b"x")
     with pytest.raises(BundleError, match=r"stray\.pkl.*not listed"):
         load_training(rt)

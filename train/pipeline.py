@@ -846,7 +846,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
                                                                    k & ex_va.processed)):
             clean_groups[name] = (zc["cnn"][rows], zc["forest"][rows], zgrid[rows])
     rule: dict[str, Any] = {"name": cfg.fusion}
-    gate = None
+    gate = val_grid = None
     groups = [fit_detector.CleanGroup(*g) for g in clean_groups.values()]
     if cfg.grid_gate:
         # the gate's threshold: its share of the budget on every clean validation image
@@ -854,8 +854,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
                                                  GATE_FPR), GATE_SLOPE)
         rule["gate"] = {"feature": GATE_FEATURE, "threshold": gate[0], "slope": gate[1]}
         log(f"stride-grid gate at {gate[0]:.4f} ({GATE_FPR:.1%} of validation clean images)")
-    val_grid = None
-    if cfg.grid_gate:  # the gate's feature of every validation image, in yv's order
+        # the gate's feature of every validation image, in yv's order
         val_grid = np.r_[mix["grid"], clean_groups["resampled"][2],
                          grid_values(work, "val", "resampled_pert", va_rs[1])]
         if cfg.zoo:

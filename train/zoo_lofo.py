@@ -69,16 +69,10 @@ def fold_for(family: str, folds: list[ScoredBundle]) -> ScoredBundle | None:
     return next((b for b in folds if family in b.holdout), None)
 
 
-def _wilson(k: int, n: int) -> list[float]:
-    from train.adaptive import wilson
-
-    return list(wilson(k, n)) if n else [float("nan"), float("nan")]
-
-
 def detection(b: ScoredBundle, adv: np.ndarray, fooled: np.ndarray) -> dict:
     """Detection of the fooled images at the bundle's threshold (and at its site threshold,
     as "site", when it has one)."""
-    from train.zoo_eval import score_stored
+    from train.zoo_eval import _wilson, score_stored
 
     s = score_stored(b.detector, adv)["score"]
     n = int(fooled.sum())
@@ -109,7 +103,7 @@ def site_calibrated(b: ScoredBundle, calib: np.ndarray) -> ScoredBundle:
 
 
 def clean_fpr(det: Any, x: np.ndarray, threshold: float | None = None) -> dict:
-    from train.zoo_eval import score_stored
+    from train.zoo_eval import _wilson, score_stored
 
     t = det.threshold if threshold is None else threshold
     flagged = score_stored(det, x)["score"] >= t
