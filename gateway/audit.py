@@ -60,6 +60,14 @@ EVENTS: frozenset[str] = frozenset(
         "purged",
         "config-loaded",
         "config-rejected",
+        # Storage Commitment (gateway.commitment): a request taken on or refused, its report
+        # (with counts), each instance reported as failed (with the reason kept off the wire),
+        # and a report given up after forwarding.max_age_s
+        "commit-requested",
+        "commit-refused",
+        "commit-reported",
+        "commit-failed",
+        "commit-abandoned",
     }
 )
 
@@ -94,6 +102,10 @@ FIELDS: frozenset[str] = frozenset(
         "attempts",
         "error",
         "suppressed",  # refusals of the same kind from the same peer left out of the audit
+        "transaction_uid",  # a Storage Commitment request's Transaction UID
+        "instances",  # how many instances a commitment request listed
+        "success",  # how many of them were reported committed
+        "failed",  # how many of them were reported failed
     }
 )
 

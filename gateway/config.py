@@ -9,7 +9,8 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
 
     [listener]     ae_title, host, port, [listener.tls] cert/key/ca/require_client_cert/
                    require_cert_matches_ae
-    [[callers]]    ae_title, addresses (IPs or CIDRs)
+    [[callers]]    ae_title, addresses (IPs or CIDRs), commitment, port, host (where storage
+                   commitment reports go: gateway.commitment)
     [timeouts]     acse_s, dimse_s, network_s, connect_s
     [limits]       max_associations, max_associations_per_caller, max_instance_mb, max_pdu_kb,
                    max_connections, max_connections_per_address
@@ -19,6 +20,7 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [detector]     bundle, workers, threads, isolation, timeout_s, nice, on_error, shadow,
                    [detector.thresholds] per modality
     [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
+    [commitment]   quarantine_hold_s, max_instances (Storage Commitment SCP: gateway.commitment)
     [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae,
                          associations; tls: cert/key/ca/verify_hostname)
                          or "directory" (path)
@@ -91,6 +93,11 @@ class CallerConfig:
 
     ae_title: str
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # Storage Commitment: whether this caller may ask for it, and where its reports go (a new
+    # association to host:port; host empty: the address the request came from).
+    commitment: bool = False
+    port: int = 0
+    host: str = ""
 
     def allows(self, address: str) -> bool:
         try:
@@ -172,6 +179,18 @@ class ForwardingConfig:
 
 
 @dataclass(frozen=True)
+class CommitmentConfig:
+    """Storage Commitment SCP settings (gateway.commitment).
+
+    ``quarantine_hold_s``: how long a request waits for a quarantined instance to be released
+    before it reports that instance as failed (a reviewer's release within the hold turns it
+    into Success). ``max_instances``: the most instances one N-ACTION may list."""
+
+    quarantine_hold_s: float = 3600.0
+    max_instances: int = 5000
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     name: str
     kind: str  # "dicom" | "directory"
@@ -247,6 +266,7 @@ class Config:
     destinations: Mapping[str, DestinationConfig]
     rules: tuple[Rule, ...]
     default: Rule
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -546,7 +566,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     top.check_known(
         (
             "listener", "callers", "timeouts", "limits", "state", "retention", "metrics",
-            "detector", "forwarding", "destinations", "rules", "default",
+            "detector", "forwarding", "destinations", "rules", "default", "commitment",
         )
     )
 
@@ -565,14 +585,31 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
 
     callers: list[CallerConfig] = []
     for cr in top.subs("callers"):
-        cr.check_known(("ae_title", "addresses"))
+        cr.check_known(("ae_title", "addresses", "commitment", "port", "host"))
         addrs = cr.table.get("addresses", ["127.0.0.1", "::1"])
         if not isinstance(addrs, list) or not addrs or not all(isinstance(a, str) for a in addrs):
             raise cr.fail("addresses", "must be a non-empty list of IPs/CIDRs", '["10.0.0.0/8"]')
+        commitment = cr.bool_("commitment", False)
+        port = cr.int_("port", 0, 0, 65535)
+        host = cr.str_("host") if "host" in cr.table else ""
+        if commitment and not port:
+            raise cr.fail("port", "commitment = true needs the port the modality's Storage "
+                          "Commitment reports go to", "add port = 104 (the modality's own "
+                          "DICOM port)")
+        if host:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                raise cr.fail("host", f"{host!r} is not an IP address",
+                              "e.g. host = \"10.1.2.3\", or leave it out to answer the "
+                              "address the request came from") from exc
         callers.append(
             CallerConfig(
                 ae_title=cr.ae("ae_title"),
                 networks=tuple(_parse_network(cr, "addresses", a) for a in addrs),
+                commitment=commitment,
+                port=port,
+                host=host,
             )
         )
 
@@ -652,6 +689,13 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     if forwarding.backoff_max_s < forwarding.backoff_initial_s:
         raise fr.fail("backoff_max_s", "smaller than backoff_initial_s", "raise backoff_max_s")
 
+    cmr = top.sub("commitment")
+    cmr.check_known(("quarantine_hold_s", "max_instances"))
+    commitment_cfg = CommitmentConfig(
+        quarantine_hold_s=cmr.num("quarantine_hold_s", 3600.0, 0.0, 30 * 86400),
+        max_instances=cmr.int_("max_instances", 5000, 1, 100_000),
+    )
+
     dest_table = top.sub("destinations")
     if not dest_table.table:
         raise top.fail(
@@ -705,6 +749,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         destinations=destinations,
         rules=tuple(rules),
         default=default,
+        commitment=commitment_cfg,
     )
 
 

@@ -59,6 +59,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from gateway.commitment import STORAGE_COMMITMENT_PUSH
 from gateway.config import Config
 from gateway.spool import (
     SpoolLayout,
@@ -373,8 +374,10 @@ class StorageReceiver:
         audit: Any,
         metrics: Any = None,
         early_rule: Callable[[Config, str, str, str, str], Any] | None = None,
+        on_commit: Callable[[int, Any, str, str], int] | None = None,
     ) -> None:
         self._config = config_provider
+        self._on_commit = on_commit
         self._on_stored = on_stored
         self._audit = audit
         self._metrics = metrics
@@ -422,7 +425,10 @@ class StorageReceiver:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        if self._on_commit is not None:
+            ae.add_supported_context(STORAGE_COMMITMENT_PUSH, ALL_TRANSFER_SYNTAXES)
         handlers = [
+            (evt.EVT_N_ACTION, self._on_n_action),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_DATA_RECV, self._on_data),
@@ -785,6 +791,19 @@ class StorageReceiver:
             )
         )
         return STATUS_SUCCESS
+
+    # -- Storage Commitment: the request only; gateway.commitment reports it ------------------
+
+    def _on_n_action(self, event: Any) -> tuple[int, None]:
+        st = _state(event.assoc)
+        req = event.request
+        if self._on_commit is None or str(req.RequestedSOPClassUID) != STORAGE_COMMITMENT_PUSH:
+            return 0x0118, None  # No such SOP Class
+        try:
+            info = event.action_information
+        except Exception:  # undecodable Action Information: the service refuses it
+            info = None
+        return self._on_commit(int(req.ActionTypeID or 0), info, st.calling_ae, st.peer), None
 
     def _audit_safe(self, event: str, **fields: Any) -> None:
         try:

@@ -40,6 +40,7 @@ from typing import Any
 
 from detector.errors import BundleError
 from gateway.audit import AuditLog
+from gateway.commitment import CommitmentService, InstanceLocator
 from gateway.config import Config, ConfigError, DetectorConfig, load_config
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics, MetricsServer
@@ -122,6 +123,7 @@ class Gateway:
         self.forwarders: dict[str, Forwarder] = {}
         self.screening: Screening | None = None
         self.receiver: StorageReceiver | None = None
+        self.commitment: CommitmentService | None = None
         self.metrics_server: MetricsServer | None = None
         self.address: tuple[str, int] | None = None
         self._stop = threading.Event()
@@ -169,8 +171,19 @@ class Gateway:
         recovered = self.screening.recover()
         if recovered:
             LOG.info("recovered %d acknowledged instance(s) from the spool", recovered)
+        self.commitment = CommitmentService(
+            lambda: self._config,
+            InstanceLocator(self.layout, cfg.quarantine_dir,
+                            lambda: {n: fw.ledger for n, fw in self.forwarders.items()}),
+            self.audit,
+        )
+        reopened = self.commitment.start()
+        if reopened:
+            LOG.info("storage commitment: %d request(s) still open from an earlier run",
+                     reopened)
         self.receiver = StorageReceiver(
-            lambda: self._config, self._on_stored, self.audit, self.metrics, early_rule
+            lambda: self._config, self._on_stored, self.audit, self.metrics, early_rule,
+            on_commit=self.commitment.request,
         )
         self.address = self.receiver.start()
         if cfg.metrics.port:
@@ -538,6 +551,8 @@ class Gateway:
             thread.join(left(65.0))  # Forwarder.stop(): up to 30 s for its send in flight
         for fw in list(self.forwarders.values()):
             fw.stop(left(self.drain_s))
+        if self.commitment is not None:
+            self.commitment.stop(left(10.0))
         if self._observer is not None:
             with contextlib.suppress(Exception):
                 self._observer.stop()

@@ -37,6 +37,7 @@ def write_config(
     limits: str = "",
     min_free_mb: float = 1,
     relay_unscreened: bool = True,
+    extra: str = "",
 ) -> Path:
     """Write a gateway TOML config for a test and return its path.
 
@@ -44,7 +45,8 @@ def write_config(
     which load no model), a last rule forwards every instance unscreened, whatever its sender
     (also one recovered from the spool without metadata), with ``allow_unscreened_pixels``: a
     pass default alone no longer forwards pixel data unscreened (gateway.rules). Tests of
-    screening itself give ``relay_unscreened=False``.
+    screening itself give ``relay_unscreened=False``. ``extra`` is TOML put before the
+    destinations (more ``[[callers]]`` tables, ``[commitment]``).
     """
     caller_tables = "\n".join(
         f'[[callers]]\nae_title = "{c}"\naddresses = ["127.0.0.1", "::1"]\n' for c in callers
@@ -85,6 +87,8 @@ workers = 1
 [forwarding]
 {forwarding}
 idle_release_s = 5
+
+{extra}
 
 {destinations}
 
