@@ -43,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
         called_ae=args.called_ae if args.called_ae is not None else cfg.listener.ae_title,
         peer=args.peer,
     )
+    for c in cfg.find_caller(assoc.calling_ae):
+        if c.commitment:
+            print(f"storage commitment for {c.ae_title}: Success only for what every destination "
+                  f"of its rule received; reports go to {c.host or assoc.peer}:{c.port}; a "
+                  f"quarantined instance is held {cfg.commitment.quarantine_hold_s:g} s for a "
+                  "release, then reported failed")
     status = 0
     for f in args.files:
         try:

@@ -478,3 +478,55 @@ def test_fuzz_screening_path_long(target: FuzzTarget, seeds: list[Seed]) -> None
     # of MiB between runs of the same count (their bookkeeping, the largest input seen). The
     # daemon's own memory per instance is measured by bench/soak.py (flat after warm-up), and
     # the one per-instance leak found (a metric series per made-up Modality) by test_metrics.
+
+
+# -- Storage Commitment: the N-ACTION's Action Information -------------------------------------
+
+
+def _commit_seed() -> bytes:
+    """A valid Action Information (implicit VR little endian, as pynetdicom decodes it)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    ds = Dataset()
+    ds.TransactionUID = "1.2.826.0.1.3680043.10.1"
+    items = []
+    for i in range(3):
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        item.ReferencedSOPInstanceUID = f"1.2.826.0.1.3680043.10.1.{i}"
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    raw = encode(ds, True, True)
+    assert raw is not None
+    return raw
+
+
+@settings(max_examples=CI_EXAMPLES, deadline=None, database=None)
+@given(st.data())
+def test_fuzz_commitment_request(data: st.DataObject) -> None:
+    """Mutated Action Information bytes: parse_request returns a request whose every UID is
+    valid, or refuses with an N-ACTION failure status; nothing else escapes."""
+    from pynetdicom.dsutils import decode
+
+    from gateway.commitment import RequestRefused, parse_request
+    from gateway.spool import valid_uid
+
+    raw = bytearray(_commit_seed())
+    for _ in range(data.draw(st.integers(0, 8))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    raw = raw[: data.draw(st.integers(0, len(raw)))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            info = decode(io.BytesIO(bytes(raw)), True, True)
+        except Exception:
+            info = None  # what the SCP hands on when pynetdicom cannot decode it
+        try:
+            req = parse_request(data.draw(st.integers(0, 3)), info, "MOD", "127.0.0.1", 10, 0.0)
+        except RequestRefused as exc:
+            assert exc.status in {0x0115, 0x0120, 0x0123, 0x0213}
+            return
+    assert valid_uid(req.transaction_uid) and req.refs
+    assert all(valid_uid(c) and valid_uid(u) for c, u in req.refs)

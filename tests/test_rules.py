@@ -14,6 +14,10 @@ from tests.dicom_factory import make_sr, relabel, synthetic
 CONFIG = """
 [listener]
 port = 11112
+[[callers]]
+ae_title = "CR1"
+commitment = true
+port = 104
 [state]
 dir = "state"
 [destinations.pacs]
@@ -123,6 +127,8 @@ def test_rules_test_command(cfg, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert f"{chest}: rule 'default' -> screen to pacs, threshold 0.3" in out
     assert "BodyPartExamined~/KNEE|TIBIA/: matched" in out
     assert f"{junk}: unreadable" in out
+    assert "storage commitment for CR1: Success only for what every destination" in out
+    assert "reports go to 127.0.0.1:104" in out
 
 
 # -- issue 20 defect 3: screening must not be skipped by editing a header -----------------------
