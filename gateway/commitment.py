@@ -200,10 +200,12 @@ class RequestStore:
 @dataclass(frozen=True)
 class Located:
     """Where one instance is now: ``state`` is one of the module's states; ``reason`` is the
-    quarantine reason or the dead destination (for the audit log only)."""
+    quarantine reason or the dead destination (for the audit log only); ``awaiting`` names the
+    commitment destinations that hold it but have not committed it yet."""
 
     state: str
     reason: str = ""
+    awaiting: tuple[str, ...] = ()
 
 
 class InstanceLocator:
@@ -211,13 +213,17 @@ class InstanceLocator:
 
     ``ledgers()`` returns, per destination, an object with ``sent_at(uid) -> float | None``
     (the running forwarders' SentLedger); it is called per reading, so a reload's new
-    forwarders are seen."""
+    forwarders are seen. For the destinations ``pacs_commits()`` names (``commitment = true``),
+    delivered means committed by that PACS too: ``pacs.status(dest, uid)``."""
 
     def __init__(self, layout: SpoolLayout, quarantine_root: Path,
-                 ledgers: Callable[[], Mapping[str, Any]]) -> None:
+                 ledgers: Callable[[], Mapping[str, Any]],
+                 pacs: Any = None, pacs_commits: Callable[[], set[str]] = set) -> None:
         self.layout = layout
         self.quarantine_root = quarantine_root
         self.ledgers = ledgers
+        self.pacs = pacs
+        self.pacs_commits = pacs_commits
 
     def _pending(self, wanted: set[str]) -> set[str]:
         found: set[str] = set()
@@ -285,13 +291,30 @@ class InstanceLocator:
             ledgers = dict(self.ledgers())
             dead = self._dead(rest, ledgers)
             for uid in rest:
+                sent_to = [d for d, lg in ledgers.items() if lg.sent_at(uid) is not None]
                 if uid in dead:
                     out[uid] = Located(DEAD, dead[uid])
-                elif any(lg.sent_at(uid) is not None for lg in ledgers.values()):
-                    out[uid] = Located(DELIVERED)
+                elif sent_to:
+                    out[uid] = self._committed(uid, sent_to)
                 else:
                     out[uid] = Located(UNKNOWN)
         return out
+
+    def _committed(self, uid: str, sent_to: list[str]) -> Located:
+        """Delivered, unless a commitment destination refused it or has yet to commit it."""
+        if self.pacs is None:
+            return Located(DELIVERED)
+        commits = self.pacs_commits()
+        awaiting = []
+        for dest in sent_to:
+            if dest not in commits:
+                continue
+            status = self.pacs.status(dest, uid)
+            if status == "refused":
+                return Located(DEAD, f"refused-by-pacs:{dest}")
+            if status != "committed":
+                awaiting.append(dest)
+        return Located(PENDING, awaiting=tuple(awaiting)) if awaiting else Located(DELIVERED)
 
 
 def _subdirs(root: Path) -> list[str]:
@@ -410,6 +433,7 @@ class CommitmentService:
                  clock: Callable[[], float] = time.time) -> None:
         self._config = config_provider
         self.locator = locator
+        self.pacs = locator.pacs  # gateway.commitment_scu.PacsCommitment, or None
         self._audit = audit
         self._send = sender
         self._clock = clock
@@ -500,6 +524,11 @@ class CommitmentService:
                     self.process(item)
                 except Exception:  # a bug must not stop reporting for every other request
                     LOG.exception("storage commitment %s", item.request.transaction_uid)
+            if self.pacs is not None:
+                try:
+                    self.pacs.tick()
+                except Exception:
+                    LOG.exception("storage commitment requests to destinations")
 
     def process_all(self) -> None:
         """One pass over every open request (tests and the run loop)."""
@@ -513,6 +542,10 @@ class CommitmentService:
         req = item.request
         now = self._clock()
         where = self.locator.locate(uid for _c, uid in req.refs)
+        if self.pacs is not None:
+            for cls_uid, uid in req.refs:
+                for dest in where[uid].awaiting:
+                    self.pacs.want(dest, cls_uid, uid)
         settlement = settle(req, where, now, cfg.commitment.quarantine_hold_s)
         if not settlement.ready:
             return

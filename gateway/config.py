@@ -20,9 +20,10 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [detector]     bundle, workers, threads, isolation, timeout_s, nice, on_error, shadow,
                    [detector.thresholds] per modality
     [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
-    [commitment]   quarantine_hold_s, max_instances (Storage Commitment SCP: gateway.commitment)
+    [commitment]   quarantine_hold_s, max_instances, pacs_report_timeout_s (Storage Commitment:
+                   gateway.commitment, and gateway.commitment_scu for a destination's)
     [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae,
-                         associations; tls: cert/key/ca/verify_hostname)
+                         associations, commitment; tls: cert/key/ca/verify_hostname)
                          or "directory" (path)
     [[rules]]      name, action, destinations, threshold, shadow, allow_unscreened_pixels,
                    [rules.match]
@@ -188,6 +189,8 @@ class CommitmentConfig:
 
     quarantine_hold_s: float = 3600.0
     max_instances: int = 5000
+    # a destination with commitment = true that has not reported within this is asked again
+    pacs_report_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,9 @@ class DestinationConfig:
     present_caller_ae: bool = False
     path: Path | None = None
     associations: int = 1  # concurrent associations (sender threads) to a DICOM destination
+    # DICOM only: ask this PACS for Storage Commitment; a modality's commitment then waits for
+    # the PACS's (gateway.commitment_scu)
+    commitment: bool = False
 
 
 @dataclass(frozen=True)
@@ -690,10 +696,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         raise fr.fail("backoff_max_s", "smaller than backoff_initial_s", "raise backoff_max_s")
 
     cmr = top.sub("commitment")
-    cmr.check_known(("quarantine_hold_s", "max_instances"))
+    cmr.check_known(("quarantine_hold_s", "max_instances", "pacs_report_timeout_s"))
     commitment_cfg = CommitmentConfig(
         quarantine_hold_s=cmr.num("quarantine_hold_s", 3600.0, 0.0, 30 * 86400),
         max_instances=cmr.int_("max_instances", 5000, 1, 100_000),
+        pacs_report_timeout_s=cmr.num("pacs_report_timeout_s", 600.0, 1.0, 7 * 86400),
     )
 
     dest_table = top.sub("destinations")
@@ -713,7 +720,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             destinations[name] = DestinationConfig(name=name, kind=kind, path=d.path_("path", base))
         elif kind == "dicom":
             d.check_known(("kind", "host", "port", "ae_title", "tls", "present_caller_ae",
-                           "associations"))
+                           "associations", "commitment"))
             destinations[name] = DestinationConfig(
                 name=name,
                 kind=kind,
@@ -723,6 +730,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                 tls=_parse_tls(d, base, inbound=False),
                 present_caller_ae=d.bool_("present_caller_ae", False),
                 associations=d.int_("associations", 1, 1, 16),
+                commitment=d.bool_("commitment", False),
             )
         else:
             raise d.fail("kind", f"unknown kind {kind!r}", 'use "dicom" or "directory"')

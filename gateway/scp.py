@@ -375,9 +375,11 @@ class StorageReceiver:
         metrics: Any = None,
         early_rule: Callable[[Config, str, str, str, str], Any] | None = None,
         on_commit: Callable[[int, Any, str, str], int] | None = None,
+        on_commit_report: Callable[[str, str, int, Any], int] | None = None,
     ) -> None:
         self._config = config_provider
         self._on_commit = on_commit
+        self._on_commit_report = on_commit_report
         self._on_stored = on_stored
         self._audit = audit
         self._metrics = metrics
@@ -425,10 +427,14 @@ class StorageReceiver:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        if self._on_commit is not None:
-            ae.add_supported_context(STORAGE_COMMITMENT_PUSH, ALL_TRANSFER_SYNTAXES)
+        if self._on_commit is not None or self._on_commit_report is not None:
+            # N-ACTION from modalities; N-EVENT-REPORT from a PACS that reports on an association
+            # of its own, proposing the SCP role for itself (PS3.4 J.3.3): accept either role.
+            ae.add_supported_context(STORAGE_COMMITMENT_PUSH, ALL_TRANSFER_SYNTAXES,
+                                     scu_role=True, scp_role=True)
         handlers = [
             (evt.EVT_N_ACTION, self._on_n_action),
+            (evt.EVT_N_EVENT_REPORT, self._on_n_event_report),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_DATA_RECV, self._on_data),
@@ -804,6 +810,20 @@ class StorageReceiver:
         except Exception:  # undecodable Action Information: the service refuses it
             info = None
         return self._on_commit(int(req.ActionTypeID or 0), info, st.calling_ae, st.peer), None
+
+    def _on_n_event_report(self, event: Any) -> tuple[int, None]:
+        """A commitment destination's report of what it committed (gateway.commitment_scu)."""
+        st = _state(event.assoc)
+        req = event.request
+        if (self._on_commit_report is None
+                or str(req.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH):
+            return 0x0118, None  # No such SOP Class
+        try:
+            info = event.event_information
+        except Exception:
+            info = None
+        return self._on_commit_report(st.calling_ae, st.peer, int(req.EventTypeID or 0),
+                                      info), None
 
     def _audit_safe(self, event: str, **fields: Any) -> None:
         try:

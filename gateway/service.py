@@ -41,6 +41,7 @@ from typing import Any
 from detector.errors import BundleError
 from gateway.audit import AuditLog
 from gateway.commitment import CommitmentService, InstanceLocator
+from gateway.commitment_scu import PacsCommitment
 from gateway.config import Config, ConfigError, DetectorConfig, load_config
 from gateway.forward import Forwarder
 from gateway.metrics import Metrics, MetricsServer
@@ -124,6 +125,7 @@ class Gateway:
         self.screening: Screening | None = None
         self.receiver: StorageReceiver | None = None
         self.commitment: CommitmentService | None = None
+        self.pacs_commitment: PacsCommitment | None = None
         self.metrics_server: MetricsServer | None = None
         self.address: tuple[str, int] | None = None
         self._stop = threading.Event()
@@ -171,10 +173,15 @@ class Gateway:
         recovered = self.screening.recover()
         if recovered:
             LOG.info("recovered %d acknowledged instance(s) from the spool", recovered)
+        self.pacs_commitment = PacsCommitment(lambda: self._config, self.layout, self.audit)
         self.commitment = CommitmentService(
             lambda: self._config,
-            InstanceLocator(self.layout, cfg.quarantine_dir,
-                            lambda: {n: fw.ledger for n, fw in self.forwarders.items()}),
+            InstanceLocator(
+                self.layout, cfg.quarantine_dir,
+                lambda: {n: fw.ledger for n, fw in self.forwarders.items()},
+                self.pacs_commitment,
+                lambda: {n for n, d in self._config.destinations.items() if d.commitment},
+            ),
             self.audit,
         )
         reopened = self.commitment.start()
@@ -184,6 +191,7 @@ class Gateway:
         self.receiver = StorageReceiver(
             lambda: self._config, self._on_stored, self.audit, self.metrics, early_rule,
             on_commit=self.commitment.request,
+            on_commit_report=self.pacs_commitment.on_report,
         )
         self.address = self.receiver.start()
         if cfg.metrics.port:
@@ -553,6 +561,8 @@ class Gateway:
             fw.stop(left(self.drain_s))
         if self.commitment is not None:
             self.commitment.stop(left(10.0))
+        if self.pacs_commitment is not None:
+            self.pacs_commitment.close()
         if self._observer is not None:
             with contextlib.suppress(Exception):
                 self._observer.stop()

@@ -35,7 +35,7 @@ class OrthancServer:
     """Start/stop an Orthanc; REST helpers for what a test needs to check."""
 
     def __init__(self, workdir: Path, modalities: dict[str, tuple[str, int]],
-                 aet: str = "ORTHANC") -> None:
+                 aet: str = "ORTHANC", lua: str | None = None) -> None:
         self.workdir = workdir
         self.aet = aet
         self.dicom_port = free_port()
@@ -69,6 +69,10 @@ class OrthancServer:
             "SaveJobs": False,
             "MaximumPduLength": int(os.environ.get("SENTINEL_TEST_ORTHANC_PDU", "16384")),
         }
+        if lua is not None:  # a Lua script of the test's own (e.g. an OnStoredInstance hook)
+            script = workdir / "hooks.lua"
+            script.write_text(lua)
+            config["LuaScripts"] = [str(script)]
         self.config_path.write_text(json.dumps(config, indent=1))
 
     # -- lifecycle ---------------------------------------------------------------------------

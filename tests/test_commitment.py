@@ -335,3 +335,121 @@ def test_caller_commitment_needs_a_port_and_an_ip_host(tmp_path: Path) -> None:
     cfg = parse_config(tomllib.loads(base + '[commitment]\nquarantine_hold_s = 60\n'),
                        tmp_path / "c.toml")
     assert cfg.commitment.quarantine_hold_s == 60 and cfg.commitment.max_instances == 5000
+
+
+# -- towards a destination that commits (gateway.commitment_scu) -------------------------------
+
+
+def pacs_config(tmp_path: Path) -> Any:
+    import tomllib
+
+    text = f"""
+[listener]
+ae_title = "SENTINEL"
+[state]
+dir = "{tmp_path}"
+[forwarding]
+backoff_initial_s = 2
+backoff_max_s = 8
+[commitment]
+pacs_report_timeout_s = 60
+[destinations.pacs]
+kind = "dicom"
+host = "10.0.0.5"
+port = 104
+ae_title = "PACS"
+commitment = true
+[default]
+action = "pass"
+destinations = ["pacs"]
+"""
+    return parse_config(tomllib.loads(text), tmp_path / "c.toml")
+
+
+def report_info(txn: str, done: list[str], failed: list[tuple[str, int]]) -> Dataset:
+    ds = action_info(txn, done)
+    items = []
+    for uid, code in failed:
+        item = Dataset()
+        item.ReferencedSOPClassUID = CR
+        item.ReferencedSOPInstanceUID = uid
+        item.FailureReason = code
+        items.append(item)
+    ds.FailedSOPSequence = items
+    return ds
+
+
+def test_only_the_destination_itself_may_report_commitment(tmp_path: Path) -> None:
+    from gateway.commitment_scu import PacsCommitment
+
+    cfg = pacs_config(tmp_path)
+    audit = Audit()
+    pacs = PacsCommitment(lambda: cfg, SpoolLayout(tmp_path), audit)
+    info = report_info("1.2.9", ["1.1"], [("1.2", 0x0112)])
+    assert pacs.on_report("PACS", "10.0.0.6", 1, info) == 0x0110  # right title, wrong host
+    assert pacs.on_report("OTHER", "10.0.0.5", 1, info) == 0x0110  # right host, wrong title
+    assert pacs.status("pacs", "1.1") == "awaiting"
+    assert pacs.on_report("PACS", "::ffff:10.0.0.5", 2, info) == 0  # a transaction from before
+    assert (pacs.status("pacs", "1.1"), pacs.status("pacs", "1.2")) == ("committed", "refused")
+    pacs.close()
+    again = PacsCommitment(lambda: cfg, SpoolLayout(tmp_path), audit)  # durable
+    assert (again.status("pacs", "1.1"), again.status("pacs", "1.2")) == ("committed", "refused")
+    (alert,) = audit.named("commit-failed")
+    assert (alert["destination"], alert["sop_uid"], alert["status"]) == ("pacs", "1.2", "0x0112")
+    assert len(audit.named("commit-refused")) == 2
+
+
+def test_asks_once_per_timeout_and_backs_off_when_the_pacs_is_down(tmp_path: Path) -> None:
+    from gateway.commitment_scu import PacsCommitment
+
+    cfg = pacs_config(tmp_path)
+    now = [0.0]
+    asked: list[tuple[str, list[tuple[str, str]]]] = []
+    down = [True]
+
+    def requester(_cfg: Any, dest: Any, txn: str, refs: list[tuple[str, str]]) -> int:
+        if down[0]:
+            raise ConnectionError("refused")
+        asked.append((dest.name, refs))
+        return 0
+
+    pacs = PacsCommitment(lambda: cfg, SpoolLayout(tmp_path), Audit(), requester,
+                          clock=lambda: now[0])
+    pacs.want("pacs", CR, "1.1")
+    pacs.tick()  # down: held for backoff_initial_s
+    pacs.want("pacs", CR, "1.1")
+    now[0] = 1.0
+    pacs.tick()
+    assert asked == []
+    down[0] = False
+    now[0] = 2.0
+    pacs.want("pacs", CR, "1.1")
+    pacs.tick()
+    assert asked == [("pacs", [(CR, "1.1")])]
+    now[0] = 30.0  # asked, no report yet: not again before pacs_report_timeout_s
+    pacs.want("pacs", CR, "1.1")
+    pacs.tick()
+    now[0] = 62.0
+    pacs.want("pacs", CR, "1.1")
+    pacs.tick()
+    assert len(asked) == 2
+    pacs.close()
+
+
+def test_locator_waits_for_the_pacs_commitment(tmp_path: Path) -> None:
+    s = Spool(tmp_path)
+
+    states = {"1.1": "committed", "1.2": "awaiting", "1.3": "refused"}
+
+    class Pacs:
+        def status(self, dest: str, uid: str) -> str:
+            return states[uid]
+
+    locator = InstanceLocator(s.layout, s.quarantine, lambda: s.ledgers, Pacs(), lambda: {"pacs"})
+    for uid in ("1.1", "1.2", "1.3"):
+        s.ledgers["pacs"].add(uid)
+    s.ledgers["archive"].add("1.4")  # a destination that does not commit: delivered is enough
+    where = locator.locate(["1.1", "1.2", "1.3", "1.4"])
+    assert where["1.1"].state == DELIVERED and where["1.4"].state == DELIVERED
+    assert where["1.2"].state == PENDING and where["1.2"].awaiting == ("pacs",)
+    assert (where["1.3"].state, where["1.3"].reason) == (DEAD, "refused-by-pacs:pacs")

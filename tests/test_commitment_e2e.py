@@ -102,18 +102,24 @@ class Site:
 
 @contextmanager
 def site(tmp: Path, bundle: Path, *, hold_s: float = 0, pacs_up: bool = True,
-         rules: str = RULES) -> Iterator[Site]:
+         rules: str = RULES, pacs_commits: bool = False, pacs_lua: str | None = None
+         ) -> Iterator[Site]:
+    """``pacs_commits``: the destination has ``commitment = true`` (the gateway asks Orthanc B,
+    which reports on an association of its own: B is then an allowed caller)."""
     require_dcmtk()
     require_orthanc()
     port = free_port()
     a = OrthancServer(tmp / "a", {"gateway": ("SENTINEL", port)}, aet="MODALITYA")
-    b = OrthancServer(tmp / "b", {"sentinel": ("SENTINEL", port)}, aet="PACS")
+    b = OrthancServer(tmp / "b", {"sentinel": ("SENTINEL", port)}, aet="PACS", lua=pacs_lua)
     state = tmp / "state"
     extra = (f'[[callers]]\nae_title = "MODALITYA"\naddresses = ["127.0.0.1"]\n'
              f'commitment = true\nport = {a.dicom_port}\n\n'
-             f'[commitment]\nquarantine_hold_s = {hold_s}\n')
+             + ('[[callers]]\nae_title = "PACS"\naddresses = ["127.0.0.1"]\n\n'
+                if pacs_commits else "")
+             + f'[commitment]\nquarantine_hold_s = {hold_s}\n')
     dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
-            f'port = {b.dicom_port}\nae_title = "PACS"\n')
+            f'port = {b.dicom_port}\nae_title = "PACS"\n'
+            + ("commitment = true\n" if pacs_commits else ""))
     cfg = write_config(tmp / "c.toml", state=state, port=port, destinations=dest, rules=rules,
                        default='action = "screen"\ndestinations = ["pacs"]', bundle=bundle,
                        extra=extra, relay_unscreened=False,
@@ -170,6 +176,38 @@ def test_success_only_after_the_pacs_holds_them_and_failure_for_the_flagged_one(
     assert (failed["sop_uid"], failed["reason"]) == (flagged, "flagged")
     (reported,) = [e for e in events if e["event"] == "commit-reported"]
     assert (reported["success"], reported["failed"], reported["transaction_uid"]) == (3, 1, txn)
+
+
+VANISH_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if tags["PatientID"] == "VANISH" then
+    Delete(instanceId)
+  end
+end
+"""
+
+
+def test_with_pacs_commitment_success_waits_for_the_pacs_and_its_refusal_fails(
+        tmp_path: Path, fixture_bundle: Path) -> None:
+    """Orthanc B commits what it holds; one instance it deletes as soon as it is stored (a Lua
+    hook), so B reports it failed: the modality hears Failure for it, and the alert is audited."""
+    files = series(tmp_path, 2)
+    vanish = synthetic(tmp_path / "src" / "vanish.dcm", 64, 64, seed=50, patient_id="VANISH")
+    with site(tmp_path, fixture_bundle, pacs_commits=True, pacs_lua=VANISH_LUA) as s:
+        txn = s.send_and_commit([*files, vanish])
+        rep = s.wait_report(txn)
+        events = s.audit()
+    assert uids(rep["Success"]) == {sop_uid_of(f) for f in files}
+    assert failures(rep) == [(sop_uid_of(vanish), PROCESSING_FAILURE)]
+    from_pacs = [i for i, e in enumerate(events)
+                 if e["event"] == "commit-reported" and e.get("destination") == "pacs"]
+    to_modality = [i for i, e in enumerate(events)
+                   if e["event"] == "commit-reported" and e.get("calling_ae") == "MODALITYA"]
+    assert from_pacs and to_modality and from_pacs[0] < to_modality[0]
+    alerts = [e for e in events if e["event"] == "commit-failed"]
+    assert {(e.get("destination"), e["reason"]) for e in alerts} == {
+        ("pacs", "pacs-refused"), (None, "refused-by-pacs:pacs")}
+    assert all(e["sop_uid"] == sop_uid_of(vanish) for e in alerts)
 
 
 def test_no_report_while_the_pacs_is_down_then_success(tmp_path: Path,
