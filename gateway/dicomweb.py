@@ -32,6 +32,7 @@ import contextlib
 import http
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,6 +74,19 @@ WARNING_REASONS = {
 }
 # HTTP answers that say nothing about the instance but about the destination: hold it all.
 _DESTINATION_STATUSES = {401, 403, 404, 405, 407, 408, 421, 429}
+
+
+_POOL_PREFIX = re.compile(r"^\w*Connection(Pool)?\(host=[^)]*\):\s*")
+
+
+def _why(exc: requests.RequestException) -> str:
+    """The cause of a ``requests`` error, without urllib3's wrapping ("Max retries exceeded",
+    the pool's host and port: the message names the URL already)."""
+    reason: Any = exc.args[0] if exc.args else exc
+    reason = getattr(reason, "reason", None) or reason  # urllib3's MaxRetryError
+    inner = reason.args[0] if isinstance(reason, requests.exceptions.SSLError | OSError) \
+        and reason.args and isinstance(reason.args[0], Exception) else reason
+    return _POOL_PREFIX.sub("", str(inner)) or type(inner).__name__
 
 
 def describe_code(code: int, table: dict[int, str]) -> str:
@@ -211,14 +225,14 @@ class DicomWebSender:
         except requests.exceptions.SSLError as exc:
             self.close()
             raise self._fail(f"TLS to {self.dest.url} failed (certificate not trusted or not "
-                             f"for this host?): {exc}", connection=True) from None
+                             f"for this host?): {_why(exc)}", connection=True) from None
         except requests.exceptions.Timeout as exc:
             self.close()
             raise self._fail(f"STOW-RS to {self.dest.url} timed out after "
-                             f"{self.dest.timeout_s:g}s: {exc}", connection=True) from None
+                             f"{self.dest.timeout_s:g}s: {_why(exc)}", connection=True) from None
         except requests.exceptions.RequestException as exc:
             self.close()
-            raise self._fail(f"STOW-RS to {self.dest.url} failed: {exc}",
+            raise self._fail(f"STOW-RS to {self.dest.url} failed: {_why(exc)}",
                              connection=True) from None
         return self._outcome(status, ctype, content, sop)
 
@@ -264,8 +278,9 @@ class DicomWebSender:
             return None
         if status in (401, 403, 407):
             self.close()  # read the secret again next time: an operator may have fixed it
-            how = ("bearer token from token_file" if self.dest.token_file is not None else
-                   f"user {self.dest.username!r} with password_file"
+            how = (f"the bearer token from {self.dest.token_file}"
+                   if self.dest.token_file is not None else
+                   f"user {self.dest.username!r} with the password from {self.dest.password_file}"
                    if self.dest.password_file is not None else "no credentials")
             raise self._fail(f"{self.dest.name} refused the credentials ({what}; sent {how}): "
                              "check the secret file and the account on the server",
