@@ -65,7 +65,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _describe(name: str, dest: DestinationConfig) -> str:
-    """``pacs (dicom, 2 associations)``, ``archive (directory)``."""
+    """``pacs (dicom, 2 associations)``, ``archive (directory)``,
+    ``web (dicomweb https://pacs/dicom-web, basic auth as 'gw', 2 connections)``: the URL as
+    configured (credentials in it are refused at load) and where the secret comes from, never
+    the secret."""
     if dest.kind == "dicom" and dest.associations > 1:
         return f"{name} (dicom, {dest.associations} associations)"
+    if dest.kind == "dicomweb":
+        parts = [f"dicomweb {dest.url}"]
+        if dest.token_file is not None:
+            parts.append(f"bearer token from {dest.token_file}")
+        elif dest.password_file is not None:
+            parts.append(f"basic auth as {dest.username!r}, password from {dest.password_file}")
+        if dest.ca is not None:
+            parts.append(f"CA {dest.ca}")
+        if dest.allow_plain_http and dest.url.startswith("http:"):
+            parts.append("PLAIN HTTP allowed")
+        if dest.associations > 1:
+            parts.append(f"{dest.associations} connections")
+        return f"{name} ({', '.join(parts)})"
     return f"{name} ({dest.kind})"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +66,18 @@ def run(args: argparse.Namespace) -> int:
         extra = " shadow" if d.shadow else ""
         unscreened = " UNSCREENED" if d.action == "pass" and d.override else ""
         print(f"{f}: rule {d.rule.name!r} -> {d.action}{extra}{unscreened} to "
-              f"{', '.join(d.destinations) or '(none)'}"
+              f"{', '.join(_dest_label(cfg, n) for n in d.destinations) or '(none)'}"
               + (f", threshold {thr}" if d.action == "screen" else ""))
         for why in d.reasons:
             print(f"    {why}")
     return status
+
+
+def _dest_label(cfg: Any, name: str) -> str:
+    """A destination's name, with its URL when it is DICOMweb (DICOM and directory destinations
+    are known by name; a URL says which server a STOW-RS destination really is). The URL has no
+    credentials: the config refuses them in it."""
+    dest = cfg.destinations.get(name)
+    if dest is not None and dest.kind == "dicomweb":
+        return f"{name} (DICOMweb {dest.url})"
+    return name

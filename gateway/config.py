@@ -25,6 +25,8 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae,
                          associations, commitment; tls: cert/key/ca/verify_hostname)
                          or "directory" (path)
+                         or "dicomweb" (url, token_file | username + password_file, ca,
+                         timeout_s, connections, allow_plain_http: STOW-RS, gateway.dicomweb)
     [[rules]]      name, action, destinations, threshold, shadow, allow_unscreened_pixels,
                    [rules.match]
     [default]      action, destinations, threshold, shadow
@@ -34,8 +36,10 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,14 +200,25 @@ class CommitmentConfig:
 @dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    kind: str  # "dicom" | "directory"
+    kind: str  # "dicom" | "directory" | "dicomweb"
     host: str = ""
     port: int = 0
     ae_title: str = ""
     tls: TLSConfig | None = None
     present_caller_ae: bool = False
     path: Path | None = None
-    associations: int = 1  # concurrent associations (sender threads) to a DICOM destination
+    # sender threads: concurrent associations to a DICOM destination (``associations``) or
+    # concurrent HTTP requests to a DICOMweb one (``connections``)
+    associations: int = 1
+    # DICOMweb (STOW-RS) only. Secrets are never held here, only the files that hold them: the
+    # sender reads them when it opens a session, so a config printed or logged shows no secret.
+    url: str = ""  # the DICOMweb base, without credentials; instances are POSTed to {url}/studies
+    token_file: Path | None = None  # bearer token
+    username: str = ""  # basic auth, with password_file
+    password_file: Path | None = None
+    ca: Path | None = None  # https: the CA bundle the server's certificate must chain to
+    timeout_s: float = 60.0  # connect and read, per request
+    allow_plain_http: bool = False  # http:// to a host that is not loopback
     # DICOM only: ask this PACS for Storage Commitment; a modality's commitment then waits for
     # the PACS's (gateway.commitment_scu)
     commitment: bool = False
@@ -565,6 +580,122 @@ def _check_unscreened(r: _Reader, action: str, matchers: tuple[Matcher, ...]) ->
                      "every sender", "name the sender with calling_ae and peer")
 
 
+# Keys a site might write to put a secret into the config itself: refused with the fix.
+_INLINE_SECRETS = ("token", "password", "bearer", "secret", "api_key")
+
+
+def _secret_file(r: _Reader, name: str, base: Path) -> Path:
+    """A file holding one secret: it must exist, be readable and not be empty (checked now, so
+    a typo fails at load rather than as a 401 hours later); its content is not kept."""
+    p = r.path_(name, base)
+    try:
+        with p.open("rb") as fh:
+            empty = not fh.read(4096).strip()
+    except FileNotFoundError as exc:
+        raise r.fail(name, f"file {p} does not exist",
+                     "create it (mode 0640, group xray-sentinel) holding the secret") from exc
+    except OSError as exc:
+        raise r.fail(name, f"file {p} is not readable ({exc.strerror})",
+                     "make it readable by the service user (e.g. chgrp xray-sentinel, "
+                     "chmod 0640)") from exc
+    if empty:
+        raise r.fail(name, f"file {p} is empty", "write the secret into it (one line)")
+    return p
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+            ".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_dicomweb(d: _Reader, name: str, base: Path) -> DestinationConfig:
+    """``kind = "dicomweb"``: a STOW-RS server (gateway.dicomweb).
+
+    Why these refusals: credentials written into the TOML (a ``password`` key, or
+    ``user:pass@`` in the URL) end up in backups, tickets and ``sentinel check`` output, so only
+    files may hold them. Plain http to another host would send images and the credentials
+    in clear over the hospital network: refused unless ``allow_plain_http = true`` says so on
+    purpose (refusing is the safer of refusing and warning, since a warning on a running
+    service is rarely read). Loopback (a PACS on the same host) is allowed.
+    """
+    for k in d.table:
+        if k.lower() in _INLINE_SECRETS:
+            what, key = ("password", "password_file") if k.lower() == "password" \
+                else ("token", "token_file")
+            raise d.fail(k, "secrets are not written into the config",
+                         f"put the {what} in a file readable only by the service user and set "
+                         f'{key} = "/etc/xray-sentinel/{name}.{what}"')
+    d.check_known(("kind", "url", "token_file", "username", "password_file", "ca", "timeout_s",
+                   "connections", "allow_plain_http"))
+    url = d.str_("url").strip()
+    fix_url = 'url = "https://pacs.example.org/dicom-web" (the base; /studies is added)'
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise d.fail("url", f"{url!r} is not a valid URL ({exc})", fix_url) from exc
+    if parts.scheme not in ("http", "https"):
+        raise d.fail("url", f"scheme {parts.scheme or '(none)'!r} is not http or https", fix_url)
+    if not parts.hostname:
+        raise d.fail("url", f"{url!r} has no host", fix_url)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise d.fail("url", "credentials in the URL are refused (they would show in logs)",
+                     "remove user:password@ from url; set username and password_file, or "
+                     "token_file")
+    if parts.query or parts.fragment:
+        raise d.fail("url", "the URL has a query or fragment", fix_url)
+    if port == 0:
+        raise d.fail("url", "port 0", fix_url)
+    allow_plain = d.bool_("allow_plain_http", False)
+    if parts.scheme == "http" and not allow_plain and not _is_loopback_host(parts.hostname):
+        raise d.fail("url", f"plain http to {parts.hostname} would send images and credentials "
+                     "unencrypted over the network",
+                     "use https (with ca if the server's certificate is from a private CA), "
+                     "or set allow_plain_http = true if the link is protected otherwise")
+    token_file = _secret_file(d, "token_file", base) if "token_file" in d.table else None
+    password_file = None
+    if "password_file" in d.table:
+        password_file = _secret_file(d, "password_file", base)
+    username = d.str_("username") if "username" in d.table else ""
+    if token_file is not None and (username or password_file is not None):
+        raise d.fail("token_file", "both bearer token and basic auth are set",
+                     "keep token_file, or username and password_file, not both")
+    if password_file is not None and not username:
+        raise d.fail("username", "missing: password_file needs a user name",
+                     'add username = "..."')
+    if username and password_file is None:
+        raise d.fail("password_file", "missing: username needs a password file",
+                     'add password_file = "/etc/xray-sentinel/NAME.password"')
+    if ":" in username:
+        raise d.fail("username", "contains ':', which basic authentication cannot carry",
+                     "use the account name without ':'")
+    ca = None
+    if "ca" in d.table:
+        if parts.scheme != "https":
+            raise d.fail("ca", "only used with an https url", "remove ca or use https")
+        ca = d.path_("ca", base)
+        if not ca.is_file() or not os.access(ca, os.R_OK):
+            raise d.fail("ca", f"file {ca} does not exist or is not readable",
+                         "point it at the PEM file of the CA that signed the server")
+    return DestinationConfig(
+        name=name,
+        kind="dicomweb",
+        url=url.rstrip("/"),
+        token_file=token_file,
+        username=username,
+        password_file=password_file,
+        ca=ca,
+        timeout_s=d.num("timeout_s", 60.0, 1.0, 3600.0),
+        associations=d.int_("connections", 1, 1, 8),
+        allow_plain_http=allow_plain,
+    )
+
+
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document; raise ConfigError naming the key and fix."""
     base = path.parent
@@ -732,8 +863,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                 associations=d.int_("associations", 1, 1, 16),
                 commitment=d.bool_("commitment", False),
             )
+        elif kind == "dicomweb":
+            destinations[name] = _parse_dicomweb(d, name, base)
         else:
-            raise d.fail("kind", f"unknown kind {kind!r}", 'use "dicom" or "directory"')
+            raise d.fail("kind", f"unknown kind {kind!r}",
+                         'use "dicom", "directory" or "dicomweb"')
 
     rules: list[Rule] = []
     for rr_ in top.subs("rules"):

@@ -20,6 +20,8 @@ Why this shape:
   gateway's sender alone reached 0.50 / 0.74 of one storescu into Orthanc with one
   association and 0.73 / 0.93 with two, 512x512 / 2048x2500 images,
   ``bench/forward_ceiling.py``).
+- Destination kinds: ``dicom`` (``DicomSender``), ``directory`` (``DirectorySender``) and
+  ``dicomweb`` (``gateway.dicomweb.DicomWebSender``, STOW-RS): same queue, same outcomes.
 - Failures back off exponentially (capped); a connection failure holds the whole destination,
   an instance refused by the peer holds only its study (others go on). After ``max_age_s`` an
   instance is dead-lettered to ``spool/dead/<dest>/``, audited and counted.
@@ -42,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
@@ -273,6 +275,27 @@ class DirectorySender:
         return False
 
 
+if TYPE_CHECKING:
+    from gateway.dicomweb import DicomWebSender
+
+    Sender = DicomSender | DirectorySender | DicomWebSender
+else:
+    Sender = Any
+
+
+def _make_sender(dest: DestinationConfig, config_provider: Callable[[], Config],
+                 open_lock: threading.Lock) -> Sender:
+    """The sender for a destination's kind (gateway.dicomweb imports ``requests`` and this
+    module's SendError, so it is imported only where a DICOMweb destination exists)."""
+    if dest.kind == "dicom":
+        return DicomSender(dest, config_provider, open_lock)
+    if dest.kind == "dicomweb":
+        from gateway.dicomweb import DicomWebSender
+
+        return DicomWebSender(dest, config_provider)
+    return DirectorySender(dest)
+
+
 @dataclass
 class _Stats:
     depth: int = 0
@@ -309,10 +332,8 @@ class Forwarder:
             self.layout.sent_log(dest.name), cfg.retention.sent_ledger_days * 86400
         )
         self._open_lock = threading.Lock()  # held by whichever sender is opening an association
-        self.senders: list[DicomSender | DirectorySender] = [
-            DicomSender(dest, config_provider, self._open_lock) if dest.kind == "dicom"
-            else DirectorySender(dest)
-            for _ in range(dest.associations)
+        self.senders: list[Sender] = [
+            _make_sender(dest, config_provider, self._open_lock) for _ in range(dest.associations)
         ]
         # Queue state (entries, order, in flight, destination hold, stats) is shared by the
         # sender threads: every read and change of it holds ``_cond``; sends happen outside it.
@@ -326,7 +347,7 @@ class Forwarder:
         self._threads: list[threading.Thread] = []
         # Bookkeeping after a successful send (ledger fsync, unlink, audit) runs on a
         # completer thread, overlapping the next C-STORE instead of delaying it.
-        self._done: queue.Queue[tuple[Entry, float] | None] = queue.Queue()
+        self._done: queue.Queue[tuple[Entry, float, str | None] | None] = queue.Queue()
         self._completer: threading.Thread | None = None
         self._lock = threading.Lock()
         self._completing: set[str] = set()  # outbox names sent, not yet unlinked
@@ -339,7 +360,7 @@ class Forwarder:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
-    def sender(self) -> DicomSender | DirectorySender:
+    def sender(self) -> Sender:
         """The first sender (the only one with ``associations = 1``)."""
         return self.senders[0]
 
@@ -450,7 +471,7 @@ class Forwarder:
             return e, 0.0
         return None, wait
 
-    def _run(self, sender: DicomSender | DirectorySender) -> None:
+    def _run(self, sender: Sender) -> None:
         """One sender thread: claim the next sendable entry, send it, repeat."""
         last_work = time.monotonic()
         refusals = 0  # this sender's own failures while another association worked
@@ -496,7 +517,7 @@ class Forwarder:
         with contextlib.suppress(ValueError):
             self._order.remove(entry.name)
 
-    def _deliver(self, entry: Entry, sender: DicomSender | DirectorySender) -> bool:
+    def _deliver(self, entry: Entry, sender: Sender) -> bool:
         """Send one entry and record the outcome. True when only this sender could not open its
         association while another association to the destination is open: a PACS that accepts
         fewer associations than ``associations`` asks for. The entry then goes back to the queue
@@ -512,7 +533,8 @@ class Forwarder:
         path = self.dir / entry.name
         t0 = time.perf_counter()
         try:
-            sender.send(path, entry.meta)
+            # a DICOMweb sender returns the server's warning about a stored instance, if any
+            warning = sender.send(path, entry.meta)
         except FileNotFoundError:
             with self._cond:
                 self._remove(entry)  # taken away from outside (e.g. a purge); nothing to send
@@ -552,7 +574,7 @@ class Forwarder:
                 self.dest.name, str(entry.meta.get("modality", "")),
                 str(entry.meta.get("calling_ae", "")), total_ms,
             )
-        self._done.put((entry, latency_ms))
+        self._done.put((entry, latency_ms, warning))
         with self._cond:
             self._publish()
         return False
@@ -595,7 +617,7 @@ class Forwarder:
             item = self._done.get()
             if item is None:
                 return
-            entry, latency_ms = item
+            entry, latency_ms, warning = item
             try:
                 self.ledger.add(entry.sop_uid)
             except OSError:
@@ -608,13 +630,18 @@ class Forwarder:
                 self._sent_now.discard(entry.sop_uid)
             fields = {"sop_uid": entry.sop_uid, "study_uid": entry.study or None,
                       "destination": self.dest.name}
+            detail = ("released from quarantine with --resend-duplicate: sent even if the UID "
+                      "was delivered before") if entry.meta.get("resend_duplicate") else None
+            if warning:
+                LOG.warning("%s stored by %s with a warning: %s", entry.sop_uid, self.dest.name,
+                            warning)
+                detail = f"{detail}; {warning}" if detail else warning
             self._audit_safe(
-                "forwarded", latency_ms=round(latency_ms, 3), status="ok",
+                "forwarded", latency_ms=round(latency_ms, 3),
+                status="warning" if warning else "ok",
                 calling_ae=str(entry.meta.get("calling_ae", "")) or None,
                 modality=str(entry.meta.get("modality", "")) or None,
-                detail="released from quarantine with --resend-duplicate: sent even if the UID "
-                "was delivered before" if entry.meta.get("resend_duplicate") else None,
-                **fields,
+                detail=detail, **fields,
             )
 
     def _backoff(self, attempts: int) -> float:

@@ -9,6 +9,7 @@ a restart waits for the old process to exit before starting another on the same 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import pytest
 from tests.dcmtk import dcmtk_env, free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def require_orthanc() -> None:
@@ -31,13 +33,26 @@ def require_orthanc() -> None:
         pytest.skip("Orthanc not installed: apt-get install orthanc")
 
 
+def require_dicomweb_plugin() -> None:
+    require_orthanc()
+    if not os.path.isfile(DICOMWEB_PLUGIN):
+        pytest.skip(f"Orthanc's DICOMweb plugin ({DICOMWEB_PLUGIN}) not installed: "
+                    "apt-get install orthanc-dicomweb")
+
+
 class OrthancServer:
-    """Start/stop an Orthanc; REST helpers for what a test needs to check."""
+    """Start/stop an Orthanc; REST helpers for what a test needs to check.
+
+    ``dicomweb``: load the DICOMweb plugin (STOW-RS at ``{dicomweb_url}/studies``).
+    ``users``: HTTP basic authentication on (``RegisteredUsers``); the REST helpers log in as
+    the first user. ``lua``: a Lua script of the test's own (``LuaScripts``)."""
 
     def __init__(self, workdir: Path, modalities: dict[str, tuple[str, int]],
-                 aet: str = "ORTHANC", lua: str | None = None) -> None:
+                 aet: str = "ORTHANC", *, dicomweb: bool = False,
+                 users: dict[str, str] | None = None, lua: str | None = None) -> None:
         self.workdir = workdir
         self.aet = aet
+        self.users = dict(users or {})
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -47,10 +62,10 @@ class OrthancServer:
             "Name": "sentinel-test",
             "StorageDirectory": str(workdir / "db"),
             "IndexDirectory": str(workdir / "db"),
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
             "DicomServerEnabled": True,
             "DicomAet": aet,
             "DicomPort": self.dicom_port,
@@ -69,11 +84,23 @@ class OrthancServer:
             "SaveJobs": False,
             "MaximumPduLength": int(os.environ.get("SENTINEL_TEST_ORTHANC_PDU", "16384")),
         }
+        if dicomweb:
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if self.users:
+            config["RegisteredUsers"] = self.users
         if lua is not None:  # a Lua script of the test's own (e.g. an OnStoredInstance hook)
             script = workdir / "hooks.lua"
             script.write_text(lua)
             config["LuaScripts"] = [str(script)]
         self.config_path.write_text(json.dumps(config, indent=1))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.base_url}/dicom-web"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -115,19 +142,27 @@ class OrthancServer:
     # -- REST ----------------------------------------------------------------------------------
 
     def _url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
+        return f"{self.base_url}{path}"
+
+    def _open(self, path: str, body: bytes | None = None, timeout: float = 10) -> Any:
+        req = urllib.request.Request(self._url(path), data=body,
+                                     method="POST" if body is not None else "GET")
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        return urllib.request.urlopen(req, timeout=timeout)
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self._url(path), timeout=10) as r:
+        with self._open(path) as r:
             return json.loads(r.read())
 
     def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(self._url(path), timeout=30) as r:
+        with self._open(path, timeout=30) as r:
             return r.read()
 
     def post(self, path: str, body: str) -> Any:
-        req = urllib.request.Request(self._url(path), data=body.encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with self._open(path, body.encode()) as r:
             return json.loads(r.read())
 
     def instance_ids(self) -> list[str]:
