@@ -358,36 +358,33 @@ def settle(request: CommitmentRequest, where: Mapping[str, Located], now: float,
     return Settlement(True, tuple(success), tuple(failed))
 
 
+def ref_items(refs: Iterable[tuple[str, ...]]) -> list[Dataset]:
+    """Referenced SOP items of (class, instance[, FailureReason]) tuples."""
+    items = []
+    for ref in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ref[0]
+        item.ReferencedSOPInstanceUID = ref[1]
+        if len(ref) > 2:
+            item.FailureReason = int(ref[2])
+        items.append(item)
+    return items
+
+
 def report_dataset(request: CommitmentRequest, settlement: Settlement) -> tuple[Dataset, int]:
     """The N-EVENT-REPORT Event Information and its Event Type ID (PS3.4 J.3.3)."""
     ds = Dataset()
     ds.TransactionUID = request.transaction_uid
     if settlement.success:
-        items = []
-        for cls_uid, uid in settlement.success:
-            item = Dataset()
-            item.ReferencedSOPClassUID = cls_uid
-            item.ReferencedSOPInstanceUID = uid
-            items.append(item)
-        ds.ReferencedSOPSequence = items
+        ds.ReferencedSOPSequence = ref_items(settlement.success)
     if settlement.failed:
-        items = []
-        for cls_uid, uid, code, _why in settlement.failed:
-            item = Dataset()
-            item.ReferencedSOPClassUID = cls_uid
-            item.ReferencedSOPInstanceUID = uid
-            item.FailureReason = code
-            items.append(item)
-        ds.FailedSOPSequence = items
+        ds.FailedSOPSequence = ref_items((c, u, code) for c, u, code, _why in settlement.failed)
     return ds, (EVENT_FAILURES if settlement.failed else EVENT_ALL_SUCCESS)
 
 
-def send_report(cfg: Config, caller: CallerConfig, peer: str, ds: Dataset,
-                event_type: int) -> int:
-    """Send one N-EVENT-REPORT on a new association to the caller; return the peer's status.
-
-    Raises ConnectionError when no association could be opened or the peer did not answer."""
-    from pynetdicom import AE, build_role
+def commitment_ae(cfg: Config) -> Any:
+    """A pynetdicom AE for one outbound Storage Commitment association, with our timeouts."""
+    from pynetdicom import AE
 
     ae = AE(ae_title=cfg.listener.ae_title)
     ae.acse_timeout = cfg.timeouts.acse_s
@@ -395,6 +392,17 @@ def send_report(cfg: Config, caller: CallerConfig, peer: str, ds: Dataset,
     ae.network_timeout = cfg.timeouts.network_s
     ae.connection_timeout = cfg.timeouts.connect_s
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+    return ae
+
+
+def send_report(cfg: Config, caller: CallerConfig, peer: str, ds: Dataset,
+                event_type: int) -> int:
+    """Send one N-EVENT-REPORT on a new association to the caller; return the peer's status.
+
+    Raises ConnectionError when no association could be opened or the peer did not answer."""
+    from pynetdicom import build_role
+
+    ae = commitment_ae(cfg)
     role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
     host = caller.host or peer
     assoc = ae.associate(host, caller.port, ae_title=caller.ae_title, ext_neg=[role])

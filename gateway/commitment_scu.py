@@ -30,13 +30,16 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from gateway.commitment import (
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    commitment_ae,
+    ref_items,
+)
 from gateway.config import Config, DestinationConfig
 from gateway.spool import SentLedger, SpoolLayout, valid_uid
 
 LOG = logging.getLogger("sentinel.commitment")
-
-STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
-STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 COMMITTED = "committed"
 REFUSED = "refused"
@@ -51,16 +54,9 @@ def send_commit_request(cfg: Config, dest: DestinationConfig, txn: str,
     """One N-ACTION Request Storage Commitment to ``dest``; the PACS's status.
 
     Raises ConnectionError when no association could be opened or nothing was answered."""
-    from pynetdicom import AE
-
     from gateway.forward import client_ssl_context
 
-    ae = AE(ae_title=cfg.listener.ae_title)
-    ae.acse_timeout = cfg.timeouts.acse_s
-    ae.dimse_timeout = cfg.timeouts.dimse_s
-    ae.network_timeout = cfg.timeouts.network_s
-    ae.connection_timeout = cfg.timeouts.connect_s
-    ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+    ae = commitment_ae(cfg)
     ssl_ctx = client_ssl_context(dest)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                          tls_args=(ssl_ctx, dest.host) if ssl_ctx is not None else None)
@@ -69,13 +65,7 @@ def send_commit_request(cfg: Config, dest: DestinationConfig, txn: str,
     try:
         ds = Dataset()
         ds.TransactionUID = txn
-        items = []
-        for cls_uid, uid in refs:
-            item = Dataset()
-            item.ReferencedSOPClassUID = cls_uid
-            item.ReferencedSOPInstanceUID = uid
-            items.append(item)
-        ds.ReferencedSOPSequence = items
+        ds.ReferencedSOPSequence = ref_items(refs)
         status, _reply = assoc.send_n_action(ds, 1, STORAGE_COMMITMENT_PUSH,
                                              STORAGE_COMMITMENT_INSTANCE)
         if "Status" not in status:

@@ -34,6 +34,7 @@ from gateway.commitment import (
     RequestRefused,
     RequestStore,
     parse_request,
+    ref_items,
     report_dataset,
     settle,
 )
@@ -47,13 +48,7 @@ def action_info(txn: str | None, uids: list[str], cls: str = CR) -> Dataset:
     ds = Dataset()
     if txn is not None:
         ds.TransactionUID = txn
-    items = []
-    for uid in uids:
-        item = Dataset()
-        item.ReferencedSOPClassUID = cls
-        item.ReferencedSOPInstanceUID = uid
-        items.append(item)
-    ds.ReferencedSOPSequence = items
+    ds.ReferencedSOPSequence = ref_items((cls, uid) for uid in uids)
     return ds
 
 
@@ -368,14 +363,7 @@ destinations = ["pacs"]
 
 def report_info(txn: str, done: list[str], failed: list[tuple[str, int]]) -> Dataset:
     ds = action_info(txn, done)
-    items = []
-    for uid, code in failed:
-        item = Dataset()
-        item.ReferencedSOPClassUID = CR
-        item.ReferencedSOPInstanceUID = uid
-        item.FailureReason = code
-        items.append(item)
-    ds.FailedSOPSequence = items
+    ds.FailedSOPSequence = ref_items((CR, uid, code) for uid, code in failed)
     return ds
 
 

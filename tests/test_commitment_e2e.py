@@ -29,6 +29,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
+from gateway.commitment import ref_items
 from tests.dcmtk import free_port, require_dcmtk
 from tests.dicom_factory import sop_uid_of, synthetic
 from tests.gateway_harness import GatewayProcess, wait_until, write_config
@@ -296,13 +297,7 @@ def commit_info(txn: str | None, refs: list[tuple[str, str]]) -> Dataset:
     ds = Dataset()
     if txn is not None:
         ds.TransactionUID = txn
-    items = []
-    for cls, uid in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = cls
-        item.ReferencedSOPInstanceUID = uid
-        items.append(item)
-    ds.ReferencedSOPSequence = items
+    ds.ReferencedSOPSequence = ref_items(refs)
     return ds
 
 
