@@ -17,6 +17,11 @@ threshold to about two thirds at Kermany's own 1% point). Measure detection at t
 with attacked copies before relying on it (``sentinel attack`` then ``sentinel score --threshold
 T``). Calibrate on one set of images and check the false-positive rate on another.
 
+It also scores each image's resampling lines (detector.resample_lines) and proposes
+``[detector] line_gate`` where the site's clean images carry none: the gate catches attacks made
+through another network's resize, which the CNN and forest often miss, but it flags every image
+that was itself resampled, so only a site's own images can say whether it may be used.
+
 Exit status: 0 when a threshold was found; 2 when no image could be scored or the bundle is
 unusable.
 """
@@ -58,6 +63,9 @@ def _modality(path: Path) -> str:
         return ""
 
 
+MEASURE_LINES = float("inf")  # a line gate nothing reaches: measure the lines, flag nothing
+
+
 def min_images_to_lower(fpr: float) -> int:
     """Clean images needed before a threshold may go below the bundle's: enough that at least
     three of them lie above the proposed point, so one odd image does not set it."""
@@ -92,6 +100,34 @@ def calibrate(scores: dict[str, list[float]], fpr: float, bundle_threshold: floa
             "by_modality": {m: one(v) for m, v in sorted(scores.items()) if m}}
 
 
+LINE_GATE_MIN_IMAGES = 100  # fewer cannot show that the site's images carry no line
+
+
+def propose_line_gate(peaks: list[float]) -> dict[str, Any]:
+    """The resampling-line gate for these clean images, or why not.
+
+    Proposed at the highest of them (so none of these is flagged; on the 800 NIH images
+    outside a 1,600-image fit the same rule gave about 1%), never below the floor measured on
+    NIH; refused where the highest is above the ceiling: the site's own images then carry
+    lines (resampled by the modality or a PACS, or a grid), and the gate would flag them."""
+    from detector.resample_lines import CEILING, FLOOR
+
+    s = np.asarray(peaks, np.float64)
+    out: dict[str, Any] = {"images": len(s), "highest": float(s.max()) if len(s) else None,
+                           "gate": None, "why_not": ""}
+    if len(s) < LINE_GATE_MIN_IMAGES:
+        out["why_not"] = (f"{len(s)} image(s): at least {LINE_GATE_MIN_IMAGES} are needed to "
+                          "show that this site's images carry no resampling line")
+    elif s.max() >= CEILING:
+        share = float(np.mean(s >= FLOOR))
+        out["why_not"] = (f"{100 * share:.0f}% of these clean images carry a resampling line "
+                          f"(highest {s.max():.2f}, ceiling {CEILING}): they were resampled by "
+                          "the modality or a PACS (or show a grid), and the gate would flag them")
+    else:
+        out["gate"] = float(max(FLOOR, s.max()))
+    return out
+
+
 def config_lines(result: dict[str, Any]) -> str:
     """The TOML that applies the calibrated thresholds in the gateway.
 
@@ -108,6 +144,9 @@ def config_lines(result: dict[str, Any]) -> str:
     if tighter:
         lines += ["", "[detector.thresholds]  # only ever tightens [default]'s threshold"]
         lines += [f"{m} = {t:.6f}" for m, t in tighter.items()]
+    gate = (result.get("line_gate") or {}).get("gate")
+    if gate is not None:
+        lines += ["", "[detector]", f"line_gate = {gate:.4f}"]
     return "\n".join(lines)
 
 
@@ -126,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     files = collect_files(args.paths)
     scores: dict[str, list[float]] = {}
+    peaks: list[float] = []
     errors = []
     try:
         from tqdm import tqdm
@@ -135,16 +175,18 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         it = files
     for path, _ in it:
-        row = score_one(det, path, None)
+        row = score_one(det, path, None, line_gate=MEASURE_LINES)
         if row["verdict"] == "error":
             errors.append(row)
             continue
         scores.setdefault(_modality(path), []).append(float(row["score"]))
+        peaks.append(float(row["line_peak"]))
     if not scores:
         print(f"sentinel calibrate: no image could be scored in {' '.join(args.paths)} "
               f"({len(errors)} error(s))", file=sys.stderr)
         return 2
     result = calibrate(scores, args.fpr, det.threshold, allow_lower=args.allow_lower)
+    result["line_gate"] = propose_line_gate(peaks)
     result.update(bundle_id=det.bundle_id, bundle_threshold=det.threshold, target_fpr=args.fpr,
                   errors=len(errors), config=config_lines(result))
     if args.json:
@@ -174,6 +216,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"not lowered ({', '.join(refused)}): --allow-lower needs at least "
               f"{min_images_to_lower(args.fpr)} clean images per group at --fpr {args.fpr:g}",
               file=sys.stderr)
+    lg = result["line_gate"]
+    if lg["gate"] is not None:
+        print(f"resampling-line gate: {lg['gate']:.4f} (the highest of these images scores "
+              f"{lg['highest']:.4f}): catches attacks made through another network's resize; "
+              "leave it out if this site's images are ever resampled before they reach the "
+              "gateway")
+    else:
+        print(f"resampling-line gate: not proposed: {lg['why_not']}")
     print("\nto use it, put these keys in the gateway config's tables of the same name (the "
           "[default] table exists already; a [[rules]] entry keyed on calling_ae may carry the "
           "threshold for one sender instead), then `sentinel check`, and SIGHUP:\n")

@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="refuse images whose header declares more pixels (rows x columns x frames)",
     )
+    parser.add_argument(
+        "--line-gate",
+        type=float,
+        default=None,
+        help="also flag an image whose resampling-line score reaches this (the gateway's "
+        "[detector] line_gate; `sentinel calibrate` proposes it)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -89,7 +96,8 @@ def _resolve_threshold(value: str | None, thresholds: dict[str, float]) -> float
         ) from None
 
 
-def score_one(det: Any, path: Path, threshold: float | None) -> dict[str, Any]:
+def score_one(det: Any, path: Path, threshold: float | None,
+              line_gate: float | None = None) -> dict[str, Any]:
     from detector.errors import PreprocessError
     from detector.preprocess import read_dicom, sniff_format
 
@@ -99,9 +107,9 @@ def score_one(det: Any, path: Path, threshold: float | None) -> dict[str, Any]:
             ds = read_dicom(path, max_pixels=det.max_pixels)
             uid = ds.get("SOPInstanceUID")
             row["sop_instance_uid"] = str(uid) if uid else None
-            score = det.score_dataset(ds, threshold)
+            score = det.score_dataset(ds, threshold, line_gate=line_gate)
         else:
-            score = det.score_path(path, threshold)
+            score = det.score_path(path, threshold, line_gate=line_gate)
     except PreprocessError as exc:
         row.update(verdict="error", error={"reason": exc.reason, "message": str(exc)})
         return row
@@ -118,13 +126,14 @@ def score_one(det: Any, path: Path, threshold: float | None) -> dict[str, Any]:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     gated = any(r.get("grid_peaks") is not None for r in rows)
+    lined = any(r.get("line_peak") is not None for r in rows)
     head = ("file", "SOP Instance UID", "frames", "score", "P_cnn", "P_rf",
-            *(("grid",) if gated else ()), "verdict", "ms")
+            *(("grid",) if gated else ()), *(("lines",) if lined else ()), "verdict", "ms")
     body = []
     for r in rows:
         if r["verdict"] == "error":
             body.append((r["file"], r["sop_instance_uid"] or "-", "-", "-", "-", "-",
-                         *(("-",) if gated else ()), "ERROR", "-"))
+                         *(("-",) if gated else ()), *(("-",) if lined else ()), "ERROR", "-"))
         else:
             body.append(
                 (
@@ -135,6 +144,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                     f"{r['p_cnn']:.4f}",
                     f"{r['p_rf']:.4f}",
                     *((f"{r['grid_peaks']:.3f}",) if gated else ()),
+                    *((f"{r['line_peak']:.3f}",) if lined else ()),
                     "FLAGGED" if r["verdict"] == "flagged" else "clean",
                     f"{r['timings_ms']['total']:.1f}",
                 )
@@ -180,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = [score_one(det, path, threshold) for path, _ in targets]
+    rows = [score_one(det, path, threshold, args.line_gate) for path, _ in targets]
     n_err = sum(r["verdict"] == "error" for r in rows)
     n_flag = sum(r["verdict"] == "flagged" for r in rows)
     if args.json:

@@ -43,7 +43,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -461,20 +461,25 @@ def iter_unit_frames(
 
 
 def iter_input_frames(
-    ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "", size: int = INPUT_SIZE
+    ds: Dataset, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "", size: int = INPUT_SIZE,
+    native: Callable[[np.ndarray, int], None] | None = None,
 ) -> Iterator[np.ndarray]:
     """Each frame as float32 (size, size) in [0, 1]: the scoring path.
 
     Area averaging is linear and the normalisation affine, so the frame is resized while
     still in stored integers and only the 224x224 result is normalised: the same values as
     ``resize_frame(stored_to_unit(frame))`` to ~1e-15, without a full-size float64 copy of
-    the image (a 2048x2500 frame: ~40 MB of memory traffic and ~30 ms saved).
+    the image (a 2048x2500 frame: ~40 MB of memory traffic and ~30 ms saved). ``native``, if
+    given, sees each frame at its native matrix first (stored values, BitsStored).
     """
     src = source or str(getattr(ds, "filename", "") or "dataset")
     check_header(ds, max_pixels=max_pixels, source=src)
     bits_stored, signed, invert = unit_params(ds, src)
     for frame in _iter_frames(ds, src, max_pixels):
-        small = resize_frame(_valid_bits(frame, bits_stored, signed), size)
+        valid = _valid_bits(frame, bits_stored, signed)
+        if native is not None:
+            native(valid, bits_stored)
+        small = resize_frame(valid, size)
         unit = _normalise(small, bits_stored, signed, invert).astype(np.float32)
         yield np.clip(unit, 0.0, 1.0, out=unit)
 

@@ -71,6 +71,7 @@ from detector.preprocess import (
     resize_frame,
     sniff_format,
 )
+from detector.resample_lines import line_peak
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,15 @@ class Score:
     timings_ms: dict[str, float]
     frame_scores: tuple[float, ...] = field(default=())
     grid_peaks: float | None = None  # the gate's feature (worst frame), None without a gate
+    # the resampling-line score (highest frame) and the site's gate for it; None when the site
+    # has no line gate (detector.resample_lines): flagged is then the score's verdict alone
+    line_peak: float | None = None
+    line_gate: float | None = None
+
+    @property
+    def line_flagged(self) -> bool:
+        return (self.line_gate is not None and self.line_peak is not None
+                and self.line_peak >= self.line_gate)
 
     def as_dict(self) -> dict[str, object]:
         """Plain-JSON form for audit records, sidecars and ``sentinel score --json``."""
@@ -103,6 +113,8 @@ class Score:
             "timings_ms": dict(self.timings_ms),
             "frame_scores": list(self.frame_scores),
             "grid_peaks": self.grid_peaks,
+            "line_peak": self.line_peak,
+            "line_gate": self.line_gate,
         }
 
 
@@ -387,8 +399,13 @@ class Detector:
         frames: list[np.ndarray] | np.ndarray,
         threshold: float | None = None,
         decode_s: float = 0.0,
+        line_peaks: list[float] | None = None,
+        line_gate: float | None = None,
     ) -> Score:
-        """Score already-resized (224, 224) frames; the instance takes its worst frame."""
+        """Score already-resized (224, 224) frames; the instance takes its worst frame.
+
+        With ``line_gate``, ``line_peaks`` (one per frame, at the native matrix) flag the
+        instance too when the highest reaches it (detector.resample_lines)."""
         thr = self.threshold if threshold is None else float(threshold)
         t_start = time.perf_counter()
         parts: list[tuple[float, float, float]] = []
@@ -404,13 +421,17 @@ class Detector:
         scores = tuple(p[2] for p in parts)
         worst = int(np.argmax(scores))
         p_cnn, p_rf, score = parts[worst]
+        line = gate = None
+        if line_gate is not None and line_peaks:
+            line, gate = float(max(line_peaks)), float(line_gate)
         total = decode_s + (time.perf_counter() - t_start)
         return Score(
             score=score,
             p_cnn=p_cnn,
             p_rf=p_rf,
             threshold=thr,
-            flagged=bool(score >= thr),
+            flagged=bool(score >= thr) or (line is not None and gate is not None
+                                           and line >= gate),
             frames=len(parts),
             worst_frame=worst,
             bundle_id=self.bundle_id,
@@ -423,24 +444,38 @@ class Detector:
             },
             frame_scores=scores,
             grid_peaks=grids[worst],
+            line_peak=line,
+            line_gate=gate,
         )
 
-    def score_dataset(self, ds: Dataset, threshold: float | None = None) -> Score:
+    def score_dataset(self, ds: Dataset, threshold: float | None = None,
+                      line_gate: float | None = None) -> Score:
         """Decode, normalise and resize each frame of a dataset, then score it."""
-        return self._score_ds(ds, threshold, time.perf_counter())
+        return self._score_ds(ds, threshold, time.perf_counter(), line_gate)
 
-    def _score_ds(self, ds: Dataset, threshold: float | None, t0: float) -> Score:
+    def _score_ds(self, ds: Dataset, threshold: float | None, t0: float,
+                  line_gate: float | None = None) -> Score:
         """Score a dataset; decode time is counted from ``t0`` (before the header parse)."""
-        frames = list(iter_input_frames(ds, max_pixels=self.max_pixels))
-        return self.score_frames(frames, threshold, decode_s=time.perf_counter() - t0)
+        peaks: list[float] = []
 
-    def score_path(self, path: str | os.PathLike[str], threshold: float | None = None) -> Score:
+        def native(frame: np.ndarray, bits_stored: int) -> None:
+            peaks.append(line_peak(frame, float((1 << bits_stored) - 1)))
+
+        frames = list(iter_input_frames(ds, max_pixels=self.max_pixels,
+                                        native=native if line_gate is not None else None))
+        return self.score_frames(frames, threshold, decode_s=time.perf_counter() - t0,
+                                 line_peaks=peaks, line_gate=line_gate)
+
+    def score_path(self, path: str | os.PathLike[str], threshold: float | None = None,
+                   line_gate: float | None = None) -> Score:
         """Score a DICOM or PNG/JPEG file (detected by content)."""
         path = Path(path)
         t0 = time.perf_counter()
         if sniff_format(path) == "dicom":
             ds = read_dicom(path, max_pixels=self.max_pixels)
-            return self._score_ds(ds, threshold, t0)
+            return self._score_ds(ds, threshold, t0, line_gate)
         unit = image_to_unit(path, max_pixels=self.max_pixels)
+        peaks = [line_peak(f, 1.0) for f in unit] if line_gate is not None else []
         frames = [np.clip(resize_frame(f).astype(np.float32), 0.0, 1.0) for f in unit]
-        return self.score_frames(frames, threshold, decode_s=time.perf_counter() - t0)
+        return self.score_frames(frames, threshold, decode_s=time.perf_counter() - t0,
+                                 line_peaks=peaks, line_gate=line_gate)

@@ -86,6 +86,8 @@ FIELDS: frozenset[str] = frozenset(
         "p_cnn",
         "p_rf",
         "grid_peaks",
+        "line_peak",  # the resampling-line score, with the site's line_gate beside it
+        "line_gate",
         "threshold",
         "bundle_id",
         "rule",

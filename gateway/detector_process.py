@@ -218,11 +218,13 @@ _SCORE_REPLY_KEYS = frozenset({"kind", "id", "score"})
 _ERROR_REPLY_KEYS = frozenset({"kind", "id", "reason", "message"})
 _START_FAILED_KEYS = frozenset({"kind", "type", "message"})
 _SCORE_KEYS = frozenset({"score", "p_cnn", "p_rf", "threshold", "flagged", "frames",
-                         "worst_frame", "bundle_id", "timings_ms", "frame_scores", "grid_peaks"})
+                         "worst_frame", "bundle_id", "timings_ms", "frame_scores", "grid_peaks",
+                         "line_peak", "line_gate"})
 _STAGE = re.compile(r"[a-z_]{1,32}")  # timings_ms keys (decode, features, cnn, forest, total)
 
 
-def _score_from(obj: Any, bundle_id: str, threshold: float) -> Any:
+def _score_from(obj: Any, bundle_id: str, threshold: float,
+                line_gate: float | None = None) -> Any:
     """Rebuild a Score from the child's plain-JSON form, checking every field (``Score.as_dict``
     is the form), or raise _Garbled."""
     from detector.scoring import Score
@@ -246,17 +248,22 @@ def _score_from(obj: Any, bundle_id: str, threshold: float) -> Any:
     frame_scores = tuple(_number({"frame_scores": v}, "frame_scores") for v in per_frame)
     if grid is not None:
         grid = _number(obj, "grid_peaks")
+    line = None if obj.get("line_peak") is None else _number(obj, "line_peak")
+    gate = None if obj.get("line_gate") is None else _number(obj, "line_gate")
+    if gate != line_gate or (gate is None) != (line is None):
+        raise _Garbled(f"a line gate of {gate}, asked for {line_gate}")
+    by_line = line is not None and gate is not None and line >= gate
     # consistent with the request and with itself: catches a reply to another request too
     if obj["bundle_id"] != bundle_id:
         raise _Garbled("a score from another bundle than the one this process loaded")
     if thr != threshold:
         raise _Garbled(f"a score at threshold {thr}, asked at {threshold}")
-    if flagged != (value >= thr) or frame_scores[worst] != value:
+    if flagged != (value >= thr or by_line) or frame_scores[worst] != value:
         raise _Garbled("a score whose verdict or worst frame does not match its numbers")
     return Score(score=value, p_cnn=p_cnn, p_rf=p_rf, threshold=thr, flagged=flagged,
                  frames=frames, worst_frame=worst, bundle_id=bundle_id,
                  timings_ms={k: _number(timings, k) for k in timings},
-                 frame_scores=frame_scores, grid_peaks=grid)
+                 frame_scores=frame_scores, grid_peaks=grid, line_peak=line, line_gate=gate)
 
 
 def _warn_nice_once(nice: int, error: str) -> None:
@@ -383,12 +390,13 @@ class ProcessDetector:
         self._proc, self._sock = None, None
         return code
 
-    def score_dataset(self, ds: Any, threshold: float | None = None) -> Any:
+    def score_dataset(self, ds: Any, threshold: float | None = None,
+                      line_gate: float | None = None) -> Any:
         """Score the file the dataset was read from (``ds.filename``) in the child; a dataset
         with no file behind it travels as DICOM bytes."""
         path = getattr(ds, "filename", None)
         if isinstance(path, str | os.PathLike):
-            return self._score({"path": os.fspath(path)}, None, threshold)
+            return self._score({"path": os.fspath(path)}, None, threshold, line_gate)
         import pydicom
 
         buf = io.BytesIO()
@@ -397,18 +405,20 @@ class ProcessDetector:
         except Exception as exc:
             raise ScoringProcessError("unreadable", f"the dataset could not be written for the "
                                       f"scoring process: {type(exc).__name__}: {exc}") from exc
-        return self._score({"path": None}, buf.getvalue(), threshold)
+        return self._score({"path": None}, buf.getvalue(), threshold, line_gate)
 
-    def score_path(self, path: str | os.PathLike[str], threshold: float | None = None) -> Any:
+    def score_path(self, path: str | os.PathLike[str], threshold: float | None = None,
+                   line_gate: float | None = None) -> Any:
         """Score a DICOM or PNG/JPEG file in the child."""
-        return self._score({"path": os.fspath(path)}, None, threshold)
+        return self._score({"path": os.fspath(path)}, None, threshold, line_gate)
 
     def _score(self, request: dict[str, Any], payload: bytes | None,
-               threshold: float | None) -> Any:
+               threshold: float | None, line_gate: float | None = None) -> Any:
         self._next_id += 1
         rid = self._next_id
         thr = None if threshold is None else float(threshold)
-        header = {"kind": "score", "id": rid, "threshold": thr, **request,
+        gate = None if line_gate is None else float(line_gate)
+        header = {"kind": "score", "id": rid, "threshold": thr, "line_gate": gate, **request,
                   "dicom_bytes": payload is not None}
         deadline = time.monotonic() + self.timeout_s
         try:
@@ -431,7 +441,7 @@ class ProcessDetector:
             if reply.get("kind") == "score":
                 _only(reply, _SCORE_REPLY_KEYS, "score reply")
                 return _score_from(reply["score"], self.bundle_id,
-                                   self.threshold if thr is None else thr)
+                                   self.threshold if thr is None else thr, gate)
             if reply.get("kind") == "error":
                 _only(reply, _ERROR_REPLY_KEYS, "error reply")
                 reason = _text(reply, "reason", 64)
@@ -526,15 +536,16 @@ def _child_main(sock: socket.socket, bundle: str | None, threads: int, nice: int
             data = _read_frame(sock, 1 << 62) if request["dicom_bytes"] else None
         except (_Gone, _Garbled, ValueError):
             return
-        rid, threshold = request["id"], request["threshold"]
+        rid, threshold, gate = request["id"], request["threshold"], request.get("line_gate")
         try:
             if data is not None:
                 import pydicom
 
                 score = detector.score_dataset(pydicom.dcmread(io.BytesIO(data)),
-                                               threshold=threshold)
+                                               threshold=threshold, line_gate=gate)
             else:
-                score = detector.score_path(request["path"], threshold=threshold)
+                score = detector.score_path(request["path"], threshold=threshold,
+                                            line_gate=gate)
             # a NaN or infinite number raises here: an error reply, never a verdict
             reply = _encode({"kind": "score", "id": rid, "score": score.as_dict()}).encode()
         except Exception as exc:

@@ -81,6 +81,10 @@ class QuarantineRecord:
     # the bundle's stride-grid gate feature (detector.scoring); None without a gate, and in
     # sidecars written before bundles had one
     grid_peaks: float | None = None
+    # the resampling-line score and the site's line gate (detector.resample_lines); None where
+    # the site has no line gate. A line at or above the gate flags an image whatever its score.
+    line_peak: float | None = None
+    line_gate: float | None = None
 
     def __post_init__(self) -> None:
         check_uid(self.sop_uid, "SOPInstanceUID")

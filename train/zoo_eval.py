@@ -80,16 +80,20 @@ def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
 
 def score_stored(det: Any, x: np.ndarray) -> dict[str, np.ndarray]:
     """The runtime's verdict on stored images (n, rows, cols) in [0, 1]: the gateway's path for
-    a decoded unit frame (exact area resize to 224, then features, CNN, forest, rule, gate)."""
+    a decoded unit frame (exact area resize to 224, then features, CNN, forest, rule, gate),
+    and each image's resampling-line score (what a site's ``line_gate`` compares)."""
     from detector import preprocess
+    from detector.resample_lines import line_peak
 
-    cols: dict[str, list[float]] = {"score": [], "p_cnn": [], "p_rf": [], "grid": []}
+    cols: dict[str, list[float]] = {"score": [], "p_cnn": [], "p_rf": [], "grid": [],
+                                    "line": []}
     for img in x:
         s = det.score_frames(preprocess.resize_to_input(img[None]))
         cols["score"].append(s.score)
         cols["p_cnn"].append(s.p_cnn)
         cols["p_rf"].append(s.p_rf)
         cols["grid"].append(np.nan if s.grid_peaks is None else s.grid_peaks)
+        cols["line"].append(line_peak(img, 1.0))  # the resampling-line score, at the native matrix
     return {k: np.asarray(v, np.float64) for k, v in cols.items()}
 
 

@@ -48,6 +48,7 @@ class ScoredBundle:
     detector: Any
     holdout: tuple[str, ...]
     site_threshold: float | None = None
+    site_line_gate: float | None = None  # what calibrate proposed (None: refused or not asked)
 
 
 def load_bundle(path: Path | None) -> ScoredBundle:
@@ -74,41 +75,52 @@ def detection(b: ScoredBundle, adv: np.ndarray, fooled: np.ndarray) -> dict:
     as "site", when it has one)."""
     from train.zoo_eval import _wilson, score_stored
 
-    s = score_stored(b.detector, adv)["score"]
+    scored = score_stored(b.detector, adv)
+    s, line = scored["score"], scored["line"]
     n = int(fooled.sum())
 
-    def at(t: float) -> dict:
-        k = int(((s >= t) & fooled).sum())
+    def at(t: float, gate: float | None = None) -> dict:
+        hit = s >= t if gate is None else (s >= t) | (line >= gate)
+        k = int((hit & fooled).sum())
         return {"detected": k, "fooled": n, "rate": k / n if n else None, "ci": _wilson(k, n),
-                "threshold": t}
+                "threshold": t, "line_gate": gate}
 
     out = {**at(b.detector.threshold),
-           "median_score": float(np.median(s[fooled])) if n else None}
+           "median_score": float(np.median(s[fooled])) if n else None,
+           "median_line": float(np.median(line[fooled])) if n else None}
     if b.site_threshold is not None:
-        out["site"] = at(b.site_threshold)
+        out["site"] = at(b.site_threshold, b.site_line_gate)
     return out
 
 
 def site_calibrated(b: ScoredBundle, calib: np.ndarray) -> ScoredBundle:
     """The bundle after ``sentinel calibrate --allow-lower`` on ``calib`` (a site's clean
-    images): the same code path, detector.cmd_calibrate.calibrate."""
+    images): the same code paths, detector.cmd_calibrate.calibrate for the threshold and
+    propose_line_gate for the resampling-line gate."""
     from dataclasses import replace
 
-    from detector.cmd_calibrate import calibrate
+    from detector.cmd_calibrate import calibrate, propose_line_gate
     from train.zoo_eval import score_stored
 
-    scores = score_stored(b.detector, calib)["score"].tolist()
-    result = calibrate({"": scores}, SITE_FPR, b.detector.threshold, allow_lower=True)
-    return replace(b, site_threshold=float(result["overall"]["threshold"]))
+    scored = score_stored(b.detector, calib)
+    result = calibrate({"": scored["score"].tolist()}, SITE_FPR, b.detector.threshold,
+                       allow_lower=True)
+    gate = propose_line_gate(scored["line"].tolist())["gate"]
+    return replace(b, site_threshold=float(result["overall"]["threshold"]), site_line_gate=gate)
 
 
-def clean_fpr(det: Any, x: np.ndarray, threshold: float | None = None) -> dict:
+def clean_fpr(det: Any, x: np.ndarray, threshold: float | None = None,
+              line_gate: float | None = None) -> dict:
     from train.zoo_eval import _wilson, score_stored
 
     t = det.threshold if threshold is None else threshold
-    flagged = score_stored(det, x)["score"] >= t
+    scored = score_stored(det, x)
+    flagged = scored["score"] >= t
+    if line_gate is not None:
+        flagged |= scored["line"] >= line_gate
     k, n = int(flagged.sum()), len(x)
-    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n), "threshold": t}
+    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n), "threshold": t,
+            "line_gate": line_gate}
 
 
 def nih_site_split(data_root: Path, exclude: tuple[str, ...], n_calib: int, seed: int
@@ -207,9 +219,13 @@ def markdown(results: dict) -> str:
     site = results.get("site")
     lines += ["", "## Detection among fooled images", ""]
     if site:
+        gate = site.get("line_gate")
         lines += [f"Site-calibrated: each bundle's threshold after `sentinel calibrate "
                   f"--allow-lower` on {site['images']} clean NIH images outside the evaluation "
-                  "sample (the row `nih512-site` above is its FPR on the remaining NIH images).",
+                  "sample (the row `nih512-site` above is its FPR on the remaining NIH images), "
+                  + (f"with the resampling-line gate it proposed ({gate:.3f}; "
+                     "detector.resample_lines)." if gate is not None else
+                     "without a resampling-line gate (calibrate did not propose one)."),
                   ""]
     lines += ["| source | family | attack | eps | fooled | held out (fold) | held out, "
               "site-calibrated | final bundle |",
@@ -220,13 +236,20 @@ def markdown(results: dict) -> str:
                      f"{c['fooled']}/{c['n']} | {_pct(held)} ({c.get('held_out_bundle', '-')}) "
                      f"| {_pct((held or {}).get('site'))} | {_pct(c['final'])} |")
     if results["processing"]:
+        at_site = "site_fpr" in results["processing"][0]
         lines += ["", "## Clean FPR per modality processing (evaluation settings, final "
-                  "bundle)", "", "| kind | setting | source | flagged | FPR [95%] |",
-                  "| --- | --- | --- | --- | --- |"]
+                  "bundle)", "", "| kind | setting | source | flagged | FPR [95%] |"
+                  + (" site-calibrated FPR [95%] |" if at_site else ""),
+                  "| --- | --- | --- | --- | --- |" + (" --- |" if at_site else "")]
         for r in results["processing"]:
             lo, hi = r["fpr_ci"]
-            lines.append(f"| {r['kind']} | {r['setting']} | {r['source']} | {r['flagged']}/"
-                         f"{r['n']} | {100 * r['fpr']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |")
+            row = (f"| {r['kind']} | {r['setting']} | {r['source']} | {r['flagged']}/"
+                   f"{r['n']} | {100 * r['fpr']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |")
+            if at_site:
+                slo, shi = r["site_fpr_ci"]
+                row += (f" {100 * r['site_fpr']:.1f}% ({r['site_flagged']}/{r['n']}) "
+                        f"[{100 * slo:.1f}, {100 * shi:.1f}] |")
+            lines.append(row)
     lines += ["", "## Targets", ""]
     lines += ([f"- missed: {m}" for m in results["misses"]] or ["- every target holds"])
     return "\n".join(lines) + "\n"
@@ -410,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         calib, rest = nih_site_split(data_root, sources["nih512"].ids, args.site, args.seed)
         bundles = [site_calibrated(b, calib) for b in bundles]
         final, folds = bundles[0], ([bundles[0]] if own_fold else bundles[1:])
-        clean["nih512-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold)
+        clean["nih512-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold,
+                                                  b.site_line_gate)
                                 for b in bundles}
     cells = []
     for s in args.sources:
@@ -423,16 +447,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.processing:
         from train import processing as proc
 
-        processing = proc.clean_fpr_table(final.detector,
-                                          {s: sources[s].x for s in args.sources},
-                                          args.out / "processing", seed=args.seed)
+        processing = proc.clean_fpr_table(
+            final.detector, {s: sources[s].x for s in args.sources}, args.out / "processing",
+            seed=args.seed, site=(None if final.site_threshold is None
+                                  else (final.site_threshold, final.site_line_gate)))
     results = {
         "bundle": final.detector.bundle_id, "threshold": final.detector.threshold,
         "bundles": [b.name for b in bundles],
         "folds": {b.name: {"bundle_id": b.detector.bundle_id, "holdout": list(b.holdout),
                            "threshold": b.detector.threshold,
-                           "site_threshold": b.site_threshold} for b in folds},
-        "site": ({"images": args.site, "threshold": final.site_threshold}
+                           "site_threshold": b.site_threshold,
+                           "site_line_gate": b.site_line_gate} for b in folds},
+        "site": ({"images": args.site, "threshold": final.site_threshold,
+                  "line_gate": final.site_line_gate}
                  if final.site_threshold is not None else None),
         "members": [{k: members[f][k] for k in ("family", "pipeline_tag", "test_auc")}
                     for f in args.families],
