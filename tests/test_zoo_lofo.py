@@ -107,3 +107,22 @@ def test_model_card_section_is_replaced_not_repeated() -> None:
                                       md.replace("- ok", "- new"))
     assert twice.count("## Victim zoo") == 1 and "- new" in twice and "- ok" not in twice
     assert twice.rstrip().endswith("CC") and "## Training data" in twice
+
+
+def test_site_line_gate_comes_from_calibrate_and_counts_in_detection_and_fpr(
+        fixture_bundle: Path) -> None:
+    """110 clean images without lines: calibrate proposes the line gate; attacked copies whose
+    ±1 pattern repeats with a victim's resize are caught by it at the site's operating point."""
+    from tests.test_resample_lines import attacked, clean
+
+    b = _bundle(fixture_bundle)
+    calib = np.stack([clean(s, 256) / 255.0 for s in range(110)]).astype(np.float32)
+    site = zoo_lofo.site_calibrated(b, calib)
+    assert site.site_line_gate is not None and site.site_line_gate >= 2.07
+    adv = np.stack([attacked(clean(200 + s, 256), s, victim=128) / 255.0
+                    for s in range(6)]).astype(np.float32)
+    fooled = np.ones(6, bool)
+    r = zoo_lofo.detection(site, adv, fooled)
+    assert r["site"]["line_gate"] == site.site_line_gate and r["site"]["detected"] == 6
+    lines_only = zoo_lofo.clean_fpr(site.detector, calib, 1.01, site.site_line_gate)
+    assert lines_only["line_gate"] == site.site_line_gate and lines_only["flagged"] == 0
