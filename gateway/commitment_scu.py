@@ -19,7 +19,6 @@ archive holds the images, and nobody else may make it.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import threading
 import time
@@ -36,7 +35,7 @@ from gateway.commitment import (
     commitment_ae,
     ref_items,
 )
-from gateway.config import Config, DestinationConfig
+from gateway.config import Config, DestinationConfig, host_ip
 from gateway.spool import SentLedger, SpoolLayout, valid_uid
 
 LOG = logging.getLogger("sentinel.commitment")
@@ -237,14 +236,7 @@ def _inside(root: Path, dest: str) -> Path:
 
 def _same_host(host: str, peer: str) -> bool:
     """The peer is the destination's address (when the destination is configured by IP)."""
-    try:
-        want = ipaddress.ip_address(host)
-    except ValueError:
+    want = host_ip(host)
+    if want is None:
         return True  # a host name: the [[callers]] allow-list is the address check
-    try:
-        got = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    if isinstance(got, ipaddress.IPv6Address) and got.ipv4_mapped is not None:
-        got = got.ipv4_mapped
-    return got == want
+    return host_ip(peer) == want

@@ -188,3 +188,18 @@ def relabel(src: Path, dst: Path, *, modality: str | None = None, sop_class: str
     dst.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(dst, enforce_file_format=True)
     return dst
+
+
+def sentinel_attack(src: Path, dst: Path, bundle: Path, method: str = "pgd",
+                    eps: float = 0.006) -> Path:
+    """An attacked copy of ``src`` made by `sentinel attack` (the command a site red-teams with)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "attack", str(src), str(dst),
+                        "--method", method, "--eps", str(eps), "--bundle", str(bundle)],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return dst

@@ -31,7 +31,7 @@ from pynetdicom import AE
 
 from gateway.commitment import ref_items
 from tests.dcmtk import free_port, require_dcmtk
-from tests.dicom_factory import sop_uid_of, synthetic
+from tests.dicom_factory import sentinel_attack, sop_uid_of, synthetic
 from tests.gateway_harness import GatewayProcess, wait_until, write_config
 from tests.orthanc import OrthancServer, require_orthanc
 
@@ -331,12 +331,7 @@ def test_real_attacked_nema_cr_fails_and_the_original_commits(tmp_path: Path,
     """The trained default bundle; RG1 and its PGD copy (eps 0.006) in one request."""
     bundle = REPO / "detector" / "models" / "default"
     original = nema_dir / "RG1_UNCR.dcm"
-    attacked = tmp_path / "src" / "rg1-pgd.dcm"
-    attacked.parent.mkdir(parents=True)
-    r = subprocess.run([sys.executable, "-m", "gateway.cli", "attack", str(original),
-                        str(attacked), "--method", "pgd", "--eps", "0.006", "--bundle",
-                        str(bundle)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    attacked = sentinel_attack(original, tmp_path / "src" / "rg1-pgd.dcm", bundle)
     with site(tmp_path, bundle, rules="") as s:
         txn = s.send_and_commit([original, attacked])
         rep = s.wait_report(txn, timeout=180)

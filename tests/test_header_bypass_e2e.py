@@ -15,15 +15,13 @@ image, so whatever the default screens is flagged) and one with the trained defa
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.quarantine import Quarantine
 from tests.dcmtk import free_port, require_dcmtk, storescu
-from tests.dicom_factory import make_sr, relabel, sop_uid_of, synthetic
+from tests.dicom_factory import make_sr, relabel, sentinel_attack, sop_uid_of, synthetic
 from tests.gateway_harness import GatewayProcess, wait_until, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,12 +103,7 @@ def test_relabelled_attacked_nema_cr_screened(tmp_path: Path, nema_dir: Path) ->
     if not (bundle / "manifest.json").is_file():
         pytest.skip("no trained default bundle in detector/models/default")
     original = nema_dir / "RG1_UNCR.dcm"
-    attacked = tmp_path / "src" / "rg1-pgd.dcm"
-    attacked.parent.mkdir(parents=True)
-    r = subprocess.run([sys.executable, "-m", "gateway.cli", "attack", str(original),
-                        str(attacked), "--method", "pgd", "--eps", "0.006", "--bundle",
-                        str(bundle)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    attacked = sentinel_attack(original, tmp_path / "src" / "rg1-pgd.dcm", bundle)
     relabelled = _attacked_copies(attacked, tmp_path / "src")
     sr = make_sr(tmp_path / "src" / "report.dcm")
     _run(tmp_path, bundle, 'action = "pass"', relabelled, [original, sr])
