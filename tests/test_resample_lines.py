@@ -87,19 +87,25 @@ def test_a_resampled_clean_image_looks_attacked_which_is_why_the_gate_is_opt_in(
 
 
 def test_calibrate_proposes_the_gate_only_where_the_site_has_no_lines() -> None:
-    quiet = [1.2 + 0.005 * i for i in range(150)]
-    proposal = propose_line_gate(quiet)
-    assert proposal["gate"] == pytest.approx(FLOOR)  # the highest (1.945) is under the floor
-    higher = [*quiet, 2.4]
-    assert propose_line_gate(higher)["gate"] == pytest.approx(2.4001)  # just above the highest
-    lined = [*quiet, 3.5, 4.0]
+    tight = [1.3 + 0.0005 * i for i in range(150)]  # a fitted tail far under the floor
+    assert propose_line_gate(tight)["gate"] == pytest.approx(FLOOR)
+    rng = np.random.default_rng(0)
+    gumbel = list(1.3 + 0.2 * rng.gumbel(size=300))  # clean scores: maxima of noisy ratios
+    proposal = propose_line_gate(gumbel, fpr=0.01)
+    # the fitted 99.5% point of Gumbel(1.3, 0.2) is 1.3 + 0.2 * 5.30 = 2.36
+    assert proposal["gate"] == pytest.approx(2.36, abs=0.1)
+    assert propose_line_gate(gumbel, fpr=0.005)["gate"] > proposal["gate"]
+    broad = list(np.minimum(1.5 + 0.3 * rng.gumbel(size=300), 2.6))  # a wide tail, no line
+    assert "allow a larger --fpr" in propose_line_gate(broad)["why_not"]
+    assert propose_line_gate([*gumbel[:-1], 3.5])["gate"] is not None  # one odd image: kept
+    lined = [*gumbel[:290], *([3.5] * 10)]  # 3% of the site's images carry a line
     refused = propose_line_gate(lined)
     assert refused["gate"] is None and "resampled" in refused["why_not"]
-    few = propose_line_gate(quiet[: LINE_GATE_MIN_IMAGES - 1])
+    few = propose_line_gate(gumbel[: LINE_GATE_MIN_IMAGES - 1])
     assert few["gate"] is None and f"at least {LINE_GATE_MIN_IMAGES}" in few["why_not"]
     text = config_lines({"overall": {"threshold": 0.9}, "by_modality": {},
                          "line_gate": proposal})
-    assert "[detector]\nline_gate = 2.0700" in text
+    assert f"[detector]\nline_gate = {proposal['gate']:.4f}" in text
 
 
 def write_cr(path: Path, img: np.ndarray) -> Path:

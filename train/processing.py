@@ -177,10 +177,10 @@ EVAL_SETTINGS: tuple[Setting, ...] = (
 
 def clean_fpr_table(det: Any, sources: dict[str, np.ndarray], out: Path, *, seed: int = 0,
                     settings: tuple[Setting, ...] = EVAL_SETTINGS, levels: int = 255,
-                    site: tuple[float, float | None] | None = None) -> list[dict]:
+                    site: tuple[str, float, float | None] | None = None) -> list[dict]:
     """The runtime Detector's clean false-positive rate per processing setting and source;
-    written to ``out/processing.json`` (and returned). ``site`` (threshold, line gate or None):
-    also the rate at a site's calibrated operating point (``site_fpr``)."""
+    written to ``out/processing.json`` (and returned). ``site`` (source, threshold, line gate or
+    None): also the rate at that source's calibrated operating point (``site_fpr``)."""
     from tqdm import tqdm
 
     from train.zoo_eval import _median, _wilson, score_stored
@@ -199,10 +199,10 @@ def clean_fpr_table(det: Any, sources: dict[str, np.ndarray], out: Path, *, seed
                "median_score": _median(sc["score"]), "median_p_cnn": _median(sc["p_cnn"]),
                "median_p_rf": _median(sc["p_rf"]), "median_grid": _median(sc["grid"]),
                "median_line": _median(sc["line"])}
-        if site is not None:
-            at_site = sc["score"] >= site[0]
-            if site[1] is not None:
-                at_site |= sc["line"] >= site[1]
+        if site is not None and site[0] == name:
+            at_site = sc["score"] >= site[1]
+            if site[2] is not None:
+                at_site |= sc["line"] >= site[2]
             ks = int(at_site.sum())
             row.update(site_flagged=ks, site_fpr=ks / n, site_fpr_ci=_wilson(ks, n))
         rows.append(row)

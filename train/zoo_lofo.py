@@ -93,10 +93,11 @@ def detection(b: ScoredBundle, adv: np.ndarray, fooled: np.ndarray) -> dict:
     return out
 
 
-def site_calibrated(b: ScoredBundle, calib: np.ndarray) -> ScoredBundle:
-    """The bundle after ``sentinel calibrate --allow-lower`` on ``calib`` (a site's clean
-    images): the same code paths, detector.cmd_calibrate.calibrate for the threshold and
-    propose_line_gate for the resampling-line gate."""
+def site_calibrated(b: ScoredBundle, calib: np.ndarray, allow_lower: bool = False
+                    ) -> ScoredBundle:
+    """The bundle after ``sentinel calibrate`` (``--allow-lower`` with ``allow_lower``) on
+    ``calib`` (a site's clean images): the same code paths, detector.cmd_calibrate.calibrate
+    for the threshold and propose_line_gate for the resampling-line gate."""
     from dataclasses import replace
 
     from detector.cmd_calibrate import calibrate, propose_line_gate
@@ -104,8 +105,8 @@ def site_calibrated(b: ScoredBundle, calib: np.ndarray) -> ScoredBundle:
 
     scored = score_stored(b.detector, calib)
     result = calibrate({"": scored["score"].tolist()}, SITE_FPR, b.detector.threshold,
-                       allow_lower=True)
-    gate = propose_line_gate(scored["line"].tolist())["gate"]
+                       allow_lower=allow_lower)
+    gate = propose_line_gate(scored["line"].tolist(), SITE_FPR)["gate"]
     return replace(b, site_threshold=float(result["overall"]["threshold"]), site_line_gate=gate)
 
 
@@ -220,8 +221,10 @@ def markdown(results: dict) -> str:
     lines += ["", "## Detection among fooled images", ""]
     if site:
         gate = site.get("line_gate")
-        lines += [f"Site-calibrated: each bundle's threshold after `sentinel calibrate "
-                  f"--allow-lower` on {site['images']} clean NIH images outside the evaluation "
+        how = "sentinel calibrate --allow-lower" if site.get("allow_lower") else \
+            "sentinel calibrate"
+        lines += [f"Site-calibrated: each bundle's threshold after `{how}` on "
+                  f"{site['images']} clean NIH images outside the evaluation "
                   "sample (the row `nih512-site` above is its FPR on the remaining NIH images), "
                   + (f"with the resampling-line gate it proposed ({gate:.3f}; "
                      "detector.resample_lines)." if gate is not None else
@@ -236,7 +239,7 @@ def markdown(results: dict) -> str:
                      f"{c['fooled']}/{c['n']} | {_pct(held)} ({c.get('held_out_bundle', '-')}) "
                      f"| {_pct((held or {}).get('site'))} | {_pct(c['final'])} |")
     if results["processing"]:
-        at_site = "site_fpr" in results["processing"][0]
+        at_site = any("site_fpr" in r for r in results["processing"])
         lines += ["", "## Clean FPR per modality processing (evaluation settings, final "
                   "bundle)", "", "| kind | setting | source | flagged | FPR [95%] |"
                   + (" site-calibrated FPR [95%] |" if at_site else ""),
@@ -245,7 +248,9 @@ def markdown(results: dict) -> str:
             lo, hi = r["fpr_ci"]
             row = (f"| {r['kind']} | {r['setting']} | {r['source']} | {r['flagged']}/"
                    f"{r['n']} | {100 * r['fpr']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |")
-            if at_site:
+            if at_site and "site_fpr" not in r:
+                row += " - |"  # another source than the site's
+            elif at_site:
                 slo, shi = r["site_fpr_ci"]
                 row += (f" {100 * r['site_fpr']:.1f}% ({r['site_flagged']}/{r['n']}) "
                         f"[{100 * slo:.1f}, {100 * shi:.1f}] |")
@@ -377,10 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--processing", action="store_true")
     ap.add_argument("--site", type=int, default=300, metavar="N",
-                    help="also calibrate every bundle as a site would (`sentinel calibrate "
-                    "--allow-lower`) on N clean NIH images outside the evaluation sample, and "
-                    "report detection at that threshold and the FPR on the remaining NIH "
-                    "images (0: skip)")
+                    help="also calibrate every bundle as a site would (`sentinel calibrate`: "
+                    "its threshold and resampling-line gate) on N clean NIH images outside the "
+                    "evaluation sample, and report detection there and the FPR on the "
+                    "remaining NIH images (0: skip)")
+    ap.add_argument("--site-allow-lower", action="store_true",
+                    help="the site calibrates with --allow-lower (its own 1%% point even below "
+                    "the bundle's threshold)")
     ap.add_argument("--model-card", action="store_true",
                     help="also write the section into the final bundle's MODEL_CARD.md")
     ap.add_argument("--attacks-only", action="store_true",
@@ -431,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
              for s in args.sources}
     if args.site and "nih512" in args.sources:
         calib, rest = nih_site_split(data_root, sources["nih512"].ids, args.site, args.seed)
-        bundles = [site_calibrated(b, calib) for b in bundles]
+        bundles = [site_calibrated(b, calib, args.site_allow_lower) for b in bundles]
         final, folds = bundles[0], ([bundles[0]] if own_fold else bundles[1:])
         clean["nih512-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold,
                                                   b.site_line_gate)
@@ -450,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         processing = proc.clean_fpr_table(
             final.detector, {s: sources[s].x for s in args.sources}, args.out / "processing",
             seed=args.seed, site=(None if final.site_threshold is None
-                                  else (final.site_threshold, final.site_line_gate)))
+                                  else ("nih512", final.site_threshold, final.site_line_gate)))
     results = {
         "bundle": final.detector.bundle_id, "threshold": final.detector.threshold,
         "bundles": [b.name for b in bundles],
@@ -459,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                            "site_threshold": b.site_threshold,
                            "site_line_gate": b.site_line_gate} for b in folds},
         "site": ({"images": args.site, "threshold": final.site_threshold,
-                  "line_gate": final.site_line_gate}
+                  "line_gate": final.site_line_gate, "allow_lower": args.site_allow_lower}
                  if final.site_threshold is not None else None),
         "members": [{k: members[f][k] for k in ("family", "pipeline_tag", "test_auc")}
                     for f in args.families],
