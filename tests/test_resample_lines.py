@@ -209,3 +209,25 @@ def test_gateway_quarantines_by_the_line_and_audits_it(tmp_path: Path,
     assert scored[sop_uid_of(lined)]["line_peak"] > CEILING
     assert scored[sop_uid_of(plain)]["line_peak"] < CEILING
     assert {e["line_gate"] for e in scored.values()} == {CEILING}
+
+
+def test_sentinel_calibrate_proposes_or_refuses_the_gate(
+        tmp_path: Path, fixture_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """110 clean images: the gate is proposed as a [detector] line; the same images resampled
+    (448 -> 512 bilinear, as a modality's rescale would): refused, and the reason says so."""
+    from gateway.cli import main
+
+    native, resampled = tmp_path / "native", tmp_path / "resampled"
+    native.mkdir()
+    resampled.mkdir()
+    for s in range(110):
+        Image.fromarray(clean(s, 256).astype(np.uint8)).save(native / f"{s}.png")
+        small = Image.fromarray(clean(s, 224).astype(np.uint8))
+        small.resize((256, 256), Image.BILINEAR).save(resampled / f"{s}.png")
+    assert main(["calibrate", str(native), "--bundle", str(fixture_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "resampling-line gate: " in out and "\n[detector]\nline_gate = " in out
+    assert main(["calibrate", str(resampled), "--bundle", str(fixture_bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "resampling-line gate: not proposed" in out and "resampled" in out
+    assert "line_gate" not in out.split("SIGHUP:")[-1]
