@@ -31,19 +31,27 @@ def test_calibrated_threshold_keeps_fpr_at_target() -> None:
         fd.calibrate_threshold(np.array([]))
 
 
-def test_grid_search_prefers_the_informative_part() -> None:
+def _one_source(clean_cnn: np.ndarray, clean_rf: np.ndarray) -> list:
+    return [fd.CleanGroup(clean_cnn, clean_rf, None)]
+
+
+def test_search_prefers_the_informative_part() -> None:
+    """Without the either-part override the search is the weight grid alone: detection at the
+    1% point of the clean images, and the informative part gets the weight."""
     rng = np.random.default_rng(2)
-    y = np.r_[np.zeros(400), np.ones(400)]
-    informative = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.05, 800), 0, 1)
+    informative = np.clip(0.3 + 0.4 * np.r_[np.zeros(400), np.ones(400)]
+                          + rng.normal(0, 0.05, 800), 0, 1)
     noise = rng.random(800)
-    w, points = fd.grid_search_w(informative, noise, y)
+    best, points = fd.search_operating_point(_one_source(informative[:400], noise[:400]),
+                                             informative[400:], noise[400:], None, "stack",
+                                             None, part_fprs=(0.0,))
     assert [p.w_cnn for p in points] == list(fd.W_GRID)
-    assert len(points) == 21 and points[0].w_cnn == 0.0 and points[-1].w_cnn == 1.0
-    assert w >= 0.8
-    w2, _ = fd.grid_search_w(noise, informative, y)
-    assert w2 <= 0.2
-    best = max(points, key=lambda p: p.detection_at_fpr)
-    assert best.detection_at_fpr > 0.95
+    assert all(p.either_cnn is None and p.either_rf is None for p in points)
+    assert best.w_cnn >= 0.8 and best.detection > 0.95
+    swapped, _ = fd.search_operating_point(_one_source(noise[:400], informative[:400]),
+                                           noise[400:], informative[400:], None, "stack",
+                                           None, part_fprs=(0.0,))
+    assert swapped.w_cnn <= 0.2
 
 
 def test_bootstrap_ci_brackets_the_point_and_is_seeded() -> None:
@@ -69,41 +77,47 @@ def test_binary_metrics_counts() -> None:
 
 
 
-def test_grid_search_in_log_odds_scores_the_fused_log_odds() -> None:
-    """fusion="logit": each grid point's threshold and detection are those of the log-odds
-    fusion (detector.scoring.fuse), not of the probability mean."""
+def test_search_in_log_odds_scores_the_fused_log_odds() -> None:
+    """fusion="logit": each point's threshold and detection are those of the log-odds fusion
+    (detector.scoring.fuse), not of the probability mean."""
     from detector.calibration import calibrate_threshold
     from detector.scoring import fuse
 
     rng = np.random.default_rng(4)
-    y = np.r_[np.zeros(600), np.ones(600)]
     cnn = np.clip(np.r_[rng.normal(0.2, 0.1, 600), rng.normal(0.7, 0.2, 600)], 0.001, 0.999)
     forest = np.clip(np.r_[rng.normal(0.4, 0.2, 600), rng.normal(0.8, 0.2, 600)], 0.001, 0.999)
-    w, points = fd.grid_search_w(cnn, forest, y, fusion="logit")
-    assert [p.w_cnn for p in points] == list(fd.W_GRID)
+    groups = _one_source(cnn[:600], forest[:600])
+    best, points = fd.search_operating_point(groups, cnn[600:], forest[600:], None, "logit",
+                                             None, part_fprs=(0.0,))
     for p in points[::5]:
         s = fuse(cnn, forest, p.w_cnn, "logit")
-        t = calibrate_threshold(s[y == 0])
+        t = calibrate_threshold(s[:600])
         assert p.threshold == pytest.approx(t)
-        assert p.detection_at_fpr == pytest.approx(np.mean(s[y == 1] >= t))
-    stack = {p.w_cnn: p.threshold for p in fd.grid_search_w(cnn, forest, y)[1]}
-    assert any(abs(stack[p.w_cnn] - p.threshold) > 1e-3 for p in points[1:-1])
-    assert 0.0 < w < 1.0  # both parts carry information here
+        assert p.detection == pytest.approx(np.mean(s[600:] >= t))
+    _, stack = fd.search_operating_point(groups, cnn[600:], forest[600:], None, "stack", None,
+                                         part_fprs=(0.0,))
+    by_w = {p.w_cnn: p.threshold for p in stack}
+    assert any(abs(by_w[p.w_cnn] - p.threshold) > 1e-3 for p in points[1:-1])
+    assert 0.0 < best.w_cnn < 1.0  # both parts carry information here
 
 
 def test_gate_and_threshold_share_the_false_positive_budget() -> None:
-    """calibrate_gate: the gate sits at its own FPR point of the clean grid values, and the
-    operating threshold keeps score and gate together at the 1% target on those images."""
-    rng = np.random.default_rng(4)
-    scores, grid = rng.uniform(0, 1, 2000), rng.normal(0.1, 0.15, 2000)
-    grid[:3] = [0.9, 1.0, 1.1]  # three clean images with a natural periodic peak
-    (g, slope), t = fd.calibrate_gate(scores, grid, 0.001, 10.0)
-    assert slope == 10.0 and np.mean(grid >= g) <= 0.001 < np.mean(grid >= np.nextafter(g, -1))
+    """With the stride-grid gate, the operating threshold keeps score and gate together at the
+    1% target on the clean images, and is stricter than without the gate."""
     from detector.scoring import apply_gate
 
-    flagged = apply_gate(scores, grid, g, slope) >= t
+    rng = np.random.default_rng(4)
+    cnn, forest, grid = rng.uniform(0, 1, 2000), rng.uniform(0, 1, 2000), \
+        rng.normal(0.1, 0.15, 2000)
+    grid[:3] = [0.9, 1.0, 1.1]  # three clean images with a natural periodic peak
+    gate = (fd.calibrate_threshold(grid, 0.001), 10.0)
+    groups = [fd.CleanGroup(cnn, forest, grid)]
+    _, _, t = fd.operating_point(groups, 0.5, 0.0, "stack", gate)
+    flagged = apply_gate(fd.fuse(cnn, forest, 0.5, "stack"), grid, *gate) >= t
     assert np.mean(flagged) <= 0.01
-    assert t >= fd.calibrate_threshold(scores)  # the gate's images take part of the budget
+    _, _, plain = fd.operating_point([fd.CleanGroup(cnn, forest, None)], 0.5, 0.0, "stack",
+                                     None)
+    assert t >= plain  # the gate's images take part of the budget
 
 
 def test_operating_point_keeps_the_budget_on_every_source_with_the_parts_included() -> None:

@@ -34,49 +34,6 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-@dataclass(frozen=True)
-class GridPoint:
-    w_cnn: float
-    auc: float
-    detection_at_fpr: float
-    threshold: float
-
-
-def grid_search_w(p_cnn: np.ndarray, p_rf: np.ndarray, y: np.ndarray,
-                  grid: tuple[float, ...] = W_GRID,
-                  target_fpr: float = TARGET_FPR,
-                  fusion: str = "stack") -> tuple[float, list[GridPoint]]:
-    """Choose w_cnn on validation: highest detection at the calibrated FPR, then highest AUC.
-    ``fusion`` is how the parts are weighted ("stack": probabilities, "logit": log-odds; see
-    detector.scoring.fuse).
-
-    Why detection first: the gateway runs at the calibrated threshold, and on this task AUCs
-    saturate near 1 where they no longer separate candidates. Ties go to the smaller w (the
-    forest is the cheaper, more interpretable part).
-    """
-    y = np.asarray(y).astype(bool)
-    points = []
-    for w in grid:
-        s = fuse(p_cnn, p_rf, w, fusion)
-        t = calibrate_threshold(s[~y], target_fpr)
-        points.append(GridPoint(w, roc_auc(y, s), float(np.mean(s[y] >= t)), t))
-    best = max(points, key=lambda p: (round(p.detection_at_fpr, 6), round(p.auc, 6), -p.w_cnn))
-    return best.w_cnn, points
-
-
-def calibrate_gate(clean_scores: np.ndarray, clean_grid: np.ndarray, gate_fpr: float,
-                   slope: float, target_fpr: float = TARGET_FPR,
-                   ) -> tuple[tuple[float, float], float]:
-    """((gate threshold, slope), operating threshold) from validation clean images.
-
-    The gate's threshold is the ``gate_fpr`` point of the clean images' grid feature; the
-    operating threshold is then calibrated on the gated scores, so at most ``target_fpr`` of
-    the clean images are flagged by the score and the gate together.
-    """
-    gate = (calibrate_threshold(clean_grid, gate_fpr), float(slope))
-    return gate, calibrate_threshold(apply_gate(clean_scores, clean_grid, *gate), target_fpr)
-
-
 def fit_forest(x: np.ndarray, y: np.ndarray, *, n_estimators: int = 200,
                max_depth: int | None = 12, min_samples_leaf: int = 2, seed: int = 0,
                n_jobs: int = 2):  # type: ignore[no-untyped-def]
