@@ -166,9 +166,7 @@ class Rule:
     rf_threshold: float = 0.5
     gate_threshold: float | None = None  # None: no gate
     gate_slope: float = 0.0
-    either_cnn: float | None = None  # None: no either-part override (for this part)
-    either_rf: float | None = None
-    either_at: float = 0.5  # the operating threshold the parts' thresholds are mapped onto
+    either: Either | None = None  # None: no either-part override
 
     def combine(self, p_cnn: float, p_rf: float, w_cnn: float,
                 grid: float | None = None) -> float:
@@ -181,12 +179,6 @@ class Rule:
                 raise ValueError("this rule has a stride-grid gate: pass the grid feature")
             score = float(apply_gate(score, grid, self.gate_threshold, self.gate_slope))
         return float(apply_either(score, p_cnn, p_rf, self.either))
-
-    @property
-    def either(self) -> Either | None:
-        if self.either_cnn is None and self.either_rf is None:
-            return None
-        return Either(self.either_cnn, self.either_rf, self.either_at)
 
     @property
     def fusion(self) -> str:
@@ -237,8 +229,8 @@ def parse_rule(raw: object, bundle_dir: Path) -> Rule:
             f'{where}: rule must be {{"name": "stack"}}, {{"name": "logit"}} or {{"name": '
             f'"max", "cnn_threshold": a, "rf_threshold": b}}, got {raw!r}; re-export'
         )
-    gate: dict[str, float | None] = {**_parse_gate(raw.get("gate"), where),
-                                     **_parse_either(raw.get("either"), where)}
+    gate: dict[str, Any] = {**_parse_gate(raw.get("gate"), where),
+                            **_parse_either(raw.get("either"), where)}
     if raw["name"] in FUSIONS:
         return Rule(str(raw["name"]), **gate)
     try:
@@ -270,7 +262,7 @@ def _parse_gate(raw: object, where: str) -> dict[str, float]:
     return {"gate_threshold": g, "gate_slope": b}
 
 
-def _parse_either(raw: object, where: str) -> dict[str, float | None]:
+def _parse_either(raw: object, where: str) -> dict[str, Either]:
     """Rule keyword arguments of an optional "either" entry (empty when there is none)."""
     if raw is None:
         return {}
@@ -286,7 +278,9 @@ def _parse_either(raw: object, where: str) -> dict[str, float | None]:
         ) from exc
     if not all(v is None or 0.0 < v < 1.0 for v in parts.values()) or not 0.0 < at < 1.0:
         raise BundleError(f"{where}: rule \"either\" thresholds must lie in (0, 1), got {raw!r}")
-    return {"either_cnn": parts["cnn"], "either_rf": parts["forest"], "either_at": at}
+    if parts["cnn"] is None and parts["forest"] is None:
+        return {}  # an override with no part is none
+    return {"either": Either(parts["cnn"], parts["forest"], at)}
 
 
 def extracted_feature_set(manifest: Manifest, rule: Rule) -> str:

@@ -317,7 +317,7 @@ def test_either_part_override_flags_what_one_part_alone_sees(fixture_bundle: Pat
     from detector.errors import BundleError
     from detector.scoring import Either, Rule, apply_either, parse_rule
 
-    rule = Rule("logit", either_rf=0.97, either_at=0.89)
+    rule = Rule("logit", either=Either(None, 0.97, 0.89))
     assert rule.either == Either(None, 0.97, 0.89)
     assert Rule("logit").combine(0.5, 0.97, 0.65) < 0.89  # the miss measured in issue 15
     assert rule.combine(0.5, 0.97, 0.65) == pytest.approx(0.89)  # now flagged at 0.89
