@@ -836,15 +836,15 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         za = stage_scores(work, "val", "zoo_attacked", ex_va.attacked,
                           features_of(work, "val", "zoo_attacked", ex_va.attacked,
                                       cfg.feature_set), models, ("cnn", "forest"))
-        zgrid = (grid_values(work, "val", "zoo_clean", ex_va.clean) if cfg.grid_gate
-                 else np.zeros(len(ex_va)))
+        zgrid = grid_values(work, "val", "zoo_clean", ex_va.clean) if cfg.grid_gate else None
         k = zoo_va_keep
         yv = np.r_[yv, np.zeros(int(k.sum())), np.ones(int(k.sum()))]
         val_cnn = np.r_[val_cnn, zc["cnn"][k], za["cnn"][k]]
         val_rf = np.r_[val_rf, zc["forest"][k], za["forest"][k]]
         for name, rows in (("zoo-stored", k & ~ex_va.processed), ("zoo-processed",
                                                                    k & ex_va.processed)):
-            clean_groups[name] = (zc["cnn"][rows], zc["forest"][rows], zgrid[rows])
+            clean_groups[name] = (zc["cnn"][rows], zc["forest"][rows],
+                                  None if zgrid is None else zgrid[rows])
     rule: dict[str, Any] = {"name": cfg.fusion}
     gate = val_grid = None
     groups = [fit_detector.CleanGroup(*g) for g in clean_groups.values()]
