@@ -100,6 +100,9 @@ class Metrics:
             "sentinel_screening_queue_depth", "Instances waiting for screening", registry=r)
         self.associations = Gauge(
             "sentinel_active_associations", "Inbound associations open now", registry=r)
+        self.commitments_open = Gauge(
+            "sentinel_commitment_requests_open",
+            "Storage Commitment requests taken on and not yet reported", registry=r)
         self._lock = threading.Lock()
         self._rate: dict[str, list[int]] = {}
 

@@ -247,6 +247,8 @@ class Gateway:
             self.metrics.screen_queue.set(self.screening.depth())
         if self.receiver is not None:
             self.metrics.associations.set(self.receiver.active_associations())
+        if self.commitment is not None:
+            self.metrics.commitments_open.set(self.commitment.open_count())
 
     def _status_line(self) -> str:
         q = sum(f.depth() for f in list(self.forwarders.values()))

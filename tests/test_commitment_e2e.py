@@ -32,7 +32,7 @@ from pynetdicom import AE
 from gateway.commitment import ref_items
 from tests.dcmtk import free_port, require_dcmtk
 from tests.dicom_factory import sentinel_attack, sop_uid_of, synthetic
-from tests.gateway_harness import GatewayProcess, wait_until, write_config
+from tests.gateway_harness import GatewayProcess, metric, wait_until, write_config
 from tests.orthanc import OrthancServer, require_orthanc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def site(tmp: Path, bundle: Path, *, hold_s: float = 0, pacs_up: bool = True,
     which reports on an association of its own: B is then an allowed caller)."""
     require_dcmtk()
     require_orthanc()
-    port = free_port()
+    port, mport = free_port(), free_port()
     a = OrthancServer(tmp / "a", {"gateway": ("SENTINEL", port)}, aet="MODALITYA")
     b = OrthancServer(tmp / "b", {"sentinel": ("SENTINEL", port)}, aet="PACS", lua=pacs_lua)
     state = tmp / "state"
@@ -122,13 +122,14 @@ def site(tmp: Path, bundle: Path, *, hold_s: float = 0, pacs_up: bool = True,
             f'port = {b.dicom_port}\nae_title = "PACS"\n'
             + ("commitment = true\n" if pacs_commits else ""))
     cfg = write_config(tmp / "c.toml", state=state, port=port, destinations=dest, rules=rules,
+                       metrics_port=mport,
                        default='action = "screen"\ndestinations = ["pacs"]', bundle=bundle,
                        extra=extra, relay_unscreened=False,
                        forwarding="backoff_initial_s = 0.2\nbackoff_max_s = 1\nmax_age_s = 600")
     a.start()
     if pacs_up:
         b.start()
-    gw = GatewayProcess(cfg, tmp / "gateway.log", port)
+    gw = GatewayProcess(cfg, tmp / "gateway.log", port, mport)
     try:
         gw.start()
         yield Site(tmp, a, b, gw, state)
@@ -219,10 +220,13 @@ def test_no_report_while_the_pacs_is_down_then_success(tmp_path: Path,
         time.sleep(5)  # forwarding retries meanwhile; the modality must not hear Success
         assert s.report(txn)["Status"] == "Pending"
         assert not [e for e in s.audit() if e["event"] == "commit-reported"]
+        assert metric(s.gw.metrics(), "sentinel_commitment_requests_open") == 1
         s.b.start()
         rep = s.wait_report(txn)
         assert rep["Status"] == "Success" and uids(rep["Success"]) == {sop_uid_of(f)
                                                                       for f in files}
+        assert wait_until(lambda: metric(s.gw.metrics(),
+                                         "sentinel_commitment_requests_open") == 0, 10)
 
 
 def test_sigkill_between_request_and_report_the_report_still_comes(
