@@ -479,6 +479,66 @@ def send_direct(root: Path, files: Sequence[Path], k: int = 1,
                 extra={"orthanc_cpu_ms": 1000.0 * orthanc_cpu / len(files)})
 
 
+# Orthanc as the router a site would otherwise run: it stores, forwards and deletes every
+# instance from its Lua OnStoredInstance hook (Orthanc's own auto-routing sample), screening
+# nothing. The hook runs on Orthanc's Lua thread, after the C-STORE has been answered.
+ROUTER_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if origin['RequestOrigin'] ~= 'Lua' then
+    SendToModality(instanceId, 'pacs')
+    Delete(instanceId)
+  end
+end
+"""
+
+
+def send_via_orthanc_router(root: Path, files: Sequence[Path], k: int = 1,
+                            warm: Sequence[Path] = (), timeout: float = 900) -> Send:
+    """storescu (k associations) into an Orthanc that routes every instance to a fresh Orthanc
+    (``ROUTER_LUA``): the peer a site would otherwise deploy between modality and PACS.
+
+    ``done_s`` ends when the PACS holds every instance (polled every 0.1 s), as for the gateway.
+    The router presents the gateway's AE title, so the PACS accepts it as it accepts the gateway.
+    """
+    # the PACS admits a caller by AE title and host; the port it registers is not used
+    with orthanc(root / "pacs", gateway_port=104) as pacs:
+        assert pacs.proc is not None
+        rdir = root / "router"
+        if rdir.exists():
+            shutil.rmtree(rdir)
+        router = OrthancServer(rdir, {"modality": (MODALITY_AE, 104),
+                                      "pacs": (ORTHANC_AE, pacs.dicom_port)},
+                               aet=GATEWAY_AE, lua=ROUTER_LUA)
+        router_port = router.dicom_port
+        router.start()
+        try:
+            assert router.proc is not None
+            w = len(warm)
+            if warm:
+                send_parallel(router_port, [warm], GATEWAY_AE, timeout=timeout)
+                if not wait_until(lambda: int(pacs.statistics()["CountInstances"]) >= w,
+                                  timeout=timeout, interval=0.05):
+                    raise RuntimeError("warm-up not routed by Orthanc")
+            c_router, c_pacs = cpu_s(router.proc.pid), cpu_s(pacs.proc.pid)
+            t0 = time.time()
+            ack = send_parallel(router_port, split(files, k), GATEWAY_AE, timeout=timeout)
+            n = len(files)
+            if not wait_until(lambda: int(pacs.statistics()["CountInstances"]) >= n + w,
+                              timeout=timeout, interval=0.1):
+                raise RuntimeError(f"the Orthanc router delivered "
+                                   f"{int(pacs.statistics()['CountInstances']) - w} of {n}")
+            done = time.time() - t0
+            extra = {"router_cpu_ms": 1000.0 * (cpu_s(router.proc.pid) - c_router) / n,
+                     "orthanc_cpu_ms": 1000.0 * (cpu_s(pacs.proc.pid) - c_pacs) / n}
+        finally:
+            if router.proc is not None and router.proc.poll() is None:
+                router.proc.kill()
+                router.proc.wait(30)
+            router.stop()
+            shutil.rmtree(rdir / "db", ignore_errors=True)
+    return Send(n, megabytes(files), ack, max(done, ack), extra=extra)
+
+
 def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
                      workers: int = 2, timeout: float = 900,
                      default_rule: str = SCREEN_ALL, warm: Sequence[Path] = (),

@@ -1,13 +1,16 @@
-"""Throughput: DCMTK storescu straight into Orthanc against storescu -> gateway -> same Orthanc.
+"""Throughput: storescu straight into Orthanc, through Orthanc as a router, and through the gateway.
 
 Why side by side: on a shared 2-core machine absolute rates move with the neighbours' load, so
-each repeat sends the same files once directly and once through the gateway (screening every
-instance, forwarding to a fresh Orthanc), alternating, and the figure that counts is the ratio
-gateway/direct per repeat (median and min..max over the repeats).
+each repeat sends the same files directly, through an Orthanc that routes every instance to a
+fresh Orthanc (its Lua OnStoredInstance hook: SendToModality, then Delete; no screening: the
+router a site would otherwise run) and through the gateway (screening every instance,
+forwarding to a fresh Orthanc), alternating. The figures that count are the ratios per repeat
+(median and min..max over the repeats): gateway/router, the fair anchor, and gateway/direct,
+information only (sender, gateway and PACS share the same two cores).
 
 Direct: until storescu exits (Orthanc acknowledges each C-STORE after storing it).
-Gateway: from the start of storescu until Orthanc holds every instance (its instance count,
-polled every 0.1 s); the time of the gateway's last 'forwarded' audit line is printed beside it.
+Router and gateway: from the start of storescu until the PACS holds every instance (its
+instance count, polled every 0.1 s); the gateway's last 'forwarded' audit line is printed too.
 
     .venv/bin/python -m bench.throughput                 # 500 x 512x512 and 100 x 2048x2500
     .venv/bin/python -m bench.throughput --tiny          # seconds; what CI runs
@@ -28,12 +31,14 @@ from bench.common import (
     ratio_line,
     send_direct,
     send_via_gateway,
+    send_via_orthanc_router,
     summarize,
     warm_set,
     workdir,
 )
 
-TARGETS = {"512x512": 0.90, "2048x2500": 0.80}
+TARGETS = {"512x512": 0.90, "2048x2500": 0.80}  # gateway/direct: kept as information
+ROUTER_TARGET = 1.0  # issue 18: screened throughput at least the router's
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -54,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nice", nargs="+", type=int, default=[10],
                    help="niceness of the gateway's scoring processes ([detector] nice, default "
                    "10); several values measure each, side by side")
+    p.add_argument("--senders", nargs="+", type=int, default=[1],
+                   help="concurrent storescu associations (the set split among them); "
+                   "several values measure each")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode: 6 x 512x512 only, one repeat")
     args = p.parse_args(argv)
@@ -68,10 +76,17 @@ def variant_name(variant: tuple[str, int, int]) -> str:
             + (f", scorers at nice {nice}" if iso == "process" else ""))
 
 
-def report(label: str, direct: list[Send], via: list[Send], target: float | None) -> None:
+def report(label: str, direct: list[Send], via: list[Send], target: float | None,
+           router: list[Send] | None = None) -> None:
     print(f"\n## {label}: {direct[0].n} instances, {direct[0].megabytes:.1f} MB per set")
     print(f"direct  inst/s {summarize([s.rate for s in direct]).fmt()}"
           f"  MB/s {summarize([s.mb_rate for s in direct]).fmt()}")
+    if router:
+        print(f"router  inst/s {summarize([s.rate for s in router]).fmt()}"
+              f"  MB/s {summarize([s.mb_rate for s in router]).fmt()}"
+              f"  (CPU ms per instance: router Orthanc "
+              f"{summarize([s.extra['router_cpu_ms'] for s in router]).fmt()}, PACS "
+              f"{summarize([s.extra['orthanc_cpu_ms'] for s in router]).fmt()})")
     print(f"gateway inst/s {summarize([s.rate for s in via]).fmt()}"
           f"  MB/s {summarize([s.mb_rate for s in via]).fmt()}"
           f"  (acknowledged: inst/s {summarize([s.ack_rate for s in via]).fmt()})")
@@ -80,14 +95,17 @@ def report(label: str, direct: list[Send], via: list[Send], target: float | None
           f"{summarize([s.extra['orthanc_cpu_ms'] for s in direct]).fmt()}; via gateway: "
           f"gateway {summarize([s.extra['gateway_cpu_ms'] for s in via]).fmt()}, Orthanc "
           f"{summarize([s.extra['orthanc_cpu_ms'] for s in via]).fmt()}")
+    if router:
+        ratios = [v.rate / r.rate for r, v in zip(router, via, strict=True)]
+        print(ratio_line(f"throughput gateway/router {label}", ratios, ROUTER_TARGET))
     ratios = [v.rate / d.rate for d, v in zip(direct, via, strict=True)]
-    print(ratio_line(f"throughput gateway/direct {label}", ratios, target))
+    print(ratio_line(f"throughput gateway/direct {label} (information)", ratios, target))
     sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    print_header("throughput: storescu -> Orthanc vs storescu -> gateway -> Orthanc",
+    print_header("throughput: storescu into Orthanc, an Orthanc router, and the gateway",
                  ["bench.throughput", *(sys.argv[1:] if argv is None else argv)])
     bundle, which = bundle_dir(args.cache, args.bundle)
     print(f"bundle: {which}; gateway workers: {args.workers}")
@@ -96,25 +114,32 @@ def main(argv: list[str] | None = None) -> int:
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
             variants = [(iso, k, nice) for iso in args.isolation for k in args.associations
                         for nice in args.nice]
-            direct: list[Send] = []
-            via: dict[tuple[str, int, int], list[Send]] = {v: [] for v in variants}
-            for r in range(args.repeats):
-                direct.append(send_direct(work / "d", files, warm=warm))
+            for senders in args.senders:
+                direct: list[Send] = []
+                router: list[Send] = []
+                via: dict[tuple[str, int, int], list[Send]] = {v: [] for v in variants}
+                for r in range(args.repeats):
+                    direct.append(send_direct(work / "d", files, k=senders, warm=warm))
+                    router.append(send_via_orthanc_router(work / "r", files, k=senders,
+                                                          warm=warm))
+                    for v in variants:
+                        iso, k, nice = v
+                        via[v].append(send_via_gateway(work / "g", files, bundle, k=senders,
+                                                       workers=args.workers, warm=warm,
+                                                       isolation=iso, associations=k,
+                                                       nice=nice))
+                        g = via[v][-1]
+                        print(f"  repeat {r + 1}, {senders} sender(s): direct "
+                              f"{direct[-1].rate:.1f}/s, Orthanc router {router[-1].rate:.1f}/s,"
+                              f" gateway ({variant_name(v)}) "
+                              f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
+                              f"{g.extra['last_scored_s']:.1f} s, all in Orthanc at "
+                              f"{g.done_s:.1f} s, last 'forwarded' audit line at "
+                              f"{g.extra['audit_done_s']:.1f} s), load {loadavg()}", flush=True)
                 for v in variants:
-                    iso, k, nice = v
-                    via[v].append(send_via_gateway(work / "g", files, bundle,
-                                                   workers=args.workers, warm=warm,
-                                                   isolation=iso, associations=k, nice=nice))
-                    g = via[v][-1]
-                    print(f"  repeat {r + 1}: direct {direct[-1].rate:.1f}/s, gateway "
-                          f"({variant_name(v)}) "
-                          f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
-                          f"{g.extra['last_scored_s']:.1f} s, all in Orthanc at "
-                          f"{g.done_s:.1f} s, last 'forwarded' audit line at "
-                          f"{g.extra['audit_done_s']:.1f} s), load {loadavg()}", flush=True)
-            for v in variants:
-                tag = f" ({variant_name(v)})" if len(variants) > 1 else ""
-                report(label + tag, direct, via[v], TARGETS[label])
+                    tag = f" ({variant_name(v)})" if len(variants) > 1 else ""
+                    report(f"{label}, {senders} sender(s){tag}", direct, via[v],
+                           TARGETS[label], router)
     print(f"\nloadavg_end: {loadavg()}")
     return 0
 

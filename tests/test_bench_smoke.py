@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 CASES = {
-    "bench.throughput": [r"ratio throughput gateway/direct 512x512: \d+\.\d+ \[.*\] n=1"],
+    "bench.throughput": [
+        r"ratio throughput gateway/router 512x512, 1 sender\(s\): \d+\.\d+ \[.*\] n=1",
+        r"ratio throughput gateway/direct 512x512, 1 sender\(s\) \(information\): "
+        r"\d+\.\d+ \[.*\] n=1"],
     "bench.ingest": [r"ratio ingest gateway/discard 512x512: \d+\.\d+ \[.*\] n=1",
                      r"ratio receive-only gateway/discard 512x512 .*: \d+\.\d+ \[.*\] n=1"],
     "bench.latency": [r"ratio added-latency p50 / direct C-STORE p50 512x512: \d+\.\d+",
