@@ -31,16 +31,18 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 GENESIS = "0" * 64
+LOG = logging.getLogger("sentinel.audit")
 
 EVENTS: frozenset[str] = frozenset(
     {
@@ -233,6 +235,30 @@ class AuditLog:
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
         self._writing = False
+        self._listeners: tuple[Callable[[dict[str, Any]], None], ...] = ()
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener`` with a copy of each record after its line is durably written.
+
+        Why here: the audit is the one place every event passes through (gateway.alerts feeds on
+        it), and a listener sees only what the log really holds. Listeners run in the appending
+        thread, after the write, so they must be quick; what they raise is logged and dropped:
+        an observer can never make an audit append fail.
+        """
+        with self._cond:
+            self._listeners = (*self._listeners, listener)
+
+    def remove_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        with self._cond:
+            self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    def _notify(self, record: dict[str, Any]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(dict(record))
+            except Exception:
+                LOG.exception("audit listener %r failed on a %r record (ignored)",
+                              listener, record.get("event"))
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Write one event durably (fsync) and return the record as written.
@@ -263,6 +289,8 @@ class AuditLog:
         if item.error is not None:
             raise item.error
         assert item.record is not None
+        if self._listeners:
+            self._notify(item.record)
         return item.record
 
     def _write_batch(self, batch: list[_Pending]) -> None:
@@ -351,7 +379,18 @@ def _check_line(line: bytes, record: dict[str, Any], expected_prev: str) -> str 
     return None
 
 
-def verify(path: Path) -> VerifyResult:
+def _lines_up_to(f: Any, limit: int) -> Iterator[bytes]:
+    """The lines of ``f`` that lie within its first ``limit`` bytes."""
+    left = limit
+    while left > 0:
+        raw = f.readline(left)
+        if not raw:
+            return
+        left -= len(raw)
+        yield raw
+
+
+def verify(path: Path, limit: int | None = None) -> VerifyResult:
     """Check every line's own hash and its link to the previous line; stop at the first bad one.
 
     A line that is not a JSON record counts as a sealed torn write (listed in ``torn_lines``)
@@ -359,6 +398,10 @@ def verify(path: Path) -> VerifyResult:
     writes after a crash; otherwise it is the first bad line. A last line without its newline is
     a torn write nobody has sealed yet, reported as bad (it is also what cutting the end of the
     last line looks like). Raises OSError when the file cannot be read.
+
+    ``limit``: check only the first ``limit`` bytes (a size taken by ``locked_size`` while no
+    append was in progress), so that a check beside a running writer never mistakes the line
+    being written for a torn one.
     """
     expected = GENESIS
     torn: list[int] = []
@@ -369,7 +412,7 @@ def verify(path: Path) -> VerifyResult:
         return VerifyResult(False, n, line_no, f"line {line_no}: {why}", expected, tuple(torn))
 
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        for n, raw in enumerate(f if limit is None else _lines_up_to(f, limit), start=1):
             if not raw.endswith(b"\n"):
                 return bad(n, "the last line has no newline (a torn write: crash mid-append)")
             line = raw[:-1]
@@ -394,6 +437,17 @@ def verify(path: Path) -> VerifyResult:
     if torn:
         reason += f"; torn writes from a crash, sealed and chained over, at lines {torn}"
     return VerifyResult(True, n, None, reason, expected, tuple(torn))
+
+
+def locked_size(path: Path) -> int:
+    """The file's size between two appends (taken under a shared ``flock``, which ``append``'s
+    exclusive one excludes): every byte before it belongs to a complete write."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def find_line_hash(path: Path, digest: str) -> int | None:

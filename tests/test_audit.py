@@ -269,3 +269,42 @@ def test_write_error_reaches_the_caller_and_the_log_recovers(tmp_path: Path) -> 
     blocker.unlink()
     log.append("received", sop_uid="1.3")
     assert verify(blocker / "audit.jsonl").lines_checked == 1
+
+
+def test_listeners_see_each_durable_record_and_cannot_break_the_audit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """gateway.alerts feeds on add_listener: a record reaches listeners after its write, a
+    listener that raises is logged and skipped, and the append still succeeds."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    seen: list[dict[str, object]] = []
+
+    def broken(record: dict[str, object]) -> None:
+        raise RuntimeError("listener bug")
+
+    def listener(record: dict[str, object]) -> None:
+        assert path.read_bytes().count(b"\n") >= 1  # already on disk
+        seen.append(record)
+
+    log.add_listener(broken)
+    log.add_listener(listener)
+    record = log.append("quarantined", sop_uid="1.2.3", reason="flagged")
+    assert record["event"] == "quarantined"
+    assert [r["sop_uid"] for r in seen] == ["1.2.3"]
+    assert "listener bug" in caplog.text
+    log.remove_listener(listener)
+    log.append("received", sop_uid="1.2.4")
+    assert len(seen) == 1 and verify(path).ok
+
+
+def test_verify_with_limit_checks_only_the_bytes_before_it(tmp_path: Path) -> None:
+    from gateway.audit import locked_size
+
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    size = locked_size(path)
+    with path.open("ab") as f:
+        f.write(b'{"half a line')  # an append in progress, seen mid-write
+    assert not verify(path).ok
+    result = verify(path, limit=size)
+    assert result.ok and result.lines_checked == 3
