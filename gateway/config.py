@@ -27,6 +27,9 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
                          or "directory" (path)
                          or "dicomweb" (url, token_file | username + password_file, ca,
                          timeout_s, connections, allow_plain_http: STOW-RS, gateway.dicomweb)
+    [alerts]       url, secret_file, ca, timeout_s, allow_plain_http (signed webhook),
+                   syslog ("udp://host:port" or a unix socket path), syslog_facility,
+                   verify_interval_s, flag_rate_window, flag_rate_jump (gateway.alerts)
     [[rules]]      name, action, destinations, threshold, shadow, allow_unscreened_pixels,
                    [rules.match]
     [default]      action, destinations, threshold, shadow
@@ -206,6 +209,41 @@ class CommitmentConfig:
     pacs_report_timeout_s: float = 600.0
 
 
+SYSLOG_FACILITIES: Mapping[str, int] = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{f"local{i}": 16 + i for i in range(8)},
+}
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """[alerts] (gateway.alerts): a signed webhook and/or RFC 5424 syslog, and when to alert.
+
+    Like the DICOMweb destination, the webhook secret is never held here, only the file that
+    holds it. ``syslog_host``/``syslog_port`` (UDP) or ``syslog_path`` (a unix datagram socket
+    such as /dev/log) come from the one ``syslog`` key. ``verify_interval_s = 0`` turns the
+    periodic audit check off.
+    """
+
+    url: str = ""
+    secret_file: Path | None = None
+    ca: Path | None = None
+    timeout_s: float = 10.0
+    allow_plain_http: bool = False
+    syslog_host: str = ""
+    syslog_port: int = 0
+    syslog_path: Path | None = None
+    syslog_facility: str = "local0"
+    verify_interval_s: float = 300.0
+    flag_rate_window: int = 50
+    flag_rate_jump: float = 0.2
+
+    @property
+    def syslog_enabled(self) -> bool:
+        return bool(self.syslog_host) or self.syslog_path is not None
+
+
 @dataclass(frozen=True)
 class DestinationConfig:
     name: str
@@ -297,6 +335,7 @@ class Config:
     rules: tuple[Rule, ...]
     default: Rule
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
+    alerts: AlertsConfig | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -705,6 +744,98 @@ def _parse_dicomweb(d: _Reader, name: str, base: Path) -> DestinationConfig:
     )
 
 
+def _parse_syslog_target(r: _Reader) -> tuple[str, int, Path | None]:
+    """``syslog = "udp://host:port"`` or an absolute unix datagram socket path (/dev/log)."""
+    target = r.str_("syslog").strip()
+    fix = 'syslog = "udp://127.0.0.1:514" or syslog = "/dev/log"'
+    if target.startswith("/"):
+        return "", 0, Path(target)
+    try:
+        parts = urllib.parse.urlsplit(target)
+        port = parts.port
+    except ValueError as exc:
+        raise r.fail("syslog", f"{target!r} is not a valid target ({exc})", fix) from exc
+    if parts.scheme != "udp":
+        raise r.fail("syslog", f"{target!r} is neither udp://host:port nor an absolute path "
+                     "(only UDP and unix datagram sockets are supported)", fix)
+    if not parts.hostname or not port or parts.path not in ("", "/") or parts.query:
+        raise r.fail("syslog", f"{target!r} needs a host and a port and nothing else", fix)
+    return parts.hostname, port, None
+
+
+def _parse_alerts(r: _Reader, base: Path) -> AlertsConfig:
+    """[alerts] (gateway.alerts). Refused as for DICOMweb: an inline secret (it would end up in
+    backups and ``sentinel check`` output), a URL with credentials, plain http to a host that is
+    not loopback without ``allow_plain_http = true``, a secret file that is missing or empty."""
+    for k in r.table:
+        if k.lower() in _INLINE_SECRETS:
+            raise r.fail(k, "secrets are not written into the config",
+                         "put the webhook secret in a file readable only by the service user "
+                         'and set secret_file = "/etc/xray-sentinel/alerts.secret"')
+    r.check_known(("url", "secret_file", "ca", "timeout_s", "allow_plain_http", "syslog",
+                   "syslog_facility", "verify_interval_s", "flag_rate_window",
+                   "flag_rate_jump"))
+    url = r.str_("url").strip() if "url" in r.table else ""
+    allow_plain = r.bool_("allow_plain_http", False)
+    secret_file = ca = None
+    if url:
+        fix_url = 'url = "https://alerts.example.org/hooks/sentinel"'
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise r.fail("url", f"{url!r} is not a valid URL ({exc})", fix_url) from exc
+        if parts.scheme not in ("http", "https"):
+            raise r.fail("url", f"scheme {parts.scheme or '(none)'!r} is not http or https",
+                         fix_url)
+        if not parts.hostname or port == 0:
+            raise r.fail("url", f"{url!r} has no host or port 0", fix_url)
+        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+            raise r.fail("url", "credentials in the URL are refused (they would show in logs)",
+                         "remove user:password@ from url; the body is signed with secret_file")
+        if parts.scheme == "http" and not allow_plain and not _is_loopback_host(parts.hostname):
+            raise r.fail("url", f"plain http to {parts.hostname} would send alerts unencrypted "
+                         "over the network", "use https (with ca for a private CA), or set "
+                         "allow_plain_http = true if the link is protected otherwise")
+        if "secret_file" not in r.table:
+            raise r.fail("secret_file", "missing: webhook alerts are signed (HMAC-SHA256)",
+                         'add secret_file = "/etc/xray-sentinel/alerts.secret"')
+        secret_file = _secret_file(r, "secret_file", base)
+        if "ca" in r.table:
+            if parts.scheme != "https":
+                raise r.fail("ca", "only used with an https url", "remove ca or use https")
+            ca = r.path_("ca", base)
+            if not ca.is_file() or not os.access(ca, os.R_OK):
+                raise r.fail("ca", f"file {ca} does not exist or is not readable",
+                             "point it at the PEM file of the CA that signed the receiver")
+    else:
+        for k in ("secret_file", "ca"):
+            if k in r.table:
+                raise r.fail(k, "only used with a webhook url", f"add url = \"...\" or remove {k}")
+    host, port, sock_path = _parse_syslog_target(r) if "syslog" in r.table else ("", 0, None)
+    if not url and not host and sock_path is None:
+        raise r.fail("url", "[alerts] has neither a webhook url nor a syslog target",
+                     'add url = "https://..." (with secret_file) and/or syslog = "/dev/log"')
+    facility = r.str_("syslog_facility", "local0")
+    if facility not in SYSLOG_FACILITIES:
+        raise r.fail("syslog_facility", f"unknown facility {facility!r}",
+                     f"use one of {', '.join(SYSLOG_FACILITIES)}")
+    return AlertsConfig(
+        url=url,
+        secret_file=secret_file,
+        ca=ca,
+        timeout_s=r.num("timeout_s", 10.0, 0.1, 600.0),
+        allow_plain_http=allow_plain,
+        syslog_host=host,
+        syslog_port=port,
+        syslog_path=sock_path,
+        syslog_facility=facility,
+        verify_interval_s=r.num("verify_interval_s", 300.0, 0.0, 7 * 86400),
+        flag_rate_window=r.int_("flag_rate_window", 50, 5, 100_000),
+        flag_rate_jump=r.num("flag_rate_jump", 0.2, 0.0, 1.0),
+    )
+
+
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     """Validate an already-parsed TOML document; raise ConfigError naming the key and fix."""
     base = path.parent
@@ -713,6 +844,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         (
             "listener", "callers", "timeouts", "limits", "state", "retention", "metrics",
             "detector", "forwarding", "destinations", "rules", "default", "commitment",
+            "alerts",
         )
     )
 
@@ -844,6 +976,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         pacs_report_timeout_s=cmr.num("pacs_report_timeout_s", 600.0, 1.0, 7 * 86400),
     )
 
+    alerts = _parse_alerts(top.sub("alerts"), base) if "alerts" in top.table else None
+
     dest_table = top.sub("destinations")
     if not dest_table.table:
         raise top.fail(
@@ -902,6 +1036,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         rules=tuple(rules),
         default=default,
         commitment=commitment_cfg,
+        alerts=alerts,
     )
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.errors import BundleError
+from gateway.alerts import Alerter, start_alerter
 from gateway.audit import AuditLog
 from gateway.commitment import CommitmentService, InstanceLocator
 from gateway.commitment_scu import PacsCommitment
@@ -127,6 +128,7 @@ class Gateway:
         self.commitment: CommitmentService | None = None
         self.pacs_commitment: PacsCommitment | None = None
         self.metrics_server: MetricsServer | None = None
+        self.alerter: Alerter | None = None  # [alerts]; its settings apply at start only
         self.address: tuple[str, int] | None = None
         self._stop = threading.Event()
         self._reload_requested = threading.Event()
@@ -163,6 +165,9 @@ class Gateway:
         bundle_id = str(getattr(detectors[0], "bundle_id", "")) if detectors else ""
         self.audit.append("config-loaded", config_path=str(cfg.path), bundle_id=bundle_id,
                           status="start")
+        # before anything that may quarantine or dead-letter (recovery included)
+        self.alerter = start_alerter(cfg.alerts, cfg.forwarding, cfg.state_dir, self.audit,
+                                     cfg.listener.ae_title)
         for name, dest in cfg.destinations.items():
             self._start_forwarder(name, dest)
         self.screening = Screening(
@@ -569,6 +574,8 @@ class Gateway:
             with contextlib.suppress(Exception):
                 self._observer.stop()
                 self._observer.join(2)
+        if self.alerter is not None:  # last: the drain may still quarantine or dead-letter
+            self.alerter.stop(left(5.0))
         if self.metrics_server is not None:
             self.metrics_server.stop()
         LOG.info("stopped")
