@@ -410,3 +410,41 @@ def test_plain_http_allowed_to_loopback_or_on_purpose(tmp_path: Path) -> None:
     for body in (f'url = "http://127.0.0.1:8080/h"\nsecret_file = "{s}"',
                  f'url = "http://alerts.lan/h"\nsecret_file = "{s}"\nallow_plain_http = true'):
         assert load_config(_write_alerts(tmp_path, body)).alerts is not None
+
+
+@pytest.mark.integration
+def test_serve_quarantine_sends_signed_webhook_and_syslog(
+        tmp_path: Path, fixture_bundle: Path, webhook: Webhook, syslog_rx: SyslogReceiver,
+        secret_file: Path) -> None:
+    """`sentinel serve` with a rule that flags every screened image: a stored image is
+    quarantined, the webhook gets the signed alert and the UDP receiver the syslog line."""
+    from tests.dcmtk import require_dcmtk, storescu
+    from tests.dicom_factory import sop_uid_of, synthetic
+    from tests.gateway_harness import GatewayProcess, write_config
+
+    require_dcmtk()
+    src = synthetic(tmp_path / "src" / "cr.dcm", 128, 128, seed=7)
+    port = free_port()
+    archive = tmp_path / "archive"
+    alerts = (f'[alerts]\nurl = "{webhook.url}"\nsecret_file = "{secret_file}"\n'
+              f'syslog = "udp://127.0.0.1:{syslog_rx.port}"\n')
+    cfg = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                       destinations=f'[destinations.archive]\nkind = "directory"\n'
+                                    f'path = "{archive}"\n',
+                       default='action = "screen"\nthreshold = 0.0', bundle=fixture_bundle,
+                       relay_unscreened=False, extra=alerts)
+    gw = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
+    try:
+        r = storescu(port, [src])
+        assert r.returncode == 0, r.stderr
+        assert wait_until(lambda: webhook.received, 120), gw.log()[-3000:]
+        m, params = parse_syslog(syslog_rx.recv(30))
+    finally:
+        assert gw.stop() == 0
+    hit = webhook.received[0]
+    assert hit["signed"] and hit["body"]["kind"] == "quarantined"
+    assert hit["body"]["sop_uid"] == sop_uid_of(src) and hit["body"]["reason"] == "flagged"
+    assert hit["body"]["gateway"] == "SENTINEL" and hit["body"]["calling_ae"] == "MODALITY"
+    assert m["msgid"] == "quarantined" and params["sop_uid"] == sop_uid_of(src)
+    assert not list(archive.rglob("*.dcm"))
+    assert SECRET.decode() not in gw.log()
