@@ -448,3 +448,22 @@ def test_serve_quarantine_sends_signed_webhook_and_syslog(
     assert m["msgid"] == "quarantined" and params["sop_uid"] == sop_uid_of(src)
     assert not list(archive.rglob("*.dcm"))
     assert SECRET.decode() not in gw.log()
+
+
+def test_example_alerts_block_uncommented_loads(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "systemd" / "sentinel.example.toml").read_text()
+    start = text.index("# [alerts]")
+    end = text.index("\n\n", start)
+    block = "\n".join(line[2:] for line in text[start:end].splitlines())
+    secret, ca = _secret(tmp_path), tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    block = block.replace("/etc/xray-sentinel/alerts.secret", str(secret)).replace(
+        "/etc/xray-sentinel/alerts-ca.pem", str(ca))
+    text = text[:start] + block + text[end:]
+    text = text.replace('"/var/lib/xray-sentinel"', f'"{tmp_path / "state"}"')
+    p = tmp_path / "example.toml"
+    p.write_text(text)
+    cfg = load_config(p)
+    assert cfg.alerts is not None and cfg.alerts.url.startswith("https://")
+    assert cfg.alerts.syslog_path == Path("/dev/log") and cfg.alerts.ca == ca
