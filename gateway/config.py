@@ -651,6 +651,27 @@ def _secret_file(r: _Reader, name: str, base: Path) -> Path:
     return p
 
 
+def _http_url(r: _Reader, url: str, fix_url: str, credentials_fix: str
+              ) -> urllib.parse.SplitResult:
+    """``url`` split, when it is http(s) with a host, a port that is not 0 and no credentials
+    (they would show in logs); else ConfigError on the reader's ``url`` key."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise r.fail("url", f"{url!r} is not a valid URL ({exc})", fix_url) from exc
+    if parts.scheme not in ("http", "https"):
+        raise r.fail("url", f"scheme {parts.scheme or '(none)'!r} is not http or https", fix_url)
+    if not parts.hostname:
+        raise r.fail("url", f"{url!r} has no host", fix_url)
+    if port == 0:
+        raise r.fail("url", "port 0", fix_url)
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise r.fail("url", "credentials in the URL are refused (they would show in logs)",
+                     credentials_fix)
+    return parts
+
+
 def _is_loopback_host(host: str) -> bool:
     if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
             ".localhost"):
@@ -682,23 +703,10 @@ def _parse_dicomweb(d: _Reader, name: str, base: Path) -> DestinationConfig:
                    "connections", "allow_plain_http"))
     url = d.str_("url").strip()
     fix_url = 'url = "https://pacs.example.org/dicom-web" (the base; /studies is added)'
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise d.fail("url", f"{url!r} is not a valid URL ({exc})", fix_url) from exc
-    if parts.scheme not in ("http", "https"):
-        raise d.fail("url", f"scheme {parts.scheme or '(none)'!r} is not http or https", fix_url)
-    if not parts.hostname:
-        raise d.fail("url", f"{url!r} has no host", fix_url)
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise d.fail("url", "credentials in the URL are refused (they would show in logs)",
-                     "remove user:password@ from url; set username and password_file, or "
-                     "token_file")
+    parts = _http_url(d, url, fix_url, "remove user:password@ from url; set username and "
+                      "password_file, or token_file")
     if parts.query or parts.fragment:
         raise d.fail("url", "the URL has a query or fragment", fix_url)
-    if port == 0:
-        raise d.fail("url", "port 0", fix_url)
     allow_plain = d.bool_("allow_plain_http", False)
     if parts.scheme == "http" and not allow_plain and not _is_loopback_host(parts.hostname):
         raise d.fail("url", f"plain http to {parts.hostname} would send images and credentials "
@@ -779,20 +787,8 @@ def _parse_alerts(r: _Reader, base: Path) -> AlertsConfig:
     allow_plain = r.bool_("allow_plain_http", False)
     secret_file = ca = None
     if url:
-        fix_url = 'url = "https://alerts.example.org/hooks/sentinel"'
-        try:
-            parts = urllib.parse.urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise r.fail("url", f"{url!r} is not a valid URL ({exc})", fix_url) from exc
-        if parts.scheme not in ("http", "https"):
-            raise r.fail("url", f"scheme {parts.scheme or '(none)'!r} is not http or https",
-                         fix_url)
-        if not parts.hostname or port == 0:
-            raise r.fail("url", f"{url!r} has no host or port 0", fix_url)
-        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-            raise r.fail("url", "credentials in the URL are refused (they would show in logs)",
-                         "remove user:password@ from url; the body is signed with secret_file")
+        parts = _http_url(r, url, 'url = "https://alerts.example.org/hooks/sentinel"',
+                          "remove user:password@ from url; the body is signed with secret_file")
         if parts.scheme == "http" and not allow_plain and not _is_loopback_host(parts.hostname):
             raise r.fail("url", f"plain http to {parts.hostname} would send alerts unencrypted "
                          "over the network", "use https (with ca for a private CA), or set "
