@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from gateway.alerts import ALERT_FIELDS, Alerter, FlagRateMonitor, sd_escape, sy
 from gateway.audit import AuditLog
 from gateway.config import AlertsConfig, ConfigError, ForwardingConfig, load_config
 from tests.dcmtk import free_port
-from tests.gateway_harness import wait_until
+from tests.gateway_harness import make_pki, wait_until
 
 SECRET = b"s3cr3t-never-shown-4f1c9a"
 FAST = ForwardingConfig(backoff_initial_s=0.05, backoff_max_s=0.2, max_age_s=600)
@@ -48,9 +49,11 @@ def parse_syslog(data: bytes) -> tuple[re.Match[str], dict[str, str]]:
 class Webhook:
     """A stdlib HTTP receiver: records each POST and whether its signature was valid."""
 
-    def __init__(self, port: int = 0, status: int = 200) -> None:
+    def __init__(self, port: int = 0, status: int = 200,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.received: list[dict[str, Any]] = []
         self.status = status
+        self.scheme = "https" if tls else "http"
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,13 +76,17 @@ class Webhook:
 
         ThreadingHTTPServer.allow_reuse_address = True
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if tls is not None:  # (certificate, key): serve https
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{self.scheme}://127.0.0.1:{self.port}/hook"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -235,6 +242,34 @@ def test_alert_given_up_after_max_age_moves_to_dead(tmp_path: Path, secret_file:
         assert body["alert"]["sop_uid"] == "1.2.3.8"
     finally:
         alerter.stop()
+
+
+def test_https_webhook_verifies_the_certificate_against_ca(tmp_path: Path,
+                                                          secret_file: Path) -> None:
+    """https with ``ca``: a receiver whose certificate comes from that CA gets the signed alert;
+    one whose certificate comes from another CA gets nothing (the alert waits in the outbox)."""
+    pki, other = make_pki(tmp_path / "pki"), make_pki(tmp_path / "other")
+    good = Webhook(tls=(pki["server_cert"], pki["server_key"]))
+    bad = Webhook(tls=(other["server_cert"], other["server_key"]))
+    try:
+        audit, alerter = make(tmp_path / "good", alerts_cfg(secret_file, good.url, ca=pki["ca"]))
+        try:
+            audit.append("quarantined", sop_uid="1.2.3.9", reason="flagged")
+            assert wait_until(lambda: len(good.received) == 1, 10)
+            assert good.received[0]["signed"] and good.received[0]["body"]["sop_uid"] == "1.2.3.9"
+        finally:
+            alerter.stop()
+        audit, alerter = make(tmp_path / "bad", alerts_cfg(secret_file, bad.url, ca=pki["ca"]))
+        try:
+            audit.append("quarantined", sop_uid="1.2.3.10", reason="flagged")
+            outbox = tmp_path / "bad" / "state" / "alerts" / "outbox"
+            time.sleep(1.0)  # several attempts with the fast backoff
+            assert not bad.received and len(list(outbox.glob("*.json"))) == 1
+        finally:
+            alerter.stop()
+    finally:
+        good.close()
+        bad.close()
 
 
 def test_flag_rate_steady_is_quiet_a_jump_alerts_once_per_window() -> None:
