@@ -299,11 +299,8 @@ class Screening:
             if detector is None:
                 raise RuntimeError("no detector loaded")
             threshold = decision.threshold_for(getattr(detector, "threshold", None))
-            # line_gate only when the site set one: detectors without the gate keep working
-            score = (detector.score_dataset(ds, threshold=threshold)
-                     if cfg.detector.line_gate is None else
-                     detector.score_dataset(ds, threshold=threshold,
-                                            line_gate=cfg.detector.line_gate))
+            score = detector.score_dataset(ds, threshold=threshold,
+                                           line_gate=cfg.detector.line_gate)
         except Exception as exc:
             reason = str(getattr(exc, "reason", "") or "detector-error")
             LOG.warning("instance %s not scored: %s (%s)", item.sop_uid, reason,
@@ -322,7 +319,7 @@ class Screening:
             p_rf=float(score.p_rf), threshold=float(score.threshold), bundle_id=score.bundle_id,
             verdict=verdict, latency_ms=round(latency_ms, 3), **base,
             **({} if score.grid_peaks is None else {"grid_peaks": float(score.grid_peaks)}),
-            **({} if getattr(score, "line_peak", None) is None else {
+            **({} if score.line_peak is None else {
                 "line_peak": float(score.line_peak), "line_gate": float(score.line_gate)}),
         )
         if self._metrics is not None:
@@ -392,9 +389,9 @@ class Screening:
             threshold=None if score is None else float(score.threshold),
             grid_peaks=None if score is None or score.grid_peaks is None
             else float(score.grid_peaks),
-            line_peak=None if getattr(score, "line_peak", None) is None
+            line_peak=None if score is None or score.line_peak is None
             else float(score.line_peak),
-            line_gate=None if getattr(score, "line_gate", None) is None
+            line_gate=None if score is None or score.line_gate is None
             else float(score.line_gate),
             rule=rule,
             bundle_id=bundle_id,

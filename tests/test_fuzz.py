@@ -235,9 +235,10 @@ class RecordingDetector:
         self._stats = stats
         self.bundle_id = inner.bundle_id
 
-    def score_dataset(self, ds: Any, threshold: float | None = None) -> Any:
+    def score_dataset(self, ds: Any, threshold: float | None = None,
+                      line_gate: float | None = None) -> Any:
         try:
-            return self._inner.score_dataset(ds, threshold=threshold)
+            return self._inner.score_dataset(ds, threshold=threshold, line_gate=line_gate)
         except PreprocessError as exc:
             self._stats.detector_errors[exc.reason] = (
                 self._stats.detector_errors.get(exc.reason, 0) + 1)
