@@ -672,6 +672,21 @@ def _http_url(r: _Reader, url: str, fix_url: str, credentials_fix: str
     return parts
 
 
+def _https_ca(r: _Reader, parts: urllib.parse.SplitResult, base: Path, peer: str
+              ) -> Path | None:
+    """The optional ``ca`` file of an https URL (None when absent); refused with http or when
+    the file cannot be read. ``peer`` names what the CA signed, for the fix."""
+    if "ca" not in r.table:
+        return None
+    if parts.scheme != "https":
+        raise r.fail("ca", "only used with an https url", "remove ca or use https")
+    ca = r.path_("ca", base)
+    if not ca.is_file() or not os.access(ca, os.R_OK):
+        raise r.fail("ca", f"file {ca} does not exist or is not readable",
+                     f"point it at the PEM file of the CA that signed the {peer}")
+    return ca
+
+
 def _is_loopback_host(host: str) -> bool:
     if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
             ".localhost"):
@@ -730,14 +745,7 @@ def _parse_dicomweb(d: _Reader, name: str, base: Path) -> DestinationConfig:
     if ":" in username:
         raise d.fail("username", "contains ':', which basic authentication cannot carry",
                      "use the account name without ':'")
-    ca = None
-    if "ca" in d.table:
-        if parts.scheme != "https":
-            raise d.fail("ca", "only used with an https url", "remove ca or use https")
-        ca = d.path_("ca", base)
-        if not ca.is_file() or not os.access(ca, os.R_OK):
-            raise d.fail("ca", f"file {ca} does not exist or is not readable",
-                         "point it at the PEM file of the CA that signed the server")
+    ca = _https_ca(d, parts, base, "server")
     return DestinationConfig(
         name=name,
         kind="dicomweb",
@@ -797,13 +805,7 @@ def _parse_alerts(r: _Reader, base: Path) -> AlertsConfig:
             raise r.fail("secret_file", "missing: webhook alerts are signed (HMAC-SHA256)",
                          'add secret_file = "/etc/xray-sentinel/alerts.secret"')
         secret_file = _secret_file(r, "secret_file", base)
-        if "ca" in r.table:
-            if parts.scheme != "https":
-                raise r.fail("ca", "only used with an https url", "remove ca or use https")
-            ca = r.path_("ca", base)
-            if not ca.is_file() or not os.access(ca, os.R_OK):
-                raise r.fail("ca", f"file {ca} does not exist or is not readable",
-                             "point it at the PEM file of the CA that signed the receiver")
+        ca = _https_ca(r, parts, base, "receiver")
     else:
         for k in ("secret_file", "ca"):
             if k in r.table:
