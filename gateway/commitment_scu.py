@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -104,9 +103,10 @@ class PacsCommitment:
         with self._lock:
             ledger = self._ledgers.get(key)
             if ledger is None:
-                root = self.layout.root / ("committed" if kind == COMMITTED else "commit-refused")
+                path = (self.layout.committed_log(dest) if kind == COMMITTED
+                        else self.layout.commit_refused_log(dest))
                 days = self._config().retention.sent_ledger_days
-                ledger = SentLedger(_inside(root, dest), days * 86400)
+                ledger = SentLedger(path, days * 86400)
                 self._ledgers[key] = ledger
             return ledger
 
@@ -226,12 +226,6 @@ class PacsCommitment:
             self._audit.append(event, **{k: v for k, v in fields.items() if v is not None})
         except Exception:
             LOG.exception("audit append failed for %s", event)
-
-
-def _inside(root: Path, dest: str) -> Path:
-    from gateway.spool import check_destination_name
-
-    return root / f"{check_destination_name(dest)}.log"
 
 
 def _same_host(host: str, peer: str) -> bool:

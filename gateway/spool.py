@@ -164,6 +164,14 @@ class SpoolLayout:
     def sent_log(self, destination: str) -> Path:
         return _inside(self.sent_root, destination, ".log")
 
+    def committed_log(self, destination: str) -> Path:
+        """UIDs a destination with ``commitment = true`` committed (gateway.commitment_scu)."""
+        return _inside(self.root / "committed", destination, ".log")
+
+    def commit_refused_log(self, destination: str) -> Path:
+        """UIDs such a destination reported it could not commit."""
+        return _inside(self.root / "commit-refused", destination, ".log")
+
     def create(self, destinations: Iterator[str] | tuple[str, ...] = ()) -> None:
         for d in (self.tmp, self.incoming, self.work, self.outbox_root, self.dead_root,
                   self.sent_root):
