@@ -427,7 +427,6 @@ class _Open:
     request: CommitmentRequest
     attempts: int = 0
     next_attempt: float = 0.0
-    last_error: str = ""
 
 
 class CommitmentService:
@@ -588,7 +587,6 @@ class CommitmentService:
     def _report_failed(self, item: _Open, cfg: Config, now: float, error: str) -> None:
         req = item.request
         item.attempts += 1
-        item.last_error = error
         fw = cfg.forwarding
         if now - req.requested_at >= fw.max_age_s:
             self.store.remove(req.transaction_uid)
