@@ -318,14 +318,17 @@ def workdir(keep: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def orthanc(root: Path, gateway_port: int = 0) -> Iterator[OrthancServer]:
-    """A fresh Orthanc on its own storage under ``root`` that accepts MODALITY and SENTINEL."""
+def orthanc(root: Path, gateway_port: int = 0, *, aet: str = ORTHANC_AE,
+            modalities: dict[str, tuple[str, int]] | None = None,
+            lua: str | None = None) -> Iterator[OrthancServer]:
+    """A fresh Orthanc on its own storage under ``root`` that accepts MODALITY and SENTINEL
+    (and knows ``modalities`` besides; ``lua``: a script of its own, e.g. ROUTER_LUA)."""
     if root.exists():
         shutil.rmtree(root)
-    mods = {"modality": (MODALITY_AE, 104)}
+    mods = {"modality": (MODALITY_AE, 104), **(modalities or {})}
     if gateway_port:
         mods["sentinel"] = (GATEWAY_AE, gateway_port)
-    server = OrthancServer(root, mods, aet=ORTHANC_AE)
+    server = OrthancServer(root, mods, aet=aet, lua=lua)
     server.start()
     try:
         yield server
@@ -501,41 +504,27 @@ def send_via_orthanc_router(root: Path, files: Sequence[Path], k: int = 1,
     The router presents the gateway's AE title, so the PACS accepts it as it accepts the gateway.
     """
     # the PACS admits a caller by AE title and host; the port it registers is not used
-    with orthanc(root / "pacs", gateway_port=104) as pacs:
-        assert pacs.proc is not None
-        rdir = root / "router"
-        if rdir.exists():
-            shutil.rmtree(rdir)
-        router = OrthancServer(rdir, {"modality": (MODALITY_AE, 104),
-                                      "pacs": (ORTHANC_AE, pacs.dicom_port)},
-                               aet=GATEWAY_AE, lua=ROUTER_LUA)
-        router_port = router.dicom_port
-        router.start()
-        try:
-            assert router.proc is not None
-            w = len(warm)
-            if warm:
-                send_parallel(router_port, [warm], GATEWAY_AE, timeout=timeout)
-                if not wait_until(lambda: int(pacs.statistics()["CountInstances"]) >= w,
-                                  timeout=timeout, interval=0.05):
-                    raise RuntimeError("warm-up not routed by Orthanc")
-            c_router, c_pacs = cpu_s(router.proc.pid), cpu_s(pacs.proc.pid)
-            t0 = time.time()
-            ack = send_parallel(router_port, split(files, k), GATEWAY_AE, timeout=timeout)
-            n = len(files)
-            if not wait_until(lambda: int(pacs.statistics()["CountInstances"]) >= n + w,
-                              timeout=timeout, interval=0.1):
-                raise RuntimeError(f"the Orthanc router delivered "
-                                   f"{int(pacs.statistics()['CountInstances']) - w} of {n}")
-            done = time.time() - t0
-            extra = {"router_cpu_ms": 1000.0 * (cpu_s(router.proc.pid) - c_router) / n,
-                     "orthanc_cpu_ms": 1000.0 * (cpu_s(pacs.proc.pid) - c_pacs) / n}
-        finally:
-            if router.proc is not None and router.proc.poll() is None:
-                router.proc.kill()
-                router.proc.wait(30)
-            router.stop()
-            shutil.rmtree(rdir / "db", ignore_errors=True)
+    with orthanc(root / "pacs", gateway_port=104) as pacs, \
+            orthanc(root / "router", aet=GATEWAY_AE, lua=ROUTER_LUA,
+                    modalities={"pacs": (ORTHANC_AE, pacs.dicom_port)}) as router:
+        assert pacs.proc is not None and router.proc is not None
+        w = len(warm)
+        if warm:
+            send_parallel(router.dicom_port, [warm], GATEWAY_AE, timeout=timeout)
+            if not wait_until(lambda: int(pacs.statistics()["CountInstances"]) >= w,
+                              timeout=timeout, interval=0.05):
+                raise RuntimeError("warm-up not routed by Orthanc")
+        c_router, c_pacs = cpu_s(router.proc.pid), cpu_s(pacs.proc.pid)
+        t0 = time.time()
+        ack = send_parallel(router.dicom_port, split(files, k), GATEWAY_AE, timeout=timeout)
+        n = len(files)
+        if not wait_until(lambda: int(pacs.statistics()["CountInstances"]) >= n + w,
+                          timeout=timeout, interval=0.1):
+            raise RuntimeError(f"the Orthanc router delivered "
+                               f"{int(pacs.statistics()['CountInstances']) - w} of {n}")
+        done = time.time() - t0
+        extra = {"router_cpu_ms": 1000.0 * (cpu_s(router.proc.pid) - c_router) / n,
+                 "orthanc_cpu_ms": 1000.0 * (cpu_s(pacs.proc.pid) - c_pacs) / n}
     return Send(n, megabytes(files), ack, max(done, ack), extra=extra)
 
 
