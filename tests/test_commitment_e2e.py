@@ -92,8 +92,13 @@ class Site:
         return dict(self.a.get(f"/storage-commitment/{txn}"))
 
     def wait_report(self, txn: str, timeout: float = 90) -> dict[str, Any]:
+        """The report Orthanc A received, once the gateway has also audited sending it (A may
+        see the report a moment before the gateway's `commit-reported` line is written)."""
         assert wait_until(lambda: self.report(txn)["Status"] != "Pending", timeout), \
             self.gw.log()[-3000:]
+        assert wait_until(lambda: any(e["event"] == "commit-reported"
+                                      and e.get("transaction_uid") == txn
+                                      for e in self.audit()), 10), self.gw.log()[-3000:]
         return self.report(txn)
 
     def audit(self) -> list[dict[str, Any]]:
