@@ -526,11 +526,7 @@ class CommitmentService:
                 if self._stop:
                     return
                 due = [o for o in self._open.values() if o.next_attempt <= self._clock()]
-            for item in due:
-                try:
-                    self.process(item)
-                except Exception:  # a bug must not stop reporting for every other request
-                    LOG.exception("storage commitment %s", item.request.transaction_uid)
+            self._process_each(due)
             if self.pacs is not None:
                 try:
                     self.pacs.tick()
@@ -538,17 +534,29 @@ class CommitmentService:
                     LOG.exception("storage commitment requests to destinations")
 
     def process_all(self) -> None:
-        """One pass over every open request (tests and the run loop)."""
+        """One pass over every open request (tests; the run loop takes the due ones)."""
         with self._cond:
             items = list(self._open.values())
-        for item in items:
-            self.process(item)
+        self._process_each(items)
 
-    def process(self, item: _Open) -> None:
+    def _process_each(self, items: list[_Open]) -> None:
+        """Report what is settled: the spool is read once for all of them, not per request."""
+        if not items:
+            return
+        where = self.locator.locate({uid for item in items for _c, uid in item.request.refs})
+        for item in items:
+            try:
+                self.process(item, where)
+            except Exception:  # a bug must not stop reporting for every other request
+                LOG.exception("storage commitment %s", item.request.transaction_uid)
+
+    def process(self, item: _Open, where: Mapping[str, Located] | None = None) -> None:
+        """Report one request if it is settled (``where``: a reading that covers its UIDs)."""
         cfg = self._config()
         req = item.request
         now = self._clock()
-        where = self.locator.locate(uid for _c, uid in req.refs)
+        if where is None:
+            where = self.locator.locate(uid for _c, uid in req.refs)
         if self.pacs is not None:
             for cls_uid, uid in req.refs:
                 for dest in where[uid].awaiting:
