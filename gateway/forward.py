@@ -25,6 +25,12 @@ Why this shape:
 - Failures back off exponentially (capped); a connection failure holds the whole destination,
   an instance refused by the peer holds only its study (others go on). After ``max_age_s`` an
   instance is dead-lettered to ``spool/dead/<dest>/``, audited and counted.
+- Threads and state, in one paragraph: each association has a sender thread that claims the
+  next sendable entry and sends it; a completer thread books each delivery (ledger fsync, then
+  unlink, then the ``forwarded`` audit line) while the next C-STORE is already on the wire. The
+  queue state they share (waiting entries, the ones in flight, the delivered ones not yet
+  booked, the destination's hold) has one owner, the ``Forwarder``, and one lock (``_cond``);
+  the only other lock makes the senders of a destination open their associations one at a time.
 - Order: an instance is not sent while an earlier instance of its study is waiting, nor while an
   earlier instance from the same association is still being screened (``PendingOrder``). With
   one association instances also arrive in that order; with more, they start in that order
@@ -331,15 +337,22 @@ class Forwarder:
         self.ledger = SentLedger(
             self.layout.sent_log(dest.name), cfg.retention.sent_ledger_days * 86400
         )
-        self._open_lock = threading.Lock()  # held by whichever sender is opening an association
+        # Held by whichever sender is opening an association (a PACS counts associations still
+        # negotiating against its limit); it guards no queue state.
+        self._open_lock = threading.Lock()
         self.senders: list[Sender] = [
             _make_sender(dest, config_provider, self._open_lock) for _ in range(dest.associations)
         ]
-        # Queue state (entries, order, in flight, destination hold, stats) is shared by the
-        # sender threads: every read and change of it holds ``_cond``; sends happen outside it.
+        # The queue state below is shared by the sender threads and the completer; every read
+        # and change of it holds ``_cond`` (one lock), and no send or fsync happens under it.
+        # An outbox entry moves through three places, in one of them at a time:
+        #   _entries (waiting; also while in flight)  -> _completing (delivered, its ledger line
+        #   and unlink not yet done: not re-read by a rescan, not sent twice)  -> gone.
+        # _in_flight marks the entries a sender is sending now (name -> SOP UID).
         self._entries: dict[str, Entry] = {}
         self._order: list[str] = []
-        self._in_flight: dict[str, str] = {}  # outbox name -> SOP UID, being sent now
+        self._in_flight: dict[str, str] = {}
+        self._completing: dict[str, str] = {}  # outbox name -> SOP UID
         self._cond = threading.Condition()
         self._wake = False
         self._stop = False
@@ -349,9 +362,6 @@ class Forwarder:
         # completer thread, overlapping the next C-STORE instead of delaying it.
         self._done: queue.Queue[tuple[Entry, float, str | None] | None] = queue.Queue()
         self._completer: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._completing: set[str] = set()  # outbox names sent, not yet unlinked
-        self._sent_now: set[str] = set()  # SOP UIDs sent, not yet in the ledger
         self._dest_attempts = 0
         self._dest_hold_until = 0.0
         self._last_publish = 0.0
@@ -413,9 +423,7 @@ class Forwarder:
 
     def _rescan(self) -> None:
         """Re-read the outbox directory (caller holds ``_cond``)."""
-        with self._lock:
-            completing = set(self._completing)
-        names = [n for n in list_outbox(self.dir) if n not in completing]
+        names = [n for n in list_outbox(self.dir) if n not in self._completing]
         present = set(names)
         for gone in [n for n in self._entries if n not in present]:
             del self._entries[gone]
@@ -556,10 +564,8 @@ class Forwarder:
                 self._failed(entry, SendError(f"{type(exc).__name__}: {exc}", False), fields)
             return False
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        with self._lock:
-            self._completing.add(entry.name)
-            self._sent_now.add(entry.sop_uid)
         with self._cond:
+            self._completing[entry.name] = entry.sop_uid
             self._entries.pop(entry.name, None)
             with contextlib.suppress(ValueError):
                 self._order.remove(entry.name)
@@ -587,8 +593,8 @@ class Forwarder:
         object under the same UID (a tampered copy of an instance delivered before), and the
         audit log has to say that it never left. ``sentinel quarantine release`` refuses such a
         release up front; this covers the race where the first copy is delivered after it."""
-        with self._lock:
-            sent_now = entry.sop_uid in self._sent_now
+        with self._cond:
+            sent_now = entry.sop_uid in self._completing.values()
         sent_at = None if sent_now else self.ledger.sent_at(entry.sop_uid)
         if not sent_now and sent_at is None:
             return False
@@ -625,9 +631,8 @@ class Forwarder:
             for suffix in (".dcm", ".json"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.dir / (entry.name[:-4] + suffix))
-            with self._lock:
-                self._completing.discard(entry.name)
-                self._sent_now.discard(entry.sop_uid)
+            with self._cond:
+                self._completing.pop(entry.name, None)
             fields = {"sop_uid": entry.sop_uid, "study_uid": entry.study or None,
                       "destination": self.dest.name}
             detail = ("released from quarantine with --resend-duplicate: sent even if the UID "
