@@ -1,0 +1,250 @@
+"""End to end: the plugin form, screening inside a real Orthanc (gateway.orthanc_plugin).
+
+Debian's /usr/sbin/Orthanc 1.10.1 loads libOrthancPython.so (orthanc-python 4.0) with the
+repository's loader, systemd/orthanc_sentinel.py, which reads the test's TOML. The modality is
+DCMTK's /usr/bin/storescu; each instance's DIMSE status is read from its ``-v`` output. The
+sentinel's state (quarantine, audit log) is the same layout ``sentinel serve`` keeps, and the
+release is the operator's own ``sentinel quarantine release``.
+
+Skips without orthanc-python; the tests with the real attacked NEMA CR skip without
+SENTINEL_DATA (CI has both). The scorer crash is a real SIGSEGV of the scoring child, caused by
+a ``sitecustomize`` that only the test's interpreter wrapper (``[orthanc_plugin] python``) adds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from gateway.quarantine import Quarantine
+from tests.dcmtk import STORESCU, dcmtk_env, free_port, require_dcmtk
+from tests.dicom_factory import make_sr, relabel, sentinel_attack, sop_uid_of, synthetic
+from tests.orthanc import OrthancServer, require_python_plugin
+
+REPO = Path(__file__).resolve().parents[1]
+LOADER = REPO / "systemd" / "orthanc_sentinel.py"
+BUNDLE = REPO / "detector" / "models" / "default"
+pytestmark = pytest.mark.integration
+
+SUCCESS = "Success"
+REFUSED = "Unknown Status: 0x124"  # 0x0124 Refused: Not Authorized (DCMTK has no name for it)
+CANNOT_UNDERSTAND = "Error: CannotUnderstand"  # 0xC000, [orthanc_plugin] error_status
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR Storage
+
+
+class PluginSite:
+    """An Orthanc with the sentinel plugin, its TOML, and the modality's and operator's tools."""
+
+    def __init__(self, tmp: Path, *, rules: str = "", default_extra: str = "",
+                 python: str = sys.executable) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.toml = tmp / "sentinel.toml"
+        site = sysconfig.get_paths()["purelib"]  # the venv's packages, for Orthanc's Python
+        self.orthanc = OrthancServer(
+            tmp / "orthanc", {"modality": ("MODALITY", free_port())}, python_script=LOADER,
+            env={"PYTHONPATH": f"{REPO}:{site}"},
+            extra={"XraySentinel": {"Config": str(self.toml)}})
+        self.toml.write_text(f"""
+[state]
+dir = "{self.state}"
+min_free_mb = 1
+
+[detector]
+bundle = "{BUNDLE}"
+workers = 1
+
+[orthanc_plugin]
+python = "{python}"
+
+[destinations.pacs]
+kind = "orthanc-rest"
+url = "{self.orthanc.base_url}"
+
+{rules}
+
+[default]
+action = "screen"
+destinations = ["pacs"]
+{default_extra}
+""")
+
+    def send(self, files: Sequence[Path]) -> list[str]:
+        """storescu over one association; the DIMSE status of each file, in order."""
+        cmd = [STORESCU, "-v", "--no-halt", "-aet", "MODALITY", "-aec", self.orthanc.aet, "-to", "30",
+               "-ta", "30", "-td", "120", "127.0.0.1", str(self.orthanc.dicom_port),
+               *map(str, files)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dcmtk_env())
+        statuses = re.findall(r"Received Store Response \(([^)]*)\)", r.stdout + r.stderr)
+        assert len(statuses) == len(files), r.stdout + r.stderr + self.log()
+        return statuses
+
+    def audit(self) -> list[dict[str, Any]]:
+        path = self.state / "audit" / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def events(self, event: str, sop_uid: str) -> list[dict[str, Any]]:
+        return [e for e in self.audit() if e["event"] == event and e.get("sop_uid") == sop_uid]
+
+    def held(self) -> dict[str, Any]:
+        return {r.sop_uid: r for r in Quarantine(self.state / "quarantine").list()}
+
+    def stored(self, sop_uid: str) -> bool:
+        return self.orthanc.find_instance(sop_uid) is not None
+
+    def sentinel(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "--config",
+                               str(self.toml)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+
+    def log(self) -> str:
+        path = self.orthanc.workdir / "orthanc.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+@contextmanager
+def plugin_site(tmp: Path, **kw: Any) -> Iterator[PluginSite]:
+    require_python_plugin()
+    require_dcmtk()
+    if not (BUNDLE / "manifest.json").is_file():
+        pytest.skip("no trained default bundle in detector/models/default")
+    site = PluginSite(tmp, **kw)
+    try:
+        site.orthanc.start(timeout=120)
+    except RuntimeError:
+        pytest.fail(f"Orthanc with the plugin did not start:\n{site.log()}")
+    try:
+        yield site
+    finally:
+        site.orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def attacked_cr(nema_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The real NEMA CR RG1 and a `sentinel attack` PGD copy of it (eps 0.006), made once."""
+    original = nema_dir / "RG1_UNCR.dcm"
+    out = tmp_path_factory.mktemp("attack") / "rg1-pgd.dcm"
+    return original, sentinel_attack(original, out, BUNDLE)
+
+
+def test_clean_stored_attacked_refused_held_then_released(tmp_path: Path,
+                                                          attacked_cr: tuple[Path, Path]) -> None:
+    original, attacked = attacked_cr
+    clean_uid, bad_uid = sop_uid_of(original), sop_uid_of(attacked)
+    with plugin_site(tmp_path) as site:
+        assert site.send([original, attacked]) == [SUCCESS, REFUSED], site.log()
+        assert site.stored(clean_uid)
+        assert not site.stored(bad_uid)  # refused: not in Orthanc
+        held = site.held()
+        assert set(held) == {bad_uid}
+        assert held[bad_uid].reason == "flagged" and held[bad_uid].destinations == ("pacs",)
+        assert site.events("scored", bad_uid)[-1]["verdict"] == "flagged"
+        assert site.events("quarantined", bad_uid)[-1]["reason"] == "flagged"
+        assert site.events("scored", clean_uid)[-1]["verdict"] == "clean"
+
+        r = site.sentinel("quarantine", "release", bad_uid, "--reason",
+                          "reviewed: known test pattern")
+        assert r.returncode == 0, r.stderr
+        assert "stored in pacs" in r.stdout
+        assert site.stored(bad_uid)  # through REST: no second screening
+        in_orthanc = pydicom.dcmread(__import__("io").BytesIO(site.orthanc.instance_file(bad_uid)))
+        assert in_orthanc.PixelData == pydicom.dcmread(attacked).PixelData
+        assert site.held() == {}
+        released = site.events("released", bad_uid)
+        assert released and released[-1]["reason"] == "reviewed: known test pattern"
+        assert released[-1]["outcome"] == "stored" and released[-1]["destination"] == "pacs"
+        assert len(site.events("scored", bad_uid)) == 1  # the release was not screened
+        v = site.sentinel("audit", "verify")
+        assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_header_edits_do_not_bypass_screening(tmp_path: Path,
+                                              attacked_cr: tuple[Path, Path]) -> None:
+    """Pass rules by Modality and by SOP class, as a site might write them: the attacked CR
+    relabelled OT, and as an SR with its Pixel Data kept, is screened and refused anyway; a
+    real SR (no pixels) passes and is stored."""
+    _, attacked = attacked_cr
+    rules = f"""
+[[rules]]
+name = "other-modalities"
+action = "pass"
+destinations = ["pacs"]
+[rules.match]
+Modality = "OT"
+
+[[rules]]
+name = "reports"
+action = "pass"
+destinations = ["pacs"]
+[rules.match]
+SOPClassUID = "{SR_CLASS}"
+"""
+    copies = [relabel(attacked, tmp_path / "src" / "as-ot.dcm", modality="OT"),
+              relabel(attacked, tmp_path / "src" / "as-sr.dcm", modality="SR",
+                      sop_class=SR_CLASS)]
+    report = make_sr(tmp_path / "src" / "report.dcm")
+    with plugin_site(tmp_path, rules=rules) as site:
+        assert site.send([*copies, report]) == [REFUSED, REFUSED, SUCCESS], site.log()
+        for f in copies:
+            uid = sop_uid_of(f)
+            assert not site.stored(uid)
+            assert site.held()[uid].reason == "flagged"
+            detail = site.events("received", uid)[-1]["detail"]
+            assert "says pass, but the instance carries PixelData" in detail
+        assert site.stored(sop_uid_of(report))
+        assert site.events("scored", sop_uid_of(report)) == []  # passed: no pixels
+
+
+CRASHING_SITECUSTOMIZE = '''
+"""Test only: the scoring child dies of SIGSEGV on any file that carries the marker."""
+import os
+import signal
+
+from detector import scoring
+
+_score_path = scoring.Detector.score_path
+
+
+def score_path(self, path, *args, **kwargs):
+    with open(path, "rb") as fh:
+        if b"CRASH-THE-DECODER" in fh.read():
+            os.kill(os.getpid(), signal.SIGSEGV)
+    return _score_path(self, path, *args, **kwargs)
+
+
+scoring.Detector.score_path = score_path
+'''
+
+
+def test_scorer_crash_fails_one_instance_and_orthanc_keeps_storing(tmp_path: Path) -> None:
+    """A decoder crash in the scoring child: that instance is refused (error_status) and held
+    as detector-crashed; Orthanc keeps running and stores the next clean instance."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASHING_SITECUSTOMIZE)
+    wrapper = tmp_path / "python-crashing"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{hook}:$PYTHONPATH" exec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    crash = synthetic(tmp_path / "src" / "crash.dcm", 256, 256, seed=1)
+    ds = pydicom.dcmread(crash)
+    ds.StudyDescription = "CRASH-THE-DECODER"
+    ds.save_as(crash, enforce_file_format=True)
+    clean = synthetic(tmp_path / "src" / "clean.dcm", 256, 256, seed=2)
+    # threshold 1.0: no score reaches it, so the synthetic image is clean whatever it scores
+    with plugin_site(tmp_path, python=str(wrapper), default_extra="threshold = 1.0") as site:
+        assert site.send([crash, clean]) == [CANNOT_UNDERSTAND, SUCCESS], site.log()
+        assert site.orthanc.proc is not None and site.orthanc.proc.poll() is None
+        assert not site.stored(sop_uid_of(crash))
+        assert site.stored(sop_uid_of(clean))
+        assert site.held()[sop_uid_of(crash)].reason == "detector-crashed"
+        assert site.send([clean]) == [SUCCESS]  # a fresh child scores the next association too
