@@ -1086,7 +1086,7 @@ def _parse_orthanc_plugin(r: _Reader, base: Path) -> OrthancPluginConfig:
                      "xray-sentinel installed)")
     statuses = {}
     for key, default in (("refused_status", 0x0124), ("error_status", 0xC000)):
-        code = r.int_(key, default, 1, 0xFFFF)
+        code = r.int_(key, default, 0, 0xFFFF)
         if not is_failure_status(code):
             raise r.fail(key, f"0x{code:04X} is not a C-STORE failure status",
                          f"{key} = 0x{default:04X} (0x01xx refusals, 0xA7xx, 0xA9xx or 0xCxxx)")

@@ -14,6 +14,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +29,8 @@ from tests.dcmtk import dcmtk_env, free_port
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
+REPO = Path(__file__).resolve().parents[1]
+SENTINEL_LOADER = REPO / "systemd" / "orthanc_sentinel.py"  # the plugin form's PythonScript
 
 
 def require_orthanc() -> None:
@@ -208,3 +212,46 @@ class OrthancServer:
                 return count
             time.sleep(0.1)
         return count
+
+
+# -- the sentinel plugin form (gateway.orthanc_plugin) ----------------------------------------
+
+
+def sentinel_plugin_orthanc(workdir: Path, toml: Path, modalities: dict[str, tuple[str, int]],
+                            **kw: Any) -> OrthancServer:
+    """An Orthanc that screens with the sentinel plugin, configured by ``toml`` (write it before
+    ``start``; ``plugin_toml`` writes one). Orthanc's Python finds this checkout first, then the
+    test interpreter's packages (PYTHONPATH, as the README's service drop-in sets it)."""
+    site = sysconfig.get_paths()["purelib"]
+    return OrthancServer(workdir, modalities, python_script=SENTINEL_LOADER,
+                         env={"PYTHONPATH": f"{REPO}:{site}"},
+                         extra={"XraySentinel": {"Config": str(toml)}}, **kw)
+
+
+def plugin_toml(path: Path, *, state: Path, bundle: Path, url: str, rules: str = "",
+                default: str = 'action = "screen"', python: str = sys.executable) -> Path:
+    """A sentinel TOML for the plugin form: no [listener] (Orthanc receives), one scoring
+    process, released instances go back into the Orthanc at ``url`` (kind orthanc-rest)."""
+    path.write_text(f"""
+[state]
+dir = "{state}"
+min_free_mb = 1
+
+[detector]
+bundle = "{bundle}"
+workers = 1
+
+[orthanc_plugin]
+python = "{python}"
+
+[destinations.pacs]
+kind = "orthanc-rest"
+url = "{url}"
+
+{rules}
+
+[default]
+destinations = ["pacs"]
+{default}
+""")
+    return path

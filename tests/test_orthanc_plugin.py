@@ -13,11 +13,11 @@ a ``sitecustomize`` that only the test's interpreter wrapper (``[orthanc_plugin]
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,10 +29,9 @@ import pytest
 from gateway.quarantine import Quarantine
 from tests.dcmtk import STORESCU, dcmtk_env, free_port, require_dcmtk
 from tests.dicom_factory import make_sr, relabel, sentinel_attack, sop_uid_of, synthetic
-from tests.orthanc import OrthancServer, require_python_plugin
+from tests.orthanc import plugin_toml, require_python_plugin, sentinel_plugin_orthanc
 
 REPO = Path(__file__).resolve().parents[1]
-LOADER = REPO / "systemd" / "orthanc_sentinel.py"
 BUNDLE = REPO / "detector" / "models" / "default"
 pytestmark = pytest.mark.integration
 
@@ -50,39 +49,15 @@ class PluginSite:
         self.tmp = tmp
         self.state = tmp / "state"
         self.toml = tmp / "sentinel.toml"
-        site = sysconfig.get_paths()["purelib"]  # the venv's packages, for Orthanc's Python
-        self.orthanc = OrthancServer(
-            tmp / "orthanc", {"modality": ("MODALITY", free_port())}, python_script=LOADER,
-            env={"PYTHONPATH": f"{REPO}:{site}"},
-            extra={"XraySentinel": {"Config": str(self.toml)}})
-        self.toml.write_text(f"""
-[state]
-dir = "{self.state}"
-min_free_mb = 1
-
-[detector]
-bundle = "{BUNDLE}"
-workers = 1
-
-[orthanc_plugin]
-python = "{python}"
-
-[destinations.pacs]
-kind = "orthanc-rest"
-url = "{self.orthanc.base_url}"
-
-{rules}
-
-[default]
-action = "screen"
-destinations = ["pacs"]
-{default_extra}
-""")
+        self.orthanc = sentinel_plugin_orthanc(tmp / "orthanc", self.toml,
+                                               {"modality": ("MODALITY", free_port())})
+        plugin_toml(self.toml, state=self.state, bundle=BUNDLE, url=self.orthanc.base_url,
+                    rules=rules, default=f'action = "screen"\n{default_extra}', python=python)
 
     def send(self, files: Sequence[Path]) -> list[str]:
         """storescu over one association; the DIMSE status of each file, in order."""
-        cmd = [STORESCU, "-v", "--no-halt", "-aet", "MODALITY", "-aec", self.orthanc.aet, "-to", "30",
-               "-ta", "30", "-td", "120", "127.0.0.1", str(self.orthanc.dicom_port),
+        cmd = [STORESCU, "-v", "--no-halt", "-aet", "MODALITY", "-aec", self.orthanc.aet,
+               "-to", "30", "-ta", "30", "-td", "120", "127.0.0.1", str(self.orthanc.dicom_port),
                *map(str, files)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dcmtk_env())
         statuses = re.findall(r"Received Store Response \(([^)]*)\)", r.stdout + r.stderr)
@@ -157,7 +132,7 @@ def test_clean_stored_attacked_refused_held_then_released(tmp_path: Path,
         assert r.returncode == 0, r.stderr
         assert "stored in pacs" in r.stdout
         assert site.stored(bad_uid)  # through REST: no second screening
-        in_orthanc = pydicom.dcmread(__import__("io").BytesIO(site.orthanc.instance_file(bad_uid)))
+        in_orthanc = pydicom.dcmread(io.BytesIO(site.orthanc.instance_file(bad_uid) or b""))
         assert in_orthanc.PixelData == pydicom.dcmread(attacked).PixelData
         assert site.held() == {}
         released = site.events("released", bad_uid)
@@ -228,7 +203,8 @@ scoring.Detector.score_path = score_path
 
 def test_scorer_crash_fails_one_instance_and_orthanc_keeps_storing(tmp_path: Path) -> None:
     """A decoder crash in the scoring child: that instance is refused (error_status) and held
-    as detector-crashed; Orthanc keeps running and stores the next clean instance."""
+    as detector-crashed; Orthanc keeps running and stores the next clean instance. A reject
+    rule's instance is refused (refused_status) and held as rejected-by-rule."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(CRASHING_SITECUSTOMIZE)
@@ -240,11 +216,83 @@ def test_scorer_crash_fails_one_instance_and_orthanc_keeps_storing(tmp_path: Pat
     ds.StudyDescription = "CRASH-THE-DECODER"
     ds.save_as(crash, enforce_file_format=True)
     clean = synthetic(tmp_path / "src" / "clean.dcm", 256, 256, seed=2)
+    nm = relabel(clean, tmp_path / "src" / "nm.dcm", modality="NM")
+    rules = '[[rules]]\nname = "no-nm"\naction = "reject"\n[rules.match]\nModality = "NM"\n'
     # threshold 1.0: no score reaches it, so the synthetic image is clean whatever it scores
-    with plugin_site(tmp_path, python=str(wrapper), default_extra="threshold = 1.0") as site:
+    with plugin_site(tmp_path, python=str(wrapper), default_extra="threshold = 1.0",
+                     rules=rules) as site:
         assert site.send([crash, clean]) == [CANNOT_UNDERSTAND, SUCCESS], site.log()
         assert site.orthanc.proc is not None and site.orthanc.proc.poll() is None
         assert not site.stored(sop_uid_of(crash))
         assert site.stored(sop_uid_of(clean))
         assert site.held()[sop_uid_of(crash)].reason == "detector-crashed"
         assert site.send([clean]) == [SUCCESS]  # a fresh child scores the next association too
+        assert site.send([nm]) == [REFUSED]
+        assert not site.stored(sop_uid_of(nm))
+        assert site.held()[sop_uid_of(nm)].reason == "rejected-by-rule"
+
+
+# -- without Orthanc: what the TOML and the start refuse ---------------------------------------
+
+
+def _edited(tmp_path: Path, plugin: str, dest: str, rules: str) -> Path:
+    path = plugin_toml(tmp_path / "s.toml", state=tmp_path / "state", bundle=BUNDLE,
+                       url="http://127.0.0.1:8042", rules=rules)
+    text = path.read_text()
+    if plugin:
+        text = text.replace(f'python = "{sys.executable}"', plugin)
+    if dest:
+        text = text.replace('url = "http://127.0.0.1:8042"', dest)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("plugin", "key", "fix"), [
+    ('python = "/nonexistent/python"', "orthanc_plugin.python", "venv/bin/python"),
+    (f'python = "{sys.executable}"\nrefused_status = 0', "orthanc_plugin.refused_status",
+     "0x0000 is not a C-STORE failure status"),
+    (f'python = "{sys.executable}"\nerror_status = 0xB000', "orthanc_plugin.error_status",
+     "not a C-STORE failure status"),
+    (f'python = "{sys.executable}"\nstatus = 1', "orthanc_plugin.status", "unknown key"),
+])
+def test_plugin_table_errors_name_key_and_fix(tmp_path: Path, plugin: str, key: str,
+                                              fix: str) -> None:
+    from gateway.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as ei:
+        load_config(_edited(tmp_path, plugin, "", ""))
+    assert ei.value.key == key and fix in str(ei.value)
+
+
+def test_plugin_config_loads_without_listener(tmp_path: Path) -> None:
+    from gateway.config import load_config
+
+    cfg = load_config(_edited(tmp_path, "", "", ""))
+    assert cfg.orthanc_plugin is not None
+    assert (cfg.orthanc_plugin.refused_status, cfg.orthanc_plugin.error_status) == (0x124, 0xC000)
+    assert cfg.destinations["pacs"].kind == "orthanc-rest"
+    assert cfg.destinations["pacs"].url == "http://127.0.0.1:8042"
+    with pytest.raises(ValueError, match="credentials in the URL"):
+        load_config(_edited(tmp_path, "", 'url = "http://u:p@127.0.0.1:8042"', ""))
+    with pytest.raises(ValueError, match="password_file"):
+        load_config(_edited(tmp_path, "", 'url = "http://127.0.0.1:8042"\npassword = "x"', ""))
+
+
+@pytest.mark.parametrize(("rules", "orthanc", "why"), [
+    ('[[rules]]\nname = "ward"\naction = "pass"\nallow_unscreened_pixels = true\n'
+     'destinations = ["pacs"]\n[rules.match]\npeer = "10.0.0.5"\n', {}, "matches on peer"),
+    ('[[rules]]\nname = "to-b"\naction = "screen"\ndestinations = ["pacs"]\n'
+     '[rules.match]\ncalled_ae = "B"\n', {"DicomCheckCalledAet": False}, "DicomCheckCalledAet"),
+    ('[destinations.archive]\nkind = "directory"\npath = "/tmp/a"\n[[rules]]\nname = "cr"\n'
+     'action = "screen"\ndestinations = ["archive"]\n[rules.match]\nModality = "CR"\n', {},
+     'kind = "orthanc-rest"'),
+])
+def test_start_refuses_what_orthanc_cannot_honour(tmp_path: Path, rules: str,
+                                                  orthanc: dict[str, Any], why: str) -> None:
+    from gateway.config import load_config
+    from gateway.orthanc_plugin import check_for_orthanc
+
+    cfg = load_config(_edited(tmp_path, "", "", rules))
+    with pytest.raises(ValueError, match=why):
+        check_for_orthanc(cfg, orthanc)
+    check_for_orthanc(load_config(_edited(tmp_path, "", "", "")), orthanc)  # the plain one runs
