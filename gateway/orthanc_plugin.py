@@ -125,9 +125,12 @@ class Sentinel:
             stale.unlink(missing_ok=True)
         from gateway.detector_process import ProcessDetector
 
+        # nice 0, not [detector] nice: that lowers scoring below receiving because
+        # `sentinel serve` acknowledges first and screens off its spool; here the modality's
+        # answer waits for the score, so a lower priority would only lengthen that wait
         d = cfg.detector
         self.scorers = _Scorers(lambda: ProcessDetector(
-            d.bundle, d.threads, d.timeout_s, d.nice, python=self.plugin.python), d.workers)
+            d.bundle, d.threads, d.timeout_s, 0, python=self.plugin.python), d.workers)
 
     def close(self) -> None:
         self.scorers.close()
