@@ -71,8 +71,8 @@ def _describe(name: str, dest: DestinationConfig) -> str:
     the secret."""
     if dest.kind == "dicom" and dest.associations > 1:
         return f"{name} (dicom, {dest.associations} associations)"
-    if dest.kind == "dicomweb":
-        parts = [f"dicomweb {dest.url}"]
+    if dest.kind in ("dicomweb", "orthanc-rest"):
+        parts = [f"{dest.kind} {dest.url}"]
         if dest.token_file is not None:
             parts.append(f"bearer token from {dest.token_file}")
         elif dest.password_file is not None:

@@ -296,3 +296,33 @@ def test_start_refuses_what_orthanc_cannot_honour(tmp_path: Path, rules: str,
     with pytest.raises(ValueError, match=why):
         check_for_orthanc(cfg, orthanc)
     check_for_orthanc(load_config(_edited(tmp_path, "", "", "")), orthanc)  # the plain one runs
+
+
+def test_serve_forwards_to_an_orthanc_rest_destination(tmp_path: Path) -> None:
+    """The destination kind the release uses works for `sentinel serve` too (gateway.forward):
+    storescu -> gateway -> POST /instances, with basic authentication from a file."""
+    from tests.dcmtk import storescu
+    from tests.gateway_harness import GatewayProcess, wait_until, write_config
+    from tests.orthanc import OrthancServer, require_orthanc
+
+    require_orthanc()
+    require_dcmtk()
+    secret = tmp_path / "orthanc.password"
+    secret.write_text("s3cret\n")
+    pacs = OrthancServer(tmp_path / "orthanc", {}, users={"sentinel": "s3cret"}).start()
+    try:
+        port = free_port()
+        dest = (f'[destinations.pacs]\nkind = "orthanc-rest"\nurl = "{pacs.base_url}"\n'
+                f'username = "sentinel"\npassword_file = "{secret}"\n')
+        cfg = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=port,
+                           destinations=dest, default='action = "pass"\ndestinations = ["pacs"]')
+        gw = GatewayProcess(cfg, tmp_path / "gateway.log", port).start()
+        try:
+            f = synthetic(tmp_path / "src" / "a.dcm", 64, 64, seed=3)
+            assert storescu(port, [f]).returncode == 0
+            assert wait_until(lambda: pacs.find_instance(sop_uid_of(f)) is not None, 60), \
+                gw.log()[-2000:]
+        finally:
+            assert gw.stop() == 0
+    finally:
+        pacs.stop()
