@@ -137,10 +137,13 @@ class Sentinel:
 
     def _audit(self, event: str, **fields: Any) -> None:
         """As ``sentinel serve``: a failed audit append is logged, the instance goes on."""
+        self._write_lines([(event, fields)])
+
+    def _write_lines(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
         try:
-            self.audit.append(event, **fields)
+            self.audit.append_many(lines)
         except Exception:
-            LOG.exception("audit append failed for %s", event)
+            LOG.exception("audit append failed for %s", ", ".join(e for e, _ in lines))
 
     def filter(self, instance: Any) -> int:
         """Orthanc's incoming C-STORE filter: 0 stores the instance, else the refusal status.
@@ -156,8 +159,11 @@ class Sentinel:
             if not valid_uid(sop):  # it names the quarantine's file; Orthanc needs one too
                 self._audit("rejected", calling_ae=meta["calling_ae"], reason="invalid-sop-uid")
                 return self.plugin.error_status
+            lines: list[tuple[str, dict[str, Any]]] = []  # received, scored: one fsync
             with self.scorers.lend() as detector:
-                outcome = screen(self.cfg, path, meta, sop, detector, self._audit)
+                outcome = screen(self.cfg, path, meta, sop, detector,
+                                 lambda event, **fields: lines.append((event, fields)))
+            self._write_lines(lines)  # before the answer, as `sentinel serve` before forwarding
             if outcome.action == "forward":
                 return STORE
             _fsync(path)  # the quarantine holds it from here on: on disk first

@@ -326,3 +326,20 @@ def test_serve_forwards_to_an_orthanc_rest_destination(tmp_path: Path) -> None:
             assert gw.stop() == 0
     finally:
         pacs.stop()
+
+
+def test_append_many_writes_in_order_chained_and_all_or_nothing(tmp_path: Path) -> None:
+    """The plugin writes an instance's lines with one fsync (AuditLog.append_many)."""
+    from gateway.audit import AuditLog, verify
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("config-loaded", detail="before")
+    records = log.append_many([("received", {"sop_uid": "1.2.3"}),
+                               ("scored", {"sop_uid": "1.2.3", "verdict": "clean"})])
+    assert [r["event"] for r in records] == ["received", "scored"]
+    with pytest.raises(ValueError):  # one bad field: none of them written
+        log.append_many([("received", {"sop_uid": "1.2.4"}), ("scored", {"PatientName": "X"})])
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in lines] == ["config-loaded", "received", "scored"]
+    assert verify(tmp_path / "audit.jsonl").ok
+    assert log.append_many([]) == []
