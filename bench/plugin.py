@@ -6,10 +6,12 @@ Same files, same run, alternating which goes first in each repeat; each send int
 Orthanc (own storage, TCP_NODELAY=1) after a few untimed warm instances. The plugin screens
 every instance with the shipped bundle in its scoring child (``shadow = true``, so a flagged
 synthetic image is still stored and every send ends with all instances in Orthanc at the full
-scoring cost; the audit's ``scored`` lines are counted to prove each was screened). Prints
-instances/s of both per repeat, CPU ms per instance of Orthanc (plus its scoring child), and
-the ratio plugin/plain with the issue's targets (18: >= 0.7 for 512x512, >= 0.8 for
-2048x2500).
+scoring cost; the audit's ``scored`` lines are counted to prove each was screened). With
+``--empty-filter`` a third Orthanc loads the Python plugin with a filter that only copies each
+instance out (``GetInstanceData``) and stores it: what the plugin mechanism costs before any
+screening. Prints instances/s per repeat, CPU ms per instance of Orthanc (plus its scoring
+child), and the ratio plugin/plain with the issue's targets (18: >= 0.7 for 512x512, >= 0.8
+for 2048x2500).
 """
 
 from __future__ import annotations
@@ -40,9 +42,47 @@ from bench.common import (
     warm_set,
     workdir,
 )
-from tests.orthanc import plugin_toml, sentinel_plugin_orthanc
+from tests.orthanc import OrthancServer, plugin_toml, sentinel_plugin_orthanc
 
 TARGETS = {"512x512": 0.7, "2048x2500": 0.8}
+EMPTY_FILTER = """import orthanc
+
+def keep(instance):
+    instance.GetInstanceData()  # the copy the sentinel plugin makes too
+    return 0
+
+orthanc.RegisterIncomingCStoreInstanceFilter(keep)
+"""
+
+
+def send_via_empty_filter(root: Path, files: Sequence[Path], k: int = 1,
+                          warm: Sequence[Path] = ()) -> Send:
+    """storescu into a fresh Orthanc whose Python plugin filter stores every instance."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    script = root / "empty_filter.py"
+    script.write_text(EMPTY_FILTER)
+    pacs = OrthancServer(root / "orthanc", {"modality": (MODALITY_AE, 104)},
+                         python_script=script).start()
+    try:
+        assert pacs.proc is not None
+        if warm:
+            send_parallel(pacs.dicom_port, [warm], ORTHANC_AE)
+        c0 = tree_cpu_s(pacs.proc.pid)
+        wall = send_parallel(pacs.dicom_port, split(files, k), ORTHANC_AE)
+        cpu = tree_cpu_s(pacs.proc.pid) - c0
+        got = pacs.wait_for_count(len(files) + len(warm), timeout=60) - len(warm)
+    finally:
+        if pacs.proc is not None and pacs.proc.poll() is None:
+            pacs.proc.kill()
+            pacs.proc.wait(30)
+        pacs.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if got != len(files):
+        raise RuntimeError(f"Orthanc+empty filter holds {got} of {len(files)} instances")
+    return Send(len(files), megabytes(files), wall, wall,
+                extra={"orthanc_cpu_ms": 1000.0 * cpu / len(files)})
 
 
 def send_via_plugin(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
@@ -89,6 +129,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path("/tmp/sentinel-bench-cache"),
                    help="where the image sets are kept between runs")
     p.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")
+    p.add_argument("--empty-filter", action="store_true",
+                   help="also Orthanc with a Python filter that stores everything")
     return p.parse_args(argv)
 
 
@@ -103,17 +145,25 @@ def main(argv: list[str] | None = None) -> int:
             warm = warm_set(args.cache, rows, cols)
             plain: list[Send] = []
             plugin: list[Send] = []
+            empty: list[Send] = []
             for r in range(args.repeats):
-                order = ("plain", "plugin") if r % 2 == 0 else ("plugin", "plain")
+                order = ["plain", "plugin"] if r % 2 == 0 else ["plugin", "plain"]
+                if args.empty_filter:
+                    order.insert(1, "empty")
                 for which_one in order:
                     if which_one == "plain":
                         plain.append(send_direct(work / "p", files, k=args.senders, warm=warm))
+                    elif which_one == "empty":
+                        empty.append(send_via_empty_filter(work / "e", files, k=args.senders,
+                                                           warm=warm))
                     else:
                         plugin.append(send_via_plugin(work / "s", files, bundle,
                                                       k=args.senders, warm=warm))
-                print(f"  repeat {r + 1} ({' first, '.join(order)} second): plain "
+                middle = (f", empty filter {empty[-1].rate:.1f}/s "
+                          f"({empty[-1].extra['orthanc_cpu_ms']:.1f} ms)" if empty else "")
+                print(f"  repeat {r + 1} (order {', '.join(order)}): plain "
                       f"{plain[-1].rate:.1f}/s ({plain[-1].extra['orthanc_cpu_ms']:.1f} ms CPU "
-                      f"per instance), with plugin {plugin[-1].rate:.1f}/s "
+                      f"per instance){middle}, with plugin {plugin[-1].rate:.1f}/s "
                       f"({plugin[-1].extra['orthanc_cpu_ms']:.1f} ms CPU per instance, Orthanc "
                       f"+ scoring child), load {loadavg()}", flush=True)
             print(f"{label} x{len(files)}: plain Orthanc "
@@ -121,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{summarize([s.rate for s in plugin]).fmt()} /s")
             ratios = [s.rate / p.rate for p, s in zip(plain, plugin, strict=True)]
             print(ratio_line(f"throughput plugin/plain {label}", ratios, TARGETS[label]))
+            if empty:
+                ratios = [s.rate / p.rate for p, s in zip(plain, empty, strict=True)]
+                print(ratio_line(f"throughput empty-filter/plain {label} (information)",
+                                 ratios))
     print(f"\nloadavg_end: {loadavg()}")
     return 0
 
