@@ -140,10 +140,12 @@ class Sentinel:
         self._write_lines([(event, fields)])
 
     def _write_lines(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write ``lines`` with one fsync and empty the list (so no line is written twice)."""
         try:
             self.audit.append_many(lines)
         except Exception:
             LOG.exception("audit append failed for %s", ", ".join(e for e, _ in lines))
+        lines.clear()
 
     def filter(self, instance: Any) -> int:
         """Orthanc's incoming C-STORE filter: 0 stores the instance, else the refusal status.
@@ -151,6 +153,7 @@ class Sentinel:
         Never raises: an exception would reach Orthanc as a plugin error, and the modality's
         answer would be Orthanc's choice rather than one that says nothing was kept."""
         path = self.tmp / f"{uuid.uuid4().hex}.dcm"
+        lines: list[tuple[str, dict[str, Any]]] = []  # received, scored: one fsync
         try:
             path.write_bytes(instance.GetInstanceData())
             meta = {"calling_ae": instance.GetInstanceRemoteAet(), "called_ae": self.called_ae,
@@ -159,7 +162,6 @@ class Sentinel:
             if not valid_uid(sop):  # it names the quarantine's file; Orthanc needs one too
                 self._audit("rejected", calling_ae=meta["calling_ae"], reason="invalid-sop-uid")
                 return self.plugin.error_status
-            lines: list[tuple[str, dict[str, Any]]] = []  # received, scored: one fsync
             with self.scorers.lend() as detector:
                 outcome = screen(self.cfg, path, meta, sop, detector,
                                  lambda event, **fields: lines.append((event, fields)))
@@ -170,6 +172,7 @@ class Sentinel:
             hold(self.quarantine, path, meta, outcome, self._audit)
             return self._status(outcome)
         except Exception:
+            self._write_lines(lines)  # what was decided before the failure, if not yet written
             LOG.exception("screening failed inside Orthanc; the instance is refused "
                           "(0xA700) and neither stored nor held")
             return STATUS_OUT_OF_RESOURCES

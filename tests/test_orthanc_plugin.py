@@ -38,6 +38,7 @@ pytestmark = pytest.mark.integration
 SUCCESS = "Success"
 REFUSED = "Unknown Status: 0x124"  # 0x0124 Refused: Not Authorized (DCMTK has no name for it)
 CANNOT_UNDERSTAND = "Error: CannotUnderstand"  # 0xC000, [orthanc_plugin] error_status
+OUT_OF_RESOURCES = "Refused: OutOfResources"  # 0xA700: the handler itself failed
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR Storage
 
 
@@ -204,7 +205,8 @@ scoring.Detector.score_path = score_path
 def test_scorer_crash_fails_one_instance_and_orthanc_keeps_storing(tmp_path: Path) -> None:
     """A decoder crash in the scoring child: that instance is refused (error_status) and held
     as detector-crashed; Orthanc keeps running and stores the next clean instance. A reject
-    rule's instance is refused (refused_status) and held as rejected-by-rule."""
+    rule's instance is refused (refused_status) and held as rejected-by-rule; where it cannot
+    be held (the quarantine is not a folder), 0xA700: neither stored nor held."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(CRASHING_SITECUSTOMIZE)
@@ -230,6 +232,13 @@ def test_scorer_crash_fails_one_instance_and_orthanc_keeps_storing(tmp_path: Pat
         assert site.send([nm]) == [REFUSED]
         assert not site.stored(sop_uid_of(nm))
         assert site.held()[sop_uid_of(nm)].reason == "rejected-by-rule"
+        quarantine = site.state / "quarantine"
+        quarantine.rename(site.state / "elsewhere")
+        quarantine.write_text("not a folder")
+        nm2 = relabel(clean, tmp_path / "src" / "nm2.dcm", modality="NM")
+        assert site.send([nm2]) == [OUT_OF_RESOURCES], site.log()
+        assert not site.stored(sop_uid_of(nm2))
+        assert site.orthanc.proc.poll() is None
 
 
 # -- without Orthanc: what the TOML and the start refuse ---------------------------------------
