@@ -352,3 +352,20 @@ def test_append_many_writes_in_order_chained_and_all_or_nothing(tmp_path: Path) 
     assert [e["event"] for e in lines] == ["config-loaded", "received", "scored"]
     assert verify(tmp_path / "audit.jsonl").ok
     assert log.append_many([]) == []
+
+
+def test_check_says_what_orthanc_would_refuse(tmp_path: Path) -> None:
+    """`sentinel check` on a plugin TOML: ok with the plugin's line, or exit 2 naming why
+    Orthanc would not start (a rule keyed on peer)."""
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway.cli", "check", "--config",
+                               str(path), "--no-bundle"], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+
+    ok = check(_edited(tmp_path, "", "", ""))
+    assert ok.returncode == 0, ok.stderr
+    assert "orthanc plugin: scoring with" in ok.stdout and "0x0124" in ok.stdout
+    assert "pacs (orthanc-rest http://127.0.0.1:8042)" in ok.stdout
+    bad = check(_edited(tmp_path, "", "", '[[rules]]\nname = "ward"\naction = "screen"\n'
+                        'destinations = ["pacs"]\n[rules.match]\npeer = "10.0.0.5"\n'))
+    assert bad.returncode == 2 and "matches on peer" in bad.stderr
