@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.orthanc_plugin is not None:  # what Orthanc's start would refuse, said now
         from gateway.orthanc_plugin import check_for_orthanc
 
-        try:  # Orthanc's own DicomCheckCalledAet is checked when Orthanc starts
-            check_for_orthanc(cfg, {"DicomCheckCalledAet": True})
+        try:  # Orthanc's own settings are checked when Orthanc starts
+            check_for_orthanc(cfg, {"DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False,
+                                    "DicomCheckModalityHost": True})
         except ValueError as exc:
             print(f"invalid for the Orthanc plugin: {exc}", file=sys.stderr)
             return 2

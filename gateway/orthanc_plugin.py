@@ -219,8 +219,13 @@ def check_for_orthanc(cfg: Config, orthanc_config: dict[str, Any]) -> None:
       (``DicomCheckCalledAet`` false): the filter only knows Orthanc's own ``DicomAet``.
     - A rule or default routing to a destination that is not ``orthanc-rest``: there is no
       forwarder here, so a released instance would wait in an outbox nobody sends from.
+    - ``allow_unscreened_pixels`` while Orthanc takes C-STOREs from any AE title or address
+      (``DicomAlwaysAllowStore`` true or ``DicomCheckModalityHost`` false, Orthanc's defaults):
+      the calling AE title would be a label anyone can write, not a pinned sender.
     """
     check_called = bool(orthanc_config.get("DicomCheckCalledAet", False))
+    pinned = (orthanc_config.get("DicomAlwaysAllowStore", True) is False
+              and orthanc_config.get("DicomCheckModalityHost", False) is True)
     for rule in (*cfg.rules, cfg.default):
         keys = {m.key for m in rule.matchers}
         if "peer" in keys:
@@ -232,6 +237,12 @@ def check_for_orthanc(cfg: Config, orthanc_config: dict[str, Any]) -> None:
             raise ValueError(
                 f"{cfg.path}: rule {rule.name!r} matches on called_ae, but Orthanc accepts any "
                 'called AE title; set "DicomCheckCalledAet": true in Orthanc\'s config')
+        if rule.allow_unscreened_pixels and not pinned:
+            raise ValueError(
+                f"{cfg.path}: rule {rule.name!r} lets pixels through unscreened by calling AE "
+                'title, but Orthanc takes C-STOREs from anyone: set "DicomAlwaysAllowStore": '
+                'false and "DicomCheckModalityHost": true, and list the sender in '
+                '"DicomModalities" with its address')
         for name in rule.destinations:
             if cfg.destinations[name].kind != "orthanc-rest":
                 raise ValueError(

@@ -296,6 +296,9 @@ def test_plugin_config_loads_without_listener(tmp_path: Path) -> None:
     ('[destinations.archive]\nkind = "directory"\npath = "/tmp/a"\n[[rules]]\nname = "cr"\n'
      'action = "screen"\ndestinations = ["archive"]\n[rules.match]\nModality = "CR"\n', {},
      'kind = "orthanc-rest"'),
+    ('[[rules]]\nname = "ward"\naction = "pass"\nallow_unscreened_pixels = true\n'
+     'destinations = ["pacs"]\n[rules.match]\ncalling_ae = "WARD"\n',
+     {"DicomCheckModalityHost": True}, "DicomAlwaysAllowStore"),
 ])
 def test_start_refuses_what_orthanc_cannot_honour(tmp_path: Path, rules: str,
                                                   orthanc: dict[str, Any], why: str) -> None:
