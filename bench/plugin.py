@@ -55,16 +55,12 @@ orthanc.RegisterIncomingCStoreInstanceFilter(keep)
 """
 
 
-def send_via_empty_filter(root: Path, files: Sequence[Path], k: int = 1,
-                          warm: Sequence[Path] = ()) -> Send:
-    """storescu into a fresh Orthanc whose Python plugin filter stores every instance."""
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    script = root / "empty_filter.py"
-    script.write_text(EMPTY_FILTER)
-    pacs = OrthancServer(root / "orthanc", {"modality": (MODALITY_AE, 104)},
-                         python_script=script).start()
+def _timed(pacs: OrthancServer, files: Sequence[Path], k: int,
+           warm: Sequence[Path]) -> tuple[float, float, int]:
+    """Start ``pacs``, send ``warm`` untimed then ``files`` timed (k associations); return
+    (wall s, CPU s of Orthanc and its children, instances of ``files`` stored). The storage is
+    thrown away after, so Orthanc is killed rather than stopped."""
+    pacs.start(timeout=120)
     try:
         assert pacs.proc is not None
         if warm:
@@ -78,6 +74,26 @@ def send_via_empty_filter(root: Path, files: Sequence[Path], k: int = 1,
             pacs.proc.kill()
             pacs.proc.wait(30)
         pacs.stop()
+    return wall, cpu, got
+
+
+def _fresh(root: Path) -> Path:
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    return root
+
+
+def send_via_empty_filter(root: Path, files: Sequence[Path], k: int = 1,
+                          warm: Sequence[Path] = ()) -> Send:
+    """storescu into a fresh Orthanc whose Python plugin filter stores every instance."""
+    script = _fresh(root) / "empty_filter.py"
+    script.write_text(EMPTY_FILTER)
+    pacs = OrthancServer(root / "orthanc", {"modality": (MODALITY_AE, 104)},
+                         python_script=script)
+    try:
+        wall, cpu, got = _timed(pacs, files, k, warm)
+    finally:
         shutil.rmtree(root, ignore_errors=True)
     if got != len(files):
         raise RuntimeError(f"Orthanc+empty filter holds {got} of {len(files)} instances")
@@ -88,29 +104,15 @@ def send_via_empty_filter(root: Path, files: Sequence[Path], k: int = 1,
 def send_via_plugin(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
                     warm: Sequence[Path] = ()) -> Send:
     """storescu (k associations) into a fresh Orthanc that screens with the sentinel plugin."""
-    if root.exists():
-        shutil.rmtree(root)
-    toml = root / "sentinel.toml"
-    root.mkdir(parents=True)
+    toml = _fresh(root) / "sentinel.toml"
     pacs = sentinel_plugin_orthanc(root / "orthanc", toml, {"modality": (MODALITY_AE, 104)})
     plugin_toml(toml, state=root / "state", bundle=bundle, url=pacs.base_url,
                 default=SCREEN_ALL)
-    pacs.start(timeout=120)
     try:
-        assert pacs.proc is not None
-        if warm:
-            send_parallel(pacs.dicom_port, [warm], ORTHANC_AE)
-        c0 = tree_cpu_s(pacs.proc.pid)
-        wall = send_parallel(pacs.dicom_port, split(files, k), ORTHANC_AE)
-        cpu = tree_cpu_s(pacs.proc.pid) - c0
-        got = pacs.wait_for_count(len(files) + len(warm), timeout=60) - len(warm)
+        wall, cpu, got = _timed(pacs, files, k, warm)
         audit = (root / "state" / "audit" / "audit.jsonl").read_text().splitlines()
         scored = sum(json.loads(line)["event"] == "scored" for line in audit)
     finally:
-        if pacs.proc is not None and pacs.proc.poll() is None:  # storage is thrown away
-            pacs.proc.kill()
-            pacs.proc.wait(30)
-        pacs.stop()
         shutil.rmtree(root, ignore_errors=True)
     if got != len(files) or scored != len(files) + len(warm):
         raise RuntimeError(f"Orthanc+plugin holds {got} of {len(files)} instances, "
@@ -131,7 +133,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bundle", type=Path, default=None, help="default: the shipped bundle")
     p.add_argument("--empty-filter", action="store_true",
                    help="also Orthanc with a Python filter that stores everything")
-    return p.parse_args(argv)
+    p.add_argument("--tiny", action="store_true",
+                   help="3 instances, one repeat, with the empty filter: proves the path (CI)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.n512, args.nlarge, args.repeats, args.empty_filter = 3, 0, 1, True
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle: {which}; {args.senders} sender(s)")
     with workdir() as work:
         for label, rows, cols, files in issue_sets(args.cache, args.n512, args.nlarge):
-            warm = warm_set(args.cache, rows, cols)
+            warm = [] if args.tiny else warm_set(args.cache, rows, cols)
             plain: list[Send] = []
             plugin: list[Send] = []
             empty: list[Send] = []

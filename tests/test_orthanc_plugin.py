@@ -373,3 +373,15 @@ def test_check_says_what_orthanc_would_refuse(tmp_path: Path) -> None:
     bad = check(_edited(tmp_path, "", "", '[[rules]]\nname = "ward"\naction = "screen"\n'
                         'destinations = ["pacs"]\n[rules.match]\npeer = "10.0.0.5"\n'))
     assert bad.returncode == 2 and "matches on peer" in bad.stderr
+
+
+def test_bench_plugin_tiny(tmp_path: Path) -> None:
+    """bench/plugin.py end to end in its tiny mode: it prints both ratio lines."""
+    require_python_plugin()
+    require_dcmtk()
+    r = subprocess.run([sys.executable, "-m", "bench.plugin", "--tiny", "--bundle", str(BUNDLE),
+                        "--cache", str(tmp_path / "cache")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"ratio throughput plugin/plain 512x512: \d+\.\d+ \[.*\] n=1", r.stdout)
+    assert re.search(r"ratio throughput empty-filter/plain 512x512 \(information\): \d", r.stdout)
