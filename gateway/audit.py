@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -266,13 +266,24 @@ class AuditLog:
         Raises ValueError for an unknown event, a field name off the whitelist, or a value that
         is not a JSON scalar; OSError when the line could not be written.
         """
-        for key in _RESERVED:
-            if key in fields:
-                raise ValueError(f"audit field {key!r} is written by the log itself")
-        item = _Pending(event, _check_record(event, fields))
+        return self.append_many([(event, fields)])[0]
+
+    def append_many(self, events: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Write several events durably, in this order, sharing one write and one fsync; return
+        the records as written. Why: the Orthanc plugin answers the modality only after an
+        instance's lines are on disk, and one fsync per instance instead of two or three is
+        most of its audit cost. Raises as ``append`` (nothing is written if one is invalid)."""
+        if not events:
+            return []
+        items = []
+        for event, fields in events:
+            for key in _RESERVED:
+                if key in fields:
+                    raise ValueError(f"audit field {key!r} is written by the log itself")
+            items.append(_Pending(event, _check_record(event, fields)))
         with self._cond:
-            self._queue.append(item)
-            while not item.done:
+            self._queue.extend(items)  # one batch takes the whole queue: these stay together
+            while not items[-1].done:
                 if self._writing:
                     self._cond.wait()
                     continue
@@ -286,12 +297,16 @@ class AuditLog:
                     for pending in batch:
                         pending.done = True
                     self._cond.notify_all()
-        if item.error is not None:
-            raise item.error
-        assert item.record is not None
+        records = []
+        for item in items:
+            if item.error is not None:
+                raise item.error
+            assert item.record is not None
+            records.append(item.record)
         if self._listeners:
-            self._notify(item.record)
-        return item.record
+            for record in records:
+                self._notify(record)
+        return records
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         """Under ``flock``: read the last line, chain the batch onto it, one write, one fsync."""

@@ -47,6 +47,15 @@ def run(args: argparse.Namespace) -> int:
             return 2
         bundle_note = f"{bundle} ({getattr(manifest, 'bundle_id', '?')}) verified"
         bundle_threshold = getattr(manifest, "threshold", None)
+    if cfg.orthanc_plugin is not None:  # what Orthanc's start would refuse, said now
+        from gateway.orthanc_plugin import check_for_orthanc
+
+        try:  # Orthanc's own settings are checked when Orthanc starts
+            check_for_orthanc(cfg, {"DicomCheckCalledAet": True, "DicomAlwaysAllowStore": False,
+                                    "DicomCheckModalityHost": True})
+        except ValueError as exc:
+            print(f"invalid for the Orthanc plugin: {exc}", file=sys.stderr)
+            return 2
     print(f"ok: {cfg.path}")
     print(f"  listener {cfg.listener.ae_title} on {cfg.listener.host}:{cfg.listener.port}"
           f"{' (TLS)' if cfg.listener.tls else ''}")
@@ -55,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     rules = [f"{r.name}:{r.action}" for r in cfg.rules] + [f"default:{cfg.default.action}"]
     print(f"  rules: {', '.join(rules)}")
     print(f"  bundle: {bundle_note}")
+    if cfg.orthanc_plugin is not None:
+        op = cfg.orthanc_plugin
+        print(f"  orthanc plugin: scoring with {op.python}; refused 0x{op.refused_status:04X}, "
+              f"error 0x{op.error_status:04X}")
     from gateway.rules import config_warnings
 
     for what, meaning, fix in config_warnings(cfg, bundle_threshold):
@@ -71,8 +84,8 @@ def _describe(name: str, dest: DestinationConfig) -> str:
     the secret."""
     if dest.kind == "dicom" and dest.associations > 1:
         return f"{name} (dicom, {dest.associations} associations)"
-    if dest.kind == "dicomweb":
-        parts = [f"dicomweb {dest.url}"]
+    if dest.kind in ("dicomweb", "orthanc-rest"):
+        parts = [f"{dest.kind} {dest.url}"]
         if dest.token_file is not None:
             parts.append(f"bearer token from {dest.token_file}")
         elif dest.password_file is not None:

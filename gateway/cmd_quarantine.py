@@ -8,9 +8,12 @@
 
 Release sends the held bytes on unchanged and without re-scoring, to the destinations recorded
 when the instance was quarantined (or ``--destination``); the running gateway's forwarder picks
-them up from its outbox. Release and purge are written to the audit log with the operator's OS
-user name (the real uid's account; under sudo, what SUDO_USER says is recorded beside it as
-``sudo_user``, a claim and not an identity) and the reason.
+them up from its outbox. A destination of kind ``orthanc-rest`` (the plugin form, where no
+forwarder runs: gateway.orthanc_plugin) gets them now, by ``POST /instances``, with
+``--config``; if that upload fails the instance stays held. Release and purge are written to
+the audit log with the operator's OS user name (the real uid's account; under sudo, what
+SUDO_USER says is recorded beside it as ``sudo_user``, a claim and not an identity) and the
+reason.
 
 A release is refused (exit 3, the instance stays held) when its SOP Instance UID was already
 forwarded to a destination within the sent ledger's retention, or a different copy of it is
@@ -34,14 +37,18 @@ import json
 import os
 import pwd
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.audit import AuditLog
 from gateway.cmd_audit import StatePaths, add_location_arguments, locate
 from gateway.quarantine import NotQuarantined, Quarantine, QuarantineRecord
+
+if TYPE_CHECKING:
+    from gateway.config import DestinationConfig
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -173,12 +180,14 @@ def _show(q: Quarantine, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _outbox_enqueuer(state_dir: Path, resend_duplicate: bool
+def _outbox_enqueuer(state_dir: Path, resend_duplicate: bool,
+                     direct: Mapping[str, DestinationConfig] | None = None,
                      ) -> Callable[[Path, QuarantineRecord], None]:
     """Queue the held bytes for every destination of the record, leaving the source in place
     (the quarantine removes it after this returns); the daemon's forwarder sends them.
     ``resend_duplicate`` marks the entries so the forwarder sends them even under a UID it
-    already delivered (only the operator's explicit --resend-duplicate sets it)."""
+    already delivered (only the operator's explicit --resend-duplicate sets it). ``direct``:
+    the ``orthanc-rest`` destinations, uploaded to now (SendError if one did not store it)."""
     from gateway.spool import SpoolLayout, place_in_outboxes
 
     def enqueue(src: Path, record: QuarantineRecord) -> None:
@@ -195,7 +204,15 @@ def _outbox_enqueuer(state_dir: Path, resend_duplicate: bool
         }
         if resend_duplicate:
             meta["resend_duplicate"] = True
-        place_in_outboxes(SpoolLayout(state_dir), record.destinations, src, meta, remove_src=False)
+        now = [n for n in record.destinations if n in (direct or {})]
+        if now:
+            from gateway.orthanc_plugin import release_to_orthanc
+
+            for name in now:
+                release_to_orthanc((direct or {})[name], src, meta)
+        queued = tuple(n for n in record.destinations if n not in now)
+        if queued:
+            place_in_outboxes(SpoolLayout(state_dir), queued, src, meta, remove_src=False)
 
     return enqueue
 
@@ -271,9 +288,15 @@ def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
     from gateway.config import RetentionConfig, load_config
 
     retention_days = RetentionConfig().sent_ledger_days  # the default, without a config
+    direct: dict[str, DestinationConfig] = {}
     if args.config is not None:
-        retention_days = load_config(args.config).retention.sent_ledger_days
-    duplicates = _duplicates(q, args.sop_uid, names, paths, retention_days)
+        cfg = load_config(args.config)
+        retention_days = cfg.retention.sent_ledger_days
+        direct = {n: cfg.destinations[n] for n in names
+                  if cfg.destinations[n].kind == "orthanc-rest"}
+    # an Orthanc says itself whether it holds the UID (AlreadyStored): no ledger to ask
+    duplicates = _duplicates(q, args.sop_uid, [n for n in names if n not in direct], paths,
+                             retention_days)
     if duplicates and not args.resend_duplicate:
         raise ReleaseRefused(
             f"SOP Instance {args.sop_uid} not released: an instance with this SOP Instance UID "
@@ -286,16 +309,24 @@ def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
     for why in duplicates.values():
         print(f"warning: {args.sop_uid} was {why}; sending a second object under the same UID "
               "as asked (--resend-duplicate)", file=sys.stderr)
-    record = q.release(
-        args.sop_uid,
-        reason=args.reason,
-        actor=operator_name(),
-        sudo_user=sudo_claim(),
-        enqueue=_outbox_enqueuer(paths.state_dir, args.resend_duplicate),
-        destinations=names,
-        outcomes={name: "queued-duplicate" for name in duplicates},
-    )
-    print(f"released {record.sop_uid}: queued for {', '.join(record.destinations)}")
+    from gateway.forward import SendError
+
+    try:
+        record = q.release(
+            args.sop_uid,
+            reason=args.reason,
+            actor=operator_name(),
+            sudo_user=sudo_claim(),
+            enqueue=_outbox_enqueuer(paths.state_dir, args.resend_duplicate, direct),
+            destinations=names,
+            outcomes={**{name: "queued-duplicate" for name in duplicates},
+                      **{name: "stored" for name in direct}},
+        )
+    except SendError as exc:
+        raise ValueError(f"{args.sop_uid} not released, it stays in the quarantine: {exc}"
+                         ) from None
+    done = [f"stored in {n}" if n in direct else f"queued for {n}" for n in record.destinations]
+    print(f"released {record.sop_uid}: {', '.join(done)}")
     return EXIT_OK
 
 

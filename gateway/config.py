@@ -27,6 +27,8 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
                          or "directory" (path)
                          or "dicomweb" (url, token_file | username + password_file, ca,
                          timeout_s, connections, allow_plain_http: STOW-RS, gateway.dicomweb)
+                         or "orthanc-rest" (the same keys: an Orthanc's REST API, POST
+                         /instances; where the plugin form releases to, gateway.orthanc_plugin)
     [alerts]       url, secret_file, ca, timeout_s, allow_plain_http (signed webhook),
                    syslog ("udp://host:port" or a unix socket path), syslog_facility,
                    verify_interval_s, flag_rate_window, flag_rate_jump (gateway.alerts)
@@ -34,6 +36,8 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
                    [rules.match]
     [default]      action, destinations, threshold, shadow
                    (what a rule may decide from headers the sender writes: gateway.rules)
+    [orthanc_plugin]  python, refused_status, error_status (screening inside Orthanc:
+                   gateway.orthanc_plugin; [listener] is then optional)
 """
 
 from __future__ import annotations
@@ -247,7 +251,7 @@ class AlertsConfig:
 @dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    kind: str  # "dicom" | "directory" | "dicomweb"
+    kind: str  # "dicom" | "directory" | "dicomweb" | "orthanc-rest"
     host: str = ""
     port: int = 0
     ae_title: str = ""
@@ -269,6 +273,30 @@ class DestinationConfig:
     # DICOM only: ask this PACS for Storage Commitment; a modality's commitment then waits for
     # the PACS's (gateway.commitment_scu)
     commitment: bool = False
+
+
+# C-STORE failure statuses a plugin may answer (PS3.4 B.2.3, PS3.7 C): the 0x01xx refusals
+# except the two warnings (0x0107 attribute list error, 0x0116 attribute value out of range),
+# 0xA7xx out of resources, 0xA9xx data set does not match SOP class, 0xCxxx cannot understand.
+def is_failure_status(code: int) -> bool:
+    return (0x0100 <= code <= 0x01FF and code not in (0x0107, 0x0116)) or \
+        0xA700 <= code <= 0xA7FF or 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF
+
+
+@dataclass(frozen=True)
+class OrthancPluginConfig:
+    """[orthanc_plugin] (gateway.orthanc_plugin): screening inside Orthanc's C-STORE receive.
+
+    ``python``: the interpreter that runs the scoring processes (the sentinel virtual
+    environment's), since inside Orthanc ``sys.executable`` is Orthanc itself. The statuses are
+    what the modality gets for an instance that is held: ``refused_status`` when the detector
+    flagged it or a ``reject`` rule took it (0x0124 Refused: Not Authorized, as ``sentinel
+    serve`` answers a reject rule), ``error_status`` when it could not be screened and the error
+    policy holds it (0xC000 Cannot Understand)."""
+
+    python: Path
+    refused_status: int = 0x0124
+    error_status: int = 0xC000
 
 
 @dataclass(frozen=True)
@@ -336,6 +364,7 @@ class Config:
     default: Rule
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
     alerts: AlertsConfig | None = None
+    orthanc_plugin: OrthancPluginConfig | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -697,8 +726,10 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-def _parse_dicomweb(d: _Reader, name: str, base: Path) -> DestinationConfig:
-    """``kind = "dicomweb"``: a STOW-RS server (gateway.dicomweb).
+def _parse_dicomweb(d: _Reader, name: str, base: Path, kind: str = "dicomweb"
+                    ) -> DestinationConfig:
+    """``kind = "dicomweb"``: a STOW-RS server (gateway.dicomweb); ``kind = "orthanc-rest"``:
+    an Orthanc's REST API (gateway.orthanc_plugin), with the same keys and refusals.
 
     Why these refusals: credentials written into the TOML (a ``password`` key, or
     ``user:pass@`` in the URL) end up in backups, tickets and ``sentinel check`` output, so only
@@ -717,7 +748,9 @@ def _parse_dicomweb(d: _Reader, name: str, base: Path) -> DestinationConfig:
     d.check_known(("kind", "url", "token_file", "username", "password_file", "ca", "timeout_s",
                    "connections", "allow_plain_http"))
     url = d.str_("url").strip()
-    fix_url = 'url = "https://pacs.example.org/dicom-web" (the base; /studies is added)'
+    fix_url = ('url = "https://pacs.example.org/dicom-web" (the base; /studies is added)'
+               if kind == "dicomweb" else
+               'url = "http://127.0.0.1:8042" (Orthanc\'s REST base; /instances is added)')
     parts = _http_url(d, url, fix_url, "remove user:password@ from url; set username and "
                       "password_file, or token_file")
     if parts.query or parts.fragment:
@@ -748,7 +781,7 @@ def _parse_dicomweb(d: _Reader, name: str, base: Path) -> DestinationConfig:
     ca = _https_ca(d, parts, base, "server")
     return DestinationConfig(
         name=name,
-        kind="dicomweb",
+        kind=kind,
         url=url.rstrip("/"),
         token_file=token_file,
         username=username,
@@ -842,11 +875,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         (
             "listener", "callers", "timeouts", "limits", "state", "retention", "metrics",
             "detector", "forwarding", "destinations", "rules", "default", "commitment",
-            "alerts",
+            "alerts", "orthanc_plugin",
         )
     )
 
-    lr = top.sub("listener", required=True)
+    # the plugin form receives through Orthanc: a TOML only for it needs no [listener]
+    lr = top.sub("listener", required="orthanc_plugin" not in top.table)
     lr.check_known(("ae_title", "host", "port", "tls"))
     listener = ListenerConfig(
         ae_title=lr.ae("ae_title", "SENTINEL"),
@@ -1005,11 +1039,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                 associations=d.int_("associations", 1, 1, 16),
                 commitment=d.bool_("commitment", False),
             )
-        elif kind == "dicomweb":
-            destinations[name] = _parse_dicomweb(d, name, base)
+        elif kind in ("dicomweb", "orthanc-rest"):
+            destinations[name] = _parse_dicomweb(d, name, base, kind)
         else:
             raise d.fail("kind", f"unknown kind {kind!r}",
-                         'use "dicom", "directory" or "dicomweb"')
+                         'use "dicom", "directory", "dicomweb" or "orthanc-rest"')
 
     rules: list[Rule] = []
     for rr_ in top.subs("rules"):
@@ -1035,7 +1069,29 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         default=default,
         commitment=commitment_cfg,
         alerts=alerts,
+        orthanc_plugin=(_parse_orthanc_plugin(top.sub("orthanc_plugin"), base)
+                        if "orthanc_plugin" in top.table else None),
     )
+
+
+def _parse_orthanc_plugin(r: _Reader, base: Path) -> OrthancPluginConfig:
+    """[orthanc_plugin]: the interpreter must exist now (a typo would otherwise surface as a
+    scoring process that cannot start, at Orthanc's start); statuses must be failures (a
+    Success or Warning would tell the modality a refused instance was stored)."""
+    r.check_known(("python", "refused_status", "error_status"))
+    python = r.path_("python", base)
+    if not python.is_file() or not os.access(python, os.X_OK):
+        raise r.fail("python", f"{python} is not an executable file",
+                     'python = "/opt/xray-sentinel/venv/bin/python" (the interpreter that has '
+                     "xray-sentinel installed)")
+    statuses = {}
+    for key, default in (("refused_status", 0x0124), ("error_status", 0xC000)):
+        code = r.int_(key, default, 0, 0xFFFF)
+        if not is_failure_status(code):
+            raise r.fail(key, f"0x{code:04X} is not a C-STORE failure status",
+                         f"{key} = 0x{default:04X} (0x01xx refusals, 0xA7xx, 0xA9xx or 0xCxxx)")
+        statuses[key] = code
+    return OrthancPluginConfig(python=python, **statuses)
 
 
 def load_config(path: Path | str) -> Config:

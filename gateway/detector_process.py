@@ -304,7 +304,10 @@ class ProcessDetector:
     after a crash, a timeout or a reply it cannot read."""
 
     def __init__(self, bundle: Path | None, threads: int = 1, timeout_s: float = 60.0,
-                 nice: int = 0) -> None:
+                 nice: int = 0, python: str | os.PathLike[str] | None = None) -> None:
+        # ``python``: the interpreter for the child; inside Orthanc (gateway.orthanc_plugin)
+        # sys.executable is Orthanc itself, so the plugin names the virtual environment's
+        self._python = sys.executable if python is None else os.fspath(python)
         self._bundle = None if bundle is None else str(bundle)
         self._threads = threads
         self._nice = nice
@@ -324,7 +327,7 @@ class ProcessDetector:
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
-        argv = [sys.executable, "-m", "gateway.detector_process", str(child_sock.fileno()),
+        argv = [self._python, "-m", "gateway.detector_process", str(child_sock.fileno()),
                 str(self._threads), str(self._nice)] + ([self._bundle] if self._bundle else [])
         env = {**CHILD_MALLOC_ENV, **os.environ}
         try:

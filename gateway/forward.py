@@ -299,6 +299,10 @@ def _make_sender(dest: DestinationConfig, config_provider: Callable[[], Config],
         from gateway.dicomweb import DicomWebSender
 
         return DicomWebSender(dest, config_provider)
+    if dest.kind == "orthanc-rest":  # an Orthanc's REST API (POST /instances)
+        from gateway.orthanc_plugin import OrthancRestSender
+
+        return OrthancRestSender(dest, config_provider)
     return DirectorySender(dest)
 
 

@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from detector.preprocess import parse_dicom
 from gateway.config import Config
-from gateway.rules import Association, Decision, decide
+from gateway.rules import Association, decide
 from gateway.spool import (
     SpoolLayout,
     fsync_dir,
@@ -252,173 +252,195 @@ class Screening:
         if claimed is None:
             return "skipped"
         path, meta = claimed
-        cfg = self._config()
-        assoc = Association(
-            calling_ae=str(meta.get("calling_ae", "")),
-            called_ae=str(meta.get("called_ae", "")),
-            peer=str(meta.get("peer", "")),
-        )
-        received_at = float(meta.get("received_at") or time.time())
-        base: dict[str, Any] = {
-            "sop_uid": item.sop_uid,
-            "calling_ae": assoc.calling_ae,
-            "peer": assoc.peer,
-        }
-        try:
-            ds = parse_dicom(path)
-            parse_elements(ds)
-        except Exception as exc:
-            LOG.warning("instance %s unreadable: %s", item.sop_uid, type(exc).__name__)
-            return self._on_error(cfg, path, meta, base, None, "unreadable", cfg.default,
-                                  received_at, cfg.default.destinations, item)
-        meta_class = str(meta.get("sop_class", "") or "")
-        ids = {
-            "study_uid": _uid(ds, "StudyInstanceUID"),
-            "series_uid": _uid(ds, "SeriesInstanceUID"),
-            "sop_class": _uid(ds, "SOPClassUID") or (meta_class if valid_uid(meta_class) else ""),
-            "modality": _code_string(ds, "Modality"),
-        }
-        base.update({k: v for k, v in ids.items() if v})
-        # The negotiated context's SOP class (the SCP records it): a pass must agree with it.
-        decision = decide(cfg, ds, assoc, sop_class=meta_class, path=path)
-        modality = ids["modality"]
-        self._audit_safe("received", rule=decision.rule.name, **base,
-                         **({"detail": decision.override} if decision.override else {}))
-        if self._metrics is not None:
-            self._metrics.received(modality, assoc.calling_ae)
-
-        if decision.action == "reject":
-            return self._quarantine_it(path, meta, base, ids, "rejected-by-rule", decision,
-                                       None, "", received_at, item)
-        if decision.action == "pass":
-            return self._forward(path, meta, base, ids, decision.destinations, item,
-                                 decision.rule.name)
-
-        t0 = time.perf_counter()
-        try:
-            if detector is None:
-                raise RuntimeError("no detector loaded")
-            threshold = decision.threshold_for(getattr(detector, "threshold", None))
-            score = detector.score_dataset(ds, threshold=threshold,
-                                           line_gate=cfg.detector.line_gate)
-        except Exception as exc:
-            reason = str(getattr(exc, "reason", "") or "detector-error")
-            LOG.warning("instance %s not scored: %s (%s)", item.sop_uid, reason,
-                        type(exc).__name__)
-            if self._metrics is not None:
-                self._metrics.screen_error(modality, reason)
-            return self._on_error(cfg, path, meta, base, decision, reason, decision.rule,
-                                  received_at, decision.destinations, item,
-                                  bundle_id=str(getattr(detector, "bundle_id", "")))
-        latency_ms = (time.perf_counter() - t0) * 1000.0
-        verdict = "flagged" if score.flagged else "clean"
-        if score.flagged and decision.shadow:
-            verdict = "flagged-shadow"
-        self._audit_safe(
-            "scored", rule=decision.rule.name, score=float(score.score), p_cnn=float(score.p_cnn),
-            p_rf=float(score.p_rf), threshold=float(score.threshold), bundle_id=score.bundle_id,
-            verdict=verdict, latency_ms=round(latency_ms, 3), **base,
-            **({} if score.grid_peaks is None else {"grid_peaks": float(score.grid_peaks)}),
-            **({} if score.line_peak is None else {
-                "line_peak": float(score.line_peak), "line_gate": float(score.line_gate)}),
-        )
-        if self._metrics is not None:
-            self._metrics.scored(modality, assoc.calling_ae, bool(score.flagged), latency_ms / 1e3)
-        if score.flagged and not decision.shadow:
-            return self._quarantine_it(path, meta, base, ids, "flagged", decision, score,
-                                       score.bundle_id, received_at, item)
-        return self._forward(path, meta, base, ids, decision.destinations, item,
-                             decision.rule.name)
+        outcome = screen(self._config(), path, meta, item.sop_uid, detector, self._audit_safe,
+                         self._metrics)
+        if outcome.action == "quarantine":
+            hold(self._quarantine, path, meta, outcome, self._audit_safe, self._metrics)
+            side = path.with_suffix(".json")
+            with contextlib.suppress(FileNotFoundError):
+                side.unlink()
+                fsync_dir(side.parent)
+            return "quarantined"
+        return self._forward(path, meta, outcome, item)
 
     # -- outcomes ----------------------------------------------------------------------------
 
-    def _on_error(
-        self, cfg: Config, path: Path, meta: dict[str, Any], base: dict[str, Any],
-        decision: Decision | None, reason: str, rule: Any, received_at: float,
-        destinations: tuple[str, ...], item: WorkItem, bundle_id: str = "",
-    ) -> str:
-        ids = {k: base.get(k, "") for k in ("study_uid", "series_uid", "sop_class", "modality")}
-        if cfg.detector.on_error == "forward":
-            self._audit_safe("scored", rule=rule.name, verdict="error", error=reason,
-                             bundle_id=bundle_id, **base)
-            return self._forward(path, meta, base, ids, destinations, item, rule.name)
-        return self._quarantine_it(path, meta, base, ids, reason, decision, None, bundle_id,
-                                   received_at, item, rule_name=rule.name,
-                                   destinations=destinations)
-
-    def _forward(
-        self, path: Path, meta: dict[str, Any], base: dict[str, Any], ids: dict[str, str],
-        destinations: tuple[str, ...], item: WorkItem, rule: str,
-    ) -> str:
+    def _forward(self, path: Path, meta: dict[str, Any], outcome: Outcome,
+                 item: WorkItem) -> str:
         entry = {
             **meta,
-            **{k: v for k, v in ids.items() if v},
+            **{k: v for k, v in outcome.ids.items() if v},
             "sop_uid": item.sop_uid,
             "seq": item.seq,
             "assoc_id": item.assoc_id,
-            "rule": rule,
+            "rule": outcome.rule,
         }
-        place_in_outboxes(self.layout, destinations, path, entry, remove_src=True,
+        place_in_outboxes(self.layout, outcome.destinations, path, entry, remove_src=True,
                           sync_src_dir=False)
-        for d in destinations:
+        for d in outcome.destinations:
             self._on_enqueued(d)
         return "forwarded"
-
-    def _quarantine_it(
-        self, path: Path, meta: dict[str, Any], base: dict[str, Any], ids: dict[str, str],
-        reason: str, decision: Decision | None, score: Any, bundle_id: str,
-        received_at: float, item: WorkItem, rule_name: str | None = None,
-        destinations: tuple[str, ...] | None = None,
-    ) -> str:
-        from gateway.quarantine import new_record
-
-        rule = rule_name or (decision.rule.name if decision else "")
-        dests = destinations if destinations is not None else (
-            decision.destinations if decision else ())
-        study = ids.get("study_uid") or UNKNOWN_STUDY
-        record = new_record(
-            sop_uid=item.sop_uid,
-            study_uid=study if valid_uid(study) else UNKNOWN_STUDY,
-            series_uid=ids.get("series_uid", ""),
-            sop_class=ids.get("sop_class", "") or str(meta.get("sop_class", "")),
-            modality=ids.get("modality", ""),
-            reason=reason,
-            score=None if score is None else float(score.score),
-            p_cnn=None if score is None else float(score.p_cnn),
-            p_rf=None if score is None else float(score.p_rf),
-            threshold=None if score is None else float(score.threshold),
-            grid_peaks=None if score is None or score.grid_peaks is None
-            else float(score.grid_peaks),
-            line_peak=None if score is None or score.line_peak is None
-            else float(score.line_peak),
-            line_gate=None if score is None or score.line_gate is None
-            else float(score.line_gate),
-            rule=rule,
-            bundle_id=bundle_id,
-            calling_ae=str(meta.get("calling_ae", "")),
-            peer=str(meta.get("peer", "")),
-            destinations=tuple(dests),
-            received_at=iso(received_at),
-        )
-        self._quarantine.put(path, record)
-        side = path.with_suffix(".json")
-        with contextlib.suppress(FileNotFoundError):
-            side.unlink()
-            fsync_dir(side.parent)
-        self._audit_safe("quarantined", rule=rule, reason=reason, **base)
-        if self._metrics is not None:
-            self._metrics.quarantined(ids.get("modality", ""), str(meta.get("calling_ae", "")),
-                                      reason)
-        if reason == "rejected-by-rule" and self._metrics is not None:
-            self._metrics.rejected(str(meta.get("calling_ae", "")), ids.get("modality", ""),
-                                   "rule")
-        return "quarantined"
 
     def _audit_safe(self, event: str, **fields: Any) -> None:
         try:
             self._audit.append(event, **fields)
         except Exception:
             LOG.exception("audit append failed for %s", event)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What screening decided for one instance, before anything is done with it.
+
+    Why apart from acting on it: ``sentinel serve`` then forwards the spooled file or holds it,
+    while the Orthanc plugin (gateway.orthanc_plugin) lets Orthanc store it or refuses it; both
+    decide by this one code. ``fields``: the audit fields of the instance (SOP, caller, and the
+    identifiers that could be read); ``ids``: study, series, SOP class and modality ("" where
+    unreadable).
+    """
+
+    action: str  # "forward" or "quarantine"
+    rule: str  # the rule's name, for the audit log and the quarantine record
+    destinations: tuple[str, ...]
+    fields: dict[str, Any]
+    ids: dict[str, str]
+    reason: str = ""  # why held: "flagged", "rejected-by-rule", or the error's reason
+    score: Any = None  # the detector's Score, where one was computed
+    bundle_id: str = ""
+
+
+def screen(cfg: Config, path: Path, meta: dict[str, Any], sop_uid: str, detector: Any,
+           audit: Callable[..., None], metrics: Any = None) -> Outcome:
+    """Route one instance by the rules, score it if they say so, and decide; audits
+    ``received`` and ``scored``. ``meta``: what the receiver recorded (calling_ae, called_ae,
+    peer, the negotiated sop_class). The error policy (``[detector] on_error``) applies to an
+    instance that cannot be read or scored."""
+    assoc = Association(
+        calling_ae=str(meta.get("calling_ae", "")),
+        called_ae=str(meta.get("called_ae", "")),
+        peer=str(meta.get("peer", "")),
+    )
+    base: dict[str, Any] = {"sop_uid": sop_uid, "calling_ae": assoc.calling_ae,
+                            "peer": assoc.peer}
+    try:
+        ds = parse_dicom(path)
+        parse_elements(ds)
+    except Exception as exc:
+        LOG.warning("instance %s unreadable: %s", sop_uid, type(exc).__name__)
+        return _on_error(cfg, base, {}, "unreadable", cfg.default, audit)
+    meta_class = str(meta.get("sop_class", "") or "")
+    ids = {
+        "study_uid": _uid(ds, "StudyInstanceUID"),
+        "series_uid": _uid(ds, "SeriesInstanceUID"),
+        "sop_class": _uid(ds, "SOPClassUID") or (meta_class if valid_uid(meta_class) else ""),
+        "modality": _code_string(ds, "Modality"),
+    }
+    base.update({k: v for k, v in ids.items() if v})
+    # The negotiated context's SOP class (the SCP records it): a pass must agree with it.
+    decision = decide(cfg, ds, assoc, sop_class=meta_class, path=path)
+    rule = decision.rule
+    modality = ids["modality"]
+    audit("received", rule=rule.name, **base,
+          **({"detail": decision.override} if decision.override else {}))
+    if metrics is not None:
+        metrics.received(modality, assoc.calling_ae)
+    if decision.action == "reject":
+        return Outcome("quarantine", rule.name, decision.destinations, base, ids,
+                       reason="rejected-by-rule")
+    if decision.action == "pass":
+        return Outcome("forward", rule.name, decision.destinations, base, ids)
+
+    t0 = time.perf_counter()
+    try:
+        if detector is None:
+            raise RuntimeError("no detector loaded")
+        threshold = decision.threshold_for(getattr(detector, "threshold", None))
+        score = detector.score_dataset(ds, threshold=threshold, line_gate=cfg.detector.line_gate)
+    except Exception as exc:
+        reason = str(getattr(exc, "reason", "") or "detector-error")
+        LOG.warning("instance %s not scored: %s (%s)", sop_uid, reason, type(exc).__name__)
+        if metrics is not None:
+            metrics.screen_error(modality, reason)
+        return _on_error(cfg, base, ids, reason, rule, audit,
+                         decision.destinations, str(getattr(detector, "bundle_id", "")))
+    latency_ms = (time.perf_counter() - t0) * 1000.0
+    verdict = "flagged" if score.flagged else "clean"
+    if score.flagged and decision.shadow:
+        verdict = "flagged-shadow"
+    audit(
+        "scored", rule=rule.name, score=float(score.score), p_cnn=float(score.p_cnn),
+        p_rf=float(score.p_rf), threshold=float(score.threshold), bundle_id=score.bundle_id,
+        verdict=verdict, latency_ms=round(latency_ms, 3), **base,
+        **({} if score.grid_peaks is None else {"grid_peaks": float(score.grid_peaks)}),
+        **({} if score.line_peak is None else {
+            "line_peak": float(score.line_peak), "line_gate": float(score.line_gate)}),
+    )
+    if metrics is not None:
+        metrics.scored(modality, assoc.calling_ae, bool(score.flagged), latency_ms / 1e3)
+    if score.flagged and not decision.shadow:
+        return Outcome("quarantine", rule.name, decision.destinations, base, ids,
+                       reason="flagged", score=score, bundle_id=score.bundle_id)
+    return Outcome("forward", rule.name, decision.destinations, base, ids, score=score,
+                   bundle_id=score.bundle_id)
+
+
+def _on_error(cfg: Config, base: dict[str, Any], ids: dict[str, str], reason: str, rule: Any,
+              audit: Callable[..., None], destinations: tuple[str, ...] | None = None,
+              bundle_id: str = "") -> Outcome:
+    """An instance that could not be read or scored: the configured policy, never silence."""
+    dests = rule.destinations if destinations is None else destinations
+    ids = {k: ids.get(k, "") for k in ("study_uid", "series_uid", "sop_class", "modality")}
+    if cfg.detector.on_error == "forward":
+        audit("scored", rule=rule.name, verdict="error", error=reason, bundle_id=bundle_id,
+              **base)
+        return Outcome("forward", rule.name, dests, base, ids)
+    return Outcome("quarantine", rule.name, dests, base, ids, reason=reason, bundle_id=bundle_id)
+
+
+def quarantine_record(outcome: Outcome, meta: dict[str, Any]) -> Any:
+    """The quarantine sidecar record of an instance screening decided to hold."""
+    from gateway.quarantine import new_record
+
+    score, ids = outcome.score, outcome.ids
+    study = ids.get("study_uid") or UNKNOWN_STUDY
+
+    def part(name: str) -> float | None:
+        value = None if score is None else getattr(score, name)
+        return None if value is None else float(value)
+
+    return new_record(
+        sop_uid=str(outcome.fields["sop_uid"]),
+        study_uid=study if valid_uid(study) else UNKNOWN_STUDY,
+        series_uid=ids.get("series_uid", ""),
+        sop_class=ids.get("sop_class", "") or str(meta.get("sop_class", "")),
+        modality=ids.get("modality", ""),
+        reason=outcome.reason,
+        score=part("score"),
+        p_cnn=part("p_cnn"),
+        p_rf=part("p_rf"),
+        threshold=part("threshold"),
+        grid_peaks=part("grid_peaks"),
+        line_peak=part("line_peak"),
+        line_gate=part("line_gate"),
+        rule=outcome.rule,
+        bundle_id=outcome.bundle_id,
+        calling_ae=str(meta.get("calling_ae", "")),
+        peer=str(meta.get("peer", "")),
+        destinations=tuple(outcome.destinations),
+        received_at=iso(float(meta.get("received_at") or time.time())),
+    )
+
+
+def hold(quarantine: Any, path: Path, meta: dict[str, Any], outcome: Outcome,
+         audit: Callable[..., None], metrics: Any = None) -> None:
+    """Move the instance at ``path`` into the quarantine with its record; audit it."""
+    quarantine.put(path, quarantine_record(outcome, meta))
+    audit("quarantined", rule=outcome.rule, reason=outcome.reason, **outcome.fields)
+    if metrics is not None:
+        caller = str(meta.get("calling_ae", ""))
+        metrics.quarantined(outcome.ids.get("modality", ""), caller, outcome.reason)
+        if outcome.reason == "rejected-by-rule":
+            metrics.rejected(caller, outcome.ids.get("modality", ""), "rule")
 
 
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double, Pixel Data

@@ -14,6 +14,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +28,9 @@ from tests.dcmtk import dcmtk_env, free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
+REPO = Path(__file__).resolve().parents[1]
+SENTINEL_LOADER = REPO / "systemd" / "orthanc_sentinel.py"  # the plugin form's PythonScript
 
 
 def require_orthanc() -> None:
@@ -40,17 +45,29 @@ def require_dicomweb_plugin() -> None:
                     "apt-get install orthanc-dicomweb")
 
 
+def require_python_plugin() -> None:
+    require_orthanc()
+    if not os.path.isfile(PYTHON_PLUGIN):
+        pytest.skip(f"Orthanc's Python plugin ({PYTHON_PLUGIN}) not installed: "
+                    "apt-get install orthanc-python")
+
+
 class OrthancServer:
     """Start/stop an Orthanc; REST helpers for what a test needs to check.
 
     ``dicomweb``: load the DICOMweb plugin (STOW-RS at ``{dicomweb_url}/studies``).
     ``users``: HTTP basic authentication on (``RegisteredUsers``); the REST helpers log in as
-    the first user. ``lua``: a Lua script of the test's own (``LuaScripts``)."""
+    the first user. ``lua``: a Lua script of the test's own (``LuaScripts``).
+    ``python_script``: load the Python plugin with this ``PythonScript`` (the sentinel plugin's
+    loader); ``env``: added to Orthanc's environment; ``extra``: more top-level config keys."""
 
     def __init__(self, workdir: Path, modalities: dict[str, tuple[str, int]],
                  aet: str = "ORTHANC", *, dicomweb: bool = False,
-                 users: dict[str, str] | None = None, lua: str | None = None) -> None:
+                 users: dict[str, str] | None = None, lua: str | None = None,
+                 python_script: Path | None = None, env: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        self.env = dict(env or {})
         self.aet = aet
         self.users = dict(users or {})
         self.dicom_port = free_port()
@@ -62,7 +79,8 @@ class OrthancServer:
             "Name": "sentinel-test",
             "StorageDirectory": str(workdir / "db"),
             "IndexDirectory": str(workdir / "db"),
-            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+            "Plugins": ([DICOMWEB_PLUGIN] if dicomweb else [])
+            + ([PYTHON_PLUGIN] if python_script is not None else []),
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": bool(self.users),
@@ -92,6 +110,9 @@ class OrthancServer:
             script = workdir / "hooks.lua"
             script.write_text(lua)
             config["LuaScripts"] = [str(script)]
+        if python_script is not None:
+            config["PythonScript"] = str(python_script)
+        config.update(extra or {})
         self.config_path.write_text(json.dumps(config, indent=1))
 
     @property
@@ -109,7 +130,7 @@ class OrthancServer:
             raise RuntimeError("already running")
         log = (self.workdir / "orthanc.log").open("ab")
         self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], stdout=log,
-                                     stderr=subprocess.STDOUT, env=dcmtk_env())
+                                     stderr=subprocess.STDOUT, env={**dcmtk_env(), **self.env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -191,3 +212,46 @@ class OrthancServer:
                 return count
             time.sleep(0.1)
         return count
+
+
+# -- the sentinel plugin form (gateway.orthanc_plugin) ----------------------------------------
+
+
+def sentinel_plugin_orthanc(workdir: Path, toml: Path, modalities: dict[str, tuple[str, int]],
+                            **kw: Any) -> OrthancServer:
+    """An Orthanc that screens with the sentinel plugin, configured by ``toml`` (write it before
+    ``start``; ``plugin_toml`` writes one). Orthanc's Python finds this checkout first, then the
+    test interpreter's packages (PYTHONPATH, as the README's service drop-in sets it)."""
+    site = sysconfig.get_paths()["purelib"]
+    return OrthancServer(workdir, modalities, python_script=SENTINEL_LOADER,
+                         env={"PYTHONPATH": f"{REPO}:{site}"},
+                         extra={"XraySentinel": {"Config": str(toml)}}, **kw)
+
+
+def plugin_toml(path: Path, *, state: Path, bundle: Path, url: str, rules: str = "",
+                default: str = 'action = "screen"', python: str = sys.executable) -> Path:
+    """A sentinel TOML for the plugin form: no [listener] (Orthanc receives), one scoring
+    process, released instances go back into the Orthanc at ``url`` (kind orthanc-rest)."""
+    path.write_text(f"""
+[state]
+dir = "{state}"
+min_free_mb = 1
+
+[detector]
+bundle = "{bundle}"
+workers = 1
+
+[orthanc_plugin]
+python = "{python}"
+
+[destinations.pacs]
+kind = "orthanc-rest"
+url = "{url}"
+
+{rules}
+
+[default]
+destinations = ["pacs"]
+{default}
+""")
+    return path

@@ -3,6 +3,8 @@
 # (run as root) and runs them. CI (.ci/run) calls exactly this.
 #   - Debian packages: DCMTK (storescu, dcmcjpeg: the sending modality), Orthanc (the PACS)
 #     and its DICOMweb plugin (orthanc-dicomweb: STOW-RS destinations; its tests skip without it),
+#     and its Python plugin (orthanc-python: the plugin form, gateway.orthanc_plugin; its tests
+#     skip without it),
 #     systemd (systemd-analyze checks the unit file), openssl (the TLS tests make a test CA)
 #   - a virtual environment in .venv with the project and its `train` and `test` extras
 #   - ruff, then pytest (the long fault and fuzz runs are behind `-m slow`, not run here)
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
-  for pkg in dcmtk orthanc orthanc-dicomweb systemd openssl python3-venv; do
+  for pkg in dcmtk orthanc orthanc-dicomweb orthanc-python systemd openssl python3-venv; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
