@@ -44,6 +44,11 @@ FORMAT_VERSION = 1
 GATED_FORMAT_VERSION = 2
 READABLE_FORMATS = (FORMAT_VERSION, GATED_FORMAT_VERSION)
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "default"
+# Bundles shipped in the package, by the name a config or ``--bundle`` may give instead of a
+# directory. ``zoo``: trained with the victim zoo's attacks and with modality-processed images
+# as clean (README, "Victim zoo"): for sites whose modalities apply strong processing (CLAHE,
+# unsharp masking, multi-scale contrast), which the default bundle flags.
+BUILTIN_BUNDLES = {"default": DEFAULT_BUNDLE, "zoo": DEFAULT_BUNDLE.parent / "zoo"}
 MANIFEST = "manifest.json"
 CNN_FILE = "cnn.tflite"
 FOREST_FILE = "forest.npz"
@@ -326,9 +331,20 @@ def verify_files(bdir: Path, raw_files: Any, fix: str = _FIX) -> dict[str, FileE
     return files
 
 
+def resolve_bundle(bundle: str | os.PathLike[str] | None) -> Path:
+    """The directory of ``bundle``: a path, a shipped bundle's name, or None for the default."""
+    if bundle is None:
+        return DEFAULT_BUNDLE
+    path = Path(bundle)
+    if str(bundle) in BUILTIN_BUNDLES and not path.exists():
+        return BUILTIN_BUNDLES[str(bundle)]
+    return path
+
+
 def load_manifest(bundle_dir: str | os.PathLike[str] | None = None) -> Manifest:
-    """Read and verify a bundle (None = the default bundle); ``BundleError`` names the file."""
-    bdir = Path(bundle_dir) if bundle_dir is not None else DEFAULT_BUNDLE
+    """Read and verify a bundle (None = the default bundle; a name of ``BUILTIN_BUNDLES`` that
+    is not also a directory here = that shipped bundle); ``BundleError`` names the file."""
+    bdir = resolve_bundle(bundle_dir)
     mpath = bdir / MANIFEST
     if not bdir.is_dir():
         raise BundleError(

@@ -163,8 +163,68 @@ def config_lines(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _score_all(det: Any, files: list[tuple[Path, str]], desc: str
+               ) -> tuple[dict[str, list[float]], list[float], list[dict[str, Any]]]:
+    """Scores grouped by Modality, line peaks and error rows of ``files`` under ``det``."""
+    from detector.cmd_score import score_one
+
+    scores: dict[str, list[float]] = {}
+    peaks: list[float] = []
+    errors: list[dict[str, Any]] = []
+    try:
+        from tqdm import tqdm
+
+        it: Any = tqdm(files, desc=desc, unit="image", disable=len(files) < 50,
+                       file=sys.stderr)
+    except ImportError:
+        it = files
+    for path, _ in it:
+        row = score_one(det, path, None, line_gate=MEASURE_LINES)
+        if row["verdict"] == "error":
+            errors.append(row)
+            continue
+        scores.setdefault(_modality(path), []).append(float(row["score"]))
+        peaks.append(float(row["line_peak"]))
+    return scores, peaks, errors
+
+
+# The default bundle flagging more than this many times --fpr of a site's clean images is the
+# sign of a modality that processes its images (measured: CLAHE at clip 3 on NIH, 57% flagged).
+ZOO_SUGGEST_FACTOR = 3.0
+
+
+def _try_zoo_bundle(args: argparse.Namespace, files: list[tuple[Path, str]],
+                    result: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the default bundle flags many of the site's clean images, score them with the
+    shipped zoo bundle too, and recommend it where it flags at most half as many.
+
+    Why: strong modality processing (CLAHE, unsharp masking, multi-scale contrast) looks like
+    perturbation to the default bundle, and raising its threshold to pass those images gives
+    up most of its detection; the zoo bundle was trained with such processing as clean."""
+    from detector.bundle import BUILTIN_BUNDLES, DEFAULT_BUNDLE, resolve_bundle
+    from detector.errors import BundleError
+    from detector.scoring import Detector
+
+    if resolve_bundle(args.bundle).resolve() != DEFAULT_BUNDLE.resolve():
+        return None
+    flagged = result["overall"]["fpr_at_bundle_threshold"]
+    if flagged <= ZOO_SUGGEST_FACTOR * args.fpr:
+        return None
+    try:
+        zoo = Detector.load(BUILTIN_BUNDLES["zoo"], num_threads=max(1, args.threads))
+    except BundleError:
+        return None
+    scores, _, _ = _score_all(zoo, files, "scoring (zoo bundle)")
+    if not scores:
+        return None
+    alt = calibrate(scores, args.fpr, zoo.threshold)["overall"]
+    rate = alt["fpr_at_bundle_threshold"]
+    return {"bundle_id": zoo.bundle_id, "bundle_threshold": zoo.threshold,
+            "fpr_at_bundle_threshold": rate, "recommended": rate <= flagged / 2.0}
+
+
 def run(args: argparse.Namespace) -> int:
-    from detector.cmd_score import collect_files, score_one
+    from detector.cmd_score import collect_files
     from detector.errors import BundleError
     from detector.scoring import Detector
 
@@ -177,23 +237,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sentinel calibrate: {exc}", file=sys.stderr)
         return 2
     files = collect_files(args.paths)
-    scores: dict[str, list[float]] = {}
-    peaks: list[float] = []
-    errors = []
-    try:
-        from tqdm import tqdm
-
-        it: Any = tqdm(files, desc="scoring", unit="image", disable=len(files) < 50,
-                       file=sys.stderr)
-    except ImportError:
-        it = files
-    for path, _ in it:
-        row = score_one(det, path, None, line_gate=MEASURE_LINES)
-        if row["verdict"] == "error":
-            errors.append(row)
-            continue
-        scores.setdefault(_modality(path), []).append(float(row["score"]))
-        peaks.append(float(row["line_peak"]))
+    scores, peaks, errors = _score_all(det, files, "scoring")
     if not scores:
         print(f"sentinel calibrate: no image could be scored in {' '.join(args.paths)} "
               f"({len(errors)} error(s))", file=sys.stderr)
@@ -202,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     result["line_gate"] = propose_line_gate(peaks, args.fpr)
     result.update(bundle_id=det.bundle_id, bundle_threshold=det.threshold, target_fpr=args.fpr,
                   errors=len(errors), config=config_lines(result))
+    result["alternative"] = _try_zoo_bundle(args, files, result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -229,6 +274,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"not lowered ({', '.join(refused)}): --allow-lower needs at least "
               f"{min_images_to_lower(args.fpr)} clean images per group at --fpr {args.fpr:g}",
               file=sys.stderr)
+    alt = result["alternative"]
+    if alt is not None:
+        print(f"the shipped zoo bundle ({alt['bundle_id']}, trained with processed images as "
+              f"clean) flags {100 * alt['fpr_at_bundle_threshold']:.2f}% of these images at its "
+              f"own threshold {alt['bundle_threshold']:.6f}"
+              + (": these images look processed by the modality; use it (`bundle = \"zoo\"` "
+                 "in [detector]) and calibrate again with `--bundle zoo`"
+                 if alt["recommended"] else ""))
     lg = result["line_gate"]
     if lg["gate"] is not None:
         print(f"resampling-line gate: {lg['gate']:.4f} (the highest of these images scores "

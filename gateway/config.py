@@ -54,6 +54,8 @@ from typing import Any
 
 from pydicom.datadict import keyword_dict
 
+from detector.bundle import BUILTIN_BUNDLES
+
 ACTIONS = ("screen", "pass", "reject")
 ON_ERROR = ("quarantine", "forward")
 ISOLATION = ("process", "thread")
@@ -964,9 +966,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                     "on_error", "shadow", "thresholds", "line_gate"))
     bundle_raw = dr.str_("bundle", "default")
     bundle = None if bundle_raw == "default" else dr.path_("bundle", base)
+    if bundle is not None and bundle_raw in BUILTIN_BUNDLES and not bundle.exists():
+        bundle = BUILTIN_BUNDLES[bundle_raw]  # a shipped bundle by name ("zoo")
     if bundle is not None and not (bundle / "manifest.json").is_file():
         raise dr.fail(
-            "bundle", f"{bundle} has no manifest.json", 'point it at a model bundle or "default"'
+            "bundle", f"{bundle} has no manifest.json",
+            f"point it at a model bundle or name a shipped one ({', '.join(BUILTIN_BUNDLES)})"
         )
     thr = dr.sub("thresholds")
     thresholds = {k: thr.num(k, None, 0.0, 1.0) for k in thr.table}

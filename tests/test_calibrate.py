@@ -114,3 +114,48 @@ def test_site_calibration_halves_never_share_a_patient() -> None:
     in_cal = {p for p, c in zip(patients, cal, strict=True) if c}
     in_test = {p for p, c in zip(patients, cal, strict=True) if not c}
     assert not in_cal & in_test and len(in_cal) == 50 and len(in_test) == 50
+
+
+@pytest.mark.data
+def test_processed_site_is_pointed_to_the_zoo_bundle(tmp_path: Path, data_dir: Path) -> None:
+    """A site whose modality applies CLAHE: the default bundle flags many of its clean images,
+    and `sentinel calibrate` says so and names the shipped zoo bundle, which flags at most half
+    as many; a site with plain images gets no such advice. Then `bundle = "zoo"` loads."""
+    from PIL import Image
+
+    from detector.bundle import BUILTIN_BUNDLES
+    from train.processing import clahe
+
+    if not (BUILTIN_BUNDLES["zoo"] / "manifest.json").is_file():
+        pytest.fail(f"the zoo bundle is missing from {BUILTIN_BUNDLES['zoo']}")
+    pngs = sorted((data_dir / "nih_cxr14_1000" / "img512").rglob("*.png"))[-100:]
+    for name in ("plain", "clahe"):
+        (tmp_path / name).mkdir()
+    for p in pngs:
+        x = np.asarray(Image.open(p).convert("L"), np.float32) / 255.0
+        Image.open(p).convert("L").save(tmp_path / "plain" / p.name)
+        y = np.round(clahe(x, clip=3.0, tiles=8) * 255.0).astype(np.uint8)
+        Image.fromarray(y).save(tmp_path / "clahe" / p.name)
+
+    def calibrate_json(folder: str) -> dict:
+        r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate",
+                            str(tmp_path / folder), "--json"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    processed = calibrate_json("clahe")
+    flagged = processed["overall"]["fpr_at_bundle_threshold"]
+    alt = processed["alternative"]
+    assert flagged > 0.03 and alt is not None, (flagged, alt)
+    assert alt["recommended"] and alt["fpr_at_bundle_threshold"] <= flagged / 2, alt
+    assert calibrate_json("plain")["alternative"] is None
+
+    from gateway.config import load_config
+    from tests.gateway_harness import write_config
+
+    dest = f'[destinations.o]\nkind = "directory"\npath = "{tmp_path}/o"\n'
+    cfg = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=11112,
+                       destinations=dest,
+                       bundle=Path("zoo"), default='action = "screen"', relay_unscreened=False)
+    assert load_config(cfg).detector.bundle == BUILTIN_BUNDLES["zoo"]
