@@ -283,6 +283,15 @@ class Quarantine:
         dcm = self._find(sop_uid)
         return None if dcm is None else self._load(dcm, dcm.with_suffix(".json"))
 
+    def get_in_study(self, study_uid: str, sop_uid: str) -> QuarantineRecord | None:
+        """``get`` when the study is known (an audit line names it): one folder, not a search
+        of every study's (the review console's index follows the audit log with this)."""
+        dcm = self._dir(study_uid) / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+        try:
+            return self._load(dcm, dcm.with_suffix(".json")) if dcm.is_file() else None
+        except FileNotFoundError:  # released or purged meanwhile
+            return None
+
     def _remove(self, dcm: Path) -> None:
         """Instance first, sidecar last (see the module docstring), then an empty study dir."""
         dcm.unlink(missing_ok=True)  # an enqueue may have moved it already
