@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("starlette",
+                    reason="the review console needs the console extra: pip install -e .[console]")
+
 from gateway.audit import verify
 from gateway.config import ConfigError, load_config
 from gateway.console.accounts import MAX_FAILED, Accounts
