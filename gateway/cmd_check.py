@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     rules = [f"{r.name}:{r.action}" for r in cfg.rules] + [f"default:{cfg.default.action}"]
     print(f"  rules: {', '.join(rules)}")
     print(f"  bundle: {bundle_note}")
+    if cfg.console is not None:
+        c = cfg.console
+        print(f"  review console: {'https' if c.tls else 'http'}://{c.host}:{c.port}/"
+              f"{', second reviewer required' if c.second_reviewer else ''}")
     from gateway.rules import config_warnings
 
     for what, meaning, fix in config_warnings(cfg, bundle_threshold):

@@ -113,10 +113,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """tmp -> fsync -> rename -> fsync(dir): the file is either the old one or the whole new one."""
+def _write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """tmp -> fsync -> rename -> fsync(dir): the file is either the old one or the whole new one.
+    (Also the review console's users file, with ``mode`` 0o600.)"""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         while view:

@@ -3,7 +3,15 @@ instances, accounts of every role, and a signed-in TestClient (starlette's, in p
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from starlette.testclient import TestClient
@@ -87,3 +95,36 @@ def events(cfg: Path, name: str | None = None) -> list[dict[str, object]]:
     log = load_config(cfg).audit_path
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     return [r for r in rows if name is None or r["event"] == name]
+
+
+@contextlib.contextmanager
+def console_process(cfg: Path, url: str, log: Path, ssl_context: object = None
+                    ) -> Iterator[subprocess.Popen[bytes]]:
+    """``sentinel console --config cfg`` as its own process (as systemd runs it), until
+    ``url``/login answers; stopped (SIGTERM, then SIGKILL) when the block ends."""
+    repo = Path(__file__).resolve().parents[1]
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "console", "--config",
+                                 str(cfg)], cwd=repo, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(repo)})
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"console exited {proc.returncode}: {log.read_text()}")
+                try:
+                    with urllib.request.urlopen(f"{url}/login", timeout=2,
+                                                context=ssl_context):  # type: ignore[arg-type]
+                        break
+                except (urllib.error.URLError, OSError):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"console not answering: {log.read_text()}") from None
+                    time.sleep(0.2)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

@@ -13,12 +13,9 @@ there), else to the test's temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +24,9 @@ import pytest
 from PIL import Image
 
 from gateway.console.accounts import Accounts
+from tests.console_site import console_process
 from tests.dcmtk import free_port, require_dcmtk, storescu
-from tests.dicom_factory import sentinel_attack, sop_uid_of
+from tests.dicom_factory import pixel_sha256, sentinel_attack, sop_uid_of
 from tests.gateway_harness import GatewayProcess, write_config
 from tests.orthanc import OrthancServer, require_orthanc
 
@@ -61,7 +59,7 @@ def browser(tmp_path: Path) -> Iterator[object]:
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                "--window-size=1500,1300", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                "--window-size=1600,1200", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(60)
@@ -69,17 +67,6 @@ def browser(tmp_path: Path) -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
-
-
-def wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer")
 
 
 def screenshots() -> Path | None:
@@ -127,17 +114,13 @@ def test_review_in_a_real_browser(tmp_path: Path, nema_dir: Path, browser: objec
         extra=f'[console]\nhost = "127.0.0.1"\nport = {cport}\nsession_timeout_min = 10\n')
     Accounts(state / "console" / "users.json").add("rev", "reviewer", PASSWORD)
     gw = GatewayProcess(cfg, tmp_path / "gateway.log", port)
-    console_log = (tmp_path / "console.log").open("ab")
-    console = None
     base = f"http://127.0.0.1:{cport}"
-    pacs.start()
-    try:
+    with contextlib.ExitStack() as stack:
+        pacs.start()
+        stack.callback(pacs.stop)
         gw.start(timeout=120)
-        console = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "console", "--config", str(cfg)], cwd=REPO,
-            stdout=console_log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
-        wait_http(f"{base}/login")
+        stack.callback(gw.stop)
+        stack.enter_context(console_process(cfg, base, tmp_path / "console.log"))
         wait = WebDriverWait(driver, 60)
 
         # sign in
@@ -187,7 +170,8 @@ def test_review_in_a_real_browser(tmp_path: Path, nema_dir: Path, browser: objec
         while pacs.find_instance(sop) is None:
             assert time.monotonic() < deadline, gw.log()[-3000:]
             time.sleep(0.5)
-        assert pacs.instance_file(sop) == attacked.read_bytes()  # byte for byte, unchanged
+        stored = pacs.instance_file(sop)
+        assert stored is not None and pixel_sha256(stored) == pixel_sha256(attacked)  # unchanged
 
         # the release, and the image views, in the audit view
         driver.get(f"{base}/audit?event=released")  # type: ignore[attr-defined]
@@ -207,14 +191,3 @@ def test_review_in_a_real_browser(tmp_path: Path, nema_dir: Path, browser: objec
         wait.until(ec.url_contains("/login"))
         driver.get(f"{base}/quarantine")  # type: ignore[attr-defined]
         assert "/login" in driver.current_url  # type: ignore[attr-defined]
-    finally:
-        if console is not None:
-            console.terminate()
-            try:
-                console.wait(20)
-            except subprocess.TimeoutExpired:
-                console.kill()
-                console.wait(10)
-        console_log.close()
-        gw.stop()
-        pacs.stop()

@@ -23,6 +23,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from gateway.audit import utc_now_iso
+from gateway.quarantine import _write_atomic
 
 # What each role may do. ``images``: see PHI-bearing pixels (image, heat map).
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -115,22 +116,8 @@ class Accounts:
 
     def _write(self, users: dict[str, Any]) -> None:
         data = json.dumps({"version": 1, "users": users}, indent=1, sort_keys=True).encode()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _write_atomic(self.path, data, mode=0o600)
+        os.chmod(self.path, 0o600)  # a temp file left by a crash may have had another mode
 
     @staticmethod
     def _user(name: str, entry: dict[str, Any]) -> User:

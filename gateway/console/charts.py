@@ -30,7 +30,7 @@ def line_chart(labels: Sequence[str], series: dict[str, Sequence[float]], *, wid
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + w}" y2="{y:.1f}" '
                      'class="grid"/>')
         parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" '
-                     f'class="axis">{peak * frac:.0f}</text>')
+                     f'class="axis">{peak * frac:.3g}</text>')
     step = max(1, len(labels) // 6)
     for i in range(0, len(labels), step):
         x = left + i * w / n

@@ -4,7 +4,8 @@ audit trail; release, second-reviewer confirmation and purge."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Any
 from urllib.parse import urlencode
 
 from starlette.concurrency import run_in_threadpool
@@ -132,17 +133,38 @@ def _back(sop: str, message: str) -> Response:
     return RedirectResponse(f"/quarantine/{sop}?{urlencode({'m': message})}", 303)
 
 
-@guard("release")
-async def release(request: Request) -> Response:
+@dataclass(frozen=True)
+class _Action:
+    """What a release or purge POST names: the held record, the form, who, and the reason."""
+
+    console: Console
+    record: QuarantineRecord
+    form: Any
+    user: str
+    reason: str
+    scope: str
+
+
+def _action(request: Request) -> _Action | Response:
     console: Console = request.app.state.console
-    form, user = request.state.form, request.state.auth.user.name
-    sop = request.path_params["sop_uid"]
+    form = request.state.form
     try:
-        record = _record(console, sop)
+        record = _record(console, request.path_params["sop_uid"])
     except (NotQuarantined, ValueError):
         return error(request, 404, "no such instance in the quarantine")
-    reason = str(form.get("reason", "")).strip()
-    scope = "study" if form.get("scope") == "study" else "instance"
+    return _Action(console, record, form, request.state.auth.user.name,
+                   str(form.get("reason", "")).strip(),
+                   "study" if form.get("scope") == "study" else "instance")
+
+
+@guard("release")
+async def release(request: Request) -> Response:
+    act = _action(request)
+    if isinstance(act, Response):
+        return act
+    console, record, form, user, reason, scope = (act.console, act.record, act.form, act.user,
+                                                  act.reason, act.scope)
+    sop = record.sop_uid
     resend = form.get("resend_duplicate") == "yes"
     if not reason:
         return _back(sop, "A release needs a reason.")
@@ -195,22 +217,17 @@ async def confirm(request: Request) -> Response:
 
 @guard("purge")
 async def purge(request: Request) -> Response:
-    console: Console = request.app.state.console
-    form, user = request.state.form, request.state.auth.user.name
-    sop = request.path_params["sop_uid"]
-    try:
-        record = _record(console, sop)
-    except (NotQuarantined, ValueError):
-        return error(request, 404, "no such instance in the quarantine")
-    reason = str(form.get("reason", "")).strip()
-    if form.get("confirm") != "yes":
+    act = _action(request)
+    if isinstance(act, Response):
+        return act
+    sop = act.record.sop_uid
+    if act.form.get("confirm") != "yes":
         return _back(sop, "Tick the confirmation box to purge: the instance is deleted.")
-    if not reason:
+    if not act.reason:
         return _back(sop, "A purge needs a reason.")
-    scope = "study" if form.get("scope") == "study" else "instance"
     try:
-        purged = await run_in_threadpool(review.purge, console, record, scope, reason=reason,
-                                         actor=review.actor_name(user))
+        purged = await run_in_threadpool(review.purge, act.console, act.record, act.scope,
+                                         reason=act.reason, actor=review.actor_name(act.user))
     except (NotQuarantined, OSError, ValueError) as exc:
         return _back(sop, f"not purged: {exc}")
     return RedirectResponse(f"/quarantine?{urlencode({'m': f'purged {len(purged)}'})}", 303)
