@@ -56,11 +56,16 @@ async def listing(request: Request) -> Response:
 
 
 def _record(console: Console, sop_uid: str) -> QuarantineRecord:
-    """The held record (via the index's study, else a search); NotQuarantined/ValueError."""
+    """The held record, found through the index's study (one folder, not a search of every
+    study's: a made-up UID must not cost a walk of 100,000 folders); only while the index is
+    still being built, by a search. NotQuarantined or ValueError (not a UID)."""
     check_uid(sop_uid, "SOP Instance UID")
     study = console.index.study_of(sop_uid)
+    if study is None:
+        console.sync()  # quarantined a moment ago: its audit line may not be read yet
+        study = console.index.study_of(sop_uid)
     record = console.quarantine.get_in_study(study, sop_uid) if study else None
-    if record is None:
+    if record is None and not console.index.ready:
         record = console.quarantine.get(sop_uid)
     if record is None:
         console.index.remove(sop_uid)
