@@ -6,7 +6,9 @@ benchmark, not a timed test). Measured side by side in one run, on one generated
   - the console's page over HTTP (starlette TestClient in process: routing, the session check,
     the SQL query and the Jinja2 rendering), first page, a filtered page and the last page;
   - what the same page would cost by reading every record (``Quarantine.list()``, the CLI's
-    ``sentinel quarantine list``), which the console does once at start to build its index.
+    ``sentinel quarantine list``), which the console does once at start to build its index;
+  - and, for information, one release through the console (the CLI's release code, which
+    finds the instance by searching every study folder).
 
   .venv/bin/python -m bench.console_list [--records 100000] [--repeats 20] [--tiny]
 """
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.config import load_config
     from gateway.console.accounts import Accounts
     from gateway.console.app import create_app
-    from tests.console_site import login
+    from tests.console_site import csrf_of, login
 
     with workdir(args.keep) as root:
         state = root / "state"
@@ -98,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         filtered = timed_get(client, "/quarantine?modality=DX&caller=CR_ROOM3&min_score=0.8",
                              args.repeats)
         last = timed_get(client, f"/quarantine?page={args.records // 50}", args.repeats)
+        releases = []
+        (state / "spool" / "outbox" / "pacs").mkdir(parents=True, exist_ok=True)
+        Accounts(state / "console" / "users.json").add("rev", "reviewer", "bench password")
+        reviewer = TestClient(app, follow_redirects=False)
+        assert login(reviewer, "rev", "bench password") == 303
+        for i in range(args.naive_repeats):
+            sop = f"1.2.826.0.1.{i}.{i + 1}"
+            token = csrf_of(reviewer.get(f"/quarantine/{sop}").text)
+            t0 = time.perf_counter()
+            r = reviewer.post(f"/quarantine/{sop}/release", data={"csrf": token,
+                                                                  "reason": "bench"})
+            releases.append((time.perf_counter() - t0) * 1000)
+            assert r.status_code == 303 and "released+1" in r.headers["location"], r.headers
         q = Quarantine(state / "quarantine")
         naive = []
         for _ in range(args.naive_repeats):
@@ -110,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"console filtered page, {n} held (ms): {summarize(filtered).fmt(1)}")
         print(f"console last page, {n} held (ms): {summarize(last).fmt(1)}")
         print(f"read every record per page, {n} held (ms): {summarize(naive).fmt(1)}")
+        print(f"console release of one instance, {n} held (ms): {summarize(releases).fmt(1)}")
         med = summarize(first).median
         print(f"target first page < 300 ms: {'met' if med < 300 else 'MISSED'} "
               f"(median {med:.1f} ms)")

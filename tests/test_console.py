@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -454,3 +455,26 @@ def test_user_cli_reads_the_password_from_stdin_and_writes_0600(tmp_path: Path) 
     assert [e["detail"] for e in events(cfg, "console-user")] == [
         "added alice as reviewer", "disabled alice", "new password for alice (unlocked)",
         "enabled and unlocked alice"]
+
+
+def test_without_a_console_table_the_defaults_serve(tmp_path: Path) -> None:
+    from tests.test_cmd_audit import write_config
+
+    cfg = write_config(tmp_path)
+    c = load_config(cfg)
+    assert c.console is None
+    Accounts(c.state_dir / "console" / "users.json").add("adm", "admin", PASSWORD)
+    app = client(cfg).app
+    s = app.state.console.settings  # type: ignore[attr-defined]
+    assert (s.host, s.port, s.tls) == ("127.0.0.1", 8470, False)
+    assert login(client(cfg), "adm") == 303
+
+
+def test_the_list_benchmark_runs(tmp_path: Path) -> None:
+    """bench/console_list.py in its tiny mode (the 100,000-record figures are in README)."""
+    r = subprocess.run([sys.executable, "-m", "bench.console_list", "--tiny"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"target first page < 300 ms: (met|MISSED)", r.stdout)  # not a timed test
+    assert "console release of one instance, 1000 held" in r.stdout
