@@ -478,3 +478,37 @@ def test_the_list_benchmark_runs(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert re.search(r"target first page < 300 ms: (met|MISSED)", r.stdout)  # not a timed test
     assert "console release of one instance, 1000 held" in r.stdout
+
+
+def _die() -> None:
+    os._exit(1)
+
+
+def _hang() -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_a_crashing_or_hanging_decoder_costs_one_picture_not_the_console(cfg: Path) -> None:
+    """The pictures are rendered in a child process: a crash or a hang there (a malformed held
+    instance) is an error for that request, and the next picture renders in a fresh child."""
+    from gateway.console.imaging import Renderer
+
+    r = Renderer(height=64, timeout_s=2)
+    try:
+        with pytest.raises(ValueError, match="crashed"):
+            r.run(_die)
+        with pytest.raises(ValueError, match="longer than"):
+            r.run(_hang)
+        held = load_config(cfg).quarantine_dir / "4.5" / "4.5.1.dcm"
+        r.timeout_s = 120  # a fresh child imports numpy, scipy and pydicom first
+        image, heat = r.pictures(held)
+        assert image[:4] == b"\x89PNG" and heat[:4] == b"\x89PNG"
+    finally:
+        r.close()
+    c = signed_in(cfg, "rev")
+    bad = load_config(cfg).quarantine_dir / "1.2.3" / "1.2.3.2.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)  # held because it is malformed
+    assert c.get("/quarantine/1.2.3.2/image.png").status_code == 404
+    assert c.get("/quarantine/1.2.3.1/image.png").status_code == 200

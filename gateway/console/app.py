@@ -203,6 +203,7 @@ def create_app(cfg: Config, *, follow: bool = True) -> Starlette:
         finally:
             if console.follow:
                 console.follower.stop()
+            console.renderer.close()
 
     routes = [
         *routes_auth.ROUTES,
