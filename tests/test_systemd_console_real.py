@@ -101,6 +101,8 @@ def test_console_unit_runs_under_real_systemd(tmp_path: Path, nema_dir: Path) ->
             r = web.get(f"/quarantine/{uid}/{which}.png")
             assert r.status_code == 200 and r.content[:4] == b"\x89PNG", r.text[:500]
         assert web.get("/health").status_code == 200
+        css = web.get("/static/console.css")  # the package's own assets, installed with it
+        assert css.status_code == 200 and "text/css" in css.headers["content-type"]
         csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
         r = web.post(f"/quarantine/{uid}/release", data={"csrf": csrf, "reason": "systemd"})
         assert r.status_code == 303 and "released+1" in r.headers["location"], r.headers
