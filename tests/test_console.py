@@ -414,6 +414,9 @@ def test_non_loopback_with_tls_is_accepted(tmp_path: Path) -> None:
                      users=False)
     s = load_config(cfg).console
     assert s is not None and s.tls and s.host == "0.0.0.0"
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "check", "--config", str(cfg),
+                        "--no-bundle"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "review console: https://0.0.0.0:8470/" in r.stdout, r.stderr
 
 
 def test_proxy_header_only_from_the_configured_proxy(tmp_path: Path) -> None:
