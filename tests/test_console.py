@@ -352,7 +352,9 @@ def test_header_fields_are_escaped_everywhere(tmp_path: Path) -> None:
     c.app.state.console.index.rebuild()  # type: ignore[attr-defined]
     c.app.state.console.sync()  # type: ignore[attr-defined]
     pages = ["/quarantine", "/quarantine/9.9.9", "/audit", "/health",
-             f"/quarantine?caller={ae}", "/audit?caller=%3Cscript%3E"]
+             f"/quarantine?caller={ae}", "/audit?caller=%3Cscript%3E",
+             "/quarantine?m=%3Cscript%3Ealert(1)%3C/script%3E",
+             "/quarantine/9.9.9?m=%3Cscript%3E", "/health?window=%3Cscript%3E"]
     for path in pages:
         r = c.get(path)
         assert r.status_code == 200, path
@@ -515,3 +517,13 @@ def test_a_crashing_or_hanging_decoder_costs_one_picture_not_the_console(cfg: Pa
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)  # held because it is malformed
     assert c.get("/quarantine/1.2.3.2/image.png").status_code == 404
     assert c.get("/quarantine/1.2.3.1/image.png").status_code == 200
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/",
+                                    "/\\evil.example", "javascript:alert(1)", "/../../etc"])
+def test_sign_in_never_redirects_off_the_console(cfg: Path, target: str) -> None:
+    c = client(cfg)
+    token = csrf_of(c.get("/login", params={"next": target}).text)
+    r = c.post("/login", data={"csrf": token, "username": "rev", "password": PASSWORD,
+                               "next": target})
+    assert r.status_code == 303 and r.headers["location"] == "/", r.headers["location"]

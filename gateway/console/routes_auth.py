@@ -17,7 +17,8 @@ _NEXT = re.compile(r"^/[A-Za-z0-9._/-]*$")  # a local path only: no //host, no s
 
 def _safe_next(value: object) -> str:
     text = value if isinstance(value, str) else ""
-    return text if _NEXT.fullmatch(text) and not text.startswith("//") else "/"
+    ok = _NEXT.fullmatch(text) and not text.startswith("//") and ".." not in text
+    return text if ok else "/"
 
 
 def _anonymous(console: Console, request: Request) -> tuple[str, str]:
