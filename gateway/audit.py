@@ -70,6 +70,15 @@ EVENTS: frozenset[str] = frozenset(
         "commit-reported",
         "commit-failed",
         "commit-abandoned",
+        # the review console (gateway.console): an image or heat map shown to a user (PHI
+        # access: actor, sop_uid, time), sign-ins, lockouts, account changes, and a release
+        # waiting for a second reviewer
+        "image-viewed",
+        "console-login",
+        "console-login-failed",
+        "console-locked",
+        "console-user",
+        "release-requested",
     }
 )
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rules": ("gateway.cmd_rules", "show which routing rule matches each file and why"),
     "quarantine": ("gateway.cmd_quarantine", "list, show, release or purge quarantined instances"),
     "audit": ("gateway.cmd_audit", "query the audit log or verify its hash chain"),
+    "console": ("gateway.console.cmd", "the web review console, and its accounts"),
     "attack": ("train.cmd_attack", "write an attacked copy of a DICOM file (red-teaming)"),
     "train": ("train.cmd_train", "train a detector bundle on a folder of images"),
     "evaluate": ("train.cmd_evaluate", "evaluate a bundle and write an HTML report"),

@@ -68,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         op = cfg.orthanc_plugin
         print(f"  orthanc plugin: scoring with {op.python}; refused 0x{op.refused_status:04X}, "
               f"error 0x{op.error_status:04X}")
+    if cfg.console is not None:
+        c = cfg.console
+        print(f"  review console: {'https' if c.tls else 'http'}://{c.host}:{c.port}/"
+              f"{', second reviewer required' if c.second_reviewer else ''}")
     from gateway.rules import config_warnings
 
     for what, meaning, fix in config_warnings(cfg, bundle_threshold):

@@ -115,7 +115,7 @@ def sudo_claim() -> str | None:
     return claim or None
 
 
-def _check_account(state_dir: Path) -> None:
+def check_account(state_dir: Path) -> None:
     """Refuse to change the state as another account than its owner: files it created (outbox
     sidecars, the audit log) would be unreadable to the daemon."""
     try:
@@ -277,76 +277,107 @@ def _duplicates(q: Quarantine, sop_uid: str, names: Sequence[str], paths: StateP
     return found
 
 
-def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
+def release_instance(q: Quarantine, paths: StatePaths, sop_uid: str, *, reason: str, actor: str,
+                     sudo_user: str | None = None, destinations: Sequence[str] | None = None,
+                     resend_duplicate: bool = False, retention_days: float | None = None,
+                     direct: Mapping[str, DestinationConfig] | None = None,
+                     ) -> tuple[QuarantineRecord, dict[str, str]]:
+    """Release one held instance as ``sentinel quarantine release`` does (the review console
+    calls this too): check the destinations, refuse a duplicate UID unless
+    ``resend_duplicate``, queue the bytes and audit. Returns the record and, per destination,
+    why it went out as a duplicate (only with ``resend_duplicate``). ``retention_days``: the
+    sent ledger's (the config's ``retention.sent_ledger_days``; None: its default).
+    ``direct``: the ``orthanc-rest`` destinations among them, uploaded to now (the plugin form;
+    SendError, and the instance stays held, if one did not store it)."""
+    direct = dict(direct or {})
     if paths.state_dir is None:
         raise ValueError("release needs --config or --state-dir (to find the outbox)")
-    record = q.get(args.sop_uid)
+    record = q.get(sop_uid)
     if record is None:
-        raise NotQuarantined(f"SOP Instance {args.sop_uid} is not in the quarantine at {q.root}")
-    names = list(args.destination) if args.destination else list(record.destinations)
-    _check_destinations(names, paths, given=bool(args.destination))
-    from gateway.config import RetentionConfig, load_config
+        raise NotQuarantined(f"SOP Instance {sop_uid} is not in the quarantine at {q.root}")
+    names = list(destinations) if destinations else list(record.destinations)
+    _check_destinations(names, paths, given=bool(destinations))
+    if retention_days is None:
+        from gateway.config import RetentionConfig
 
-    retention_days = RetentionConfig().sent_ledger_days  # the default, without a config
-    direct: dict[str, DestinationConfig] = {}
-    if args.config is not None:
-        cfg = load_config(args.config)
-        retention_days = cfg.retention.sent_ledger_days
-        direct = {n: cfg.destinations[n] for n in names
-                  if cfg.destinations[n].kind == "orthanc-rest"}
+        retention_days = RetentionConfig().sent_ledger_days
     # an Orthanc says itself whether it holds the UID (AlreadyStored): no ledger to ask
-    duplicates = _duplicates(q, args.sop_uid, [n for n in names if n not in direct], paths,
+    duplicates = _duplicates(q, sop_uid, [n for n in names if n not in direct], paths,
                              retention_days)
-    if duplicates and not args.resend_duplicate:
+    if duplicates and not resend_duplicate:
         raise ReleaseRefused(
-            f"SOP Instance {args.sop_uid} not released: an instance with this SOP Instance UID "
+            f"SOP Instance {sop_uid} not released: an instance with this SOP Instance UID "
             f"was {'; '.join(duplicates.values())}. The gateway sends each UID once per "
             "destination, so this copy would be dropped; sent anyway, the PACS would get a "
             "second, different object under the same UID, which most PACS reject or store over "
             "the first. It stays in the quarantine. To send it anyway: --resend-duplicate; to "
-            f"discard it: sentinel quarantine purge {args.sop_uid} --reason ..."
+            f"discard it: sentinel quarantine purge {sop_uid} --reason ..."
         )
-    for why in duplicates.values():
-        print(f"warning: {args.sop_uid} was {why}; sending a second object under the same UID "
-              "as asked (--resend-duplicate)", file=sys.stderr)
+    record = q.release(
+        sop_uid,
+        reason=reason,
+        actor=actor,
+        sudo_user=sudo_user,
+        enqueue=_outbox_enqueuer(paths.state_dir, resend_duplicate, direct),
+        destinations=names,
+        outcomes={**{name: "queued-duplicate" for name in duplicates},
+                  **{name: "stored" for name in direct if name in names}},
+    )
+    return record, duplicates
+
+
+def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
     from gateway.forward import SendError
 
+    retention_days = None
+    direct: dict[str, DestinationConfig] = {}
+    if args.config is not None:
+        from gateway.config import load_config
+
+        cfg = load_config(args.config)
+        retention_days = cfg.retention.sent_ledger_days
+        direct = {n: d for n, d in cfg.destinations.items() if d.kind == "orthanc-rest"}
     try:
-        record = q.release(
-            args.sop_uid,
-            reason=args.reason,
-            actor=operator_name(),
-            sudo_user=sudo_claim(),
-            enqueue=_outbox_enqueuer(paths.state_dir, args.resend_duplicate, direct),
-            destinations=names,
-            outcomes={**{name: "queued-duplicate" for name in duplicates},
-                      **{name: "stored" for name in direct}},
-        )
+        record, duplicates = release_instance(
+            q, paths, args.sop_uid, reason=args.reason, actor=operator_name(),
+            sudo_user=sudo_claim(), destinations=args.destination,
+            resend_duplicate=args.resend_duplicate, retention_days=retention_days,
+            direct=direct)
     except SendError as exc:
         raise ValueError(f"{args.sop_uid} not released, it stays in the quarantine: {exc}"
                          ) from None
+    for why in duplicates.values():
+        print(f"warning: {args.sop_uid} was {why}; sending a second object under the same UID "
+              "as asked (--resend-duplicate)", file=sys.stderr)
     done = [f"stored in {n}" if n in direct else f"queued for {n}" for n in record.destinations]
     print(f"released {record.sop_uid}: {', '.join(done)}")
     return EXIT_OK
 
 
-def _purge(q: Quarantine, args: argparse.Namespace) -> int:
-    actor, sudo_user = operator_name(), sudo_claim()
-    if args.older_than is not None:
-        if args.older_than < 0:
+def purge_held(q: Quarantine, *, actor: str, reason: str, sop_uid: str | None = None,
+               study: str | None = None, older_than_days: float | None = None,
+               sudo_user: str | None = None) -> list[QuarantineRecord]:
+    """Purge one instance, a whole study, or what is held longer than ``older_than_days``, as
+    ``sentinel quarantine purge`` does (the review console calls this too); audited by the
+    quarantine. NotQuarantined when there is nothing to purge."""
+    if older_than_days is not None:
+        if older_than_days < 0:
             raise ValueError("--older-than must be zero or more days")
-        purged = q.expire(timedelta(days=args.older_than), actor=actor, reason=args.reason,
-                          sudo_user=sudo_user)
-    elif args.study is not None:
-        if not q.has_study(args.study):
-            raise NotQuarantined(f"Study {args.study} has nothing in the quarantine at {q.root}")
-        purged = q.purge(args.study, actor=actor, reason=args.reason, sudo_user=sudo_user)
-    else:
-        if q.get(args.sop_uid) is None:
-            raise NotQuarantined(
-                f"SOP Instance {args.sop_uid} is not in the quarantine at {q.root}"
-            )
-        purged = q.purge(args.sop_uid, actor=actor, reason=args.reason, sudo_user=sudo_user)
+        return q.expire(timedelta(days=older_than_days), actor=actor, reason=reason,
+                        sudo_user=sudo_user)
+    if study is not None:
+        if not q.has_study(study):
+            raise NotQuarantined(f"Study {study} has nothing in the quarantine at {q.root}")
+        return q.purge(study, actor=actor, reason=reason, sudo_user=sudo_user)
+    if sop_uid is None or q.get(sop_uid) is None:
+        raise NotQuarantined(f"SOP Instance {sop_uid} is not in the quarantine at {q.root}")
+    return q.purge(sop_uid, actor=actor, reason=reason, sudo_user=sudo_user)
+
+
+def _purge(q: Quarantine, args: argparse.Namespace) -> int:
+    purged = purge_held(q, actor=operator_name(), reason=args.reason, sop_uid=args.sop_uid,
+                        study=args.study, older_than_days=args.older_than,
+                        sudo_user=sudo_claim())
     for record in purged:
         print(f"purged {record.sop_uid} (study {record.study_uid})")
     print(f"{len(purged)} instance(s) purged", file=sys.stderr)
@@ -361,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         q = Quarantine(paths.quarantine_dir, audit=AuditLog(paths.audit_log))
         command = args.quarantine_command
         if command in ("release", "purge"):
-            _check_account(paths.state_dir or paths.quarantine_dir.parent)
+            check_account(paths.state_dir or paths.quarantine_dir.parent)
         if command == "list":
             records = q.list()
             if args.json:

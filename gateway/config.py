@@ -32,6 +32,9 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [alerts]       url, secret_file, ca, timeout_s, allow_plain_http (signed webhook),
                    syslog ("udp://host:port" or a unix socket path), syslog_facility,
                    verify_interval_s, flag_rate_window, flag_rate_jump (gateway.alerts)
+    [console]      host, port, tls_cert, tls_key, session_timeout_min, users_file,
+                   second_reviewer, proxy_user_header, proxy_addresses
+                   (the web review console: gateway.console.settings)
     [[rules]]      name, action, destinations, threshold, shadow, allow_unscreened_pixels,
                    [rules.match]
     [default]      action, destinations, threshold, shadow
@@ -55,6 +58,7 @@ from typing import Any
 from pydicom.datadict import keyword_dict
 
 from detector.bundle import BUILTIN_BUNDLES
+from gateway.console.settings import ConsoleConfig, parse_console
 
 ACTIONS = ("screen", "pass", "reject")
 ON_ERROR = ("quarantine", "forward")
@@ -367,6 +371,7 @@ class Config:
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
     alerts: AlertsConfig | None = None
     orthanc_plugin: OrthancPluginConfig | None = None
+    console: ConsoleConfig | None = None  # [console] absent: the console's defaults
 
     @property
     def state_dir(self) -> Path:
@@ -877,7 +882,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         (
             "listener", "callers", "timeouts", "limits", "state", "retention", "metrics",
             "detector", "forwarding", "destinations", "rules", "default", "commitment",
-            "alerts", "orthanc_plugin",
+            "alerts", "orthanc_plugin", "console",
         )
     )
 
@@ -1014,6 +1019,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     )
 
     alerts = _parse_alerts(top.sub("alerts"), base) if "alerts" in top.table else None
+    console = parse_console(top.sub("console"), base) if "console" in top.table else None
 
     dest_table = top.sub("destinations")
     if not dest_table.table:
@@ -1076,6 +1082,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         alerts=alerts,
         orthanc_plugin=(_parse_orthanc_plugin(top.sub("orthanc_plugin"), base)
                         if "orthanc_plugin" in top.table else None),
+        console=console,
     )
 
 

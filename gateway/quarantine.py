@@ -113,10 +113,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """tmp -> fsync -> rename -> fsync(dir): the file is either the old one or the whole new one."""
+def _write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """tmp -> fsync -> rename -> fsync(dir): the file is either the old one or the whole new one.
+    (Also the review console's users file, with ``mode`` 0o600.)"""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         while view:
@@ -282,6 +283,15 @@ class Quarantine:
     def get(self, sop_uid: str) -> QuarantineRecord | None:
         dcm = self._find(sop_uid)
         return None if dcm is None else self._load(dcm, dcm.with_suffix(".json"))
+
+    def get_in_study(self, study_uid: str, sop_uid: str) -> QuarantineRecord | None:
+        """``get`` when the study is known (an audit line names it): one folder, not a search
+        of every study's (the review console's index follows the audit log with this)."""
+        dcm = self._dir(study_uid) / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+        try:
+            return self._load(dcm, dcm.with_suffix(".json")) if dcm.is_file() else None
+        except FileNotFoundError:  # released or purged meanwhile
+            return None
 
     def _remove(self, dcm: Path) -> None:
         """Instance first, sidecar last (see the module docstring), then an empty study dir."""

@@ -77,6 +77,24 @@ def panel_size(rows: int, cols: int, height: int) -> tuple[int, int]:
     return 2 * width + GAP_PX, height + HEADER_PX
 
 
+def panels(unit: np.ndarray, height: int, display: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The two RGB panels of ``render`` at ``height`` (aspect kept): the image, and the heat
+    map over it. ``display`` (same shape as ``unit``, in [0, 1]) is what the left panel and the
+    heat map's background show, e.g. a windowed copy (the review console); the heat map itself
+    is always computed from ``unit``, on its fixed scale."""
+    rows, cols = unit.shape
+    width = (panel_size(rows, cols, height)[0] - GAP_PX) // 2
+    shown = unit if display is None else display
+    grey = np.clip(_resize(shown, width, height, Image.Resampling.BOX), 0.0, 1.0)
+    heat = np.clip(
+        _resize(residual_strength(unit), width, height, Image.Resampling.BILINEAR), 0.0, 1.0
+    )
+    grey_rgb = np.repeat((grey * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+    overlay = (0.3 * grey_rgb + 0.7 * _colourise(heat)).round().astype(np.uint8)
+    return grey_rgb, overlay
+
+
 def render(unit: np.ndarray, out: Path, *, height: int = 512, caption: str = "") -> tuple[int, int]:
     """Write a PNG: the image (left) and the residual-strength heat map over it (right).
 
@@ -86,12 +104,7 @@ def render(unit: np.ndarray, out: Path, *, height: int = 512, caption: str = "")
     rows, cols = unit.shape
     total_w, total_h = panel_size(rows, cols, height)
     width = (total_w - GAP_PX) // 2
-    grey = np.clip(_resize(unit, width, height, Image.Resampling.BOX), 0.0, 1.0)
-    heat = np.clip(
-        _resize(residual_strength(unit), width, height, Image.Resampling.BILINEAR), 0.0, 1.0
-    )
-    grey_rgb = np.repeat((grey * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
-    overlay = (0.3 * grey_rgb + 0.7 * _colourise(heat)).round().astype(np.uint8)
+    grey_rgb, overlay = panels(unit, height)
 
     canvas = Image.new("RGB", (total_w, total_h), (0, 0, 0))
     canvas.paste(Image.fromarray(grey_rgb, "RGB"), (0, HEADER_PX))

@@ -5,15 +5,18 @@
 #     and its DICOMweb plugin (orthanc-dicomweb: STOW-RS destinations; its tests skip without it),
 #     and its Python plugin (orthanc-python: the plugin form, gateway.orthanc_plugin; its tests
 #     skip without it),
-#     systemd (systemd-analyze checks the unit file), openssl (the TLS tests make a test CA)
-#   - a virtual environment in .venv with the project and its `train` and `test` extras
+#     systemd (systemd-analyze checks the unit file), openssl (the TLS tests make a test CA),
+#     chromium and chromium-driver (the review console's browser test drives them via selenium)
+#   - a virtual environment in .venv with the project and its `train`, `test` and `console`
+#     extras
 #   - ruff, then pytest (the long fault and fuzz runs are behind `-m slow`, not run here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
-  for pkg in dcmtk orthanc orthanc-dicomweb orthanc-python systemd openssl python3-venv; do
+  for pkg in dcmtk orthanc orthanc-dicomweb orthanc-python systemd openssl python3-venv \
+      chromium chromium-driver; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -27,7 +30,7 @@ done
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[train,test]'
+.venv/bin/pip install -q -e '.[train,test,console]'
 
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q -m "not slow" "$@"

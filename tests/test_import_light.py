@@ -56,6 +56,15 @@ def test_cli_parser_is_light() -> None:
     assert not mods & {"tensorflow", "keras"}, mods & {"tensorflow", "keras"}
 
 
+def test_the_gateway_never_imports_the_console_web_stack() -> None:
+    """The review console (gateway/console) runs as its own process: `sentinel serve`, the
+    CLI's parser and the config loader (which parses [console]) import none of its web stack."""
+    mods = _modules_after("from gateway.cli import build_parser\nbuild_parser()\n"
+                          "import gateway.service, gateway.cmd_serve, gateway.config")
+    web = {"starlette", "jinja2", "argon2", "uvicorn", "multipart", "httpx"}
+    assert not mods & web, mods & web
+
+
 def _requirement_names(lines: str) -> list[str]:
     names = []
     for line in lines.strip().splitlines():

@@ -19,6 +19,7 @@ from tests.gateway_harness import GatewayProcess, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "xray-sentinel.service"
+CONSOLE_UNIT = REPO / "systemd" / "xray-sentinel-console.service"
 
 
 def analyze() -> str:
@@ -28,11 +29,11 @@ def analyze() -> str:
     return tool
 
 
-def unit_for_verify(tmp_path: Path) -> Path:
+def unit_for_verify(tmp_path: Path, unit: Path = UNIT) -> Path:
     """The unit with its ExecStart programs pointed at ones that exist on this machine
     (verify checks that they are executable; /opt/xray-sentinel is the install location)."""
-    text = UNIT.read_text().replace("/opt/xray-sentinel/bin/sentinel", "/bin/true")
-    out = tmp_path / UNIT.name
+    text = unit.read_text().replace("/opt/xray-sentinel/bin/sentinel", "/bin/true")
+    out = tmp_path / unit.name
     out.write_text(text)
     return out
 
@@ -66,22 +67,33 @@ def test_unit_lets_the_scorers_nice_and_read_cpuinfo() -> None:
     assert "ProcSubset=pid" not in lines
 
 
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, CONSOLE_UNIT], ids=["gateway", "console"])
+def test_systemd_analyze_verify(tmp_path: Path, unit: Path) -> None:
     tool = analyze()
-    r = subprocess.run([tool, "verify", str(unit_for_verify(tmp_path))], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([tool, "verify", str(unit_for_verify(tmp_path, unit))],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
 
-def test_security_exposure_at_most_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [UNIT, CONSOLE_UNIT], ids=["gateway", "console"])
+def test_security_exposure_at_most_2(tmp_path: Path, unit: Path) -> None:
     tool = analyze()
-    r = subprocess.run([tool, "security", "--offline=true", str(unit_for_verify(tmp_path))],
+    r = subprocess.run([tool, "security", "--offline=true", str(unit_for_verify(tmp_path, unit))],
                        capture_output=True, text=True, timeout=60)
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout + r.stderr)
     if m is None and "offline" in (r.stderr or ""):
         pytest.skip(f"this systemd-analyze has no --offline: {r.stderr.strip()}")
     assert m is not None, r.stdout + r.stderr
     assert float(m.group(1)) <= 2.0
+
+
+def test_console_unit_runs_the_console_as_the_gateway_user() -> None:
+    text = CONSOLE_UNIT.read_text()
+    assert re.search(r"^ExecStart=\S+/sentinel console --config ", text, re.M)
+    for line in ("User=xray-sentinel\n", "StateDirectory=xray-sentinel\n", "ProtectSystem=strict",
+                 "NoNewPrivileges=yes", "CapabilityBoundingSet=\n", "PrivateTmp=yes",
+                 "SystemCallFilter=@system-service"):
+        assert line in text, line
 
 
 def test_notifier_is_a_no_op_without_socket(monkeypatch: pytest.MonkeyPatch) -> None:

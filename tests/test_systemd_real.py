@@ -123,7 +123,8 @@ def service_venv() -> Path:
                     shutil.copytree(REPO / part, Path(src) / part,
                                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
-            r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", src],
+            # with the review console's extra: tests/test_systemd_console_real.py runs it too
+            r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{src}[console]"],
                                capture_output=True, text=True, timeout=900)
             assert r.returncode == 0, f"pip install into {venv} failed:\n{r.stderr[-3000:]}"
         os.chmod(venv, 0o755)
