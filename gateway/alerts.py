@@ -41,6 +41,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ ALERT_FIELDS = ("event", "time", "sop_uid", "study_uid", "calling_ae", "destinat
                 "rule", "score", "bundle_id")
 # kind -> RFC 5424 severity: warning (4) for a held image, err (3) for a lost delivery or a
 # broken audit chain, notice (5) for a statistical change.
-SEVERITY = {"quarantined": 4, "dead-letter": 3, "audit-failure": 3, "flag-rate": 5}
+SEVERITY = {"quarantined": 4, "dead-letter": 3, "audit-failure": 3, "flag-rate": 5,
+            "alert-dead": 3}
 AUDIT_KINDS = ("quarantined", "dead-letter")
 FLAGGED_VERDICTS = ("flagged", "flagged-shadow")  # shadow mode is where a site watches the rate
 SCORED_VERDICTS = ("clean", *FLAGGED_VERDICTS)  # "error" says nothing about the images
@@ -170,8 +172,11 @@ class SyslogSender:
 class WebhookOutbox:
     """The durable queue: one fsync'd JSON file per alert, sent in name (= arrival) order."""
 
-    def __init__(self, state_dir: Path, cfg: AlertsConfig, forwarding: ForwardingConfig) -> None:
+    def __init__(self, state_dir: Path, cfg: AlertsConfig, forwarding: ForwardingConfig,
+                 on_dead: Callable[[str, str, str], None] | None = None) -> None:
         self.cfg = cfg
+        # called with (file name, alert kind, why) when an alert is given up
+        self._on_dead = on_dead
         self.forwarding = forwarding
         self.outbox = state_dir / "alerts" / "outbox"
         self.dead = state_dir / "alerts" / "dead"
@@ -229,12 +234,13 @@ class WebhookOutbox:
             queued_at = float(envelope["queued_at"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             LOG.error("alert file %s is unreadable (%s); moved to %s", path.name, exc, self.dead)
-            self._move_dead(path)
+            self._move_dead(path, "?", f"unreadable ({type(exc).__name__})")
             return True
         if time.time() - queued_at > self.forwarding.max_age_s:
             LOG.error("webhook alert %s (%s) undelivered after %.0f s; moved to %s",
                       path.name, alert.get("kind"), self.forwarding.max_age_s, self.dead)
-            self._move_dead(path)
+            self._move_dead(path, str(alert.get("kind", "?")),
+                            f"undelivered after {self.forwarding.max_age_s:.0f} s")
             return True
         try:
             status = self._post(alert)
@@ -281,11 +287,16 @@ class WebhookOutbox:
             raise OSError(f"secret file {self.cfg.secret_file} is empty")
         return secret
 
-    def _move_dead(self, path: Path) -> None:
+    def _move_dead(self, path: Path, kind: str, why: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, self.dead / path.name)
             fsync_dir(self.dead)
             fsync_dir(self.outbox)
+        if self._on_dead is not None:
+            try:
+                self._on_dead(path.name, kind, why)
+            except Exception:
+                LOG.exception("recording the given-up alert %s failed", path.name)
 
 
 def _safe_error(exc: BaseException) -> str:
@@ -369,7 +380,8 @@ class Alerter:
         self.cfg = cfg
         self.audit = audit
         self.gateway_ae = gateway_ae
-        self.webhook = WebhookOutbox(state_dir, cfg, forwarding) if cfg.url else None
+        self.webhook = (WebhookOutbox(state_dir, cfg, forwarding, self._alert_dead)
+                        if cfg.url else None)
         self.syslog = SyslogSender(cfg) if cfg.syslog_enabled else None
         self.flag_rate = FlagRateMonitor(cfg.flag_rate_window, cfg.flag_rate_jump)
         self._stop = threading.Event()
@@ -436,6 +448,15 @@ class Alerter:
                 self.check_audit()
             except Exception:
                 LOG.exception("audit check failed")
+
+    def _alert_dead(self, name: str, kind: str, why: str) -> None:
+        """A webhook alert given up: on the audit record (``alert-dead``, not itself alerted by
+        webhook) and, where configured, on syslog, the one channel left."""
+        self.audit.append("alert-dead", reason=f"webhook alert {name} ({kind}) {why}",
+                          outcome="moved to alerts/dead")
+        if self.syslog is not None:
+            self.syslog.send(make_alert("alert-dead", self.gateway_ae,
+                                        {"reason": f"webhook alert ({kind}) {why}"}))
 
     # -- sinks --
 

@@ -79,6 +79,9 @@ EVENTS: frozenset[str] = frozenset(
         "console-locked",
         "console-user",
         "release-requested",
+        # a webhook alert given up (past forwarding.max_age_s, or unreadable): moved to
+        # <state>/alerts/dead/ and recorded here, so a lost alert is itself on the record
+        "alert-dead",
     }
 )
 

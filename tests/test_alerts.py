@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from gateway.alerts import ALERT_FIELDS, Alerter, FlagRateMonitor, sd_escape, syslog_line
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, verify
 from gateway.config import AlertsConfig, ConfigError, ForwardingConfig, load_config
 from tests.dcmtk import free_port
 from tests.gateway_harness import make_pki, wait_until
@@ -240,6 +240,15 @@ def test_alert_given_up_after_max_age_moves_to_dead(tmp_path: Path, secret_file:
         assert not list((tmp_path / "state" / "alerts" / "outbox").glob("*.json"))
         body = json.loads(next(dead.glob("*.json")).read_text())
         assert body["alert"]["sop_uid"] == "1.2.3.8"
+        # the lost alert is itself on the record, in the same chain, and is not re-alerted
+        def given_up() -> list[dict]:
+            lines = audit.path.read_text().splitlines()
+            return [r for r in map(json.loads, lines) if r["event"] == "alert-dead"]
+        assert wait_until(lambda: len(given_up()) == 1, 10)
+        assert "(dead-letter) undelivered after" in given_up()[0]["reason"]
+        assert verify(audit.path).ok
+        time.sleep(0.5)
+        assert len(list(dead.glob("*.json"))) == 1
     finally:
         alerter.stop()
 
