@@ -182,10 +182,6 @@ def write_bundle(
                 "pass features.FEATURE_SETS[...] names, or feature_set= explicitly"
             )
         feature_set = matches[0]
-    elif (tuple(feature_names) != FEATURE_SETS.get(feature_set)
-          and forest_columns(feature_names, feature_set) is None):
-        raise ValueError(f"feature_names {list(feature_names)} are not distinct features of "
-                         f"{feature_set!r} ({list(FEATURE_SETS.get(feature_set, ()))})")
     if len(feature_names) != forest.n_features:
         raise ValueError(
             f"{len(feature_names)} feature names for a forest of {forest.n_features} features"

@@ -145,10 +145,12 @@ def test_runtime_refuses_feature_names_that_are_not_distinct_members(tmp_path: P
     assert forest_columns(("noise_sigma", "noise_sigma"), FEATURE_SET) is None
     assert forest_columns(("no_such_feature",), FEATURE_SET) is None
     assert forest_columns(FEATURE_NAMES[::-1], FEATURE_SET) == tuple(range(10, -1, -1))
-    with pytest.raises(ValueError, match="not distinct features"):
-        write_bundle(tmp_path / "b", cnn_tflite=b"x", forest=_tiny_forest(2),
-                     feature_names=("noise_sigma", "noise_sigma"), feature_set=FEATURE_SET,
-                     w_cnn=0.5, threshold=0.5, thresholds={}, training_data={}, metrics={})
+    bad = write_bundle(tmp_path / "b", cnn_tflite=_largest_cnn_tflite(tmp_path, CNN_SHAPES[0]),
+                       forest=_tiny_forest(2), feature_names=("noise_sigma", "noise_sigma"),
+                       feature_set=FEATURE_SET, w_cnn=0.5, threshold=0.5, thresholds={},
+                       training_data={}, metrics={})
+    with pytest.raises(BundleError, match="feature_names"):
+        Detector.load(bad)
     # a manifest edited to list an unknown feature is refused at load (digests fixed up)
     draws = secret.draw(KEY_B, FEATURE_SET)
     bdir = _secret_bundle(tmp_path, draws, _largest_cnn_tflite(tmp_path, CNN_SHAPES[0]))
