@@ -11,7 +11,10 @@ attack is crafted once, never per site bundle, and the attacker never queries a 
 Per bundle it reports, with 95% Wilson intervals: detection among the attacked images that
 fool the victim, and the clean false-positive rate on the whole test split of the training
 source (the work dir's ``clean/test.npy``) and on an independent source (NIH), both at that
-threshold. Scores are cached per bundle id under ``--out``; results go to ``greybox.json``
+threshold; and the same at the bundle's *home* threshold, the 1% point of the training
+source's own clean validation images (what ``sentinel calibrate --allow-lower`` proposes to
+a site whose images are that source), which trades the margin kept for unseen sources for
+detection. Scores are cached per bundle id under ``--out``; results go to ``greybox.json``
 and a markdown table ``greybox.md``.
 
     python -m train.greybox --attacks runs/secret-greybox/public-s40 \\
@@ -120,6 +123,7 @@ def second_source_clean(data_dir: Path, cache: Path) -> np.ndarray:
 
 def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
     """Score every saved attack and the clean sets with every bundle; write JSON + markdown."""
+    from detector.calibration import calibrate_threshold
     from detector.scoring import Detector
     from train import pipeline
 
@@ -137,6 +141,7 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
                          "pass --work")
     work = pipeline.Work(Path(work_dir))
     x_test = work.load_npy("clean/test.npy")
+    x_val = work.load_npy("clean/val.npy")
     x_second = (second_source_clean(Path(cfg.second_source), out / "second-source")
                 if cfg.second_source else None)
     res: dict[str, Any] = {
@@ -149,28 +154,35 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
     }
     for b in cfg.bundles:
         det = Detector.load(b, num_threads=1)
-        thr = float(det.threshold)
         label = cfg.labels.get(b, Path(b).name)
         secret = det.manifest.training_data.get("config", {}).get("secret")
-        row: dict[str, Any] = {
-            "bundle": str(b), "bundle_id": det.bundle_id, "threshold": thr,
-            "secret": bool(secret), "public": det.bundle_id in res["crafted_on"],
-            "clean_fpr_own": _rate(int((scores.get(det, "own-test-clean", x_test) >= thr)
-                                       .sum()), len(x_test)),
-            "attacks": {},
-        }
-        if x_second is not None:
-            c2 = scores.get(det, "second-source-clean", x_second)
-            row["clean_fpr_second"] = _rate(int((c2 >= thr).sum()), len(c2))
-        for a in attacks:
-            s = scores.get(det, f"adv-{Path(a.adv_path.parent.parent).name}-"
-                                f"{a.adv_path.stem}", np.load(a.adv_path, mmap_mode="r"))
-            flagged = s >= thr
-            row["attacks"][a.key] = {
-                "detected_fooled": _rate(int((flagged & a.fooled).sum()), int(a.fooled.sum())),
-                "detected_all": _rate(int(flagged.sum()), len(flagged))}
+        home = calibrate_threshold(scores.get(det, "own-val-clean", x_val))
+        c_own = scores.get(det, "own-test-clean", x_test)
+        c2 = (scores.get(det, "second-source-clean", x_second) if x_second is not None
+              else None)
+        adv = {a.key: scores.get(det, f"adv-{Path(a.adv_path.parent.parent).name}-"
+                                      f"{a.adv_path.stem}", np.load(a.adv_path, mmap_mode="r"))
+               for a in attacks}
+        row: dict[str, Any] = {"bundle": str(b), "bundle_id": det.bundle_id,
+                               "secret": bool(secret),
+                               "public": det.bundle_id in res["crafted_on"]}
+        for point, thr in (("own", float(det.threshold)), ("home", float(home))):
+            r: dict[str, Any] = {"threshold": thr,
+                                 "clean_fpr_own": _rate(int((c_own >= thr).sum()), len(c_own)),
+                                 "attacks": {}}
+            if c2 is not None:
+                r["clean_fpr_second"] = _rate(int((c2 >= thr).sum()), len(c2))
+            for a in attacks:
+                flagged = adv[a.key] >= thr
+                r["attacks"][a.key] = {
+                    "detected_fooled": _rate(int((flagged & a.fooled).sum()),
+                                             int(a.fooled.sum())),
+                    "detected_all": _rate(int(flagged.sum()), len(flagged))}
+            row[point] = r
         res["bundles"][label] = row
-        log(f"{label} ({det.bundle_id}, threshold {thr:.4f}): own clean FPR "
+        row = row["own"]
+        log(f"{label} ({det.bundle_id}, threshold {row['threshold']:.4f}, home {home:.4f}): "
+            "own clean FPR "
             f"{row['clean_fpr_own']['rate']:.4f}"
             + (f", second source {row['clean_fpr_second']['rate']:.4f}"
                if "clean_fpr_second" in row else "")
@@ -190,9 +202,20 @@ def _pct(r: dict[str, Any], ci: bool = True) -> str:
 
 
 def markdown_table(res: dict[str, Any]) -> str:
+    """Both operating points' tables: each bundle's own threshold, then its home threshold."""
+    return "\n".join(
+        f"{title}\n\n{_table(res, point)}" for point, title in (
+            ("own", "At each bundle's own threshold (calibrated for 1% on every clean "
+                    "validation source, the resampled copies included):"),
+            ("home", "At each bundle's home threshold (1% of the training source's clean "
+                     "validation images; `sentinel calibrate --allow-lower`):")))
+
+
+def _table(res: dict[str, Any], point: str) -> str:
     """Rows: each attack (detection among fooled images), then the clean FPRs; one column per
-    bundle, each at its own threshold."""
+    bundle at the threshold of ``point`` ("own" or "home")."""
     names = list(res["bundles"])
+    rows = {n: res["bundles"][n][point] for n in names}
     head = ["attack (crafted on " + ", ".join(res["crafted_on"]) + ")", "fools the victim",
             *[f"{n}{' (public, white-box)' if res['bundles'][n]['public'] else ''}"
               for n in names]]
@@ -200,16 +223,16 @@ def markdown_table(res: dict[str, Any]) -> str:
     for key, a in res["attacks"].items():
         cells = [f"{a['name']} (eps {a['eps']:g}, {a['steps']} steps)",
                  f"{a['n_fooled']}/{a['n']}"]
-        cells += [_pct(res["bundles"][n]["attacks"][key]["detected_fooled"]) for n in names]
+        cells += [_pct(rows[n]["attacks"][key]["detected_fooled"]) for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| clean FPR, own source test split | | "
-                 + " | ".join(_pct(res["bundles"][n]["clean_fpr_own"]) for n in names) + " |")
+                 + " | ".join(_pct(rows[n]["clean_fpr_own"]) for n in names) + " |")
     if res.get("second_source"):
         lines.append(f"| clean FPR, {Path(res['second_source']).name} | | "
-                     + " | ".join(_pct(res["bundles"][n]["clean_fpr_second"])
+                     + " | ".join(_pct(rows[n]["clean_fpr_second"])
                                   for n in names) + " |")
     lines.append("| threshold | | " + " | ".join(
-        f"{res['bundles'][n]['threshold']:.4f}" for n in names) + " |")
+        f"{rows[n]['threshold']:.4f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
