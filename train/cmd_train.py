@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a site bundle: draw the detector CNN's shape and seed, the "
                         "forest's features and seed, and the zoo families from the secret in "
                         "FILE (mode 0600; the bundle records only its salted digest)")
+    parser.add_argument("--harden-with", nargs="+", type=Path, default=(), metavar="DIR",
+                        help="adversarial training of the detector CNN: add the adaptive "
+                        "examples of `python -m train.adaptive --split train --out DIR` (same "
+                        "--work) to its training; thresholds stay calibrated on clean images")
     parser.add_argument("--new-secret", action="store_true",
                         help="first write a fresh random secret to --secret-file (refuses to "
                         "overwrite an existing file)")
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                           quick=args.quick, max_depth=args.max_depth, fusion=args.fusion,
                           feature_set=args.feature_set, grid_gate=not args.no_grid_gate,
                           zoo=not args.no_zoo, zoo_holdout=tuple(args.zoo_holdout),
-                          zoo_work=str(args.zoo_work or ""))
+                          zoo_work=str(args.zoo_work or ""),
+                          harden=tuple(str(d) for d in args.harden_with))
     except ValueError as exc:  # an unknown zoo family, every family held out, ...
         print(f"sentinel train: {exc}", file=sys.stderr)
         return 2

@@ -98,6 +98,11 @@ class TrainConfig:
     # A secret site bundle (train.secret): the CNN's shape and seed, the forest's features and
     # seed, and the zoo families drawn from the site's secret (only its salted digest is here)
     secret: Any = None  # train.secret.SecretDraws
+    # Adversarial training of the detector CNN (issue 19): `train.adaptive --split train --out
+    # DIR` folders whose adaptive examples (each with its clean image) join the CNN's training
+    # pairs, repeated ``harden_repeat`` times; thresholds stay calibrated on clean images only
+    harden: tuple[str, ...] = ()
+    harden_repeat: int = 8
 
     def __post_init__(self) -> None:
         from detector.features import FEATURE_SETS
@@ -599,6 +604,34 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
     return tfl
 
 
+def harden_examples(cfg: TrainConfig, tr: SplitArrays) -> tuple[np.ndarray, np.ndarray, str]:
+    """The adaptive examples of ``cfg.harden`` folders (train.adaptive --split train), their
+    clean training images, and a tag of their bytes (the hardened CNN's cache key). Refuses a
+    folder crafted on another split or work dir: its indices would name other images."""
+    import hashlib
+
+    advs, cleans, h = [], [], hashlib.sha256(str(cfg.harden_repeat).encode())
+    for d in map(Path, cfg.harden):
+        sub = json.loads((d / "subset.json").read_text())
+        if sub.get("split") != "train" or Path(sub["work"]).resolve() != Path(cfg.work).resolve():
+            raise ValueError(f"{d}: crafted on the {sub.get('split')} split of {sub['work']}, "
+                             f"not the training split of {cfg.work}; rerun train.adaptive with "
+                             "--split train --work " + str(cfg.work))
+        idx = np.asarray(sub["indices"], np.int64)
+        for f in sorted((d / "adv").glob("*.npy")):
+            if f.name.startswith("pgd_"):  # plain PGD is in the training set already
+                continue
+            adv = np.load(f)
+            if len(adv) != len(idx):
+                raise ValueError(f"{f}: {len(adv)} images for {len(idx)} indices")
+            advs.append(adv.astype(np.float32))
+            cleans.append(np.asarray(tr.x[idx], np.float32))
+            h.update(f.name.encode() + adv.tobytes())
+    if not advs:
+        raise ValueError(f"--harden-with {list(cfg.harden)}: no adaptive examples (adv/*.npy)")
+    return np.concatenate(advs), np.concatenate(cleans), h.hexdigest()[:8]
+
+
 def forest_rel(cfg: TrainConfig) -> str:
     """One file per forest setting, so a rerun with another --max-depth, feature set or zoo
     setting refits (v1 forests without the zoo keep their old names)."""
@@ -817,6 +850,15 @@ def run_pipeline(cfg: TrainConfig) -> Path:
                                       (("clean", tr.x), ("perturbed", tr_pert))])
 
     cnn_name = "cnn" + cfg.zoo_tag + cfg.secret_tag
+    if cfg.harden:
+        h_adv, h_clean, h_tag = harden_examples(cfg, tr)
+        log(f"hardening: {len(h_adv)} adaptive examples from {list(cfg.harden)}, each "
+            f"{cfg.harden_repeat}x in the CNN's training")
+        cnn_name += f"-hard-{h_tag}"
+        empty = np.empty((0, 224, 224), np.float32)
+        cnn_sets = with_pairs(cnn_sets, (np.repeat(h_clean, cfg.harden_repeat, axis=0),
+                                         np.repeat(h_adv, cfg.harden_repeat, axis=0)),
+                              (empty, empty))
     cnn_path = timed(cnn_name, lambda: stage_cnn(
         cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs,
         **({"arch": cfg.secret.cnn_arch, "seed": cfg.secret.cnn_seed} if cfg.secret else {})))
