@@ -142,8 +142,11 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
     work = pipeline.Work(Path(work_dir))
     x_test = work.load_npy("clean/test.npy")
     x_val = work.load_npy("clean/val.npy")
-    x_second = (second_source_clean(Path(cfg.second_source), out / "second-source")
+    # caches are named by what they hold, so one --out can serve other work dirs and sources
+    second_name = Path(cfg.second_source).name if cfg.second_source else ""
+    x_second = (second_source_clean(Path(cfg.second_source), out / "second-source" / second_name)
                 if cfg.second_source else None)
+    own = Path(work_dir).name
     res: dict[str, Any] = {
         "work": str(work_dir), "second_source": cfg.second_source,
         "crafted_on": sorted({a.crafted_on for a in attacks}),
@@ -156,9 +159,9 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
         det = Detector.load(b, num_threads=1)
         label = cfg.labels.get(b, Path(b).name)
         secret = det.manifest.training_data.get("config", {}).get("secret")
-        home = calibrate_threshold(scores.get(det, "own-val-clean", x_val))
-        c_own = scores.get(det, "own-test-clean", x_test)
-        c2 = (scores.get(det, "second-source-clean", x_second) if x_second is not None
+        home = calibrate_threshold(scores.get(det, f"{own}-val-clean", x_val))
+        c_own = scores.get(det, f"{own}-test-clean", x_test)
+        c2 = (scores.get(det, f"{second_name}-clean", x_second) if x_second is not None
               else None)
         adv = {a.key: scores.get(det, f"adv-{Path(a.adv_path.parent.parent).name}-"
                                       f"{a.adv_path.stem}", np.load(a.adv_path, mmap_mode="r"))
