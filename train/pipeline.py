@@ -1065,6 +1065,11 @@ def model_card_path(cfg: TrainConfig, work: Work | None = None) -> Path | None:
         section = cfg.secret.card_markdown(cfg.feature_set)
         head = text.split("## Secret site bundle")[0].rstrip()  # a rerun replaces its section
         text = (head + "\n\n" if head else "# Model card (secret site bundle)\n\n") + section
+        if cfg.harden:
+            text += ("\nIts detector CNN was also trained on the adaptive examples of "
+                     + ", ".join(f"`{Path(d).name}`" for d in cfg.harden)
+                     + f" (`sentinel train --harden-with`, each {cfg.harden_repeat} times); its "
+                     "thresholds were calibrated on clean images only.\n")
     if not text:
         return None
     keep = (work.path(f"secret{cfg.secret_tag}", "MODEL_CARD.md") if cfg.secret is not None
