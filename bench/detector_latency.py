@@ -182,7 +182,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     feats = det._features.extract(img)
     # the forest reads the first n_features (a gated v1 forest: 11 of the 12 of set v3)
-    forest_in = feats[None, : det.forest.n_features]
+    forest_in = det.forest_input(feats)
     res: dict[str, Any] = {"bundle_id": det.bundle_id, "bundle_origin": origin, "image": img_src}
     ours = {
         "features": measure(lambda: det._features.extract(img), reps),

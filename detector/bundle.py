@@ -403,6 +403,19 @@ def manifest_feature_set(manifest: Manifest) -> str:
     return str(manifest.extra.get("feature_set", FEATURE_SET))
 
 
+def forest_columns(names: tuple[str, ...] | list[str], feature_set: str) -> tuple[int, ...] | None:
+    """Where each of a forest's input ``names`` sits in ``feature_set``'s vector, when they are
+    distinct features of that set in another order or a subset (a secret site bundle draws
+    them, train.secret); None when they are not (the whole set in order is then the only
+    other valid case). A runtime from before this reads such a manifest's names as a
+    mismatch and refuses the bundle rather than feeding its forest the wrong columns."""
+    full = FEATURE_SETS.get(feature_set, ())
+    names = tuple(names)
+    if not names or len(set(names)) != len(names) or not set(names) <= set(full):
+        return None
+    return tuple(full.index(n) for n in names)
+
+
 def check_runtime_compat(manifest: Manifest, feature_names: tuple[str, ...] | None = None) -> None:
     """Refuse a bundle trained for another input size, normalisation, resize or feature set.
 
@@ -418,6 +431,8 @@ def check_runtime_compat(manifest: Manifest, feature_names: tuple[str, ...] | No
             "of xray-sentinel"
         )
     expected = FEATURE_SETS[feature_set] if feature_names is None else tuple(feature_names)
+    if feature_names is None and forest_columns(manifest.feature_names, feature_set) is not None:
+        expected = manifest.feature_names  # a secret site bundle's drawn subset and order
     wants = {
         "input_size": (manifest.input_size, INPUT_SIZE),
         "normalisation": (manifest.normalisation, NORMALISATION),

@@ -55,6 +55,7 @@ from pydicom.dataset import Dataset
 from detector.bundle import (
     Manifest,
     check_runtime_compat,
+    forest_columns,
     load_manifest,
     manifest_feature_set,
 )
@@ -320,6 +321,18 @@ class Detector:
         self._grid_at = (FEATURE_SETS[feature_set].index(GATE_FEATURE)
                          if self.rule.gate_threshold is not None else None)
         self._features = FeatureExtractor((INPUT_SIZE, INPUT_SIZE), feature_set=feature_set)
+        # the forest reads the first columns of the extracted vector, or (a secret site bundle,
+        # train.secret) the drawn subset of its own set's features in the drawn order
+        cols = forest_columns(manifest.feature_names, manifest_feature_set(manifest))
+        full = FEATURE_SETS[manifest_feature_set(manifest)]
+        self._forest_cols = (None if cols is None or manifest.feature_names == full
+                             else np.asarray(cols, np.int64))
+
+    def forest_input(self, feats: np.ndarray) -> np.ndarray:
+        """(1, n) forest input from one extracted feature vector."""
+        if self._forest_cols is None:
+            return feats[None, : self.forest.n_features]
+        return feats[None, self._forest_cols]
 
     @classmethod
     def load(
@@ -382,7 +395,7 @@ class Detector:
         t1 = time.perf_counter()
         p_cnn = float(self.cnn.predict(img))
         t2 = time.perf_counter()
-        p_rf = float(self.forest.predict_proba(feats[None, : self.forest.n_features])[0])
+        p_rf = float(self.forest.predict_proba(self.forest_input(feats))[0])
         t3 = time.perf_counter()
         grid = None if self._grid_at is None else float(feats[self._grid_at])
         score = self.rule.combine(p_cnn, p_rf, self.w_cnn, grid)

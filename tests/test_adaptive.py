@@ -173,3 +173,34 @@ def test_home_operating_point_counts_only_fooled_images(models) -> None:
     assert r["detection"] == pytest.approx(0.5)
     assert r["clean_fpr_subset"] == pytest.approx(0.25)
     assert r["threshold"] == 0.5
+
+
+def test_surrogate_term_reads_a_secret_bundles_drawn_columns(models) -> None:
+    """A secret site bundle's forest reads drawn columns in a drawn order (train.secret): the
+    white-box attacker's surrogate term must read those, not the vector's first columns."""
+    from dataclasses import replace
+
+    from sklearn.ensemble import RandomForestClassifier
+
+    from detector.forest import ForestArrays
+
+    x = _images(4, seed=3)
+    f = features.extract_batch(x)
+    cols = [5, 0, 2]
+    rng = np.random.default_rng(0)
+    fc = f[:, cols][rng.integers(0, 4, 200)] + rng.normal(0, 0.01, (200, 3))
+    fp = fc * 1.5
+    rf = RandomForestClassifier(10, random_state=0).fit(np.r_[fc, fp],
+                                                        np.r_[np.zeros(200), np.ones(200)])
+    sur = surrogate.fit_surrogate(ForestArrays.from_sklearn(rf), fc, fp, epochs=5)
+    m = replace(models, surrogate=sur,
+                extra={**models.extra, "forest_cols": cols, "n_forest": 3})
+    spec = adaptive.AdaptiveAttack("sur", w_surrogate=1.0, select="proxy")
+    s = adaptive.AttackSettings(eps=0.006, steps=1)
+    step = adaptive._make_step(m, spec, s)
+    xt = tf.constant(x)
+    _, _, proxy = step(xt, xt, tf.constant(np.zeros(4, np.float32)), tf.constant(f))
+    want = np.logaddexp(0.0, sur.logit_np(f[:, cols]))
+    np.testing.assert_allclose(proxy.numpy(), want, rtol=1e-3, atol=1e-4)
+    first = np.logaddexp(0.0, sur.logit_np(f[:, :3]))
+    assert not np.allclose(want, first, rtol=1e-3)  # the prefix would have been another term

@@ -187,6 +187,8 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
     scale_np = models.feature_scale
     feature_set = models.extra.get("feature_set", FEATURE_SET)
     n_forest = int(models.extra.get("n_forest", len(models.feature_scale)))
+    # a secret site bundle's forest reads drawn columns in a drawn order (train.secret)
+    forest_cols = models.extra.get("forest_cols")
     if spec.candidates:
         scale_np = np.r_[scale_np, models.extra["candidate_scale"]]
     scale = tf.constant(scale_np, tf.float64)
@@ -220,8 +222,9 @@ def _make_step(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings) 
                                        axis=1)
                     proxy += spec.w_stats * tf.reduce_mean(tf.square((fs - f0) / scale), axis=1)
                 if spec.w_surrogate > 0:
-                    proxy += spec.w_surrogate * tf.nn.softplus(
-                        models.surrogate.logit_tf(f[:, :n_forest]))
+                    f_rf = (f[:, :n_forest] if forest_cols is None
+                            else tf.gather(f, forest_cols, axis=1))
+                    proxy += spec.w_surrogate * tf.nn.softplus(models.surrogate.logit_tf(f_rf))
             if spec.w_hfc > 0:
                 acts = models.probe(img, training=False)
                 proxy += spec.w_hfc * hfc_distance(list(acts), models.gaussians, 1.0 - y)
@@ -475,6 +478,18 @@ def _forest_reads_prefix(manifest: Any, attacker_set: str, n_columns: int) -> bo
     return n_columns == len(names) and names[: len(forest_names)] == forest_names
 
 
+def _drawn_columns(manifest: Any) -> tuple[int, ...] | None:
+    """The columns a secret site bundle's forest reads (train.secret), None for every other
+    bundle (its forest reads a prefix of the feature vector)."""
+    from detector import bundle as bundle_mod
+    from detector.features import FEATURE_SETS
+
+    fs = bundle_mod.manifest_feature_set(manifest)
+    if manifest.feature_names == FEATURE_SETS[fs]:
+        return None
+    return bundle_mod.forest_columns(manifest.feature_names, fs)
+
+
 def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
                 f_clean: np.ndarray, f_pert: np.ndarray, cache: Path,
                 seed: int = 0) -> AdaptiveModels:
@@ -498,8 +513,12 @@ def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
     sur_path = cache / f"surrogate-{manifest.bundle_id}.npz"
     forest = ForestArrays.load(manifest.path_of("forest"))
     sur = None
+    cols = _drawn_columns(manifest)
     if sur_path.exists():
         sur = surrogate.Surrogate.load(sur_path)
+    elif cols is not None:  # a secret site bundle: the forest's drawn columns, white-box
+        sur = surrogate.fit_surrogate(forest, f_clean[:, cols], f_pert[:, cols], seed=seed)
+        sur.save(sur_path)
     elif _forest_reads_prefix(manifest, attacker_feature_set(bundle_dir), f_clean.shape[1]):
         # the forest reads the first n_features columns (v1 of v3 with a gated v1 forest)
         n = forest.n_features
@@ -518,6 +537,7 @@ def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
                                  "threshold": manifest.threshold,
                                  "feature_set": attacker_feature_set(bundle_dir),
                                  "n_forest": forest.n_features,
+                                 "forest_cols": None if cols is None else list(cols),
                                  "part_thresholds": manifest.training_data.get(
                                      "part_thresholds", {}),
                                  "surrogate_fidelity": sur.fidelity if sur else {}})

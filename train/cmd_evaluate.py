@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "victim, reference CNNs and split.json are read from its training "
                         "bundle, DIR-training beside it (train/models/default for the shipped "
                         "bundle)")
-    parser.add_argument("--data", required=True, type=Path,
-                        help="the folder the bundle was trained on (its test split is used)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="the folder the bundle was trained on (its test split is used); "
+                        "required except with --grey-box")
     parser.add_argument("--out", required=True, type=Path, help="report directory to write")
     parser.add_argument("--second-source", type=Path, default=None,
                         help="an independent folder (e.g. nih_cxr14_1000): clean FPR and PGD "
@@ -45,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory of `python -m train.zoo_lofo` for this bundle: "
                         "adds the 'Victim zoo' section (leave-one-family-out detection, clean "
                         "FPR per source and per processing kind) to the report and model card")
+    parser.add_argument("--grey-box", nargs="+", type=Path, default=None, metavar="ATTACK_DIR",
+                        help="instead of the report: score the attacks `python -m "
+                        "train.adaptive --out ATTACK_DIR` crafted on --bundle (the public one) "
+                        "with --site-bundles at their own thresholds (train.greybox; results "
+                        "in OUT/greybox.md and greybox.json)")
+    parser.add_argument("--site-bundles", nargs="+", type=Path, default=(), metavar="DIR",
+                        help="with --grey-box: the bundles the attacker does not hold (e.g. "
+                        "`sentinel train --secret-file` ones)")
     parser.add_argument("--model-card", action="store_true",
                         help="also write MODEL_CARD.md from these measurements into the bundle "
                         "(re-writing its manifest, same bundle id)")
@@ -72,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     from train.report import write_report
 
     bundle = args.bundle or DEFAULT_BUNDLE
-    if not Path(args.data).is_dir():
+    if args.grey_box:
+        return _grey_box(args, Path(bundle))
+    if args.data is None or not Path(args.data).is_dir():
         print(f"sentinel evaluate: --data {args.data} is not a folder", file=sys.stderr)
         return 2
     cfg = EvalConfig(bundle=str(bundle), data=str(args.data), out=str(args.out),
@@ -127,6 +138,25 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['file']}: " + ", ".join(
                 f"{k} {row[k]['score']:.3f}{' flagged' if row[k]['flagged'] else ''}"
                 for k in dicom_check_kinds(m["dicom_check"]["eps"])))
+    return 0
+
+
+def _grey_box(args: argparse.Namespace, bundle: Path) -> int:
+    """``sentinel evaluate --grey-box``: train.greybox on saved attacks, public bundle first."""
+    from detector.errors import BundleError
+    from train.greybox import GreyBoxConfig, markdown_table, run_greybox
+    from train.pipeline import log
+
+    try:
+        res = run_greybox(GreyBoxConfig(
+            attacks=tuple(map(str, args.grey_box)),
+            bundles=tuple(map(str, (bundle, *args.site_bundles))), out=str(args.out),
+            second_source=str(args.second_source) if args.second_source else None,
+            work=str(args.work) if args.work else None), log=log)
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        print(f"sentinel evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_table(res))
     return 0
 
 

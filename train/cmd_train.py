@@ -10,6 +10,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from train.pipeline import TrainConfig
 
 # detector.scoring.FUSIONS, spelt out: importing it here would load numpy and pydicom for every
 # `sentinel --help` (tests/test_scoring.py holds the two equal)
@@ -59,6 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave these zoo families' attacks out of the detector's training "
                         "(a fold of the leave-one-family-out evaluation, python -m "
                         "train.zoo_lofo)")
+    parser.add_argument("--secret-file", type=Path, default=None, metavar="FILE",
+                        help="a site bundle: draw the detector CNN's shape and seed, the "
+                        "forest's features and seed, and the zoo families from the secret in "
+                        "FILE (mode 0600; the bundle records only its salted digest)")
+    parser.add_argument("--harden-with", nargs="+", type=Path, default=(), metavar="DIR",
+                        help="adversarial training of the detector CNN: add the adaptive "
+                        "examples of `python -m train.adaptive --split train --out DIR` (same "
+                        "--work) to its training; thresholds stay calibrated on clean images")
+    parser.add_argument("--new-secret", action="store_true",
+                        help="first write a fresh random secret to --secret-file (refuses to "
+                        "overwrite an existing file)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,10 +93,15 @@ def run(args: argparse.Namespace) -> int:
                           quick=args.quick, max_depth=args.max_depth, fusion=args.fusion,
                           feature_set=args.feature_set, grid_gate=not args.no_grid_gate,
                           zoo=not args.no_zoo, zoo_holdout=tuple(args.zoo_holdout),
-                          zoo_work=str(args.zoo_work or ""))
+                          zoo_work=str(args.zoo_work or ""),
+                          harden=tuple(str(d) for d in args.harden_with))
     except ValueError as exc:  # an unknown zoo family, every family held out, ...
         print(f"sentinel train: {exc}", file=sys.stderr)
         return 2
+    if args.secret_file is not None or args.new_secret:
+        cfg = _with_secret(cfg, args)
+        if cfg is None:
+            return 2
     if args.cnn_epochs is not None:
         cfg = replace(cfg, cnn_epochs=args.cnn_epochs)
     if args.resample_noise is not None:
@@ -91,3 +111,33 @@ def run(args: argparse.Namespace) -> int:
     out = run_pipeline(cfg)
     print(f"bundle: {out}")
     return 0
+
+
+def _with_secret(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig | None:
+    """``cfg`` with the choices the site secret draws (train.secret); None after an error."""
+    from dataclasses import replace
+
+    from train import secret
+
+    if args.secret_file is None:
+        print("sentinel train: --new-secret needs --secret-file FILE (where to write it)",
+              file=sys.stderr)
+        return None
+    try:
+        if args.new_secret:
+            secret.new_secret_file(args.secret_file)
+            print(f"sentinel train: wrote a new secret to {args.secret_file} (mode 0600): keep "
+                  "it off the gateway host, it is what an attacker would need to rebuild this "
+                  "site's training choices", file=sys.stderr)
+        key = secret.read_secret(args.secret_file)
+    except secret.SecretError as exc:
+        print(f"sentinel train: {exc}", file=sys.stderr)
+        return None
+    families: tuple[str, ...] = ()
+    if cfg.zoo:
+        pool = cfg.quickened().zoo_families if cfg.quick else cfg.zoo_families
+        families = tuple(f for f in pool if f not in cfg.zoo_holdout)
+    draws = secret.draw(key, cfg.feature_set, families)
+    holdout = tuple(sorted({*cfg.zoo_holdout,
+                            *(f for f in families if f not in draws.zoo_families)}))
+    return replace(cfg, secret=draws, zoo_holdout=holdout)

@@ -95,6 +95,14 @@ class TrainConfig:
     zoo_train_images: int = 2048
     zoo_val_images: int = 640
     zoo_member_epochs: int | None = None
+    # A secret site bundle (train.secret): the CNN's shape and seed, the forest's features and
+    # seed, and the zoo families drawn from the site's secret (only its salted digest is here)
+    secret: Any = None  # train.secret.SecretDraws
+    # Adversarial training of the detector CNN (issue 19): `train.adaptive --split train --out
+    # DIR` folders whose adaptive examples (each with its clean image) join the CNN's training
+    # pairs, repeated ``harden_repeat`` times; thresholds stay calibrated on clean images only
+    harden: tuple[str, ...] = ()
+    harden_repeat: int = 8
 
     def __post_init__(self) -> None:
         from detector.features import FEATURE_SETS
@@ -120,6 +128,11 @@ class TrainConfig:
                        zoo_families=tuple(f for f in self.zoo_families
                                           if f in ("maxpool", "avgpool")) or self.zoo_families,
                        zoo_train_images=64, zoo_val_images=32, zoo_member_epochs=1)
+
+    @property
+    def secret_tag(self) -> str:
+        """Model-file suffix of a secret bundle's drawn choices ("" without a secret)."""
+        return f"-secret-{self.secret.tag}" if self.secret is not None else ""
 
     @property
     def zoo_tag(self) -> str:
@@ -548,8 +561,11 @@ def with_pairs(sets: DetectorSets, tr_pair: tuple[np.ndarray, np.ndarray],
 
 
 def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, builder: str,
-              epochs: int, max_images: int | None = None) -> Path:
-    """Train one detector CNN and export it to TFLite (``<name>.tflite``); resumable."""
+              epochs: int, max_images: int | None = None,
+              arch: dict[str, Any] | None = None, seed: int | None = None) -> Path:
+    """Train one detector CNN and export it to TFLite (``<name>.tflite``); resumable.
+    ``arch``: build_shipped's shape (a secret bundle's draw); ``seed``: the training seed
+    (default ``cfg.seed``)."""
     from train import detector_cnn
 
     tfl = work.path(f"models/{name}.tflite")
@@ -562,16 +578,21 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
         n = len(x) // 2
         keep = np.sort(rng.permutation(n)[:max_images])
         x, y = np.concatenate([x[keep], x[n + keep]]), np.r_[y[keep], y[n + keep]]
-    model = (detector_cnn.build_shipped() if builder == "shipped" else detector_cnn.build_paper())
-    log(f"training CNN {name} ({builder}) on {len(x)} images, {epochs} epochs")
+    arch = arch or {}
+    model = (detector_cnn.build_shipped(**arch) if builder == "shipped"
+             else detector_cnn.build_paper())
+    log(f"training CNN {name} ({builder}{arch or ''}) on {len(x)} images, {epochs} epochs")
     t0 = time.time()
     model = detector_cnn.train_binary(
         model, x, y, sets.x_val, sets.y_val,
-        detector_cnn.CnnTrainConfig(epochs=epochs, seed=cfg.seed), label=name)
+        detector_cnn.CnnTrainConfig(epochs=epochs, seed=cfg.seed if seed is None else seed),
+        label=name)
     work.save_json(f"models/{name}.json", {"train_images": len(x), "epochs": epochs,
-                                           "seconds": time.time() - t0, "builder": builder})
+                                           "seconds": time.time() - t0, "builder": builder,
+                                           **({"arch": arch} if arch else {})})
     # a fresh, uncompiled copy: the .keras file then carries no optimizer state (3x smaller)
-    fresh = detector_cnn.build_shipped() if builder == "shipped" else detector_cnn.build_paper()
+    fresh = (detector_cnn.build_shipped(**arch) if builder == "shipped"
+             else detector_cnn.build_paper())
     fresh.set_weights(model.get_weights())
     keras_path = work.path(f"models/{name}.keras")
     tmp_keras = keras_path.with_name("tmp-" + keras_path.name)
@@ -583,24 +604,58 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
     return tfl
 
 
+def harden_examples(cfg: TrainConfig, tr: SplitArrays) -> tuple[np.ndarray, np.ndarray, str]:
+    """The adaptive examples of ``cfg.harden`` folders (train.adaptive --split train), their
+    clean training images, and a tag of their bytes (the hardened CNN's cache key). Refuses a
+    folder crafted on another split or work dir: its indices would name other images."""
+    import hashlib
+
+    advs, cleans, h = [], [], hashlib.sha256(str(cfg.harden_repeat).encode())
+    for d in map(Path, cfg.harden):
+        sub = json.loads((d / "subset.json").read_text())
+        if sub.get("split") != "train" or Path(sub["work"]).resolve() != Path(cfg.work).resolve():
+            raise ValueError(f"{d}: crafted on the {sub.get('split')} split of {sub['work']}, "
+                             f"not the training split of {cfg.work}; rerun train.adaptive with "
+                             "--split train --work " + str(cfg.work))
+        idx = np.asarray(sub["indices"], np.int64)
+        for f in sorted((d / "adv").glob("*.npy")):
+            if f.name.startswith("pgd_"):  # plain PGD is in the training set already
+                continue
+            adv = np.load(f)
+            if len(adv) != len(idx):
+                raise ValueError(f"{f}: {len(adv)} images for {len(idx)} indices")
+            advs.append(adv.astype(np.float32))
+            cleans.append(np.asarray(tr.x[idx], np.float32))
+            h.update(f.name.encode() + adv.tobytes())
+    if not advs:
+        raise ValueError(f"--harden-with {list(cfg.harden)}: no adaptive examples (adv/*.npy)")
+    return np.concatenate(advs), np.concatenate(cleans), h.hexdigest()[:8]
+
+
 def forest_rel(cfg: TrainConfig) -> str:
     """One file per forest setting, so a rerun with another --max-depth, feature set or zoo
     setting refits (v1 forests without the zoo keep their old names)."""
     fdir = feature_dir(cfg.feature_set)
     tag = "" if fdir == "feat" else "-" + fdir.removeprefix("feat-")
-    return f"models/forest-{cfg.trees}trees-depth{cfg.max_depth}{tag}{cfg.zoo_tag}.npz"
+    return (f"models/forest-{cfg.trees}trees-depth{cfg.max_depth}{tag}{cfg.zoo_tag}"
+            f"{cfg.secret_tag}.npz")
 
 
 def stage_forest(cfg: TrainConfig, work: Work, f_train: np.ndarray, y_train: np.ndarray) -> Any:
     from detector.forest import ForestArrays
-    from train import fit_detector
+    from train import fit_detector, secret
 
     path = work.path(forest_rel(cfg))
     if path.exists():
         return ForestArrays.load(path)
-    log(f"fitting forest: {cfg.trees} trees, max_depth {cfg.max_depth}, {len(f_train)} samples")
+    cols = secret.feature_columns(cfg.secret, cfg.feature_set)
+    if cols is not None:  # a secret bundle's drawn features, in the drawn order
+        f_train = np.asarray(f_train)[:, cols]
+    log(f"fitting forest: {cfg.trees} trees, max_depth {cfg.max_depth}, {len(f_train)} samples"
+        f", {f_train.shape[1]} features")
     rf = fit_detector.fit_forest(f_train, y_train, n_estimators=cfg.trees,
-                                 max_depth=cfg.max_depth, seed=cfg.seed)
+                                 max_depth=cfg.max_depth,
+                                 seed=cfg.seed if cfg.secret is None else cfg.secret.forest_seed)
     arrays = ForestArrays.from_sklearn(rf)
     tmp = path.with_name("tmp-forest.npz")
     arrays.save(tmp)
@@ -639,6 +694,7 @@ class ScoringModels:
     forest: Any
     feature_set: str  # what the forest reads
     grid: bool = False  # also the stride-grid gate's feature ("grid" in the ScoreBook)
+    forest_columns: Any = None  # a secret bundle's drawn columns of the feature set, in order
 
     @functools.cached_property
     def part_tags(self) -> dict[str, str]:
@@ -674,7 +730,9 @@ def stage_scores(work: Work, split_name: str, kind: str, x: np.ndarray,
     """Scores of each part for one set of images, cached per (model files, set)."""
     makers: dict[str, Callable[[], np.ndarray]] = {
         "cnn": lambda: tflite_scores(models.cnn_tflite, x),
-        "forest": lambda: np.asarray(models.forest.predict_proba(feats), np.float64),
+        "forest": lambda: np.asarray(models.forest.predict_proba(
+            feats if models.forest_columns is None else np.asarray(feats)[
+                :, models.forest_columns]), np.float64),
         "paper_cnn": lambda: keras_scores(models.paper_keras, x),
         "baseline_cnn": lambda: keras_scores(models.baseline_keras, x),
     }
@@ -722,7 +780,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     from detector import bundle as bundle_mod
     from detector import features
     from detector.scoring import GATE_FEATURE, Either
-    from train import evaluate, fit_detector, training_bundle, victim
+    from train import evaluate, fit_detector, secret, training_bundle, victim
 
     if cfg.quick:
         cfg = cfg.quickened()
@@ -791,9 +849,19 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         timed("features_v3", lambda: [grid_values(work, "train", k, x) for k, x in
                                       (("clean", tr.x), ("perturbed", tr_pert))])
 
-    cnn_name = "cnn" + cfg.zoo_tag
+    cnn_name = "cnn" + cfg.zoo_tag + cfg.secret_tag
+    if cfg.harden:
+        h_adv, h_clean, h_tag = harden_examples(cfg, tr)
+        log(f"hardening: {len(h_adv)} adaptive examples from {list(cfg.harden)}, each "
+            f"{cfg.harden_repeat}x in the CNN's training")
+        cnn_name += f"-hard-{h_tag}"
+        empty = np.empty((0, 224, 224), np.float32)
+        cnn_sets = with_pairs(cnn_sets, (np.repeat(h_clean, cfg.harden_repeat, axis=0),
+                                         np.repeat(h_adv, cfg.harden_repeat, axis=0)),
+                              (empty, empty))
     cnn_path = timed(cnn_name, lambda: stage_cnn(
-        cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs))
+        cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs,
+        **({"arch": cfg.secret.cnn_arch, "seed": cfg.secret.cnn_seed} if cfg.secret else {})))
     forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
     paper_tflite = timed("paper_cnn", lambda: stage_cnn(
         cfg, work, sets, "paper_cnn", "paper", cfg.paper_epochs, cfg.paper_max_images))
@@ -803,7 +871,8 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     models = ScoringModels(cnn_tflite=cnn_path, paper_keras=work.path("models/paper_cnn.keras"),
                            baseline_keras=work.path("models/baseline_cnn.keras"),
                            forest_path=work.path(forest_rel(cfg)), forest=forest,
-                           feature_set=cfg.feature_set, grid=cfg.grid_gate)
+                           feature_set=cfg.feature_set, grid=cfg.grid_gate,
+                           forest_columns=secret.feature_columns(cfg.secret, cfg.feature_set))
 
     log("scoring validation and test")
     val_book = timed("score_val", lambda: score_book(
@@ -928,7 +997,9 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         Path(cfg.out),
         cnn_tflite=cnn_path,
         forest=forest,
-        feature_names=features.FEATURE_SETS[cfg.feature_set],
+        feature_names=(features.FEATURE_SETS[cfg.feature_set] if cfg.secret is None
+                       else cfg.secret.feature_names),
+        feature_set=cfg.feature_set,
         w_cnn=float(w_cnn),
         threshold=float(threshold),
         thresholds={"paper": fit_detector.PAPER_THRESHOLD, "calibrated_fpr_0.01": threshold},
@@ -936,7 +1007,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         metrics=metrics,
         extra_files={
             "test_metrics": work.path("test_metrics.json"),
-            **({"model_card": card} if (card := model_card_path(cfg)) else {}),
+            **({"model_card": card} if (card := model_card_path(cfg, work)) else {}),
         },
         versions=training_versions(),
         rule=rule,
@@ -985,13 +1056,25 @@ def summary_metrics(test_metrics: dict) -> dict:
     return keep
 
 
-def model_card_path(cfg: TrainConfig) -> Path | None:
-    """MODEL_CARD.md beside the output bundle, written by ``sentinel evaluate`` or by hand."""
+def model_card_path(cfg: TrainConfig, work: Work | None = None) -> Path | None:
+    """MODEL_CARD.md beside the output bundle, written by ``sentinel evaluate`` or by hand;
+    a secret bundle's card also says which choices its secret drew (train.secret)."""
     p = Path(cfg.out) / "MODEL_CARD.md"
-    if not p.exists():
+    text = p.read_text() if p.exists() else ""
+    if cfg.secret is not None:
+        section = cfg.secret.card_markdown(cfg.feature_set)
+        head = text.split("## Secret site bundle")[0].rstrip()  # a rerun replaces its section
+        text = (head + "\n\n" if head else "# Model card (secret site bundle)\n\n") + section
+        if cfg.harden:
+            text += ("\nIts detector CNN was also trained on the adaptive examples of "
+                     + ", ".join(f"`{Path(d).name}`" for d in cfg.harden)
+                     + f" (`sentinel train --harden-with`, each {cfg.harden_repeat} times); its "
+                     "thresholds were calibrated on clean images only.\n")
+    if not text:
         return None
-    keep = Path(cfg.work) / "MODEL_CARD.md"
-    keep.write_bytes(p.read_bytes())  # write_bundle empties the out dir of unlisted files
+    keep = (work.path(f"secret{cfg.secret_tag}", "MODEL_CARD.md") if cfg.secret is not None
+            else Path(cfg.work) / "MODEL_CARD.md")
+    keep.write_text(text)  # write_bundle empties the out dir of unlisted files
     return keep
 
 

@@ -506,4 +506,5 @@ def add_model_card(bundle_dir: Path, text: str, extra_metrics: dict[str, Any]) -
         feature_names=man.feature_names, w_cnn=man.w_cnn, threshold=man.threshold,
         thresholds=man.thresholds, training_data=man.training_data,
         metrics={**man.metrics, **extra_metrics}, extra_files=extras, bundle_id=man.bundle_id,
-        versions=man.versions, rule=man.extra.get("rule"))
+        versions=man.versions, rule=man.extra.get("rule"),
+        feature_set=bundle_mod.manifest_feature_set(man))

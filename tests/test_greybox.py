@@ -1,0 +1,86 @@
+"""Grey-box scoring (issue 19, train.greybox): attacks saved once by train.adaptive are scored
+by other bundles at their own and their home thresholds; detection counts only the images that
+fooled the victim, clean FPRs come from the whole test split and the second source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from detector.calibration import calibrate_threshold
+from detector.scoring import Detector
+from train import greybox
+
+
+def _images(n: int, seed: int, noise: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:224, 0:224] / 224.0
+    out = []
+    for _ in range(n):
+        img = 0.5 + 0.2 * np.sin(rng.uniform(1, 4) * xx) * np.cos(rng.uniform(1, 4) * yy)
+        img = img + noise * rng.choice([-1.0, 1.0], img.shape) / 255.0
+        out.append(np.round(np.clip(img, 0, 1) * 255) / 255)
+    return np.stack(out).astype(np.float32)
+
+
+def _attack_dir(root: Path, work: Path, adv: np.ndarray, fooled: np.ndarray) -> Path:
+    """What train.adaptive --out leaves: suite.json, subset.json, adv/*.npy, result/*.json."""
+    (root / "adv").mkdir(parents=True)
+    (root / "result").mkdir()
+    (root / "suite.json").write_text(json.dumps({"bundle_id": "public-x"}))
+    (root / "subset.json").write_text(json.dumps({"work": str(work), "indices": []}))
+    np.save(root / "adv" / "adaptive-all_0.006.npy", adv)
+    (root / "result" / "adaptive-all_0.006.json").write_text(json.dumps(
+        {"attack": "adaptive-all", "eps": 0.006, "steps": 40,
+         "home": {"fooled": fooled.astype(int).tolist()}}))
+    return root
+
+
+def test_greybox_counts_fooled_images_at_both_thresholds(fixture_bundle: Path,
+                                                         tmp_path: Path) -> None:
+    from gateway.cli import main
+
+    work = tmp_path / "work"
+    (work / "clean").mkdir(parents=True)
+    x_test, x_val = _images(12, 1), _images(16, 2)
+    np.save(work / "clean" / "test.npy", x_test)
+    np.save(work / "clean" / "val.npy", x_val)
+    adv = _images(10, 3, noise=1.0)
+    fooled = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 1], bool)
+    attacks = _attack_dir(tmp_path / "attacks", work, adv, fooled)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--grey-box", str(attacks), "--bundle", str(fixture_bundle),
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "greybox.json").read_text())
+    row = res["bundles"][fixture_bundle.name]
+    det = Detector.load(fixture_bundle, num_threads=1)
+    s_adv = np.array([det.score_unit(i)[2] for i in adv])
+    s_test = np.array([det.score_unit(i)[2] for i in x_test])
+    home = calibrate_threshold(np.array([det.score_unit(i)[2] for i in x_val]))
+    for point, thr in (("own", det.threshold), ("home", home)):
+        r = row[point]
+        assert r["threshold"] == float(thr)
+        got = r["attacks"]["adaptive-all@0.006/40"]["detected_fooled"]
+        assert (got["k"], got["n"]) == (int(((s_adv >= thr) & fooled).sum()), 7)
+        assert r["clean_fpr_own"]["k"] == int((s_test >= thr).sum())
+        assert r["clean_fpr_own"]["n"] == 12
+    table = (out / "greybox.md").read_text()
+    assert "| adaptive-all (eps 0.006, 40 steps) | 7/10 |" in table
+    assert table.count("clean FPR, own source test split") == 2  # both operating points
+    # scored once: the cache is what a rerun reads (a changed cache shows in the result)
+    first = row["own"]["attacks"]["adaptive-all@0.006/40"]["detected_fooled"]["k"]
+    cached = next((out / "scores").rglob("adv-attacks-adaptive-all_0.006.npy"))
+    np.save(cached, np.zeros(10) if first else np.ones(10))
+    res2 = greybox.run_greybox(greybox.GreyBoxConfig(
+        attacks=(str(attacks),), bundles=(str(fixture_bundle),), out=str(out)), log=lambda m: 0)
+    assert res2["bundles"][fixture_bundle.name]["own"]["attacks"][
+        "adaptive-all@0.006/40"]["detected_fooled"]["k"] == (0 if first else 7)
+
+
+def test_greybox_refuses_a_folder_that_holds_no_saved_attacks(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match=r"subset\.json"):
+        greybox.GreyBoxConfig(attacks=(str(tmp_path),), bundles=("b",), out=str(tmp_path))

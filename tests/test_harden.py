@@ -1,0 +1,47 @@
+"""Adversarial training of the detector CNN (issue 19, `sentinel train --harden-with`): the
+adaptive examples of a train.adaptive --split train folder are paired with their own clean
+training images, plain PGD is left out, and a folder crafted elsewhere is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train import pipeline
+
+
+def _folder(root: Path, work: Path, split: str, idx: list[int], n_adv: int | None = None
+            ) -> Path:
+    (root / "adv").mkdir(parents=True)
+    (root / "subset.json").write_text(json.dumps({"work": str(work), "split": split,
+                                                   "indices": idx}))
+    n = len(idx) if n_adv is None else n_adv
+    np.save(root / "adv" / "adaptive-all_0.006.npy", np.full((n, 224, 224), 0.25, np.float32))
+    np.save(root / "adv" / "pgd_0.006.npy", np.full((n, 224, 224), 0.75, np.float32))
+    return root
+
+
+def test_harden_examples_pair_adaptive_images_with_their_clean_ones(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    x = np.stack([np.full((224, 224), i / 10, np.float32) for i in range(6)])
+    tr = pipeline.SplitArrays(name="train", root="", records=(), x=x, y=np.zeros(6),
+                              levels=np.full(6, 255), native_224=True)
+    d = _folder(tmp_path / "h", work, "train", [4, 1])
+    cfg = pipeline.TrainConfig(data="d", out="o", work=str(work), harden=(str(d),))
+    adv, clean, tag = pipeline.harden_examples(cfg, tr)
+    assert adv.shape == (2, 224, 224) and np.all(adv == 0.25)  # PGD's 0.75 left out
+    np.testing.assert_allclose(clean[:, 0, 0], [0.4, 0.1], rtol=1e-6)
+    # the tag follows the examples' bytes (a new crafting retrains the hardened CNN)
+    np.save(d / "adv" / "adaptive-all_0.006.npy", np.full((2, 224, 224), 0.5, np.float32))
+    assert pipeline.harden_examples(cfg, tr)[2] != tag
+    with pytest.raises(ValueError, match="not the training split"):
+        pipeline.harden_examples(pipeline.TrainConfig(
+            data="d", out="o", work=str(work),
+            harden=(str(_folder(tmp_path / "t", work, "test", [0, 1])),)), tr)
+    with pytest.raises(ValueError, match="images for 2 indices"):
+        pipeline.harden_examples(pipeline.TrainConfig(
+            data="d", out="o", work=str(work),
+            harden=(str(_folder(tmp_path / "m", work, "train", [0, 1], n_adv=3)),)), tr)

@@ -1,0 +1,276 @@
+"""Grey-box evaluation (issue 19): attacks crafted on the PUBLIC bundle, scored by site bundles.
+
+The shipped bundle is public, so ``train.adaptive`` crafts its detector-aware attacks with
+every weight of it; a site bundle trained with its own secret (``sentinel train
+--secret-file``, train.secret) was never seen by that attacker. This module takes the
+attacked images ``train.adaptive --out DIR`` already saved (``DIR/adv/<attack>_<eps>.npy``,
+the test subset in ``DIR/subset.json``, which images fooled the victim in
+``DIR/result/*.json``) and scores them with each bundle at the bundle's own threshold: the
+attack is crafted once, never per site bundle, and the attacker never queries a site bundle.
+
+Per bundle it reports, with 95% Wilson intervals: detection among the attacked images that
+fool the victim, and the clean false-positive rate on the whole test split of the training
+source (the work dir's ``clean/test.npy``) and on an independent source (NIH), both at that
+threshold; and the same at the bundle's *home* threshold, the 1% point of the training
+source's own clean validation images (what ``sentinel calibrate --allow-lower`` proposes to
+a site whose images are that source), which trades the margin kept for unseen sources for
+detection. Scores are cached per bundle id under ``--out``; results go to ``greybox.json``
+and a markdown table ``greybox.md``.
+
+    python -m train.greybox --attacks runs/secret-greybox/public-s40 \\
+        --bundles detector/models/default runs/secret-site-a ... \\
+        --second-source ../shared/data/nih_cxr14_1000 --out runs/secret-greybox/report
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.adaptive import wilson
+
+# the targets of issue 19 (eps 0.006, images that fool the victim)
+TARGET_DETECTION = 0.80
+TARGET_FPR_OWN = 0.01
+TARGET_FPR_SECOND = 0.02
+
+
+@dataclass(frozen=True)
+class GreyBoxConfig:
+    """Which saved attacks, which bundles, where clean images come from, where results go."""
+
+    attacks: tuple[str, ...]  # train.adaptive --out directories (crafted on the public bundle)
+    bundles: tuple[str, ...]
+    out: str
+    second_source: str | None = None
+    work: str | None = None  # training work dir with clean/test.npy (default: subset.json's)
+    labels: dict[str, str] = field(default_factory=dict)  # bundle path -> short name
+
+    def __post_init__(self) -> None:
+        for a in self.attacks:
+            if not (Path(a) / "subset.json").is_file():
+                raise ValueError(f"--attacks {a}: no subset.json there; give the --out "
+                                 "directory of `python -m train.adaptive`")
+        if not self.bundles:
+            raise ValueError("--bundles: name at least one bundle directory to score with")
+
+
+@dataclass(frozen=True)
+class SavedAttack:
+    """One saved attack of train.adaptive: its images and which of them fool the victim."""
+
+    key: str  # "<attack>@<eps>/<steps> steps"
+    name: str
+    eps: float
+    steps: int
+    adv_path: Path
+    fooled: np.ndarray  # bool per image of the subset
+    crafted_on: str  # bundle id the attacker held
+
+
+def saved_attacks(attack_dir: Path) -> list[SavedAttack]:
+    """Every finished (attack, eps) of a train.adaptive output directory."""
+    head = json.loads((attack_dir / "suite.json").read_text())
+    out = []
+    for p in sorted((attack_dir / "result").glob("*.json")):
+        r = json.loads(p.read_text())
+        adv = attack_dir / "adv" / f"{r['attack']}_{r['eps']}.npy"
+        if not adv.is_file() or "home" not in r:
+            continue
+        out.append(SavedAttack(key=f"{r['attack']}@{r['eps']}/{r['steps']}", name=r["attack"],
+                               eps=float(r["eps"]), steps=int(r["steps"]), adv_path=adv,
+                               fooled=np.asarray(r["home"]["fooled"], bool),
+                               crafted_on=str(head["bundle_id"])))
+    return out
+
+
+def _rate(k: int, n: int) -> dict[str, Any]:
+    return {"k": k, "n": n, "rate": k / n if n else float("nan"), "ci": wilson(k, n)}
+
+
+class _Scores:
+    """Fused scores of image sets per bundle, cached as .npy under ``root/<bundle id>``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def get(self, det: Any, kind: str, x: Any) -> np.ndarray:
+        from train.adaptive import detector_scores
+
+        p = self.root / det.bundle_id / f"{kind}.npy"
+        if p.is_file():
+            return np.load(p)
+        s = detector_scores(det, np.asarray(x))[:, 2]
+        p.parent.mkdir(parents=True, exist_ok=True)
+        np.save(p, s)
+        return s
+
+
+def second_source_clean(data_dir: Path, cache: Path) -> np.ndarray:
+    """Clean 224x224 detector inputs of every image of an independent folder, cached (the
+    runtime's read and resize, as train.adaptive.second_source_check loads them)."""
+    from train import datasets, pipeline
+
+    recs, dropped = datasets.drop_duplicates(datasets.scan_folder(data_dir))
+    split = datasets.Split(root=str(data_dir.resolve()), seed=0, fractions=(1.0, 0.0, 0.0),
+                           train=(), val=(), test=tuple(recs), dropped_duplicates=tuple(dropped))
+    return pipeline.stage_arrays(split, "test", pipeline.Work(cache)).x
+
+
+def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
+    """Score every saved attack and the clean sets with every bundle; write JSON + markdown."""
+    from detector.calibration import calibrate_threshold
+    from detector.scoring import Detector
+    from train import pipeline
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = _Scores(out / "scores")
+    attacks: list[SavedAttack] = []
+    works = set()
+    for a in cfg.attacks:
+        attacks += saved_attacks(Path(a))
+        works.add(json.loads((Path(a) / "subset.json").read_text())["work"])
+    work_dir = cfg.work or (works.pop() if len(works) == 1 else None)
+    if work_dir is None:
+        raise ValueError(f"attack directories come from several work dirs {sorted(works)}: "
+                         "pass --work")
+    work = pipeline.Work(Path(work_dir))
+    x_test = work.load_npy("clean/test.npy")
+    x_val = work.load_npy("clean/val.npy")
+    # caches are named by what they hold, so one --out can serve other work dirs and sources
+    second_name = Path(cfg.second_source).name if cfg.second_source else ""
+    x_second = (second_source_clean(Path(cfg.second_source), out / "second-source" / second_name)
+                if cfg.second_source else None)
+    own = Path(work_dir).name
+    res: dict[str, Any] = {
+        "work": str(work_dir), "second_source": cfg.second_source,
+        "crafted_on": sorted({a.crafted_on for a in attacks}),
+        "attacks": {a.key: {"name": a.name, "eps": a.eps, "steps": a.steps,
+                            "dir": str(a.adv_path.parent.parent), "n": len(a.fooled),
+                            "n_fooled": int(a.fooled.sum())} for a in attacks},
+        "bundles": {},
+    }
+    for b in cfg.bundles:
+        det = Detector.load(b, num_threads=1)
+        label = cfg.labels.get(b, Path(b).name)
+        secret = det.manifest.training_data.get("config", {}).get("secret")
+        home = calibrate_threshold(scores.get(det, f"{own}-val-clean", x_val))
+        c_own = scores.get(det, f"{own}-test-clean", x_test)
+        c2 = (scores.get(det, f"{second_name}-clean", x_second) if x_second is not None
+              else None)
+        adv = {a.key: scores.get(det, f"adv-{Path(a.adv_path.parent.parent).name}-"
+                                      f"{a.adv_path.stem}", np.load(a.adv_path, mmap_mode="r"))
+               for a in attacks}
+        row: dict[str, Any] = {"bundle": str(b), "bundle_id": det.bundle_id,
+                               "secret": bool(secret),
+                               "public": det.bundle_id in res["crafted_on"]}
+        for point, thr in (("own", float(det.threshold)), ("home", float(home))):
+            r: dict[str, Any] = {"threshold": thr,
+                                 "clean_fpr_own": _rate(int((c_own >= thr).sum()), len(c_own)),
+                                 "attacks": {}}
+            if c2 is not None:
+                r["clean_fpr_second"] = _rate(int((c2 >= thr).sum()), len(c2))
+            for a in attacks:
+                flagged = adv[a.key] >= thr
+                r["attacks"][a.key] = {
+                    "detected_fooled": _rate(int((flagged & a.fooled).sum()),
+                                             int(a.fooled.sum())),
+                    "detected_all": _rate(int(flagged.sum()), len(flagged))}
+            row[point] = r
+        res["bundles"][label] = row
+        row = row["own"]
+        log(f"{label} ({det.bundle_id}, threshold {row['threshold']:.4f}, home {home:.4f}): "
+            "own clean FPR "
+            f"{row['clean_fpr_own']['rate']:.4f}"
+            + (f", second source {row['clean_fpr_second']['rate']:.4f}"
+               if "clean_fpr_second" in row else "")
+            + "; " + ", ".join(f"{k} {v['detected_fooled']['rate']:.3f}"
+                               for k, v in row["attacks"].items()))
+    (out / "greybox.json").write_text(json.dumps(res, indent=1))
+    (out / "greybox.md").write_text(markdown_table(res))
+    return res
+
+
+def _pct(r: dict[str, Any], ci: bool = True) -> str:
+    if not r["n"]:
+        return "n/a"
+    lo, hi = r["ci"]
+    txt = f"{100 * r['rate']:.1f}%"
+    return txt + (f" [{100 * lo:.1f}-{100 * hi:.1f}]" if ci else "")
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    """Both operating points' tables: each bundle's own threshold, then its home threshold."""
+    return "\n".join(
+        f"{title}\n\n{_table(res, point)}" for point, title in (
+            ("own", "At each bundle's own threshold (calibrated for 1% on every clean "
+                    "validation source, the resampled copies included):"),
+            ("home", "At each bundle's home threshold (1% of the training source's clean "
+                     "validation images; `sentinel calibrate --allow-lower`):")))
+
+
+def _table(res: dict[str, Any], point: str) -> str:
+    """Rows: each attack (detection among fooled images), then the clean FPRs; one column per
+    bundle at the threshold of ``point`` ("own" or "home")."""
+    names = list(res["bundles"])
+    rows = {n: res["bundles"][n][point] for n in names}
+    head = ["attack (crafted on " + ", ".join(res["crafted_on"]) + ")", "fools the victim",
+            *[f"{n}{' (public, white-box)' if res['bundles'][n]['public'] else ''}"
+              for n in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for key, a in res["attacks"].items():
+        cells = [f"{a['name']} (eps {a['eps']:g}, {a['steps']} steps)",
+                 f"{a['n_fooled']}/{a['n']}"]
+        cells += [_pct(rows[n]["attacks"][key]["detected_fooled"]) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("| clean FPR, own source test split | | "
+                 + " | ".join(_pct(rows[n]["clean_fpr_own"]) for n in names) + " |")
+    if res.get("second_source"):
+        lines.append(f"| clean FPR, {Path(res['second_source']).name} | | "
+                     + " | ".join(_pct(rows[n]["clean_fpr_second"])
+                                  for n in names) + " |")
+    lines.append("| threshold | | " + " | ".join(
+        f"{rows[n]['threshold']:.4f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--attacks", nargs="+", required=True, type=Path,
+                   help="--out directories of `python -m train.adaptive` run against the "
+                   "public bundle (their saved adv/*.npy are scored, never re-crafted)")
+    p.add_argument("--bundles", nargs="+", required=True, type=Path,
+                   help="bundles to score with, each at its own threshold (name the public "
+                   "one too for the white-box reference column)")
+    p.add_argument("--second-source", type=Path, default=None,
+                   help="independent clean folder (e.g. nih_cxr14_1000): clean FPR")
+    p.add_argument("--work", type=Path, default=None,
+                   help="training work dir with clean/test.npy (default: the attacks' own)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.greybox --attacks DIR... --bundles B... --out O``."""
+    import argparse
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.add_argument("--out", required=True, type=Path)
+    a = p.parse_args(argv)
+    from train.pipeline import log
+
+    res = run_greybox(GreyBoxConfig(
+        attacks=tuple(map(str, a.attacks)), bundles=tuple(map(str, a.bundles)), out=str(a.out),
+        second_source=str(a.second_source) if a.second_source else None,
+        work=str(a.work) if a.work else None), log=log)
+    print(markdown_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
