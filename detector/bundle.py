@@ -406,12 +406,14 @@ def manifest_feature_set(manifest: Manifest) -> str:
 def forest_columns(names: tuple[str, ...] | list[str], feature_set: str) -> tuple[int, ...] | None:
     """Where each of a forest's input ``names`` sits in ``feature_set``'s vector, when they are
     distinct features of that set in another order or a subset (a secret site bundle draws
-    them, train.secret); None when they are not (the whole set in order is then the only
-    other valid case). A runtime from before this reads such a manifest's names as a
-    mismatch and refuses the bundle rather than feeding its forest the wrong columns."""
+    them, train.secret); None when they are not, and for the whole set in order (the forest
+    then reads the vector's leading columns as they are, the only other valid case). A runtime
+    from before this reads such a manifest's names as a mismatch and refuses the bundle rather
+    than feeding its forest the wrong columns."""
     full = FEATURE_SETS.get(feature_set, ())
     names = tuple(names)
-    if not names or len(set(names)) != len(names) or not set(names) <= set(full):
+    if (not names or names == full or len(set(names)) != len(names)
+            or not set(names) <= set(full)):
         return None
     return tuple(full.index(n) for n in names)
 

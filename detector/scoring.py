@@ -324,9 +324,7 @@ class Detector:
         # the forest reads the first columns of the extracted vector, or (a secret site bundle,
         # train.secret) the drawn subset of its own set's features in the drawn order
         cols = forest_columns(manifest.feature_names, manifest_feature_set(manifest))
-        full = FEATURE_SETS[manifest_feature_set(manifest)]
-        self._forest_cols = (None if cols is None or manifest.feature_names == full
-                             else np.asarray(cols, np.int64))
+        self._forest_cols = None if cols is None else np.asarray(cols, np.int64)
 
     def forest_input(self, feats: np.ndarray) -> np.ndarray:
         """(1, n) forest input from one extracted feature vector."""

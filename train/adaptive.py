@@ -482,12 +482,9 @@ def _drawn_columns(manifest: Any) -> tuple[int, ...] | None:
     """The columns a secret site bundle's forest reads (train.secret), None for every other
     bundle (its forest reads a prefix of the feature vector)."""
     from detector import bundle as bundle_mod
-    from detector.features import FEATURE_SETS
 
-    fs = bundle_mod.manifest_feature_set(manifest)
-    if manifest.feature_names == FEATURE_SETS[fs]:
-        return None
-    return bundle_mod.forest_columns(manifest.feature_names, fs)
+    return bundle_mod.forest_columns(manifest.feature_names,
+                                     bundle_mod.manifest_feature_set(manifest))
 
 
 def load_models(bundle_dir: Path, x_fit: np.ndarray, y_fit: np.ndarray,
