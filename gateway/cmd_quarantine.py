@@ -48,7 +48,7 @@ from gateway.cmd_audit import StatePaths, add_location_arguments, locate
 from gateway.quarantine import NotQuarantined, Quarantine, QuarantineRecord
 
 if TYPE_CHECKING:
-    from gateway.config import DestinationConfig
+    from gateway.config import Config, DestinationConfig
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -277,19 +277,30 @@ def _duplicates(q: Quarantine, sop_uid: str, names: Sequence[str], paths: StateP
     return found
 
 
+def direct_destinations(cfg: Config | None) -> dict[str, DestinationConfig]:
+    """The ``orthanc-rest`` destinations of ``cfg``: a release uploads to them itself, since
+    the plugin form (gateway.orthanc_plugin) runs no forwarder to drain an outbox."""
+    if cfg is None:
+        return {}
+    return {n: d for n, d in cfg.destinations.items() if d.kind == "orthanc-rest"}
+
+
 def release_instance(q: Quarantine, paths: StatePaths, sop_uid: str, *, reason: str, actor: str,
                      sudo_user: str | None = None, destinations: Sequence[str] | None = None,
-                     resend_duplicate: bool = False, retention_days: float | None = None,
-                     direct: Mapping[str, DestinationConfig] | None = None,
+                     resend_duplicate: bool = False, cfg: Config | None = None,
                      ) -> tuple[QuarantineRecord, dict[str, str]]:
     """Release one held instance as ``sentinel quarantine release`` does (the review console
     calls this too): check the destinations, refuse a duplicate UID unless
     ``resend_duplicate``, queue the bytes and audit. Returns the record and, per destination,
-    why it went out as a duplicate (only with ``resend_duplicate``). ``retention_days``: the
-    sent ledger's (the config's ``retention.sent_ledger_days``; None: its default).
-    ``direct``: the ``orthanc-rest`` destinations among them, uploaded to now (the plugin form;
-    SendError, and the instance stays held, if one did not store it)."""
-    direct = dict(direct or {})
+    why it went out as a duplicate (only with ``resend_duplicate``). ``cfg``: the gateway's
+    config, for the sent ledger's retention (None: its default) and the ``orthanc-rest``
+    destinations, uploaded to now (the plugin form runs no forwarder); if one does not store
+    it, ValueError, and the instance stays held."""
+    from gateway.config import RetentionConfig
+    from gateway.forward import SendError
+
+    direct = direct_destinations(cfg)
+    retention_days = (cfg.retention if cfg is not None else RetentionConfig()).sent_ledger_days
     if paths.state_dir is None:
         raise ValueError("release needs --config or --state-dir (to find the outbox)")
     record = q.get(sop_uid)
@@ -297,10 +308,6 @@ def release_instance(q: Quarantine, paths: StatePaths, sop_uid: str, *, reason: 
         raise NotQuarantined(f"SOP Instance {sop_uid} is not in the quarantine at {q.root}")
     names = list(destinations) if destinations else list(record.destinations)
     _check_destinations(names, paths, given=bool(destinations))
-    if retention_days is None:
-        from gateway.config import RetentionConfig
-
-        retention_days = RetentionConfig().sent_ledger_days
     # an Orthanc says itself whether it holds the UID (AlreadyStored): no ledger to ask
     duplicates = _duplicates(q, sop_uid, [n for n in names if n not in direct], paths,
                              retention_days)
@@ -313,42 +320,34 @@ def release_instance(q: Quarantine, paths: StatePaths, sop_uid: str, *, reason: 
             "the first. It stays in the quarantine. To send it anyway: --resend-duplicate; to "
             f"discard it: sentinel quarantine purge {sop_uid} --reason ..."
         )
-    record = q.release(
-        sop_uid,
-        reason=reason,
-        actor=actor,
-        sudo_user=sudo_user,
-        enqueue=_outbox_enqueuer(paths.state_dir, resend_duplicate, direct),
-        destinations=names,
-        outcomes={**{name: "queued-duplicate" for name in duplicates},
-                  **{name: "stored" for name in direct if name in names}},
-    )
+    try:
+        record = q.release(
+            sop_uid,
+            reason=reason,
+            actor=actor,
+            sudo_user=sudo_user,
+            enqueue=_outbox_enqueuer(paths.state_dir, resend_duplicate, direct),
+            destinations=names,
+            outcomes={**{name: "queued-duplicate" for name in duplicates},
+                      **{name: "stored" for name in direct if name in names}},
+        )
+    except SendError as exc:
+        raise ValueError(f"{sop_uid} not released, it stays in the quarantine: {exc}") from None
     return record, duplicates
 
 
 def _release(q: Quarantine, paths: StatePaths, args: argparse.Namespace) -> int:
-    from gateway.forward import SendError
+    from gateway.config import load_config
 
-    retention_days = None
-    direct: dict[str, DestinationConfig] = {}
-    if args.config is not None:
-        from gateway.config import load_config
-
-        cfg = load_config(args.config)
-        retention_days = cfg.retention.sent_ledger_days
-        direct = {n: d for n, d in cfg.destinations.items() if d.kind == "orthanc-rest"}
-    try:
-        record, duplicates = release_instance(
-            q, paths, args.sop_uid, reason=args.reason, actor=operator_name(),
-            sudo_user=sudo_claim(), destinations=args.destination,
-            resend_duplicate=args.resend_duplicate, retention_days=retention_days,
-            direct=direct)
-    except SendError as exc:
-        raise ValueError(f"{args.sop_uid} not released, it stays in the quarantine: {exc}"
-                         ) from None
+    cfg = load_config(args.config) if args.config is not None else None
+    record, duplicates = release_instance(
+        q, paths, args.sop_uid, reason=args.reason, actor=operator_name(),
+        sudo_user=sudo_claim(), destinations=args.destination,
+        resend_duplicate=args.resend_duplicate, cfg=cfg)
     for why in duplicates.values():
         print(f"warning: {args.sop_uid} was {why}; sending a second object under the same UID "
               "as asked (--resend-duplicate)", file=sys.stderr)
+    direct = direct_destinations(cfg)
     done = [f"stored in {n}" if n in direct else f"queued for {n}" for n in record.destinations]
     print(f"released {record.sop_uid}: {', '.join(done)}")
     return EXIT_OK

@@ -90,8 +90,7 @@ def release(console: Console, sop_uids: list[str], *, reason: str, actor: str,
     for sop in sop_uids:
         try:
             release_instance(console.quarantine, console.paths, sop, reason=reason,
-                             actor=actor, resend_duplicate=resend_duplicate,
-                             retention_days=console.cfg.retention.sent_ledger_days)
+                             actor=actor, resend_duplicate=resend_duplicate, cfg=console.cfg)
             done.append(sop)
         except (OSError, ValueError, ReleaseRefused, NotQuarantined) as exc:
             errors.append(str(exc))
