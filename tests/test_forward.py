@@ -16,10 +16,11 @@ from typing import Any
 import pydicom
 import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.pdu import P_DATA_TF
 
 from gateway.audit import AuditLog
 from gateway.config import Config, load_config
-from gateway.forward import Forwarder
+from gateway.forward import DicomSender, Forwarder, SendError
 from gateway.metrics import Metrics
 from gateway.spool import enqueue_outbox, list_outbox
 from tests.dcmtk import free_port, require_dcmtk
@@ -38,7 +39,7 @@ class CaptureSCP:
     """A Storage SCP that keeps what arrives: (calling AE, SOP UID, transfer syntax, bytes)."""
 
     def __init__(self, ssl_context: Any = None, store_delay_s: float = 0.0,
-                 max_associations: int = 10) -> None:
+                 max_associations: int = 10, max_pdu: int = 0) -> None:
         self.port = free_port()
         self.received: list[tuple[str, str, str, bytes]] = []
         self.associations: set[int] = set()  # the associations that carried a C-STORE
@@ -46,16 +47,23 @@ class CaptureSCP:
         self._busy = 0
         self._delay = store_delay_s  # a PACS that takes its time to store
         self._lock = threading.Lock()
+        # each P-DATA-TF PDU's length field: what "maximum length received" bounds (PS3.8 D.1)
+        self.pdu_lengths: list[int] = []
         self._saved = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = False  # keep the raw bytes in memory here
         ae = AE(ae_title="CAPTURE")
-        ae.maximum_pdu_size = 0
+        ae.maximum_pdu_size = max_pdu  # what the sender must fragment to (0: unlimited)
         ae.maximum_associations = max_associations  # more are rejected (A-ASSOCIATE-RJ)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._store)],
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store),
+                                                     (evt.EVT_PDU_RECV, self._pdu)],
                                        ssl_context=ssl_context)
+
+    def _pdu(self, event: Any) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            self.pdu_lengths.append(event.pdu.pdu_length)
 
     def _store(self, event: Any) -> int:
         with self._lock:
@@ -152,6 +160,71 @@ def test_byte_for_byte_in_order_once(capture: CaptureSCP, tmp_path: Path, nema_d
         assert len(capture.received) == len(files)
     finally:
         fw.stop()
+
+
+def test_streamed_c_store_is_fragmented_to_the_peers_maximum_pdu(tmp_path: Path,
+                                                                 nema_dir: Path) -> None:
+    """The forwarder writes the C-STORE's PDUs itself (``StreamedStoreRequest``): each within
+    the PACS's maximum PDU (4 KB here, the DICOM minimum), the dataset byte for byte whatever
+    its length against the fragment size, and pynetdicom's slower path is not what ran."""
+    capture = CaptureSCP(max_pdu=4096)
+    try:
+        dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+                f'port = {capture.port}\nae_title = "CAPTURE"\n')
+        cfg = make_config(tmp_path, dest)
+        files = [*make_series(tmp_path / "in", 2, rows=100, cols=77),  # odd lengths
+                 *make_series(tmp_path / "small", 1, rows=8, cols=8),  # under one fragment
+                 nema_dir / "RG1_J2KR.dcm"]
+        sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
+        streamed: dict[int, int] = {}  # per association (a new context opens a new one)
+        try:
+            for f in files:
+                sender.send(f, {})
+                stream = sender._assoc.dimse.send_msg  # type: ignore[union-attr]
+                streamed[id(stream)] = stream.streamed
+        finally:
+            sender.close()
+        assert sum(streamed.values()) == len(files), "pynetdicom's own send path ran instead"
+        by_uid = {uid: data for _c, uid, _t, data in capture.received}
+        for f in files:
+            assert by_uid[sop_uid_of(f)] == dataset_bytes(f), f"{f.name} not byte for byte"
+        assert capture.pdu_lengths and max(capture.pdu_lengths) <= 4096
+        assert sum(n == 4096 for n in capture.pdu_lengths) > 10  # full fragments were used
+    finally:
+        capture.stop()
+
+
+def test_peer_dropping_mid_stream_fails_the_send_and_the_next_one_reconnects(
+        tmp_path: Path) -> None:
+    """A PACS that drops the connection while the dataset is on the wire: the send fails as a
+    connection error (the forwarder holds and retries), and the next send opens a fresh
+    association and delivers the same instance whole."""
+    capture = CaptureSCP(max_pdu=4096)
+    dropped: list[int] = []
+
+    def drop(event: Any) -> None:
+        if isinstance(event.pdu, P_DATA_TF) and not dropped and len(capture.pdu_lengths) > 20:
+            dropped.append(1)
+            event.assoc.dul.socket.socket.shutdown(2)  # SHUT_RDWR, as a crashed peer
+
+    capture._server.bind(evt.EVT_PDU_RECV, drop)
+    try:
+        dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+                f'port = {capture.port}\nae_title = "CAPTURE"\n')
+        cfg = make_config(tmp_path, dest, forwarding=None)
+        f = make_series(tmp_path / "in", 1, rows=1024, cols=1024)[0]  # 2 MB: 500 PDUs
+        sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
+        try:
+            with pytest.raises(SendError) as failed:
+                sender.send(f, {})
+            assert failed.value.connection
+            assert dropped and not capture.received
+            sender.send(f, {})
+        finally:
+            sender.close()
+        assert [data for *_x, data in capture.received] == [dataset_bytes(f)]
+    finally:
+        capture.stop()
 
 
 def test_parallel_associations_deliver_each_instance_once(tmp_path: Path) -> None:
