@@ -266,7 +266,12 @@ class DestinationConfig:
     path: Path | None = None
     # sender threads: concurrent associations to a DICOM destination (``associations``) or
     # concurrent HTTP requests to a DICOMweb one (``connections``)
-    associations: int = 1
+    associations: int = 2
+    # DICOM only: an association beyond the first sends only while at least this many MB per
+    # extra association wait to be sent (0: always). Two C-STOREs at once overlap the PACS's
+    # storing of one with the transfer of the next, which pays for large instances and costs
+    # for small ones (the receiving side's CPU): bench/RESULTS.md, "A second association".
+    extra_association_backlog_mb: float = 16.0
     # DICOMweb (STOW-RS) only. Secrets are never held here, only the files that hold them: the
     # sender reads them when it opens a session, so a config printed or logged shows no secret.
     url: str = ""  # the DICOMweb base, without credentials; instances are POSTed to {url}/studies
@@ -1038,7 +1043,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             destinations[name] = DestinationConfig(name=name, kind=kind, path=d.path_("path", base))
         elif kind == "dicom":
             d.check_known(("kind", "host", "port", "ae_title", "tls", "present_caller_ae",
-                           "associations", "commitment"))
+                           "associations", "extra_association_backlog_mb", "commitment"))
             destinations[name] = DestinationConfig(
                 name=name,
                 kind=kind,
@@ -1047,7 +1052,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                 ae_title=d.ae("ae_title"),
                 tls=_parse_tls(d, base, inbound=False),
                 present_caller_ae=d.bool_("present_caller_ae", False),
-                associations=d.int_("associations", 1, 1, 16),
+                associations=d.int_("associations", 2, 1, 16),
+                extra_association_backlog_mb=d.num("extra_association_backlog_mb", 16.0, 0.0,
+                                                   1e6),
                 commitment=d.bool_("commitment", False),
             )
         elif kind in ("dicomweb", "orthanc-rest"):

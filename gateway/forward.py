@@ -10,16 +10,17 @@ Why this shape:
   the one exception is an operator's ``quarantine release --resend-duplicate``, marked in the
   entry's sidecar, which is sent and audited as such.
 - Byte-for-byte: the stored file's dataset bytes are sent as they are, in their own transfer
-  syntax (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``: no decode, no re-encode, streamed); the
-  association proposes exactly the (SOP Class, transfer syntax) pairs the queue holds.
-- ``associations`` persistent associations per destination (default 1; per presented calling AE
+  syntax (no decode, no re-encode); the association proposes exactly the (SOP Class, transfer
+  syntax) pairs the queue holds. ``StreamedStoreRequest`` writes the request's PDUs from the
+  file itself, because pynetdicom's per-PDU path cost as much as the PACS's whole store.
+- ``associations`` persistent associations per destination (default 2; per presented calling AE
   title), one sender thread each, reopened when they fail; released after ``idle_release_s``
   without work. ``TCP_NODELAY`` is set on their sockets. A C-STORE waits for the peer's answer
   (Orthanc or DCMTK do not negotiate asynchronous operations), so one association is idle
-  while the peer stores; a second keeps the link busy (measured on a quiet 2-core machine: the
-  gateway's sender alone reached 0.50 / 0.74 of one storescu into Orthanc with one
-  association and 0.73 / 0.93 with two, 512x512 / 2048x2500 images,
-  ``bench/forward_ceiling.py``).
+  while the peer stores; a second overlaps that with the next transfer. The second sends only
+  while ``extra_association_backlog_mb`` wait unsent: on large instances it is what lets
+  forwarding keep up with screening, on a trickle of small ones it only costs the receiving
+  side CPU (bench/RESULTS.md, "A second association").
 - Destination kinds: ``dicom`` (``DicomSender``), ``directory`` (``DirectorySender``) and
   ``dicomweb`` (``gateway.dicomweb.DicomWebSender``, STOW-RS): same queue, same outcomes.
 - Failures back off exponentially (capped); a connection failure holds the whole destination,
@@ -92,6 +93,7 @@ class Entry:
     sop_uid: str
     seq: str
     meta: dict[str, Any]
+    size: int = 0  # bytes of the stored file
     attempts: int = 0
     next_attempt: float = 0.0
     first_failure: float = 0.0
@@ -478,7 +480,8 @@ class Forwarder:
     def start(self) -> None:
         for k, sender in enumerate(self.senders):
             name = f"forward-{self.dest.name}" + (f"-{k + 1}" if len(self.senders) > 1 else "")
-            thread = threading.Thread(target=self._run, args=(sender,), name=name, daemon=True)
+            thread = threading.Thread(target=self._run, args=(sender, k), name=name,
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
         self._completer = threading.Thread(
@@ -531,9 +534,11 @@ class Forwarder:
         for n in names:
             if n not in self._entries:
                 meta = read_json(self.dir / (n[:-4] + ".json"))
-                self._entries[n] = Entry(
-                    name=n, sop_uid=sop_from_outbox_name(n), seq=n.split("-", 1)[0], meta=meta
-                )
+                size = 0
+                with contextlib.suppress(OSError):
+                    size = (self.dir / n).stat().st_size
+                self._entries[n] = Entry(name=n, sop_uid=sop_from_outbox_name(n),
+                                         seq=n.split("-", 1)[0], meta=meta, size=size)
         self._order = names  # list_outbox returns them sorted (receipt order)
         self._publish(force=True)
 
@@ -553,11 +558,17 @@ class Forwarder:
             self._metrics.queue(self.dest.name, self.stats.depth, self.stats.oldest_age,
                                 self.stats.dead)
 
-    def _next(self, now: float) -> tuple[Entry | None, float]:
-        """The first sendable entry in FIFO order, or None and when to look again."""
+    def _next(self, now: float, rank: int = 0) -> tuple[Entry | None, float]:
+        """The first sendable entry in FIFO order, or None and when to look again.
+
+        ``rank``: the sender's place among the destination's associations. The first always
+        sends; sender k > 0 only while k x ``extra_association_backlog_mb`` wait unsent, so a
+        trickle of small instances keeps to one association (a new entry wakes every sender)."""
         wait = RESCAN_S
         if now < self._dest_hold_until:
             return None, min(wait, self._dest_hold_until - now)
+        if rank and not self._backlog_reaches(rank * self.dest.extra_association_backlog_mb):
+            return None, wait
         held_studies: set[str] = set()
         held_assocs: set[str] = set()
         for n in self._order:
@@ -580,7 +591,18 @@ class Forwarder:
             return e, 0.0
         return None, wait
 
-    def _run(self, sender: Sender) -> None:
+    def _backlog_reaches(self, megabytes: float) -> bool:
+        """At least ``megabytes`` of the queue are waiting and not in flight (holds ``_cond``)."""
+        need = megabytes * 1e6
+        waiting = 0
+        for name, entry in self._entries.items():
+            if name not in self._in_flight:
+                waiting += entry.size
+                if waiting >= need:
+                    return True
+        return need <= 0
+
+    def _run(self, sender: Sender, rank: int) -> None:
         """One sender thread: claim the next sendable entry, send it, repeat."""
         last_work = time.monotonic()
         refusals = 0  # this sender's own failures while another association worked
@@ -593,7 +615,7 @@ class Forwarder:
                     self._wake = False
                     self._rescan()
                     self._last_scan = mono
-                entry, wait = self._next(time.time())
+                entry, wait = self._next(time.time(), rank)
                 if entry is None:
                     self._expire_while_held()
                     idle = self._config().forwarding.idle_release_s

@@ -233,7 +233,8 @@ def test_parallel_associations_deliver_each_instance_once(tmp_path: Path) -> Non
     capture = CaptureSCP(store_delay_s=0.05)
     try:
         dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
-                f'port = {capture.port}\nae_title = "CAPTURE"\nassociations = 3\n')
+                f'port = {capture.port}\nae_title = "CAPTURE"\nassociations = 3\n'
+                'extra_association_backlog_mb = 0\n')  # all three send whatever the backlog
         cfg = make_config(tmp_path, dest)
         assert cfg.destinations["pacs"].associations == 3
         files = make_series(tmp_path / "in", 12, rows=64, cols=64)
@@ -261,13 +262,47 @@ def test_parallel_associations_deliver_each_instance_once(tmp_path: Path) -> Non
         capture.stop()
 
 
+def test_second_association_opens_only_for_a_backlog(tmp_path: Path) -> None:
+    """The default two associations: small instances trickling in go over one; a backlog of at
+    least ``extra_association_backlog_mb`` brings the second in, two C-STOREs at once."""
+    capture = CaptureSCP(store_delay_s=0.05)
+    try:
+        dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+                f'port = {capture.port}\nae_title = "CAPTURE"\n'
+                'extra_association_backlog_mb = 1\n')
+        cfg = make_config(tmp_path, dest)
+        assert cfg.destinations["pacs"].associations == 2  # the default
+        fw = Forwarder(cfg.destinations["pacs"], lambda: cfg, AuditLog(cfg.audit_path),
+                       Metrics())
+        small = make_series(tmp_path / "small", 8, rows=64, cols=64)  # 8 KB each
+        for f in small:
+            enqueue_copy(cfg, "pacs", f, tmp_path)
+        fw.start()
+        try:
+            assert wait_until(lambda: not list_outbox(fw.dir), 30)
+            assert len(capture.associations) == 1 and capture.most_at_once == 1
+            large = make_series(tmp_path / "large", 8, rows=512, cols=512)  # 512 KB each
+            for f in large:
+                enqueue_copy(cfg, "pacs", f, tmp_path)
+            fw.notify()
+            assert wait_until(lambda: not list_outbox(fw.dir), 60)
+        finally:
+            fw.stop()
+        assert len(capture.associations) == 2 and capture.most_at_once == 2
+        assert sorted(uid for _c, uid, _t, _d in capture.received) == sorted(
+            sop_uid_of(f) for f in (*small, *large))
+    finally:
+        capture.stop()
+
+
 def test_fewer_associations_accepted_than_asked_for_still_delivers(tmp_path: Path) -> None:
     """A PACS that takes one association from us while ``associations = 3``: the extra senders
     rest, the one that connected carries the queue, nothing is held back or dead-lettered."""
     capture = CaptureSCP(store_delay_s=0.02, max_associations=1)
     try:
         dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
-                f'port = {capture.port}\nae_title = "CAPTURE"\nassociations = 3\n')
+                f'port = {capture.port}\nae_title = "CAPTURE"\nassociations = 3\n'
+                'extra_association_backlog_mb = 0\n')
         cfg = make_config(tmp_path, dest, forwarding="backoff_initial_s = 30\n")
         files = make_series(tmp_path / "in", 10, rows=64, cols=64)
         for f in files:
@@ -353,10 +388,11 @@ def test_dead_letter_after_max_age(tmp_path: Path) -> None:
     fw.start()
     try:
         dead = cfg.spool_dir / "dead" / "pacs"
-        assert wait_until(lambda: len(list_outbox(dead)) == 1, 20)
-        assert fw.depth() == 0
+        # the file moves first, the queue and the counters follow (under the forwarder's lock)
+        assert wait_until(lambda: len(list_outbox(dead)) == 1 and fw.depth() == 0 and metric(
+            metrics.render().decode(), "sentinel_dead_lettered_total", destination="pacs") == 1,
+            20)
         text = metrics.render().decode()
-        assert metric(text, "sentinel_dead_lettered_total", destination="pacs") == 1
         assert metric(text, "sentinel_dead_letter_depth", destination="pacs") == 1
         assert '"event":"dead-letter"' in cfg.audit_path.read_text()
     finally:
