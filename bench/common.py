@@ -404,7 +404,7 @@ class GatewayRun:
 def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int = 2,
             max_assoc: int = 16, env: dict[str, str] | None = None,
             default_rule: str = SCREEN_ALL, isolation: str = "process",
-            associations: int = 1, nice: int | None = None) -> Iterator[GatewayRun]:
+            associations: int = 2, nice: int | None = None) -> Iterator[GatewayRun]:
     """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc over
     ``associations`` concurrent associations; ``nice``: the scorers' niceness (None: default).
 
@@ -531,7 +531,7 @@ def send_via_orthanc_router(root: Path, files: Sequence[Path], k: int = 1,
 def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1,
                      workers: int = 2, timeout: float = 900,
                      default_rule: str = SCREEN_ALL, warm: Sequence[Path] = (),
-                     isolation: str = "process", associations: int = 1,
+                     isolation: str = "process", associations: int = 2,
                      nice: int | None = None) -> Send:
     """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
 

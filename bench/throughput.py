@@ -53,9 +53,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--isolation", nargs="+", choices=("process", "thread"), default=["process"],
                    help="gateway screening isolation; two values measure both, side by side "
                    "in every repeat")
-    p.add_argument("--associations", nargs="+", type=int, default=[1],
+    p.add_argument("--associations", nargs="+", type=int, default=[2],
                    help="the gateway's forwarding associations to Orthanc (destination "
-                   "setting `associations`); several values measure each, side by side")
+                   "setting `associations`, product default 2); several values measure each, "
+                   "side by side")
     p.add_argument("--nice", nargs="+", type=int, default=[10],
                    help="niceness of the gateway's scoring processes ([detector] nice, default "
                    "10); several values measure each, side by side")
