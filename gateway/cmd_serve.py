@@ -41,12 +41,10 @@ def setup_logging(level: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from detector.errors import BundleError
-    from gateway.allocator import keep_freed_memory
     from gateway.config import ConfigError, load_config
     from gateway.detector_process import ScoringStartError
     from gateway.service import Gateway
 
-    keep_freed_memory()  # before the first instance's buffers (gateway.allocator says why)
     setup_logging(args.log_level)
     log = logging.getLogger("sentinel.serve")
     try:

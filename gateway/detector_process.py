@@ -516,9 +516,6 @@ def _child_main(sock: socket.socket, bundle: str | None, threads: int, nice: int
     """Load the bundle, say so, then score one request at a time until the socket closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from gateway.allocator import keep_freed_memory
-
-    keep_freed_memory()  # the same arrays every instance: no page faults to map them again
     nice_error = _renice(nice)
     import warnings
 
