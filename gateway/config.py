@@ -23,7 +23,8 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [commitment]   quarantine_hold_s, max_instances, pacs_report_timeout_s (Storage Commitment:
                    gateway.commitment, and gateway.commitment_scu for a destination's)
     [destinations.NAME]  kind = "dicom" (host, port, ae_title, tls, present_caller_ae,
-                         associations, commitment; tls: cert/key/ca/verify_hostname)
+                         associations, extra_association_backlog_mb, commitment;
+                         tls: cert/key/ca/verify_hostname)
                          or "directory" (path)
                          or "dicomweb" (url, token_file | username + password_file, ca,
                          timeout_s, connections, allow_plain_http: STOW-RS, gateway.dicomweb)
