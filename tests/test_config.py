@@ -156,12 +156,18 @@ bundle = "nowhere"
     cfg = load_config(write(tmp_path, text.replace('bundle = "nowhere"', "")))
     pacs = cfg.destinations["pacs"]
     assert pacs.kind == "dicom" and pacs.port == 4242 and pacs.present_caller_ae
-    assert pacs.associations == 1  # one association unless asked: strict arrival order
-    two = text.replace('bundle = "nowhere"', "").replace("present_caller_ae = true",
-                                                          "associations = 2")
-    assert load_config(write(tmp_path, two)).destinations["pacs"].associations == 2
+    # two associations, the second only for a backlog of 16 MB (gateway.forward)
+    assert pacs.associations == 2 and pacs.extra_association_backlog_mb == 16.0
+    one = text.replace('bundle = "nowhere"', "").replace("present_caller_ae = true",
+                                                          "associations = 1")
+    assert load_config(write(tmp_path, one)).destinations["pacs"].associations == 1
     with pytest.raises(ConfigError, match=r"destinations.pacs.associations"):
-        load_config(write(tmp_path, two.replace("associations = 2", "associations = 0")))
+        load_config(write(tmp_path, one.replace("associations = 1", "associations = 0")))
+    always = one.replace("associations = 1", "extra_association_backlog_mb = 0")
+    assert load_config(write(tmp_path, always)).destinations["pacs"] \
+        .extra_association_backlog_mb == 0
+    with pytest.raises(ConfigError, match=r"destinations.pacs.extra_association_backlog_mb"):
+        load_config(write(tmp_path, always.replace("= 0", "= -1")))
 
 
 def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
