@@ -44,6 +44,8 @@ import contextlib
 import logging
 import os
 import queue
+import select
+import socket
 import ssl
 import struct
 import threading
@@ -222,7 +224,9 @@ class DicomSender:
         try:
             status = self._assoc.send_c_store(path)
         except (RuntimeError, OSError, ValueError, AttributeError) as exc:
-            self.close()
+            # abort, not release: a request may be cut off mid-PDU, and a peer that stopped
+            # reading would not answer an A-RELEASE either
+            self.close(abort=True)
             raise SendError(f"C-STORE to {self.dest.name} failed: {exc}", connection=True) from exc
         code = getattr(status, "Status", None)
         if code is None:
@@ -269,6 +273,9 @@ class StreamedStoreRequest:
     private ``_dataset_path`` gone in a later version) or a TLS socket without ``sendmsg``
     falls back to pynetdicom's own ``send_msg``; ``tests/test_forward.py`` fails if the stream
     stops being used. The bytes sent are the same as pynetdicom's: the file's dataset as stored.
+    A PACS that stops reading for the association's DIMSE timeout fails the send (TimeoutError,
+    an OSError: the association is aborted and the instance retried), as pynetdicom's wait for
+    the answer would have; the socket itself stays blocking, as pynetdicom expects.
     """
 
     BATCH = 64  # PDUs per system call: 1 MB of data at a 16 KB maximum PDU
@@ -292,7 +299,7 @@ class StreamedStoreRequest:
         max_pdu = int(self._assoc.acceptor.maximum_length or 0)
         fragment = max_pdu - 6 if max_pdu else 1 << 24  # a PDV item: 4-byte length, context, flags
         path, offset = dataset
-        writer = _PduWriter(sock, context_id)
+        writer = _PduWriter(sock, context_id, float(self._assoc.dimse_timeout or 60.0))
         for start in range(0, len(command), fragment):
             last = start + fragment >= len(command)
             writer.add(0x03 if last else 0x01, memoryview(command)[start:start + fragment])
@@ -316,13 +323,17 @@ class StreamedStoreRequest:
 
 
 class _PduWriter:
-    """P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5), collected and written with ``sendmsg``."""
+    """P-DATA-TF PDUs of one PDV each (PS3.8 9.3.5), collected and written with ``sendmsg``.
+
+    Writes never block: a full socket is waited on with ``poll`` for at most ``stall_s`` at a
+    time, so a peer that stops reading ends the send instead of holding the thread forever."""
 
     _HEADER = struct.Struct(">BBIIBB")  # type, reserved, PDU length, PDV length, context, flags
 
-    def __init__(self, sock: Any, context_id: int) -> None:
+    def __init__(self, sock: Any, context_id: int, stall_s: float) -> None:
         self._sock = sock
         self._context_id = context_id
+        self._stall_ms = max(1, int(stall_s * 1000))
         self._parts: list[bytes | memoryview] = []
 
     def add(self, flags: int, data: memoryview) -> None:
@@ -332,8 +343,18 @@ class _PduWriter:
     def flush(self) -> None:
         parts, self._parts = self._parts, []
         first = 0
+        poller = None
         while first < len(parts):
-            sent = self._sock.sendmsg(parts[first:first + 1024])  # IOV_MAX is 1024 on Linux
+            try:  # IOV_MAX is 1024 on Linux
+                sent = self._sock.sendmsg(parts[first:first + 1024], (), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(self._sock, select.POLLOUT)
+                if not poller.poll(self._stall_ms):
+                    raise TimeoutError(
+                        f"the peer read nothing for {self._stall_ms / 1000:g} s") from None
+                continue
             while first < len(parts) and sent >= len(parts[first]):
                 sent -= len(parts[first])
                 first += 1

@@ -227,6 +227,47 @@ def test_peer_dropping_mid_stream_fails_the_send_and_the_next_one_reconnects(
         capture.stop()
 
 
+def test_peer_that_stops_reading_fails_the_send_within_the_dimse_timeout(
+        tmp_path: Path) -> None:
+    """A PACS that accepts the association and then reads nothing more (its reading thread
+    stuck): the streamed request waits for it at most ``timeouts.dimse_s``, then the send
+    fails as a connection error and the association is aborted, instead of the forwarding
+    thread hanging in a write for ever."""
+    capture = CaptureSCP()
+    stuck, release = threading.Event(), threading.Event()
+
+    def stop_reading(event: Any) -> None:
+        if isinstance(event.pdu, P_DATA_TF) and not stuck.is_set():
+            stuck.set()
+            release.wait(60)  # this is the SCP's only reading thread for the association
+
+    capture._server.bind(evt.EVT_PDU_RECV, stop_reading)
+    try:
+        dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+                f'port = {capture.port}\nae_title = "CAPTURE"\n')
+        p = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=free_port(),
+                         destinations=dest)
+        p.write_text(p.read_text().replace("dimse_s = 20", "dimse_s = 1.5"))
+        cfg = load_config(p)
+        # 32 MB: more than loopback's socket buffers hold, so the writer must wait
+        f = make_series(tmp_path / "in", 1, rows=4096, cols=4096)[0]
+        sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(SendError, match="read nothing") as failed:
+                sender.send(f, {})
+            waited = time.monotonic() - t0
+            assert failed.value.connection and stuck.is_set()
+            assert sender._assoc is None  # aborted, reopened by the next send
+        finally:
+            release.set()
+            sender.close()
+        assert waited < 15, waited
+    finally:
+        release.set()
+        capture.stop()
+
+
 def test_parallel_associations_deliver_each_instance_once(tmp_path: Path) -> None:
     """``associations = 3``: C-STOREs overlap on several associations, every instance arrives
     once and byte for byte, and a second copy of a SOP UID is not sent beside the first."""
