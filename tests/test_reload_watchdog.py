@@ -147,7 +147,7 @@ def test_reloads_while_an_old_forwarder_drains_end_with_one_forwarder_of_the_las
         _queue(state, make_series(tmp_path / "in", 1, rows=32, cols=32)[0], tmp_path)
         assert wait_until(lambda: scp._busy > 0, 20)
         took = []
-        for text in (_dest(scp.port, True), _dest(scp.port, True) + "associations = 2\n"):
+        for text in (_dest(scp.port, True), _dest(scp.port, True) + "associations = 3\n"):
             cfg_path.write_text(cfg_path.read_text().split("[destinations.pacs]")[0] + text + out)
             t0 = time.monotonic()
             assert gw.reload()
@@ -156,7 +156,7 @@ def test_reloads_while_an_old_forwarder_drains_end_with_one_forwarder_of_the_las
         assert "pacs" not in gw.forwarders  # retiring; its replacement waits for it
         assert wait_until(lambda: "pacs" in gw.forwarders, 40)
         fw = gw.forwarders["pacs"]
-        assert fw.dest.present_caller_ae and fw.dest.associations == 2
+        assert fw.dest.present_caller_ae and fw.dest.associations == 3  # not the default 2
         assert wait_until(lambda: not gw._retiring, 10)
         assert gw.forwarders["pacs"] is fw and fw.alive() and gw._threads_alive()
         assert len(scp.received) == 1
