@@ -262,7 +262,7 @@ class StreamedStoreRequest:
     16 KB maximum PDU a 10 MB CR is 627 PDUs: 20 ms and 23 ms of CPU before the PACS can start
     storing it, where storescu takes 41 ms for the whole C-STORE (bench/RESULTS.md, "Streaming
     the forwarded C-STORE"). Here the sending thread frames the PDUs itself and writes up to
-    ``BATCH`` of them per system call, reading the stored file into one reused buffer.
+    1 MB of them per system call, reading the stored file into one reused buffer.
 
     What stays pynetdicom's: choosing the presentation context, building the request, the
     response and its timeout (``send_c_store`` is called as before), every other message, and
@@ -274,11 +274,12 @@ class StreamedStoreRequest:
     falls back to pynetdicom's own ``send_msg``; ``tests/test_forward.py`` fails if the stream
     stops being used. The bytes sent are the same as pynetdicom's: the file's dataset as stored.
     A PACS that stops reading for the association's DIMSE timeout fails the send (TimeoutError,
-    an OSError: the association is aborted and the instance retried), as pynetdicom's wait for
-    the answer would have; the socket itself stays blocking, as pynetdicom expects.
+    an OSError: the connection is shut down and the instance retried), as pynetdicom's wait for
+    the answer would have; the socket itself stays blocking, as pynetdicom expects. A PACS
+    without a maximum PDU gets PDVs of ``BUFFER`` bytes, so memory per send stays at 1 MB.
     """
 
-    BATCH = 64  # PDUs per system call: 1 MB of data at a 16 KB maximum PDU
+    BUFFER = 1 << 20  # bytes read and written per system call: 64 PDUs at a 16 KB maximum PDU
 
     def __init__(self, assoc: Any, fallback: Callable[[Any, int], None]) -> None:
         self._assoc = assoc
@@ -288,16 +289,18 @@ class StreamedStoreRequest:
     def __call__(self, primitive: Any, context_id: int) -> None:
         dataset = getattr(primitive, "_dataset_path", None)
         sock = getattr(getattr(self._assoc.dul, "socket", None), "socket", None)
+        max_pdu = int(self._assoc.acceptor.maximum_length or 0)
         if (not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is not None
                 or not isinstance(dataset, tuple) or sock is None
-                or isinstance(sock, ssl.SSLSocket)):
+                or isinstance(sock, ssl.SSLSocket) or 0 < max_pdu <= 6):
             self._fallback(primitive, context_id)
             return
         message = C_STORE_RQ()
         message.primitive_to_message(primitive)
         command = encode(message.command_set, True, True)
-        max_pdu = int(self._assoc.acceptor.maximum_length or 0)
-        fragment = max_pdu - 6 if max_pdu else 1 << 24  # a PDV item: 4-byte length, context, flags
+        # a PDV item adds 6 bytes (length, context, flags); a PACS without a limit (0) or a very
+        # large one gets PDVs of BUFFER bytes, which any limit of at least that allows
+        fragment = min(max_pdu - 6, self.BUFFER) if max_pdu else self.BUFFER
         path, offset = dataset
         writer = _PduWriter(sock, context_id, float(self._assoc.dimse_timeout or 60.0))
         for start in range(0, len(command), fragment):
@@ -306,7 +309,7 @@ class StreamedStoreRequest:
         with open(path, "rb") as f:
             length = f.seek(0, os.SEEK_END) - offset
             f.seek(offset)
-            buffer = bytearray(fragment * self.BATCH)
+            buffer = bytearray(max(fragment, self.BUFFER // fragment * fragment))
             sent = 0
             while sent < length:
                 got = f.readinto(buffer)
@@ -352,6 +355,10 @@ class _PduWriter:
                     poller = select.poll()
                     poller.register(self._sock, select.POLLOUT)
                 if not poller.poll(self._stall_ms):
+                    # the connection goes, not just the request: an A-ABORT queued behind our
+                    # bytes would wait on the same full socket
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)
                     raise TimeoutError(
                         f"the peer read nothing for {self._stall_ms / 1000:g} s") from None
                 continue
