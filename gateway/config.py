@@ -267,12 +267,15 @@ class DestinationConfig:
     path: Path | None = None
     # sender threads: concurrent associations to a DICOM destination (``associations``) or
     # concurrent HTTP requests to a DICOMweb one (``connections``)
-    associations: int = 2
-    # DICOM only: an association beyond the first sends only while at least this many MB per
-    # extra association wait to be sent (0: always). Two C-STOREs at once overlap the PACS's
-    # storing of one with the transfer of the next, which pays for large instances and costs
-    # for small ones (the receiving side's CPU): bench/RESULTS.md, "A second association".
-    extra_association_backlog_mb: float = 16.0
+    # (a DICOM destination's default is 2, set where it is parsed; other kinds keep 1)
+    associations: int = 1
+    # An association beyond the first sends only while at least this many MB per extra
+    # association wait to be sent (0: always, the only value for other kinds). A DICOM
+    # destination's default is 16: two C-STOREs at once overlap the PACS's storing of one with
+    # the transfer of the next, which pays for large instances and costs for small ones (the
+    # receiving side's CPU): bench/RESULTS.md, "Streaming the forwarded C-STORE, and a second
+    # association for a backlog".
+    extra_association_backlog_mb: float = 0.0
     # DICOMweb (STOW-RS) only. Secrets are never held here, only the files that hold them: the
     # sender reads them when it opens a session, so a config printed or logged shows no secret.
     url: str = ""  # the DICOMweb base, without credentials; instances are POSTed to {url}/studies

@@ -20,7 +20,8 @@ Why this shape:
   while the peer stores; a second overlaps that with the next transfer. The second sends only
   while ``extra_association_backlog_mb`` wait unsent: on large instances it is what lets
   forwarding keep up with screening, on a trickle of small ones it only costs the receiving
-  side CPU (bench/RESULTS.md, "A second association").
+  side CPU (bench/RESULTS.md, "Streaming the forwarded C-STORE, and a second association for
+  a backlog").
 - Destination kinds: ``dicom`` (``DicomSender``), ``directory`` (``DirectorySender``) and
   ``dicomweb`` (``gateway.dicomweb.DicomWebSender``, STOW-RS): same queue, same outcomes.
 - Failures back off exponentially (capped); a connection failure holds the whole destination,
