@@ -145,6 +145,37 @@ def test_clean_stored_attacked_refused_held_then_released(tmp_path: Path,
         assert v.returncode == 0, v.stdout + v.stderr
 
 
+def test_console_release_puts_the_instance_into_the_plugins_orthanc(
+        tmp_path: Path, attacked_cr: tuple[Path, Path]) -> None:
+    """The review console's release in the plugin form: the same code as the CLI's, so the
+    held instance goes into that Orthanc by REST (not into an outbox no forwarder drains),
+    byte-identical pixels, audited with the reviewer's name and reason."""
+    pytest.importorskip("starlette", reason="the console extra: pip install -e .[console]")
+    from gateway.console.accounts import Accounts
+    from tests.console_site import PASSWORD, page_csrf, signed_in
+
+    _, attacked = attacked_cr
+    bad_uid = sop_uid_of(attacked)
+    with plugin_site(tmp_path) as site:
+        assert site.send([attacked]) == [REFUSED], site.log()
+        assert set(site.held()) == {bad_uid}
+        site.toml.write_text(site.toml.read_text() + "\n[console]\n")  # console defaults
+        Accounts(site.state / "console" / "users.json").add("rev", "reviewer", PASSWORD)
+        c = signed_in(site.toml, "rev")
+        token = page_csrf(c, f"/quarantine/{bad_uid}")
+        r = c.post(f"/quarantine/{bad_uid}/release",
+                   data={"csrf": token, "reason": "reviewed in the console"})
+        assert r.status_code == 303, r.text[:500]
+        assert site.stored(bad_uid)
+        in_orthanc = pydicom.dcmread(io.BytesIO(site.orthanc.instance_file(bad_uid) or b""))
+        assert in_orthanc.PixelData == pydicom.dcmread(attacked).PixelData
+        assert site.held() == {}
+        assert not list((site.state / "spool" / "outbox").glob("*/*.dcm"))
+        released = site.events("released", bad_uid)[-1]
+        assert (released["actor"], released["reason"], released["outcome"]) == (
+            "console:rev", "reviewed in the console", "stored")
+
+
 def test_header_edits_do_not_bypass_screening(tmp_path: Path,
                                               attacked_cr: tuple[Path, Path]) -> None:
     """Pass rules by Modality and by SOP class, as a site might write them: the attacked CR
