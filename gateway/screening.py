@@ -252,8 +252,13 @@ class Screening:
         if claimed is None:
             return "skipped"
         path, meta = claimed
-        outcome = screen(self._config(), path, meta, item.sop_uid, detector, self._audit_safe,
-                         self._metrics)
+        lines: list[tuple[str, dict[str, Any]]] = []  # received and scored: one fsync
+        try:
+            outcome = screen(self._config(), path, meta, item.sop_uid, detector,
+                             lambda event, **fields: lines.append((event, fields)),
+                             self._metrics)
+        finally:  # written before the instance moves on, as the plugin writes them before
+            self._audit_lines(lines)  # answering; a crash before this re-screens from work/
         if outcome.action == "quarantine":
             hold(self._quarantine, path, meta, outcome, self._audit_safe, self._metrics)
             side = path.with_suffix(".json")
@@ -282,10 +287,17 @@ class Screening:
         return "forwarded"
 
     def _audit_safe(self, event: str, **fields: Any) -> None:
+        self._audit_lines([(event, fields)])
+
+    def _audit_lines(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
+        """Append ``lines`` with one write and one fsync. A failed append is logged and the
+        instance goes on (the spool, not the audit, is what keeps it)."""
+        if not lines:
+            return
         try:
-            self._audit.append(event, **fields)
+            self._audit.append_many(lines)
         except Exception:
-            LOG.exception("audit append failed for %s", event)
+            LOG.exception("audit append failed for %s", ", ".join(e for e, _ in lines))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""Screening writes an instance's ``received`` and ``scored`` audit lines with one fsync.
+
+Why a test: each fsync of the audit log is CPU and latency on every screened instance (issue
+18), and the order and completeness of the lines is what the audit promises. The lines must
+still be written, in order, before the instance moves on: when it is forwarded, when it is
+quarantined, and when scoring fails (the error policy's line included).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.audit import AuditLog, verify
+from gateway.config import load_config
+from gateway.metrics import Metrics
+from gateway.quarantine import Quarantine
+from gateway.screening import PendingOrder, Screening, WorkItem
+from tests.dicom_factory import make_cr
+from tests.gateway_harness import write_config
+
+
+class CountingAudit(AuditLog):
+    """The real audit log, counting its write-and-fsync batches."""
+
+    batches = 0
+
+    def _write_batch(self, batch: list[Any]) -> None:
+        type(self).batches += 1
+        super()._write_batch(batch)
+
+
+class FailingDetector:
+    bundle_id = "broken"
+    threshold = 0.5
+
+    def score_dataset(self, ds: Any, threshold: float | None = None,
+                      line_gate: float | None = None) -> Any:
+        raise RuntimeError("scoring process died")
+
+
+def _setup(tmp_path: Path, bundle: Path, default: str) -> tuple[Screening, Any, Path]:
+    state = tmp_path / "state"
+    cfg_path = write_config(tmp_path / "c.toml", state=state, port=11112,
+                            destinations=f'[destinations.o]\nkind = "directory"\n'
+                                         f'path = "{tmp_path}/out"\n',
+                            default=default, bundle=bundle, relay_unscreened=False)
+    cfg = load_config(cfg_path)
+    state.mkdir()
+    audit = CountingAudit(cfg.audit_path)
+    screening = Screening(lambda: cfg, audit, Quarantine(cfg.quarantine_dir, audit=audit),
+                          Metrics(), lambda _d: None, PendingOrder())
+    screening.layout.create(("o",))
+    return screening, cfg, state
+
+
+def _spool_one(screening: Screening, tmp_path: Path) -> WorkItem:
+    rng = np.random.default_rng(0)
+    pixels = (rng.normal(2000, 200, (256, 256))).clip(0, 4095).astype(np.uint16)
+    uid = "1.2.826.0.1.3680043.10.99.7"
+    path = screening.layout.incoming / f"{uid}.dcm"
+    make_cr(path, pixels, 12, sop_uid=uid)
+    seq = f"{1:020d}"
+    side = {"sop_uid": uid, "sop_class": "1.2.840.10008.5.1.4.1.1.1", "calling_ae": "MODALITY",
+            "called_ae": "SENTINEL", "peer": "127.0.0.1", "received_at": time.time(),
+            "seq": seq, "assoc_id": "a"}
+    path.with_suffix(".json").write_text(json.dumps(side))
+    return WorkItem(path=path, sop_uid=uid, seq=seq, assoc_id="a")
+
+
+def _events(audit_path: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in audit_path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("threshold, outcome, events", [
+    (1.0, "forwarded", ["received", "scored"]),
+    (0.0, "quarantined", ["received", "scored", "quarantined"]),
+])
+def test_received_and_scored_share_one_fsync(tmp_path: Path, fixture_bundle: Path,
+                                             threshold: float, outcome: str,
+                                             events: list[str]) -> None:
+    from detector.scoring import Detector
+
+    screening, cfg, _ = _setup(tmp_path, fixture_bundle,
+                               f'action = "screen"\nthreshold = {threshold}')
+    item = _spool_one(screening, tmp_path)
+    detector = Detector.load(fixture_bundle)
+    CountingAudit.batches = 0
+    assert screening.process(item, detector) == outcome
+    assert _events(cfg.audit_path) == events
+    # received + scored in one batch; a quarantine's own line is a second
+    assert CountingAudit.batches == len(events) - 1
+    assert verify(cfg.audit_path).ok
+    if outcome == "forwarded":
+        assert list(screening.layout.outbox("o").glob(f"*-{item.sop_uid}.dcm"))
+
+
+def test_scoring_failure_still_writes_its_lines(tmp_path: Path, fixture_bundle: Path) -> None:
+    screening, cfg, _ = _setup(tmp_path, fixture_bundle, 'action = "screen"')
+    item = _spool_one(screening, tmp_path)
+    CountingAudit.batches = 0
+    # the default error policy holds what could not be scored
+    assert screening.process(item, FailingDetector()) == "quarantined"
+    assert _events(cfg.audit_path) == ["received", "quarantined"]
+    assert CountingAudit.batches == 2
+    assert verify(cfg.audit_path).ok
