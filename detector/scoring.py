@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +94,20 @@ class Score:
     # has no line gate (detector.resample_lines): flagged is then the score's verdict alone
     line_peak: float | None = None
     line_gate: float | None = None
+    # the detector CNN's highest probability over the frames, and the site's CNN gate for it
+    # (``apply_cnn_gate``); cnn_gate is None when the site has none
+    cnn_peak: float | None = None
+    cnn_gate: float | None = None
 
     @property
     def line_flagged(self) -> bool:
         return (self.line_gate is not None and self.line_peak is not None
                 and self.line_peak >= self.line_gate)
+
+    @property
+    def cnn_flagged(self) -> bool:
+        return (self.cnn_gate is not None and self.cnn_peak is not None
+                and self.cnn_peak >= self.cnn_gate)
 
     def as_dict(self) -> dict[str, object]:
         """Plain-JSON form for audit records, sidecars and ``sentinel score --json``."""
@@ -116,7 +125,32 @@ class Score:
             "grid_peaks": self.grid_peaks,
             "line_peak": self.line_peak,
             "line_gate": self.line_gate,
+            "cnn_peak": self.cnn_peak,
+            "cnn_gate": self.cnn_gate,
         }
+
+
+def apply_cnn_gate(score: Score, gate: float | None) -> Score:
+    """The verdict with a site's CNN gate: also flagged when the detector CNN alone reaches
+    ``gate`` on any frame (``[detector] cnn_gate``, proposed by ``sentinel calibrate
+    --cnn-gate`` on the site's own clean images).
+
+    Why (issue 19): an attacker who holds the public bundle crafts perturbations that keep every
+    forest feature at clean values and fool the public CNN; a site bundle trained from a secret
+    has CNN weights the attacker lacks, and its CNN alone still sees most of those attacks
+    (measured: 90% of the strongest public-bundle attack at the CNN's 1% point on the site's
+    clean images). The fused score cannot use that: at the bundle's threshold the forest's
+    clean-looking vote outweighs it, and at the site's fused 1% point the forest's source-
+    specific noise statistics flag most images of any other source (71-94% of NIH), where the
+    CNN alone at its own point flags 4-6%. Applied outside the scoring process, on the score
+    it returns, so one verdict rule serves ``sentinel serve``, the plugin and the CLI.
+    """
+    if gate is None:
+        return score
+    if score.cnn_peak is None:
+        raise ValueError("this score carries no CNN peak: score it with this version")
+    flagged = score.flagged or score.cnn_peak >= gate
+    return replace(score, cnn_gate=float(gate), flagged=flagged)
 
 
 FUSIONS = ("stack", "logit")  # the weighted fusions a bundle can name; "max" is the OR rule
@@ -451,6 +485,7 @@ class Detector:
             grid_peaks=grids[worst],
             line_peak=line,
             line_gate=gate,
+            cnn_peak=float(max(p[0] for p in parts)),
         )
 
     def score_dataset(self, ds: Dataset, threshold: float | None = None,

@@ -102,6 +102,8 @@ FIELDS: frozenset[str] = frozenset(
         "grid_peaks",
         "line_peak",  # the resampling-line score, with the site's line_gate beside it
         "line_gate",
+        "cnn_peak",  # the detector CNN's highest probability, with the site's cnn_gate beside it
+        "cnn_gate",
         "threshold",
         "bundle_id",
         "rule",

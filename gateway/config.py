@@ -18,7 +18,7 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [retention]    quarantine_days, sent_ledger_days
     [metrics]      host (loopback only), port
     [detector]     bundle, workers, threads, isolation, timeout_s, nice, on_error, shadow,
-                   line_gate, [detector.thresholds] per modality
+                   line_gate, cnn_gate, [detector.thresholds] per modality
     [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
     [commitment]   quarantine_hold_s, max_instances, pacs_report_timeout_s (Storage Commitment:
                    gateway.commitment, and gateway.commitment_scu for a destination's)
@@ -196,6 +196,9 @@ class DetectorConfig:
     # the resampling-line gate (detector.resample_lines): off unless the site's own clean
     # images allow it; `sentinel calibrate` proposes the value
     line_gate: float | None = None
+    # the CNN gate (detector.scoring.apply_cnn_gate): also flag when the detector CNN alone
+    # reaches it; for a site's own (secret) bundle, calibrated on the site's clean images
+    cnn_gate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -977,7 +980,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
 
     dr = top.sub("detector")
     dr.check_known(("bundle", "workers", "threads", "isolation", "timeout_s", "nice",
-                    "on_error", "shadow", "thresholds", "line_gate"))
+                    "on_error", "shadow", "thresholds", "line_gate", "cnn_gate"))
     bundle_raw = dr.str_("bundle", "default")
     bundle = None if bundle_raw == "default" else dr.path_("bundle", base)
     if bundle is not None and bundle_raw in BUILTIN_BUNDLES and not bundle.exists():
@@ -1006,6 +1009,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         shadow=dr.bool_("shadow", False),
         thresholds=thresholds,
         line_gate=dr.num("line_gate", None, 0.0, 50.0) if "line_gate" in dr.table else None,
+        cnn_gate=dr.num("cnn_gate", None, 0.01, 1.0) if "cnn_gate" in dr.table else None,
     )
 
     fr = top.sub("forwarding")

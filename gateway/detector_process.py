@@ -219,7 +219,7 @@ _ERROR_REPLY_KEYS = frozenset({"kind", "id", "reason", "message"})
 _START_FAILED_KEYS = frozenset({"kind", "type", "message"})
 _SCORE_KEYS = frozenset({"score", "p_cnn", "p_rf", "threshold", "flagged", "frames",
                          "worst_frame", "bundle_id", "timings_ms", "frame_scores", "grid_peaks",
-                         "line_peak", "line_gate"})
+                         "line_peak", "line_gate", "cnn_peak", "cnn_gate"})
 _STAGE = re.compile(r"[a-z_]{1,32}")  # timings_ms keys (decode, features, cnn, forest, total)
 
 
@@ -253,6 +253,11 @@ def _score_from(obj: Any, bundle_id: str, threshold: float,
     if gate != line_gate or (gate is None) != (line is None):
         raise _Garbled(f"a line gate of {gate}, asked for {line_gate}")
     by_line = line is not None and gate is not None and line >= gate
+    cnn_peak = _number(obj, "cnn_peak")
+    if obj["cnn_gate"] is not None:  # applied by the parent (apply_cnn_gate), never the child
+        raise _Garbled("a CNN gate in the scoring process's reply")
+    if not p_cnn <= cnn_peak <= 1.0:
+        raise _Garbled(f"a CNN peak of {cnn_peak} beside the worst frame's {p_cnn}")
     # consistent with the request and with itself: catches a reply to another request too
     if obj["bundle_id"] != bundle_id:
         raise _Garbled("a score from another bundle than the one this process loaded")
@@ -263,7 +268,8 @@ def _score_from(obj: Any, bundle_id: str, threshold: float,
     return Score(score=value, p_cnn=p_cnn, p_rf=p_rf, threshold=thr, flagged=flagged,
                  frames=frames, worst_frame=worst, bundle_id=bundle_id,
                  timings_ms={k: _number(timings, k) for k in timings},
-                 frame_scores=frame_scores, grid_peaks=grid, line_peak=line, line_gate=gate)
+                 frame_scores=frame_scores, grid_peaks=grid, line_peak=line, line_gate=gate,
+                 cnn_peak=cnn_peak)
 
 
 def _warn_nice_once(nice: int, error: str) -> None:

@@ -85,6 +85,10 @@ class QuarantineRecord:
     # the site has no line gate. A line at or above the gate flags an image whatever its score.
     line_peak: float | None = None
     line_gate: float | None = None
+    # the detector CNN's highest probability and the site's CNN gate
+    # (detector.scoring.apply_cnn_gate); None where the site has no CNN gate
+    cnn_peak: float | None = None
+    cnn_gate: float | None = None
 
     def __post_init__(self) -> None:
         check_uid(self.sop_uid, "SOPInstanceUID")

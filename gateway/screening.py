@@ -30,6 +30,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from detector.preprocess import parse_dicom
+from detector.scoring import apply_cnn_gate
 from gateway.config import Config
 from gateway.rules import Association, decide
 from gateway.spool import (
@@ -367,7 +368,9 @@ def screen(cfg: Config, path: Path, meta: dict[str, Any], sop_uid: str, detector
         if detector is None:
             raise RuntimeError("no detector loaded")
         threshold = decision.threshold_for(getattr(detector, "threshold", None))
-        score = detector.score_dataset(ds, threshold=threshold, line_gate=cfg.detector.line_gate)
+        score = apply_cnn_gate(
+            detector.score_dataset(ds, threshold=threshold, line_gate=cfg.detector.line_gate),
+            cfg.detector.cnn_gate)
     except Exception as exc:
         reason = str(getattr(exc, "reason", "") or "detector-error")
         LOG.warning("instance %s not scored: %s (%s)", sop_uid, reason, type(exc).__name__)
@@ -386,6 +389,8 @@ def screen(cfg: Config, path: Path, meta: dict[str, Any], sop_uid: str, detector
         **({} if score.grid_peaks is None else {"grid_peaks": float(score.grid_peaks)}),
         **({} if score.line_peak is None else {
             "line_peak": float(score.line_peak), "line_gate": float(score.line_gate)}),
+        **({} if score.cnn_gate is None else {
+            "cnn_peak": float(score.cnn_peak), "cnn_gate": float(score.cnn_gate)}),
     )
     if metrics is not None:
         metrics.scored(modality, assoc.calling_ae, bool(score.flagged), latency_ms / 1e3)
@@ -434,6 +439,8 @@ def quarantine_record(outcome: Outcome, meta: dict[str, Any]) -> Any:
         grid_peaks=part("grid_peaks"),
         line_peak=part("line_peak"),
         line_gate=part("line_gate"),
+        cnn_peak=part("cnn_peak") if part("cnn_gate") is not None else None,
+        cnn_gate=part("cnn_gate"),
         rule=outcome.rule,
         bundle_id=outcome.bundle_id,
         calling_ae=str(meta.get("calling_ae", "")),

@@ -59,12 +59,19 @@ def _setup(tmp_path: Path, bundle: Path, default: str) -> tuple[Screening, Any, 
     return screening, cfg, state
 
 
-def _spool_one(screening: Screening, tmp_path: Path) -> WorkItem:
+UID = "1.2.826.0.1.3680043.10.99.7"
+
+
+def _write_cr(path: Path) -> Path:
     rng = np.random.default_rng(0)
     pixels = (rng.normal(2000, 200, (256, 256))).clip(0, 4095).astype(np.uint16)
-    uid = "1.2.826.0.1.3680043.10.99.7"
-    path = screening.layout.incoming / f"{uid}.dcm"
-    make_cr(path, pixels, 12, sop_uid=uid)
+    make_cr(path, pixels, 12, sop_uid=UID)
+    return path
+
+
+def _spool_one(screening: Screening, tmp_path: Path) -> WorkItem:
+    uid = UID
+    path = _write_cr(screening.layout.incoming / f"{uid}.dcm")
     seq = f"{1:020d}"
     side = {"sop_uid": uid, "sop_class": "1.2.840.10008.5.1.4.1.1.1", "calling_ae": "MODALITY",
             "called_ae": "SENTINEL", "peer": "127.0.0.1", "received_at": time.time(),
@@ -109,3 +116,52 @@ def test_scoring_failure_still_writes_its_lines(tmp_path: Path, fixture_bundle: 
     assert _events(cfg.audit_path) == ["received", "quarantined"]
     assert CountingAudit.batches == 2
     assert verify(cfg.audit_path).ok
+
+
+@pytest.mark.parametrize("above", [False, True])
+def test_site_cnn_gate_flags_what_the_cnn_alone_sees(tmp_path: Path, above: bool) -> None:
+    """``[detector] cnn_gate``: at threshold 1.0 the fused score never flags; the CNN gate, set
+    just under this image's CNN probability, does, and just over it does not. The verdict, the
+    audit and the quarantine record carry the gate and the CNN's peak."""
+    from detector.preprocess import read_dicom
+    from detector.scoring import Detector
+
+    detector = Detector.load(None)  # the shipped bundle: its CNN is unsure of this noise
+    p_cnn = detector.score_dataset(read_dicom(_write_cr(tmp_path / "probe.dcm"))).p_cnn
+    gate = p_cnn + 1e-6 if above else p_cnn - 1e-6
+    state = tmp_path / "state"
+    cfg_path = write_config(tmp_path / "c.toml", state=state, port=11112,
+                            destinations=f'[destinations.o]\nkind = "directory"\n'
+                                         f'path = "{tmp_path}/out"\n',
+                            default='action = "screen"\nthreshold = 1.0', bundle=None,
+                            relay_unscreened=False, detector_extra=f"cnn_gate = {gate!r}")
+    cfg = load_config(cfg_path)
+    assert cfg.detector.cnn_gate == gate
+    state.mkdir()
+    audit = AuditLog(cfg.audit_path)
+    quarantine = Quarantine(cfg.quarantine_dir, audit=audit)
+    screening = Screening(lambda: cfg, audit, quarantine, Metrics(), lambda _d: None,
+                          PendingOrder())
+    screening.layout.create(("o",))
+    item = _spool_one(screening, tmp_path)
+    assert screening.process(item, detector) == ("forwarded" if above else "quarantined")
+    scored = next(json.loads(x) for x in cfg.audit_path.read_text().splitlines()
+              if json.loads(x)["event"] == "scored")
+    assert scored["cnn_gate"] == gate and scored["cnn_peak"] == pytest.approx(p_cnn)
+    assert scored["verdict"] == ("clean" if above else "flagged")
+    if not above:
+        record = quarantine.get(item.sop_uid)
+        assert record is not None and record.reason == "flagged"
+        assert record.cnn_gate == gate and record.cnn_peak == pytest.approx(p_cnn)
+
+
+def test_cnn_gate_config_is_validated(tmp_path: Path) -> None:
+    from gateway.config import ConfigError
+
+    for bad in ("0", "1.5", '"high"'):
+        path = write_config(tmp_path / "c.toml", state=tmp_path / "s", port=11112,
+                            destinations=f'[destinations.o]\nkind = "directory"\n'
+                                         f'path = "{tmp_path}/out"\n',
+                            detector_extra=f"cnn_gate = {bad}")
+        with pytest.raises(ConfigError, match="cnn_gate"):
+            load_config(path)
