@@ -22,6 +22,14 @@ It also scores each image's resampling lines (detector.resample_lines) and propo
 through another network's resize, which the CNN and forest often miss, but it flags every image
 that was itself resampled, so only a site's own images can say whether it may be used.
 
+With ``--cnn-gate`` it also proposes ``[detector] cnn_gate``: flag an image when the detector
+CNN alone reaches the gate, set at the point that keeps the site's clean images within ``--fpr``
+together with the threshold and line gate proposed. It is for a site's own bundle trained with
+a secret (``sentinel train --secret-file``): an attacker who holds the public bundle keeps every
+forest feature at clean values and fools the public CNN, but the site's CNN, whose weights the
+attacker lacks, still sees most of it (README, "Adaptive attacks"); on the public bundle itself
+the gate adds nothing against such an attacker.
+
 Exit status: 0 when a threshold was found; 2 when no image could be scored or the bundle is
 unusable.
 """
@@ -49,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="propose a threshold below the bundle's where these images allow "
                         "it (at least 3 / fpr of them, per modality): harder for an adaptive "
                         "attacker on this source, more false alarms on any other")
+    parser.add_argument("--cnn-gate", action="store_true",
+                        help="also propose [detector] cnn_gate: flag an image when the detector "
+                        "CNN alone reaches it, at the point that keeps these images within "
+                        "--fpr with the threshold and line gate proposed (for a site's own "
+                        "bundle trained with a secret: README, \"Adaptive attacks\")")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -141,6 +154,40 @@ def propose_line_gate(peaks: list[float], fpr: float = 0.01) -> dict[str, Any]:
     return out
 
 
+def propose_cnn_gate(fused: np.ndarray, lines: np.ndarray, cnn: np.ndarray, threshold: float,
+                     line_gate: float | None, fpr: float) -> dict[str, Any]:
+    """The CNN gate for these clean images: the lowest value at which the images flagged by
+    the proposed threshold, the line gate or the gate stay within ``fpr`` of them, or why not.
+
+    Why the remainder of the budget and not the CNN's own ``fpr`` point: the gate adds its
+    false alarms to the threshold's and the line gate's, and a site asked for ``fpr`` in all.
+    Why at least ``min_images_to_lower(fpr)`` images, as for lowering the threshold: the gate
+    sits in the CNN's upper tail, which fewer images cannot show."""
+    n = len(cnn)
+    out: dict[str, Any] = {"images": n, "gate": None, "why_not": ""}
+    if n < min_images_to_lower(fpr):
+        out["why_not"] = (f"{n} image(s): at least {min_images_to_lower(fpr)} are needed at "
+                          f"--fpr {fpr:g}")
+        return out
+    already = (fused >= threshold) | ((lines >= line_gate) if line_gate is not None else False)
+    room = int(np.floor(fpr * n + 1e-9)) - int(already.sum())
+    if room < 0:
+        out["why_not"] = (f"the threshold and line gate already flag {100 * already.mean():.2f}% "
+                          f"of these images, more than --fpr {fpr:g}")
+        return out
+    rest = np.sort(cnn[~already])[::-1]  # the gate flags the `room` highest of the others
+    if room >= len(rest):
+        out["why_not"] = "every image not flagged already would fit the budget: too few images"
+        return out
+    gate = float(np.nextafter(rest[room], np.inf))  # just above the first image left clean
+    if gate > 1.0:
+        out["why_not"] = "the CNN is certain of these clean images; no gate can pass them"
+        return out
+    flagged = already | (cnn >= gate)
+    out.update(gate=gate, fpr_with_gate=float(flagged.mean()))
+    return out
+
+
 def config_lines(result: dict[str, Any]) -> str:
     """The TOML that applies the calibrated thresholds in the gateway.
 
@@ -157,20 +204,29 @@ def config_lines(result: dict[str, Any]) -> str:
     if tighter:
         lines += ["", "[detector.thresholds]  # only ever tightens [default]'s threshold"]
         lines += [f"{m} = {t:.6f}" for m, t in tighter.items()]
+    detector = []
     gate = (result.get("line_gate") or {}).get("gate")
     if gate is not None:
-        lines += ["", "[detector]", f"line_gate = {gate:.4f}"]
+        detector.append(f"line_gate = {gate:.4f}")
+    cnn_gate = (result.get("cnn_gate") or {}).get("gate")
+    if cnn_gate is not None:
+        detector.append(f"cnn_gate = {cnn_gate!r}")
+    if detector:
+        lines += ["", "[detector]", *detector]
     return "\n".join(lines)
 
 
 def _score_all(det: Any, files: list[tuple[Path, str]], desc: str
-               ) -> tuple[dict[str, list[float]], list[float], list[dict[str, Any]]]:
-    """Scores grouped by Modality, line peaks and error rows of ``files`` under ``det``."""
+               ) -> tuple[dict[str, list[float]], list[float], list[dict[str, Any]],
+                          np.ndarray]:
+    """Scores grouped by Modality, line peaks and error rows of ``files`` under ``det``, and
+    (fused score, line peak, CNN peak) of each scored image, in order."""
     from detector.cmd_score import score_one
 
     scores: dict[str, list[float]] = {}
     peaks: list[float] = []
     errors: list[dict[str, Any]] = []
+    parts: list[tuple[float, float, float]] = []
     try:
         from tqdm import tqdm
 
@@ -185,7 +241,8 @@ def _score_all(det: Any, files: list[tuple[Path, str]], desc: str
             continue
         scores.setdefault(_modality(path), []).append(float(row["score"]))
         peaks.append(float(row["line_peak"]))
-    return scores, peaks, errors
+        parts.append((float(row["score"]), float(row["line_peak"]), float(row["cnn_peak"])))
+    return scores, peaks, errors, np.asarray(parts, np.float64).reshape(-1, 3)
 
 
 # The default bundle flagging more than this many times --fpr of a site's clean images is the
@@ -214,7 +271,7 @@ def _try_zoo_bundle(args: argparse.Namespace, files: list[tuple[Path, str]],
         zoo = Detector.load(BUILTIN_BUNDLES["zoo"], num_threads=max(1, args.threads))
     except BundleError:
         return None
-    scores, _, _ = _score_all(zoo, files, "scoring (zoo bundle)")
+    scores, _, _, _ = _score_all(zoo, files, "scoring (zoo bundle)")
     if not scores:
         return None
     alt = calibrate(scores, args.fpr, zoo.threshold)["overall"]
@@ -237,13 +294,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"sentinel calibrate: {exc}", file=sys.stderr)
         return 2
     files = collect_files(args.paths)
-    scores, peaks, errors = _score_all(det, files, "scoring")
+    scores, peaks, errors, parts = _score_all(det, files, "scoring")
     if not scores:
         print(f"sentinel calibrate: no image could be scored in {' '.join(args.paths)} "
               f"({len(errors)} error(s))", file=sys.stderr)
         return 2
     result = calibrate(scores, args.fpr, det.threshold, allow_lower=args.allow_lower)
     result["line_gate"] = propose_line_gate(peaks, args.fpr)
+    if args.cnn_gate:
+        result["cnn_gate"] = propose_cnn_gate(parts[:, 0], parts[:, 1], parts[:, 2],
+                                              result["overall"]["threshold"],
+                                              result["line_gate"]["gate"], args.fpr)
     result.update(bundle_id=det.bundle_id, bundle_threshold=det.threshold, target_fpr=args.fpr,
                   errors=len(errors), config=config_lines(result))
     result["alternative"] = _try_zoo_bundle(args, files, result)
@@ -290,6 +351,15 @@ def run(args: argparse.Namespace) -> int:
               "gateway")
     else:
         print(f"resampling-line gate: not proposed: {lg['why_not']}")
+    cg = result.get("cnn_gate")
+    if cg is not None and cg["gate"] is not None:
+        print(f"CNN gate: {cg['gate']!r}: with the threshold and line gate above, "
+              f"{100 * cg['fpr_with_gate']:.2f}% of these images are flagged. It catches "
+              "attacks crafted on another bundle that your bundle's CNN still sees; it adds "
+              "nothing against an attacker who holds your bundle, and images from another "
+              "source or modality will be flagged more often: check a second clean set")
+    elif cg is not None:
+        print(f"CNN gate: not proposed: {cg['why_not']}")
     print("\nto use it, put these keys in the gateway config's tables of the same name (the "
           "[default] table exists already; a [[rules]] entry keyed on calling_ae may carry the "
           "threshold for one sender instead), then `sentinel check`, and SIGHUP:\n")

@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also flag an image whose resampling-line score reaches this (the gateway's "
         "[detector] line_gate; `sentinel calibrate` proposes it)",
     )
+    parser.add_argument(
+        "--cnn-gate",
+        type=float,
+        default=None,
+        help="also flag an image whose detector-CNN probability reaches this (the gateway's "
+        "[detector] cnn_gate, for a site's own bundle; `sentinel calibrate --cnn-gate` "
+        "proposes it)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -97,9 +105,10 @@ def _resolve_threshold(value: str | None, thresholds: dict[str, float]) -> float
 
 
 def score_one(det: Any, path: Path, threshold: float | None,
-              line_gate: float | None = None) -> dict[str, Any]:
+              line_gate: float | None = None, cnn_gate: float | None = None) -> dict[str, Any]:
     from detector.errors import PreprocessError
     from detector.preprocess import read_dicom, sniff_format
+    from detector.scoring import apply_cnn_gate
 
     row: dict[str, Any] = {"file": str(path), "sop_instance_uid": None}
     try:
@@ -119,6 +128,7 @@ def score_one(det: Any, path: Path, threshold: float | None,
             error={"reason": "internal", "message": f"{path}: {type(exc).__name__}: {exc}"},
         )
         return row
+    score = apply_cnn_gate(score, cnn_gate)
     row.update(score.as_dict())
     row["verdict"] = "flagged" if score.flagged else "clean"
     return row
@@ -127,13 +137,16 @@ def score_one(det: Any, path: Path, threshold: float | None,
 def _table(rows: list[dict[str, Any]]) -> str:
     gated = any(r.get("grid_peaks") is not None for r in rows)
     lined = any(r.get("line_peak") is not None for r in rows)
+    cnn_gated = any(r.get("cnn_gate") is not None for r in rows)
     head = ("file", "SOP Instance UID", "frames", "score", "P_cnn", "P_rf",
-            *(("grid",) if gated else ()), *(("lines",) if lined else ()), "verdict", "ms")
+            *(("grid",) if gated else ()), *(("lines",) if lined else ()),
+            *(("CNN peak",) if cnn_gated else ()), "verdict", "ms")
     body = []
     for r in rows:
         if r["verdict"] == "error":
             body.append((r["file"], r["sop_instance_uid"] or "-", "-", "-", "-", "-",
-                         *(("-",) if gated else ()), *(("-",) if lined else ()), "ERROR", "-"))
+                         *(("-",) if gated else ()), *(("-",) if lined else ()),
+                         *(("-",) if cnn_gated else ()), "ERROR", "-"))
         else:
             body.append(
                 (
@@ -145,6 +158,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                     f"{r['p_rf']:.4f}",
                     *((f"{r['grid_peaks']:.3f}",) if gated else ()),
                     *((f"{r['line_peak']:.3f}",) if lined else ()),
+                    *((f"{r['cnn_peak']:.4f}",) if cnn_gated else ()),
                     "FLAGGED" if r["verdict"] == "flagged" else "clean",
                     f"{r['timings_ms']['total']:.1f}",
                 )
@@ -190,7 +204,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = [score_one(det, path, threshold, args.line_gate) for path, _ in targets]
+    if args.cnn_gate is not None and not 0.0 < args.cnn_gate <= 1.0:
+        print("sentinel score: --cnn-gate must lie in (0, 1], e.g. the value `sentinel "
+              "calibrate --cnn-gate` proposes", file=sys.stderr)
+        return 2
+    rows = [score_one(det, path, threshold, args.line_gate, args.cnn_gate)
+            for path, _ in targets]
     n_err = sum(r["verdict"] == "error" for r in rows)
     n_flag = sum(r["verdict"] == "flagged" for r in rows)
     if args.json:

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from detector.calibration import calibrate_threshold
-from detector.cmd_calibrate import calibrate, config_lines, min_images_to_lower
+from detector.cmd_calibrate import (
+    calibrate,
+    config_lines,
+    min_images_to_lower,
+    propose_cnn_gate,
+)
 from tests.dicom_factory import make_series
 
 
@@ -159,3 +164,60 @@ def test_processed_site_is_pointed_to_the_zoo_bundle(tmp_path: Path, data_dir: P
                        destinations=dest,
                        bundle=Path("zoo"), default='action = "screen"', relay_unscreened=False)
     assert load_config(cfg).detector.bundle == BUILTIN_BUNDLES["zoo"]
+
+
+def test_cnn_gate_takes_what_the_threshold_and_line_gate_leave_of_the_budget() -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    fused, lines, cnn = rng.uniform(0, 0.5, n), rng.uniform(1, 2, n), rng.uniform(0, 0.6, n)
+    fused[0], lines[1] = 0.95, 3.0  # one image over the threshold, another over the line gate
+    cnn[0], cnn[1] = 0.99, 0.98  # both also the CNN's highest: already counted
+    r = propose_cnn_gate(fused, lines, cnn, threshold=0.9, line_gate=2.5, fpr=0.01)
+    gate = r["gate"]
+    assert gate is not None
+    by_gate = (cnn >= gate) & (fused < 0.9) & (lines < 2.5)
+    assert by_gate.sum() == 2  # floor(1% of 400) = 4, two taken already
+    assert r["fpr_with_gate"] == pytest.approx(4 / n)
+    assert np.sort(cnn[2:])[-3] < gate <= np.sort(cnn[2:])[-2]  # the next image stays clean
+    # too few images for a 1% tail; a budget the threshold alone already spends
+    assert propose_cnn_gate(fused[:100], lines[:100], cnn[:100], 0.9, 2.5, 0.01)["gate"] is None
+    over = propose_cnn_gate(fused, lines, cnn, threshold=0.0, line_gate=None, fpr=0.01)
+    assert over["gate"] is None and "already flag" in over["why_not"]
+
+
+@pytest.mark.data
+def test_cli_cnn_gate_proposal_is_what_score_and_the_gateway_apply(tmp_path: Path,
+                                                                   data_dir: Path) -> None:
+    """`calibrate --cnn-gate` on 60 clean NIH radiographs at --fpr 0.05 (60 = 3 / 0.05): the
+    shipped bundle's own threshold flags almost none of them, so the gate gets the budget; the
+    proposed gate loads in the gateway config, and `sentinel score --cnn-gate` with it flags
+    what the CNN alone reaches, within 5% of the same images."""
+    pngs = sorted((data_dir / "nih_cxr14_1000" / "img512").rglob("*.png"))[:60]
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate", *map(str, pngs),
+                        "--fpr", "0.05", "--cnn-gate", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    gate = result["cnn_gate"]["gate"]
+    assert gate is not None, result["cnn_gate"]
+    assert result["cnn_gate"]["fpr_with_gate"] <= 0.05
+    assert tomllib.loads(result["config"])["detector"]["cnn_gate"] == gate
+    from gateway.config import load_config
+    from tests.gateway_harness import write_config
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=11112,
+                            destinations=f'[destinations.o]\nkind = "directory"\n'
+                                         f'path = "{tmp_path}/out"\n',
+                            detector_extra=f"cnn_gate = {gate!r}")
+    assert load_config(cfg_path).detector.cnn_gate == gate
+    threshold = result["overall"]["threshold"]  # the proposed [default] threshold beside it
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "score", *map(str, pngs),
+                        "--threshold", repr(threshold), "--cnn-gate", repr(gate), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    rows = json.loads(r.stdout)["files"]
+    assert all(row["cnn_gate"] == gate for row in rows)
+    flagged = [row for row in rows if row["verdict"] == "flagged"]
+    assert 0 < len(flagged) <= 3
+    # the gate alone flags some: the CNN's peak reaches it where the fused score stays under
+    assert any(row["cnn_peak"] >= gate and row["score"] < threshold for row in flagged)
+    assert all(row["verdict"] == "flagged" for row in rows if row["cnn_peak"] >= gate)
+    assert r.returncode == 1  # something flagged
