@@ -44,7 +44,7 @@ def test_greybox_counts_fooled_images_at_both_thresholds(fixture_bundle: Path,
 
     work = tmp_path / "work"
     (work / "clean").mkdir(parents=True)
-    x_test, x_val = _images(12, 1), _images(16, 2)
+    x_test, x_val = _images(12, 1), _images(300, 2)  # 300 = 3 / 1%: enough for a CNN gate
     np.save(work / "clean" / "test.npy", x_test)
     np.save(work / "clean" / "val.npy", x_val)
     adv = _images(10, 3, noise=1.0)
@@ -56,23 +56,32 @@ def test_greybox_counts_fooled_images_at_both_thresholds(fixture_bundle: Path,
     res = json.loads((out / "greybox.json").read_text())
     row = res["bundles"][fixture_bundle.name]
     det = Detector.load(fixture_bundle, num_threads=1)
-    s_adv = np.array([det.score_unit(i)[2] for i in adv])
-    s_test = np.array([det.score_unit(i)[2] for i in x_test])
-    home = calibrate_threshold(np.array([det.score_unit(i)[2] for i in x_val]))
-    for point, thr in (("own", det.threshold), ("home", home)):
+    parts = {k: np.array([det.score_unit(i) for i in x])
+             for k, x in (("adv", adv), ("test", x_test), ("val", x_val))}
+    home = calibrate_threshold(parts["val"][:, 2])
+    gate = row["cnn_gate"]["cnn_gate"]
+    # the gate flags what the threshold leaves of 1% of the 300 validation images (3), no more
+    val_flagged = (parts["val"][:, 2] >= det.threshold) | (parts["val"][:, 0] >= gate)
+    assert 0 < val_flagged.sum() <= 3 and gate > float(np.min(parts["val"][:, 0]))
+    for point, thr, g in (("own", det.threshold, None), ("home", home, None),
+                          ("cnn_gate", det.threshold, gate)):
         r = row[point]
-        assert r["threshold"] == float(thr)
+        assert r["threshold"] == float(thr) and r["cnn_gate"] == g
+
+        def flagged(p: np.ndarray, thr: float = thr, g: float | None = g) -> np.ndarray:
+            return (p[:, 2] >= thr) | (p[:, 0] >= g if g is not None else False)
         got = r["attacks"]["adaptive-all@0.006/40"]["detected_fooled"]
-        assert (got["k"], got["n"]) == (int(((s_adv >= thr) & fooled).sum()), 7)
-        assert r["clean_fpr_own"]["k"] == int((s_test >= thr).sum())
+        assert (got["k"], got["n"]) == (int((flagged(parts["adv"]) & fooled).sum()), 7)
+        assert r["clean_fpr_own"]["k"] == int(flagged(parts["test"]).sum())
         assert r["clean_fpr_own"]["n"] == 12
     table = (out / "greybox.md").read_text()
     assert "| adaptive-all (eps 0.006, 40 steps) | 7/10 |" in table
-    assert table.count("clean FPR, own source test split") == 2  # both operating points
+    assert table.count("clean FPR, own source test split") == 3  # all three operating points
+    assert f"| CNN gate | | {gate:.4f} |" in table
     # scored once: the cache is what a rerun reads (a changed cache shows in the result)
     first = row["own"]["attacks"]["adaptive-all@0.006/40"]["detected_fooled"]["k"]
-    cached = next((out / "scores").rglob("adv-attacks-adaptive-all_0.006.npy"))
-    np.save(cached, np.zeros(10) if first else np.ones(10))
+    cached = next((out / "scores").rglob("adv-attacks-adaptive-all_0.006.parts.npy"))
+    np.save(cached, np.zeros((10, 3)) if first else np.ones((10, 3)))
     res2 = greybox.run_greybox(greybox.GreyBoxConfig(
         attacks=(str(attacks),), bundles=(str(fixture_bundle),), out=str(out)), log=lambda m: 0)
     assert res2["bundles"][fixture_bundle.name]["own"]["attacks"][

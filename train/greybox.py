@@ -14,7 +14,10 @@ source (the work dir's ``clean/test.npy``) and on an independent source (NIH), b
 threshold; and the same at the bundle's *home* threshold, the 1% point of the training
 source's own clean validation images (what ``sentinel calibrate --allow-lower`` proposes to
 a site whose images are that source), which trades the margin kept for unseen sources for
-detection. Scores are cached per bundle id under ``--out``; results go to ``greybox.json``
+detection; and at the bundle's own threshold with the site's CNN gate (``sentinel calibrate
+--cnn-gate`` on the same validation images: the detector CNN alone flags too, within 1% in
+all), which keeps the forest's source-specific statistics out of the lowered point. Scores are
+cached per bundle id under ``--out``; results go to ``greybox.json``
 and a markdown table ``greybox.md``.
 
     python -m train.greybox --attacks runs/secret-greybox/public-s40 \\
@@ -93,7 +96,8 @@ def _rate(k: int, n: int) -> dict[str, Any]:
 
 
 class _Scores:
-    """Fused scores of image sets per bundle, cached as .npy under ``root/<bundle id>``."""
+    """(p_cnn, p_rf, fused score) of image sets per bundle, cached as .npy under
+    ``root/<bundle id>/<kind>.parts.npy``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -101,13 +105,21 @@ class _Scores:
     def get(self, det: Any, kind: str, x: Any) -> np.ndarray:
         from train.adaptive import detector_scores
 
-        p = self.root / det.bundle_id / f"{kind}.npy"
+        p = self.root / det.bundle_id / f"{kind}.parts.npy"
         if p.is_file():
             return np.load(p)
-        s = detector_scores(det, np.asarray(x))[:, 2]
+        s = detector_scores(det, np.asarray(x))
         p.parent.mkdir(parents=True, exist_ok=True)
         np.save(p, s)
         return s
+
+
+def _flagged(parts: np.ndarray, threshold: float, cnn_gate: float | None) -> np.ndarray:
+    """The gateway's verdict on (n, 3) parts: the fused score at ``threshold``, or the CNN
+    alone at the site's ``cnn_gate`` (detector.scoring.apply_cnn_gate; one frame: the CNN's
+    peak is its probability)."""
+    out = parts[:, 2] >= threshold
+    return out | (parts[:, 0] >= cnn_gate) if cnn_gate is not None else out
 
 
 def second_source_clean(data_dir: Path, cache: Path) -> np.ndarray:
@@ -124,6 +136,7 @@ def second_source_clean(data_dir: Path, cache: Path) -> np.ndarray:
 def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
     """Score every saved attack and the clean sets with every bundle; write JSON + markdown."""
     from detector.calibration import calibrate_threshold
+    from detector.cmd_calibrate import propose_cnn_gate
     from detector.scoring import Detector
     from train import pipeline
 
@@ -159,7 +172,12 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
         det = Detector.load(b, num_threads=1)
         label = cfg.labels.get(b, Path(b).name)
         secret = det.manifest.training_data.get("config", {}).get("secret")
-        home = calibrate_threshold(scores.get(det, f"{own}-val-clean", x_val))
+        val = scores.get(det, f"{own}-val-clean", x_val)
+        home = calibrate_threshold(val[:, 2])
+        # the site's CNN gate as `sentinel calibrate --cnn-gate` proposes it on these clean
+        # images (224x224 inputs: no line gate), beside the bundle's own threshold
+        gate = propose_cnn_gate(val[:, 2], np.zeros(len(val)), val[:, 0],
+                                float(det.threshold), None, TARGET_FPR_OWN)
         c_own = scores.get(det, f"{own}-test-clean", x_test)
         c2 = (scores.get(det, f"{second_name}-clean", x_second) if x_second is not None
               else None)
@@ -169,14 +187,19 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
         row: dict[str, Any] = {"bundle": str(b), "bundle_id": det.bundle_id,
                                "secret": bool(secret),
                                "public": det.bundle_id in res["crafted_on"]}
-        for point, thr in (("own", float(det.threshold)), ("home", float(home))):
-            r: dict[str, Any] = {"threshold": thr,
-                                 "clean_fpr_own": _rate(int((c_own >= thr).sum()), len(c_own)),
+        points = (("own", float(det.threshold), None), ("home", float(home), None),
+                  ("cnn_gate", float(det.threshold), gate["gate"]))
+        for point, thr, cnn_gate in points:
+            r: dict[str, Any] = {"threshold": thr, "cnn_gate": cnn_gate,
+                                 "clean_fpr_own": _rate(int(_flagged(c_own, thr, cnn_gate).sum()),
+                                                        len(c_own)),
                                  "attacks": {}}
+            if point == "cnn_gate" and cnn_gate is None:
+                r["why_not"] = gate["why_not"]
             if c2 is not None:
-                r["clean_fpr_second"] = _rate(int((c2 >= thr).sum()), len(c2))
+                r["clean_fpr_second"] = _rate(int(_flagged(c2, thr, cnn_gate).sum()), len(c2))
             for a in attacks:
-                flagged = adv[a.key] >= thr
+                flagged = _flagged(adv[a.key], thr, cnn_gate)
                 r["attacks"][a.key] = {
                     "detected_fooled": _rate(int((flagged & a.fooled).sum()),
                                              int(a.fooled.sum())),
@@ -205,18 +228,23 @@ def _pct(r: dict[str, Any], ci: bool = True) -> str:
 
 
 def markdown_table(res: dict[str, Any]) -> str:
-    """Both operating points' tables: each bundle's own threshold, then its home threshold."""
+    """The operating points' tables: each bundle's own threshold, its home threshold, and its
+    own threshold with the site's CNN gate."""
     return "\n".join(
         f"{title}\n\n{_table(res, point)}" for point, title in (
             ("own", "At each bundle's own threshold (calibrated for 1% on every clean "
                     "validation source, the resampled copies included):"),
             ("home", "At each bundle's home threshold (1% of the training source's clean "
-                     "validation images; `sentinel calibrate --allow-lower`):")))
+                     "validation images; `sentinel calibrate --allow-lower`):"),
+            ("cnn_gate", "At each bundle's own threshold with a CNN gate (flagged also when "
+                         "the detector CNN alone reaches the gate, set on the training source's "
+                         "clean validation images for 1% in all; `sentinel calibrate "
+                         "--cnn-gate`):")))
 
 
 def _table(res: dict[str, Any], point: str) -> str:
     """Rows: each attack (detection among fooled images), then the clean FPRs; one column per
-    bundle at the threshold of ``point`` ("own" or "home")."""
+    bundle at the operating point ``point`` ("own", "home" or "cnn_gate")."""
     names = list(res["bundles"])
     rows = {n: res["bundles"][n][point] for n in names}
     head = ["attack (crafted on " + ", ".join(res["crafted_on"]) + ")", "fools the victim",
@@ -236,6 +264,10 @@ def _table(res: dict[str, Any], point: str) -> str:
                                   for n in names) + " |")
     lines.append("| threshold | | " + " | ".join(
         f"{rows[n]['threshold']:.4f}" for n in names) + " |")
+    if point == "cnn_gate":
+        lines.append("| CNN gate | | " + " | ".join(
+            "none" if rows[n]["cnn_gate"] is None else f"{rows[n]['cnn_gate']:.4f}"
+            for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
