@@ -580,6 +580,9 @@ def _area_axis(a: np.ndarray, out: int, axis: int) -> np.ndarray:
             return a.reshape(shape).sum(axis=axis + 1).astype(np.float64) * (1.0 / k)
         return a.reshape(shape).mean(axis=axis + 1, dtype=np.float64)
     edges = np.arange(out + 1, dtype=np.float64) * (n / out)
+    # out * (n / out) rounds above n for some n (225, 450, 900, 2010, ...): the last bin
+    # would then give back almost a whole pixel it never summed. The last edge is n exactly.
+    edges[-1] = n
     floor = np.floor(edges).astype(np.intp)
     bshape = [1] * a.ndim
     bshape[axis] = out + 1

@@ -581,3 +581,15 @@ def test_malformed_header_element_is_unreadable(tmp_path: Path) -> None:
     bad.write_bytes(raw.replace(tag, b"\x28\x00\x04\x00C,"))
     with pytest.raises(Unreadable, match="header element is malformed"):
         preprocess_path(bad)
+
+
+def test_resize_last_bin_when_the_float_edge_overshoots() -> None:
+    """For n = 225, 450, 900, 2010, 3600 ... ``224 * (n / 224)`` is a hair above n in float64;
+    the last output row/column then lost almost a whole input pixel (0.95 of the value at
+    225). It must equal the exact area average like every other bin."""
+    from resize_reference import area_reference
+
+    rng = np.random.default_rng(5)
+    for shape in [(225, 300), (300, 225), (450, 512), (900, 224), (2010, 230)]:
+        x = rng.random(shape)
+        np.testing.assert_allclose(resize_frame(x), area_reference(x), rtol=0, atol=1e-9)
