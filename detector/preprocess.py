@@ -16,9 +16,10 @@ so clean and perturbed images always travel the identical path:
 * **Image files** (PNG/JPEG): 8-bit grey ``/255``, 16-bit grey ``/65535``; RGB with R = G = B
   (how the Kermany set is stored) is grey, true colour is refused.
 * **Resize** "area-exact": each output pixel is the exact mean of the input area it covers
-  (box filter with fractional edges), computed from cumulative sums in float64 along the
-  contiguous axis first. No library resampler, so results do not drift with Pillow/OpenCV
-  versions; 224x224 inputs pass through unchanged.
+  (box filter with fractional edges), computed from exact integer sums of whole rows, then
+  of whole columns of the reduced image, plus float64 shares of the boundary pixels. No
+  library resampler, so results do not drift with Pillow/OpenCV versions; 224x224 inputs
+  pass through unchanged.
 
 Decoders. Compressed transfer syntaxes are decoded by pydicom's pixel handlers backed by
 pylibjpeg with its plugins: pylibjpeg-libjpeg (JPEG baseline, extended, lossless, JPEG-LS),
@@ -561,80 +562,85 @@ def _image_array(im: Image.Image, path: Path) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- resize
 
 
-def _area_axis(a: np.ndarray, out: int, axis: int) -> np.ndarray:
-    """Exact area average of ``a`` along ``axis`` to ``out`` samples (float64).
+def _area_rows_t(a: np.ndarray, out: int) -> np.ndarray:
+    """Exact area average of the 2-D ``a`` along axis 0 to ``out`` rows, returned transposed:
+    float64 (cols, out), so that applying it twice resizes both axes.
 
-    Output bin j covers input interval [e_j, e_j+1) with e_j = j * n / out. Downsampling
-    sums whole pixels with one ``np.add.reduceat`` pass over the data, then moves the share
-    of each boundary pixel that lies in the next bin across (two small gathers). Upsampling
-    (n < out) interpolates the cumulative sum instead, which handles bins inside one pixel.
+    Output row j is the mean of the input over [e_j, e_j+1), e_j = j * n / out: the rows
+    wholly inside it, [ceil(e_j), ceil(e_j+1)), summed, plus the share ceil(e_j) - e_j of row
+    floor(e_j) that lies in bin j, minus the share of row floor(e_j+1) that belongs to bin
+    j+1 (that row was summed whole). The same formula upsamples (n < out): a bin inside one
+    pixel has no whole row and takes its two shares of that pixel.
+
+    Why rows: summing whole rows is one vectorised add per row of a bin (``sums += a[start +
+    t]`` over every bin and column at once, ~n/out calls), where ``np.add.reduceat`` pays
+    numpy's per-segment overhead for each of rows x 224 tiny segments along the contiguous
+    axis, and walks each column separately along axis 0 (on 2500x2048 uint16: 2.0 ms against
+    6.5 ms and 37 ms; a cumulative sum along axis 0 took 73 ms; bench/RESULTS.md).
+    ``resize_frame`` therefore reduces the rows of the full image first and the columns only
+    of the small result. The bins are taken in blocks of ~64 KB of output so that the
+    accumulator stays in cache and no full-size float64 temporary is allocated (each fresh
+    multi-MB array costs page faults that were half the time on a 2048-column frame); the
+    transposed result is written block by block, which spares a separate transpose.
+
+    Exact: integer input (stored pixel values) is summed in int32, or int64 for wider integer
+    types or bins of 2^15 rows or more: fewer than 2^15 values of at most 16 bits stay below
+    2^31 and integer addition has no rounding, so the whole-row sums are exact, and so is
+    their conversion to float64 (below 2^53). Only the two boundary shares and the scaling
+    are rounded, in float64, as before; float input is summed in float64 (its sums round
+    like the previous reduceat's, in another order: ~1e-16 relative). No full-size float
+    copy of the frame is made.
     """
-    n = a.shape[axis]
+    n, cols = a.shape
     if n == out:
-        return a.astype(np.float64, copy=False)
-    if n % out == 0:
-        k = n // out
-        shape = list(a.shape)
-        shape[axis : axis + 1] = [out, k]
-        if _exact_sums(a, k + 1):
-            return a.reshape(shape).sum(axis=axis + 1).astype(np.float64) * (1.0 / k)
-        return a.reshape(shape).mean(axis=axis + 1, dtype=np.float64)
+        return np.ascontiguousarray(a.T, dtype=np.float64)
     edges = np.arange(out + 1, dtype=np.float64) * (n / out)
-    floor = np.floor(edges).astype(np.intp)
-    bshape = [1] * a.ndim
-    bshape[axis] = out + 1
-    lo = [slice(None)] * a.ndim
-    hi = [slice(None)] * a.ndim
-    lo[axis], hi[axis] = slice(0, out), slice(1, out + 1)
-    if n > out:
-        ceil = np.ceil(edges).astype(np.intp)  # strictly increasing when n / out > 1
-        if _exact_sums(a, int(ceil[1] - ceil[0]) + 2):
-            # float32 sums of small integers are exact: no casting loop inside reduceat
-            sums = np.add.reduceat(a, ceil[:-1], axis=axis).astype(np.float64)
-        else:
-            sums = np.add.reduceat(a, ceil[:-1], axis=axis, dtype=np.float64)
-        # share of pixel floor_j that belongs to bin j (0 when e_j is an integer)
-        share = np.where(ceil != floor, ceil - edges, 0.0)
-        at = np.take(a, np.minimum(floor, n - 1), axis=axis).astype(np.float64)
-        moved = share.reshape(bshape) * at
-        sums += moved[tuple(lo)]
-        sums -= moved[tuple(hi)]
-        sums *= out / n
-        return sums
-    # Upsampling: C(e) = C[i] + frac * a[i] on the cumulative sum with a leading zero.
-    csum = np.cumsum(a, axis=axis, dtype=np.float64)
-    zero_shape = list(a.shape)
-    zero_shape[axis] = 1
-    csum = np.concatenate([np.zeros(zero_shape), csum], axis=axis)
-    idx = np.minimum(floor, n - 1)
-    frac = edges - idx
-    c_at = np.take(csum, idx, axis=axis)
-    c_at += frac.reshape(bshape) * np.take(a, idx, axis=axis).astype(np.float64)
-    diff = c_at[tuple(hi)] - c_at[tuple(lo)]
-    diff *= out / n
-    return diff
-
-
-def _exact_sums(a: np.ndarray, terms: int) -> bool:
-    """True when ``a`` is float32 holding integers of at most 16 bits (see resize_frame) and
-    sums of ``terms`` of them stay below 2^24, so float32 addition is exact."""
-    return a.dtype == np.float32 and a.flags.c_contiguous and terms * 65536 < (1 << 24)
+    # out * (n / out) rounds above n for some n (225, 450, 900, 2010, ...): the last bin
+    # would then give back almost a whole pixel it never summed. The last edge is n exactly.
+    edges[-1] = n
+    first = np.ceil(edges).astype(np.intp)  # first whole row of each bin, end of the previous
+    width = np.diff(first)  # whole rows per bin: floor(n / out) or one more
+    share = (first - edges)[:, None]  # share of row floor(e_j) in bin j; 0 if e_j is whole
+    boundary = np.minimum(np.floor(edges).astype(np.intp), n - 1)
+    if a.dtype.kind in "iu":
+        narrow = a.dtype.itemsize <= 2 and width.max() < (1 << 15)
+        acc = np.int32 if narrow else np.int64
+    else:
+        acc = np.float64
+    result = np.empty((cols, out))
+    block = max(16, (1 << 16) // max(cols, 1))
+    for b in range(0, out, block):
+        e = min(b + block, out)
+        start, w = first[b:e], width[b:e]
+        sums = np.zeros((e - b, cols), dtype=acc)
+        for t in range(int(w.max())):
+            if t < w.min():  # every bin of the block has a t-th whole row
+                sums += a[start + t]
+            else:  # only the bins one row wider
+                wide = np.flatnonzero(w > t)
+                sums[wide] += a[start[wide] + t]
+        part = a[boundary[b : e + 1]] * share[b : e + 1]
+        mean = np.add(sums, part[:-1], dtype=np.float64)
+        mean -= part[1:]
+        mean *= out / n
+        result[:, b:e] = mean.T
+    return result
 
 
 def resize_frame(frame: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """One 2-D image to (size, size) float64 by exact area averaging (contiguous axis first).
+    """One 2-D image to (size, size) float64 by exact area averaging (rows first).
 
-    Integer frames of up to 16 bits (stored pixel values) are summed as float32, which is
-    exact for them and avoids numpy's slow casting inside ``reduceat``; the fractional
-    boundary shares and everything after the first pass are float64.
+    The rows of the full image are reduced first (``_area_rows_t``: whole rows added,
+    integers summed exactly as integers), then the rows of its transposed (cols, size)
+    result, i.e. the columns. Equal to the previous implementation (``np.add.reduceat``
+    along the contiguous axis first) to float64 rounding, 2-4x faster; tests/test_preprocess.py
+    checks both against a slow exact reference (tests/resize_reference.py).
     """
     if frame.ndim != 2:
         raise ValueError(f"resize_frame expects a 2-D image, got shape {frame.shape}")
-    if frame.dtype.kind in "iu" and frame.dtype.itemsize <= 2:
-        first = _area_axis(frame.astype(np.float32), size, axis=1)
-    else:
-        first = _area_axis(np.asarray(frame, dtype=np.float64), size, axis=1)
-    return _area_axis(first, size, axis=0)
+    if frame.shape == (size, size):
+        return frame.astype(np.float64, copy=False)
+    return _area_rows_t(_area_rows_t(frame, size), size)
 
 
 def resize_to_input(frames: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:

@@ -73,3 +73,20 @@ def test_detector_latency_script_writes_every_stage(tmp_path: Path, fixture_bund
         assert key in res, f"no {key!r} in {sorted(res)}"
     assert re.search(r"paper ensemble 2\.74 ms / ours \d+\.\d+ ms", r.stdout)
     assert re.search(r"naive \d+\.\d+ ms / ours \d+\.\d+ ms = \d+\.\dx", r.stdout)
+
+
+def test_resize_script_old_and_new_side_by_side() -> None:
+    """bench/resize.py at its smallest run: both sizes timed old against new (resize alone and
+    the whole score_path), and the scores of the two implementations within 1e-6."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.resize", "--repeats", "20", "--nih", "3", "--big", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for size in ("512x512 uint8", "2500x2048 uint16"):
+        lines = re.findall(rf"^  {size} +old +\d+\.\d+ ms +new +\d+\.\d+ ms +ratio old/new +"
+                           r"\d+\.\d+ .*$", r.stdout, re.M)
+        assert len(lines) == 2, f"{size}: resize and score lines expected\n{r.stdout}"
+    diffs = re.findall(r"max \|score old - score new\| (\S+)", r.stdout)
+    assert diffs and all(float(d) <= 1e-6 for d in diffs), r.stdout

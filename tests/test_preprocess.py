@@ -581,3 +581,74 @@ def test_malformed_header_element_is_unreadable(tmp_path: Path) -> None:
     bad.write_bytes(raw.replace(tag, b"\x28\x00\x04\x00C,"))
     with pytest.raises(Unreadable, match="header element is malformed"):
         preprocess_path(bad)
+
+
+def test_resize_last_bin_when_the_float_edge_overshoots() -> None:
+    """For n = 225, 450, 900, 2010, 3600 ... ``224 * (n / 224)`` is a hair above n in float64;
+    the last output row/column then lost almost a whole input pixel (0.95 of the value at
+    225). It must equal the exact area average like every other bin."""
+    from resize_reference import area_reference
+
+    rng = np.random.default_rng(5)
+    for shape in [(225, 300), (300, 225), (450, 512), (900, 224), (2010, 230)]:
+        x = rng.random(shape)
+        np.testing.assert_allclose(resize_frame(x), area_reference(x), rtol=0, atol=1e-9)
+
+
+_RESIZE_CASES = [
+    ((512, 512), np.uint8, 255),
+    ((513, 600), np.uint16, 4095),  # 12-bit, non-integer factors
+    ((2500, 2048), np.uint16, 4095),
+    ((2048, 2500), np.uint16, 65535),  # 16-bit
+    ((3000, 3000), np.uint16, 65535),
+    ((1000, 300), np.uint16, 4095),  # tall
+    ((300, 1000), np.uint8, 255),  # wide
+    ((225, 225), np.uint16, 4095),  # the smallest downsampling (and an overshooting edge)
+    ((448, 672), np.uint16, 4095),  # integer factors 2 and 3
+    ((600, 1000), np.float32, 1.0),
+    ((1000, 600), np.float64, 1.0),
+    ((517, 389), np.int32, 511),  # the signed path's int32 (sign-extended stored values)
+    ((100, 150), np.uint16, 4095),  # upsampling
+    ((100, 1000), np.float32, 1.0),  # up one axis, down the other
+    ((224, 224), np.uint16, 4095),  # identity
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "top"), _RESIZE_CASES)
+def test_resize_equals_slow_reference_and_previous_implementation(
+    shape: tuple[int, int], dtype: type, top: float
+) -> None:
+    """The fast resize (rows first, integer sums) against a slow per-bin area average with
+    exact fractional edges, and against the implementation the bundles were trained with
+    (tests/resize_reference.py), to float64 rounding: any change of the result fails."""
+    from resize_reference import area_reference, resize_frame_v1
+
+    rng = np.random.default_rng(sum(shape))
+    if np.dtype(dtype).kind == "f":
+        x = rng.random(shape).astype(dtype)
+    else:
+        x = rng.integers(-top - 1 if dtype is np.int32 else 0, top + 1, size=shape).astype(dtype)
+    new = resize_frame(x)
+    assert new.shape == (INPUT_SIZE, INPUT_SIZE) and new.dtype == np.float64
+    ref = area_reference(x)
+    tol = 1e-9 * max(1.0, float(np.abs(ref).max()))
+    assert np.abs(new - ref).max() <= tol
+    if shape[0] != 225:  # v1's last row/column is wrong there (see the test above)
+        old = resize_frame_v1(x)
+        assert np.abs(new - old).max() <= 1e-9 * max(1.0, float(np.abs(old).max()))
+    if shape == (INPUT_SIZE, INPUT_SIZE):
+        np.testing.assert_array_equal(new, x)
+    # the tolerance discriminates: moving every bin by one input pixel is far outside it
+    assert np.abs(area_reference(np.roll(x, 1, axis=0)) - ref).max() > 1000 * tol
+
+
+def test_resize_to_input_stack_equals_reference() -> None:
+    """A stack of float32 [0, 1] frames: each frame the reference, clipped, as float32."""
+    from resize_reference import area_reference
+
+    x = np.random.default_rng(9).random((3, 513, 600)).astype(np.float32)
+    out = resize_to_input(x)
+    assert out.shape == (3, INPUT_SIZE, INPUT_SIZE) and out.dtype == np.float32
+    for frame, got in zip(x, out, strict=True):
+        want = np.clip(area_reference(frame), 0.0, 1.0).astype(np.float32)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)

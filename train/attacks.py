@@ -162,7 +162,7 @@ def _area_matrix(n_native: int, n_in: int) -> np.ndarray:
 
     Bin j covers native interval [j * n / out, (j + 1) * n / out); each native pixel [i, i+1)
     contributes its overlap with the bin, scaled so that a row sums to 1
-    (detector.preprocess._area_axis computes the same map without building the matrix).
+    (detector.preprocess._area_rows_t computes the same map without building the matrix).
     """
     edges = np.arange(n_in + 1, dtype=np.float64) * (n_native / n_in)
     px = np.arange(n_native, dtype=np.float64)
