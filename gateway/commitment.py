@@ -408,6 +408,9 @@ def send_report(cfg: Config, caller: CallerConfig, peer: str, ds: Dataset,
     assoc = ae.associate(host, caller.port, ae_title=caller.ae_title, ext_neg=[role])
     if not assoc.is_established:
         raise ConnectionError(f"no association with {caller.ae_title} at {host}:{caller.port}")
+    from gateway.forward import hand_back_responses
+
+    hand_back_responses(assoc)  # the reactor race: the answer must reach the waiting call
     try:
         status, _reply = assoc.send_n_event_report(
             ds, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)

@@ -60,6 +60,9 @@ def send_commit_request(cfg: Config, dest: DestinationConfig, txn: str,
                          tls_args=(ssl_ctx, dest.host) if ssl_ctx is not None else None)
     if not assoc.is_established:
         raise ConnectionError(f"no association with {dest.name} for storage commitment")
+    from gateway.forward import hand_back_responses
+
+    hand_back_responses(assoc)  # the reactor race: the answer must reach the waiting call
     try:
         ds = Dataset()
         ds.TransactionUID = txn

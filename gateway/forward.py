@@ -183,6 +183,7 @@ class DicomSender:
                 connection=True, at_open=True,
             )
         assoc.dimse.send_msg = StreamedStoreRequest(assoc, assoc.dimse.send_msg)
+        hand_back_responses(assoc)
         self._assoc = assoc
         self._calling = calling_ae
 
@@ -252,6 +253,41 @@ class DicomSender:
     @property
     def is_open(self) -> bool:
         return self._assoc is not None and self._assoc.is_established
+
+
+class ResponsesToTheWaitingCall:
+    """Hands a response that pynetdicom's association reactor took back to the call that waits
+    for it; requests go on to pynetdicom's ``_serve_request`` as before.
+
+    Why: on a requesting association pynetdicom runs a reactor thread that polls the DIMSE
+    message queue every millisecond for requests from the peer, and ``send_c_store`` pauses it
+    with a flag and an event that do not exclude a reactor already past its checkpoint. Such a
+    reactor, or one that reaches the queue between the response's arrival and the waiting
+    thread's wake-up, takes the C-STORE response, logs "Received unexpected C-STORE service
+    message" and drops it; ``send_c_store`` then waits out the whole DIMSE timeout, the send
+    fails and the instance is sent again. Measured: one benchmark run in about twenty stalled
+    20 s that way (bench/RESULTS.md), more often under load, where threads wait longer for the
+    GIL. A response is only ever awaited by the one call in flight on this association (the
+    sender sends one request at a time and closes the association after a timeout), so putting
+    it back on the queue reaches exactly that call.
+    """
+
+    def __init__(self, assoc: Any, serve_request: Callable[[Any, int], None]) -> None:
+        self._assoc = assoc
+        self._serve_request = serve_request
+        self.handed_back = 0  # responses the reactor took (tests check the race is covered)
+
+    def __call__(self, msg: Any, context_id: int) -> None:
+        if getattr(msg, "MessageIDBeingRespondedTo", None) is not None:
+            self.handed_back += 1
+            self._assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        self._serve_request(msg, context_id)
+
+
+def hand_back_responses(assoc: Any) -> None:
+    """Install ``ResponsesToTheWaitingCall`` on an association this gateway requested."""
+    assoc._serve_request = ResponsesToTheWaitingCall(assoc, assoc._serve_request)
 
 
 class StreamedStoreRequest:

@@ -194,6 +194,67 @@ def test_streamed_c_store_is_fragmented_to_the_peers_maximum_pdu(tmp_path: Path,
         capture.stop()
 
 
+class _PassedCheckpoint(threading.Event):
+    """pynetdicom's association reactor checkpoint, with the reactor descheduled right after it
+    passed the checkpoint while it was still open: it goes on to poll the message queue once
+    ``send_c_store`` has paused it and sent (what GIL contention does now and then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()  # the reactor is past it, the checkpoint still open
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.is_set():
+            return super().wait(timeout)
+        self.entered.set()
+        deadline = time.monotonic() + 5
+        while self.is_set() and time.monotonic() < deadline:  # until the sender pauses it
+            time.sleep(0.001)
+        time.sleep(0.05)  # the response arrives meanwhile
+        return True
+
+
+def test_a_response_the_association_reactor_takes_reaches_the_waiting_send(
+        capture: CaptureSCP, tmp_path: Path) -> None:
+    """The reactor race (``ResponsesToTheWaitingCall``): a reactor past its checkpoint polls
+    the queue after the C-STORE response arrived and before the waiting thread woke. Without
+    the hand-back pynetdicom drops the response, the send waits out the DIMSE timeout and
+    fails (a 20 s stall per instance in the benchmark); with it the send succeeds at once."""
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+            f'port = {capture.port}\nae_title = "CAPTURE"\n')
+    p = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=free_port(),
+                     destinations=dest)
+    p.write_text(p.read_text().replace("dimse_s = 20", "dimse_s = 3"))
+    cfg = load_config(p)
+    files = make_series(tmp_path / "in", 3, rows=64, cols=64)
+    sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
+    try:
+        sender.send(files[0], {})  # opens the association
+        assoc = sender._assoc
+        assert assoc is not None
+        checkpoint = _PassedCheckpoint()
+        checkpoint.set()
+        assoc._reactor_checkpoint = checkpoint
+        get_msg = assoc.dimse.get_msg
+
+        def slow_to_wake(block: bool = False) -> Any:
+            if block:  # the sending thread waits 0.2 s for the GIL before it reads the queue
+                time.sleep(0.2)
+            return get_msg(block=block)
+
+        assoc.dimse.get_msg = slow_to_wake
+        for f in files[1:]:
+            checkpoint.entered.clear()
+            assert checkpoint.entered.wait(5)  # the reactor passed the open checkpoint
+            t0 = time.monotonic()
+            sender.send(f, {})
+            assert time.monotonic() - t0 < 2, "the response was lost: DIMSE timeout"
+        assert assoc._serve_request.handed_back == 2, "the race was not reproduced"
+    finally:
+        sender.close()
+    assert [uid for _c, uid, _t, _d in capture.received] == [sop_uid_of(f) for f in files]
+
+
 def test_peer_dropping_mid_stream_fails_the_send_and_the_next_one_reconnects(
         tmp_path: Path) -> None:
     """A PACS that drops the connection while the dataset is on the wire: the send fails as a
