@@ -404,9 +404,12 @@ class GatewayRun:
 def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int = 2,
             max_assoc: int = 16, env: dict[str, str] | None = None,
             default_rule: str = SCREEN_ALL, isolation: str = "process",
-            associations: int = 2, nice: int | None = None) -> Iterator[GatewayRun]:
+            associations: int = 2, nice: int | None = None,
+            backlog_mb: float | None = None) -> Iterator[GatewayRun]:
     """``sentinel serve`` on fresh state: screening every instance, forwarding to Orthanc over
-    ``associations`` concurrent associations; ``nice``: the scorers' niceness (None: default).
+    ``associations`` concurrent associations (``backlog_mb``: the destination's
+    extra_association_backlog_mb, None: the product default); ``nice``: the scorers' niceness
+    (None: default).
 
     ``default_rule`` 'action = "pass"' isolates the receive + forward cost (profiling only;
     every reported figure screens).
@@ -416,7 +419,8 @@ def gateway(root: Path, orthanc_port: int, port: int, bundle: Path, workers: int
     root.mkdir(parents=True)
     state = root / "state"
     dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
-            f'port = {orthanc_port}\nae_title = "{ORTHANC_AE}"\nassociations = {associations}\n')
+            f'port = {orthanc_port}\nae_title = "{ORTHANC_AE}"\nassociations = {associations}\n'
+            + (f"extra_association_backlog_mb = {backlog_mb}\n" if backlog_mb is not None else ""))
     cfg = write_config(
         root / "gateway.toml", state=state, port=port, destinations=dest, default=default_rule,
         bundle=bundle, limits=(f"max_associations = {max_assoc}\n"
@@ -532,7 +536,7 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
                      workers: int = 2, timeout: float = 900,
                      default_rule: str = SCREEN_ALL, warm: Sequence[Path] = (),
                      isolation: str = "process", associations: int = 2,
-                     nice: int | None = None) -> Send:
+                     nice: int | None = None, backlog_mb: float | None = None) -> Send:
     """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
 
     ``done_s`` ends when Orthanc holds every instance (polled every 0.1 s).
@@ -541,7 +545,7 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
     with orthanc(root / "orthanc", gateway_port=port) as pacs, \
             gateway(root / "gw", pacs.dicom_port, port, bundle, workers=workers,
                     default_rule=default_rule, isolation=isolation,
-                    associations=associations, nice=nice) as gw:
+                    associations=associations, nice=nice, backlog_mb=backlog_mb) as gw:
         assert pacs.proc is not None
         w = len(warm)
         if warm:

@@ -60,6 +60,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nice", nargs="+", type=int, default=[10],
                    help="niceness of the gateway's scoring processes ([detector] nice, default "
                    "10); several values measure each, side by side")
+    p.add_argument("--backlog-mb", nargs="+", type=float, default=[16.0],
+                   help="the destination's extra_association_backlog_mb (product default 16: "
+                   "a second association sends only while that much waits; 0: always); "
+                   "several values measure each, side by side")
     p.add_argument("--senders", nargs="+", type=int, default=[1],
                    help="concurrent storescu associations (the set split among them); "
                    "several values measure each")
@@ -71,9 +75,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def variant_name(variant: tuple[str, int, int]) -> str:
-    iso, k, nice = variant
+def variant_name(variant: tuple[str, int, int, float]) -> str:
+    iso, k, nice, backlog = variant
     return (f"{iso} isolation, {k} forwarding association{'s' if k > 1 else ''}"
+            + (f" (extra ones from a {backlog:g} MB backlog)" if k > 1 else "")
             + (f", scorers at nice {nice}" if iso == "process" else ""))
 
 
@@ -113,22 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     with workdir() as work:
         for label, rows, cols, files in issue_sets(args.cache, args.n512, args.nlarge):
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
-            variants = [(iso, k, nice) for iso in args.isolation for k in args.associations
-                        for nice in args.nice]
+            variants = [(iso, k, nice, b) for iso in args.isolation for k in args.associations
+                        for nice in args.nice for b in args.backlog_mb]
             for senders in args.senders:
                 direct: list[Send] = []
                 router: list[Send] = []
-                via: dict[tuple[str, int, int], list[Send]] = {v: [] for v in variants}
+                via: dict[tuple[str, int, int, float], list[Send]] = {v: [] for v in variants}
                 for r in range(args.repeats):
                     direct.append(send_direct(work / "d", files, k=senders, warm=warm))
                     router.append(send_via_orthanc_router(work / "r", files, k=senders,
                                                           warm=warm))
                     for v in variants:
-                        iso, k, nice = v
+                        iso, k, nice, backlog = v
                         via[v].append(send_via_gateway(work / "g", files, bundle, k=senders,
                                                        workers=args.workers, warm=warm,
                                                        isolation=iso, associations=k,
-                                                       nice=nice))
+                                                       nice=nice, backlog_mb=backlog))
                         g = via[v][-1]
                         print(f"  repeat {r + 1}, {senders} sender(s): direct "
                               f"{direct[-1].rate:.1f}/s, Orthanc router {router[-1].rate:.1f}/s,"
