@@ -138,12 +138,12 @@ def apply_cnn_gate(score: Score, gate: float | None) -> Score:
     Why (issue 19): an attacker who holds the public bundle crafts perturbations that keep every
     forest feature at clean values and fool the public CNN; a site bundle trained from a secret
     has CNN weights the attacker lacks, and its CNN alone still sees most of those attacks
-    (measured: 90% of the strongest public-bundle attack at the CNN's 1% point on the site's
-    clean images). The fused score cannot use that: at the bundle's threshold the forest's
-    clean-looking vote outweighs it, and at the site's fused 1% point the forest's source-
-    specific noise statistics flag most images of any other source (71-94% of NIH), where the
-    CNN alone at its own point flags 4-6%. Applied outside the scoring process, on the score
-    it returns, so one verdict rule serves ``sentinel serve``, the plugin and the CLI.
+    (measured: 81-85% of the strongest public-bundle attack, with the gate set for 1% on the
+    site's clean images). The fused score cannot use that: at the bundle's threshold the
+    forest's clean-looking vote outweighs it, and at the site's fused 1% point the forest's
+    source-specific noise statistics flag most images of any other source (71-94% of NIH),
+    where the gate flags 4.5-5.7%. Applied outside the scoring process, on the score it
+    returns, so one verdict rule serves ``sentinel serve``, the plugin and the CLI.
     """
     if gate is None:
         return score
