@@ -150,6 +150,9 @@ class DicomSender:
         # refused where one at a time gets the allowed number accepted.
         self._open_lock = open_lock or threading.Lock()
         self._assoc: Any = None
+        # the open association's request writer and response guard (tests read their counts)
+        self._stream: StreamedStoreRequest | None = None
+        self._guard: ResponsesToTheWaitingCall | None = None
         self._calling = ""
         self._contexts: list[tuple[str, str]] = []  # proposed pairs, most recent last
 
@@ -182,8 +185,9 @@ class DicomSender:
                 f"association to {self.dest.host}:{self.dest.port} ({self.dest.ae_title}) {why}",
                 connection=True, at_open=True,
             )
-        assoc.dimse.send_msg = StreamedStoreRequest(assoc, assoc.dimse.send_msg)
-        hand_back_responses(assoc)
+        self._stream = StreamedStoreRequest(assoc, assoc.dimse.send_msg)
+        assoc.dimse.send_msg = self._stream
+        self._guard = hand_back_responses(assoc)
         self._assoc = assoc
         self._calling = calling_ae
 
@@ -256,8 +260,8 @@ class DicomSender:
 
 
 class ResponsesToTheWaitingCall:
-    """Hands a response that pynetdicom's association reactor took back to the call that waits
-    for it; requests go on to pynetdicom's ``_serve_request`` as before.
+    """Hands the response a call waits for back to it when pynetdicom's association reactor
+    took it; any other message goes on to pynetdicom's ``_serve_request`` as before.
 
     Why: on a requesting association pynetdicom runs a reactor thread that polls the DIMSE
     message queue every millisecond for requests from the peer, and ``send_c_store`` pauses it
@@ -267,27 +271,70 @@ class ResponsesToTheWaitingCall:
     message" and drops it; ``send_c_store`` then waits out the whole DIMSE timeout, the send
     fails and the instance is sent again. Measured: one benchmark run in about twenty stalled
     20 s that way (bench/RESULTS.md), more often under load, where threads wait longer for the
-    GIL. A response is only ever awaited by the one call in flight on this association (the
-    sender sends one request at a time and closes the association after a timeout), so putting
-    it back on the queue reaches exactly that call.
+    GIL.
+
+    Only the answer to the request in flight is handed back: the one whose Message ID Being
+    Responded To is the last request's Message ID, while its call still waits (the request is
+    recorded as it is sent, and forgotten when the call's blocking wait returns, answered or
+    timed out). A stray or late response is dropped as pynetdicom drops it, so it can never
+    pass for the answer to the next request.
     """
 
-    def __init__(self, assoc: Any, serve_request: Callable[[Any, int], None]) -> None:
+    def __init__(self, assoc: Any) -> None:
         self._assoc = assoc
-        self._serve_request = serve_request
+        self._serve_request = assoc._serve_request
+        self._send_msg = assoc.dimse.send_msg
+        self._get_msg = assoc.dimse.get_msg
+        self._awaited: int | None = None  # the Message ID of the request whose call waits
         self.handed_back = 0  # responses the reactor took (tests check the race is covered)
 
-    def __call__(self, msg: Any, context_id: int) -> None:
-        if getattr(msg, "MessageIDBeingRespondedTo", None) is not None:
+    def install(self) -> None:
+        self._assoc._serve_request = self.serve_request
+        self._assoc.dimse.send_msg = self.send_msg
+        self._assoc.dimse.get_msg = self.get_msg
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if getattr(primitive, "MessageIDBeingRespondedTo", None) is None:  # a request
+            self._awaited = getattr(primitive, "MessageID", None)
+        self._send_msg(primitive, context_id)
+
+    def get_msg(self, block: bool = False) -> Any:
+        if not block:  # the reactor's poll
+            return self._get_msg(block=False)
+        # the call's wait for its answer, within the DIMSE timeout; a response to another
+        # request (a stray one, or a late answer to an earlier call) is dropped, not returned
+        timeout = self._assoc.dimse.dimse_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    context_id, msg = self._assoc.dimse.msg_queue.get(block=True, timeout=left)
+                except queue.Empty:
+                    return None, None
+                answers = getattr(msg, "MessageIDBeingRespondedTo", None)
+                if msg is None or answers is None or answers == self._awaited:
+                    return context_id, msg
+                LOG.warning("dropped a response to message %s while waiting for the answer to "
+                            "message %s", answers, self._awaited)
+        finally:
+            self._awaited = None
+
+    def serve_request(self, msg: Any, context_id: int) -> None:
+        answers = getattr(msg, "MessageIDBeingRespondedTo", None)
+        if answers is not None and answers == self._awaited:
             self.handed_back += 1
             self._assoc.dimse.msg_queue.put((context_id, msg))
             return
         self._serve_request(msg, context_id)
 
 
-def hand_back_responses(assoc: Any) -> None:
-    """Install ``ResponsesToTheWaitingCall`` on an association this gateway requested."""
-    assoc._serve_request = ResponsesToTheWaitingCall(assoc, assoc._serve_request)
+def hand_back_responses(assoc: Any) -> ResponsesToTheWaitingCall:
+    """Install ``ResponsesToTheWaitingCall`` on an association this gateway requested (after
+    any other wrapper of its ``send_msg``)."""
+    guard = ResponsesToTheWaitingCall(assoc)
+    guard.install()
+    return guard
 
 
 class StreamedStoreRequest:

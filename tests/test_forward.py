@@ -180,7 +180,8 @@ def test_streamed_c_store_is_fragmented_to_the_peers_maximum_pdu(tmp_path: Path,
         try:
             for f in files:
                 sender.send(f, {})
-                stream = sender._assoc.dimse.send_msg  # type: ignore[union-attr]
+                stream = sender._stream
+                assert stream is not None
                 streamed[id(stream)] = stream.streamed
         finally:
             sender.close()
@@ -249,7 +250,38 @@ def test_a_response_the_association_reactor_takes_reaches_the_waiting_send(
             t0 = time.monotonic()
             sender.send(f, {})
             assert time.monotonic() - t0 < 2, "the response was lost: DIMSE timeout"
-        assert assoc._serve_request.handed_back == 2, "the race was not reproduced"
+        assert sender._guard is not None
+        assert sender._guard.handed_back == 2, "the race was not reproduced"
+    finally:
+        sender.close()
+    assert [uid for _c, uid, _t, _d in capture.received] == [sop_uid_of(f) for f in files]
+
+
+def test_a_stray_response_never_answers_the_next_request(capture: CaptureSCP,
+                                                        tmp_path: Path) -> None:
+    """A response to no request in flight (a PACS that answers twice, or late) must not pass
+    for the answer to the next C-STORE: it is dropped whether the reactor or the waiting call
+    meets it first, and the next instance is reported by its own answer."""
+    from pynetdicom.dimse_primitives import C_STORE as CStorePrimitive
+
+    dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
+            f'port = {capture.port}\nae_title = "CAPTURE"\n')
+    cfg = make_config(tmp_path, dest)
+    files = make_series(tmp_path / "in", 3, rows=64, cols=64)
+    sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
+    try:
+        sender.send(files[0], {})
+        assoc = sender._assoc
+        assert assoc is not None and sender._guard is not None
+        for f, wait_s in ((files[1], 0.05), (files[2], 0.0)):  # reactor first, then the call
+            stray = CStorePrimitive()
+            stray.MessageIDBeingRespondedTo = 9999
+            stray.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+            stray.Status = 0xA700  # out of resources: would fail the send if taken as its answer
+            assoc.dimse.msg_queue.put((1, stray))
+            time.sleep(wait_s)
+            sender.send(f, {})
+        assert sender._guard.handed_back == 0
     finally:
         sender.close()
     assert [uid for _c, uid, _t, _d in capture.received] == [sop_uid_of(f) for f in files]
