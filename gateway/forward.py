@@ -259,6 +259,9 @@ class DicomSender:
         return self._assoc is not None and self._assoc.is_established
 
 
+PENDING_STATUSES = (0xFF00, 0xFF01)  # more responses to the same request follow
+
+
 class ResponsesToTheWaitingCall:
     """Hands the response a call waits for back to it when pynetdicom's association reactor
     took it; any other message goes on to pynetdicom's ``_serve_request`` as before.
@@ -305,20 +308,23 @@ class ResponsesToTheWaitingCall:
         # request (a stray one, or a late answer to an earlier call) is dropped, not returned
         timeout = self._assoc.dimse.dimse_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        msg = None
         try:
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     context_id, msg = self._assoc.dimse.msg_queue.get(block=True, timeout=left)
                 except queue.Empty:
+                    msg = None
                     return None, None
                 answers = getattr(msg, "MessageIDBeingRespondedTo", None)
                 if msg is None or answers is None or answers == self._awaited:
                     return context_id, msg
                 LOG.warning("dropped a response to message %s while waiting for the answer to "
                             "message %s", answers, self._awaited)
-        finally:
-            self._awaited = None
+        finally:  # a pending status (C-FIND, C-GET, C-MOVE) is followed by more answers
+            if getattr(msg, "Status", None) not in PENDING_STATUSES:
+                self._awaited = None
 
     def serve_request(self, msg: Any, context_id: int) -> None:
         answers = getattr(msg, "MessageIDBeingRespondedTo", None)
