@@ -287,6 +287,46 @@ def test_a_stray_response_never_answers_the_next_request(capture: CaptureSCP,
     assert [uid for _c, uid, _t, _d in capture.received] == [sop_uid_of(f) for f in files]
 
 
+def test_the_response_guard_passes_every_answer_of_a_pending_request() -> None:
+    """A C-FIND answers with pending statuses before the final one, all to one Message ID: a
+    guarded association (``hand_back_responses``) delivers every one of them to the call."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as FIND
+
+    from gateway.forward import hand_back_responses
+
+    def on_find(event: Any) -> Any:
+        for name in ("A^B", "C^D", "E^F"):
+            match = Dataset()
+            match.PatientName = name
+            match.QueryRetrieveLevel = "PATIENT"
+            yield 0xFF00, match
+
+    port = free_port()
+    scp = AE(ae_title="FINDER")
+    scp.add_supported_context(FIND)
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        ae = AE(ae_title="SENTINEL")
+        ae.add_requested_context(FIND)
+        ae.dimse_timeout = 3
+        assoc = ae.associate("127.0.0.1", port, ae_title="FINDER")
+        assert assoc.is_established
+        hand_back_responses(assoc)
+        query = Dataset()
+        query.PatientName = "*"
+        query.QueryRetrieveLevel = "PATIENT"
+        t0 = time.monotonic()
+        statuses = [int(status.Status) for status, _ident in assoc.send_c_find(query, FIND)
+                    if "Status" in status]
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0xFF00, 0xFF00, 0xFF00, 0x0000]
+    assert time.monotonic() - t0 < 2  # no answer waited out the DIMSE timeout
+
+
 def test_peer_dropping_mid_stream_fails_the_send_and_the_next_one_reconnects(
         tmp_path: Path) -> None:
     """A PACS that drops the connection while the dataset is on the wire: the send fails as a
