@@ -86,12 +86,17 @@ class CaptureSCP:
         _config.STORE_RECV_CHUNKED_DATASET = self._saved
 
 
-def make_config(tmp_path: Path, dest: str, forwarding: str | None = None) -> Config:
+def make_config(tmp_path: Path, dest: str, forwarding: str | None = None,
+                dimse_s: float | None = None) -> Config:
+    """The gateway config of a test with destination ``dest``; ``dimse_s`` shortens the
+    harness's 20 s DIMSE timeout for tests that wait one out."""
     kw: dict[str, Any] = {}
     if forwarding is not None:
         kw["forwarding"] = forwarding
     p = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=free_port(),
                      destinations=dest, **kw)
+    if dimse_s is not None:
+        p.write_text(p.read_text().replace("dimse_s = 20", f"dimse_s = {dimse_s}"))
     return load_config(p)
 
 
@@ -223,10 +228,7 @@ def test_a_response_the_association_reactor_takes_reaches_the_waiting_send(
     fails (a 20 s stall per instance in the benchmark); with it the send succeeds at once."""
     dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
             f'port = {capture.port}\nae_title = "CAPTURE"\n')
-    p = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=free_port(),
-                     destinations=dest)
-    p.write_text(p.read_text().replace("dimse_s = 20", "dimse_s = 3"))
-    cfg = load_config(p)
+    cfg = make_config(tmp_path, dest, dimse_s=3)
     files = make_series(tmp_path / "in", 3, rows=64, cols=64)
     sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
     try:
@@ -378,10 +380,7 @@ def test_peer_that_stops_reading_fails_the_send_within_the_dimse_timeout(
     try:
         dest = (f'[destinations.pacs]\nkind = "dicom"\nhost = "127.0.0.1"\n'
                 f'port = {capture.port}\nae_title = "CAPTURE"\n')
-        p = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=free_port(),
-                         destinations=dest)
-        p.write_text(p.read_text().replace("dimse_s = 20", "dimse_s = 1.5"))
-        cfg = load_config(p)
+        cfg = make_config(tmp_path, dest, dimse_s=1.5)
         # 32 MB: more than loopback's socket buffers hold, so the writer must wait
         f = make_series(tmp_path / "in", 1, rows=4096, cols=4096)[0]
         sender = DicomSender(cfg.destinations["pacs"], lambda: cfg)
