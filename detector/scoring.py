@@ -104,11 +104,6 @@ class Score:
         return (self.line_gate is not None and self.line_peak is not None
                 and self.line_peak >= self.line_gate)
 
-    @property
-    def cnn_flagged(self) -> bool:
-        return (self.cnn_gate is not None and self.cnn_peak is not None
-                and self.cnn_peak >= self.cnn_gate)
-
     def as_dict(self) -> dict[str, object]:
         """Plain-JSON form for audit records, sidecars and ``sentinel score --json``."""
         return {
