@@ -44,19 +44,24 @@ class FailingDetector:
         raise RuntimeError("scoring process died")
 
 
-def _setup(tmp_path: Path, bundle: Path, default: str) -> tuple[Screening, Any, Path]:
+def _setup(tmp_path: Path, bundle: Path | None, default: str, detector_extra: str = ""
+           ) -> tuple[Screening, Any, Quarantine]:
+    """The screening pool on a fresh state directory, forwarding to a directory destination;
+    ``bundle`` None: the shipped one."""
     state = tmp_path / "state"
     cfg_path = write_config(tmp_path / "c.toml", state=state, port=11112,
                             destinations=f'[destinations.o]\nkind = "directory"\n'
                                          f'path = "{tmp_path}/out"\n',
-                            default=default, bundle=bundle, relay_unscreened=False)
+                            default=default, bundle=bundle, relay_unscreened=False,
+                            detector_extra=detector_extra)
     cfg = load_config(cfg_path)
     state.mkdir()
     audit = CountingAudit(cfg.audit_path)
-    screening = Screening(lambda: cfg, audit, Quarantine(cfg.quarantine_dir, audit=audit),
-                          Metrics(), lambda _d: None, PendingOrder())
+    quarantine = Quarantine(cfg.quarantine_dir, audit=audit)
+    screening = Screening(lambda: cfg, audit, quarantine, Metrics(), lambda _d: None,
+                          PendingOrder())
     screening.layout.create(("o",))
-    return screening, cfg, state
+    return screening, cfg, quarantine
 
 
 UID = "1.2.826.0.1.3680043.10.99.7"
@@ -129,20 +134,9 @@ def test_site_cnn_gate_flags_what_the_cnn_alone_sees(tmp_path: Path, above: bool
     detector = Detector.load(None)  # the shipped bundle: its CNN is unsure of this noise
     p_cnn = detector.score_dataset(read_dicom(_write_cr(tmp_path / "probe.dcm"))).p_cnn
     gate = p_cnn + 1e-6 if above else p_cnn - 1e-6
-    state = tmp_path / "state"
-    cfg_path = write_config(tmp_path / "c.toml", state=state, port=11112,
-                            destinations=f'[destinations.o]\nkind = "directory"\n'
-                                         f'path = "{tmp_path}/out"\n',
-                            default='action = "screen"\nthreshold = 1.0', bundle=None,
-                            relay_unscreened=False, detector_extra=f"cnn_gate = {gate!r}")
-    cfg = load_config(cfg_path)
+    screening, cfg, quarantine = _setup(tmp_path, None, 'action = "screen"\nthreshold = 1.0',
+                                        detector_extra=f"cnn_gate = {gate!r}")
     assert cfg.detector.cnn_gate == gate
-    state.mkdir()
-    audit = AuditLog(cfg.audit_path)
-    quarantine = Quarantine(cfg.quarantine_dir, audit=audit)
-    screening = Screening(lambda: cfg, audit, quarantine, Metrics(), lambda _d: None,
-                          PendingOrder())
-    screening.layout.create(("o",))
     item = _spool_one(screening, tmp_path)
     assert screening.process(item, detector) == ("forwarded" if above else "quarantined")
     scored = next(json.loads(x) for x in cfg.audit_path.read_text().splitlines()
