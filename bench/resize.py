@@ -4,7 +4,8 @@ side in one run (issue 18: the scorer's CPU per instance).
 Three parts, old and new interleaved call by call so that the neighbours' load hits both alike:
 
 1. ``resize_frame`` alone on a 512x512 uint8 and a 2500x2048 uint16 (12-bit) frame: median ms
-   per frame over ``--repeats`` and the ratio old/new, plus the max abs difference.
+   per frame over ``--repeats`` and the ratio old/new, plus the max abs difference; then the
+   rows-first resize (session 12, kept for large frames) against the current one.
 2. The whole score of a DICOM file of each size (``Detector.load(None).score_path``), with
    ``detector.preprocess.resize_frame`` swapped for the previous implementation and back.
 3. Scores unchanged: ``--nih`` NIH images (512x512 PNG) and ``--big`` of them upsampled to
@@ -42,6 +43,15 @@ from detector.scoring import Detector  # noqa: E402
 Impl = Callable[[np.ndarray, int], np.ndarray]
 NEW: Impl = preprocess.resize_frame
 OLD: Impl = resize_frame_v1
+
+
+def rows_first(frame: np.ndarray, size: int = 224) -> np.ndarray:
+    """Session 12's resize for every size: the row-by-row sums on both axes, which the
+    current code keeps for frames above ``_SPARSE_RESIZE_MAX_PIXELS`` only."""
+    return preprocess._area_rows_t(preprocess._area_rows_t(frame, size), size)
+
+
+ROWS: Impl = rows_first
 
 
 def use(impl: Impl) -> None:
@@ -99,9 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         diff = float(np.abs(new - old).max())
         t = side_by_side({"old": lambda x=x: OLD(x, 224), "new": lambda x=x: NEW(x, 224)},
                          args.repeats)
+        # v1's large temporaries slow the call after it; rows-first and the current code are
+        # timed in their own interleaved pair
+        r = side_by_side({"rows": lambda x=x: ROWS(x, 224), "new": lambda x=x: NEW(x, 224)},
+                         args.repeats)
         print(f"  {name:<18s} old {t['old']:7.3f} ms  new {t['new']:7.3f} ms  "
               f"ratio old/new {t['old'] / t['new']:5.2f}  max|new-old| {diff:.1e} "
               f"(max|old| {np.abs(old).max():.0f})")
+        print(f"  {'':<18s} rows-first {r['rows']:7.3f} ms  new {r['new']:7.3f} ms  "
+              f"ratio rows/new {r['rows'] / r['new']:5.2f}  max|new-rows| "
+              f"{float(np.abs(new - ROWS(x, 224)).max()):.1e}")
 
     det = Detector.load(None)
     print(f"\n2. whole score_path of a DICOM file (bundle {det.bundle_id}), median of "

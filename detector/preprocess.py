@@ -39,6 +39,7 @@ its own ``PreprocessError`` subclass.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import struct
@@ -52,6 +53,7 @@ import pydicom
 import pydicom.encaps
 import pydicom.filereader
 import pydicom.pixels
+import scipy.sparse
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import _get_jpg_parameters
@@ -627,19 +629,57 @@ def _area_rows_t(a: np.ndarray, out: int) -> np.ndarray:
     return result
 
 
-def resize_frame(frame: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """One 2-D image to (size, size) float64 by exact area averaging (rows first).
+# Frames up to this many pixels are resized by two sparse products (``_area_matrix``), larger
+# ones row by row (``_area_rows_t``); the crossover measured in bench/RESULTS.md.
+_SPARSE_RESIZE_MAX_PIXELS = 1 << 20
 
-    The rows of the full image are reduced first (``_area_rows_t``: whole rows added,
+
+@functools.lru_cache(maxsize=16)
+def _area_matrix(n: int, out: int) -> scipy.sparse.csr_array:
+    """The exact area average from ``n`` pixels to ``out`` as a sparse (out, n) matrix.
+
+    Bin j covers [j * n / out, (j + 1) * n / out); pixel p covers [p, p + 1). In units of
+    1/out of a pixel both are integers (bin: [j * n, (j + 1) * n), pixel: [p * out, (p + 1)
+    * out)), so each overlap is an exact integer and the weight, overlap / n, is its only
+    rounding; the weights of a bin sum to 1. Built once per (n, out): a modality sends one
+    matrix size all day.
+    """
+    j = np.arange(out, dtype=np.int64)
+    first = j * n // out
+    last = np.minimum(n - 1, -(-(j + 1) * n // out) - 1)  # the last pixel the bin overlaps
+    counts = last - first + 1
+    rows = np.repeat(j, counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    cols = np.repeat(first, counts) + offsets
+    overlap = (np.minimum((rows + 1) * n, (cols + 1) * out)
+               - np.maximum(rows * n, cols * out))
+    keep = overlap > 0
+    return scipy.sparse.csr_array((overlap[keep] / n, (rows[keep], cols[keep])),
+                                  shape=(out, n))
+
+
+def resize_frame(frame: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """One 2-D image to (size, size) float64 by exact area averaging.
+
+    Small frames (up to ``_SPARSE_RESIZE_MAX_PIXELS``, e.g. 512x512 or 1024x1024) are
+    resized as ``rows @ frame @ cols.T`` with the sparse bin matrices of ``_area_matrix``:
+    two C loops over the few weights per bin, where the row-by-row path pays numpy's
+    per-call overhead ~n/out times per block (512x512: ~0.4 ms against ~0.75 ms). Larger
+    frames reduce the rows of the full image first (``_area_rows_t``: whole rows added,
     integers summed exactly as integers), then the rows of its transposed (cols, size)
-    result, i.e. the columns. Equal to the previous implementation (``np.add.reduceat``
-    along the contiguous axis first) to float64 rounding, 2-4x faster; tests/test_preprocess.py
-    checks both against a slow exact reference (tests/resize_reference.py).
+    result, i.e. the columns: the sparse product would need a full-size float64 copy of the
+    frame (2500x2048: 40 MB, 3x slower). Both paths equal the previous implementation
+    (``np.add.reduceat`` along the contiguous axis first) to float64 rounding;
+    tests/test_preprocess.py checks them against a slow exact reference
+    (tests/resize_reference.py).
     """
     if frame.ndim != 2:
         raise ValueError(f"resize_frame expects a 2-D image, got shape {frame.shape}")
     if frame.shape == (size, size):
         return frame.astype(np.float64, copy=False)
+    if frame.size <= _SPARSE_RESIZE_MAX_PIXELS:
+        rows = _area_matrix(frame.shape[0], size) @ frame.astype(np.float64, copy=False)
+        return np.ascontiguousarray((_area_matrix(frame.shape[1], size) @ rows.T).T)
     return _area_rows_t(_area_rows_t(frame, size), size)
 
 

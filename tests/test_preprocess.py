@@ -611,6 +611,8 @@ _RESIZE_CASES = [
     ((100, 150), np.uint16, 4095),  # upsampling
     ((100, 1000), np.float32, 1.0),  # up one axis, down the other
     ((224, 224), np.uint16, 4095),  # identity
+    ((1024, 1024), np.uint16, 65535),  # the largest frame of the sparse path
+    ((1025, 1024), np.uint16, 65535),  # the smallest of the row-by-row path
 ]
 
 
@@ -640,6 +642,24 @@ def test_resize_equals_slow_reference_and_previous_implementation(
         np.testing.assert_array_equal(new, x)
     # the tolerance discriminates: moving every bin by one input pixel is far outside it
     assert np.abs(area_reference(np.roll(x, 1, axis=0)) - ref).max() > 1000 * tol
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (513, 600), (100, 150), (300, 1000)])
+def test_resize_sparse_and_row_paths_agree(shape: tuple[int, int],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small frames take the sparse product, large ones the row-by-row sums; the size limit
+    between them must not change a score: the two paths give the same numbers on the same
+    frame, and each bin's weights sum to one."""
+    from detector import preprocess
+
+    x = np.random.default_rng(3).integers(0, 4096, size=shape).astype(np.uint16)
+    sparse = resize_frame(x)
+    monkeypatch.setattr(preprocess, "_SPARSE_RESIZE_MAX_PIXELS", 0)
+    rows = resize_frame(x)
+    assert np.abs(sparse - rows).max() <= 1e-9 * 4095
+    for n in shape:
+        weights = preprocess._area_matrix(n, INPUT_SIZE)
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=0, atol=1e-12)
 
 
 def test_resize_to_input_stack_equals_reference() -> None:
