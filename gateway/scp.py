@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.acse import ACSE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -424,8 +424,11 @@ class StorageReceiver:
         # Our own admission counts connections and associations and audits; pynetdicom's
         # (which counts connection threads) is only a backstop above ours.
         ae.maximum_associations = cfg.limits.max_connections + 1
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        # Storage SOP Classes need no supported context: the unrestricted storage service
+        # accepts each in the caller's first transfer syntax without looking at this list
+        # (pynetdicom.presentation.negotiate_unrestricted). Listing all ~130 of them with every
+        # transfer syntax cost ~55 ms of CPU per association, for nothing: pynetdicom
+        # deep-copies the list into each new association (bench/RESULTS.md).
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         if self._on_commit is not None or self._on_commit_report is not None:
             # N-ACTION from modalities; N-EVENT-REPORT from a PACS that reports on an association
