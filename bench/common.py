@@ -13,6 +13,7 @@ integration tests start.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -300,6 +301,30 @@ def send_parallel(port: int, shares: Sequence[Sequence[Path]], called: str,
     return wall
 
 
+def send_studies(port: int, shares: Sequence[Sequence[Path]], called: str,
+                 per_association: int | None = None, timeout: float = 900) -> float:
+    """Each share sent by its own sender, all at once; wall seconds until all are done.
+
+    ``per_association`` None: one association per share (``send_parallel``). A number: each
+    sender sends its share in consecutive associations of that many instances (a modality
+    opens one per study: a chest PA and lateral is 2), one storescu each, one after another.
+    """
+    if per_association is None:
+        return send_parallel(port, shares, called, timeout)
+    if per_association < 1:
+        raise ValueError(f"per_association must be >= 1, got {per_association}")
+
+    def one_sender(share: Sequence[Path]) -> None:
+        for i in range(0, len(share), per_association):
+            send_parallel(port, [share[i:i + per_association]], called, timeout)
+
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(shares))) as pool:
+        for done in [pool.submit(one_sender, s) for s in shares if s]:
+            done.result()
+    return time.time() - t0
+
+
 def split(files: Sequence[Path], k: int) -> list[list[Path]]:
     """``k`` contiguous shares (each association sends whole runs of the series in order)."""
     n = len(files)
@@ -466,7 +491,7 @@ class Send:
 
 
 def send_direct(root: Path, files: Sequence[Path], k: int = 1,
-                warm: Sequence[Path] = ()) -> Send:
+                warm: Sequence[Path] = (), per_association: int | None = None) -> Send:
     """storescu (k associations) straight into a fresh Orthanc.
 
     ``warm`` instances go first, untimed, on both paths alike: the figures are those of a
@@ -477,7 +502,7 @@ def send_direct(root: Path, files: Sequence[Path], k: int = 1,
         if warm:
             send_parallel(pacs.dicom_port, [warm], ORTHANC_AE)
         c0 = cpu_s(pacs.proc.pid)
-        wall = send_parallel(pacs.dicom_port, split(files, k), ORTHANC_AE)
+        wall = send_studies(pacs.dicom_port, split(files, k), ORTHANC_AE, per_association)
         orthanc_cpu = cpu_s(pacs.proc.pid) - c0
         got = pacs.wait_for_count(len(files) + len(warm), timeout=60) - len(warm)
         if got != len(files):
@@ -500,7 +525,8 @@ end
 
 
 def send_via_orthanc_router(root: Path, files: Sequence[Path], k: int = 1,
-                            warm: Sequence[Path] = (), timeout: float = 900) -> Send:
+                            warm: Sequence[Path] = (), timeout: float = 900,
+                            per_association: int | None = None) -> Send:
     """storescu (k associations) into an Orthanc that routes every instance to a fresh Orthanc
     (``ROUTER_LUA``): the peer a site would otherwise deploy between modality and PACS.
 
@@ -520,7 +546,8 @@ def send_via_orthanc_router(root: Path, files: Sequence[Path], k: int = 1,
                 raise RuntimeError("warm-up not routed by Orthanc")
         c_router, c_pacs = cpu_s(router.proc.pid), cpu_s(pacs.proc.pid)
         t0 = time.time()
-        ack = send_parallel(router.dicom_port, split(files, k), GATEWAY_AE, timeout=timeout)
+        ack = send_studies(router.dicom_port, split(files, k), GATEWAY_AE, per_association,
+                           timeout)
         n = len(files)
         if not wait_until(lambda: int(pacs.statistics()["CountInstances"]) >= n + w,
                           timeout=timeout, interval=0.1):
@@ -536,7 +563,8 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
                      workers: int = 2, timeout: float = 900,
                      default_rule: str = SCREEN_ALL, warm: Sequence[Path] = (),
                      isolation: str = "process", associations: int = 2,
-                     nice: int | None = None, backlog_mb: float | None = None) -> Send:
+                     nice: int | None = None, backlog_mb: float | None = None,
+                     per_association: int | None = None) -> Send:
     """storescu (k associations) into the gateway, which screens and forwards to a fresh Orthanc.
 
     ``done_s`` ends when Orthanc holds every instance (polled every 0.1 s).
@@ -555,7 +583,7 @@ def send_via_gateway(root: Path, files: Sequence[Path], bundle: Path, k: int = 1
                 raise RuntimeError(f"warm-up not forwarded; log: {gw.proc.log()[-1500:]}")
         c_gw, c_pacs = tree_cpu_s(gw.pid), cpu_s(pacs.proc.pid)
         t0 = time.time()
-        ack = send_parallel(port, split(files, k), GATEWAY_AE, timeout=timeout)
+        ack = send_studies(port, split(files, k), GATEWAY_AE, per_association, timeout)
         n = len(files)
         # Delivered = stored in Orthanc (it answers a C-STORE after storing): its instance
         # count, polled every 0.1 s, is the primary end time. The gateway's own 'forwarded'

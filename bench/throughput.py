@@ -14,6 +14,8 @@ instance count, polled every 0.1 s); the gateway's last 'forwarded' audit line i
 
     .venv/bin/python -m bench.throughput                 # 500 x 512x512 and 100 x 2048x2500
     .venv/bin/python -m bench.throughput --tiny          # seconds; what CI runs
+    .venv/bin/python -m bench.throughput --n512 200 --nlarge 0 --per-association 2
+                                                         # a new association every study
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--senders", nargs="+", type=int, default=[1],
                    help="concurrent storescu associations (the set split among them); "
                    "several values measure each")
+    p.add_argument("--per-association", nargs="+", type=int, default=[0], metavar="N",
+                   help="instances per association: 0 (default) sends each sender's share in "
+                   "one association; N opens a new one every N instances, as a modality opens "
+                   "one per study (2: a chest PA and lateral); several values measure each")
     p.add_argument("--tiny", action="store_true",
                    help="smoke mode: 6 x 512x512 only, one repeat")
     args = p.parse_args(argv)
@@ -120,22 +126,27 @@ def main(argv: list[str] | None = None) -> int:
             warm = [] if args.tiny else warm_set(args.cache, rows, cols)
             variants = [(iso, k, nice, b) for iso in args.isolation for k in args.associations
                         for nice in args.nice for b in args.backlog_mb]
-            for senders in args.senders:
+            for senders, per_assoc in [(k, n) for k in args.senders
+                                       for n in args.per_association]:
+                per = per_assoc or None
+                shape = f"{senders} sender(s)" + (f", {per} per association" if per else "")
                 direct: list[Send] = []
                 router: list[Send] = []
                 via: dict[tuple[str, int, int, float], list[Send]] = {v: [] for v in variants}
                 for r in range(args.repeats):
-                    direct.append(send_direct(work / "d", files, k=senders, warm=warm))
+                    direct.append(send_direct(work / "d", files, k=senders, warm=warm,
+                                              per_association=per))
                     router.append(send_via_orthanc_router(work / "r", files, k=senders,
-                                                          warm=warm))
+                                                          warm=warm, per_association=per))
                     for v in variants:
                         iso, k, nice, backlog = v
                         via[v].append(send_via_gateway(work / "g", files, bundle, k=senders,
                                                        workers=args.workers, warm=warm,
                                                        isolation=iso, associations=k,
-                                                       nice=nice, backlog_mb=backlog))
+                                                       nice=nice, backlog_mb=backlog,
+                                                       per_association=per))
                         g = via[v][-1]
-                        print(f"  repeat {r + 1}, {senders} sender(s): direct "
+                        print(f"  repeat {r + 1}, {shape}: direct "
                               f"{direct[-1].rate:.1f}/s, Orthanc router {router[-1].rate:.1f}/s,"
                               f" gateway ({variant_name(v)}) "
                               f"{g.rate:.1f}/s (all acked at {g.ack_s:.1f} s, all scored at "
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{g.extra['audit_done_s']:.1f} s), load {loadavg()}", flush=True)
                 for v in variants:
                     tag = f" ({variant_name(v)})" if len(variants) > 1 else ""
-                    report(f"{label}, {senders} sender(s){tag}", direct, via[v],
+                    report(f"{label}, {shape}{tag}", direct, via[v],
                            TARGETS[label], router)
     print(f"\nloadavg_end: {loadavg()}")
     return 0

@@ -95,6 +95,21 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # --------------------------------------------------------------------------- DICOM header
 
 
+def skip_value_checks() -> None:
+    """Stop pydicom checking each value it reads or each UID it builds against its VR.
+
+    Why: in its default mode the check only warns (a regex per UID, DS, IS, CS ... value),
+    and ``sentinel serve`` and its scoring processes discard every warning (hostile input
+    must not grow memory or quote values into the log), so the checks cost CPU for nothing.
+    pynetdicom builds every UID of an association request through them: a DCMTK storescu
+    proposing 128 contexts made ~1,900 of them per association. Nothing is accepted that
+    was refused before: the warn mode never raised, and the gateway's own checks (SOP UIDs,
+    header limits) are its own code. Process-wide (pydicom's config), so only those two
+    entry points call it; ``sentinel score`` and training keep pydicom's warnings.
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def read_dicom(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     """Parse a DICOM file with the Pixel Data deferred and run the header checks.
 

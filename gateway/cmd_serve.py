@@ -37,6 +37,9 @@ def setup_logging(level: str) -> None:
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
+    from detector.preprocess import skip_value_checks
+
+    skip_value_checks()  # they only warn, and the warnings are dropped above
 
 
 def run(args: argparse.Namespace) -> int:

@@ -527,7 +527,10 @@ def _child_main(sock: socket.socket, bundle: str | None, threads: int, nice: int
 
     warnings.simplefilter("ignore")  # as `sentinel serve`: hostile input must not grow memory
     try:
+        from detector.preprocess import skip_value_checks
         from detector.scoring import Detector
+
+        skip_value_checks()  # they only warn, and the warnings are dropped above
 
         detector = Detector.load(bundle, num_threads=threads)
         detector.warm_up()

@@ -56,6 +56,42 @@ def test_bench_script_tiny(module: str, tmp_path: Path, fixture_bundle: Path) ->
     assert re.search(r"^orthanc: .*Orthanc", r.stdout, re.M)
 
 
+def test_throughput_with_an_association_per_study(tmp_path: Path, fixture_bundle: Path) -> None:
+    """bench.throughput --per-association 2: the 6 tiny instances go as three associations of
+    two on every path (a modality's association per study), and the ratio lines say so."""
+    require_dcmtk()
+    require_orthanc()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.throughput", "--tiny", "--per-association", "2",
+         "--bundle", str(fixture_bundle), "--cache", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"ratio throughput gateway/router 512x512, 1 sender\(s\), 2 per "
+                     r"association: \d+\.\d+ \[.*\] n=1", r.stdout), r.stdout
+
+
+def test_send_studies_opens_an_association_per_study(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.common.send_studies: each sender's share goes in consecutive associations of N
+    instances, in order (one storescu each); None keeps one association per share."""
+    sys.path.insert(0, str(REPO))
+    from bench import common
+
+    calls: list[tuple[int, list[list[str]]]] = []
+    monkeypatch.setattr(common, "send_parallel", lambda port, shares, called, timeout=900:
+                        calls.append((port, [[p.name for p in s] for s in shares])) or 0.0)
+    files = [Path(f"i{i}.dcm") for i in range(5)]
+    common.send_studies(104, [files], "SENTINEL", per_association=2)
+    assert calls == [(104, [["i0.dcm", "i1.dcm"]]), (104, [["i2.dcm", "i3.dcm"]]),
+                     (104, [["i4.dcm"]])]
+    calls.clear()
+    common.send_studies(104, common.split(files, 2), "SENTINEL", per_association=None)
+    assert calls == [(104, [["i0.dcm", "i1.dcm"], ["i2.dcm", "i3.dcm", "i4.dcm"]])]
+    with pytest.raises(ValueError, match="per_association"):
+        common.send_studies(104, [files], "SENTINEL", per_association=0)
+
+
 def test_detector_latency_script_writes_every_stage(tmp_path: Path, fixture_bundle: Path) -> None:
     """bench/detector_latency.py on the fixture bundle at its smallest allowed run: the runtime
     stages, the naive path on the same models and the ratios all come out (figures: RESULTS)."""
