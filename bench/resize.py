@@ -45,13 +45,8 @@ NEW: Impl = preprocess.resize_frame
 OLD: Impl = resize_frame_v1
 
 
-def rows_first(frame: np.ndarray, size: int = 224) -> np.ndarray:
-    """Session 12's resize for every size: the row-by-row sums on both axes, which the
-    current code keeps for frames above ``_SPARSE_RESIZE_MAX_PIXELS`` only."""
-    return preprocess._area_rows_t(preprocess._area_rows_t(frame, size), size)
-
-
-ROWS: Impl = rows_first
+# session 12's resize for every size, which the current code keeps for large frames only
+ROWS: Impl = preprocess._resize_rows_first
 
 
 def use(impl: Impl) -> None:

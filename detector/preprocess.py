@@ -695,6 +695,12 @@ def resize_frame(frame: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     if frame.size <= _SPARSE_RESIZE_MAX_PIXELS:
         rows = _area_matrix(frame.shape[0], size) @ frame.astype(np.float64, copy=False)
         return np.ascontiguousarray((_area_matrix(frame.shape[1], size) @ rows.T).T)
+    return _resize_rows_first(frame, size)
+
+
+def _resize_rows_first(frame: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """``resize_frame``'s path for frames above ``_SPARSE_RESIZE_MAX_PIXELS``: the rows of
+    the full frame summed first, then those of the transposed (cols, size) result."""
     return _area_rows_t(_area_rows_t(frame, size), size)
 
 
