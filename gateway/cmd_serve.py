@@ -37,18 +37,17 @@ def setup_logging(level: str) -> None:
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
-    from detector.preprocess import skip_value_checks
-
-    skip_value_checks()  # they only warn, and the warnings are dropped above
 
 
 def run(args: argparse.Namespace) -> int:
     from detector.errors import BundleError
+    from detector.preprocess import skip_value_checks
     from gateway.config import ConfigError, load_config
     from gateway.detector_process import ScoringStartError
     from gateway.service import Gateway
 
     setup_logging(args.log_level)
+    skip_value_checks()  # they only warn, and setup_logging drops every warning
     log = logging.getLogger("sentinel.serve")
     try:
         config = load_config(args.config)
