@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fixture_bundle import synthetic_images
 
 from train import zoo_lofo
@@ -126,3 +127,19 @@ def test_site_line_gate_comes_from_calibrate_and_counts_in_detection_and_fpr(
     assert r["site"]["line_gate"] == site.site_line_gate and r["site"]["detected"] == 6
     lines_only = zoo_lofo.clean_fpr(site.detector, calib, 1.01, site.site_line_gate)
     assert lines_only["line_gate"] == site.site_line_gate and lines_only["flagged"] == 0
+
+
+def test_a_site_is_calibrated_at_one_bit_depth_per_run(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        zoo_lofo.main(["--sources", "nih512", "nih512-12bit"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "one of ('nih512', 'nih512-12bit')" in err and "--site 0" in err
+
+
+def test_site_cells_of_the_12bit_source_count_towards_the_site_targets() -> None:
+    cell = {"source": "nih512-12bit", "family": "maxpool", "attack": "pgd", "eps": 0.006,
+            "held_out": {"fooled": 50, "rate": 1.0, "site": {"fooled": 50, "rate": 0.5}}}
+    misses = zoo_lofo.targets_check([cell], {"nih512-12bit-site": {"b": {"fpr": 0.02}}}, [])
+    assert any(m.startswith("site-calibrated maxpool pgd eps 0.006: 50%") for m in misses)
+    assert any(m.startswith("clean nih512-12bit-site (b): 2.0% > 1%") for m in misses)

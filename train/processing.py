@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,11 +176,14 @@ EVAL_SETTINGS: tuple[Setting, ...] = (
 
 
 def clean_fpr_table(det: Any, sources: dict[str, np.ndarray], out: Path, *, seed: int = 0,
-                    settings: tuple[Setting, ...] = EVAL_SETTINGS, levels: int = 255,
+                    settings: tuple[Setting, ...] = EVAL_SETTINGS,
+                    levels: int | Mapping[str, int] = 255,
                     site: tuple[str, float, float | None] | None = None) -> list[dict]:
     """The runtime Detector's clean false-positive rate per processing setting and source;
-    written to ``out/processing.json`` (and returned). ``site`` (source, threshold, line gate or
-    None): also the rate at that source's calibrated operating point (``site_fpr``)."""
+    written to ``out/processing.json`` (and returned). ``levels``: the storage grid the
+    processed images are rounded to, one for all sources or per source name. ``site`` (source,
+    threshold, line gate or None): also the rate at that source's calibrated operating point
+    (``site_fpr``)."""
     from tqdm import tqdm
 
     from train.zoo_eval import _median, _wilson, score_stored
@@ -190,7 +193,8 @@ def clean_fpr_table(det: Any, sources: dict[str, np.ndarray], out: Path, *, seed
     for s in tqdm([(a, b) for a in settings for b in sources], desc="processing",
                   unit="setting", mininterval=5):
         setting, name = s
-        x = np.stack([setting.apply(img, levels) for img in sources[name]])
+        lv = levels if isinstance(levels, int) else levels[name]
+        x = np.stack([setting.apply(img, lv) for img in sources[name]])
         sc = score_stored(det, x)
         flagged = sc["score"] >= det.threshold
         k, n = int(flagged.sum()), len(x)

@@ -32,18 +32,22 @@ import numpy as np
 
 DEFAULT_ATTACKS = ("pgd", "mi_fgsm")
 DEFAULT_EPS = (0.003, 0.006)
-SOURCES = ("nih512", "kermany224")
-LEVELS = 255  # both sources are stored at 8 bits
+SOURCES = ("nih512", "kermany224", "nih512-12bit")
+DEFAULT_SOURCES = ("nih512", "kermany224")
+LEVELS = 255  # NIH and Kermany are stored at 8 bits
+LEVELS_12 = 4095  # nih512-12bit: the same NIH sample as a 12-bit modality would store it
 
 
 @dataclass(frozen=True)
 class Source:
-    """Clean native images of one source (float32 in [0, 1] on k/255) and where they came from."""
+    """Clean native images of one source (float32 in [0, 1] on k / levels) and where they came
+    from."""
 
     name: str
     x: np.ndarray
     ids: tuple[str, ...]
     seed: int = 0
+    levels: int = LEVELS
 
     @property
     def tag(self) -> str:
@@ -71,11 +75,29 @@ def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
         xs.append(img.native)
     out["nih512"] = Source("nih512", np.stack(xs).astype(np.float32),
                            tuple(files[i].relative_to(nih_dir).as_posix() for i in pick), seed)
+    out["nih512-12bit"] = Source("nih512-12bit",
+                                 lift_bit_depth(out["nih512"].x, LEVELS_12, seed),
+                                 out["nih512"].ids, seed, LEVELS_12)
     kerm = zoo.load_kermany(work, data_root / "kermany224", parts=("test",))
     pick = np.sort(np.random.default_rng(seed + 1).permutation(len(kerm.y["test"]))[:n_kermany])
     out["kermany224"] = Source("kermany224", kerm.x["test"][pick].astype(np.float32) / 255.0,
                                tuple(f"test[{i}]" for i in pick), seed)
     return out
+
+
+def lift_bit_depth(x8: np.ndarray, levels: int, seed: int) -> np.ndarray:
+    """8-bit images (k/255) as a modality storing ``levels`` + 1 grey levels would have recorded
+    them: each value drawn uniformly within its 8-bit rounding cell (the detail that rounding
+    to 8 bits removed), then rounded to k / ``levels``.
+
+    Why: clinical CR/DX is stored at 10-16 bits, where an attack's change is many levels, not
+    the one or two 8-bit levels every other measurement here rounds to; and an 8-bit image
+    merely rescaled to 12 bits would keep every 16th level only, which no modality stores.
+    Seeded (per call), so every evaluation lifts the same sample alike."""
+    rng = np.random.default_rng([seed, 61])
+    x = np.asarray(x8, np.float64)
+    lifted = x + rng.uniform(-0.5, 0.5, x.shape) / LEVELS
+    return (np.round(np.clip(lifted, 0.0, 1.0) * levels) / levels).astype(np.float32)
 
 
 def score_stored(det: Any, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -137,34 +159,37 @@ def cell_key(meta: dict, src: Source, method: str, eps: float, seed: int) -> str
 
 @dataclass(frozen=True)
 class AttackedImages:
-    """One cell's stored attacked images (8-bit, native matrix) and which fooled the member."""
+    """One cell's stored attacked images (native matrix, the source's bit depth) and which
+    fooled the member."""
 
-    adv: np.ndarray  # float32 on k/255
+    adv: np.ndarray  # float32 on k / the source's levels
     fooled: np.ndarray  # bool
     attack_wall_s: float
 
 
 def attacked_images(member: Any, meta: dict, src: Source, method: str, eps: float, out: Path,
                     seed: int, batch_size: int) -> AttackedImages:
-    """The attack of one (family, source, method, eps) cell, cached as 8-bit arrays under
-    ``out/advs`` so every detector bundle (the shipped one, each leave-out fold) scores the
-    very same attacked images."""
+    """The attack of one (family, source, method, eps) cell, rounded to the source's storage
+    grid and cached as integer arrays (uint8, or uint16 above 8 bits) under ``out/advs``, so
+    every detector bundle (the shipped one, each leave-out fold) scores the very same attacked
+    images."""
     from train import attacks, zoo
 
     path = out / "advs" / f"{cell_key(meta, src, method, eps, seed)}.npz"
     if path.is_file():
         with np.load(path) as z:
-            return AttackedImages(z["adv"].astype(np.float32) / LEVELS, z["fooled"].astype(bool),
-                                  float(z["attack_wall_s"]))
+            return AttackedImages(z["adv"].astype(np.float32) / src.levels,
+                                  z["fooled"].astype(bool), float(z["attack_wall_s"]))
     t0 = time.perf_counter()
     label = attacks.predicted_class(zoo.predict_logits(member, src.x))
     adv = attacks.native_attack(member, src.x, label, attacks.NativeAttack(method, eps),
-                                levels=LEVELS, seed=seed, batch_size=batch_size)
+                                levels=src.levels, seed=seed, batch_size=batch_size)
     wall = time.perf_counter() - t0
     fooled = attacks.predicted_class(zoo.predict_logits(member, adv)) != label
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, adv=np.round(adv * LEVELS).astype(np.uint8), fooled=fooled,
+    dtype = np.uint8 if src.levels <= 255 else np.uint16
+    np.savez_compressed(tmp, adv=np.round(adv * src.levels).astype(dtype), fooled=fooled,
                         attack_wall_s=wall)
     os.replace(tmp, path)
     return AttackedImages(adv, fooled, wall)
@@ -181,7 +206,7 @@ def attack_cell(det: Any, member: Any, meta: dict, src: Source, method: str, eps
     adv, fooled, t_attack = att.adv, att.fooled, att.attack_wall_s
     s = score_stored(det, adv)
     flagged = s["score"] >= det.threshold
-    change = np.abs(np.round(adv * LEVELS) - np.round(src.x * LEVELS))
+    change = np.abs(np.round(adv * src.levels) - np.round(src.x * src.levels))
     k, nf = int((flagged & fooled).sum()), int(fooled.sum())
     cell = {
         "family": meta["family"], "pipeline": meta["pipeline_tag"], "source": src.name,
@@ -341,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(default $SENTINEL_DATA or ../shared/data)")
     ap.add_argument("--families", nargs="+", default=list(zoo.FAMILIES),
                     choices=list(zoo.FAMILIES))
-    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    ap.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES,
+                    help="nih512-12bit: the NIH sample as a 12-bit modality stores it "
+                    "(lift_bit_depth), attacked and stored at 12 bits")
     ap.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS),
                     help="of train.attacks.NATIVE_ATTACKS")
     ap.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS))
@@ -403,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.processing:
             from train import processing as proc
 
-            processing = proc.clean_fpr_table(det, {s: sources[s].x for s in args.sources},
-                                              out, seed=args.seed)
+            processing = proc.clean_fpr_table(
+                det, {s: sources[s].x for s in args.sources}, out, seed=args.seed,
+                levels={s: sources[s].levels for s in args.sources})
     else:
         clean = [json.loads(p.read_text()) for p in sorted((out / "clean").glob("*.json"))]
         cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
@@ -420,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                   for c in cells],
         "processing": processing,
         "settings": {"nih": args.nih, "kermany": args.kermany, "seed": args.seed,
-                     "attacks": args.attacks, "eps": args.eps, "levels": LEVELS},
+                     "attacks": args.attacks, "eps": args.eps,
+                     "levels": {s: sources[s].levels for s in args.sources}
+                     if not args.report_only else None},
     }
     _save_json(out / "results.json", results)
     (out / "table.md").write_text(markdown(results))

@@ -30,12 +30,14 @@ import numpy as np
 
 TARGETS = {0.006: 0.90, 0.003: 0.70}  # detection of fooled images, held-out family
 MIN_FOOLED = 20  # a cell counts towards the targets when at least this many images are fooled
-CLEAN_FPR_TARGETS = {"kermany224": 0.01, "nih512": 0.02, "nih512-site": 0.01}
+CLEAN_FPR_TARGETS = {"kermany224": 0.01, "nih512": 0.02, "nih512-site": 0.01,
+                     "nih512-12bit": 0.02, "nih512-12bit-site": 0.01}
 PROCESSING_FPR_TARGET = 0.02
 
 
 SITE_TARGETS = {0.006: 0.95, 0.003: 0.85}  # after `sentinel calibrate` on the site's images
 SITE_FPR = 0.01
+SITE_SOURCES = ("nih512", "nih512-12bit")  # a site: half of NIH, at its own bit depth
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ def targets_check(cells: list[dict], clean: dict, processing: list[dict]) -> lis
                           f"< {100 * TARGETS[c['eps']]:.0f}%")
     for c in cells:
         site = (c.get("held_out") or {}).get("site")
-        if (c["source"] != "nih512" or site is None or site["fooled"] < MIN_FOOLED
+        if (c["source"] not in SITE_SOURCES or site is None or site["fooled"] < MIN_FOOLED
                 or c["eps"] not in SITE_TARGETS):
             continue
         if site["rate"] < SITE_TARGETS[c["eps"]]:
@@ -199,7 +201,8 @@ def markdown(results: dict) -> str:
         "",
         "Each family's attacks are scored by the fold bundle whose training left that family "
         "out (held out) and by the final bundle, which trained on every family. Attacks at the "
-        "native matrix through the member's own resize, stored at 8 bits; detection = flagged "
+        "native matrix through the member's own resize, stored at the source's bit depth (8 "
+        "bits; nih512-12bit: 12); detection = flagged "
         "among the images the attack fooled, at each bundle's own threshold; [Wilson 95%]. "
         f"Targets (held out, cells with >= {MIN_FOOLED} fooled): "
         + ", ".join(f">= {100 * v:.0f}% at eps {k:g}" for k, v in TARGETS.items()) + ".",
@@ -223,9 +226,11 @@ def markdown(results: dict) -> str:
         gate = site.get("line_gate")
         how = "sentinel calibrate --allow-lower" if site.get("allow_lower") else \
             "sentinel calibrate"
+        source = site.get("source", "nih512")
         lines += [f"Site-calibrated: each bundle's threshold after `{how}` on "
-                  f"{site['images']} clean NIH images outside the evaluation "
-                  "sample (the row `nih512-site` above is its FPR on the remaining NIH images), "
+                  f"{site['images']} clean NIH images outside the evaluation sample, stored as "
+                  f"`{source}` stores them (the row `{source}-site` above is its FPR on the "
+                  "remaining NIH images), "
                   + (f"with the resampling-line gate it proposed ({gate:.3f}; "
                      "detector.resample_lines)." if gate is not None else
                      "without a resampling-line gate (calibrate did not propose one)."),
@@ -372,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--families", nargs="+", default=list(zoo.FAMILIES),
                     choices=list(zoo.FAMILIES))
-    ap.add_argument("--sources", nargs="+", default=list(zoo_eval.SOURCES),
-                    choices=zoo_eval.SOURCES)
+    ap.add_argument("--sources", nargs="+", default=list(zoo_eval.DEFAULT_SOURCES),
+                    choices=zoo_eval.SOURCES,
+                    help="nih512-12bit: the NIH sample as a 12-bit modality stores it, attacked "
+                    "and stored at 12 bits (its site calibration too)")
     ap.add_argument("--attacks", nargs="+", default=list(zoo_eval.DEFAULT_ATTACKS))
     ap.add_argument("--eps", nargs="+", type=float, default=list(zoo_eval.DEFAULT_EPS))
     ap.add_argument("--nih", type=int, default=100)
@@ -395,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="make (and cache) the attacked images, score nothing: run it while "
                     "the fold bundles train")
     args = ap.parse_args(argv)
+    if args.site and all(s in args.sources for s in SITE_SOURCES):
+        ap.error(f"--site calibrates one site at one bit depth: pass one of {SITE_SOURCES} in "
+                 "--sources per run (each with its own --out), or --site 0")
     import tensorflow as tf
     from tqdm import tqdm
 
@@ -437,13 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     bundles = [final] if own_fold else [final, *folds]
     clean = {s: {b.name: clean_fpr(b.detector, sources[s].x) for b in bundles}
              for s in args.sources}
-    if args.site and "nih512" in args.sources:
-        calib, rest = nih_site_split(data_root, sources["nih512"].ids, args.site, args.seed)
+    site_source = next((s for s in SITE_SOURCES if s in args.sources), None)
+    if args.site and site_source is not None:
+        calib, rest = nih_site_split(data_root, sources[site_source].ids, args.site, args.seed)
+        if sources[site_source].levels != zoo_eval.LEVELS:  # the site stores at its depth
+            calib = zoo_eval.lift_bit_depth(calib, sources[site_source].levels, args.seed + 1)
+            rest = zoo_eval.lift_bit_depth(rest, sources[site_source].levels, args.seed + 2)
         bundles = [site_calibrated(b, calib, args.site_allow_lower) for b in bundles]
         final, folds = bundles[0], ([bundles[0]] if own_fold else bundles[1:])
-        clean["nih512-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold,
-                                                  b.site_line_gate)
-                                for b in bundles}
+        clean[f"{site_source}-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold,
+                                                           b.site_line_gate)
+                                        for b in bundles}
     cells = []
     for s in args.sources:
         for f in args.families:
@@ -457,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
 
         processing = proc.clean_fpr_table(
             final.detector, {s: sources[s].x for s in args.sources}, args.out / "processing",
-            seed=args.seed, site=(None if final.site_threshold is None
-                                  else ("nih512", final.site_threshold, final.site_line_gate)))
+            seed=args.seed, levels={s: sources[s].levels for s in args.sources},
+            site=(None if final.site_threshold is None
+                  else (site_source, final.site_threshold, final.site_line_gate)))
     results = {
         "bundle": final.detector.bundle_id, "threshold": final.detector.threshold,
         "bundles": [b.name for b in bundles],
@@ -466,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                            "threshold": b.detector.threshold,
                            "site_threshold": b.site_threshold,
                            "site_line_gate": b.site_line_gate} for b in folds},
-        "site": ({"images": args.site, "threshold": final.site_threshold,
+        "site": ({"images": args.site, "source": site_source,
+                  "threshold": final.site_threshold,
                   "line_gate": final.site_line_gate, "allow_lower": args.site_allow_lower}
                  if final.site_threshold is not None else None),
         "members": [{k: members[f][k] for k in ("family", "pipeline_tag", "test_auc")}
