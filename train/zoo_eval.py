@@ -32,10 +32,11 @@ import numpy as np
 
 DEFAULT_ATTACKS = ("pgd", "mi_fgsm")
 DEFAULT_EPS = (0.003, 0.006)
-SOURCES = ("nih512", "kermany224", "nih512-12bit")
-DEFAULT_SOURCES = ("nih512", "kermany224")
 LEVELS = 255  # NIH and Kermany are stored at 8 bits
-LEVELS_12 = 4095  # nih512-12bit: the same NIH sample as a 12-bit modality would store it
+# each source's storage grid; nih512-12bit: the NIH sample as a 12-bit modality would store it
+SOURCE_LEVELS = {"nih512": LEVELS, "kermany224": LEVELS, "nih512-12bit": 4095}
+SOURCES = tuple(SOURCE_LEVELS)
+DEFAULT_SOURCES = ("nih512", "kermany224")
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,9 @@ def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
         xs.append(img.native)
     out["nih512"] = Source("nih512", np.stack(xs).astype(np.float32),
                            tuple(files[i].relative_to(nih_dir).as_posix() for i in pick), seed)
-    out["nih512-12bit"] = Source("nih512-12bit",
-                                 lift_bit_depth(out["nih512"].x, LEVELS_12, seed),
-                                 out["nih512"].ids, seed, LEVELS_12)
+    lv12 = SOURCE_LEVELS["nih512-12bit"]
+    out["nih512-12bit"] = Source("nih512-12bit", lift_bit_depth(out["nih512"].x, lv12, seed),
+                                 out["nih512"].ids, seed, lv12)
     kerm = zoo.load_kermany(work, data_root / "kermany224", parts=("test",))
     pick = np.sort(np.random.default_rng(seed + 1).permutation(len(kerm.y["test"]))[:n_kermany])
     out["kermany224"] = Source("kermany224", kerm.x["test"][pick].astype(np.float32) / 255.0,
@@ -449,8 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "processing": processing,
         "settings": {"nih": args.nih, "kermany": args.kermany, "seed": args.seed,
                      "attacks": args.attacks, "eps": args.eps,
-                     "levels": {s: sources[s].levels for s in args.sources}
-                     if not args.report_only else None},
+                     "levels": {s: SOURCE_LEVELS[s] for s in args.sources}},
     }
     _save_json(out / "results.json", results)
     (out / "table.md").write_text(markdown(results))

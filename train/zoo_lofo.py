@@ -5,7 +5,8 @@ saw: each family's attacked images are scored by the **fold bundle** whose train
 family out (``sentinel train --zoo-holdout FAMILY ...``, which records the held-out families in
 its manifest), beside the **final bundle** that trained on every family. The attacked images
 are made once per cell (``train.zoo_eval.attacked_images``: native matrix, the member's own
-resize, 8-bit storage) and cached, so every bundle scores the very same images.
+resize, the source's storage: 8 bits, or 12 for ``--sources nih512-12bit``) and cached, so
+every bundle scores the very same images.
 
 Reported, with Wilson 95% intervals: detection among the images each attack fooled, per
 source x family x attack x eps, for the held-out and the final bundle; clean FPR per source for
@@ -489,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                     for f in args.families],
         "clean": clean, "cells": cells, "processing": processing,
         "settings": {"nih": args.nih, "kermany": args.kermany, "seed": args.seed,
-                     "attacks": args.attacks, "eps": args.eps},
+                     "attacks": args.attacks, "eps": args.eps,
+                     "levels": {s: zoo_eval.SOURCE_LEVELS[s] for s in args.sources}},
     }
     results["misses"] = targets_check(cells, clean, processing)
     args.out.mkdir(parents=True, exist_ok=True)
