@@ -127,11 +127,13 @@ def clean_fpr(det: Any, x: np.ndarray, threshold: float | None = None,
             "line_gate": line_gate}
 
 
-def nih_site_split(data_root: Path, exclude: tuple[str, ...], n_calib: int, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def nih_site_split(data_root: Path, exclude: tuple[str, ...], n_calib: int, seed: int,
+                   levels: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """NIH images outside the evaluation sample, split into a site's ``n_calib`` calibration
-    images and the rest (on which the site's clean FPR is measured)."""
+    images and the rest (on which the site's clean FPR is measured), stored as the site stores
+    them: at 8 bits as read, or lifted to ``levels`` (train.zoo_eval.lift_bit_depth)."""
     from train import datasets
+    from train.zoo_eval import LEVELS, lift_bit_depth
 
     nih_dir = data_root / "nih_cxr14_1000"
     skip = set(exclude)
@@ -139,7 +141,11 @@ def nih_site_split(data_root: Path, exclude: tuple[str, ...], n_calib: int, seed
              if p.relative_to(nih_dir).as_posix() not in skip]
     order = np.random.default_rng([seed, 59]).permutation(len(files))
     xs = np.stack([datasets.load_native(files[i]).native for i in order]).astype(np.float32)
-    return xs[:n_calib], xs[n_calib:]
+    calib, rest = xs[:n_calib], xs[n_calib:]
+    if levels != LEVELS:
+        calib = lift_bit_depth(calib, levels, seed + 1)
+        rest = lift_bit_depth(rest, levels, seed + 2)
+    return calib, rest
 
 
 def score_cell(att: Any, meta: dict, source: str, attack: str, eps: float,
@@ -450,10 +456,8 @@ def main(argv: list[str] | None = None) -> int:
              for s in args.sources}
     site_source = next((s for s in SITE_SOURCES if s in args.sources), None)
     if args.site and site_source is not None:
-        calib, rest = nih_site_split(data_root, sources[site_source].ids, args.site, args.seed)
-        if sources[site_source].levels != zoo_eval.LEVELS:  # the site stores at its depth
-            calib = zoo_eval.lift_bit_depth(calib, sources[site_source].levels, args.seed + 1)
-            rest = zoo_eval.lift_bit_depth(rest, sources[site_source].levels, args.seed + 2)
+        calib, rest = nih_site_split(data_root, sources[site_source].ids, args.site, args.seed,
+                                     sources[site_source].levels)
         bundles = [site_calibrated(b, calib, args.site_allow_lower) for b in bundles]
         final, folds = bundles[0], ([bundles[0]] if own_fold else bundles[1:])
         clean[f"{site_source}-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold,
@@ -491,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         "clean": clean, "cells": cells, "processing": processing,
         "settings": {"nih": args.nih, "kermany": args.kermany, "seed": args.seed,
                      "attacks": args.attacks, "eps": args.eps,
-                     "levels": {s: zoo_eval.SOURCE_LEVELS[s] for s in args.sources}},
+                     "levels": {s: sources[s].levels for s in args.sources}},
     }
     results["misses"] = targets_check(cells, clean, processing)
     args.out.mkdir(parents=True, exist_ok=True)
