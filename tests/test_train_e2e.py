@@ -60,6 +60,14 @@ def test_train_evaluate_attack_end_to_end(tmp_path: Path) -> None:
     # resumable: a second run with the same work dir skips every stage and rewrites the bundle
     assert main(["train", "--data", str(data), "--out", str(bundle), "--work",
                  str(tmp_path / "work"), "--quick"]) == 0
+    # --zoo-12bit: the 8-bit examples reused, 12-bit ones added, each with its clean budget
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "bundle12"), "--work",
+                 str(tmp_path / "work"), "--quick", "--zoo-12bit"]) == 0
+    zoo12 = json.loads((tmp_path / "bundle12/manifest.json").read_text())["training_data"]["zoo"]
+    assert zoo12["example_sets"]["zoo12"]["levels"] == 4095
+    assert zoo12["example_sets"]["zoo"] == zoo_info["example_sets"]["zoo"]
+    assert zoo12["train_pairs"] == zoo_info["train_pairs"] + zoo12["example_sets"]["zoo12"][
+        "train"]
     assert main(["evaluate", "--bundle", str(bundle), "--data", str(data), "--out", str(report),
                  "--bootstrap", "20"]) == 0
     metrics = json.loads((report / "metrics.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import zoo_eval
+from train import attacks, zoo_eval
 
 
 def eight_bit(n: int = 3, size: int = 40, seed: int = 0) -> np.ndarray:
@@ -26,7 +26,7 @@ def eight_bit(n: int = 3, size: int = 40, seed: int = 0) -> np.ndarray:
 
 def test_lifted_images_stay_in_their_8bit_cell_on_the_12bit_grid() -> None:
     x8 = eight_bit()
-    x12 = zoo_eval.lift_bit_depth(x8, 4095, seed=0)
+    x12 = attacks.lift_bit_depth(x8, 4095, seed=0)
     assert x12.shape == x8.shape and x12.dtype == np.float32
     k = x12.astype(np.float64) * 4095
     assert np.allclose(k, np.round(k), atol=1e-3)  # on the 12-bit grid
@@ -41,9 +41,9 @@ def test_lifted_images_stay_in_their_8bit_cell_on_the_12bit_grid() -> None:
 
 def test_lifting_is_seeded() -> None:
     x8 = eight_bit()
-    a, b = zoo_eval.lift_bit_depth(x8, 4095, 0), zoo_eval.lift_bit_depth(x8, 4095, 0)
+    a, b = attacks.lift_bit_depth(x8, 4095, 0), attacks.lift_bit_depth(x8, 4095, 0)
     assert np.array_equal(a, b)
-    assert not np.array_equal(a, zoo_eval.lift_bit_depth(x8, 4095, 1))
+    assert not np.array_equal(a, attacks.lift_bit_depth(x8, 4095, 1))
 
 
 def test_the_12bit_source_is_opt_in_and_named_in_the_choices() -> None:
@@ -64,7 +64,7 @@ def test_a_12bit_cell_is_attacked_and_cached_at_12_bits(tmp_path: Path) -> None:
     h = keras.layers.GlobalAveragePooling2D()(h)
     victim = keras.Model(inp, keras.layers.Dense(1)(h))
 
-    x12 = zoo_eval.lift_bit_depth(eight_bit(), 4095, seed=0)
+    x12 = attacks.lift_bit_depth(eight_bit(), 4095, seed=0)
     src = zoo_eval.Source("nih512-12bit", x12, ("a", "b", "c"), 0, 4095)
     meta = {"family": "tiny", "pipeline_tag": "32-bilinear"}
     eps = 0.006

@@ -4,6 +4,7 @@ families that can be left out, and processing settings drawn away from the evalu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,83 @@ def test_examples_are_cached_per_chunk_and_families_can_be_left_out(
     with pytest.raises(ValueError, match="fresh --work"):
         zoo_examples.stage_zoo_examples(tmp_path / "work", "train", x, 6, draw,
                                         tmp_path / "members", "tiny", seed=0)
+
+
+def test_a_12bit_chunk_is_stored_processed_and_attacked_on_the_12bit_grid() -> None:
+    draw = zoo_examples.ZooDraw(families=("maxpool",), processed_share=0.5, levels=4095)
+    plan = zoo_examples.ChunkPlan("maxpool", "pgd", 0.006, 320, np.arange(6))
+    stored, kinds = zoo_examples.stored_images(plan, smooth_images(6), draw,
+                                               np.random.default_rng(0))
+    assert stored.shape == (6, 320, 320) and "" in kinds and set(kinds) != {""}
+    k = stored.astype(np.float64) * 4095
+    np.testing.assert_allclose(k, np.round(k), atol=1e-3)  # on the 12-bit grid ...
+    assert len(np.unique(np.round(k) % 16)) == 16  # ... using it all, not every 16th level
+    member = zoo.build_member("maxpool", zoo.Pipeline(32, "bilinear"))
+    out = zoo_examples.make_chunk(plan, smooth_images(6), member, draw, seed=3)
+    assert set(out["levels"]) == {4095}
+    diff = np.abs(out["attacked"].astype(np.float64) - out["clean"])
+    # eps 0.006 is 24.6 twelve-bit levels: never more than 25 of them, even after the average
+    assert 1 / 4095 < diff.max() <= 25 / 4095 + 1e-6
+    eight = zoo_examples.make_chunk(plan, smooth_images(6), member,
+                                    zoo_examples.ZooDraw(families=("maxpool",)), seed=3)
+    assert set(eight["levels"]) == {255}
+    assert "levels" not in zoo_examples.ZooDraw(families=("maxpool",)).settings()
+    assert draw.settings()["levels"] == 4095  # a 12-bit cache is not an 8-bit one
+
+
+def test_example_sets_add_up_and_chunks_made_before_levels_read_as_8bit(tmp_path: Path) -> None:
+    n = 3
+    chunk = {"clean": np.zeros((n, 224, 224), np.float32),
+             "attacked": np.ones((n, 224, 224), np.float32), "family": np.array(["maxpool"] * n),
+             "processing": np.array(["", "clahe", ""]), "fooled": np.ones(n, bool)}
+    np.savez(tmp_path / "chunk-0000.npz", **chunk)  # as a chunk of session 10 was written
+    old = zoo_examples.load_examples(tmp_path, 1)
+    assert list(old.levels) == [255] * n and list(old.processed) == [False, True, False]
+    np.savez(tmp_path / "chunk-0000.npz", **chunk, levels=np.full(n, 4095))
+    both = old + zoo_examples.load_examples(tmp_path, 1)
+    assert len(both) == 2 * n and list(both.levels) == [255] * n + [4095] * n
+    assert len(both.without(["maxpool"])) == 0
+
+
+def test_the_12bit_draw_is_its_own_cached_set_beside_the_8bit_one(tmp_path: Path) -> None:
+    """`sentinel train --zoo-12bit`: the 8-bit examples stay as they were (their cache and
+    features are reused), the 12-bit ones come as a second named set, and features and scores
+    are cached per set and concatenated in the sets' order."""
+    from types import SimpleNamespace
+
+    from train import pipeline
+
+    x = smooth_images(12, 224, seed=2)
+    arr = {p: SimpleNamespace(x=x, y=np.arange(12) % 2) for p in ("train", "val", "test")}
+    cfg = pipeline.TrainConfig(data="d", out="o", work=str(tmp_path / "work"),
+                               zoo_families=("maxpool",), zoo_train_images=8, zoo_val_images=4,
+                               zoo_member_epochs=1, zoo_work=str(tmp_path / "members"))
+    work = pipeline.Work(tmp_path / "work")
+    split = SimpleNamespace(digest="tiny")
+    sets_tr, sets_va, _ = pipeline.stage_zoo(cfg, work, split, arr["train"], arr["val"],
+                                             arr["test"])
+    assert list(sets_tr) == ["zoo"]
+    eight = sets_tr["zoo"]
+    cfg12 = dataclasses.replace(cfg, zoo_12bit=True)
+    assert cfg12.zoo_tag == "-zoo-12bit" and cfg.zoo_tag == "-zoo"
+    sets_tr, sets_va, _ = pipeline.stage_zoo(cfg12, work, split, arr["train"], arr["val"],
+                                             arr["test"])
+    assert list(sets_tr) == ["zoo", "zoo12"] and len(sets_tr["zoo12"]) == 4
+    assert len(sets_va["zoo12"]) == 4 and set(sets_va["zoo12"].levels) == {4095}
+    np.testing.assert_array_equal(sets_tr["zoo"].attacked, eight.attacked)  # unchanged
+    assert (tmp_path / "work/zoo/train-12bit/settings.json").is_file()
+    whole = pipeline.sum_examples(sets_tr)
+    assert list(whole.levels) == [255] * 8 + [4095] * 4
+    seen: list[str] = []
+
+    def mean_of(kind: str, imgs: np.ndarray) -> np.ndarray:
+        seen.append(kind)
+        return imgs.mean(axis=(1, 2))
+
+    got = pipeline.zoo_cached(sets_tr, "attacked", mean_of)
+    assert seen == ["zoo_attacked", "zoo12_attacked"]
+    np.testing.assert_allclose(got, whole.attacked.mean(axis=(1, 2)))
+    parts = pipeline.zoo_cached(sets_va, "clean", lambda k, i: {"cnn": i[:, 0, 0], "n": i[:, 1, 1]})
+    assert set(parts) == {"cnn", "n"} and len(parts["cnn"]) == 8
+    with pytest.raises(ValueError, match="drop --no-zoo"):
+        dataclasses.replace(cfg12, zoo=False)

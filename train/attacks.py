@@ -140,6 +140,21 @@ def quantise(x: np.ndarray, levels: int) -> np.ndarray:
     return (np.round(np.clip(x, 0.0, 1.0) * levels) / levels).astype(np.float32)
 
 
+def lift_bit_depth(x8: np.ndarray, levels: int, seed: int) -> np.ndarray:
+    """8-bit images (k/255) as a modality storing ``levels`` + 1 grey levels would have recorded
+    them: each value drawn uniformly within its 8-bit rounding cell (the detail that rounding
+    to 8 bits removed), then rounded to k / ``levels``.
+
+    Why: clinical CR/DX is stored at 10-16 bits, where an attack's change is many levels, not
+    the one or two 8-bit levels every other measurement here rounds to; and an 8-bit image
+    merely rescaled to 12 bits would keep every 16th level only, which no modality stores.
+    Seeded (per call), so every evaluation lifts the same sample alike."""
+    rng = np.random.default_rng([seed, 61])
+    x = np.asarray(x8, np.float64)
+    lifted = x + rng.uniform(-0.5, 0.5, x.shape) / 255.0
+    return (np.round(np.clip(lifted, 0.0, 1.0) * levels) / levels).astype(np.float32)
+
+
 def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) weights of half-pixel-centred bilinear interpolation (align_corners=False)."""
     pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5

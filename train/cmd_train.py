@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave these zoo families' attacks out of the detector's training "
                         "(a fold of the leave-one-family-out evaluation, python -m "
                         "train.zoo_lofo)")
+    parser.add_argument("--zoo-12bit", action="store_true",
+                        help="also train on zoo examples stored at 12 bits (half as many as "
+                        "the 8-bit ones; for sites whose CR/DX is stored at 10-16 bits: the "
+                        "README's \"Stored at 12 bits\")")
     parser.add_argument("--secret-file", type=Path, default=None, metavar="FILE",
                         help="a site bundle: draw the detector CNN's shape and seed, the "
                         "forest's features and seed, and the zoo families from the secret in "
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                           quick=args.quick, max_depth=args.max_depth, fusion=args.fusion,
                           feature_set=args.feature_set, grid_gate=not args.no_grid_gate,
                           zoo=not args.no_zoo, zoo_holdout=tuple(args.zoo_holdout),
-                          zoo_work=str(args.zoo_work or ""),
+                          zoo_work=str(args.zoo_work or ""), zoo_12bit=args.zoo_12bit,
                           harden=tuple(str(d) for d in args.harden_with))
     except ValueError as exc:  # an unknown zoo family, every family held out, ...
         print(f"sentinel train: {exc}", file=sys.stderr)

@@ -95,6 +95,10 @@ class TrainConfig:
     zoo_train_images: int = 2048
     zoo_val_images: int = 640
     zoo_member_epochs: int | None = None
+    # Also draw examples stored at 12 bits (half as many training pairs as the 8-bit draw, as
+    # many validation pairs, each group with its own 1% clean budget): clinical CR/DX is stored
+    # at 10-16 bits, where an attack moves a pixel by many grey levels, not one or two
+    zoo_12bit: bool = False
     # A secret site bundle (train.secret): the CNN's shape and seed, the forest's features and
     # seed, and the zoo families drawn from the site's secret (only its salted digest is here)
     secret: Any = None  # train.secret.SecretDraws
@@ -118,6 +122,8 @@ class TrainConfig:
         unknown = [f for f in (*self.zoo_families, *self.zoo_holdout) if f not in FAMILIES]
         if unknown:
             raise ValueError(f"zoo families {unknown}: use of {list(FAMILIES)}")
+        if self.zoo_12bit and not self.zoo:
+            raise ValueError("the 12-bit zoo examples need the zoo: drop --no-zoo")
         if self.zoo and not set(self.zoo_families) - set(self.zoo_holdout):
             raise ValueError("every zoo family is held out: keep at least one for training")
 
@@ -141,7 +147,8 @@ class TrainConfig:
         if not self.zoo:
             return ""
         epochs = "" if self.cnn_epochs == TrainConfig.cnn_epochs else f"-e{self.cnn_epochs}"
-        return "-zoo" + "".join(f"-no{f}" for f in sorted(self.zoo_holdout)) + epochs
+        return ("-zoo" + "-12bit" * self.zoo_12bit
+                + "".join(f"-no{f}" for f in sorted(self.zoo_holdout)) + epochs)
 
 
 QUICK_SIZES = {"train": 400, "val": 160, "test": 160}
@@ -473,9 +480,12 @@ def stage_resampled(cfg: TrainConfig, work: Work, name: str, x: np.ndarray, pert
 # ---------------------------------------------------------------- the victim zoo
 
 def stage_zoo(cfg: TrainConfig, work: Work, split: datasets.Split, tr: SplitArrays,
-              va: SplitArrays, te: SplitArrays) -> tuple[Any, Any, list[dict]]:
+              va: SplitArrays, te: SplitArrays
+              ) -> tuple[dict[str, Any], dict[str, Any], list[dict]]:
     """Zoo members (trained or cached) and the zoo examples of train and val, each whole: the
-    held-out families are dropped where the detector is fitted, so every fold shares them."""
+    held-out families are dropped where the detector is fitted, so every fold shares them.
+    Examples come as named sets ("zoo" stored at 8 bits, "zoo12" at 12), each cached apart,
+    so adding the 12-bit draw leaves the 8-bit examples and their features as they were."""
     from train import zoo_examples
 
     zoo_work = Path(cfg.zoo_work) if cfg.zoo_work else work.path("zoo-members")
@@ -487,7 +497,34 @@ def stage_zoo(cfg: TrainConfig, work: Work, split: datasets.Split, tr: SplitArra
                                             draw, zoo_work, split.digest, cfg.seed, log=log)
     ex_va = zoo_examples.stage_zoo_examples(work.root, "val", va.x, cfg.zoo_val_images,
                                             draw, zoo_work, split.digest, cfg.seed + 1, log=log)
-    return ex_tr, ex_va, members
+    sets_tr, sets_va = {"zoo": ex_tr}, {"zoo": ex_va}
+    if cfg.zoo_12bit:
+        draw12 = replace(draw, levels=4095)
+        sets_tr["zoo12"] = zoo_examples.stage_zoo_examples(
+            work.root, "train-12bit", tr.x, cfg.zoo_train_images // 2, draw12, zoo_work,
+            split.digest, cfg.seed + 2, log=log)
+        sets_va["zoo12"] = zoo_examples.stage_zoo_examples(
+            work.root, "val-12bit", va.x, cfg.zoo_val_images, draw12, zoo_work, split.digest,
+            cfg.seed + 3, log=log)
+    return sets_tr, sets_va, members
+
+
+def sum_examples(sets: dict[str, Any]) -> Any:
+    """The named zoo example sets as one (train.zoo_examples.ZooExamples), in order."""
+    first, *rest = sets.values()
+    for ex in rest:
+        first = first + ex
+    return first
+
+
+def zoo_cached(sets: dict[str, Any], side: str,
+               compute: Callable[[str, np.ndarray], Any]) -> Any:
+    """``compute(cache kind, images)`` over each named zoo example set's ``side`` ("clean" or
+    "attacked"), concatenated in the sets' order (an array, or a dict of arrays per part)."""
+    outs = [compute(f"{name}_{side}", getattr(ex, side)) for name, ex in sets.items()]
+    if isinstance(outs[0], dict):
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    return np.concatenate(outs)
 
 
 # ---------------------------------------------------------------- features
@@ -818,7 +855,9 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         cfg.seed + 1))
     zoo_members: list[dict] = []
     if cfg.zoo:
-        ex_tr, ex_va, zoo_members = timed("zoo", lambda: stage_zoo(cfg, work, split, tr, va, te))
+        zoo_tr, zoo_va, zoo_members = timed("zoo", lambda: stage_zoo(cfg, work, split, tr, va,
+                                                                     te))
+        ex_tr, ex_va = sum_examples(zoo_tr), sum_examples(zoo_va)
         zoo_tr_keep = ~np.isin(ex_tr.family, list(cfg.zoo_holdout))
         zoo_va_keep = ~np.isin(ex_va.family, list(cfg.zoo_holdout))
         log(f"zoo examples: {int(zoo_tr_keep.sum())} training and {int(zoo_va_keep.sum())} "
@@ -835,9 +874,9 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     if cfg.zoo:
         f_tr = np.concatenate([
             f_tr,
-            features_of(work, "train", "zoo_clean", ex_tr.clean, cfg.feature_set)[zoo_tr_keep],
-            features_of(work, "train", "zoo_attacked", ex_tr.attacked,
-                        cfg.feature_set)[zoo_tr_keep]])
+            *(zoo_cached(zoo_tr, side, lambda kind, x: features_of(
+                work, "train", kind, x, cfg.feature_set))[zoo_tr_keep]
+              for side in ("clean", "attacked"))])
         n_zoo = int(zoo_tr_keep.sum())
         y_tr = np.r_[y_tr, np.zeros(n_zoo), np.ones(n_zoo)]
         cnn_sets = with_pairs(cnn_sets,
@@ -899,21 +938,27 @@ def run_pipeline(cfg: TrainConfig) -> Path:
                                   grid_values(work, "val", "resampled_clean", va_rs[0])
                                   if cfg.grid_gate else None)}
     if cfg.zoo:
-        zc = stage_scores(work, "val", "zoo_clean", ex_va.clean,
-                          features_of(work, "val", "zoo_clean", ex_va.clean, cfg.feature_set),
-                          models, ("cnn", "forest"))
-        za = stage_scores(work, "val", "zoo_attacked", ex_va.attacked,
-                          features_of(work, "val", "zoo_attacked", ex_va.attacked,
-                                      cfg.feature_set), models, ("cnn", "forest"))
-        zgrid = grid_values(work, "val", "zoo_clean", ex_va.clean) if cfg.grid_gate else None
+        def val_scores(kind: str, x: np.ndarray) -> dict[str, np.ndarray]:
+            return stage_scores(work, "val", kind, x,
+                                features_of(work, "val", kind, x, cfg.feature_set), models,
+                                ("cnn", "forest"))
+
+        def val_grid_of(kind: str, x: np.ndarray) -> np.ndarray:
+            return grid_values(work, "val", kind, x)
+
+        zc, za = (zoo_cached(zoo_va, side, val_scores) for side in ("clean", "attacked"))
+        zgrid = zoo_cached(zoo_va, "clean", val_grid_of) if cfg.grid_gate else None
         k = zoo_va_keep
         yv = np.r_[yv, np.zeros(int(k.sum())), np.ones(int(k.sum()))]
         val_cnn = np.r_[val_cnn, zc["cnn"][k], za["cnn"][k]]
         val_rf = np.r_[val_rf, zc["forest"][k], za["forest"][k]]
-        for name, rows in (("zoo-stored", k & ~ex_va.processed), ("zoo-processed",
-                                                                   k & ex_va.processed)):
-            clean_groups[name] = (zc["cnn"][rows], zc["forest"][rows],
-                                  None if zgrid is None else zgrid[rows])
+        for bits, levels in (("", 255), ("12", 4095)):
+            for name, rows in (("stored", k & ~ex_va.processed), ("processed",
+                                                                  k & ex_va.processed)):
+                rows = rows & (ex_va.levels == levels)
+                if rows.any():
+                    clean_groups[f"zoo{bits}-{name}"] = (zc["cnn"][rows], zc["forest"][rows],
+                                                         None if zgrid is None else zgrid[rows])
     rule: dict[str, Any] = {"name": cfg.fusion}
     gate = val_grid = None
     groups = [fit_detector.CleanGroup(*g) for g in clean_groups.values()]
@@ -927,8 +972,8 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         val_grid = np.r_[mix["grid"], clean_groups["resampled"][2],
                          grid_values(work, "val", "resampled_pert", va_rs[1])]
         if cfg.zoo:
-            val_grid = np.r_[val_grid, zgrid[zoo_va_keep], grid_values(
-                work, "val", "zoo_attacked", ex_va.attacked)[zoo_va_keep]]
+            val_grid = np.r_[val_grid, zgrid[zoo_va_keep],
+                             zoo_cached(zoo_va, "attacked", val_grid_of)[zoo_va_keep]]
     # w_cnn and the either-part override together, at the operating threshold that keeps the
     # 1% budget on each source's clean validation images (the gate and the parts included)
     pos = yv == 1
@@ -969,6 +1014,9 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         "models": {n: work.load_json(f"models/{n}.json")
                    for n in (cnn_name, "paper_cnn", "baseline_cnn")},
         "zoo": ({"members": zoo_members, "holdout": list(cfg.zoo_holdout),
+                 "example_sets": {n: {"train": len(zoo_tr[n]), "val": len(zoo_va[n]),
+                                      "levels": int(zoo_va[n].levels[0]) if len(zoo_va[n])
+                                      else None} for n in zoo_tr},
                  "train_pairs": int(zoo_tr_keep.sum()), "val_pairs": int(zoo_va_keep.sum())}
                 if cfg.zoo else None),
     }

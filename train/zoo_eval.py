@@ -59,7 +59,7 @@ class Source:
 def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
                  seed: int) -> dict[str, Source]:
     """A seeded sample of NIH (test-only source) and of the bundle's Kermany test split."""
-    from train import datasets, zoo
+    from train import attacks, datasets, zoo
 
     out = {}
     nih_dir = data_root / "nih_cxr14_1000"
@@ -77,28 +77,14 @@ def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
     out["nih512"] = Source("nih512", np.stack(xs).astype(np.float32),
                            tuple(files[i].relative_to(nih_dir).as_posix() for i in pick), seed)
     lv12 = SOURCE_LEVELS["nih512-12bit"]
-    out["nih512-12bit"] = Source("nih512-12bit", lift_bit_depth(out["nih512"].x, lv12, seed),
-                                 out["nih512"].ids, seed, lv12)
+    out["nih512-12bit"] = Source(
+        "nih512-12bit", attacks.lift_bit_depth(out["nih512"].x, lv12, seed), out["nih512"].ids,
+        seed, lv12)
     kerm = zoo.load_kermany(work, data_root / "kermany224", parts=("test",))
     pick = np.sort(np.random.default_rng(seed + 1).permutation(len(kerm.y["test"]))[:n_kermany])
     out["kermany224"] = Source("kermany224", kerm.x["test"][pick].astype(np.float32) / 255.0,
                                tuple(f"test[{i}]" for i in pick), seed)
     return out
-
-
-def lift_bit_depth(x8: np.ndarray, levels: int, seed: int) -> np.ndarray:
-    """8-bit images (k/255) as a modality storing ``levels`` + 1 grey levels would have recorded
-    them: each value drawn uniformly within its 8-bit rounding cell (the detail that rounding
-    to 8 bits removed), then rounded to k / ``levels``.
-
-    Why: clinical CR/DX is stored at 10-16 bits, where an attack's change is many levels, not
-    the one or two 8-bit levels every other measurement here rounds to; and an 8-bit image
-    merely rescaled to 12 bits would keep every 16th level only, which no modality stores.
-    Seeded (per call), so every evaluation lifts the same sample alike."""
-    rng = np.random.default_rng([seed, 61])
-    x = np.asarray(x8, np.float64)
-    lifted = x + rng.uniform(-0.5, 0.5, x.shape) / LEVELS
-    return (np.round(np.clip(lifted, 0.0, 1.0) * levels) / levels).astype(np.float32)
 
 
 def score_stored(det: Any, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -54,6 +54,17 @@ class ZooDraw:
     processed_share: float = 0.5
     noise_levels: float = 2.0
     chunk: int = 16
+    # The storage grid: 255 (8 bits), or 4095 for a 12-bit modality, whose stored image is the
+    # 8-bit one lifted (train.attacks.lift_bit_depth) and then processed and attacked at 12 bits
+    levels: int = 255
+
+    def settings(self) -> dict[str, Any]:
+        """What the cache records; ``levels`` only where it is not 8 bits, so examples made
+        before it existed keep their cache."""
+        out = asdict(self)
+        if self.levels == 255:
+            del out["levels"]
+        return out
 
 
 def draw_setting(rng: np.random.Generator) -> Any:
@@ -104,12 +115,18 @@ class ZooExamples:
     family: np.ndarray  # str per pair
     processed: np.ndarray  # bool per pair: the clean image went through modality processing
     fooled: np.ndarray  # bool per pair: the member's decision flipped
+    levels: np.ndarray  # int per pair: the storage grid (255 for 8 bits, 4095 for 12)
 
     def without(self, families: Sequence[str]) -> ZooExamples:
         """The pairs whose attack came from none of ``families`` (leave-families-out)."""
         keep = ~np.isin(self.family, list(families))
         return ZooExamples(self.clean[keep], self.attacked[keep], self.family[keep],
-                           self.processed[keep], self.fooled[keep])
+                           self.processed[keep], self.fooled[keep], self.levels[keep])
+
+    def __add__(self, other: ZooExamples) -> ZooExamples:
+        return ZooExamples(*(np.concatenate([getattr(self, f), getattr(other, f)])
+                             for f in ("clean", "attacked", "family", "processed", "fooled",
+                                       "levels")))
 
     def __len__(self) -> int:
         return len(self.clean)
@@ -144,30 +161,42 @@ def make_chunk(plan: ChunkPlan, x224: np.ndarray, member: Any, draw: ZooDraw,
     back at 224 through the runtime path."""
     from detector import preprocess
     from train import attacks, zoo
-    from train.pipeline import resampled_native
 
     rng = np.random.default_rng([seed, 47, int(plan.rows[0]) if len(plan.rows) else 0])
-    natives, kinds = [], []
-    for i in plan.rows:
-        img = (x224[i] if plan.size == 224
-               else resampled_native(x224[i], plan.size, rng, draw.noise_levels))
-        if rng.random() < draw.processed_share:
-            setting = draw_setting(rng)
-            img = setting.apply(img, 255)
-            kinds.append(setting.kind)
-        else:
-            kinds.append("")
-        natives.append(attacks.quantise(img, 255))
-    x = np.stack(natives).astype(np.float32)
+    x, kinds = stored_images(plan, x224, draw, rng)
     label = attacks.predicted_class(zoo.predict_logits(member, x))
     a = attacks.NativeAttack(plan.method, plan.eps,
                              steps=(min(ATTACK_STEPS_CAP, attacks.PGD_STEPS)
                                     if plan.method in ("pgd", "pgd_l2") else None))
-    adv = attacks.native_attack(member, x, label, a, levels=255,
+    adv = attacks.native_attack(member, x, label, a, levels=draw.levels,
                                 seed=int(rng.integers(2**31)), batch_size=len(x))
     fooled = attacks.predicted_class(zoo.predict_logits(member, adv)) != label
     return {"clean": preprocess.resize_to_input(x), "attacked": preprocess.resize_to_input(adv),
-            "processing": np.array(kinds), "fooled": fooled}
+            "processing": np.array(kinds), "fooled": fooled,
+            "levels": np.full(len(x), draw.levels)}
+
+
+def stored_images(plan: ChunkPlan, x224: np.ndarray, draw: ZooDraw,
+                  rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """A chunk's clean images as the modality stores them, at the native matrix on the
+    ``draw.levels`` grid, and the processing kind of each ("" where none)."""
+    from train import attacks
+    from train.pipeline import resampled_native
+
+    natives, kinds = [], []
+    for i in plan.rows:
+        img = (x224[i] if plan.size == 224
+               else resampled_native(x224[i], plan.size, rng, draw.noise_levels))
+        if draw.levels != 255:
+            img = attacks.lift_bit_depth(img, draw.levels, seed=int(rng.integers(2**31)))
+        if rng.random() < draw.processed_share:
+            setting = draw_setting(rng)
+            img = setting.apply(img, draw.levels)
+            kinds.append(setting.kind)
+        else:
+            kinds.append("")
+        natives.append(attacks.quantise(img, draw.levels))
+    return np.stack(natives).astype(np.float32), kinds
 
 
 def stage_zoo_examples(work_dir: Path, split_name: str, x224: np.ndarray, count: int,
@@ -180,7 +209,7 @@ def stage_zoo_examples(work_dir: Path, split_name: str, x224: np.ndarray, count:
 
     root = Path(work_dir) / "zoo" / split_name
     root.mkdir(parents=True, exist_ok=True)
-    settings = {**asdict(draw), "count": count, "seed": seed, "members": digest}
+    settings = {**draw.settings(), "count": count, "seed": seed, "members": digest}
     settings_file = root / "settings.json"
     if settings_file.is_file() and json.loads(settings_file.read_text()) != json.loads(
             json.dumps(settings)):
@@ -209,19 +238,21 @@ def stage_zoo_examples(work_dir: Path, split_name: str, x224: np.ndarray, count:
 
 
 def load_examples(root: Path, n_chunks: int) -> ZooExamples:
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in
-                                          ("clean", "attacked", "family", "processing", "fooled")}
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("clean", "attacked", "family", "processing", "fooled", "levels")}
     for c in range(n_chunks):
         with np.load(root / f"chunk-{c:04d}.npz") as z:
             for k in parts:
-                parts[k].append(z[k])
+                # chunks made before the 12-bit draw carry no levels: they are 8-bit
+                parts[k].append(z[k] if k in z.files else np.full(len(z["fooled"]), 255))
     if not n_chunks:
         empty = np.empty((0, 224, 224), np.float32)
         return ZooExamples(empty, empty, np.array([], str), np.array([], bool),
-                           np.array([], bool))
+                           np.array([], bool), np.array([], int))
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     return ZooExamples(cat["clean"].astype(np.float32), cat["attacked"].astype(np.float32),
-                       cat["family"], cat["processing"] != "", cat["fooled"].astype(bool))
+                       cat["family"], cat["processing"] != "", cat["fooled"].astype(bool),
+                       cat["levels"].astype(int))
 
 
 def ensure_members(zoo_work: Path, families: Sequence[str], digest: str, x: dict[str, np.ndarray],

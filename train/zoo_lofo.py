@@ -131,9 +131,10 @@ def nih_site_split(data_root: Path, exclude: tuple[str, ...], n_calib: int, seed
                    levels: int = 255) -> tuple[np.ndarray, np.ndarray]:
     """NIH images outside the evaluation sample, split into a site's ``n_calib`` calibration
     images and the rest (on which the site's clean FPR is measured), stored as the site stores
-    them: at 8 bits as read, or lifted to ``levels`` (train.zoo_eval.lift_bit_depth)."""
+    them: at 8 bits as read, or lifted to ``levels`` (train.attacks.lift_bit_depth)."""
     from train import datasets
-    from train.zoo_eval import LEVELS, lift_bit_depth
+    from train.attacks import lift_bit_depth
+    from train.zoo_eval import LEVELS
 
     nih_dir = data_root / "nih_cxr14_1000"
     skip = set(exclude)
