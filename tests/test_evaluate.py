@@ -113,3 +113,10 @@ def test_model_card_and_readme_table_state_the_gate_and_the_dicom_check() -> Non
     assert ("RG3_UNCR.dcm clean 0.020 passes, pgd_0.003 1.000 flagged, pgd_0.006 0.600 "
             "passes") in card
     assert "stride-grid gate knows one kind of attacker" in card
+    # the bit-depth limit says what the bundle trained on (sentinel train --zoo-12bit)
+    assert "was not in the training data" in card and "12 bits" not in card
+    m["training_data"] = {"zoo": {"example_sets": {"zoo": {"train": 2048, "val": 640,
+                                                           "levels": 255},
+                                                   "zoo12": {"train": 1024, "val": 640,
+                                                             "levels": 4095}}}}
+    assert "1,024 zoo pairs stored at 12 bits" in model_card(m, table, "sentinel train ...")

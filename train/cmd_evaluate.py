@@ -114,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
                                             "pgd_0.006_detection_at_threshold", "auc_ci")},
                  "latency_ms": m.get("latency_ms", {}),
                  **({"dicom_check": m["dicom_check"]} if "dicom_check" in m else {})}
-        card = model_card(m, table, REPRODUCE)
+        from detector.bundle import load_manifest
+
+        # the card's limits name what the bundle trained on (its manifest's training data)
+        card = model_card({**m, "training_data": load_manifest(Path(bundle)).training_data},
+                          table, REPRODUCE)
         if zoo_md:
             card += "\n" + zoo_md.replace("# Victim zoo", "## Victim zoo", 1)
         add_model_card(Path(bundle), card, extra)

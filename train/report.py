@@ -446,8 +446,7 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
     lines += [
         "- Non-adaptive attacks only in these tables: attackers who know the detector are "
         "measured apart (README, \"Adaptive attacks\") and it does not withstand them.",
-        "- Trained on 8-bit JPEG-derived images; clinical 10-16-bit DICOM is handled by the "
-        "same normalisation but was not in the training data.",
+        bit_depth_limit(m),
         "- The victim classifier (victim.weights.h5) exists only for red-teaming (`sentinel "
         "attack`); it is not a diagnostic model. It ships with the reference CNNs and "
         "split.json in a training bundle apart from this runtime bundle (train/models/default "
@@ -508,3 +507,17 @@ def add_model_card(bundle_dir: Path, text: str, extra_metrics: dict[str, Any]) -
         metrics={**man.metrics, **extra_metrics}, extra_files=extras, bundle_id=man.bundle_id,
         versions=man.versions, rule=man.extra.get("rule"),
         feature_set=bundle_mod.manifest_feature_set(man))
+
+
+def bit_depth_limit(manifest: dict) -> str:
+    """The model card's line on bit depth: what the bundle trained on (8-bit Kermany, and
+    with ``sentinel train --zoo-12bit`` zoo examples stored at 12 bits)."""
+    sets = (((manifest.get("training_data") or {}).get("zoo") or {}).get("example_sets") or {})
+    twelve = sets.get("zoo12")
+    if twelve:
+        return ("- Trained on 8-bit JPEG-derived images and on "
+                f"{twelve['train']:,} zoo pairs stored at 12 bits (those images lifted within "
+                "their 8-bit rounding cells, then processed and attacked at 12 bits); real "
+                "10-16-bit DICOM from a modality was not in the training data.")
+    return ("- Trained on 8-bit JPEG-derived images; clinical 10-16-bit DICOM is handled by the "
+            "same normalisation but was not in the training data.")
