@@ -68,6 +68,10 @@ def test_train_evaluate_attack_end_to_end(tmp_path: Path) -> None:
     assert zoo12["example_sets"]["zoo"] == zoo_info["example_sets"]["zoo"]
     assert zoo12["train_pairs"] == zoo_info["train_pairs"] + zoo12["example_sets"]["zoo12"][
         "train"]
+    # its model card says it trained on 12-bit examples (from the manifest's training data)
+    assert main(["evaluate", "--bundle", str(tmp_path / "bundle12"), "--data", str(data),
+                 "--out", str(tmp_path / "report12"), "--bootstrap", "20", "--model-card"]) == 0
+    assert "zoo pairs stored at 12 bits" in (tmp_path / "bundle12/MODEL_CARD.md").read_text()
     assert main(["evaluate", "--bundle", str(bundle), "--data", str(data), "--out", str(report),
                  "--bootstrap", "20"]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
