@@ -11,6 +11,7 @@ import pytest
 from fixture_bundle import synthetic_images
 
 from train import zoo_lofo
+from train.zoo_eval import SiteRule
 
 
 def _bundle(fixture_bundle: Path, holdout: tuple[str, ...] = ()) -> zoo_lofo.ScoredBundle:
@@ -37,9 +38,10 @@ def test_detection_counts_fooled_images_only_at_both_thresholds(fixture_bundle: 
     assert r["fooled"] == 5 and 0 <= r["detected"] <= 5 and "site" not in r
     site = zoo_lofo.site_calibrated(b, imgs[labels == 0])
     # `sentinel calibrate --allow-lower` needs 300 images to go below the bundle: not here
-    assert site.site_threshold is not None and site.site_threshold >= b.detector.threshold
+    assert site.site is not None and site.site.threshold >= b.detector.threshold
     r = zoo_lofo.detection(site, perturbed, fooled)
-    assert r["site"]["threshold"] == site.site_threshold and r["site"]["fooled"] == 5
+    assert r["site"]["threshold"] == site.site.threshold and r["site"]["fooled"] == 5
+    assert "cnn_gate" not in r["site"]  # not asked
 
 
 def test_targets_are_checked_on_held_out_cells_with_enough_fooled_images() -> None:
@@ -119,14 +121,51 @@ def test_site_line_gate_comes_from_calibrate_and_counts_in_detection_and_fpr(
     b = _bundle(fixture_bundle)
     calib = np.stack([clean(s, 256) / 255.0 for s in range(110)]).astype(np.float32)
     site = zoo_lofo.site_calibrated(b, calib)
-    assert site.site_line_gate is not None and site.site_line_gate >= 2.07
+    gate = site.site.line_gate
+    assert gate is not None and gate >= 2.07
     adv = np.stack([attacked(clean(200 + s, 256), s, victim=128) / 255.0
                     for s in range(6)]).astype(np.float32)
     fooled = np.ones(6, bool)
     r = zoo_lofo.detection(site, adv, fooled)
-    assert r["site"]["line_gate"] == site.site_line_gate and r["site"]["detected"] == 6
-    lines_only = zoo_lofo.clean_fpr(site.detector, calib, 1.01, site.site_line_gate)
-    assert lines_only["line_gate"] == site.site_line_gate and lines_only["flagged"] == 0
+    assert r["site"]["line_gate"] == gate and r["site"]["detected"] == 6
+    lines_only = zoo_lofo.clean_fpr(site.detector, calib, SiteRule(1.01, gate))
+    assert lines_only["line_gate"] == gate and lines_only["flagged"] == 0
+
+
+def test_a_site_cnn_gate_is_what_calibrate_proposes_and_counts_everywhere(
+        fixture_bundle: Path, tmp_path: Path) -> None:
+    """`--site-cnn-gate`: the gate comes from propose_cnn_gate on the site's own images (300
+    clean ones: above all of them), keeps them within the site's 1%, and flags in detection, in
+    the clean FPR and in the processing table through the same SiteRule."""
+    from detector.cmd_calibrate import propose_cnn_gate
+    from train.zoo_eval import score_stored
+
+    imgs, labels = synthetic_images(600, seed=5)
+    calib = imgs[labels == 0][:300]
+    b = _bundle(fixture_bundle)
+    site = zoo_lofo.site_calibrated(b, calib, cnn_gate=True)
+    scored = score_stored(b.detector, calib)
+    want = propose_cnn_gate(scored["score"], scored["line"], scored["p_cnn"],
+                            site.site.threshold, site.site.line_gate, 0.01)["gate"]
+    assert site.site.cnn_gate == want and want is not None
+    assert zoo_lofo.clean_fpr(b.detector, calib, site.site)["fpr"] <= 0.01
+    assert zoo_lofo.site_calibrated(b, calib).site.cnn_gate is None  # only when asked
+    rule = SiteRule(1.01, None, 0.5)
+    flags = rule.flags({"score": np.array([0.2, 0.2, 1.0]), "line": np.array([9.0, 0, 0]),
+                        "p_cnn": np.array([0.49, 0.5, 0.0])})
+    assert list(flags) == [False, True, False]
+    r = zoo_lofo.detection(zoo_lofo.ScoredBundle("b", fixture_bundle, b.detector, (), rule),
+                           imgs[:4], np.ones(4, bool))
+    assert r["site"]["cnn_gate"] == 0.5
+    from train import processing
+
+    rows = processing.clean_fpr_table(
+        b.detector, {"site": calib[:3], "other": calib[3:5]}, tmp_path,
+        settings=(processing.Setting("gamma", {"g": 0.7}),),
+        site=("site", SiteRule(1.01, None, 0.0)))
+    by_source = {row["source"]: row for row in rows}
+    assert by_source["site"]["site_flagged"] == 3  # the CNN gate at 0 flags every image
+    assert "site_flagged" not in by_source["other"]
 
 
 def test_a_site_is_calibrated_at_one_bit_depth_per_run(capsys) -> None:

@@ -178,11 +178,11 @@ EVAL_SETTINGS: tuple[Setting, ...] = (
 def clean_fpr_table(det: Any, sources: dict[str, np.ndarray], out: Path, *, seed: int = 0,
                     settings: tuple[Setting, ...] = EVAL_SETTINGS,
                     levels: int | Mapping[str, int] = 255,
-                    site: tuple[str, float, float | None] | None = None) -> list[dict]:
+                    site: tuple[str, Any] | None = None) -> list[dict]:
     """The runtime Detector's clean false-positive rate per processing setting and source;
     written to ``out/processing.json`` (and returned). ``levels``: the storage grid the
     processed images are rounded to, one for all sources or per source name. ``site`` (source,
-    threshold, line gate or None): also the rate at that source's calibrated operating point
+    train.zoo_eval.SiteRule): also the rate at that source's calibrated operating point
     (``site_fpr``)."""
     from tqdm import tqdm
 
@@ -204,10 +204,7 @@ def clean_fpr_table(det: Any, sources: dict[str, np.ndarray], out: Path, *, seed
                "median_p_rf": _median(sc["p_rf"]), "median_grid": _median(sc["grid"]),
                "median_line": _median(sc["line"])}
         if site is not None and site[0] == name:
-            at_site = sc["score"] >= site[1]
-            if site[2] is not None:
-                at_site |= sc["line"] >= site[2]
-            ks = int(at_site.sum())
+            ks = int(site[1].flags(sc).sum())
             row.update(site_flagged=ks, site_fpr=ks / n, site_fpr_ci=_wilson(ks, n))
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)

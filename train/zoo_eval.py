@@ -56,6 +56,26 @@ class Source:
         return f"n{len(self.x)}s{self.seed}"
 
 
+@dataclass(frozen=True)
+class SiteRule:
+    """A site's operating point after ``sentinel calibrate`` on its clean images: the threshold,
+    and the gates it proposed (None: refused or not asked). One rule for detection, the site's
+    clean FPR and the processed images alike."""
+
+    threshold: float
+    line_gate: float | None = None  # [detector] line_gate: the resampling-line score
+    cnn_gate: float | None = None  # [detector] cnn_gate: the detector CNN alone (--cnn-gate)
+
+    def flags(self, scored: dict[str, np.ndarray]) -> np.ndarray:
+        """Which of ``score_stored``'s images the site flags."""
+        hit = scored["score"] >= self.threshold
+        if self.line_gate is not None:
+            hit = hit | (scored["line"] >= self.line_gate)
+        if self.cnn_gate is not None:
+            hit = hit | (scored["p_cnn"] >= self.cnn_gate)
+        return hit
+
+
 def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
                  seed: int) -> dict[str, Source]:
     """A seeded sample of NIH (test-only source) and of the bundle's Kermany test split."""

@@ -44,14 +44,13 @@ SITE_SOURCES = ("nih512", "nih512-12bit")  # a site: half of NIH, at its own bit
 @dataclass(frozen=True)
 class ScoredBundle:
     """A loaded runtime Detector, where it came from, which families it never saw, and its
-    threshold after a site's ``sentinel calibrate`` (None until calibrated)."""
+    operating point after a site's ``sentinel calibrate`` (None until calibrated)."""
 
     name: str
     path: Path
     detector: Any
     holdout: tuple[str, ...]
-    site_threshold: float | None = None
-    site_line_gate: float | None = None  # what calibrate proposed (None: refused or not asked)
+    site: Any = None  # train.zoo_eval.SiteRule
 
 
 def load_bundle(path: Path | None) -> ScoredBundle:
@@ -74,57 +73,66 @@ def fold_for(family: str, folds: list[ScoredBundle]) -> ScoredBundle | None:
 
 
 def detection(b: ScoredBundle, adv: np.ndarray, fooled: np.ndarray) -> dict:
-    """Detection of the fooled images at the bundle's threshold (and at its site threshold,
-    as "site", when it has one)."""
-    from train.zoo_eval import _wilson, score_stored
+    """Detection of the fooled images at the bundle's threshold (and at its site's operating
+    point, as "site", when it has one)."""
+    from train.zoo_eval import SiteRule, _wilson, score_stored
 
     scored = score_stored(b.detector, adv)
-    s, line = scored["score"], scored["line"]
     n = int(fooled.sum())
 
-    def at(t: float, gate: float | None = None) -> dict:
-        hit = s >= t if gate is None else (s >= t) | (line >= gate)
-        k = int((hit & fooled).sum())
+    def at(rule: SiteRule) -> dict:
+        k = int((rule.flags(scored) & fooled).sum())
         return {"detected": k, "fooled": n, "rate": k / n if n else None, "ci": _wilson(k, n),
-                "threshold": t, "line_gate": gate}
+                "threshold": rule.threshold, "line_gate": rule.line_gate,
+                **({"cnn_gate": rule.cnn_gate} if rule.cnn_gate is not None else {})}
 
-    out = {**at(b.detector.threshold),
-           "median_score": float(np.median(s[fooled])) if n else None,
-           "median_line": float(np.median(line[fooled])) if n else None}
-    if b.site_threshold is not None:
-        out["site"] = at(b.site_threshold, b.site_line_gate)
+    out = {**at(SiteRule(b.detector.threshold)),
+           "median_score": float(np.median(scored["score"][fooled])) if n else None,
+           "median_line": float(np.median(scored["line"][fooled])) if n else None}
+    if b.site is not None:
+        out["site"] = at(b.site)
     return out
 
 
-def site_calibrated(b: ScoredBundle, calib: np.ndarray, allow_lower: bool = False
-                    ) -> ScoredBundle:
-    """The bundle after ``sentinel calibrate`` (``--allow-lower`` with ``allow_lower``) on
-    ``calib`` (a site's clean images): the same code paths, detector.cmd_calibrate.calibrate
-    for the threshold and propose_line_gate for the resampling-line gate."""
+def site_calibrated(b: ScoredBundle, calib: np.ndarray, allow_lower: bool = False,
+                    cnn_gate: bool = False) -> ScoredBundle:
+    """The bundle after ``sentinel calibrate`` (``--allow-lower`` with ``allow_lower``,
+    ``--cnn-gate`` with ``cnn_gate``) on ``calib`` (a site's clean images): the same code paths,
+    detector.cmd_calibrate.calibrate for the threshold, propose_line_gate for the
+    resampling-line gate and propose_cnn_gate for the CNN gate."""
     from dataclasses import replace
 
-    from detector.cmd_calibrate import calibrate, propose_line_gate
-    from train.zoo_eval import score_stored
+    from detector.cmd_calibrate import calibrate, propose_cnn_gate, propose_line_gate
+    from train.zoo_eval import SiteRule, score_stored
 
     scored = score_stored(b.detector, calib)
     result = calibrate({"": scored["score"].tolist()}, SITE_FPR, b.detector.threshold,
                        allow_lower=allow_lower)
+    threshold = float(result["overall"]["threshold"])
     gate = propose_line_gate(scored["line"].tolist(), SITE_FPR)["gate"]
-    return replace(b, site_threshold=float(result["overall"]["threshold"]), site_line_gate=gate)
+    cnn = (propose_cnn_gate(scored["score"], scored["line"], scored["p_cnn"], threshold, gate,
+                            SITE_FPR)["gate"] if cnn_gate else None)
+    return replace(b, site=SiteRule(threshold, gate, cnn))
 
 
-def clean_fpr(det: Any, x: np.ndarray, threshold: float | None = None,
-              line_gate: float | None = None) -> dict:
-    from train.zoo_eval import _wilson, score_stored
+def clean_fpr(det: Any, x: np.ndarray, rule: Any = None) -> dict:
+    """The share of clean images ``x`` flagged at the bundle's threshold, or at a site's
+    operating point ``rule`` (train.zoo_eval.SiteRule)."""
+    from train.zoo_eval import SiteRule, _wilson, score_stored
 
-    t = det.threshold if threshold is None else threshold
-    scored = score_stored(det, x)
-    flagged = scored["score"] >= t
-    if line_gate is not None:
-        flagged |= scored["line"] >= line_gate
-    k, n = int(flagged.sum()), len(x)
-    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n), "threshold": t,
-            "line_gate": line_gate}
+    rule = rule or SiteRule(det.threshold)
+    k, n = int(rule.flags(score_stored(det, x)).sum()), len(x)
+    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n), "threshold": rule.threshold,
+            "line_gate": rule.line_gate,
+            **({"cnn_gate": rule.cnn_gate} if rule.cnn_gate is not None else {})}
+
+
+def site_entry(rule: Any, prefix: str = "") -> dict:
+    """A site's operating point in the results (None values where it was not calibrated)."""
+    return {f"{prefix}threshold": None if rule is None else rule.threshold,
+            f"{prefix}line_gate": None if rule is None else rule.line_gate,
+            **({f"{prefix}cnn_gate": rule.cnn_gate} if rule is not None and rule.cnn_gate
+               is not None else {})}
 
 
 def nih_site_split(data_root: Path, exclude: tuple[str, ...], n_calib: int, seed: int,
@@ -241,7 +249,9 @@ def markdown(results: dict) -> str:
                   "remaining NIH images), "
                   + (f"with the resampling-line gate it proposed ({gate:.3f}; "
                      "detector.resample_lines)." if gate is not None else
-                     "without a resampling-line gate (calibrate did not propose one)."),
+                     "without a resampling-line gate (calibrate did not propose one).")
+                  + (f" With `--cnn-gate`: the final bundle's CNN gate {site['cnn_gate']:.3f} "
+                     "(each fold its own)." if site.get("cnn_gate") is not None else ""),
                   ""]
     lines += ["| source | family | attack | eps | fooled | held out (fold) | held out, "
               "site-calibrated | final bundle |",
@@ -404,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site-allow-lower", action="store_true",
                     help="the site calibrates with --allow-lower (its own 1%% point even below "
                     "the bundle's threshold)")
+    ap.add_argument("--site-cnn-gate", action="store_true",
+                    help="the site calibrates with --cnn-gate too (the detector CNN alone flags "
+                    "above a point set with 95%% confidence on its clean images)")
     ap.add_argument("--model-card", action="store_true",
                     help="also write the section into the final bundle's MODEL_CARD.md")
     ap.add_argument("--attacks-only", action="store_true",
@@ -459,10 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.site and site_source is not None:
         calib, rest = nih_site_split(data_root, sources[site_source].ids, args.site, args.seed,
                                      sources[site_source].levels)
-        bundles = [site_calibrated(b, calib, args.site_allow_lower) for b in bundles]
+        bundles = [site_calibrated(b, calib, args.site_allow_lower, args.site_cnn_gate)
+                   for b in bundles]
         final, folds = bundles[0], ([bundles[0]] if own_fold else bundles[1:])
-        clean[f"{site_source}-site"] = {b.name: clean_fpr(b.detector, rest, b.site_threshold,
-                                                           b.site_line_gate)
+        clean[f"{site_source}-site"] = {b.name: clean_fpr(b.detector, rest, b.site)
                                         for b in bundles}
     cells = []
     for s in args.sources:
@@ -478,19 +491,16 @@ def main(argv: list[str] | None = None) -> int:
         processing = proc.clean_fpr_table(
             final.detector, {s: sources[s].x for s in args.sources}, args.out / "processing",
             seed=args.seed, levels={s: sources[s].levels for s in args.sources},
-            site=(None if final.site_threshold is None
-                  else (site_source, final.site_threshold, final.site_line_gate)))
+            site=None if final.site is None else (site_source, final.site))
     results = {
         "bundle": final.detector.bundle_id, "threshold": final.detector.threshold,
         "bundles": [b.name for b in bundles],
         "folds": {b.name: {"bundle_id": b.detector.bundle_id, "holdout": list(b.holdout),
                            "threshold": b.detector.threshold,
-                           "site_threshold": b.site_threshold,
-                           "site_line_gate": b.site_line_gate} for b in folds},
+                           **site_entry(b.site, "site_")} for b in folds},
         "site": ({"images": args.site, "source": site_source,
-                  "threshold": final.site_threshold,
-                  "line_gate": final.site_line_gate, "allow_lower": args.site_allow_lower}
-                 if final.site_threshold is not None else None),
+                  **site_entry(final.site), "allow_lower": args.site_allow_lower}
+                 if final.site is not None else None),
         "members": [{k: members[f][k] for k in ("family", "pipeline_tag", "test_auc")}
                     for f in args.families],
         "clean": clean, "cells": cells, "processing": processing,
