@@ -151,8 +151,7 @@ def lift_bit_depth(x8: np.ndarray, levels: int, seed: int) -> np.ndarray:
     Seeded (per call), so every evaluation lifts the same sample alike."""
     rng = np.random.default_rng([seed, 61])
     x = np.asarray(x8, np.float64)
-    lifted = x + rng.uniform(-0.5, 0.5, x.shape) / 255.0
-    return (np.round(np.clip(lifted, 0.0, 1.0) * levels) / levels).astype(np.float32)
+    return quantise(x + rng.uniform(-0.5, 0.5, x.shape) / 255.0, levels)
 
 
 def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -952,13 +952,14 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         yv = np.r_[yv, np.zeros(int(k.sum())), np.ones(int(k.sum()))]
         val_cnn = np.r_[val_cnn, zc["cnn"][k], za["cnn"][k]]
         val_rf = np.r_[val_rf, zc["forest"][k], za["forest"][k]]
-        for bits, levels in (("", 255), ("12", 4095)):
-            for name, rows in (("stored", k & ~ex_va.processed), ("processed",
-                                                                  k & ex_va.processed)):
-                rows = rows & (ex_va.levels == levels)
+        # each example set's stored and processed clean images: groups of their own
+        set_of = np.repeat(list(zoo_va), [len(ex) for ex in zoo_va.values()])
+        for set_name in zoo_va:
+            for kind, rows in (("stored", ~ex_va.processed), ("processed", ex_va.processed)):
+                rows = k & rows & (set_of == set_name)
                 if rows.any():
-                    clean_groups[f"zoo{bits}-{name}"] = (zc["cnn"][rows], zc["forest"][rows],
-                                                         None if zgrid is None else zgrid[rows])
+                    clean_groups[f"{set_name}-{kind}"] = (zc["cnn"][rows], zc["forest"][rows],
+                                                          None if zgrid is None else zgrid[rows])
     rule: dict[str, Any] = {"name": cfg.fusion}
     gate = val_grid = None
     groups = [fit_detector.CleanGroup(*g) for g in clean_groups.values()]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +120,11 @@ class ZooExamples:
     def without(self, families: Sequence[str]) -> ZooExamples:
         """The pairs whose attack came from none of ``families`` (leave-families-out)."""
         keep = ~np.isin(self.family, list(families))
-        return ZooExamples(self.clean[keep], self.attacked[keep], self.family[keep],
-                           self.processed[keep], self.fooled[keep], self.levels[keep])
+        return ZooExamples(*(getattr(self, f.name)[keep] for f in fields(self)))
 
     def __add__(self, other: ZooExamples) -> ZooExamples:
-        return ZooExamples(*(np.concatenate([getattr(self, f), getattr(other, f)])
-                             for f in ("clean", "attacked", "family", "processed", "fooled",
-                                       "levels")))
+        return ZooExamples(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
+                             for f in fields(self)))
 
     def __len__(self) -> int:
         return len(self.clean)

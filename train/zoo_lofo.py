@@ -83,8 +83,7 @@ def detection(b: ScoredBundle, adv: np.ndarray, fooled: np.ndarray) -> dict:
     def at(rule: SiteRule) -> dict:
         k = int((rule.flags(scored) & fooled).sum())
         return {"detected": k, "fooled": n, "rate": k / n if n else None, "ci": _wilson(k, n),
-                "threshold": rule.threshold, "line_gate": rule.line_gate,
-                **({"cnn_gate": rule.cnn_gate} if rule.cnn_gate is not None else {})}
+                **site_entry(rule)}
 
     out = {**at(SiteRule(b.detector.threshold)),
            "median_score": float(np.median(scored["score"][fooled])) if n else None,
@@ -122,13 +121,12 @@ def clean_fpr(det: Any, x: np.ndarray, rule: Any = None) -> dict:
 
     rule = rule or SiteRule(det.threshold)
     k, n = int(rule.flags(score_stored(det, x)).sum()), len(x)
-    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n), "threshold": rule.threshold,
-            "line_gate": rule.line_gate,
-            **({"cnn_gate": rule.cnn_gate} if rule.cnn_gate is not None else {})}
+    return {"flagged": k, "n": n, "fpr": k / n, "ci": _wilson(k, n), **site_entry(rule)}
 
 
 def site_entry(rule: Any, prefix: str = "") -> dict:
-    """A site's operating point in the results (None values where it was not calibrated)."""
+    """An operating point (train.zoo_eval.SiteRule) in the results: its threshold, line gate
+    and, where it has one, CNN gate (None values where the site was not calibrated)."""
     return {f"{prefix}threshold": None if rule is None else rule.threshold,
             f"{prefix}line_gate": None if rule is None else rule.line_gate,
             **({f"{prefix}cnn_gate": rule.cnn_gate} if rule is not None and rule.cnn_gate
