@@ -77,9 +77,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adversarial training of the detector CNN: add the adaptive "
                         "examples of `python -m train.adaptive --split train --out DIR` (same "
                         "--work) to its training; thresholds stay calibrated on clean images")
+    parser.add_argument("--patient-part", type=_patient_part, default=None, metavar="K/N",
+                        help="train the detector on part K of N disjoint parts of the training "
+                        "split's patients (with --no-zoo; victim, validation and test stay "
+                        "whole): bundles on different parts share no training image, which "
+                        "measures what a site's own images buy against attacks crafted on "
+                        "another bundle (README, \"Site bundles from a secret\")")
     parser.add_argument("--new-secret", action="store_true",
                         help="first write a fresh random secret to --secret-file (refuses to "
                         "overwrite an existing file)")
+
+
+def _patient_part(text: str) -> tuple[int, int]:
+    """``K/N`` as (K, N); its range is checked by TrainConfig."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give K/N, e.g. 1/2") from None
+    return k, n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
                           feature_set=args.feature_set, grid_gate=not args.no_grid_gate,
                           zoo=not args.no_zoo, zoo_holdout=tuple(args.zoo_holdout),
                           zoo_work=str(args.zoo_work or ""), zoo_12bit=args.zoo_12bit,
-                          harden=tuple(str(d) for d in args.harden_with))
+                          harden=tuple(str(d) for d in args.harden_with),
+                          patient_part=args.patient_part)
     except ValueError as exc:  # an unknown zoo family, every family held out, ...
         print(f"sentinel train: {exc}", file=sys.stderr)
         return 2

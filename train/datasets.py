@@ -246,6 +246,32 @@ def split_by_patient(
                  dropped_duplicates=tuple(dropped), **parts)
 
 
+def patient_parts(records: Sequence[Record], n: int, seed: int) -> np.ndarray:
+    """Which of ``n`` disjoint parts (0 .. n-1) each record falls in.
+
+    Whole patients are shuffled with ``seed`` within each majority-label stratum and dealt
+    round-robin, so no patient is in two parts and every part has a like label mix. Why: a
+    bundle trained on one part stands in for a site whose images the public bundle never saw
+    (issue 19's disjoint-patient evaluation, ``sentinel train --patient-part``).
+    """
+    if n < 2:
+        raise ValueError(f"{n} patient parts: use at least 2")
+    by_patient: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_patient[r.patient].append(i)
+    strata: dict[int, list[str]] = defaultdict(list)
+    for patient, rows in sorted(by_patient.items()):
+        labels = [records[i].label for i in rows if records[i].label is not None]
+        strata[round(float(np.mean(labels))) if labels else -1].append(patient)
+    rng = np.random.default_rng([seed, 37])
+    part = np.empty(len(records), np.int64)
+    for key in sorted(strata):
+        patients = strata[key]
+        for j, k in enumerate(rng.permutation(len(patients))):
+            part[by_patient[patients[k]]] = j % n
+    return part
+
+
 def make_split(root: Path, *, seed: int,
                fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Split:
     """Scan, drop duplicates and split a folder in one call (the pipeline's first stage)."""

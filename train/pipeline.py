@@ -107,6 +107,11 @@ class TrainConfig:
     # pairs, repeated ``harden_repeat`` times; thresholds stay calibrated on clean images only
     harden: tuple[str, ...] = ()
     harden_repeat: int = 8
+    # Train the detector on one of n disjoint parts of the training split's patients, as
+    # (part, n), 1-based (datasets.patient_parts): bundles on different parts share no training
+    # image, the stand-in for a site whose images the public bundle never saw (issue 19). The
+    # victim, validation and test stay the whole split's, so thresholds and figures compare.
+    patient_part: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         from detector.features import FEATURE_SETS
@@ -126,6 +131,14 @@ class TrainConfig:
             raise ValueError("the 12-bit zoo examples need the zoo: drop --no-zoo")
         if self.zoo and not set(self.zoo_families) - set(self.zoo_holdout):
             raise ValueError("every zoo family is held out: keep at least one for training")
+        if self.patient_part is not None:
+            k, n = self.patient_part
+            if n < 2 or not 1 <= k <= n:
+                raise ValueError(f"patient part {k} of {n}: give K/N with 1 <= K <= N, N >= 2")
+            if self.zoo or self.harden:
+                # their examples do not record which training image (so which patient) made them
+                raise ValueError("a patient part trains without the zoo and hardening: add "
+                                 "--no-zoo and drop --harden-with")
 
     def quickened(self) -> TrainConfig:
         """A small run for development and smoke tests (minutes, not an hour)."""
@@ -139,6 +152,11 @@ class TrainConfig:
     def secret_tag(self) -> str:
         """Model-file suffix of a secret bundle's drawn choices ("" without a secret)."""
         return f"-secret-{self.secret.tag}" if self.secret is not None else ""
+
+    @property
+    def part_tag(self) -> str:
+        """Model-file suffix of a patient part ("" for the whole training split)."""
+        return "" if self.patient_part is None else "-part{}of{}".format(*self.patient_part)
 
     @property
     def zoo_tag(self) -> str:
@@ -675,7 +693,7 @@ def forest_rel(cfg: TrainConfig) -> str:
     fdir = feature_dir(cfg.feature_set)
     tag = "" if fdir == "feat" else "-" + fdir.removeprefix("feat-")
     return (f"models/forest-{cfg.trees}trees-depth{cfg.max_depth}{tag}{cfg.zoo_tag}"
-            f"{cfg.secret_tag}.npz")
+            f"{cfg.part_tag}{cfg.secret_tag}.npz")
 
 
 def stage_forest(cfg: TrainConfig, work: Work, f_train: np.ndarray, y_train: np.ndarray) -> Any:
@@ -870,6 +888,22 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         features_of(work, "train", "resampled_pert", tr_rs[1], cfg.feature_set)]))
     y_tr = np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert)), np.zeros(len(tr_rs[0])),
                  np.ones(len(tr_rs[1]))]
+    part_summary = None
+    if cfg.patient_part is not None:  # the features above are cached for the whole split
+        keep = datasets.patient_parts(tr.records, cfg.patient_part[1], cfg.seed) == (
+            cfg.patient_part[0] - 1)
+        rs_keep = keep[rs_idx]
+        rows = np.r_[keep, keep, rs_keep, rs_keep]
+        f_tr, y_tr = f_tr[rows], y_tr[rows]
+        sets = replace(sets, x_train=sets.x_train[np.r_[keep, keep]],
+                       y_train=sets.y_train[np.r_[keep, keep]])
+        _kinds = _kinds[keep]
+        tr_rs = (tr_rs[0][rs_keep], tr_rs[1][rs_keep])
+        part_summary = {"part": cfg.patient_part[0], "of": cfg.patient_part[1],
+                        "images": int(keep.sum()),
+                        "patients": len({tr.records[i].patient for i in np.flatnonzero(keep)})}
+        log("patient part {part} of {of}: {images} training images of {patients} patients"
+            .format(**part_summary))
     cnn_sets = with_pairs(sets, tr_rs, va_rs)
     if cfg.zoo:
         f_tr = np.concatenate([
@@ -888,7 +922,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         timed("features_v3", lambda: [grid_values(work, "train", k, x) for k, x in
                                       (("clean", tr.x), ("perturbed", tr_pert))])
 
-    cnn_name = "cnn" + cfg.zoo_tag + cfg.secret_tag
+    cnn_name = "cnn" + cfg.zoo_tag + cfg.part_tag + cfg.secret_tag
     if cfg.harden:
         h_adv, h_clean, h_tag = harden_examples(cfg, tr)
         log(f"hardening: {len(h_adv)} adaptive examples from {list(cfg.harden)}, each "
@@ -902,13 +936,15 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs,
         **({"arch": cfg.secret.cnn_arch, "seed": cfg.secret.cnn_seed} if cfg.secret else {})))
     forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
-    paper_tflite = timed("paper_cnn", lambda: stage_cnn(
-        cfg, work, sets, "paper_cnn", "paper", cfg.paper_epochs, cfg.paper_max_images))
-    base_sets = baseline_sets(sets, _kinds, len(tr.x))
-    timed("baseline_cnn", lambda: stage_cnn(
-        cfg, work, base_sets, "baseline_cnn", "paper", cfg.paper_epochs, cfg.paper_max_images))
-    models = ScoringModels(cnn_tflite=cnn_path, paper_keras=work.path("models/paper_cnn.keras"),
-                           baseline_keras=work.path("models/baseline_cnn.keras"),
+    paper_name, baseline_name = "paper_cnn" + cfg.part_tag, "baseline_cnn" + cfg.part_tag
+    paper_tflite = timed(paper_name, lambda: stage_cnn(
+        cfg, work, sets, paper_name, "paper", cfg.paper_epochs, cfg.paper_max_images))
+    base_sets = baseline_sets(sets, _kinds, len(_kinds))
+    timed(baseline_name, lambda: stage_cnn(
+        cfg, work, base_sets, baseline_name, "paper", cfg.paper_epochs, cfg.paper_max_images))
+    models = ScoringModels(cnn_tflite=cnn_path,
+                           paper_keras=work.path(f"models/{paper_name}.keras"),
+                           baseline_keras=work.path(f"models/{baseline_name}.keras"),
                            forest_path=work.path(forest_rel(cfg)), forest=forest,
                            feature_set=cfg.feature_set, grid=cfg.grid_gate,
                            forest_columns=secret.feature_columns(cfg.secret, cfg.feature_set))
@@ -1013,7 +1049,8 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         "victim": victim_acc,
         "timings_s": timings,
         "models": {n: work.load_json(f"models/{n}.json")
-                   for n in (cnn_name, "paper_cnn", "baseline_cnn")},
+                   for n in (cnn_name, paper_name, baseline_name)},
+        "patient_part": part_summary,
         "zoo": ({"members": zoo_members, "holdout": list(cfg.zoo_holdout),
                  "example_sets": {n: {"train": len(zoo_tr[n]), "val": len(zoo_va[n]),
                                       "levels": int(zoo_va[n].levels[0]) if len(zoo_va[n])
@@ -1035,9 +1072,9 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     tfiles = {
         "victim": work.path(victim.VICTIM_FILE),
         "cnn_keras": work.path(f"models/{cnn_name}.keras"),
-        "paper_cnn": work.path("models/paper_cnn.keras"),
+        "paper_cnn": work.path(f"models/{paper_name}.keras"),
         "paper_cnn_tflite": paper_tflite,
-        "baseline_cnn": work.path("models/baseline_cnn.keras"),
+        "baseline_cnn": work.path(f"models/{baseline_name}.keras"),
         "split": work.path("training", "split.json"),
     }
     for src in tfiles.values():  # an old-layout bundle in --out carried them: now unlisted

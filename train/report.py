@@ -387,6 +387,7 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
         "| --- | --- | --- | --- | --- |",
         *[f"| {n} | {split[n]['images']} | {split[n]['patients']} | {split[n]['positive']} | "
           f"{split[n]['negative']} |" for n in ("train", "val", "test")],
+        *patient_part_lines(m),
         "",
         "Perturbations (paper's Table II) computed at 224x224 in [0,1], rounded to the 8-bit grid "
         "and read back through the runtime's own preprocessing, exactly as clean images are: PGD "
@@ -507,6 +508,18 @@ def add_model_card(bundle_dir: Path, text: str, extra_metrics: dict[str, Any]) -
         metrics={**man.metrics, **extra_metrics}, extra_files=extras, bundle_id=man.bundle_id,
         versions=man.versions, rule=man.extra.get("rule"),
         feature_set=bundle_mod.manifest_feature_set(man))
+
+
+def patient_part_lines(manifest: dict) -> list[str]:
+    """The card's note that the detector saw one patient part of the training split only
+    (``sentinel train --patient-part``), or nothing."""
+    part = (manifest.get("training_data") or {}).get("patient_part")
+    if not part:
+        return []
+    return ["", f"The detector (CNN and forest) trained on part {part['part']} of {part['of']} "
+            f"of the training patients only: {part['images']:,} images of {part['patients']:,} "
+            "patients, no patient shared with another part. The victim, validation and test "
+            "sets are the whole split's."]
 
 
 def bit_depth_limit(manifest: dict) -> str:
