@@ -80,6 +80,7 @@ def test_greybox_counts_fooled_images_at_both_thresholds(fixture_bundle: Path,
     assert "| adaptive-all (eps 0.006, 40 steps) | 7/10 |" in table
     assert table.count("clean FPR, own source test split") == 3  # all three operating points
     assert f"| CNN gate | | {gate:.4f} |" in table
+    assert (out / "greybox.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # scored once: the cache is what a rerun reads (a changed cache shows in the result)
     first = row["own"]["attacks"]["adaptive-all@0.006/40"]["detected_fooled"]["k"]
     cached = next((out / "scores").rglob("adv-attacks-adaptive-all_0.006.parts.npy"))
@@ -95,3 +96,36 @@ def test_greybox_refuses_a_folder_that_holds_no_saved_attacks(tmp_path: Path) ->
 
     with pytest.raises(ValueError, match=r"subset\.json"):
         greybox.GreyBoxConfig(attacks=(str(tmp_path),), bundles=("b",), out=str(tmp_path))
+
+
+def _rate(k: int, n: int) -> dict:
+    return {"k": k, "n": n, "rate": k / n, "ci": [max(0.0, k / n - 0.1), min(1.0, k / n + 0.1)]}
+
+
+def test_the_plot_shows_the_attack_the_held_bundles_detect_least(tmp_path: Path) -> None:
+    """The strongest attack is judged by the bundles the attacker lacks, not by the public one
+    (which it was crafted on), and attacks that fooled nothing are skipped."""
+    attacks = {"weak": {"name": "adaptive-cnn", "eps": 0.006, "steps": 40, "n": 10,
+                        "n_fooled": 10},
+               "strong": {"name": "adaptive-all", "eps": 0.006, "steps": 100, "n": 10,
+                          "n_fooled": 10},
+               "none": {"name": "pgd", "eps": 0.003, "steps": 40, "n": 10, "n_fooled": 0}}
+
+    def bundle(public: bool, det: dict[str, int]) -> dict:
+        point = {"threshold": 0.9, "cnn_gate": None, "clean_fpr_own": _rate(1, 100),
+                 "clean_fpr_second": _rate(3, 100),
+                 "attacks": {k: {"detected_fooled": _rate(v, 10) if k != "none" else
+                                 {"k": 0, "n": 0, "rate": 0.0, "ci": [0.0, 1.0]}}
+                             for k, v in det.items()}}
+        return {"public": public, "secret": not public,
+                **{p: point for p in greybox.POINT_TITLES}}
+
+    res = {"crafted_on": ["public-id"], "second_source": "nih", "attacks": attacks,
+           "bundles": {"public": bundle(True, {"weak": 0, "strong": 9, "none": 0}),
+                       "site": bundle(False, {"weak": 8, "strong": 3, "none": 0})}}
+    assert greybox.strongest_attack(res) == "strong"
+    assert greybox.plot_tradeoff(res, tmp_path / "g.png") == tmp_path / "g.png"
+    assert (tmp_path / "g.png").stat().st_size > 10_000
+    res["attacks"] = {"none": attacks["none"]}
+    assert greybox.strongest_attack(res) is None
+    assert greybox.plot_tradeoff(res, tmp_path / "h.png") is None

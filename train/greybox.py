@@ -17,8 +17,9 @@ a site whose images are that source), which trades the margin kept for unseen so
 detection; and at the bundle's own threshold with the site's CNN gate (``sentinel calibrate
 --cnn-gate`` on the same validation images: the detector CNN alone flags too, within 1% in
 all), which keeps the forest's source-specific statistics out of the lowered point. Scores are
-cached per bundle id under ``--out``; results go to ``greybox.json``
-and a markdown table ``greybox.md``.
+cached per bundle id under ``--out``; results go to ``greybox.json``,
+a markdown table ``greybox.md`` and ``greybox.png`` (detection of the strongest attack against
+clean false positives, per bundle and operating point).
 
     python -m train.greybox --attacks runs/secret-greybox/public-s40 \\
         --bundles detector/models/default runs/secret-site-a ... \\
@@ -216,7 +217,75 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
                                for k, v in row["attacks"].items()))
     (out / "greybox.json").write_text(json.dumps(res, indent=1))
     (out / "greybox.md").write_text(markdown_table(res))
+    plot_tradeoff(res, out / "greybox.png")
     return res
+
+
+POINT_TITLES = {"own": "own threshold", "home": "home threshold",
+                "cnn_gate": "own threshold + CNN gate"}
+
+
+def strongest_attack(res: dict[str, Any]) -> str | None:
+    """The attack that the bundles the attacker did not hold detect least (mean detection
+    among fooled images over them and the three operating points); None without one."""
+    held = [b for b in res["bundles"].values() if not b["public"]] or list(
+        res["bundles"].values())
+    means = {key: np.mean([b[p]["attacks"][key]["detected_fooled"]["rate"]
+                           for b in held for p in POINT_TITLES])
+             for key, a in res["attacks"].items() if a["n_fooled"]}
+    return min(means, key=lambda k: means[k]) if means else None
+
+
+def plot_tradeoff(res: dict[str, Any], path: Path) -> Path | None:
+    """greybox.png: per operating point, each bundle's detection of the strongest attack
+    against its clean false-positive rate (the independent source's where there is one), with
+    Wilson intervals and the issue's target region: the trade-off at a glance."""
+    key = strongest_attack(res)
+    if key is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    second = bool(res.get("second_source"))
+    fpr_key, fpr_max = (("clean_fpr_second", TARGET_FPR_SECOND) if second
+                        else ("clean_fpr_own", TARGET_FPR_OWN))
+    a = res["attacks"][key]
+    fig, axes = plt.subplots(1, len(POINT_TITLES), figsize=(5 * len(POINT_TITLES), 4.4),
+                             sharey=True)
+    for ax, (point, title) in zip(axes, POINT_TITLES.items(), strict=True):
+        xs = []
+        for name, b in res["bundles"].items():
+            r = b[point]
+            fpr, det = r[fpr_key], r["attacks"][key]["detected_fooled"]
+            x, y = 100 * fpr["rate"], 100 * det["rate"]
+            xs.append(100 * fpr["ci"][1])
+            style = ("x", "tab:red") if b["public"] else (
+                ("o", "tab:blue") if b["secret"] else ("s", "tab:grey"))
+            ax.errorbar(x, y, xerr=[[x - 100 * fpr["ci"][0]], [100 * fpr["ci"][1] - x]],
+                        yerr=[[y - 100 * det["ci"][0]], [100 * det["ci"][1] - y]],
+                        fmt=style[0], color=style[1], capsize=2, lw=0.8)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        right = max(1.15 * max(xs), 2 * 100 * fpr_max)
+        ax.axvspan(0, 100 * fpr_max, ymin=TARGET_DETECTION / 1.05, ymax=1.0,
+                   color="tab:green", alpha=0.12, label="target")
+        ax.set_xlim(0, right)
+        ax.set_ylim(0, 105)
+        ax.set_title(title)
+        ax.set_xlabel("clean false positives, "
+                      + (Path(res["second_source"]).name if second else "own source test")
+                      + " (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"detected among fooled (%), n={a['n_fooled']}")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{a['name']} (eps {a['eps']:g}, {a['steps']} steps), crafted on "
+                 + ", ".join(res["crafted_on"])
+                 + ": red x public (white-box), blue o secret, grey square other", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pct(r: dict[str, Any], ci: bool = True) -> str:
