@@ -39,7 +39,7 @@ def test_same_secret_same_draws_other_secret_other_draws() -> None:
     assert _choices(a1) != _choices(b) and a1.tag != b.tag
     # every draw moves with the secret: over 40 secrets each choice takes several values
     many = [secret.draw(bytes([i]) * 32, FEATURE_SET, ZOO) for i in range(40)]
-    for k in ("cnn_filters", "cnn_width", "cnn_kernel", "cnn_trunc", "cnn_seed", "forest_seed",
+    for k in ("cnn_filters", "cnn_width", "cnn_trunc", "cnn_seed", "forest_seed",
               "feature_names", "zoo_families"):
         assert len({json.dumps(getattr(d, k)) for d in many}) > 1, k
     for d in many:
@@ -49,6 +49,28 @@ def test_same_secret_same_draws_other_secret_other_draws() -> None:
         assert set(d.feature_names) <= set(FEATURE_NAMES)
         assert secret.MIN_ZOO_FAMILIES <= len(d.zoo_families) <= len(ZOO)
     assert secret.draw(KEY_A, FEATURE_SET).zoo_families == ()  # without the zoo
+
+
+def test_shapes_over_the_latency_budget_are_redrawn_and_the_rest_kept() -> None:
+    """The first scheme drew from CNN_SHAPES_V1; a secret whose first draw is still allowed
+    keeps that shape, one whose draw left (8 filters, 5x5 kernels) draws again."""
+    from train.detector_cnn import CNN_SHAPES_V1
+
+    assert set(CNN_SHAPES) < set(CNN_SHAPES_V1)
+    assert all(f <= 6 and k == 3 for f, _, k in CNN_SHAPES)
+    kept = redrawn = 0
+    for i in range(60):
+        key = bytes([i + 1]) * 32
+        first = CNN_SHAPES_V1[int(secret._rng(key, "cnn-shape").integers(len(CNN_SHAPES_V1)))]
+        d = secret.draw(key, FEATURE_SET)
+        got = (d.cnn_filters, d.cnn_width, d.cnn_kernel)
+        assert got in CNN_SHAPES
+        if first in CNN_SHAPES:
+            assert got == first
+            kept += 1
+        else:
+            redrawn += 1
+    assert kept and redrawn  # both cases were exercised
 
 
 def test_digest_identifies_the_secret_without_holding_it() -> None:

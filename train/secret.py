@@ -175,10 +175,13 @@ def draw(secret: bytes, feature_set: str, zoo_families: tuple[str, ...] = (),
     ``salt`` (default: 16 fresh random bytes) only salts the recorded digest."""
     from detector.features import FEATURE_SETS
     from detector.scoring import GATE_FEATURE
-    from train.detector_cnn import CNN_SHAPES, CNN_TRUNCS
+    from train.detector_cnn import CNN_SHAPES, CNN_SHAPES_V1, CNN_TRUNCS
 
     names = [n for n in FEATURE_SETS[feature_set] if n != GATE_FEATURE]
-    shape = CNN_SHAPES[int(_rng(secret, "cnn-shape").integers(len(CNN_SHAPES)))]
+    r = _rng(secret, "cnn-shape")
+    shape = CNN_SHAPES_V1[int(r.integers(len(CNN_SHAPES_V1)))]
+    while shape not in CNN_SHAPES:  # over the latency budget: draw again, same stream
+        shape = CNN_SHAPES_V1[int(r.integers(len(CNN_SHAPES_V1)))]
     trunc = float(CNN_TRUNCS[int(_rng(secret, "cnn-trunc").integers(len(CNN_TRUNCS)))])
     r = _rng(secret, "features")
     k = int(r.integers(int(np.ceil(MIN_FEATURE_SHARE * len(names))), len(names) + 1))
