@@ -204,6 +204,16 @@ def _merge_patients_sharing_content(records: Sequence[Record]) -> dict[str, str]
     return {p: find(p) for p in parent}
 
 
+def _label_strata(groups: dict[str, list[Record]]) -> dict[int, list[str]]:
+    """Group keys by their records' majority label (-1: unlabelled), each stratum in key order:
+    what both the split and the patient parts shuffle and deal within."""
+    strata: dict[int, list[str]] = defaultdict(list)
+    for g, recs in sorted(groups.items()):
+        labels = [r.label for r in recs if r.label is not None]
+        strata[round(float(np.mean(labels))) if labels else -1].append(g)
+    return strata
+
+
 def split_by_patient(
     records: Sequence[Record],
     *,
@@ -223,10 +233,7 @@ def split_by_patient(
     groups: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         groups[group_of[r.patient]].append(r)
-    strata: dict[int, list[str]] = defaultdict(list)
-    for g, recs in sorted(groups.items()):
-        labels = [r.label for r in recs if r.label is not None]
-        strata[round(float(np.mean(labels))) if labels else -1].append(g)
+    strata = _label_strata(groups)
     rng = np.random.default_rng(seed)
     assigned: dict[str, list[Record]] = {n: [] for n in SPLIT_NAMES}
     for key in sorted(strata):
@@ -259,10 +266,7 @@ def patient_parts(records: Sequence[Record], n: int, seed: int) -> np.ndarray:
     by_patient: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by_patient[r.patient].append(i)
-    strata: dict[int, list[str]] = defaultdict(list)
-    for patient, rows in sorted(by_patient.items()):
-        labels = [records[i].label for i in rows if records[i].label is not None]
-        strata[round(float(np.mean(labels))) if labels else -1].append(patient)
+    strata = _label_strata({p: [records[i] for i in rows] for p, rows in by_patient.items()})
     rng = np.random.default_rng([seed, 37])
     part = np.empty(len(records), np.int64)
     for key in sorted(strata):

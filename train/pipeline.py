@@ -892,11 +892,10 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     if cfg.patient_part is not None:  # the features above are cached for the whole split
         keep = datasets.patient_parts(tr.records, cfg.patient_part[1], cfg.seed) == (
             cfg.patient_part[0] - 1)
-        rs_keep = keep[rs_idx]
-        rows = np.r_[keep, keep, rs_keep, rs_keep]
+        rs_keep, pairs = keep[rs_idx], np.r_[keep, keep]  # pairs: clean rows, then perturbed
+        rows = np.r_[pairs, rs_keep, rs_keep]
         f_tr, y_tr = f_tr[rows], y_tr[rows]
-        sets = replace(sets, x_train=sets.x_train[np.r_[keep, keep]],
-                       y_train=sets.y_train[np.r_[keep, keep]])
+        sets = replace(sets, x_train=sets.x_train[pairs], y_train=sets.y_train[pairs])
         _kinds = _kinds[keep]
         tr_rs = (tr_rs[0][rs_keep], tr_rs[1][rs_keep])
         part_summary = {"part": cfg.patient_part[0], "of": cfg.patient_part[1],
