@@ -6,6 +6,7 @@ and the service log on stderr are part of what is tested, exactly as systemd wou
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from gateway.audit import locked_size
 from tests.dcmtk import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +190,18 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(m.group(2))
     return total
+
+
+def audit_events(path: Path, event: str | None = None) -> list[dict]:  # type: ignore[type-arg]
+    """The records of a (possibly live) audit log, read only up to its last complete write
+    (gateway.audit.locked_size): a line the daemon is still appending is never parsed half.
+    ``event``: only the records of that event. A log not written yet has none."""
+    if not path.exists():
+        return []
+    with path.open("rb") as f:
+        data = f.read(locked_size(path))
+    rows = [json.loads(x) for x in data.splitlines() if x.strip()]
+    return [r for r in rows if event is None or r["event"] == event]
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]

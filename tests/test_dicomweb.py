@@ -37,7 +37,14 @@ from gateway.metrics import Metrics
 from gateway.spool import enqueue_outbox, list_outbox
 from tests.dcmtk import free_port, require_dcmtk, storescu
 from tests.dicom_factory import jpeg_lossless, make_series, pixel_sha256, sop_uid_of
-from tests.gateway_harness import GatewayProcess, make_pki, metric, wait_until, write_config
+from tests.gateway_harness import (
+    GatewayProcess,
+    audit_events,
+    make_pki,
+    metric,
+    wait_until,
+    write_config,
+)
 from tests.orthanc import OrthancServer, require_dicomweb_plugin
 
 CALLERS = {"sentinel": ("SENTINEL", 104)}  # Orthanc needs none for STOW-RS; kept for parity
@@ -52,10 +59,7 @@ def web_dest(url: str, extra: str = "", name: str = "web") -> str:
 
 
 def events(audit_path: Path, name: str | None = None) -> list[dict[str, Any]]:
-    if not audit_path.exists():
-        return []
-    rows = [json.loads(x) for x in audit_path.read_text().splitlines() if x.strip()]
-    return [r for r in rows if name is None or r["event"] == name]
+    return audit_events(audit_path, name)
 
 
 def after_meta(data: bytes) -> bytes:

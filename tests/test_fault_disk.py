@@ -14,7 +14,6 @@ Needs ``mount -t tmpfs`` (root, or CAP_SYS_ADMIN); skipped with a message elsewh
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import time
@@ -31,7 +30,7 @@ from bench.reliability import record_figures
 from gateway.audit import verify
 from tests.dcmtk import echoscu, free_port, require_dcmtk
 from tests.dicom_factory import make_cr, sop_uid_of
-from tests.gateway_harness import GatewayProcess, wait_until, write_config
+from tests.gateway_harness import GatewayProcess, audit_events, wait_until, write_config
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -130,7 +129,7 @@ def test_out_of_resources_before_full_echo_still_works_and_recovers(
     finally:
         rc = gw.stop()
     assert rc == 0
-    events = [json.loads(x) for x in (state / "audit" / "audit.jsonl").read_text().splitlines()]
+    events = audit_events(state / "audit" / "audit.jsonl")
     assert any(e["event"] == "rejected" and e.get("reason") == "spool-full" for e in events)
     assert verify(state / "audit" / "audit.jsonl").ok
     assert "No space left" not in gw.log()

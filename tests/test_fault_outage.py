@@ -9,7 +9,6 @@ instances go to the dead-letter folder, audited and counted, instead of being re
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from bench.reliability import counting_orthanc, env_count, orthanc_store_counts,
 from gateway.audit import verify
 from tests.dcmtk import free_port, require_dcmtk, storescu
 from tests.dicom_factory import make_series, sop_uid_of
-from tests.gateway_harness import GatewayProcess, metric, wait_until, write_config
+from tests.gateway_harness import GatewayProcess, audit_events, metric, wait_until, write_config
 from tests.orthanc import require_orthanc
 
 pytestmark = pytest.mark.integration
@@ -185,7 +184,7 @@ def test_dead_letter_after_max_age_audited_and_counted(tmp_path: Path,
     dead = state / "spool" / "dead" / "pacs"
     assert sorted(p.name.split("-", 1)[1][:-4] for p in dead.glob("*.dcm")) == sorted(
         sop_uid_of(f) for f in files)
-    events = [json.loads(x) for x in (state / "audit" / "audit.jsonl").read_text().splitlines()]
+    events = audit_events(state / "audit" / "audit.jsonl")
     dl = [e for e in events if e["event"] == "dead-letter"]
     assert sorted(e["sop_uid"] for e in dl) == sorted(sop_uid_of(f) for f in files)
     assert all(e["destination"] == "pacs" and e.get("error") for e in dl)

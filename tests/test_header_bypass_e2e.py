@@ -14,7 +14,6 @@ image, so whatever the default screens is flagged) and one with the trained defa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import pytest
 from gateway.quarantine import Quarantine
 from tests.dcmtk import free_port, require_dcmtk, storescu
 from tests.dicom_factory import make_sr, relabel, sentinel_attack, sop_uid_of, synthetic
-from tests.gateway_harness import GatewayProcess, wait_until, write_config
+from tests.gateway_harness import GatewayProcess, audit_events, wait_until, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -75,7 +74,7 @@ def _run(tmp_path: Path, bundle: Path, default: str, relabelled: dict[str, Path]
         assert gw.stop() == 0
     forwarded = {p.stem for p in archive.rglob("*.dcm")}
     records = {rec.sop_uid: rec for rec in q.list()}
-    events = [json.loads(x) for x in (state / "audit" / "audit.jsonl").read_text().splitlines()]
+    events = audit_events(state / "audit" / "audit.jsonl")
     for label, f in relabelled.items():
         uid = sop_uid_of(f)
         assert uid not in forwarded, f"{label}: forwarded"

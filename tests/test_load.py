@@ -10,7 +10,6 @@ A-ASSOCIATE-RJ rejected-transient / service-provider (presentation) / local-limi
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from bench.reliability import env_count, record_figures, vm_hwm_kib
 from gateway.audit import verify
 from tests.dcmtk import STORESCU, dcmtk_env, free_port, require_dcmtk
 from tests.dicom_factory import make_series, sop_uid_of
-from tests.gateway_harness import GatewayProcess, metric, wait_until, write_config
+from tests.gateway_harness import GatewayProcess, audit_events, metric, wait_until, write_config
 
 pytestmark = pytest.mark.integration
 CALLERS = ("LOADA", "LOADB")
@@ -111,7 +110,7 @@ def run_load(tmp: Path, bundle: Path, per_association: int, rows: int = 192
     lost = sent - delivered
     assert not lost and len(delivered) == n
     assert metric(text, "sentinel_screened_total") == n
-    events = [json.loads(x) for x in (state / "audit" / "audit.jsonl").read_text().splitlines()]
+    events = audit_events(state / "audit" / "audit.jsonl")
     reasons = sorted(e.get("reason", "") for e in events if e["event"] == "rejected")
     assert reasons == ["association-limit", "caller-association-limit"]
     assert verify(state / "audit" / "audit.jsonl").ok

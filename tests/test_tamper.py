@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 
 from bench.reliability import record_figures
-from gateway.audit import locked_size
 from tests.dcmtk import free_port, require_dcmtk, storescu
 from tests.dicom_factory import make_series, synthetic
-from tests.gateway_harness import REPO_ROOT, GatewayProcess, wait_until, write_config
+from tests.gateway_harness import REPO_ROOT, GatewayProcess, audit_events, wait_until, write_config
 
 FLAG_RULE = """
 [[rules]]
@@ -46,10 +45,7 @@ def audit_verify(log: Path) -> subprocess.CompletedProcess[str]:
 def events(state: Path) -> list[dict]:  # type: ignore[type-arg]
     """The records of the daemon's live audit log, read up to its last complete write
     (gateway.audit.locked_size): a line the daemon is still appending is not read half."""
-    path = state / "audit" / "audit.jsonl"
-    with path.open("rb") as f:
-        data = f.read(locked_size(path))
-    return [json.loads(x) for x in data.splitlines()]
+    return audit_events(state / "audit" / "audit.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ a dependency); the test skips when it is missing.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from bench.reliability import counting_orthanc, orthanc_store_counts, record_figures
 from tests.dcmtk import STORESCU, dcmtk_env, free_port, require_dcmtk
 from tests.dicom_factory import synthetic
-from tests.gateway_harness import GatewayProcess, wait_until, write_config
+from tests.gateway_harness import GatewayProcess, audit_events, wait_until, write_config
 from tests.orthanc import require_orthanc
 
 pytestmark = pytest.mark.integration
@@ -157,10 +156,10 @@ def test_inbound_mutual_tls_and_outbound_to_orthanc(setup: tuple, pki: Path,  # 
 
     def failed_for(dest: str) -> bool:
         return any(e["event"] == "forward-failed" and e.get("destination") == dest
-                   for e in map(json.loads, audit.read_text().splitlines()))
+                   for e in audit_events(audit))
 
     assert wait_until(lambda: failed_for("nocert") and failed_for("plain"), 30)
-    events = [json.loads(x) for x in audit.read_text().splitlines()]
+    events = audit_events(audit)
     forwarded = {e["destination"] for e in events if e["event"] == "forwarded"}
     assert forwarded == {"mutual"}
     assert orthanc_store_counts(orthanc)[uid] == 1
@@ -222,8 +221,7 @@ def test_unknown_ae_and_address_refused_with_reasons(tmp_path: Path,
     assert results["unknown-ae"] == (1, 1, 3)  # permanent, service-user, calling AE unknown
     assert results["address-not-allowed"] == (1, 1, 1)  # permanent, service-user, no reason
     assert results["allowed"] == "accepted"
-    events = [json.loads(x) for x in (tmp_path / "state" / "audit" / "audit.jsonl")
-              .read_text().splitlines()]
+    events = audit_events(tmp_path / "state" / "audit" / "audit.jsonl")
     assert [e["reason"] for e in events if e["event"] == "rejected"] == [
         "calling-ae-not-allowed", "address-not-allowed"]
     record_figures("access_control", {k: str(v) for k, v in results.items()})
@@ -401,8 +399,7 @@ def test_client_certificate_must_name_the_calling_ae(pki: Path, tmp_path: Path) 
                                 for cert, calling in cases}
         finally:
             gw.stop()
-        events = [json.loads(x) for x in (tmp_path / setting / "state" / "audit" /
-                                          "audit.jsonl").read_text().splitlines()]
+        events = audit_events(tmp_path / setting / "state" / "audit" / "audit.jsonl")
         results[setting]["audited"] = [(e.get("calling_ae"), e["reason"], e.get("detail"))
                                        for e in events if e["event"] == "rejected"]
     on = results["true"]
