@@ -116,11 +116,13 @@ class _Scores:
 
 
 def _flagged(parts: np.ndarray, threshold: float, cnn_gate: float | None) -> np.ndarray:
-    """The gateway's verdict on (n, 3) parts: the fused score at ``threshold``, or the CNN
-    alone at the site's ``cnn_gate`` (detector.scoring.apply_cnn_gate; one frame: the CNN's
-    peak is its probability)."""
-    out = parts[:, 2] >= threshold
-    return out | (parts[:, 0] >= cnn_gate) if cnn_gate is not None else out
+    """The gateway's verdict on (n, 3) parts (p_cnn, p_rf, fused score): the site rule the zoo
+    evaluation applies (train.zoo_eval.SiteRule, one frame: the CNN's peak is its probability;
+    224x224 inputs have no line gate)."""
+    from train.zoo_eval import SiteRule
+
+    return SiteRule(threshold, cnn_gate=cnn_gate).flags({"score": parts[:, 2],
+                                                        "p_cnn": parts[:, 0]})
 
 
 def second_source_clean(data_dir: Path, cache: Path) -> np.ndarray:
