@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # `sentinel --help` (tests/test_scoring.py holds the two equal)
 FUSION_CHOICES = ("stack", "logit")
 FEATURE_SET_CHOICES = ("sentinel-features-v1", "sentinel-features-v3")
+CNN_POOL_CHOICES = ("global", "tile-min")  # train.detector_cnn.CNN_POOLS (numpy), spelt out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "whole): bundles on different parts share no training image, which "
                         "measures what a site's own images buy against attacks crafted on "
                         "another bundle (README, \"Site bundles from a secret\")")
+    parser.add_argument("--cnn-pool", choices=CNN_POOL_CHOICES, default="global",
+                        help="how the detector CNN scores an image: global (default, the "
+                        "shipped bundle) or tile-min, by its least suspicious of 3x3 tiles "
+                        "(measured: fewer false alarms on clean images of a source it never "
+                        "saw; README, \"The site's CNN gate\")")
     parser.add_argument("--new-secret", action="store_true",
                         help="first write a fresh random secret to --secret-file (refuses to "
                         "overwrite an existing file)")
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                           zoo=not args.no_zoo, zoo_holdout=tuple(args.zoo_holdout),
                           zoo_work=str(args.zoo_work or ""), zoo_12bit=args.zoo_12bit,
                           harden=tuple(str(d) for d in args.harden_with),
-                          patient_part=args.patient_part)
+                          patient_part=args.patient_part, cnn_pool=args.cnn_pool)
     except ValueError as exc:  # an unknown zoo family, every family held out, ...
         print(f"sentinel train: {exc}", file=sys.stderr)
         return 2

@@ -63,12 +63,27 @@ CNN_SHAPES_V1: tuple[tuple[int, int, int], ...] = (
 CNN_SHAPES: tuple[tuple[int, int, int], ...] = tuple(
     s for s in CNN_SHAPES_V1 if s[0] <= 6 and s[2] == 3)
 CNN_TRUNCS: tuple[float, ...] = (2.0, 3.0)  # truncation of the residual, in grey levels
+# How the detector CNN turns its last feature maps into a score (build_shipped's ``pool``);
+# "global" is the shipped bundle's, "tile-min" a site's option (`sentinel train --cnn-pool`).
+CNN_POOLS: tuple[str, ...] = ("global", "tile-min")
+TILES = 3  # tile-min: the image as TILES x TILES tiles
 
 
 def build_shipped(filters: int = 4, width: int = 12, trunc: float = 3.0,
-                  kernel: int = 3) -> Any:
+                  kernel: int = 3, pool: str = "global") -> Any:
     """Residual CNN: (n, 224, 224, 1) in [0,1] -> (n, 1) P(perturbed). About 10 MFLOP with
-    the defaults; ``CNN_SHAPES`` and ``CNN_TRUNCS`` list what a secret site bundle draws."""
+    the defaults; ``CNN_SHAPES`` and ``CNN_TRUNCS`` list what a secret site bundle draws.
+
+    ``pool``: how the last feature maps become one score (``CNN_POOLS``). "global" pools the
+    whole image (average and max) into one head. "tile-min" applies the same head to each of
+    ``TILES`` x ``TILES`` tiles and scores the image by its least suspicious tile: an L-inf
+    perturbation covers every tile, while what makes a clean image from another source look
+    perturbed (burned-in text, markers, a collimator edge, one noisy region) is local.
+    Measured on the disjoint-patient site bundles (README, "The site's CNN gate"): at 2% of
+    clean NIH images flagged it detects the strongest public-bundle attack 80% on average
+    against 54% with "global"."""
+    if pool not in CNN_POOLS:
+        raise ValueError(f"CNN pooling {pool!r}: use one of {CNN_POOLS}")
     import keras
     from keras import layers
 
@@ -84,12 +99,22 @@ def build_shipped(filters: int = 4, width: int = 12, trunc: float = 3.0,
     x = layers.AveragePooling2D(4)(x)  # 55x55 local noise-energy maps
     x = layers.Conv2D(width, kernel, padding="same", activation="relu")(x)
     x = layers.MaxPooling2D(2)(x)
-    x = layers.Conv2D(width, kernel, padding="same", activation="relu")(x)
-    avg = layers.GlobalAveragePooling2D()(x)
-    mx = layers.GlobalMaxPooling2D()(x)
-    x = layers.Concatenate()([avg, mx])
-    out = layers.Dense(1, activation="sigmoid", name="p_perturbed")(x)
-    model = keras.Model(inp, out, name="residual_cnn")
+    x = layers.Conv2D(width, kernel, padding="same", activation="relu")(x)  # 27x27
+    if pool == "tile-min":
+        side = x.shape[1] // TILES  # 9: the 27x27 maps as 3x3 tiles
+        x = layers.Concatenate()([layers.AveragePooling2D(side)(x),
+                                  layers.MaxPooling2D(side)(x)])
+        x = layers.Conv2D(1, 1, name="tile_logit")(x)  # one head, shared by every tile
+        # the lowest tile's logit: min = -max(-x), in plain layers (safe-mode loadable)
+        x = layers.Rescaling(-1.0)(layers.GlobalMaxPooling2D()(layers.Rescaling(-1.0)(x)))
+        out = layers.Activation("sigmoid", name="p_perturbed")(x)
+        model = keras.Model(inp, out, name="residual_cnn_tile_min")
+    else:
+        avg = layers.GlobalAveragePooling2D()(x)
+        mx = layers.GlobalMaxPooling2D()(x)
+        x = layers.Concatenate()([avg, mx])
+        out = layers.Dense(1, activation="sigmoid", name="p_perturbed")(x)
+        model = keras.Model(inp, out, name="residual_cnn")
     hp.set_weights([_highpass_kernels(filters)])
     return model
 

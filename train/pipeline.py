@@ -112,6 +112,11 @@ class TrainConfig:
     # image, the stand-in for a site whose images the public bundle never saw (issue 19). The
     # victim, validation and test stay the whole split's, so thresholds and figures compare.
     patient_part: tuple[int, int] | None = None
+    # How the detector CNN pools its last feature maps (train.detector_cnn.CNN_POOLS):
+    # "global" (the shipped bundle) or "tile-min", the image scored by its least suspicious of
+    # 3x3 tiles, so a clean source's local oddities do not raise the score (README, "The
+    # site's CNN gate"). Model files are tagged "-tilemin".
+    cnn_pool: str = "global"
 
     def __post_init__(self) -> None:
         from detector.features import FEATURE_SETS
@@ -119,6 +124,10 @@ class TrainConfig:
 
         if self.fusion not in FUSIONS:  # at construction, not after 20 minutes of training
             raise ValueError(f"fusion {self.fusion!r}: use one of {FUSIONS}")
+        from train.detector_cnn import CNN_POOLS
+
+        if self.cnn_pool not in CNN_POOLS:
+            raise ValueError(f"CNN pooling {self.cnn_pool!r}: use one of {list(CNN_POOLS)}")
         if self.feature_set not in FEATURE_SETS:
             raise ValueError(f"feature set {self.feature_set!r}: use one of "
                              f"{list(FEATURE_SETS)}")
@@ -152,6 +161,11 @@ class TrainConfig:
     def secret_tag(self) -> str:
         """Model-file suffix of a secret bundle's drawn choices ("" without a secret)."""
         return f"-secret-{self.secret.tag}" if self.secret is not None else ""
+
+    @property
+    def pool_tag(self) -> str:
+        """Model-file suffix of the detector CNN's pooling ("" for the shipped "global")."""
+        return "" if self.cnn_pool == "global" else "-" + self.cnn_pool.replace("-", "")
 
     @property
     def part_tag(self) -> str:
@@ -659,6 +673,15 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
     return tfl
 
 
+def cnn_arch(cfg: TrainConfig) -> dict[str, Any] | None:
+    """build_shipped's arguments for this run: a secret's drawn shape and the pooling (None:
+    the shipped defaults, so a plain bundle's model file and its JSON stay as before)."""
+    arch = dict(cfg.secret.cnn_arch) if cfg.secret is not None else {}
+    if cfg.cnn_pool != "global":
+        arch["pool"] = cfg.cnn_pool
+    return arch or None
+
+
 def harden_examples(cfg: TrainConfig, tr: SplitArrays) -> tuple[np.ndarray, np.ndarray, str]:
     """The adaptive examples of ``cfg.harden`` folders (train.adaptive --split train), their
     clean training images, and a tag of their bytes (the hardened CNN's cache key). Refuses a
@@ -921,7 +944,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         timed("features_v3", lambda: [grid_values(work, "train", k, x) for k, x in
                                       (("clean", tr.x), ("perturbed", tr_pert))])
 
-    cnn_name = "cnn" + cfg.zoo_tag + cfg.part_tag + cfg.secret_tag
+    cnn_name = "cnn" + cfg.zoo_tag + cfg.part_tag + cfg.secret_tag + cfg.pool_tag
     if cfg.harden:
         h_adv, h_clean, h_tag = harden_examples(cfg, tr)
         log(f"hardening: {len(h_adv)} adaptive examples from {list(cfg.harden)}, each "
@@ -933,7 +956,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
                               (empty, empty))
     cnn_path = timed(cnn_name, lambda: stage_cnn(
         cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs,
-        **({"arch": cfg.secret.cnn_arch, "seed": cfg.secret.cnn_seed} if cfg.secret else {})))
+        arch=cnn_arch(cfg), **({"seed": cfg.secret.cnn_seed} if cfg.secret else {})))
     forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
     paper_name, baseline_name = "paper_cnn" + cfg.part_tag, "baseline_cnn" + cfg.part_tag
     paper_tflite = timed(paper_name, lambda: stage_cnn(
@@ -1155,10 +1178,17 @@ def model_card_path(cfg: TrainConfig, work: Work | None = None) -> Path | None:
                      + ", ".join(f"`{Path(d).name}`" for d in cfg.harden)
                      + f" (`sentinel train --harden-with`, each {cfg.harden_repeat} times); its "
                      "thresholds were calibrated on clean images only.\n")
-    if not text:
+    # the pooling's note: a rerun with another pooling replaces it
+    text = "\n\n".join(par for par in text.split("\n\n") if "`--cnn-pool " not in par)
+    if cfg.cnn_pool != "global":
+        from train.report import pool_note
+
+        text = (text.rstrip() + "\n\n" if text.strip() else "# Model card\n\n") + (
+            pool_note(cfg.cnn_pool).strip() + "\n")
+    if not text.strip():
         return None
-    keep = (work.path(f"secret{cfg.secret_tag}", "MODEL_CARD.md") if cfg.secret is not None
-            else Path(cfg.work) / "MODEL_CARD.md")
+    keep = (work.path(f"secret{cfg.secret_tag}{cfg.pool_tag}", "MODEL_CARD.md")
+            if cfg.secret is not None else Path(cfg.work) / "MODEL_CARD.md")
     keep.write_text(text)  # write_bundle empties the out dir of unlisted files
     return keep
 

@@ -374,7 +374,8 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
         "(trainable high-pass first layer, about 6 M multiply-adds) and a 200-tree Random Forest "
         f"on 11 image statistics, fused as {fusion_formula(m)}. "
         f"w_cnn = {m['w_cnn']}, operating threshold = {m['threshold']:.5f} (calibrated on "
-        "validation clean images for a false-positive rate of at most 1%)." + gate_sentence(m),
+        "validation clean images for a false-positive rate of at most 1%)." + gate_sentence(m)
+        + pool_sentence(m),
         "",
         "## Training data",
         "`kermany224`: 5,840 paediatric chest X-rays (Guangzhou Women and Children's Medical "
@@ -508,6 +509,22 @@ def add_model_card(bundle_dir: Path, text: str, extra_metrics: dict[str, Any]) -
         metrics={**man.metrics, **extra_metrics}, extra_files=extras, bundle_id=man.bundle_id,
         versions=man.versions, rule=man.extra.get("rule"),
         feature_set=bundle_mod.manifest_feature_set(man))
+
+
+def pool_sentence(manifest: dict) -> str:
+    """The card's note on the CNN's pooling when it is not the shipped one (``sentinel train
+    --cnn-pool tile-min``), or nothing."""
+    config = (manifest.get("training_data") or {}).get("config") or {}
+    return pool_note(config.get("cnn_pool", "global"))
+
+
+def pool_note(cnn_pool: str) -> str:
+    """One sentence (with a leading space) on a pooling other than the shipped "global"."""
+    if cnn_pool == "global":
+        return ""
+    return (" The CNN scores each image by its least suspicious of 3x3 tiles (`--cnn-pool "
+            "tile-min`): a perturbation has to show in every tile, a clean image's local "
+            "oddity (text, markers, an edge) in one tile does not raise the score.")
 
 
 def patient_part_lines(manifest: dict) -> list[str]:
