@@ -119,6 +119,19 @@ def build_shipped(filters: int = 4, width: int = 12, trunc: float = 3.0,
     return model
 
 
+def build_seeded(builder: str, arch: dict[str, Any], seed: int) -> Any:
+    """A detector CNN ("shipped" with ``arch``, or "paper") whose initial weights follow
+    ``seed``. Why: Keras draws initial weights from its global random state, so without this
+    they depended on whatever ran before in the process (a cached victim or a trained one),
+    and two runs of the same recipe, secret and data trained different CNNs: measured on the
+    disjoint-patient site bundles, the CNN gate's detection of the strongest public-bundle
+    attack moved by up to 37 points between such runs (README, "Tile-min pooling")."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return build_shipped(**arch) if builder == "shipped" else build_paper()
+
+
 def build_paper() -> Any:
     """The paper's CNN: 3 blocks (32, 64, 128 filters), each conv+ReLU, BN, max-pool, dropout."""
     import keras

@@ -648,20 +648,18 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
         keep = np.sort(rng.permutation(n)[:max_images])
         x, y = np.concatenate([x[keep], x[n + keep]]), np.r_[y[keep], y[n + keep]]
     arch = arch or {}
-    model = (detector_cnn.build_shipped(**arch) if builder == "shipped"
-             else detector_cnn.build_paper())
+    seed = cfg.seed if seed is None else seed
+    model = detector_cnn.build_seeded(builder, arch, seed)
     log(f"training CNN {name} ({builder}{arch or ''}) on {len(x)} images, {epochs} epochs")
     t0 = time.time()
     model = detector_cnn.train_binary(
         model, x, y, sets.x_val, sets.y_val,
-        detector_cnn.CnnTrainConfig(epochs=epochs, seed=cfg.seed if seed is None else seed),
-        label=name)
+        detector_cnn.CnnTrainConfig(epochs=epochs, seed=seed), label=name)
     work.save_json(f"models/{name}.json", {"train_images": len(x), "epochs": epochs,
                                            "seconds": time.time() - t0, "builder": builder,
                                            **({"arch": arch} if arch else {})})
     # a fresh, uncompiled copy: the .keras file then carries no optimizer state (3x smaller)
-    fresh = (detector_cnn.build_shipped(**arch) if builder == "shipped"
-             else detector_cnn.build_paper())
+    fresh = detector_cnn.build_seeded(builder, arch, seed)
     fresh.set_weights(model.get_weights())
     keras_path = work.path(f"models/{name}.keras")
     tmp_keras = keras_path.with_name("tmp-" + keras_path.name)
