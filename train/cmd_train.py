@@ -87,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cnn-pool", choices=CNN_POOL_CHOICES, default="global",
                         help="how the detector CNN scores an image: global (default, the "
                         "shipped bundle) or tile-min, by its least suspicious of 3x3 tiles "
-                        "(measured: fewer false alarms on clean images of a source it never "
-                        "saw; README, \"The site's CNN gate\")")
+                        "(experimental: measured over several training runs, no reliable gain; "
+                        "README, \"Tile-min pooling\")")
     parser.add_argument("--new-secret", action="store_true",
                         help="first write a fresh random secret to --secret-file (refuses to "
                         "overwrite an existing file)")

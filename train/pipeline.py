@@ -114,8 +114,8 @@ class TrainConfig:
     patient_part: tuple[int, int] | None = None
     # How the detector CNN pools its last feature maps (train.detector_cnn.CNN_POOLS):
     # "global" (the shipped bundle) or "tile-min", the image scored by its least suspicious of
-    # 3x3 tiles, so a clean source's local oddities do not raise the score (README, "The
-    # site's CNN gate"). Model files are tagged "-tilemin".
+    # 3x3 tiles, so a clean source's local oddities do not raise the score (README, "Tile-min
+    # pooling": no reliable gain measured). Model files are tagged "-tilemin".
     cnn_pool: str = "global"
 
     def __post_init__(self) -> None:
