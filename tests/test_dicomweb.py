@@ -58,10 +58,6 @@ def web_dest(url: str, extra: str = "", name: str = "web") -> str:
     return f'[destinations.{name}]\nkind = "dicomweb"\nurl = "{url}"\ntimeout_s = 10\n{extra}'
 
 
-def events(audit_path: Path, name: str | None = None) -> list[dict[str, Any]]:
-    return audit_events(audit_path, name)
-
-
 def after_meta(data: bytes) -> bytes:
     """The dataset bytes after the file meta group of a Part-10 file held in memory."""
     ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
@@ -203,7 +199,7 @@ def test_storescu_gateway_stow_rs_orthanc_byte_identical(tmp_path: Path,
             r = storescu(port, group, extra=extra)
             assert r.returncode == 0, r.stderr[-2000:]
         assert orthanc_web.wait_for_count(len(files), timeout=60) == len(files)
-        assert wait_until(lambda: len(events(state / "audit" / "audit.jsonl",
+        assert wait_until(lambda: len(audit_events(state / "audit" / "audit.jsonl",
                                              "forwarded")) == len(files), 20)
     finally:
         rc = gw.stop()
@@ -216,7 +212,7 @@ def test_storescu_gateway_stow_rs_orthanc_byte_identical(tmp_path: Path,
             after_meta(f.read_bytes())).hexdigest(), f"{f.name}: dataset not byte for byte"
         ts = pydicom.dcmread(BytesIO(stored), stop_before_pixels=True).file_meta.TransferSyntaxUID
         assert ts == pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
-    fwd = events(state / "audit" / "audit.jsonl", "forwarded")
+    fwd = audit_events(state / "audit" / "audit.jsonl", "forwarded")
     assert {e["sop_uid"] for e in fwd} == {sop_uid_of(f) for f in files}
     assert all(e["destination"] == "web" and e["status"] == "ok" for e in fwd)
     assert verify(state / "audit" / "audit.jsonl").ok
@@ -263,20 +259,20 @@ def test_orthanc_down_then_up_delivers_all_audited(tmp_path: Path,
         assert storescu(port, files).returncode == 0  # Orthanc not started: spooled, Success
         assert wait_until(lambda: metric(gw.metrics(), "sentinel_queue_depth",
                                          destination="web") == 3, 30)
-        assert wait_until(lambda: events(audit, "forward-failed"), 20)
-        failed = events(audit, "forward-failed")[0]
+        assert wait_until(lambda: audit_events(audit, "forward-failed"), 20)
+        failed = audit_events(audit, "forward-failed")[0]
         assert failed["destination"] == "web" and "STOW-RS" in failed["error"]
         assert "unavailable" in gw.log()
         orthanc_web.start()  # the same ports as configured
         assert orthanc_web.wait_for_count(3, timeout=60) == 3
-        assert wait_until(lambda: len(events(audit, "forwarded")) == 3, 20)
+        assert wait_until(lambda: len(audit_events(audit, "forwarded")) == 3, 20)
         assert wait_until(lambda: metric(gw.metrics(), "sentinel_queue_depth",
                                          destination="web") == 0, 10)
         assert metric(gw.metrics(), "sentinel_forwarded_total", destination="web") == 3
     finally:
         rc = gw.stop()
     assert rc == 0
-    assert sorted(e["sop_uid"] for e in events(audit, "forwarded")) == sorted(
+    assert sorted(e["sop_uid"] for e in audit_events(audit, "forwarded")) == sorted(
         sop_uid_of(f) for f in files)
     for f in files:
         stored = orthanc_web.instance_file(sop_uid_of(f))
@@ -315,13 +311,13 @@ def test_409_retried_then_dead_lettered_audited_with_failure_reason(tmp_path: Pa
         assert metric(text, "sentinel_dead_lettered_total", destination="web") == 1
         assert metric(text, "sentinel_dead_letter_depth", destination="web") == 1
         sop = sop_uid_of(f)
-        failed = events(cfg.audit_path, "forward-failed")
+        failed = audit_events(cfg.audit_path, "forward-failed")
         assert max(e["attempts"] for e in failed) > 1 and len(stub.requests) > 1
         assert all(e["sop_uid"] == sop and "0xC122" in e["error"] and "409" in e["error"]
                    for e in failed)
-        (dl,) = events(cfg.audit_path, "dead-letter")
+        (dl,) = audit_events(cfg.audit_path, "dead-letter")
         assert dl["sop_uid"] == sop and "0xC122 (transfer syntax not supported)" in dl["error"]
-        assert not events(cfg.audit_path, "forwarded")
+        assert not audit_events(cfg.audit_path, "forwarded")
         # what went on the wire: one part, the outbox file exactly as on disk
         headers, body = stub.requests[0]
         assert headers["Content-Type"].startswith('multipart/related; type="application/dicom"')
@@ -389,10 +385,10 @@ def test_warning_is_audited_on_the_forwarded_line(tmp_path: Path) -> None:
         queue_copy(cfg, "web", f, tmp_path / "staged")
         fw.start()
         try:
-            assert wait_until(lambda: events(cfg.audit_path, "forwarded"), 20)
+            assert wait_until(lambda: audit_events(cfg.audit_path, "forwarded"), 20)
         finally:
             fw.stop()
-        (fwd,) = events(cfg.audit_path, "forwarded")
+        (fwd,) = audit_events(cfg.audit_path, "forwarded")
         assert fwd["status"] == "warning" and "0xB006 (elements discarded)" in fwd["detail"]
     finally:
         stub.stop()
@@ -435,8 +431,8 @@ def test_basic_auth_against_orthanc_wrong_password_is_clear_and_never_leaks(
     gw = GatewayProcess(cfg, tmp_path / "gateway.log", port, mport).start()
     try:
         assert storescu(port, [f]).returncode == 0
-        assert wait_until(lambda: events(audit, "forward-failed"), 20)
-        err = events(audit, "forward-failed")[0]["error"]
+        assert wait_until(lambda: audit_events(audit, "forward-failed"), 20)
+        err = audit_events(audit, "forward-failed")[0]["error"]
         assert "refused the credentials" in err and "401" in err and "'sentinel'" in err
         assert "refused the credentials" in gw.log()
         metrics_text = gw.metrics()
@@ -446,7 +442,7 @@ def test_basic_auth_against_orthanc_wrong_password_is_clear_and_never_leaks(
         assert int(orthanc.statistics()["CountInstances"]) == 0
         secret.write_text(right + "\n")
         assert orthanc.wait_for_count(1, timeout=30) == 1
-        assert wait_until(lambda: events(audit, "forwarded"), 20)
+        assert wait_until(lambda: audit_events(audit, "forwarded"), 20)
     finally:
         rc = gw.stop()
         orthanc.stop()

@@ -129,6 +129,13 @@ def build_seeded(builder: str, arch: dict[str, Any], seed: int) -> Any:
     import keras
 
     keras.utils.set_random_seed(seed)
+    return build(builder, arch)
+
+
+def build(builder: str, arch: dict[str, Any]) -> Any:
+    """The "shipped" CNN with ``arch`` (build_shipped's arguments) or the "paper" one, with
+    whatever initial weights Keras draws: for a copy whose weights are set from a trained
+    model (train through ``build_seeded``)."""
     return build_shipped(**arch) if builder == "shipped" else build_paper()
 
 

@@ -659,7 +659,7 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
                                            "seconds": time.time() - t0, "builder": builder,
                                            **({"arch": arch} if arch else {})})
     # a fresh, uncompiled copy: the .keras file then carries no optimizer state (3x smaller)
-    fresh = detector_cnn.build_seeded(builder, arch, seed)
+    fresh = detector_cnn.build(builder, arch)  # weights set below: no reseeding
     fresh.set_weights(model.get_weights())
     keras_path = work.path(f"models/{name}.keras")
     tmp_keras = keras_path.with_name("tmp-" + keras_path.name)
