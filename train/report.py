@@ -375,7 +375,7 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
         f"on 11 image statistics, fused as {fusion_formula(m)}. "
         f"w_cnn = {m['w_cnn']}, operating threshold = {m['threshold']:.5f} (calibrated on "
         "validation clean images for a false-positive rate of at most 1%)." + gate_sentence(m)
-        + pool_sentence(m),
+        + pool_sentence(m) + members_sentence(m),
         "",
         "## Training data",
         "`kermany224`: 5,840 paediatric chest X-rays (Guangzhou Women and Children's Medical "
@@ -525,6 +525,22 @@ def pool_note(cnn_pool: str) -> str:
     return (" The CNN scores each image by its least suspicious of 3x3 tiles (`--cnn-pool "
             "tile-min`): a perturbation has to show in every tile, a clean image's local "
             "oddity (text, markers, an edge) in one tile does not raise the score.")
+
+
+def members_sentence(manifest: dict) -> str:
+    """The card's note on a CNN averaged over several networks (``sentinel train
+    --cnn-members``), or nothing."""
+    config = (manifest.get("training_data") or {}).get("config") or {}
+    return members_note(int(config.get("cnn_members", 1)))
+
+
+def members_note(members: int) -> str:
+    """One sentence (with a leading space) on a CNN of more than one network."""
+    if members == 1:
+        return ""
+    return (f" The CNN's probability is the mean of {members} networks (`--cnn-members "
+            f"{members}`) trained from different seeds on one shared high-pass first layer: an "
+            "attack has to fool their average, not one network.")
 
 
 def patient_part_lines(manifest: dict) -> list[str]:

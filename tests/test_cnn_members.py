@@ -1,0 +1,122 @@
+"""The detector CNN as the runtime runs it: the fused stem (one convolution with +-255K kernels,
+one clipped ReLU) and `sentinel train --cnn-members K` (the mean of K networks on one stem).
+The fused model must be the same function as the networks it is built from, through the
+TFLite export the gateway loads; the CLI, config and model card wiring; and a whole quick
+training run with three members (about a minute)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.pipeline import MAX_CNN_MEMBERS, TrainConfig, ensemble_name, member_seed
+from train.report import members_sentence
+
+
+def _images(n: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    smooth = np.linspace(0.2, 0.8, 224, dtype=np.float32)[None, :] * np.ones((224, 1), np.float32)
+    return (np.round(np.clip(smooth + rng.normal(0, 0.01, (n, 224, 224)), 0, 1) * 255)
+            / 255).astype(np.float32)
+
+
+def _members(arch: dict, n: int) -> list:  # type: ignore[type-arg]
+    """``n`` networks of ``arch`` from different seeds, on the first one's (perturbed, so not
+    the initial SRM) high-pass kernels."""
+    from train import detector_cnn
+
+    nets = [detector_cnn.build_seeded("shipped", arch, s) for s in range(1, n + 1)]
+    hp = nets[0].get_layer("highpass")
+    hp.set_weights([hp.get_weights()[0]
+                    + np.random.default_rng(9).normal(0, 0.2, hp.get_weights()[0].shape)])
+    for net in nets[1:]:
+        net.get_layer("highpass").set_weights(hp.get_weights())
+    return nets
+
+
+@pytest.mark.parametrize("pool", ["global", "tile-min"])
+def test_fused_cnn_is_the_mean_of_its_members(pool: str, tmp_path: Path) -> None:
+    from detector.cnn import LiteRTModel
+    from train import detector_cnn
+
+    arch = {"filters": 6, "width": 8, "trunc": 2.0, "pool": pool}
+    nets = _members(arch, 3)
+    x = _images(4)
+    each = np.stack([detector_cnn.predict(m, x) for m in nets])
+    assert np.ptp(each, axis=0).max() > 1e-3  # the members differ, so the mean is a test
+    for k in (1, 3):
+        fused = detector_cnn.build_fused(nets[:k], arch)
+        assert np.allclose(detector_cnn.predict(fused, x), each[:k].mean(0), atol=1e-5)
+    lite = LiteRTModel(detector_cnn.export_tflite(fused, tmp_path / "cnn.tflite"))
+    assert np.allclose([lite.predict(img) for img in x], each.mean(0), atol=1e-5)
+
+
+def test_fused_refuses_members_on_different_stems() -> None:
+    from train import detector_cnn
+
+    arch = {"filters": 4, "width": 8, "trunc": 3.0}
+    nets = _members(arch, 2)
+    other = detector_cnn.build_seeded("shipped", arch, 7)  # its own (initial) kernels
+    with pytest.raises(ValueError, match="high-pass"):
+        detector_cnn.build_fused([nets[0], other], arch)
+    wider = detector_cnn.build_seeded("shipped", {**arch, "width": 12}, 7)
+    wider.get_layer("highpass").set_weights(nets[0].get_layer("highpass").get_weights())
+    with pytest.raises(ValueError):
+        detector_cnn.build_fused([nets[0], wider], arch)
+
+
+def test_members_config_cli_names_and_card() -> None:
+    from gateway.cli import build_parser
+
+    for bad in (0, MAX_CNN_MEMBERS + 1):
+        with pytest.raises(ValueError, match="CNN members"):
+            TrainConfig(data="d", out="o", work="w", cnn_members=bad)
+    args = build_parser().parse_args(["train", "--data", ".", "--out", "o", "--cnn-members", "3"])
+    assert args.cnn_members == 3
+    assert ensemble_name("cnn-part1of2", 1) == "cnn-part1of2"
+    assert ensemble_name("cnn-part1of2", 3) == "cnn-part1of2-x3"
+    # the first member keeps the run's seed: a one-member CNN is the CNN trained before
+    assert member_seed(11, 0) == 11
+    assert len({member_seed(11, i) for i in range(5)}) == 5
+    assert members_sentence({"training_data": {"config": {"cnn_members": 1}}}) == ""
+    assert members_sentence({"training_data": {}}) == ""
+    assert "mean of 3 networks" in members_sentence(
+        {"training_data": {"config": {"cnn_members": 3}}})
+
+
+def test_train_quick_with_three_members(tmp_path: Path) -> None:
+    """A quick bundle with --cnn-members 3: three networks trained, the later two on the first
+    one's stem; the bundle's CNN is their mean as the runtime loads it; the training bundle's
+    Keras CNN (what `train.adaptive` attacks) is the same model; the card says it."""
+    import keras
+    from test_train_e2e import _folder
+
+    from detector.bundle import load_manifest
+    from detector.cnn import LiteRTModel
+    from detector.scoring import Detector
+    from gateway.cli import main
+    from train import detector_cnn, training_bundle
+
+    data, work, out = tmp_path / "data", tmp_path / "work", tmp_path / "b"
+    _folder(data)
+    assert main(["train", "--data", str(data), "--work", str(work), "--quick", "--no-zoo",
+                 "--cnn-members", "3", "--out", str(out)]) == 0
+    models = work / "models"
+    nets = [keras.saving.load_model(str(models / f"{n}.keras"), safe_mode=True)
+            for n in ("cnn", "cnn-m2", "cnn-m3")]
+    kernels = [n.get_layer("highpass").get_weights()[0] for n in nets]
+    assert np.array_equal(kernels[1], kernels[0]) and np.array_equal(kernels[2], kernels[0])
+    x = _images(3, seed=4)
+    mean = np.mean([detector_cnn.predict(n, x) for n in nets], axis=0)
+    man = load_manifest(out)
+    lite = LiteRTModel(man.path_of("cnn"))
+    assert np.allclose([lite.predict(img) for img in x], mean, atol=1e-5)
+    tfiles = training_bundle.load_training(out, ("cnn_keras",))
+    attacked = keras.saving.load_model(str(tfiles.path_of("cnn_keras")), safe_mode=True)
+    assert np.allclose(detector_cnn.predict(attacked, x), mean, atol=1e-5)
+    assert man.training_data["config"]["cnn_members"] == 3
+    assert "mean of 3 networks" in (out / "MODEL_CARD.md").read_text()
+    det = Detector.load(out)
+    assert 0.0 <= det.score_path(data / "img/000.png").score <= 1.0
