@@ -6,7 +6,8 @@ on intensities has to learn to ignore anatomy first; a first layer of high-pass 
 network after it only has to read the noise statistics. Scaling the input by 255 makes one
 grey level worth 1.0, and the truncation (clip at +-T) keeps edges from dominating.
 
-``build_shipped`` is what the runtime runs (LiteRT, one thread, within the latency budget);
+``build_shipped`` is the network trained for the runtime; ``build_fused`` turns one or more
+trained ones into what the runtime runs (LiteRT, one thread, within the latency budget);
 ``build_paper`` is the paper's three-block CNN (32/64/128 filters, batch norm, dropout 0.25,
 Adam), trained as the reference row and, on PGD examples only, as the adversarial-training
 baseline.
