@@ -15,6 +15,7 @@ baseline.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,7 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
     import keras
     from keras import layers
 
-    arch = {"filters": 4, "width": 12, "trunc": 3.0, "kernel": 3, "pool": "global", **arch}
+    arch = {**_SHIPPED_DEFAULTS, **arch}
     kernels = [m.get_layer("highpass").get_weights()[0] for m in members]
     if any(not np.array_equal(k, kernels[0]) for k in kernels[1:]):
         raise ValueError("ensemble members must share the first member's high-pass kernels")
@@ -170,6 +171,11 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
         for a, b in zip(mine, theirs, strict=True):
             a.set_weights(b.get_weights())
     return model
+
+
+# build_shipped's defaults, for build_fused to read an ``arch`` the same way
+_SHIPPED_DEFAULTS: dict[str, Any] = {
+    k: v.default for k, v in inspect.signature(build_shipped).parameters.items()}
 
 
 def _weighted_layers_after_stem(model: Any) -> list[Any]:

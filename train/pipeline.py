@@ -179,7 +179,7 @@ class TrainConfig:
     @property
     def members_tag(self) -> str:
         """Suffix of the CNN's member count ("" for one network)."""
-        return "" if self.cnn_members == 1 else f"-x{self.cnn_members}"
+        return ensemble_name("", self.cnn_members)
 
     @property
     def part_tag(self) -> str:
@@ -672,19 +672,19 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
         x, y = np.concatenate([x[keep], x[n + keep]]), np.r_[y[keep], y[n + keep]]
     arch = arch or {}
     seed = cfg.seed if seed is None else seed
+    names = [name] + [f"{name}-m{i + 1}" for i in range(1, members)]
+    seeds = [member_seed(seed, i) for i in range(members)]
+    train_sets = DetectorSets(x, y, sets.x_val, sets.y_val)
     nets: list[Any] = []
-    for i in range(members):
-        nets.append(train_cnn_member(
-            work, DetectorSets(x, y, sets.x_val, sets.y_val),
-            name if i == 0 else f"{name}-m{i + 1}", builder, epochs, arch,
-            member_seed(seed, i), stem_from=nets[0] if nets else None))
+    for member_name, member_s in zip(names, seeds, strict=True):
+        nets.append(train_cnn_member(work, train_sets, member_name, builder, epochs, arch,
+                                     member_s, stem_from=nets[0] if nets else None))
     final = detector_cnn.build_fused(nets, arch) if builder == "shipped" else nets[0]
     if members > 1:
         save_keras(final, work.path(f"models/{out}.keras"))
-        work.save_json(f"models/{out}.json", {
-            "members": [name] + [f"{name}-m{i + 1}" for i in range(1, members)],
-            "seeds": [member_seed(seed, i) for i in range(members)], "builder": builder,
-            **({"arch": arch} if arch else {})})
+        work.save_json(f"models/{out}.json", {"members": names, "seeds": seeds,
+                                              "builder": builder,
+                                              **({"arch": arch} if arch else {})})
     tmp = tfl.with_name("tmp-" + tfl.name)
     detector_cnn.export_tflite(final, tmp)
     os.replace(tmp, tfl)

@@ -511,10 +511,15 @@ def add_model_card(bundle_dir: Path, text: str, extra_metrics: dict[str, Any]) -
         feature_set=bundle_mod.manifest_feature_set(man))
 
 
+def _training_data(manifest: dict) -> dict:
+    """The manifest's ``training_data`` record ({} for a bundle written without one)."""
+    return manifest.get("training_data") or {}
+
+
 def pool_sentence(manifest: dict) -> str:
     """The card's note on the CNN's pooling when it is not the shipped one (``sentinel train
     --cnn-pool tile-min``), or nothing."""
-    config = (manifest.get("training_data") or {}).get("config") or {}
+    config = _training_data(manifest).get("config") or {}
     return pool_note(config.get("cnn_pool", "global"))
 
 
@@ -530,7 +535,7 @@ def pool_note(cnn_pool: str) -> str:
 def members_sentence(manifest: dict) -> str:
     """The card's note on a CNN averaged over several networks (``sentinel train
     --cnn-members``), or nothing."""
-    config = (manifest.get("training_data") or {}).get("config") or {}
+    config = _training_data(manifest).get("config") or {}
     return members_note(int(config.get("cnn_members", 1)))
 
 
@@ -546,7 +551,7 @@ def members_note(members: int) -> str:
 def patient_part_lines(manifest: dict) -> list[str]:
     """The card's note that the detector saw one patient part of the training split only
     (``sentinel train --patient-part``), or nothing."""
-    part = (manifest.get("training_data") or {}).get("patient_part")
+    part = _training_data(manifest).get("patient_part")
     if not part:
         return []
     return ["", f"The detector (CNN and forest) trained on part {part['part']} of {part['of']} "
@@ -558,7 +563,7 @@ def patient_part_lines(manifest: dict) -> list[str]:
 def bit_depth_limit(manifest: dict) -> str:
     """The model card's line on bit depth: what the bundle trained on (8-bit Kermany, and
     with ``sentinel train --zoo-12bit`` zoo examples stored at 12 bits)."""
-    sets = (((manifest.get("training_data") or {}).get("zoo") or {}).get("example_sets") or {})
+    sets = (_training_data(manifest).get("zoo") or {}).get("example_sets") or {}
     twelve = sets.get("zoo12")
     if twelve:
         return ("- Trained on 8-bit JPEG-derived images and on "
