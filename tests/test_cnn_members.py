@@ -1,8 +1,9 @@
 """The detector CNN as the runtime runs it: the fused stem (one convolution with +-255K kernels,
-one clipped ReLU) and `sentinel train --cnn-members K` (the mean of K networks on one stem).
-The fused model must be the same function as the networks it is built from, through the
-TFLite export the gateway loads; the CLI, config and model card wiring; and a whole quick
-training run with three members (about a minute)."""
+one clipped ReLU), `sentinel train --cnn-members K` (the mean of K networks on one stem) and
+`--cnn-stems 2` (K more on a frozen stem of random high-pass kernels). The fused model must be
+the same function as the networks it is built from, through the TFLite export the gateway
+loads; the CLI, config and model card wiring; and a whole quick training run with two members
+on each of two stems (about a minute)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.pipeline import MAX_CNN_MEMBERS, TrainConfig, ensemble_name, member_seed
+from train.pipeline import (
+    MAX_CNN_MEMBERS,
+    MAX_CNN_NETWORKS,
+    TrainConfig,
+    ensemble_name,
+    member_seed,
+)
 from train.report import members_sentence
 
 
@@ -53,14 +60,43 @@ def test_fused_cnn_is_the_mean_of_its_members(pool: str, tmp_path: Path) -> None
     assert np.allclose([lite.predict(img) for img in x], each.mean(0), atol=1e-5)
 
 
-def test_fused_refuses_members_on_different_stems() -> None:
+def test_fused_over_two_stems_is_the_mean_of_its_members(tmp_path: Path) -> None:
+    """Members on two kernel sets (the trained SRM stem's and a random one): one stem branch
+    each, every head on its own member's stem, the mean of all through the TFLite export."""
+    from detector.cnn import LiteRTModel
+    from train import detector_cnn
+
+    arch = {"filters": 4, "width": 8, "trunc": 2.0}
+    srm = _members(arch, 2)
+    rnd = [detector_cnn.build_seeded("shipped", arch, s) for s in (21, 22)]
+    for net in rnd:
+        net.get_layer("highpass").set_weights([detector_cnn.random_highpass_kernels(4, 5)])
+    nets = [srm[0], rnd[0], srm[1], rnd[1]]  # interleaved: heads must find their own stem
+    x = _images(4, seed=2)
+    each = np.stack([detector_cnn.predict(m, x) for m in nets])
+    fused = detector_cnn.build_fused(nets, arch)
+    assert len([la for la in fused.layers if la.name.startswith("highpass_pm")]) == 2
+    assert np.allclose(detector_cnn.predict(fused, x), each.mean(0), atol=1e-5)
+    lite = LiteRTModel(detector_cnn.export_tflite(fused, tmp_path / "cnn.tflite"))
+    assert np.allclose([lite.predict(img) for img in x], each.mean(0), atol=1e-5)
+
+
+def test_random_stem_kernels_are_high_pass_and_follow_the_seed() -> None:
+    from train import detector_cnn
+
+    k = detector_cnn.random_highpass_kernels(6, 3)
+    assert k.shape == (3, 3, 1, 6)
+    assert np.allclose(k.sum(axis=(0, 1, 2)), 0, atol=1e-5)  # a flat region gives nothing
+    assert np.allclose(np.linalg.norm(k.reshape(9, 6), axis=0), 2.0, atol=1e-5)
+    assert np.array_equal(k, detector_cnn.random_highpass_kernels(6, 3))
+    assert not np.allclose(k, detector_cnn.random_highpass_kernels(6, 4))
+
+
+def test_fused_refuses_members_of_another_shape() -> None:
     from train import detector_cnn
 
     arch = {"filters": 4, "width": 8, "trunc": 3.0}
     nets = _members(arch, 2)
-    other = detector_cnn.build_seeded("shipped", arch, 7)  # its own (initial) kernels
-    with pytest.raises(ValueError, match="high-pass"):
-        detector_cnn.build_fused([nets[0], other], arch)
     wider = detector_cnn.build_seeded("shipped", {**arch, "width": 12}, 7)
     wider.get_layer("highpass").set_weights(nets[0].get_layer("highpass").get_weights())
     with pytest.raises(ValueError):
@@ -73,10 +109,17 @@ def test_members_config_cli_names_and_card() -> None:
     for bad in (0, MAX_CNN_MEMBERS + 1):
         with pytest.raises(ValueError, match="CNN members"):
             TrainConfig(data="d", out="o", work="w", cnn_members=bad)
-    args = build_parser().parse_args(["train", "--data", ".", "--out", "o", "--cnn-members", "3"])
-    assert args.cnn_members == 3
+    for stems, members in ((3, 1), (2, MAX_CNN_NETWORKS // 2 + 1)):
+        with pytest.raises(ValueError, match="stems"):
+            TrainConfig(data="d", out="o", work="w", cnn_members=members, cnn_stems=stems)
+    args = build_parser().parse_args(["train", "--data", ".", "--out", "o", "--cnn-members", "3",
+                                      "--cnn-stems", "2"])
+    assert (args.cnn_members, args.cnn_stems) == (3, 2)
+    assert TrainConfig(data="d", out="o", work="w", cnn_members=3, cnn_stems=2).members_tag == (
+        "-x3-2stems")
     assert ensemble_name("cnn-part1of2", 1) == "cnn-part1of2"
     assert ensemble_name("cnn-part1of2", 3) == "cnn-part1of2-x3"
+    assert ensemble_name("cnn-part1of2", 1, 2) == "cnn-part1of2-x1-2stems"
     # the first member keeps the run's seed: a one-member CNN is the CNN trained before
     assert member_seed(11, 0) == 11
     assert len({member_seed(11, i) for i in range(5)}) == 5
@@ -84,12 +127,16 @@ def test_members_config_cli_names_and_card() -> None:
     assert members_sentence({"training_data": {}}) == ""
     assert "mean of 3 networks" in members_sentence(
         {"training_data": {"config": {"cnn_members": 3}}})
+    assert "mean of 6 networks" in members_sentence(
+        {"training_data": {"config": {"cnn_members": 3, "cnn_stems": 2}}})
 
 
-def test_train_quick_with_three_members(tmp_path: Path) -> None:
-    """A quick bundle with --cnn-members 3: three networks trained, the later two on the first
-    one's stem; the bundle's CNN is their mean as the runtime loads it; the training bundle's
-    Keras CNN (what `train.adaptive` attacks) is the same model; the card says it."""
+def test_train_quick_with_two_members_on_two_stems(tmp_path: Path) -> None:
+    """A quick bundle with --cnn-members 2 --cnn-stems 2: two networks on the trained stem (the
+    second on the first one's, frozen) and two on the random stem drawn from the run's seed,
+    frozen as drawn; the bundle's CNN is the mean of all four as the runtime loads it; the
+    training bundle's Keras CNN (what `train.adaptive` attacks) is the same model; the card
+    says it."""
     import keras
     from test_train_e2e import _folder
 
@@ -102,12 +149,15 @@ def test_train_quick_with_three_members(tmp_path: Path) -> None:
     data, work, out = tmp_path / "data", tmp_path / "work", tmp_path / "b"
     _folder(data)
     assert main(["train", "--data", str(data), "--work", str(work), "--quick", "--no-zoo",
-                 "--cnn-members", "3", "--out", str(out)]) == 0
+                 "--cnn-members", "2", "--cnn-stems", "2", "--out", str(out)]) == 0
     models = work / "models"
     nets = [keras.saving.load_model(str(models / f"{n}.keras"), safe_mode=True)
-            for n in ("cnn", "cnn-m2", "cnn-m3")]
+            for n in ("cnn", "cnn-m2", "cnn-rstem1", "cnn-rstem2")]
     kernels = [n.get_layer("highpass").get_weights()[0] for n in nets]
-    assert np.array_equal(kernels[1], kernels[0]) and np.array_equal(kernels[2], kernels[0])
+    assert np.array_equal(kernels[1], kernels[0])
+    drawn = detector_cnn.random_highpass_kernels(4, 0)  # the quick run's seed is 0
+    assert np.array_equal(kernels[2], drawn) and np.array_equal(kernels[3], drawn)
+    assert not np.allclose(kernels[0], drawn)
     x = _images(3, seed=4)
     mean = np.mean([detector_cnn.predict(n, x) for n in nets], axis=0)
     man = load_manifest(out)
@@ -116,7 +166,8 @@ def test_train_quick_with_three_members(tmp_path: Path) -> None:
     tfiles = training_bundle.load_training(out, ("cnn_keras",))
     attacked = keras.saving.load_model(str(tfiles.path_of("cnn_keras")), safe_mode=True)
     assert np.allclose(detector_cnn.predict(attacked, x), mean, atol=1e-5)
-    assert man.training_data["config"]["cnn_members"] == 3
-    assert "mean of 3 networks" in (out / "MODEL_CARD.md").read_text()
+    assert man.training_data["config"]["cnn_members"] == 2
+    assert man.training_data["config"]["cnn_stems"] == 2
+    assert "mean of 4 networks" in (out / "MODEL_CARD.md").read_text()
     det = Detector.load(out)
     assert 0.0 <= det.score_path(data / "img/000.png").score <= 1.0

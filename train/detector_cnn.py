@@ -50,6 +50,20 @@ def _highpass_kernels(n: int) -> np.ndarray:
     return np.stack(ks[:n], axis=-1)[:, :, None, :]
 
 
+def random_highpass_kernels(n: int, seed: int) -> np.ndarray:
+    """(3, 3, 1, n) random high-pass kernels drawn from ``seed``: each sums to zero (a flat
+    region gives nothing) and has the L2 norm 2 (about the SRM kernels'). The second stem of a
+    CNN with ``sentinel train --cnn-stems 2``: kept frozen, so its networks read the noise
+    through projections an attacker holding the public bundle never optimised against."""
+    rng = np.random.default_rng([seed, 7])
+    ks = []
+    for _ in range(n):
+        k = rng.normal(size=(3, 3)).astype(np.float32)
+        k -= k.mean()
+        ks.append(k / np.linalg.norm(k) * 2.0)
+    return np.stack(ks, axis=-1)[:, :, None, :]
+
+
 # The family a site bundle's CNN is drawn from (train.secret): every member is the residual
 # network below, so it exports to LiteRT like the shipped one. Shapes are (high-pass filters,
 # width of the two convolutions after pooling, their kernel size). CNN_SHAPES_V1 is the list
@@ -136,34 +150,43 @@ def _head(x: Any, width: int, kernel: int, pool: str, suffix: str,
 
 def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
     """The runtime's detector CNN from trained build_shipped ``members`` (one or more with the
-    same ``arch`` and the same high-pass kernels): one stem, each member's head, the mean of
-    their probabilities. The same function as the mean of the members, computed faster.
+    same ``arch``): one stem per distinct set of high-pass kernels among them, each member's
+    head on its own stem, the mean of their probabilities. The same function as the mean of
+    the members, computed faster.
 
     Why fused: the stem as trained (scale by 255, one convolution, negate, two clipped ReLUs,
     concatenate, pool) runs over the full 222x222 maps and took 0.82 of the CNN's 0.93 ms
     (LiteRT, one thread); folding the scale and the negation into one convolution with kernels
     255K and -255K and one clipped ReLU computes the same maps in 0.46 ms. Why members: the
-    mean of several training runs of a site bundle's CNN detected 66.7% of the strongest
-    public-bundle attack against 53-57% for single runs (README, "Tile-min pooling"); members
-    sharing the stem cost 0.12 ms each (``sentinel train --cnn-members``)."""
+    mean of several training runs of a site bundle's CNN detected more of the strongest
+    public-bundle attack than single runs (README, "Averaging CNNs"); members sharing a stem
+    cost about 0.12 ms each (``sentinel train --cnn-members``), a second stem about 0.3 ms
+    (``--cnn-stems 2``)."""
     import keras
     from keras import layers
 
-    arch = {**_SHIPPED_DEFAULTS, **arch}
+    arch = {**SHIPPED_DEFAULTS, **arch}
     kernels = [m.get_layer("highpass").get_weights()[0] for m in members]
-    if any(not np.array_equal(k, kernels[0]) for k in kernels[1:]):
-        raise ValueError("ensemble members must share the first member's high-pass kernels")
+    stems: list[np.ndarray] = []  # the distinct kernel sets, in the members' order
+    for k in kernels:
+        if not any(np.array_equal(k, s) for s in stems):
+            stems.append(k)
     inp = keras.Input((224, 224, 1), name="image")
-    stem = layers.Conv2D(2 * arch["filters"], 3, padding="valid", use_bias=False,
-                         name="highpass_pm")
-    x = layers.ReLU(max_value=arch["trunc"], name="tlu")(stem(inp))
-    x = layers.AveragePooling2D(4, name="noise_energy")(x)
+    maps, convs = [], []
+    for j in range(len(stems)):
+        suffix = "" if j == 0 else f"_{j + 1}"
+        convs.append(layers.Conv2D(2 * arch["filters"], 3, padding="valid", use_bias=False,
+                                   name="highpass_pm" + suffix))
+        x = layers.ReLU(max_value=arch["trunc"], name="tlu" + suffix)(convs[-1](inp))
+        maps.append(layers.AveragePooling2D(4, name="noise_energy" + suffix)(x))
+    on_stem = [next(j for j, s in enumerate(stems) if np.array_equal(k, s)) for k in kernels]
     made: list[list[Any]] = [[] for _ in members]
-    outs = [_head(x, arch["width"], arch["kernel"], arch["pool"], f"_m{i + 1}", made[i])
-            for i in range(len(members))]
+    outs = [_head(maps[on_stem[i]], arch["width"], arch["kernel"], arch["pool"], f"_m{i + 1}",
+                  made[i]) for i in range(len(members))]
     out = outs[0] if len(outs) == 1 else layers.Average(name="p_perturbed")(outs)
     model = keras.Model(inp, out, name=f"residual_cnn_fused_x{len(members)}")
-    stem.set_weights([255.0 * np.concatenate([kernels[0], -kernels[0]], axis=-1)])
+    for conv, k in zip(convs, stems, strict=True):
+        conv.set_weights([255.0 * np.concatenate([k, -k], axis=-1)])
     for i, (member, mine) in enumerate(zip(members, made, strict=True)):
         theirs = _weighted_layers_after_stem(member)
         if [type(a) for a in mine] != [type(b) for b in theirs]:
@@ -174,7 +197,7 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
 
 
 # build_shipped's defaults, for build_fused to read an ``arch`` the same way
-_SHIPPED_DEFAULTS: dict[str, Any] = {
+SHIPPED_DEFAULTS: dict[str, Any] = {
     k: v.default for k, v in inspect.signature(build_shipped).parameters.items()}
 
 
