@@ -22,6 +22,12 @@ FEATURE_SET_CHOICES = ("sentinel-features-v1", "sentinel-features-v3")
 CNN_POOL_CHOICES = ("global", "tile-min")  # train.detector_cnn.CNN_POOLS (numpy), spelt out
 
 
+# A site bundle's CNN (--secret-file) unless --cnn-members / --cnn-stems say otherwise: three
+# networks on each of two stems, the recipe that met issue 19's grey-box target on all six
+# disjoint-patient site bundles (README, "Two stems").
+SITE_CNN = (3, 2)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path,
                         help="folder of DICOM/PNG/JPEG images with labels.csv "
@@ -89,21 +95,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "shipped bundle) or tile-min, by its least suspicious of 3x3 tiles "
                         "(experimental: measured over several training runs, no reliable gain; "
                         "README, \"Tile-min pooling\")")
-    parser.add_argument("--cnn-members", type=int, default=1, metavar="K",
-                        help="the detector CNN as the mean of K networks (1 to 5; default 1) "
-                        "trained from different seeds on one shared first layer: each further "
-                        "one adds a training run and about 0.12 ms per image (README, "
-                        "\"Averaging CNNs\")")
-    parser.add_argument("--cnn-stems", type=int, choices=(1, 2), default=1,
+    parser.add_argument("--cnn-members", type=int, default=None, metavar="K",
+                        help="the detector CNN as the mean of K networks (1 to 5; default 1, "
+                        f"with --secret-file {SITE_CNN[0]}) trained from different seeds on one "
+                        "shared first layer: each further one adds a training run and about "
+                        "0.12 ms per image (README, \"Averaging CNNs\")")
+    parser.add_argument("--cnn-stems", type=int, choices=(1, 2), default=None,
                         help="2: also train K networks on a frozen first layer of random "
                         "high-pass kernels drawn from the run's CNN seed (a site bundle's: from "
-                        "its secret) and average all 2K; with --cnn-members 3 (at most 3) it "
-                        "caught 91%% of the strongest public-bundle attack against 74%% for 5 "
-                        "networks on one stem, for about 0.3 ms more per image (README, \"Two "
-                        "stems\")")
+                        "its secret) and average all 2K (K at most 3; about 0.3 ms more per "
+                        f"image). Default 1, with --secret-file {SITE_CNN[1]}: 3 + 3 networks "
+                        "caught 83-97%% of the strongest public-bundle attack where 5 on one stem "
+                        "caught 68-78%% (README, \"Two stems\")")
     parser.add_argument("--new-secret", action="store_true",
                         help="first write a fresh random secret to --secret-file (refuses to "
                         "overwrite an existing file)")
+
+
+def _cnn_ensemble(args: argparse.Namespace) -> dict[str, int]:
+    """TrainConfig's ``cnn_members`` and ``cnn_stems``: as given, else one network, else for a
+    site bundle ``SITE_CNN``."""
+    site = args.secret_file is not None or args.new_secret
+    members, stems = SITE_CNN if site else (1, 1)
+    return {"cnn_members": members if args.cnn_members is None else args.cnn_members,
+            "cnn_stems": stems if args.cnn_stems is None else args.cnn_stems}
 
 
 def _patient_part(text: str) -> tuple[int, int]:
@@ -135,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                           zoo_work=str(args.zoo_work or ""), zoo_12bit=args.zoo_12bit,
                           harden=tuple(str(d) for d in args.harden_with),
                           patient_part=args.patient_part, cnn_pool=args.cnn_pool,
-                          cnn_members=args.cnn_members, cnn_stems=args.cnn_stems)
+                          **_cnn_ensemble(args))
     except ValueError as exc:  # an unknown zoo family, every family held out, ...
         print(f"sentinel train: {exc}", file=sys.stderr)
         return 2
