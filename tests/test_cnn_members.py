@@ -117,7 +117,7 @@ def test_members_config_cli_names_and_card() -> None:
     assert (args.cnn_members, args.cnn_stems) == (3, 2)
     assert TrainConfig(data="d", out="o", work="w", cnn_members=3, cnn_stems=2).members_tag == (
         "-x3-2stems")
-    # a site bundle (--secret-file) gets three networks on each of two stems unless told
+    # a site bundle (--secret-file) gets two networks on each of two stems unless told
     from train.cmd_train import SITE_CNN, _cnn_ensemble
 
     def ensemble(*extra: str) -> tuple[int, int]:
@@ -125,10 +125,10 @@ def test_members_config_cli_names_and_card() -> None:
                                                        *extra]))
         return got["cnn_members"], got["cnn_stems"]
 
-    assert SITE_CNN == (3, 2)
+    assert SITE_CNN == (2, 2)
     assert ensemble() == (1, 1)
     assert ensemble("--secret-file", "k") == SITE_CNN
-    assert ensemble("--secret-file", "k", "--cnn-stems", "1") == (3, 1)
+    assert ensemble("--secret-file", "k", "--cnn-stems", "1") == (2, 1)
     assert ensemble("--secret-file", "k", "--cnn-members", "1", "--cnn-stems", "1") == (1, 1)
     assert ensemble_name("cnn-part1of2", 1) == "cnn-part1of2"
     assert ensemble_name("cnn-part1of2", 3) == "cnn-part1of2-x3"

@@ -126,9 +126,9 @@ class TrainConfig:
     # How many high-pass stems those networks read (`sentinel train --cnn-stems`): with 2,
     # another ``cnn_members`` networks train on a frozen stem of random high-pass kernels drawn
     # from the CNN's seed (a site bundle's: from its secret), and the CNN is the mean of all of
-    # them. Why: on patients the public bundle never saw, 3 + 3 networks caught 91% of the
-    # strongest public-bundle attack against 74% for 5 on one stem, at fewer false alarms on
-    # NIH (README, "Two stems").
+    # them. Why: on patients the public bundle never saw, 2 + 2 networks caught 86% and 3 + 3
+    # 91% of the strongest public-bundle attack against 74% for 5 on one stem, at fewer false
+    # alarms on NIH (README, "Two stems").
     cnn_stems: int = 1
 
     def __post_init__(self) -> None:
@@ -212,7 +212,7 @@ class TrainConfig:
 
 
 MAX_CNN_MEMBERS = 5  # 5 members: the CNN alone about 1.0 ms, within the 2.0 ms budget
-MAX_CNN_NETWORKS = 6  # members on every stem: 3 + 3 on two stems about 1.1 ms
+MAX_CNN_NETWORKS = 6  # on all stems: 3 + 3 on two stems took 1.14 ms, the detector 2.04-2.40
 
 
 QUICK_SIZES = {"train": 400, "val": 160, "test": 160}
