@@ -160,7 +160,7 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
     255K and -255K and one clipped ReLU computes the same maps in 0.46 ms. Why members: the
     mean of several training runs of a site bundle's CNN detected more of the strongest
     public-bundle attack than single runs (README, "Averaging CNNs"); members sharing a stem
-    cost about 0.12 ms each (``sentinel train --cnn-members``), a second stem about 0.3 ms
+    cost about 0.11 ms each (``sentinel train --cnn-members``), a second stem about 0.25 ms
     (``--cnn-stems 2``)."""
     import keras
     from keras import layers

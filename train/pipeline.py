@@ -148,9 +148,9 @@ class TrainConfig:
             raise ValueError(f"{self.cnn_stems} CNN stems: give 1 or 2")
         if self.cnn_stems * self.cnn_members > MAX_CNN_NETWORKS:
             raise ValueError(f"{self.cnn_members} CNN members on each of {self.cnn_stems} stems: "
-                             f"at most {MAX_CNN_NETWORKS} networks in all fit the 2.0 ms "
-                             f"budget; give --cnn-members {MAX_CNN_NETWORKS // self.cnn_stems} "
-                             "or fewer")
+                             f"at most {MAX_CNN_NETWORKS} networks in all (3 + 3 already take "
+                             "2.0-2.4 ms per image); give --cnn-members "
+                             f"{MAX_CNN_NETWORKS // self.cnn_stems} or fewer")
         if self.feature_set not in FEATURE_SETS:
             raise ValueError(f"feature set {self.feature_set!r}: use one of "
                              f"{list(FEATURE_SETS)}")
