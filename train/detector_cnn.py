@@ -165,12 +165,15 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
     import keras
     from keras import layers
 
-    arch = {**SHIPPED_DEFAULTS, **arch}
-    kernels = [m.get_layer("highpass").get_weights()[0] for m in members]
+    arch = {**_SHIPPED_DEFAULTS, **arch}
     stems: list[np.ndarray] = []  # the distinct kernel sets, in the members' order
-    for k in kernels:
-        if not any(np.array_equal(k, s) for s in stems):
+    on_stem: list[int] = []  # each member's index into stems
+    for m in members:
+        k = m.get_layer("highpass").get_weights()[0]
+        same = [j for j, s in enumerate(stems) if np.array_equal(k, s)]
+        if not same:
             stems.append(k)
+        on_stem.append(same[0] if same else len(stems) - 1)
     inp = keras.Input((224, 224, 1), name="image")
     maps, convs = [], []
     for j in range(len(stems)):
@@ -179,7 +182,6 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
                                    name="highpass_pm" + suffix))
         x = layers.ReLU(max_value=arch["trunc"], name="tlu" + suffix)(convs[-1](inp))
         maps.append(layers.AveragePooling2D(4, name="noise_energy" + suffix)(x))
-    on_stem = [next(j for j, s in enumerate(stems) if np.array_equal(k, s)) for k in kernels]
     made: list[list[Any]] = [[] for _ in members]
     outs = [_head(maps[on_stem[i]], arch["width"], arch["kernel"], arch["pool"], f"_m{i + 1}",
                   made[i]) for i in range(len(members))]
@@ -197,7 +199,7 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
 
 
 # build_shipped's defaults, for build_fused to read an ``arch`` the same way
-SHIPPED_DEFAULTS: dict[str, Any] = {
+_SHIPPED_DEFAULTS: dict[str, Any] = {
     k: v.default for k, v in inspect.signature(build_shipped).parameters.items()}
 
 

@@ -693,15 +693,16 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
     train_sets = DetectorSets(x, y, sets.x_val, sets.y_val)
     nets: list[Any] = []
     for member_name, member_s in zip(names, seeds, strict=True):
-        nets.append(train_cnn_member(work, train_sets, member_name, builder, epochs, arch,
-                                     member_s, stem_from=nets[0] if nets else None))
+        nets.append(train_cnn_member(
+            work, train_sets, member_name, builder, epochs, arch, member_s,
+            frozen_stem=nets[0].get_layer("highpass").get_weights()[0] if nets else None))
     if stems == 2:
-        filters = {**detector_cnn.SHIPPED_DEFAULTS, **arch}["filters"]
+        filters = nets[0].get_layer("highpass").get_weights()[0].shape[-1]
         random_stem = detector_cnn.random_highpass_kernels(filters, seed)
         for i, member_s in enumerate(seeds):
             names.append(f"{name}-rstem{i + 1}")
             nets.append(train_cnn_member(work, train_sets, names[-1], builder, epochs, arch,
-                                         member_s, stem_kernels=random_stem))
+                                         member_s, frozen_stem=random_stem))
         seeds = seeds + seeds  # each stem's i-th network trains from the same seed
     final = detector_cnn.build_fused(nets, arch) if builder == "shipped" else nets[0]
     if len(nets) > 1:
@@ -732,11 +733,11 @@ def member_seed(seed: int, index: int) -> int:
 
 
 def train_cnn_member(work: Work, sets: DetectorSets, name: str, builder: str, epochs: int,
-                     arch: dict[str, Any], seed: int, stem_from: Any = None,
-                     stem_kernels: np.ndarray | None = None) -> Any:
-    """One detector network, trained (or loaded from ``models/<name>.keras``). ``stem_from``:
-    a trained network whose high-pass kernels this one takes and keeps frozen, so that
-    build_fused can run both on one stem; ``stem_kernels``: frozen kernels to use instead."""
+                     arch: dict[str, Any], seed: int,
+                     frozen_stem: np.ndarray | None = None) -> Any:
+    """One detector network, trained (or loaded from ``models/<name>.keras``).
+    ``frozen_stem``: high-pass kernels this one takes and keeps frozen (the first member's, so
+    that build_fused runs both on one stem, or a random stem's)."""
     import keras
 
     from train import detector_cnn
@@ -745,16 +746,12 @@ def train_cnn_member(work: Work, sets: DetectorSets, name: str, builder: str, ep
     if keras_path.exists():
         return keras.saving.load_model(str(keras_path), safe_mode=True, compile=False)
     model = detector_cnn.build_seeded(builder, arch, seed)
-    frozen = ""
-    if stem_from is not None or stem_kernels is not None:
+    if frozen_stem is not None:
         hp = model.get_layer("highpass")
-        hp.set_weights([stem_kernels] if stem_kernels is not None
-                       else stem_from.get_layer("highpass").get_weights())
+        hp.set_weights([frozen_stem])
         hp.trainable = False
-        frozen = (", on a frozen random stem" if stem_kernels is not None
-                  else ", on the first member's frozen stem")
     log(f"training CNN {name} ({builder}{arch or ''}) on {len(sets.x_train)} images, "
-        f"{epochs} epochs{frozen}")
+        f"{epochs} epochs" + (", on a frozen stem" if frozen_stem is not None else ""))
     t0 = time.time()
     model = detector_cnn.train_binary(
         model, sets.x_train, sets.y_train, sets.x_val, sets.y_val,
@@ -762,7 +759,8 @@ def train_cnn_member(work: Work, sets: DetectorSets, name: str, builder: str, ep
     work.save_json(f"models/{name}.json", {"train_images": len(sets.x_train), "epochs": epochs,
                                            "seconds": time.time() - t0, "builder": builder,
                                            **({"arch": arch} if arch else {}),
-                                           **({"seed": seed} if frozen else {})})
+                                           **({"seed": seed} if frozen_stem is not None
+                                              else {})})
     # a fresh, uncompiled copy: the .keras file then carries no optimizer state (3x smaller)
     fresh = detector_cnn.build(builder, arch)  # weights set below: no reseeding
     fresh.set_weights(model.get_weights())
