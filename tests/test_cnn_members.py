@@ -1,9 +1,9 @@
 """The detector CNN as the runtime runs it: the fused stem (one convolution with +-255K kernels,
 one clipped ReLU), `sentinel train --cnn-members K` (the mean of K networks on one stem) and
-`--cnn-stems 2` (K more on a frozen stem of random high-pass kernels). The fused model must be
-the same function as the networks it is built from, through the TFLite export the gateway
-loads; the CLI, config and model card wiring; and a whole quick training run with two members
-on each of two stems (about a minute)."""
+`--cnn-stems 2` (K more, strided, on a frozen stem of random high-pass kernels). The fused
+model must be the same function as the networks it is built from, through the TFLite export
+the gateway loads; the CLI, config and model card wiring; and a whole quick training run with
+two members on each of two stems (about a minute)."""
 
 from __future__ import annotations
 
@@ -60,15 +60,18 @@ def test_fused_cnn_is_the_mean_of_its_members(pool: str, tmp_path: Path) -> None
     assert np.allclose([lite.predict(img) for img in x], each.mean(0), atol=1e-5)
 
 
-def test_fused_over_two_stems_is_the_mean_of_its_members(tmp_path: Path) -> None:
-    """Members on two kernel sets (the trained SRM stem's and a random one): one stem branch
-    each, every head on its own member's stem, the mean of all through the TFLite export."""
+@pytest.mark.parametrize("strided", [False, True])
+def test_fused_over_two_stems_is_the_mean_of_its_members(strided: bool, tmp_path: Path) -> None:
+    """Members on two kernel sets (the trained SRM stem's and a random one, full-resolution or
+    strided): one stem branch each, every head on its own member's stem, the mean of all
+    through the TFLite export."""
     from detector.cnn import LiteRTModel
     from train import detector_cnn
 
     arch = {"filters": 4, "width": 8, "trunc": 2.0}
     srm = _members(arch, 2)
-    rnd = [detector_cnn.build_seeded("shipped", arch, s) for s in (21, 22)]
+    rnd = [detector_cnn.build_seeded("shipped", {**arch, "strided": strided}, s)
+           for s in (21, 22)]
     for net in rnd:
         net.get_layer("highpass").set_weights([detector_cnn.random_highpass_kernels(4, 5)])
     nets = [srm[0], rnd[0], srm[1], rnd[1]]  # interleaved: heads must find their own stem
@@ -116,7 +119,7 @@ def test_members_config_cli_names_and_card() -> None:
                                       "--cnn-stems", "2"])
     assert (args.cnn_members, args.cnn_stems) == (3, 2)
     assert TrainConfig(data="d", out="o", work="w", cnn_members=3, cnn_stems=2).members_tag == (
-        "-x3-2stems")
+        "-x3-2stems-strided")
     # a site bundle (--secret-file) gets two networks on each of two stems unless told
     from train.cmd_train import SITE_CNN, _cnn_ensemble
 
@@ -132,7 +135,7 @@ def test_members_config_cli_names_and_card() -> None:
     assert ensemble("--secret-file", "k", "--cnn-members", "1", "--cnn-stems", "1") == (1, 1)
     assert ensemble_name("cnn-part1of2", 1) == "cnn-part1of2"
     assert ensemble_name("cnn-part1of2", 3) == "cnn-part1of2-x3"
-    assert ensemble_name("cnn-part1of2", 1, 2) == "cnn-part1of2-x1-2stems"
+    assert ensemble_name("cnn-part1of2", 1, 2) == "cnn-part1of2-x1-2stems-strided"
     # the first member keeps the run's seed: a one-member CNN is the CNN trained before
     assert member_seed(11, 0) == 11
     assert len({member_seed(11, i) for i in range(5)}) == 5
@@ -140,16 +143,21 @@ def test_members_config_cli_names_and_card() -> None:
     assert members_sentence({"training_data": {}}) == ""
     assert "mean of 3 networks" in members_sentence(
         {"training_data": {"config": {"cnn_members": 3}}})
-    assert "mean of 6 networks" in members_sentence(
-        {"training_data": {"config": {"cnn_members": 3, "cnn_stems": 2}}})
+    two_stems = {"cnn_members": 3, "cnn_stems": 2}
+    now = members_sentence({"training_data": {"config": two_stems,
+                                              "models": {"cnn-x3-2stems-strided": {}}}})
+    before = members_sentence({"training_data": {"config": two_stems,
+                                                 "models": {"cnn-x3-2stems": {}}}})
+    assert "mean of 6 networks" in now and "every second pixel" in now
+    assert "mean of 6 networks" in before and "every second pixel" not in before
 
 
 def test_train_quick_with_two_members_on_two_stems(tmp_path: Path) -> None:
     """A quick bundle with --cnn-members 2 --cnn-stems 2: two networks on the trained stem (the
-    second on the first one's, frozen) and two on the random stem drawn from the run's seed,
-    frozen as drawn; the bundle's CNN is the mean of all four as the runtime loads it; the
-    training bundle's Keras CNN (what `train.adaptive` attacks) is the same model; the card
-    says it."""
+    second on the first one's, frozen) and two strided ones on the random stem drawn from the
+    run's seed, frozen as drawn; the bundle's CNN is the mean of all four as the runtime loads
+    it; the training bundle's Keras CNN (what `train.adaptive` attacks) is the same model; the
+    card says it."""
     import keras
     from test_train_e2e import _folder
 
@@ -165,8 +173,9 @@ def test_train_quick_with_two_members_on_two_stems(tmp_path: Path) -> None:
                  "--cnn-members", "2", "--cnn-stems", "2", "--out", str(out)]) == 0
     models = work / "models"
     nets = [keras.saving.load_model(str(models / f"{n}.keras"), safe_mode=True)
-            for n in ("cnn", "cnn-m2", "cnn-rstem1", "cnn-rstem2")]
+            for n in ("cnn", "cnn-m2", "cnn-rstem1-strided", "cnn-rstem2-strided")]
     kernels = [n.get_layer("highpass").get_weights()[0] for n in nets]
+    assert [n.get_layer("highpass").strides for n in nets] == [(1, 1), (1, 1), (2, 2), (2, 2)]
     assert np.array_equal(kernels[1], kernels[0])
     drawn = detector_cnn.random_highpass_kernels(4, 0)  # the quick run's seed is 0
     assert np.array_equal(kernels[2], drawn) and np.array_equal(kernels[3], drawn)
@@ -181,6 +190,7 @@ def test_train_quick_with_two_members_on_two_stems(tmp_path: Path) -> None:
     assert np.allclose(detector_cnn.predict(attacked, x), mean, atol=1e-5)
     assert man.training_data["config"]["cnn_members"] == 2
     assert man.training_data["config"]["cnn_stems"] == 2
-    assert "mean of 4 networks" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "mean of 4 networks" in card and "every second pixel" in card
     det = Detector.load(out)
     assert 0.0 <= det.score_path(data / "img/000.png").score <= 1.0

@@ -86,7 +86,7 @@ TILES = 3  # tile-min: the image as TILES x TILES tiles
 
 
 def build_shipped(filters: int = 4, width: int = 12, trunc: float = 3.0,
-                  kernel: int = 3, pool: str = "global") -> Any:
+                  kernel: int = 3, pool: str = "global", strided: bool = False) -> Any:
     """Residual CNN: (n, 224, 224, 1) in [0,1] -> (n, 1) P(perturbed). About 10 MFLOP with
     the defaults; ``CNN_SHAPES`` and ``CNN_TRUNCS`` list what a secret site bundle draws.
 
@@ -97,7 +97,11 @@ def build_shipped(filters: int = 4, width: int = 12, trunc: float = 3.0,
     perturbed (burned-in text, markers, a collimator edge, one noisy region) is local.
     Measured on the disjoint-patient site bundles over several training runs (README,
     "Tile-min pooling"): the run-to-run spread of either pooling is larger than the difference
-    between them, so "global" stays the default."""
+    between them, so "global" stays the default.
+
+    ``strided``: the cheaper shape of a second stem's networks (``sentinel train --cnn-stems
+    2``): the high-pass residual at every second pixel, pooled 2x2 to the same 55x55 maps, and
+    the first convolution after it at stride 2 instead of a convolution and a 2x2 max-pool."""
     if pool not in CNN_POOLS:
         raise ValueError(f"CNN pooling {pool!r}: use one of {CNN_POOLS}")
     import keras
@@ -105,22 +109,24 @@ def build_shipped(filters: int = 4, width: int = 12, trunc: float = 3.0,
 
     inp = keras.Input((224, 224, 1), name="image")
     x = layers.Rescaling(255.0)(inp)
-    hp = layers.Conv2D(filters, 3, padding="valid", use_bias=False, name="highpass")
+    hp = layers.Conv2D(filters, 3, strides=2 if strided else 1, padding="valid",
+                       use_bias=False, name="highpass")
     h = hp(x)
     # truncated positive and negative halves (a sign-aware |residual| clipped at trunc);
     # plain Keras layers only, so the .keras file loads in safe mode
     pos = layers.ReLU(max_value=trunc, name="tlu_pos")(h)
     neg = layers.ReLU(max_value=trunc, name="tlu_neg")(layers.Rescaling(-1.0)(h))
     x = layers.Concatenate()([pos, neg])
-    x = layers.AveragePooling2D(4, name="noise_energy")(x)  # 55x55 local noise-energy maps
-    out = _head(x, width, kernel, pool, "")
+    # 55x55 local noise-energy maps
+    x = layers.AveragePooling2D(2 if strided else 4, name="noise_energy")(x)
+    out = _head(x, width, kernel, pool, "", strided)
     model = keras.Model(inp, out, name="residual_cnn" + ("_tile_min" if pool == "tile-min"
                                                           else ""))
     hp.set_weights([_highpass_kernels(filters)])
     return model
 
 
-def _head(x: Any, width: int, kernel: int, pool: str, suffix: str,
+def _head(x: Any, width: int, kernel: int, pool: str, suffix: str, strided: bool = False,
           made: list[Any] | None = None) -> Any:
     """build_shipped after the noise-energy maps: two convolutions, the pooling, P(perturbed).
     ``suffix`` names an ensemble member's layers apart; ``made`` collects the layers with
@@ -128,8 +134,12 @@ def _head(x: Any, width: int, kernel: int, pool: str, suffix: str,
     from keras import layers
 
     made = [] if made is None else made
-    made.append(layers.Conv2D(width, kernel, padding="same", activation="relu"))
-    x = layers.MaxPooling2D(2)(made[-1](x))
+    if strided:
+        made.append(layers.Conv2D(width, kernel, strides=2, padding="same", activation="relu"))
+        x = made[-1](x)  # 28x28
+    else:
+        made.append(layers.Conv2D(width, kernel, padding="same", activation="relu"))
+        x = layers.MaxPooling2D(2)(made[-1](x))
     made.append(layers.Conv2D(width, kernel, padding="same", activation="relu"))
     x = made[-1](x)  # 27x27
     if pool == "tile-min":
@@ -150,9 +160,9 @@ def _head(x: Any, width: int, kernel: int, pool: str, suffix: str,
 
 def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
     """The runtime's detector CNN from trained build_shipped ``members`` (one or more with the
-    same ``arch``): one stem per distinct set of high-pass kernels among them, each member's
-    head on its own stem, the mean of their probabilities. The same function as the mean of
-    the members, computed faster.
+    same ``arch``, full-resolution or ``strided``): one stem per distinct set of high-pass
+    kernels and stride among them, each member's head on its own stem, the mean of their
+    probabilities. The same function as the mean of the members, computed faster.
 
     Why fused: the stem as trained (scale by 255, one convolution, negate, two clipped ReLUs,
     concatenate, pool) runs over the full 222x222 maps and took 0.82 of the CNN's 0.93 ms
@@ -160,38 +170,41 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
     255K and -255K and one clipped ReLU computes the same maps in 0.46 ms. Why members: the
     mean of several training runs of a site bundle's CNN detected more of the strongest
     public-bundle attack than single runs (README, "Averaging CNNs"); members sharing a stem
-    cost about 0.11 ms each (``sentinel train --cnn-members``), a second stem about 0.25 ms
+    cost about 0.11 ms each (``sentinel train --cnn-members``), a second full-resolution stem
+    about 0.25 ms; a strided second stem and its networks cost a third to a half of that
     (``--cnn-stems 2``)."""
     import keras
     from keras import layers
 
     arch = {**_SHIPPED_DEFAULTS, **arch}
-    stems: list[np.ndarray] = []  # the distinct kernel sets, in the members' order
+    stems: list[tuple[np.ndarray, bool]] = []  # distinct (kernels, strided), members' order
     on_stem: list[int] = []  # each member's index into stems
     for m in members:
-        k = m.get_layer("highpass").get_weights()[0]
-        same = [j for j, s in enumerate(stems) if np.array_equal(k, s)]
+        hp = m.get_layer("highpass")
+        k, strided = hp.get_weights()[0], tuple(hp.strides) == (2, 2)
+        same = [j for j, (s, st) in enumerate(stems) if st == strided and np.array_equal(k, s)]
         if not same:
-            stems.append(k)
+            stems.append((k, strided))
         on_stem.append(same[0] if same else len(stems) - 1)
     inp = keras.Input((224, 224, 1), name="image")
     maps, convs = [], []
-    for j in range(len(stems)):
+    for j, (_, strided) in enumerate(stems):
         suffix = "" if j == 0 else f"_{j + 1}"
-        convs.append(layers.Conv2D(2 * arch["filters"], 3, padding="valid", use_bias=False,
-                                   name="highpass_pm" + suffix))
+        convs.append(layers.Conv2D(2 * arch["filters"], 3, strides=2 if strided else 1,
+                                   padding="valid", use_bias=False, name="highpass_pm" + suffix))
         x = layers.ReLU(max_value=arch["trunc"], name="tlu" + suffix)(convs[-1](inp))
-        maps.append(layers.AveragePooling2D(4, name="noise_energy" + suffix)(x))
+        maps.append(layers.AveragePooling2D(2 if strided else 4,
+                                            name="noise_energy" + suffix)(x))
     made: list[list[Any]] = [[] for _ in members]
     outs = [_head(maps[on_stem[i]], arch["width"], arch["kernel"], arch["pool"], f"_m{i + 1}",
-                  made[i]) for i in range(len(members))]
+                  stems[on_stem[i]][1], made[i]) for i in range(len(members))]
     out = outs[0] if len(outs) == 1 else layers.Average(name="p_perturbed")(outs)
     model = keras.Model(inp, out, name=f"residual_cnn_fused_x{len(members)}")
-    for conv, k in zip(convs, stems, strict=True):
+    for conv, (k, _) in zip(convs, stems, strict=True):
         conv.set_weights([255.0 * np.concatenate([k, -k], axis=-1)])
     for i, (member, mine) in enumerate(zip(members, made, strict=True)):
         theirs = _weighted_layers_after_stem(member)
-        if [type(a) for a in mine] != [type(b) for b in theirs]:
+        if [a.weights[0].shape for a in mine] != [b.weights[0].shape for b in theirs]:
             raise ValueError(f"ensemble member {i + 1} is not a build_shipped({arch}) network")
         for a, b in zip(mine, theirs, strict=True):
             a.set_weights(b.get_weights())

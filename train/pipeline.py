@@ -670,8 +670,9 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
     training seed (default ``cfg.seed``). A "shipped" CNN is exported in its fused form
     (detector_cnn.build_fused, the same function, faster); with ``members`` > 1 the further
     members (``<name>-m2``...) train from their own seeds on the first one's frozen high-pass
-    stem, and with ``stems`` = 2 another ``members`` networks (``<name>-rstem1``...) train on a
-    frozen stem of random high-pass kernels drawn from ``seed``; the export
+    stem, and with ``stems`` = 2 another ``members`` networks (``<name>-rstem1-strided``...)
+    train on a frozen stem of random high-pass kernels drawn from ``seed``, in build_shipped's
+    strided shape (cheaper, and as strong in the ensemble: README, "Two stems"); the export
     (``ensemble_name``, its Keras original beside it) scores the mean of their probabilities."""
     from train import detector_cnn
 
@@ -700,9 +701,10 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
         filters = nets[0].get_layer("highpass").get_weights()[0].shape[-1]
         random_stem = detector_cnn.random_highpass_kernels(filters, seed)
         for i, member_s in enumerate(seeds):
-            names.append(f"{name}-rstem{i + 1}")
-            nets.append(train_cnn_member(work, train_sets, names[-1], builder, epochs, arch,
-                                         member_s, frozen_stem=random_stem))
+            names.append(f"{name}-rstem{i + 1}-strided")
+            nets.append(train_cnn_member(work, train_sets, names[-1], builder, epochs,
+                                         {**arch, "strided": True}, member_s,
+                                         frozen_stem=random_stem))
         seeds = seeds + seeds  # each stem's i-th network trains from the same seed
     final = detector_cnn.build_fused(nets, arch) if builder == "shipped" else nets[0]
     if len(nets) > 1:
@@ -721,7 +723,9 @@ def ensemble_name(name: str, members: int, stems: int = 1) -> str:
     itself for one network)."""
     if stems == 1:
         return name if members == 1 else f"{name}-x{members}"
-    return f"{name}-x{members}-{stems}stems"
+    # "-strided": the second stem's networks changed shape (session 20); the name keeps a
+    # work directory's older full-resolution ensemble from being taken for the new one
+    return f"{name}-x{members}-{stems}stems-strided"
 
 
 def member_seed(seed: int, index: int) -> int:

@@ -535,11 +535,15 @@ def pool_note(cnn_pool: str) -> str:
 def members_sentence(manifest: dict) -> str:
     """The card's note on a CNN averaged over several networks (``sentinel train
     --cnn-members``, ``--cnn-stems``), or nothing."""
-    config = _training_data(manifest).get("config") or {}
-    return members_note(int(config.get("cnn_members", 1)), int(config.get("cnn_stems", 1)))
+    training = _training_data(manifest)
+    config = training.get("config") or {}
+    # a two-stem bundle before session 20 read its random stem at every pixel
+    strided = any(name.endswith("-strided") for name in training.get("models") or {})
+    return members_note(int(config.get("cnn_members", 1)), int(config.get("cnn_stems", 1)),
+                        strided)
 
 
-def members_note(members: int, stems: int = 1) -> str:
+def members_note(members: int, stems: int = 1, strided: bool = True) -> str:
     """One sentence (with a leading space) on a CNN of more than one network."""
     if stems == 2:
         return (f" The CNN's probability is the mean of {2 * members} networks (`--cnn-members "
@@ -547,7 +551,8 @@ def members_note(members: int, stems: int = 1) -> str:
                 "shared, trained high-pass first layer and "
                 f"{members} on a frozen first layer of random high-pass kernels drawn from the "
                 "run's CNN seed (a site bundle's: from its secret, so they are as secret as "
-                "it): an attack has to fool their average, not one network.")
+                "it)" + (", read at every second pixel" if strided else "")
+                + ": an attack has to fool their average, not one network.")
     if members == 1:
         return ""
     return (f" The CNN's probability is the mean of {members} networks (`--cnn-members "
