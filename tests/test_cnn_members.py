@@ -1,12 +1,13 @@
 """The detector CNN as the runtime runs it: the fused stem (one convolution with +-255K kernels,
 one clipped ReLU), `sentinel train --cnn-members K` (the mean of K networks on one stem) and
-`--cnn-stems 2` (K more, strided, on a frozen stem of random high-pass kernels). The fused
-model must be the same function as the networks it is built from, through the TFLite export
-the gateway loads; the CLI, config and model card wiring; and a whole quick training run with
-two members on each of two stems (about a minute)."""
+`--cnn-stems 2 --cnn-random-members R` (R more, strided, on a frozen stem of random high-pass
+kernels). The fused model must be the same function as the networks it is built from, through
+the TFLite export the gateway loads; the CLI, config and model card wiring; and a whole quick
+training run with a site's 2 + 3 networks (about a minute)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,33 +110,45 @@ def test_fused_refuses_members_of_another_shape() -> None:
 def test_members_config_cli_names_and_card() -> None:
     from gateway.cli import build_parser
 
+    def config(**kw: int) -> TrainConfig:
+        return TrainConfig(data="d", out="o", work="w", **kw)
+
     for bad in (0, MAX_CNN_MEMBERS + 1):
         with pytest.raises(ValueError, match="CNN members"):
-            TrainConfig(data="d", out="o", work="w", cnn_members=bad)
-    for stems, members in ((3, 1), (2, MAX_CNN_NETWORKS // 2 + 1)):
-        with pytest.raises(ValueError, match="stems"):
-            TrainConfig(data="d", out="o", work="w", cnn_members=members, cnn_stems=stems)
+            config(cnn_members=bad)
+        with pytest.raises(ValueError, match="random members"):
+            config(cnn_stems=2, cnn_random_members=bad)
+    with pytest.raises(ValueError, match="stems"):
+        config(cnn_stems=3)
+    with pytest.raises(ValueError, match="--cnn-stems 2"):
+        config(cnn_random_members=2)
+    with pytest.raises(ValueError, match=f"at most {MAX_CNN_NETWORKS}"):
+        config(cnn_members=4, cnn_stems=2, cnn_random_members=MAX_CNN_NETWORKS - 3)
     args = build_parser().parse_args(["train", "--data", ".", "--out", "o", "--cnn-members", "3",
-                                      "--cnn-stems", "2"])
-    assert (args.cnn_members, args.cnn_stems) == (3, 2)
-    assert TrainConfig(data="d", out="o", work="w", cnn_members=3, cnn_stems=2).members_tag == (
-        "-x3-2stems-strided")
-    # a site bundle (--secret-file) gets two networks on each of two stems unless told
+                                      "--cnn-stems", "2", "--cnn-random-members", "2"])
+    assert (args.cnn_members, args.cnn_stems, args.cnn_random_members) == (3, 2, 2)
+    assert config(cnn_members=3, cnn_stems=2).members_tag == "-x3+3-strided"
+    assert config(cnn_members=2, cnn_stems=2, cnn_random_members=3).random_members == 3
+    assert config(cnn_members=2).random_members == 0
+    # a site bundle (--secret-file) gets 2 + 3 networks on two stems unless told
     from train.cmd_train import SITE_CNN, _cnn_ensemble
 
-    def ensemble(*extra: str) -> tuple[int, int]:
+    def ensemble(*extra: str) -> tuple[int, int, int | None]:
         got = _cnn_ensemble(build_parser().parse_args(["train", "--data", ".", "--out", "o",
                                                        *extra]))
-        return got["cnn_members"], got["cnn_stems"]
+        return got["cnn_members"], got["cnn_stems"], got["cnn_random_members"]
 
-    assert SITE_CNN == (2, 2)
-    assert ensemble() == (1, 1)
-    assert ensemble("--secret-file", "k") == SITE_CNN
-    assert ensemble("--secret-file", "k", "--cnn-stems", "1") == (2, 1)
-    assert ensemble("--secret-file", "k", "--cnn-members", "1", "--cnn-stems", "1") == (1, 1)
+    assert SITE_CNN == {"cnn_members": 2, "cnn_stems": 2, "cnn_random_members": 3}
+    assert ensemble() == (1, 1, None)
+    assert ensemble("--secret-file", "k") == (2, 2, 3)
+    assert ensemble("--secret-file", "k", "--cnn-stems", "1") == (2, 1, None)
+    assert ensemble("--secret-file", "k", "--cnn-members", "3") == (3, 2, None)
+    assert ensemble("--secret-file", "k", "--cnn-members", "1", "--cnn-stems", "1") == (
+        1, 1, None)
+    assert ensemble("--cnn-stems", "2", "--cnn-random-members", "1") == (1, 2, 1)
     assert ensemble_name("cnn-part1of2", 1) == "cnn-part1of2"
     assert ensemble_name("cnn-part1of2", 3) == "cnn-part1of2-x3"
-    assert ensemble_name("cnn-part1of2", 1, 2) == "cnn-part1of2-x1-2stems-strided"
+    assert ensemble_name("cnn-part1of2", 2, 3) == "cnn-part1of2-x2+3-strided"
     # the first member keeps the run's seed: a one-member CNN is the CNN trained before
     assert member_seed(11, 0) == 11
     assert len({member_seed(11, i) for i in range(5)}) == 5
@@ -145,19 +158,22 @@ def test_members_config_cli_names_and_card() -> None:
         {"training_data": {"config": {"cnn_members": 3}}})
     two_stems = {"cnn_members": 3, "cnn_stems": 2}
     now = members_sentence({"training_data": {"config": two_stems,
-                                              "models": {"cnn-x3-2stems-strided": {}}}})
+                                              "models": {"cnn-x3+3-strided": {}}}})
     before = members_sentence({"training_data": {"config": two_stems,
                                                  "models": {"cnn-x3-2stems": {}}}})
     assert "mean of 6 networks" in now and "every second pixel" in now
     assert "mean of 6 networks" in before and "every second pixel" not in before
+    site = members_sentence({"training_data": {"config": {**two_stems, "cnn_members": 2,
+                                                          "cnn_random_members": 3}}})
+    assert "mean of 5 networks" in site and "--cnn-random-members 3" in site
 
 
-def test_train_quick_with_two_members_on_two_stems(tmp_path: Path) -> None:
-    """A quick bundle with --cnn-members 2 --cnn-stems 2: two networks on the trained stem (the
-    second on the first one's, frozen) and two strided ones on the random stem drawn from the
-    run's seed, frozen as drawn; the bundle's CNN is the mean of all four as the runtime loads
-    it; the training bundle's Keras CNN (what `train.adaptive` attacks) is the same model; the
-    card says it."""
+def test_train_quick_site_ensemble_on_two_stems(tmp_path: Path) -> None:
+    """A quick bundle with a site's CNN, --cnn-members 2 --cnn-stems 2 --cnn-random-members 3:
+    two networks on the trained stem (the second on the first one's, frozen) and three strided
+    ones on the random stem drawn from the run's seed, frozen as drawn, each from the seed of
+    its index; the bundle's CNN is the mean of all five as the runtime loads it; the training
+    bundle's Keras CNN (what `train.adaptive` attacks) is the same model; the card says it."""
     import keras
     from test_train_e2e import _folder
 
@@ -170,16 +186,21 @@ def test_train_quick_with_two_members_on_two_stems(tmp_path: Path) -> None:
     data, work, out = tmp_path / "data", tmp_path / "work", tmp_path / "b"
     _folder(data)
     assert main(["train", "--data", str(data), "--work", str(work), "--quick", "--no-zoo",
-                 "--cnn-members", "2", "--cnn-stems", "2", "--out", str(out)]) == 0
+                 "--cnn-members", "2", "--cnn-stems", "2", "--cnn-random-members", "3",
+                 "--out", str(out)]) == 0
     models = work / "models"
-    nets = [keras.saving.load_model(str(models / f"{n}.keras"), safe_mode=True)
-            for n in ("cnn", "cnn-m2", "cnn-rstem1-strided", "cnn-rstem2-strided")]
-    kernels = [n.get_layer("highpass").get_weights()[0] for n in nets]
-    assert [n.get_layer("highpass").strides for n in nets] == [(1, 1), (1, 1), (2, 2), (2, 2)]
+    names = ["cnn", "cnn-m2", *(f"cnn-rstem{i}-strided" for i in (1, 2, 3))]
+    nets = [keras.saving.load_model(str(models / f"{n}.keras"), safe_mode=True) for n in names]
+    stems = [n.get_layer("highpass") for n in nets]
+    assert [hp.strides for hp in stems] == [(1, 1)] * 2 + [(2, 2)] * 3
+    kernels = [hp.get_weights()[0] for hp in stems]
     assert np.array_equal(kernels[1], kernels[0])
     drawn = detector_cnn.random_highpass_kernels(4, 0)  # the quick run's seed is 0
-    assert np.array_equal(kernels[2], drawn) and np.array_equal(kernels[3], drawn)
+    assert all(np.array_equal(k, drawn) for k in kernels[2:])
     assert not np.allclose(kernels[0], drawn)
+    made = json.loads((models / "cnn-x2+3-strided.json").read_text())
+    assert made["members"] == names
+    assert made["seeds"] == [member_seed(0, i) for i in (0, 1, 0, 1, 2)]
     x = _images(3, seed=4)
     mean = np.mean([detector_cnn.predict(n, x) for n in nets], axis=0)
     man = load_manifest(out)
@@ -188,9 +209,9 @@ def test_train_quick_with_two_members_on_two_stems(tmp_path: Path) -> None:
     tfiles = training_bundle.load_training(out, ("cnn_keras",))
     attacked = keras.saving.load_model(str(tfiles.path_of("cnn_keras")), safe_mode=True)
     assert np.allclose(detector_cnn.predict(attacked, x), mean, atol=1e-5)
-    assert man.training_data["config"]["cnn_members"] == 2
-    assert man.training_data["config"]["cnn_stems"] == 2
+    config = man.training_data["config"]
+    assert (config["cnn_members"], config["cnn_stems"], config["cnn_random_members"]) == (2, 2, 3)
     card = (out / "MODEL_CARD.md").read_text()
-    assert "mean of 4 networks" in card and "every second pixel" in card
+    assert "mean of 5 networks" in card and "every second pixel" in card
     det = Detector.load(out)
     assert 0.0 <= det.score_path(data / "img/000.png").score <= 1.0

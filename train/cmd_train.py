@@ -22,12 +22,11 @@ FEATURE_SET_CHOICES = ("sentinel-features-v1", "sentinel-features-v3")
 CNN_POOL_CHOICES = ("global", "tile-min")  # train.detector_cnn.CNN_POOLS (numpy), spelt out
 
 
-# A site bundle's CNN (--secret-file) unless --cnn-members / --cnn-stems say otherwise: two
-# networks on each of two stems. Measured on the six disjoint-patient site bundles (README, "Two
-# stems"): 2 + 2 detect 86% of the strongest public-bundle attack on average (4 of 6 bundles
-# meet issue 19's grey-box target) within the 2.0 ms budget (1.80-1.83 ms); 3 + 3 detect 91%
-# (6 of 6) but took 2.04-2.40 ms, so they stay a site's explicit choice (--cnn-members 3).
-SITE_CNN = (2, 2)
+# A site bundle's CNN (--secret-file) unless --cnn-members / --cnn-stems /
+# --cnn-random-members say otherwise: two networks on the trained stem and three strided ones
+# on the random stem. Measured on the six disjoint-patient site bundles and two more from a
+# secret they were not chosen on (README, "Two stems").
+SITE_CNN = {"cnn_members": 2, "cnn_stems": 2, "cnn_random_members": 3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,29 +98,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "README, \"Tile-min pooling\")")
     parser.add_argument("--cnn-members", type=int, default=None, metavar="K",
                         help="the detector CNN as the mean of K networks (1 to 5; default 1, "
-                        f"with --secret-file {SITE_CNN[0]}) trained from different seeds on one "
-                        "shared first layer: each further one adds a training run and about "
-                        "0.12 ms per image (README, \"Averaging CNNs\")")
+                        f"with --secret-file {SITE_CNN['cnn_members']}) trained from different "
+                        "seeds on one shared first layer: each further one adds a training run "
+                        "and about 0.12 ms per image (README, \"Averaging CNNs\")")
     parser.add_argument("--cnn-stems", type=int, choices=(1, 2), default=None,
-                        help="2: also train K networks on a frozen first layer of random "
+                        help="2: also train networks on a frozen first layer of random "
                         "high-pass kernels drawn from the run's CNN seed (a site bundle's: from "
-                        "its secret) and average all 2K (K at most 3; a second stem costs "
-                        f"about 0.25 ms per image). Default 1, with --secret-file {SITE_CNN[1]}: "
-                        "2 + 2 networks caught 73-97%% of the strongest public-bundle attack "
-                        "and 3 + 3 83-97%%, where 5 on one stem caught 68-78%% (README, \"Two "
-                        "stems\")")
+                        "its secret), read at every second pixel, and average them all. Default "
+                        f"1, with --secret-file {SITE_CNN['cnn_stems']} (README, \"Two stems\")")
+    parser.add_argument("--cnn-random-members", type=int, default=None, metavar="R",
+                        help="with --cnn-stems 2: how many networks train on the random stem "
+                        "(default K, with --secret-file and no --cnn-members "
+                        f"{SITE_CNN['cnn_random_members']}); K + R at most 6")
     parser.add_argument("--new-secret", action="store_true",
                         help="first write a fresh random secret to --secret-file (refuses to "
                         "overwrite an existing file)")
 
 
-def _cnn_ensemble(args: argparse.Namespace) -> dict[str, int]:
-    """TrainConfig's ``cnn_members`` and ``cnn_stems``: as given, else one network, else for a
-    site bundle ``SITE_CNN``."""
+def _cnn_ensemble(args: argparse.Namespace) -> dict[str, int | None]:
+    """TrainConfig's ``cnn_members``, ``cnn_stems`` and ``cnn_random_members``: as given, else
+    one network, else for a site bundle ``SITE_CNN``; the random stem's count is
+    ``cnn_members`` (None) once ``--cnn-members`` is given."""
     site = args.secret_file is not None or args.new_secret
-    members, stems = SITE_CNN if site else (1, 1)
-    return {"cnn_members": members if args.cnn_members is None else args.cnn_members,
-            "cnn_stems": stems if args.cnn_stems is None else args.cnn_stems}
+    members = args.cnn_members if args.cnn_members is not None else (
+        SITE_CNN["cnn_members"] if site else 1)
+    stems = args.cnn_stems if args.cnn_stems is not None else (
+        SITE_CNN["cnn_stems"] if site else 1)
+    random = args.cnn_random_members
+    if random is None and site and stems == 2 and args.cnn_members is None:
+        random = SITE_CNN["cnn_random_members"]
+    return {"cnn_members": members, "cnn_stems": stems, "cnn_random_members": random}
 
 
 def _patient_part(text: str) -> tuple[int, int]:

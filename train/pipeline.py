@@ -124,12 +124,14 @@ class TrainConfig:
     # than any single run a site could pick (README, "Averaging CNNs").
     cnn_members: int = 1
     # How many high-pass stems those networks read (`sentinel train --cnn-stems`): with 2,
-    # another ``cnn_members`` networks train on a frozen stem of random high-pass kernels drawn
+    # ``cnn_random_members`` more networks (None: as many as ``cnn_members``) train, in
+    # build_shipped's cheaper strided shape, on a frozen stem of random high-pass kernels drawn
     # from the CNN's seed (a site bundle's: from its secret), and the CNN is the mean of all of
-    # them. Why: on patients the public bundle never saw, 2 + 2 networks caught 86% and 3 + 3
-    # 91% of the strongest public-bundle attack against 74% for 5 on one stem, at fewer false
+    # them. Why: on patients the public bundle never saw, two stems caught 86% of the strongest
+    # public-bundle attack on average against 74% for 5 networks on one stem, at fewer false
     # alarms on NIH (README, "Two stems").
     cnn_stems: int = 1
+    cnn_random_members: int | None = None
 
     def __post_init__(self) -> None:
         from detector.features import FEATURE_SETS
@@ -146,11 +148,16 @@ class TrainConfig:
                              "(each costs about 0.12 ms per image and a training run)")
         if self.cnn_stems not in (1, 2):
             raise ValueError(f"{self.cnn_stems} CNN stems: give 1 or 2")
-        if self.cnn_stems * self.cnn_members > MAX_CNN_NETWORKS:
-            raise ValueError(f"{self.cnn_members} CNN members on each of {self.cnn_stems} stems: "
-                             f"at most {MAX_CNN_NETWORKS} networks in all (3 + 3 already take "
-                             "2.0-2.4 ms per image); give --cnn-members "
-                             f"{MAX_CNN_NETWORKS // self.cnn_stems} or fewer")
+        if self.cnn_random_members is not None:
+            if self.cnn_stems != 2:
+                raise ValueError("CNN random members train on a second stem: add --cnn-stems 2")
+            if not 1 <= self.cnn_random_members <= MAX_CNN_MEMBERS:
+                raise ValueError(f"{self.cnn_random_members} CNN random members: give 1 to "
+                                 f"{MAX_CNN_MEMBERS}")
+        if self.cnn_members + self.random_members > MAX_CNN_NETWORKS:
+            raise ValueError(f"{self.cnn_members} + {self.random_members} CNN networks on two "
+                             f"stems: at most {MAX_CNN_NETWORKS} in all (the latency budget); "
+                             "give fewer --cnn-members or --cnn-random-members")
         if self.feature_set not in FEATURE_SETS:
             raise ValueError(f"feature set {self.feature_set!r}: use one of "
                              f"{list(FEATURE_SETS)}")
@@ -191,9 +198,16 @@ class TrainConfig:
         return "" if self.cnn_pool == "global" else "-" + self.cnn_pool.replace("-", "")
 
     @property
+    def random_members(self) -> int:
+        """How many networks train on the random second stem (0 with one stem)."""
+        if self.cnn_stems == 1:
+            return 0
+        return self.cnn_members if self.cnn_random_members is None else self.cnn_random_members
+
+    @property
     def members_tag(self) -> str:
         """Suffix of the CNN's member and stem count ("" for one network)."""
-        return ensemble_name("", self.cnn_members, self.cnn_stems)
+        return ensemble_name("", self.cnn_members, self.random_members)
 
     @property
     def part_tag(self) -> str:
@@ -664,19 +678,19 @@ def with_pairs(sets: DetectorSets, tr_pair: tuple[np.ndarray, np.ndarray],
 def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, builder: str,
               epochs: int, max_images: int | None = None,
               arch: dict[str, Any] | None = None, seed: int | None = None,
-              members: int = 1, stems: int = 1) -> Path:
+              members: int = 1, random_members: int = 0) -> Path:
     """Train a detector CNN and export it to TFLite; resumable (each trained network is kept as
     ``<name>.keras``). ``arch``: build_shipped's shape (a secret bundle's draw); ``seed``: the
     training seed (default ``cfg.seed``). A "shipped" CNN is exported in its fused form
     (detector_cnn.build_fused, the same function, faster); with ``members`` > 1 the further
     members (``<name>-m2``...) train from their own seeds on the first one's frozen high-pass
-    stem, and with ``stems`` = 2 another ``members`` networks (``<name>-rstem1-strided``...)
-    train on a frozen stem of random high-pass kernels drawn from ``seed``, in build_shipped's
-    strided shape (cheaper, and as strong in the ensemble: README, "Two stems"); the export
+    stem, and ``random_members`` networks (``<name>-rstem1-strided``...) train on a frozen
+    second stem of random high-pass kernels drawn from ``seed``, in build_shipped's strided
+    shape (cheaper, and as strong in the ensemble: README, "Two stems"); the export
     (``ensemble_name``, its Keras original beside it) scores the mean of their probabilities."""
     from train import detector_cnn
 
-    out = ensemble_name(name, members, stems)
+    out = ensemble_name(name, members, random_members)
     tfl = work.path(f"models/{out}.tflite")
     if tfl.exists() and work.has(f"models/{out}.keras"):
         return tfl
@@ -697,20 +711,24 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
         nets.append(train_cnn_member(
             work, train_sets, member_name, builder, epochs, arch, member_s,
             frozen_stem=nets[0].get_layer("highpass").get_weights()[0] if nets else None))
-    if stems == 2:
+    if random_members:
         filters = nets[0].get_layer("highpass").get_weights()[0].shape[-1]
         random_stem = detector_cnn.random_highpass_kernels(filters, seed)
-        for i, member_s in enumerate(seeds):
+        # each stem's i-th network trains from the same seed
+        random_seeds = [member_seed(seed, i) for i in range(random_members)]
+        for i, member_s in enumerate(random_seeds):
             names.append(f"{name}-rstem{i + 1}-strided")
             nets.append(train_cnn_member(work, train_sets, names[-1], builder, epochs,
                                          {**arch, "strided": True}, member_s,
                                          frozen_stem=random_stem))
-        seeds = seeds + seeds  # each stem's i-th network trains from the same seed
+        seeds = seeds + random_seeds
     final = detector_cnn.build_fused(nets, arch) if builder == "shipped" else nets[0]
     if len(nets) > 1:
         save_keras(final, work.path(f"models/{out}.keras"))
         work.save_json(f"models/{out}.json", {"members": names, "seeds": seeds,
-                                              "stems": stems, "builder": builder,
+                                              "stems": 1 + bool(random_members),
+                                              "random_members": random_members,
+                                              "builder": builder,
                                               **({"arch": arch} if arch else {})})
     tmp = tfl.with_name("tmp-" + tfl.name)
     detector_cnn.export_tflite(final, tmp)
@@ -718,14 +736,14 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
     return tfl
 
 
-def ensemble_name(name: str, members: int, stems: int = 1) -> str:
-    """The model files of a CNN of ``members`` networks on each of ``stems`` stems (``name``
-    itself for one network)."""
-    if stems == 1:
+def ensemble_name(name: str, members: int, random_members: int = 0) -> str:
+    """The model files of a CNN of ``members`` networks on the trained stem and
+    ``random_members`` on the random one (``name`` itself for one network)."""
+    if not random_members:
         return name if members == 1 else f"{name}-x{members}"
-    # "-strided": the second stem's networks changed shape (session 20); the name keeps a
-    # work directory's older full-resolution ensemble from being taken for the new one
-    return f"{name}-x{members}-{stems}stems-strided"
+    # "-strided": the random stem's networks changed shape (session 20); the name keeps a
+    # work directory's older full-resolution ensemble ("-x3-2stems") from being taken for it
+    return f"{name}-x{members}+{random_members}-strided"
 
 
 def member_seed(seed: int, index: int) -> int:
@@ -1062,9 +1080,9 @@ def run_pipeline(cfg: TrainConfig) -> Path:
                               (empty, empty))
     cnn_path = timed(cnn_name, lambda: stage_cnn(
         cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs,
-        arch=cnn_arch(cfg), members=cfg.cnn_members, stems=cfg.cnn_stems,
+        arch=cnn_arch(cfg), members=cfg.cnn_members, random_members=cfg.random_members,
         **({"seed": cfg.secret.cnn_seed} if cfg.secret else {})))
-    cnn_file = ensemble_name(cnn_name, cfg.cnn_members, cfg.cnn_stems)
+    cnn_file = ensemble_name(cnn_name, cfg.cnn_members, cfg.random_members)
     forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
     paper_name, baseline_name = "paper_cnn" + cfg.part_tag, "baseline_cnn" + cfg.part_tag
     paper_tflite = timed(paper_name, lambda: stage_cnn(
@@ -1291,7 +1309,8 @@ def model_card_path(cfg: TrainConfig, work: Work | None = None) -> Path | None:
 
     text = "\n\n".join(par for par in text.split("\n\n")
                        if "`--cnn-pool " not in par and "`--cnn-members " not in par)
-    for note in (pool_note(cfg.cnn_pool), members_note(cfg.cnn_members, cfg.cnn_stems)):
+    for note in (pool_note(cfg.cnn_pool), members_note(cfg.cnn_members, cfg.cnn_stems,
+                                                             random=cfg.random_members)):
         if note:
             text = (text.rstrip() + "\n\n" if text.strip() else "# Model card\n\n") + (
                 note.strip() + "\n")

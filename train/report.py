@@ -534,24 +534,28 @@ def pool_note(cnn_pool: str) -> str:
 
 def members_sentence(manifest: dict) -> str:
     """The card's note on a CNN averaged over several networks (``sentinel train
-    --cnn-members``, ``--cnn-stems``), or nothing."""
+    --cnn-members``, ``--cnn-stems``, ``--cnn-random-members``), or nothing."""
     training = _training_data(manifest)
     config = training.get("config") or {}
     # a two-stem bundle before session 20 read its random stem at every pixel
     strided = any(name.endswith("-strided") for name in training.get("models") or {})
     return members_note(int(config.get("cnn_members", 1)), int(config.get("cnn_stems", 1)),
-                        strided)
+                        strided, config.get("cnn_random_members"))
 
 
-def members_note(members: int, stems: int = 1, strided: bool = True) -> str:
-    """One sentence (with a leading space) on a CNN of more than one network."""
+def members_note(members: int, stems: int = 1, strided: bool = True,
+                 random: int | None = None) -> str:
+    """One sentence (with a leading space) on a CNN of more than one network; ``random``: the
+    networks on the random stem (None: as many as ``members``)."""
     if stems == 2:
-        return (f" The CNN's probability is the mean of {2 * members} networks (`--cnn-members "
-                f"{members} --cnn-stems 2`) trained from different seeds: {members} on one "
-                "shared, trained high-pass first layer and "
-                f"{members} on a frozen first layer of random high-pass kernels drawn from the "
-                "run's CNN seed (a site bundle's: from its secret, so they are as secret as "
-                "it)" + (", read at every second pixel" if strided else "")
+        random = members if random is None else random
+        flags = f"--cnn-members {members} --cnn-stems 2" + (
+            f" --cnn-random-members {random}" if random != members else "")
+        return (f" The CNN's probability is the mean of {members + random} networks (`{flags}`) "
+                f"trained from different seeds: {members} on one shared, trained high-pass "
+                f"first layer and {random} on a frozen first layer of random high-pass kernels "
+                "drawn from the run's CNN seed (a site bundle's: from its secret, so they are as "
+                "secret as it)" + (", read at every second pixel" if strided else "")
                 + ": an attack has to fool their average, not one network.")
     if members == 1:
         return ""
