@@ -3,7 +3,7 @@ one clipped ReLU), `sentinel train --cnn-members K` (the mean of K networks on o
 `--cnn-stems 2 --cnn-random-members R` (R more, strided, on a frozen stem of random high-pass
 kernels). The fused model must be the same function as the networks it is built from, through
 the TFLite export the gateway loads; the CLI, config and model card wiring; and a whole quick
-training run with a site's 2 + 3 networks (about a minute)."""
+training run with 2 + 3 networks (about a minute)."""
 
 from __future__ import annotations
 
@@ -122,33 +122,38 @@ def test_members_config_cli_names_and_card() -> None:
         config(cnn_stems=3)
     with pytest.raises(ValueError, match="--cnn-stems 2"):
         config(cnn_random_members=2)
+    with pytest.raises(ValueError, match="random stem"):
+        config(cnn_stems=2, cnn_random_stem="wide")
     with pytest.raises(ValueError, match=f"at most {MAX_CNN_NETWORKS}"):
         config(cnn_members=4, cnn_stems=2, cnn_random_members=MAX_CNN_NETWORKS - 3)
     args = build_parser().parse_args(["train", "--data", ".", "--out", "o", "--cnn-members", "3",
                                       "--cnn-stems", "2", "--cnn-random-members", "2"])
     assert (args.cnn_members, args.cnn_stems, args.cnn_random_members) == (3, 2, 2)
     assert config(cnn_members=3, cnn_stems=2).members_tag == "-x3+3-strided"
+    assert config(cnn_members=3, cnn_stems=2, cnn_random_stem="full").members_tag == "-x3+3"
     assert config(cnn_members=2, cnn_stems=2, cnn_random_members=3).random_members == 3
     assert config(cnn_members=2).random_members == 0
-    # a site bundle (--secret-file) gets 2 + 3 networks on two stems unless told
+    # a site bundle (--secret-file) gets 2 + 2 networks on two stems unless told
     from train.cmd_train import SITE_CNN, _cnn_ensemble
 
-    def ensemble(*extra: str) -> tuple[int, int, int | None]:
+    def ensemble(*extra: str) -> tuple[int, int, int | None, str]:
         got = _cnn_ensemble(build_parser().parse_args(["train", "--data", ".", "--out", "o",
                                                        *extra]))
-        return got["cnn_members"], got["cnn_stems"], got["cnn_random_members"]
+        return (got["cnn_members"], got["cnn_stems"], got["cnn_random_members"],
+                got["cnn_random_stem"])
 
-    assert SITE_CNN == {"cnn_members": 2, "cnn_stems": 2, "cnn_random_members": 3}
-    assert ensemble() == (1, 1, None)
-    assert ensemble("--secret-file", "k") == (2, 2, 3)
-    assert ensemble("--secret-file", "k", "--cnn-stems", "1") == (2, 1, None)
-    assert ensemble("--secret-file", "k", "--cnn-members", "3") == (3, 2, None)
+    assert SITE_CNN == {"cnn_members": 2, "cnn_stems": 2}
+    assert ensemble() == (1, 1, None, "strided")
+    assert ensemble("--secret-file", "k") == (2, 2, None, "strided")
+    assert ensemble("--secret-file", "k", "--cnn-stems", "1") == (2, 1, None, "strided")
     assert ensemble("--secret-file", "k", "--cnn-members", "1", "--cnn-stems", "1") == (
-        1, 1, None)
-    assert ensemble("--cnn-stems", "2", "--cnn-random-members", "1") == (1, 2, 1)
+        1, 1, None, "strided")
+    assert ensemble("--cnn-stems", "2", "--cnn-random-members", "1", "--cnn-random-stem",
+                    "full") == (1, 2, 1, "full")
     assert ensemble_name("cnn-part1of2", 1) == "cnn-part1of2"
     assert ensemble_name("cnn-part1of2", 3) == "cnn-part1of2-x3"
     assert ensemble_name("cnn-part1of2", 2, 3) == "cnn-part1of2-x2+3-strided"
+    assert ensemble_name("cnn-part1of2", 2, 3, strided=False) == "cnn-part1of2-x2+3"
     # the first member keeps the run's seed: a one-member CNN is the CNN trained before
     assert member_seed(11, 0) == 11
     assert len({member_seed(11, i) for i in range(5)}) == 5
@@ -169,7 +174,7 @@ def test_members_config_cli_names_and_card() -> None:
 
 
 def test_train_quick_site_ensemble_on_two_stems(tmp_path: Path) -> None:
-    """A quick bundle with a site's CNN, --cnn-members 2 --cnn-stems 2 --cnn-random-members 3:
+    """A quick bundle with --cnn-members 2 --cnn-stems 2 --cnn-random-members 3:
     two networks on the trained stem (the second on the first one's, frozen) and three strided
     ones on the random stem drawn from the run's seed, frozen as drawn, each from the seed of
     its index; the bundle's CNN is the mean of all five as the runtime loads it; the training

@@ -141,7 +141,7 @@ def _head(x: Any, width: int, kernel: int, pool: str, suffix: str, strided: bool
         made.append(layers.Conv2D(width, kernel, padding="same", activation="relu"))
         x = layers.MaxPooling2D(2)(made[-1](x))
     made.append(layers.Conv2D(width, kernel, padding="same", activation="relu"))
-    x = made[-1](x)  # 27x27
+    x = made[-1](x)  # 27x27 (28x28 strided)
     if pool == "tile-min":
         side = x.shape[1] // TILES  # 9: the 27x27 maps as 3x3 tiles
         x = layers.Concatenate()([layers.AveragePooling2D(side)(x),

@@ -124,14 +124,17 @@ class TrainConfig:
     # than any single run a site could pick (README, "Averaging CNNs").
     cnn_members: int = 1
     # How many high-pass stems those networks read (`sentinel train --cnn-stems`): with 2,
-    # ``cnn_random_members`` more networks (None: as many as ``cnn_members``) train, in
-    # build_shipped's cheaper strided shape, on a frozen stem of random high-pass kernels drawn
-    # from the CNN's seed (a site bundle's: from its secret), and the CNN is the mean of all of
-    # them. Why: on patients the public bundle never saw, two stems caught 86% of the strongest
-    # public-bundle attack on average against 74% for 5 networks on one stem, at fewer false
-    # alarms on NIH (README, "Two stems").
+    # ``cnn_random_members`` more networks (None: as many as ``cnn_members``) train on a frozen
+    # stem of random high-pass kernels drawn from the CNN's seed (a site bundle's: from its
+    # secret), and the CNN is the mean of all of them. Why: on patients the public bundle never
+    # saw, two stems caught 85-88% of the strongest public-bundle attack on average against 74%
+    # for 5 networks on one stem, at fewer false alarms on NIH (README, "Two stems").
     cnn_stems: int = 1
     cnn_random_members: int | None = None
+    # The random stem's shape (`--cnn-random-stem`, RANDOM_STEMS): "strided" (build_shipped's
+    # strided networks: about 0.25 ms less per image) or "full" (every pixel, as in session 19:
+    # fewer NIH false alarms on one of two fresh secrets, README "Two stems").
+    cnn_random_stem: str = "strided"
 
     def __post_init__(self) -> None:
         from detector.features import FEATURE_SETS
@@ -154,6 +157,8 @@ class TrainConfig:
             if not 1 <= self.cnn_random_members <= MAX_CNN_MEMBERS:
                 raise ValueError(f"{self.cnn_random_members} CNN random members: give 1 to "
                                  f"{MAX_CNN_MEMBERS}")
+        if self.cnn_random_stem not in RANDOM_STEMS:
+            raise ValueError(f"random stem {self.cnn_random_stem!r}: use one of {RANDOM_STEMS}")
         if self.cnn_members + self.random_members > MAX_CNN_NETWORKS:
             raise ValueError(f"{self.cnn_members} + {self.random_members} CNN networks on two "
                              f"stems: at most {MAX_CNN_NETWORKS} in all (the latency budget); "
@@ -207,7 +212,8 @@ class TrainConfig:
     @property
     def members_tag(self) -> str:
         """Suffix of the CNN's member and stem count ("" for one network)."""
-        return ensemble_name("", self.cnn_members, self.random_members)
+        return ensemble_name("", self.cnn_members, self.random_members,
+                             self.cnn_random_stem == "strided")
 
     @property
     def part_tag(self) -> str:
@@ -226,7 +232,8 @@ class TrainConfig:
 
 
 MAX_CNN_MEMBERS = 5  # 5 members: the CNN alone about 1.0 ms, within the 2.0 ms budget
-MAX_CNN_NETWORKS = 6  # on all stems: 3 + 3 on two stems took 1.14 ms, the detector 2.04-2.40
+MAX_CNN_NETWORKS = 6  # on both stems: 3 + 3 full-resolution took 2.04-2.40 ms in all
+RANDOM_STEMS = ("strided", "full")  # the random stem's shapes (TrainConfig.cnn_random_stem)
 
 
 QUICK_SIZES = {"train": 400, "val": 160, "test": 160}
@@ -678,19 +685,20 @@ def with_pairs(sets: DetectorSets, tr_pair: tuple[np.ndarray, np.ndarray],
 def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, builder: str,
               epochs: int, max_images: int | None = None,
               arch: dict[str, Any] | None = None, seed: int | None = None,
-              members: int = 1, random_members: int = 0) -> Path:
+              members: int = 1, random_members: int = 0,
+              random_strided: bool = True) -> Path:
     """Train a detector CNN and export it to TFLite; resumable (each trained network is kept as
     ``<name>.keras``). ``arch``: build_shipped's shape (a secret bundle's draw); ``seed``: the
     training seed (default ``cfg.seed``). A "shipped" CNN is exported in its fused form
     (detector_cnn.build_fused, the same function, faster); with ``members`` > 1 the further
     members (``<name>-m2``...) train from their own seeds on the first one's frozen high-pass
-    stem, and ``random_members`` networks (``<name>-rstem1-strided``...) train on a frozen
-    second stem of random high-pass kernels drawn from ``seed``, in build_shipped's strided
-    shape (cheaper, and as strong in the ensemble: README, "Two stems"); the export
+    stem, and ``random_members`` networks (``<name>-rstem1``..., ``-strided`` in
+    build_shipped's cheaper strided shape) train on a frozen second stem of random high-pass
+    kernels drawn from ``seed``; the export
     (``ensemble_name``, its Keras original beside it) scores the mean of their probabilities."""
     from train import detector_cnn
 
-    out = ensemble_name(name, members, random_members)
+    out = ensemble_name(name, members, random_members, random_strided)
     tfl = work.path(f"models/{out}.tflite")
     if tfl.exists() and work.has(f"models/{out}.keras"):
         return tfl
@@ -717,10 +725,11 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
         # each stem's i-th network trains from the same seed
         random_seeds = [member_seed(seed, i) for i in range(random_members)]
         for i, member_s in enumerate(random_seeds):
-            names.append(f"{name}-rstem{i + 1}-strided")
+            names.append(f"{name}-rstem{i + 1}" + "-strided" * random_strided)
             nets.append(train_cnn_member(work, train_sets, names[-1], builder, epochs,
-                                         {**arch, "strided": True}, member_s,
-                                         frozen_stem=random_stem))
+                                         {**arch, **({"strided": True} if random_strided
+                                                     else {})},
+                                         member_s, frozen_stem=random_stem))
         seeds = seeds + random_seeds
     final = detector_cnn.build_fused(nets, arch) if builder == "shipped" else nets[0]
     if len(nets) > 1:
@@ -736,14 +745,14 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
     return tfl
 
 
-def ensemble_name(name: str, members: int, random_members: int = 0) -> str:
+def ensemble_name(name: str, members: int, random_members: int = 0,
+                  strided: bool = True) -> str:
     """The model files of a CNN of ``members`` networks on the trained stem and
-    ``random_members`` on the random one (``name`` itself for one network)."""
+    ``random_members`` on the random one (``name`` itself for one network), ``strided`` or
+    not."""
     if not random_members:
         return name if members == 1 else f"{name}-x{members}"
-    # "-strided": the random stem's networks changed shape (session 20); the name keeps a
-    # work directory's older full-resolution ensemble ("-x3-2stems") from being taken for it
-    return f"{name}-x{members}+{random_members}-strided"
+    return f"{name}-x{members}+{random_members}" + "-strided" * strided
 
 
 def member_seed(seed: int, index: int) -> int:
@@ -1081,8 +1090,10 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     cnn_path = timed(cnn_name, lambda: stage_cnn(
         cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs,
         arch=cnn_arch(cfg), members=cfg.cnn_members, random_members=cfg.random_members,
+        random_strided=cfg.cnn_random_stem == "strided",
         **({"seed": cfg.secret.cnn_seed} if cfg.secret else {})))
-    cnn_file = ensemble_name(cnn_name, cfg.cnn_members, cfg.random_members)
+    cnn_file = ensemble_name(cnn_name, cfg.cnn_members, cfg.random_members,
+                             cfg.cnn_random_stem == "strided")
     forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
     paper_name, baseline_name = "paper_cnn" + cfg.part_tag, "baseline_cnn" + cfg.part_tag
     paper_tflite = timed(paper_name, lambda: stage_cnn(
@@ -1310,7 +1321,8 @@ def model_card_path(cfg: TrainConfig, work: Work | None = None) -> Path | None:
     text = "\n\n".join(par for par in text.split("\n\n")
                        if "`--cnn-pool " not in par and "`--cnn-members " not in par)
     for note in (pool_note(cfg.cnn_pool), members_note(cfg.cnn_members, cfg.cnn_stems,
-                                                             random=cfg.random_members)):
+                                                             cfg.cnn_random_stem == "strided",
+                                                             cfg.random_members)):
         if note:
             text = (text.rstrip() + "\n\n" if text.strip() else "# Model card\n\n") + (
                 note.strip() + "\n")
