@@ -1,9 +1,9 @@
 """The detector CNN as the runtime runs it: the fused stem (one convolution with +-255K kernels,
 one clipped ReLU), `sentinel train --cnn-members K` (the mean of K networks on one stem) and
-`--cnn-stems 2 --cnn-random-members R` (R more, strided, on a frozen stem of random high-pass
-kernels). The fused model must be the same function as the networks it is built from, through
-the TFLite export the gateway loads; the CLI, config and model card wiring; and a whole quick
-training run with 2 + 3 networks (about a minute)."""
+`--cnn-stems 2 --cnn-random-members R` (R more, at every pixel or strided, on a frozen stem of
+random high-pass kernels). The fused model must be the same function as the networks it is
+built from, through the TFLite export the gateway loads; the CLI, config and model card
+wiring; and a whole quick training run with 2 + 3 networks (about a minute)."""
 
 from __future__ import annotations
 
@@ -129,8 +129,9 @@ def test_members_config_cli_names_and_card() -> None:
     args = build_parser().parse_args(["train", "--data", ".", "--out", "o", "--cnn-members", "3",
                                       "--cnn-stems", "2", "--cnn-random-members", "2"])
     assert (args.cnn_members, args.cnn_stems, args.cnn_random_members) == (3, 2, 2)
-    assert config(cnn_members=3, cnn_stems=2).members_tag == "-x3+3-strided"
-    assert config(cnn_members=3, cnn_stems=2, cnn_random_stem="full").members_tag == "-x3+3"
+    assert config(cnn_members=3, cnn_stems=2).members_tag == "-x3+3"
+    assert config(cnn_members=3, cnn_stems=2, cnn_random_stem="strided").members_tag == (
+        "-x3+3-strided")
     assert config(cnn_members=2, cnn_stems=2, cnn_random_members=3).random_members == 3
     assert config(cnn_members=2).random_members == 0
     # a site bundle (--secret-file) gets 2 + 2 networks on two stems unless told
@@ -143,13 +144,13 @@ def test_members_config_cli_names_and_card() -> None:
                 got["cnn_random_stem"])
 
     assert SITE_CNN == {"cnn_members": 2, "cnn_stems": 2}
-    assert ensemble() == (1, 1, None, "strided")
-    assert ensemble("--secret-file", "k") == (2, 2, None, "strided")
-    assert ensemble("--secret-file", "k", "--cnn-stems", "1") == (2, 1, None, "strided")
+    assert ensemble() == (1, 1, None, "full")
+    assert ensemble("--secret-file", "k") == (2, 2, None, "full")
+    assert ensemble("--secret-file", "k", "--cnn-stems", "1") == (2, 1, None, "full")
     assert ensemble("--secret-file", "k", "--cnn-members", "1", "--cnn-stems", "1") == (
-        1, 1, None, "strided")
+        1, 1, None, "full")
     assert ensemble("--cnn-stems", "2", "--cnn-random-members", "1", "--cnn-random-stem",
-                    "full") == (1, 2, 1, "full")
+                    "strided") == (1, 2, 1, "strided")
     assert ensemble_name("cnn-part1of2", 1) == "cnn-part1of2"
     assert ensemble_name("cnn-part1of2", 3) == "cnn-part1of2-x3"
     assert ensemble_name("cnn-part1of2", 2, 3) == "cnn-part1of2-x2+3-strided"
@@ -173,12 +174,13 @@ def test_members_config_cli_names_and_card() -> None:
     assert "mean of 5 networks" in site and "--cnn-random-members 3" in site
 
 
-def test_train_quick_site_ensemble_on_two_stems(tmp_path: Path) -> None:
-    """A quick bundle with --cnn-members 2 --cnn-stems 2 --cnn-random-members 3:
-    two networks on the trained stem (the second on the first one's, frozen) and three strided
-    ones on the random stem drawn from the run's seed, frozen as drawn, each from the seed of
-    its index; the bundle's CNN is the mean of all five as the runtime loads it; the training
-    bundle's Keras CNN (what `train.adaptive` attacks) is the same model; the card says it."""
+def test_train_quick_two_plus_three_strided(tmp_path: Path) -> None:
+    """A quick bundle with --cnn-members 2 --cnn-stems 2 --cnn-random-members 3
+    --cnn-random-stem strided: two networks on the trained stem (the second on the first
+    one's, frozen) and three strided ones on the random stem drawn from the run's seed, frozen
+    as drawn, each from the seed of its index; the bundle's CNN is the mean of all five as the
+    runtime loads it; the training bundle's Keras CNN (what `train.adaptive` attacks) is the
+    same model; the card says it."""
     import keras
     from test_train_e2e import _folder
 
@@ -192,7 +194,7 @@ def test_train_quick_site_ensemble_on_two_stems(tmp_path: Path) -> None:
     _folder(data)
     assert main(["train", "--data", str(data), "--work", str(work), "--quick", "--no-zoo",
                  "--cnn-members", "2", "--cnn-stems", "2", "--cnn-random-members", "3",
-                 "--out", str(out)]) == 0
+                 "--cnn-random-stem", "strided", "--out", str(out)]) == 0
     models = work / "models"
     names = ["cnn", "cnn-m2", *(f"cnn-rstem{i}-strided" for i in (1, 2, 3))]
     nets = [keras.saving.load_model(str(models / f"{n}.keras"), safe_mode=True) for n in names]
@@ -215,7 +217,8 @@ def test_train_quick_site_ensemble_on_two_stems(tmp_path: Path) -> None:
     attacked = keras.saving.load_model(str(tfiles.path_of("cnn_keras")), safe_mode=True)
     assert np.allclose(detector_cnn.predict(attacked, x), mean, atol=1e-5)
     config = man.training_data["config"]
-    assert (config["cnn_members"], config["cnn_stems"], config["cnn_random_members"]) == (2, 2, 3)
+    assert (config["cnn_members"], config["cnn_stems"], config["cnn_random_members"],
+            config["cnn_random_stem"]) == (2, 2, 3, "strided")
     card = (out / "MODEL_CARD.md").read_text()
     assert "mean of 5 networks" in card and "every second pixel" in card
     det = Detector.load(out)
