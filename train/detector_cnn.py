@@ -171,8 +171,9 @@ def build_fused(members: list[Any], arch: dict[str, Any]) -> Any:
     mean of several training runs of a site bundle's CNN detected more of the strongest
     public-bundle attack than single runs (README, "Averaging CNNs"); members sharing a stem
     cost about 0.11 ms each (``sentinel train --cnn-members``), a second full-resolution stem
-    about 0.25 ms; a strided second stem and its networks cost a third to a half of that
-    (``--cnn-stems 2``)."""
+    about 0.25 ms (``--cnn-stems 2``); a strided second stem with two networks about a third of
+    what the full one with two costs (``--cnn-random-stem strided``: 0.63 against 0.92 ms for
+    the whole 2 + 2 CNN, bench/RESULTS.md session 20)."""
     import keras
     from keras import layers
 
