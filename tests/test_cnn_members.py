@@ -153,8 +153,8 @@ def test_members_config_cli_names_and_card() -> None:
                     "strided") == (1, 2, 1, "strided")
     assert ensemble_name("cnn-part1of2", 1) == "cnn-part1of2"
     assert ensemble_name("cnn-part1of2", 3) == "cnn-part1of2-x3"
-    assert ensemble_name("cnn-part1of2", 2, 3) == "cnn-part1of2-x2+3-strided"
-    assert ensemble_name("cnn-part1of2", 2, 3, strided=False) == "cnn-part1of2-x2+3"
+    assert ensemble_name("cnn-part1of2", 2, 3) == "cnn-part1of2-x2+3"
+    assert ensemble_name("cnn-part1of2", 2, 3, strided=True) == "cnn-part1of2-x2+3-strided"
     # the first member keeps the run's seed: a one-member CNN is the CNN trained before
     assert member_seed(11, 0) == 11
     assert len({member_seed(11, i) for i in range(5)}) == 5

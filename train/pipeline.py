@@ -687,7 +687,7 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
               epochs: int, max_images: int | None = None,
               arch: dict[str, Any] | None = None, seed: int | None = None,
               members: int = 1, random_members: int = 0,
-              random_strided: bool = True) -> Path:
+              random_strided: bool = False) -> Path:
     """Train a detector CNN and export it to TFLite; resumable (each trained network is kept as
     ``<name>.keras``). ``arch``: build_shipped's shape (a secret bundle's draw); ``seed``: the
     training seed (default ``cfg.seed``). A "shipped" CNN is exported in its fused form
@@ -747,7 +747,7 @@ def stage_cnn(cfg: TrainConfig, work: Work, sets: DetectorSets, name: str, build
 
 
 def ensemble_name(name: str, members: int, random_members: int = 0,
-                  strided: bool = True) -> str:
+                  strided: bool = False) -> str:
     """The model files of a CNN of ``members`` networks on the trained stem and
     ``random_members`` on the random one (``name`` itself for one network), ``strided`` or
     not."""
