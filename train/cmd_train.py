@@ -23,8 +23,8 @@ CNN_POOL_CHOICES = ("global", "tile-min")  # train.detector_cnn.CNN_POOLS (numpy
 
 
 # A site bundle's CNN (--secret-file) unless --cnn-members / --cnn-stems say otherwise: two
-# networks on the trained stem and two on the random stem. Measured on ten disjoint-patient
-# site bundles from five secrets (README, "Two stems"): the recipes tried detect 85-88% of the
+# networks on the trained stem and two on the random stem. Measured on disjoint-patient site
+# bundles from up to seven secrets (README, "Two stems"): the recipes tried detect 85-88% of the
 # strongest public-bundle attack on average and which secret a site draws matters more than the
 # recipe; this one stays within the 2.0 ms budget for every shape a secret draws.
 SITE_CNN = {"cnn_members": 2, "cnn_stems": 2}
