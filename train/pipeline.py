@@ -211,10 +211,14 @@ class TrainConfig:
         return self.cnn_members if self.cnn_random_members is None else self.cnn_random_members
 
     @property
+    def random_strided(self) -> bool:
+        """Whether the random stem's networks take build_shipped's strided shape."""
+        return self.cnn_random_stem == "strided"
+
+    @property
     def members_tag(self) -> str:
         """Suffix of the CNN's member and stem count ("" for one network)."""
-        return ensemble_name("", self.cnn_members, self.random_members,
-                             self.cnn_random_stem == "strided")
+        return ensemble_name("", self.cnn_members, self.random_members, self.random_strided)
 
     @property
     def part_tag(self) -> str:
@@ -1091,10 +1095,9 @@ def run_pipeline(cfg: TrainConfig) -> Path:
     cnn_path = timed(cnn_name, lambda: stage_cnn(
         cfg, work, cnn_sets, cnn_name, "shipped", cfg.cnn_epochs,
         arch=cnn_arch(cfg), members=cfg.cnn_members, random_members=cfg.random_members,
-        random_strided=cfg.cnn_random_stem == "strided",
+        random_strided=cfg.random_strided,
         **({"seed": cfg.secret.cnn_seed} if cfg.secret else {})))
-    cnn_file = ensemble_name(cnn_name, cfg.cnn_members, cfg.random_members,
-                             cfg.cnn_random_stem == "strided")
+    cnn_file = ensemble_name(cnn_name, cfg.cnn_members, cfg.random_members, cfg.random_strided)
     forest = timed("forest", lambda: stage_forest(cfg, work, f_tr, y_tr))
     paper_name, baseline_name = "paper_cnn" + cfg.part_tag, "baseline_cnn" + cfg.part_tag
     paper_tflite = timed(paper_name, lambda: stage_cnn(
@@ -1322,7 +1325,7 @@ def model_card_path(cfg: TrainConfig, work: Work | None = None) -> Path | None:
     text = "\n\n".join(par for par in text.split("\n\n")
                        if "`--cnn-pool " not in par and "`--cnn-members " not in par)
     for note in (pool_note(cfg.cnn_pool), members_note(cfg.cnn_members, cfg.cnn_stems,
-                                                             cfg.cnn_random_stem == "strided",
+                                                             cfg.random_strided,
                                                              cfg.random_members)):
         if note:
             text = (text.rstrip() + "\n\n" if text.strip() else "# Model card\n\n") + (

@@ -543,7 +543,7 @@ def members_sentence(manifest: dict) -> str:
                         strided, config.get("cnn_random_members"))
 
 
-def members_note(members: int, stems: int = 1, strided: bool = True,
+def members_note(members: int, stems: int = 1, strided: bool = False,
                  random: int | None = None) -> str:
     """One sentence (with a leading space) on a CNN of more than one network; ``random``: the
     networks on the random stem (None: as many as ``members``)."""
