@@ -1,6 +1,7 @@
 """Adversarial training of the detector CNN (issue 19, `sentinel train --harden-with`): the
 adaptive examples of a train.adaptive --split train folder are paired with their own clean
-training images, plain PGD is left out, and a folder crafted elsewhere is refused."""
+training images, plain PGD is left out, a folder crafted elsewhere is refused, and a patient
+part keeps only the examples made from its own images."""
 
 from __future__ import annotations
 
@@ -45,3 +46,22 @@ def test_harden_examples_pair_adaptive_images_with_their_clean_ones(tmp_path: Pa
         pipeline.harden_examples(pipeline.TrainConfig(
             data="d", out="o", work=str(work),
             harden=(str(_folder(tmp_path / "m", work, "train", [0, 1], n_adv=3)),)), tr)
+
+
+def test_a_patient_part_hardens_only_on_its_own_images(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    x = np.stack([np.full((224, 224), i / 10, np.float32) for i in range(6)])
+    tr = pipeline.SplitArrays(name="train", root="", records=(), x=x, y=np.zeros(6),
+                              levels=np.full(6, 255), native_224=True)
+    d = _folder(tmp_path / "h", work, "train", [1, 3, 4])
+    adv = np.stack([np.full((224, 224), v, np.float32) for v in (0.11, 0.33, 0.44)])
+    np.save(d / "adv" / "adaptive-all_0.006.npy", adv)
+    cfg = pipeline.TrainConfig(data="d", out="o", work=str(work), harden=(str(d),), zoo=False,
+                               patient_part=(2, 2))
+    part = np.array([False, True, False, False, True, False])  # rows 1 and 4: this part's
+    a, clean, tag = pipeline.harden_examples(cfg, tr, part)
+    np.testing.assert_allclose(a[:, 0, 0], [0.11, 0.44], rtol=1e-6)  # row 3's example dropped
+    np.testing.assert_allclose(clean[:, 0, 0], [0.1, 0.4], rtol=1e-6)
+    assert tag != pipeline.harden_examples(cfg, tr)[2]  # the whole split's examples differ
+    with pytest.raises(ValueError, match="this patient part's images"):
+        pipeline.harden_examples(cfg, tr, np.zeros(6, bool))

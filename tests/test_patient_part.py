@@ -51,7 +51,6 @@ def test_parts_are_disjoint_by_patient_balanced_and_seeded() -> None:
     ({"patient_part": (3, 2), "zoo": False}, "1 <= K <= N"),
     ({"patient_part": (1, 1), "zoo": False}, "N >= 2"),
     ({"patient_part": (1, 2)}, "--no-zoo"),
-    ({"patient_part": (1, 2), "zoo": False, "harden": ("runs/x",)}, "--harden-with"),
 ])
 def test_config_refuses_what_a_part_cannot_train_on(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

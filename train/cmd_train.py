@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--harden-with", nargs="+", type=Path, default=(), metavar="DIR",
                         help="adversarial training of the detector CNN: add the adaptive "
                         "examples of `python -m train.adaptive --split train --out DIR` (same "
-                        "--work) to its training; thresholds stay calibrated on clean images")
+                        "--work) to its training; thresholds stay calibrated on clean images. "
+                        "With --patient-part, only the examples made from that part's images")
     parser.add_argument("--patient-part", type=_patient_part, default=None, metavar="K/N",
                         help="train the detector on part K of N disjoint parts of the training "
                         "split's patients (with --no-zoo; victim, validation and test stay "

@@ -180,10 +180,9 @@ class TrainConfig:
             k, n = self.patient_part
             if n < 2 or not 1 <= k <= n:
                 raise ValueError(f"patient part {k} of {n}: give K/N with 1 <= K <= N, N >= 2")
-            if self.zoo or self.harden:
-                # their examples do not record which training image (so which patient) made them
-                raise ValueError("a patient part trains without the zoo and hardening: add "
-                                 "--no-zoo and drop --harden-with")
+            if self.zoo:
+                # its examples do not record which training image (so which patient) made them
+                raise ValueError("a patient part trains without the zoo: add --no-zoo")
 
     def quickened(self) -> TrainConfig:
         """A small run for development and smoke tests (minutes, not an hour)."""
@@ -820,10 +819,15 @@ def cnn_arch(cfg: TrainConfig) -> dict[str, Any] | None:
     return arch or None
 
 
-def harden_examples(cfg: TrainConfig, tr: SplitArrays) -> tuple[np.ndarray, np.ndarray, str]:
+def harden_examples(cfg: TrainConfig, tr: SplitArrays, keep: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, str]:
     """The adaptive examples of ``cfg.harden`` folders (train.adaptive --split train), their
     clean training images, and a tag of their bytes (the hardened CNN's cache key). Refuses a
-    folder crafted on another split or work dir: its indices would name other images."""
+    folder crafted on another split or work dir: its indices would name other images.
+
+    ``keep``: a patient part's rows of the training split; examples made from other rows are
+    left out, so bundles on different parts still share no training image (a site hardens on
+    attacks crafted against the public bundle on its own images)."""
     import hashlib
 
     advs, cleans, h = [], [], hashlib.sha256(str(cfg.harden_repeat).encode())
@@ -834,17 +838,20 @@ def harden_examples(cfg: TrainConfig, tr: SplitArrays) -> tuple[np.ndarray, np.n
                              f"not the training split of {cfg.work}; rerun train.adaptive with "
                              "--split train --work " + str(cfg.work))
         idx = np.asarray(sub["indices"], np.int64)
+        own = np.ones(len(idx), bool) if keep is None else keep[idx]
         for f in sorted((d / "adv").glob("*.npy")):
             if f.name.startswith("pgd_"):  # plain PGD is in the training set already
                 continue
             adv = np.load(f)
             if len(adv) != len(idx):
                 raise ValueError(f"{f}: {len(adv)} images for {len(idx)} indices")
+            adv = adv[own]
             advs.append(adv.astype(np.float32))
-            cleans.append(np.asarray(tr.x[idx], np.float32))
+            cleans.append(np.asarray(tr.x[idx[own]], np.float32))
             h.update(f.name.encode() + adv.tobytes())
-    if not advs:
-        raise ValueError(f"--harden-with {list(cfg.harden)}: no adaptive examples (adv/*.npy)")
+    if not advs or not sum(map(len, advs)):
+        raise ValueError(f"--harden-with {list(cfg.harden)}: no adaptive examples (adv/*.npy)"
+                         + ("" if keep is None else " made from this patient part's images"))
     return np.concatenate(advs), np.concatenate(cleans), h.hexdigest()[:8]
 
 
@@ -1049,9 +1056,9 @@ def run_pipeline(cfg: TrainConfig) -> Path:
         features_of(work, "train", "resampled_pert", tr_rs[1], cfg.feature_set)]))
     y_tr = np.r_[np.zeros(len(tr.x)), np.ones(len(tr_pert)), np.zeros(len(tr_rs[0])),
                  np.ones(len(tr_rs[1]))]
-    part_summary = None
+    part_summary, part_rows = None, None
     if cfg.patient_part is not None:  # the features above are cached for the whole split
-        keep = datasets.patient_parts(tr.records, cfg.patient_part[1], cfg.seed) == (
+        keep = part_rows = datasets.patient_parts(tr.records, cfg.patient_part[1], cfg.seed) == (
             cfg.patient_part[0] - 1)
         rs_keep, pairs = keep[rs_idx], np.r_[keep, keep]  # pairs: clean rows, then perturbed
         rows = np.r_[pairs, rs_keep, rs_keep]
@@ -1084,7 +1091,7 @@ def run_pipeline(cfg: TrainConfig) -> Path:
 
     cnn_name = "cnn" + cfg.zoo_tag + cfg.part_tag + cfg.secret_tag + cfg.pool_tag
     if cfg.harden:
-        h_adv, h_clean, h_tag = harden_examples(cfg, tr)
+        h_adv, h_clean, h_tag = harden_examples(cfg, tr, part_rows)
         log(f"hardening: {len(h_adv)} adaptive examples from {list(cfg.harden)}, each "
             f"{cfg.harden_repeat}x in the CNN's training")
         cnn_name += f"-hard-{h_tag}"
