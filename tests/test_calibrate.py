@@ -18,6 +18,7 @@ from detector.cmd_calibrate import (
     config_lines,
     min_images_to_lower,
     propose_cnn_gate,
+    raise_cnn_gate,
 )
 from tests.dicom_factory import make_series
 
@@ -195,6 +196,33 @@ def test_cnn_gate_takes_what_the_threshold_and_line_gate_leave_of_the_budget() -
     assert over["gate"] is None and "already flag" in over["why_not"]
 
 
+def test_cnn_gate_rises_to_the_known_attacks_low_end_and_never_below_the_clean_point() -> None:
+    """300 attacked images: the gate goes to the highest point that leaves unflagged the most
+    of them k for which k or fewer would still be unlikely (5%) at a 5% miss rate (scipy's
+    binomial, independently); images the threshold already flags count as caught."""
+    from scipy.stats import binom
+
+    rng = np.random.default_rng(5)
+    n = 300
+    cnn, fused, lines = rng.uniform(0.6, 1.0, n), rng.uniform(0, 0.5, n), np.zeros(n)
+    fused[:20] = 0.95  # caught by the threshold whatever their CNN says
+    cnn[:20] = 0.1
+    r = raise_cnn_gate(0.4, fused, lines, cnn, threshold=0.9, line_gate=None)
+    assert r["raised"] and r["gate"] > 0.6
+    missed = int(((cnn < r["gate"]) & (fused < 0.9)).sum())
+    assert binom.cdf(missed, n, 0.05) <= 0.05 < binom.cdf(missed + 1, n, 0.05)
+    assert r["attack_caught"] == pytest.approx(1 - missed / n)
+    # attacks the CNN does not separate from clean: the clean-budget gate stays
+    low = raise_cnn_gate(0.7, fused, lines, cnn - 0.5, 0.9, None)
+    assert not low["raised"] and low["gate"] == 0.7 and "low end" in low["why_not"]
+    # no clean-budget gate (the threshold spends the budget): nothing to raise
+    assert raise_cnn_gate(None, fused, lines, cnn, 0.9, None)["gate"] is None
+    few = raise_cnn_gate(0.4, fused[:40], lines[:40], cnn[:40], 0.9, None)
+    assert not few["raised"] and "use at least 60" in few["why_not"]
+    caught = raise_cnn_gate(0.4, np.ones(n), lines, cnn, 0.9, None)
+    assert not caught["raised"] and caught["attack_caught"] == 1.0
+
+
 @pytest.mark.data
 def test_cli_cnn_gate_proposal_is_what_score_and_the_gateway_apply(tmp_path: Path,
                                                                    data_dir: Path) -> None:
@@ -233,3 +261,50 @@ def test_cli_cnn_gate_proposal_is_what_score_and_the_gateway_apply(tmp_path: Pat
     assert any(row["cnn_peak"] >= gate and row["score"] < threshold for row in flagged)
     assert all(row["verdict"] == "flagged" for row in rows if row["cnn_peak"] >= gate)
     assert r.returncode == 1  # something flagged
+
+
+@pytest.mark.data
+def test_cli_raises_the_cnn_gate_to_attacked_copies(tmp_path: Path, data_dir: Path) -> None:
+    """`calibrate --cnn-gate --cnn-gate-attacks` with the shipped bundle: 120 clean NIH images
+    place the clean-budget gate; 100 Kermany test images with one grey level flipped on 70% of
+    their pixels (which the CNN scores high and the fused score often misses) raise it. The
+    raised gate is what the config carries, still keeps the clean images within --fpr, and
+    `sentinel score` with it flags the attacked copies (as PNG files) as calibrate said."""
+    from PIL import Image
+
+    files = sorted((data_dir / "kermany224" / "test").rglob("*.jpeg"))[:100]
+    x = np.stack([np.asarray(Image.open(f).convert("L"), np.float32) / 255 for f in files])
+    rng = np.random.default_rng(0)
+    flip = (rng.random(x.shape) < 0.7) * rng.choice([-1, 1], x.shape) / 255
+    att = np.clip(np.round((x + flip) * 255), 0, 255)
+    np.save(tmp_path / "att.npy", (att / 255).astype(np.float32))
+    (tmp_path / "att").mkdir()
+    for i, im in enumerate(att.astype(np.uint8)):
+        Image.fromarray(im).save(tmp_path / "att" / f"{i:03d}.png")
+    clean = sorted((data_dir / "nih_cxr14_1000" / "img512").rglob("*.png"))[:120]
+    cli = [sys.executable, "-m", "gateway.cli"]
+    r = subprocess.run([*cli, "calibrate", *map(str, clean), "--fpr", "0.05", "--cnn-gate",
+                        "--cnn-gate-attacks", str(tmp_path / "att.npy"), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    cg, ra = result["cnn_gate"], result["cnn_gate_attacks"]
+    assert ra["raised"] and ra["attack_images"] == 100, ra
+    assert cg["gate"] == ra["gate"] > cg["clean_budget_gate"]
+    assert cg["fpr_with_gate"] <= 0.05 and ra["attack_caught"] >= 0.95
+    assert tomllib.loads(result["config"])["detector"]["cnn_gate"] == cg["gate"]
+    r = subprocess.run([*cli, "score", str(tmp_path / "att"), "--threshold",
+                        repr(result["overall"]["threshold"]), "--cnn-gate", repr(cg["gate"]),
+                        "--json"], capture_output=True, text=True, timeout=300)
+    rows = json.loads(r.stdout)["files"]
+    flagged = np.mean([row["verdict"] == "flagged" for row in rows])
+    assert len(rows) == 100 and abs(flagged - ra["attack_caught"]) <= 0.03
+    # the option needs the gate it raises; a stack that is not 224x224 images is refused
+    r = subprocess.run([*cli, "calibrate", *map(str, clean[:5]), "--cnn-gate-attacks",
+                        str(tmp_path / "att.npy")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "add --cnn-gate" in r.stderr
+    np.save(tmp_path / "bad.npy", np.zeros((3, 100, 100), np.float32))
+    r = subprocess.run([*cli, "calibrate", *map(str, clean[:5]), "--cnn-gate",
+                        "--cnn-gate-attacks", str(tmp_path / "bad.npy")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "(n, 224, 224)" in r.stderr

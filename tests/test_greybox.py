@@ -129,3 +129,48 @@ def test_the_plot_shows_the_attack_the_held_bundles_detect_least(tmp_path: Path)
     res["attacks"] = {"none": attacks["none"]}
     assert greybox.strongest_attack(res) is None
     assert greybox.plot_tradeoff(res, tmp_path / "h.png") is None
+
+
+def test_a_fourth_point_raises_the_cnn_gate_to_validation_attacks(fixture_bundle: Path,
+                                                                   tmp_path: Path) -> None:
+    """--gate-attacks: each bundle's clean-budget CNN gate is raised as `sentinel calibrate
+    --cnn-gate-attacks` raises it (never below), on attacks crafted on validation images only;
+    two bundles under one directory name are refused rather than sharing a column."""
+    import pytest
+
+    from detector.cmd_calibrate import raise_cnn_gate
+    from gateway.cli import main
+
+    work = tmp_path / "work"
+    (work / "clean").mkdir(parents=True)
+    np.save(work / "clean" / "test.npy", _images(12, 1))
+    np.save(work / "clean" / "val.npy", _images(300, 2))
+    adv = _images(10, 3, noise=1.0)
+    attacks = _attack_dir(tmp_path / "attacks", work, adv, np.ones(10, bool))
+    val_adv = _images(100, 4, noise=0.5)  # the fixture CNN sees these, its threshold does not
+    gate_dir = _attack_dir(tmp_path / "val-attacks", work, val_adv, np.ones(100, bool))
+    with pytest.raises(ValueError, match="--split val"):
+        greybox.GreyBoxConfig(attacks=(str(attacks),), bundles=(str(fixture_bundle),),
+                              out=str(tmp_path / "o"), gate_attacks=(str(gate_dir),))
+    (gate_dir / "subset.json").write_text(json.dumps({"work": str(work), "split": "val",
+                                                      "indices": []}))
+    out = tmp_path / "out"
+    assert main(["evaluate", "--grey-box", str(attacks), "--bundle", str(fixture_bundle),
+                 "--gate-attacks", str(gate_dir), "--out", str(out)]) == 0
+    row = json.loads((out / "greybox.json").read_text())["bundles"][fixture_bundle.name]
+    det = Detector.load(fixture_bundle, num_threads=1)
+    p = np.array([det.score_unit(i) for i in val_adv])
+    want = raise_cnn_gate(row["cnn_gate"]["cnn_gate"], p[:, 2], np.zeros(100), p[:, 0],
+                          float(det.threshold), None)
+    assert row["cnn_gate_attacks"]["cnn_gate"] == want["gate"] > row["cnn_gate"]["cnn_gate"]
+    assert row["gate_attacks"]["raised"] and want["raised"], want
+    assert row["gate_attacks"]["attack_images"] == 100
+    table = (out / "greybox.md").read_text()
+    assert table.count("clean FPR, own source test split") == 4
+    assert "raised to the low end of the public bundle's attacks" in table
+    twin = tmp_path / "other" / fixture_bundle.name
+    twin.parent.mkdir()
+    twin.symlink_to(fixture_bundle)
+    with pytest.raises(ValueError, match="share a directory name"):
+        greybox.GreyBoxConfig(attacks=(str(attacks),), bundles=(str(fixture_bundle), str(twin)),
+                              out=str(out))

@@ -557,7 +557,10 @@ class SuiteConfig:
     n_fit: int = 600  # clean training images for the HFC Gaussians
     n_boot: int = 1000
     rule: str = "ensemble"  # decision rule the attacks' iterate selection targets ("or")
-    split: str = "test"  # "train": adaptive examples for adversarial training of the forest
+    # "train": adaptive examples for adversarial training (sentinel train --harden-with);
+    # "val": examples on images no detector trained on, to place a CNN gate by (sentinel
+    # calibrate --cnn-gate-attacks)
+    split: str = "test"
     # a stronger attacker: the detector terms weighted this much against the victim term
     # (None: AttackSettings.det_weight, 0.5); the attack's name gets "-w<weight>"
     det_weight: float | None = None
@@ -578,9 +581,9 @@ def run_suite(cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
 
     work = pipeline.Work(Path(cfg.work))
     out = pipeline.Work(Path(cfg.out))
-    if cfg.split not in ("test", "train"):
-        raise ValueError(f"split {cfg.split!r}: use test (measurement) or train (examples for "
-                         "adversarial training)")
+    if cfg.split not in ("test", "train", "val"):
+        raise ValueError(f"split {cfg.split!r}: use test (measurement), train (examples for "
+                         "adversarial training) or val (examples to place a CNN gate by)")
     x_all = work.load_npy(f"clean/{cfg.split}.npy")
     y_all = work.load_npy(f"clean/{cfg.split}_y.npy")
     levels = work.load_npy(f"clean/{cfg.split}_levels.npy")
@@ -741,8 +744,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     p.add_argument("--rule", choices=("ensemble", "or"), default="ensemble",
                    help="decision rule the kept iterate is chosen against")
-    p.add_argument("--split", choices=("test", "train"), default="test",
-                   help="train: craft adaptive examples for adversarial training of the forest")
+    p.add_argument("--split", choices=("test", "train", "val"), default="test",
+                   help="train: examples for adversarial training (sentinel train "
+                   "--harden-with); val: examples on images no detector trained on, to place "
+                   "a CNN gate by (sentinel calibrate --cnn-gate-attacks)")
     p.add_argument("--second-source", default=None,
                    help="instead: clean FPR and PGD 0.006 detection of --bundle (and any "
                    "--also bundles) on this independent folder; results under --out")

@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site-bundles", nargs="+", type=Path, default=(), metavar="DIR",
                         help="with --grey-box: the bundles the attacker does not hold (e.g. "
                         "`sentinel train --secret-file` ones)")
+    parser.add_argument("--gate-attacks", nargs="+", type=Path, default=(), metavar="DIR",
+                        help="with --grey-box: `python -m train.adaptive --split val` outputs "
+                        "(the public bundle's attacks on validation images); adds each site "
+                        "bundle's CNN gate raised to their low end as a fourth operating point "
+                        "(`sentinel calibrate --cnn-gate-attacks`)")
     parser.add_argument("--model-card", action="store_true",
                         help="also write MODEL_CARD.md from these measurements into the bundle "
                         "(re-writing its manifest, same bundle id)")
@@ -156,7 +161,8 @@ def _grey_box(args: argparse.Namespace, bundle: Path) -> int:
             attacks=tuple(map(str, args.grey_box)),
             bundles=tuple(map(str, (bundle, *args.site_bundles))), out=str(args.out),
             second_source=str(args.second_source) if args.second_source else None,
-            work=str(args.work) if args.work else None), log=log)
+            work=str(args.work) if args.work else None,
+            gate_attacks=tuple(map(str, args.gate_attacks))), log=log)
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"sentinel evaluate: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,10 @@ source's own clean validation images (what ``sentinel calibrate --allow-lower`` 
 a site whose images are that source), which trades the margin kept for unseen sources for
 detection; and at the bundle's own threshold with the site's CNN gate (``sentinel calibrate
 --cnn-gate`` on the same validation images: the detector CNN alone flags too, within 1% in
-all), which keeps the forest's source-specific statistics out of the lowered point. Scores are
+all), which keeps the forest's source-specific statistics out of the lowered point; and, given
+``--gate-attacks`` (the public bundle's attacks crafted on validation images, ``train.adaptive
+--split val``), with that gate raised to the attacks' low end (``sentinel calibrate
+--cnn-gate-attacks``: it still catches all but 5% of them with 95% confidence). Scores are
 cached per bundle id under ``--out``; results go to ``greybox.json``,
 a markdown table ``greybox.md`` and ``greybox.png`` (detection of the strongest attack against
 clean false positives, per bundle and operating point).
@@ -53,6 +56,9 @@ class GreyBoxConfig:
     second_source: str | None = None
     work: str | None = None  # training work dir with clean/test.npy (default: subset.json's)
     labels: dict[str, str] = field(default_factory=dict)  # bundle path -> short name
+    # train.adaptive --split val --out directories: each bundle's CNN gate is also raised to
+    # their low end (detector.cmd_calibrate.raise_cnn_gate), a fourth operating point
+    gate_attacks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for a in self.attacks:
@@ -61,6 +67,18 @@ class GreyBoxConfig:
                                  "directory of `python -m train.adaptive`")
         if not self.bundles:
             raise ValueError("--bundles: name at least one bundle directory to score with")
+        for d in self.gate_attacks:
+            sub = Path(d) / "subset.json"
+            split = json.loads(sub.read_text()).get("split") if sub.is_file() else None
+            if split != "val":
+                raise ValueError(f"--gate-attacks {d}: not a `python -m train.adaptive --split "
+                                 "val` output (the gate is placed on validation images, never "
+                                 "on the test images it is measured on)")
+        labels = [self.labels.get(b, Path(b).name) for b in self.bundles]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"bundles {sorted(self.bundles)}: two share a directory name "
+                             f"({labels}), which names their columns; link one under "
+                             "another name")
 
 
 @dataclass(frozen=True)
@@ -139,7 +157,7 @@ def second_source_clean(data_dir: Path, cache: Path) -> np.ndarray:
 def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
     """Score every saved attack and the clean sets with every bundle; write JSON + markdown."""
     from detector.calibration import calibrate_threshold
-    from detector.cmd_calibrate import propose_cnn_gate
+    from detector.cmd_calibrate import propose_cnn_gate, raise_cnn_gate
     from detector.scoring import Detector
     from train import pipeline
 
@@ -187,17 +205,27 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
         adv = {a.key: scores.get(det, f"adv-{Path(a.adv_path.parent.parent).name}-"
                                       f"{a.adv_path.stem}", np.load(a.adv_path, mmap_mode="r"))
                for a in attacks}
+        gate_adv = [scores.get(det, f"gate-{Path(d).name}-{f.stem}", np.load(f, mmap_mode="r"))
+                    for d in cfg.gate_attacks
+                    for f in sorted((Path(d) / "adv").glob("adaptive*.npy"))]
         row: dict[str, Any] = {"bundle": str(b), "bundle_id": det.bundle_id,
                                "secret": bool(secret),
                                "public": det.bundle_id in res["crafted_on"]}
         points = (("own", float(det.threshold), None), ("home", float(home), None),
                   ("cnn_gate", float(det.threshold), gate["gate"]))
+        if cfg.gate_attacks:
+            g = np.concatenate(gate_adv)
+            raised = raise_cnn_gate(gate["gate"], g[:, 2], np.zeros(len(g)), g[:, 0],
+                                    float(det.threshold), None)
+            row["gate_attacks"] = {k: raised[k] for k in ("attack_images", "raised", "why_not",
+                                                          "attack_caught") if k in raised}
+            points += (("cnn_gate_attacks", float(det.threshold), raised["gate"]),)
         for point, thr, cnn_gate in points:
             r: dict[str, Any] = {"threshold": thr, "cnn_gate": cnn_gate,
                                  "clean_fpr_own": _rate(int(_flagged(c_own, thr, cnn_gate).sum()),
                                                         len(c_own)),
                                  "attacks": {}}
-            if point == "cnn_gate" and cnn_gate is None:
+            if point.startswith("cnn_gate") and cnn_gate is None:
                 r["why_not"] = gate["why_not"]
             if c2 is not None:
                 r["clean_fpr_second"] = _rate(int(_flagged(c2, thr, cnn_gate).sum()), len(c2))
@@ -224,7 +252,13 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
 
 
 POINT_TITLES = {"own": "own threshold", "home": "home threshold",
-                "cnn_gate": "own threshold + CNN gate"}
+                "cnn_gate": "own threshold + CNN gate",
+                "cnn_gate_attacks": "CNN gate raised to val attacks"}
+
+
+def points_of(res: dict[str, Any]) -> list[str]:
+    """The operating points every bundle of ``res`` was scored at, in POINT_TITLES' order."""
+    return [p for p in POINT_TITLES if all(p in b for b in res["bundles"].values())]
 
 
 def strongest_attack(res: dict[str, Any]) -> str | None:
@@ -233,7 +267,7 @@ def strongest_attack(res: dict[str, Any]) -> str | None:
     held = [b for b in res["bundles"].values() if not b["public"]] or list(
         res["bundles"].values())
     means = {key: np.mean([b[p]["attacks"][key]["detected_fooled"]["rate"]
-                           for b in held for p in POINT_TITLES])
+                           for b in held for p in points_of(res)])
              for key, a in res["attacks"].items() if a["n_fooled"]}
     return min(means, key=lambda k: means[k]) if means else None
 
@@ -254,9 +288,10 @@ def plot_tradeoff(res: dict[str, Any], path: Path) -> Path | None:
     fpr_key, fpr_max = (("clean_fpr_second", TARGET_FPR_SECOND) if second
                         else ("clean_fpr_own", TARGET_FPR_OWN))
     a = res["attacks"][key]
-    fig, axes = plt.subplots(1, len(POINT_TITLES), figsize=(5 * len(POINT_TITLES), 4.4),
-                             sharey=True)
-    for ax, (point, title) in zip(axes, POINT_TITLES.items(), strict=True):
+    points = points_of(res)
+    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4.4), sharey=True)
+    for ax, point in zip(axes, points, strict=True):
+        title = POINT_TITLES[point]
         xs = []
         for name, b in res["bundles"].items():
             r = b[point]
@@ -299,10 +334,9 @@ def _pct(r: dict[str, Any], ci: bool = True) -> str:
 
 
 def markdown_table(res: dict[str, Any]) -> str:
-    """The operating points' tables: each bundle's own threshold, its home threshold, and its
-    own threshold with the site's CNN gate."""
-    return "\n".join(
-        f"{title}\n\n{_table(res, point)}" for point, title in (
+    """The operating points' tables: each bundle's own threshold, its home threshold, its
+    own threshold with the site's CNN gate, and with that gate raised to validation attacks."""
+    titles = (
             ("own", "At each bundle's own threshold (calibrated for 1% on every clean "
                     "validation source, the resampled copies included):"),
             ("home", "At each bundle's home threshold (1% of the training source's clean "
@@ -310,7 +344,13 @@ def markdown_table(res: dict[str, Any]) -> str:
             ("cnn_gate", "At each bundle's own threshold with a CNN gate (flagged also when "
                          "the detector CNN alone reaches the gate, set on the training source's "
                          "clean validation images for 1% in all; `sentinel calibrate "
-                         "--cnn-gate`):")))
+                         "--cnn-gate`):"),
+            ("cnn_gate_attacks", "As the previous, with the CNN gate raised to the low end of "
+                                 "the public bundle's attacks on validation images (all but 5% "
+                                 "of them still caught, with 95% confidence; `sentinel calibrate "
+                                 "--cnn-gate --cnn-gate-attacks`), never below it:"))
+    return "\n".join(f"{title}\n\n{_table(res, point)}" for point, title in titles
+                     if point in points_of(res))
 
 
 def _table(res: dict[str, Any], point: str) -> str:
@@ -335,7 +375,7 @@ def _table(res: dict[str, Any], point: str) -> str:
                                   for n in names) + " |")
     lines.append("| threshold | | " + " | ".join(
         f"{rows[n]['threshold']:.4f}" for n in names) + " |")
-    if point == "cnn_gate":
+    if point.startswith("cnn_gate"):
         lines.append("| CNN gate | | " + " | ".join(
             "none" if rows[n]["cnn_gate"] is None else f"{rows[n]['cnn_gate']:.4f}"
             for n in names) + " |")
@@ -353,6 +393,9 @@ def add_arguments(p: Any) -> None:
                    help="independent clean folder (e.g. nih_cxr14_1000): clean FPR")
     p.add_argument("--work", type=Path, default=None,
                    help="training work dir with clean/test.npy (default: the attacks' own)")
+    p.add_argument("--gate-attacks", nargs="+", type=Path, default=(), metavar="DIR",
+                   help="`python -m train.adaptive --split val` output directories: also "
+                   "score each bundle with its CNN gate raised to these attacks' low end")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     res = run_greybox(GreyBoxConfig(
         attacks=tuple(map(str, a.attacks)), bundles=tuple(map(str, a.bundles)), out=str(a.out),
         second_source=str(a.second_source) if a.second_source else None,
-        work=str(a.work) if a.work else None), log=log)
+        work=str(a.work) if a.work else None,
+        gate_attacks=tuple(map(str, a.gate_attacks))), log=log)
     print(markdown_table(res))
     return 0
 
