@@ -65,3 +65,19 @@ def test_a_patient_part_hardens_only_on_its_own_images(tmp_path: Path) -> None:
     assert tag != pipeline.harden_examples(cfg, tr)[2]  # the whole split's examples differ
     with pytest.raises(ValueError, match="this patient part's images"):
         pipeline.harden_examples(cfg, tr, np.zeros(6, bool))
+
+
+def test_a_hardened_site_bundles_card_names_the_bundle_its_examples_were_crafted_on(
+        tmp_path: Path) -> None:
+    from train import secret
+
+    work = tmp_path / "work"
+    d = _folder(tmp_path / "public-train-s100", work, "train", [1, 3])
+    (d / "suite.json").write_text(json.dumps({"bundle_id": "20261206-3295ff2d"}))
+    cfg = pipeline.TrainConfig(data="d", out=str(tmp_path / "out"), work=str(work), zoo=False,
+                               harden=(str(d),), patient_part=(1, 2),
+                               secret=secret.draw(b"k" * 32, "sentinel-features-v1"))
+    card = pipeline.model_card_path(cfg, pipeline.Work(work)).read_text()
+    assert ("adaptive examples of `public-train-s100` (crafted on bundle 20261206-3295ff2d) "
+            "(`sentinel train --harden-with`, each 8 times, only those made from this patient "
+            "part's images)") in card

@@ -1312,6 +1312,15 @@ def summary_metrics(test_metrics: dict) -> dict:
     return keep
 
 
+def _crafted_on(attack_dir: Path) -> str:
+    """" (crafted on bundle <id>)" from a train.adaptive output's suite.json, or ""."""
+    try:
+        bid = json.loads((attack_dir / "suite.json").read_text()).get("bundle_id")
+    except (OSError, ValueError):
+        return ""
+    return f" (crafted on bundle {bid})" if bid else ""
+
+
 def model_card_path(cfg: TrainConfig, work: Work | None = None) -> Path | None:
     """MODEL_CARD.md beside the output bundle, written by ``sentinel evaluate`` or by hand;
     a secret bundle's card also says which choices its secret drew (train.secret)."""
@@ -1323,9 +1332,11 @@ def model_card_path(cfg: TrainConfig, work: Work | None = None) -> Path | None:
         text = (head + "\n\n" if head else "# Model card (secret site bundle)\n\n") + section
         if cfg.harden:
             text += ("\nIts detector CNN was also trained on the adaptive examples of "
-                     + ", ".join(f"`{Path(d).name}`" for d in cfg.harden)
-                     + f" (`sentinel train --harden-with`, each {cfg.harden_repeat} times); its "
-                     "thresholds were calibrated on clean images only.\n")
+                     + ", ".join(f"`{Path(d).name}`{_crafted_on(Path(d))}" for d in cfg.harden)
+                     + f" (`sentinel train --harden-with`, each {cfg.harden_repeat} times"
+                     + (", only those made from this patient part's images"
+                        if cfg.patient_part else "")
+                     + "); its thresholds were calibrated on clean images only.\n")
     # the pooling's and the members' notes: a rerun with other settings replaces them
     from train.report import members_note, pool_note
 
