@@ -189,3 +189,21 @@ def test_cli_attack_with_no_bundle_uses_the_shipped_training_bundle(tmp_path: Pa
     diff = np.abs(b.pixel_array.astype(np.int64) - a.pixel_array.astype(np.int64))
     assert 0 < diff.max() <= round(0.006 * 255) + 1
     assert b.SOPInstanceUID != a.SOPInstanceUID
+
+
+def test_adaptive_copy_takes_the_detector_weight(data_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sentinel attack --det-weight 2`: the strongest attack the README measures (combined,
+    100 steps, weight 2) reaches the attack loop as train.adaptive's --det-weight does."""
+    pytest.importorskip("tensorflow")
+    from train import adaptive
+
+    seen: list[tuple[float, int]] = []
+    monkeypatch.setattr(adaptive, "run_attack",
+                        lambda models, spec, s, x, y: seen.append((s.det_weight, s.steps)) or x)
+    for weight in (None, 2.0):
+        adversary, _ = dicom_attack.adaptive_adversary(
+            "adaptive-all", 0.006, bundle_dir=None, data_dir=data_dir / "kermany224", n_fit=12,
+            steps=100, det_weight=weight, log=lambda m: None)
+        adversary(np.zeros((1, 224, 224), np.float32), np.zeros(1, np.float32), 255)
+    assert seen == [(adaptive.AttackSettings(eps=0.006).det_weight, 100), (2.0, 100)]

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit-images", type=int, default=200,
                         help="adaptive attacks: how many images of --data to fit on")
     parser.add_argument("--steps", type=int, default=60, help="adaptive attacks: PGD steps")
+    parser.add_argument("--det-weight", type=float, default=None,
+                        help="adaptive attacks: weight of the detector terms against the victim "
+                        "term (default 0.5; 2 with --steps 100 is the strongest attack the "
+                        "README measures, what `sentinel calibrate --cnn-gate-attacks` copies "
+                        "are made with)")
     parser.add_argument("--upsample", choices=("exact", "bilinear", "nearest"), default="exact",
                         help="how the 224x224 delta is mapped onto a larger native matrix: exact "
                         "(default: read back through the area resize, the victim sees exactly "
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             adversary, model = adaptive_adversary(
                 args.method, param, bundle_dir=args.bundle, data_dir=args.data,
                 n_fit=args.fit_images, steps=args.steps, seed=args.seed,
+                det_weight=args.det_weight,
                 log=lambda m: print(m, file=sys.stderr))
         else:
             model = (load_victim_from_bundle(args.bundle)

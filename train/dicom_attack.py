@@ -199,13 +199,16 @@ def _write_copy(ds: Any, in_path: Path, out_path: Path, out_frames: np.ndarray,
 
 def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data_dir: Path,
                        n_fit: int = 200, steps: int = 60, seed: int = 0,
+                       det_weight: float | None = None,
                        log: Callable[[str], None] = print) -> tuple[Adversary, Any]:
     """An adaptive attack of ``train.adaptive`` (it knows the detector) for ``attack_dicom``.
 
     What the attacker fits besides the bundle's weights (the HFC Gaussians of the victim's
     features, each feature's clean spread, the forest surrogate) comes from ``n_fit`` clean
     images of ``data_dir`` (labels from its labels.csv, else the victim's own predictions),
-    as in ``python -m train.adaptive``; returns (adversary, victim).
+    as in ``python -m train.adaptive``; ``det_weight`` weighs the detector terms against the
+    victim term as its ``--det-weight`` does (None: AttackSettings' default); returns
+    (adversary, victim).
     """
     import tempfile
 
@@ -242,7 +245,8 @@ def adaptive_adversary(method: str, eps: float, *, bundle_dir: Path | None, data
                          "reads another feature set; use adaptive-cnn, -stats or -hfc")
 
     def adversary(x224: np.ndarray, label: np.ndarray, levels: int) -> np.ndarray:
-        s = adaptive.AttackSettings(eps=eps, steps=steps, levels=levels, batch_size=1)
+        s = adaptive.AttackSettings(eps=eps, steps=steps, levels=levels, batch_size=1,
+                                    **({} if det_weight is None else {"det_weight": det_weight}))
         return adaptive.run_attack(models, spec, s, x224, label)
 
     return adversary, vic
