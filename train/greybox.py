@@ -214,6 +214,9 @@ def run_greybox(cfg: GreyBoxConfig, log: Any = print) -> dict[str, Any]:
         points = (("own", float(det.threshold), None), ("home", float(home), None),
                   ("cnn_gate", float(det.threshold), gate["gate"]))
         if cfg.gate_attacks:
+            if not gate_adv:
+                raise ValueError(f"--gate-attacks {list(cfg.gate_attacks)}: no adv/adaptive*.npy "
+                                 "there; craft them with train.adaptive --split val")
             g = np.concatenate(gate_adv)
             raised = raise_cnn_gate(gate["gate"], g[:, 2], np.zeros(len(g)), g[:, 0],
                                     float(det.threshold), None)
