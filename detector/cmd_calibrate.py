@@ -180,6 +180,18 @@ def _most_above(n: int, rate: float, confidence: float = CNN_GATE_CONFIDENCE) ->
     return k
 
 
+def _flags(fused: np.ndarray, lines: np.ndarray, threshold: float, line_gate: float | None,
+           cnn: np.ndarray | None = None, cnn_gate: float | None = None) -> np.ndarray:
+    """Which images the proposed rule flags: the threshold, the line gate where there is one,
+    and the CNN gate where one is given (what the gateway applies, one frame per image)."""
+    out = fused >= threshold
+    if line_gate is not None:
+        out = out | (lines >= line_gate)
+    if cnn is not None and cnn_gate is not None:
+        out = out | (cnn >= cnn_gate)
+    return out
+
+
 def propose_cnn_gate(fused: np.ndarray, lines: np.ndarray, cnn: np.ndarray, threshold: float,
                      line_gate: float | None, fpr: float) -> dict[str, Any]:
     """The CNN gate for these clean images, or why not.
@@ -194,7 +206,7 @@ def propose_cnn_gate(fused: np.ndarray, lines: np.ndarray, cnn: np.ndarray, thre
     of the 873 test images. Needs about 3 / share images."""
     n = len(cnn)
     out: dict[str, Any] = {"images": n, "gate": None, "why_not": ""}
-    already = (fused >= threshold) | ((lines >= line_gate) if line_gate is not None else False)
+    already = _flags(fused, lines, threshold, line_gate)
     share = fpr - float(already.mean())
     if share <= 0:
         out["why_not"] = (f"the threshold and line gate already flag {100 * already.mean():.2f}% "
@@ -239,7 +251,7 @@ def raise_cnn_gate(gate: float | None, fused: np.ndarray, lines: np.ndarray, cnn
     if gate is None:
         out["why_not"] = "no clean-budget gate to raise"
         return out
-    already = (fused >= threshold) | ((lines >= line_gate) if line_gate is not None else False)
+    already = _flags(fused, lines, threshold, line_gate)
     rest = np.sort(cnn[~already])
     k = _most_above(n, miss)  # the most of them the gate may leave unflagged
     if k < 0:
@@ -408,10 +420,9 @@ def run(args: argparse.Namespace) -> int:
                                 result["overall"]["threshold"], result["line_gate"]["gate"])
         result["cnn_gate_attacks"] = raised
         if raised["raised"]:
-            cg, lg = result["cnn_gate"], result["line_gate"]["gate"]
-            flagged = ((parts[:, 0] >= result["overall"]["threshold"])
-                       | (parts[:, 2] >= raised["gate"])
-                       | ((parts[:, 1] >= lg) if lg is not None else False))
+            cg = result["cnn_gate"]
+            flagged = _flags(parts[:, 0], parts[:, 1], result["overall"]["threshold"],
+                             result["line_gate"]["gate"], parts[:, 2], raised["gate"])
             cg.update(gate=raised["gate"], clean_budget_gate=cg["gate"],
                       fpr_with_gate=float(flagged.mean()))
     result.update(bundle_id=det.bundle_id, bundle_threshold=det.threshold, target_fpr=args.fpr,
