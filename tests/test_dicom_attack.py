@@ -207,3 +207,119 @@ def test_adaptive_copy_takes_the_detector_weight(data_dir: Path,
             steps=100, det_weight=weight, log=lambda m: None)
         adversary(np.zeros((1, 224, 224), np.float32), np.zeros(1, np.float32), 255)
     assert seen == [(adaptive.AttackSettings(eps=0.006).det_weight, 100), (2.0, 100)]
+
+
+def _folder(tmp_path: Path) -> Path:
+    """Three DICOMs (one nested, one RLE), a text file and a truncated 'DICOM'."""
+    src = tmp_path / "in"
+    (src / "series2").mkdir(parents=True)
+    _write_dicom(src / "a.dcm", bits=12, seed=1)
+    _write_dicom(src / "series2" / "b", bits=8, photometric="MONOCHROME2", seed=2)
+    c = _write_dicom(src / "c.dcm", bits=10, seed=3)
+    ds = pydicom.dcmread(c)
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    ds.save_as(c, enforce_file_format=True)
+    (src / "notes.txt").write_text("not an image")
+    good = (src / "a.dcm").read_bytes()
+    (src / "broken.dcm").write_bytes(good[: len(good) // 3])  # DICM preamble, pixels cut off
+    return src
+
+
+def _stored(path: Path) -> np.ndarray:
+    return pydicom.dcmread(path).pixel_array.astype(np.int64)
+
+
+def test_folder_attacks_every_dicom_and_names_the_one_it_could_not(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`sentinel attack IN_DIR OUT_DIR`: every DICOM under IN_DIR gets a copy at its relative
+    path in its own syntax; a broken file is named and the others still go through (exit 1);
+    a second run keeps what is there and redoes nothing."""
+    from gateway.cli import main
+
+    src, out = _folder(tmp_path), tmp_path / "out"
+    assert main(["attack", str(src), str(out), "--method", "gaussian", "--eps", "0.01"]) == 1
+    cap = capsys.readouterr()
+    assert "not attacked: broken.dcm" in cap.err
+    assert "wrote 3 attacked copies" in cap.out and "1 failed" in cap.out
+    rels = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert rels == ["a.dcm", "c.dcm", "series2/b"]
+    for rel in rels:
+        a, b = pydicom.dcmread(src / rel), pydicom.dcmread(out / rel)
+        assert b.file_meta.TransferSyntaxUID == a.file_meta.TransferSyntaxUID
+        assert b.SOPInstanceUID != a.SOPInstanceUID
+        assert np.any(_stored(src / rel) != _stored(out / rel))
+    mtimes = {rel: (out / rel).stat().st_mtime_ns for rel in rels}
+    (src / "broken.dcm").unlink()
+    assert main(["attack", str(src), str(out), "--method", "gaussian", "--eps", "0.01"]) == 0
+    assert "wrote 0 attacked copies" in capsys.readouterr().out
+    assert {rel: (out / rel).stat().st_mtime_ns for rel in rels} == mtimes
+
+
+def test_folder_run_cut_short_by_a_full_disk_resumes_to_the_same_copies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk while writing one copy leaves no half-written file (it would be taken as
+    done on the rerun); rerunning writes just that copy, the same one an uninterrupted run
+    writes (each copy's seed comes from its relative path, not from the order of the run)."""
+    import errno
+
+    from gateway.cli import main
+
+    src = _folder(tmp_path)
+    (src / "broken.dcm").unlink()
+    args = ["--method", "gaussian", "--eps", "0.01"]
+    whole = tmp_path / "whole"
+    assert main(["attack", str(src), str(whole), *args]) == 0
+    real_save = Dataset.save_as
+
+    def save_as(self: Dataset, filename: object, *a: object, **kw: object) -> None:
+        if "c.dcm" in str(filename):
+            Path(str(filename)).write_bytes(b"\0" * 1000)  # a part of it reached the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(self, filename, *a, **kw)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(Dataset, "save_as", save_as)
+    assert main(["attack", str(src), str(cut), *args]) == 1
+    assert "c.dcm: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in cut.rglob("*") if p.is_file()) == ["a.dcm", "b"]
+    monkeypatch.setattr(Dataset, "save_as", real_save)
+    assert main(["attack", str(src), str(cut), *args]) == 0
+    assert "wrote 1 attacked copies" in capsys.readouterr().out
+    for rel in ("a.dcm", "c.dcm", "series2/b"):
+        assert np.array_equal(_stored(cut / rel), _stored(whole / rel))
+
+
+@pytest.mark.parametrize("where", ["inside", "file"])
+def test_folder_refuses_an_output_it_cannot_use(tmp_path: Path, where: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    src = _folder(tmp_path)
+    out = src / "attacked" if where == "inside" else tmp_path / "out.dcm"
+    if where == "file":
+        out.write_bytes(b"x")
+    assert main(["attack", str(src), str(out), "--method", "gaussian"]) == 2
+    err = capsys.readouterr().err
+    assert ("inside the input folder" in err) if where == "inside" else ("must be one too" in err)
+    assert not (src / "attacked").exists()
+
+
+def test_folder_attack_loads_the_victim_once(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """FGSM through the shipped training bundle's victim over a folder: one load for all the
+    files (the adaptive attacks fit their statistics at the same place, once)."""
+    pytest.importorskip("tensorflow")
+    from gateway.cli import main
+
+    loads: list[object] = []
+    real = dicom_attack.load_victim_from_bundle
+    monkeypatch.setattr(dicom_attack, "load_victim_from_bundle",
+                        lambda b: loads.append(b) or real(b))
+    src = _folder(tmp_path)
+    (src / "broken.dcm").unlink()
+    assert main(["attack", str(src), str(tmp_path / "out"), "--method", "fgsm",
+                 "--eps", "0.006"]) == 0
+    assert len(loads) == 1
+    assert "wrote 3 attacked copies" in capsys.readouterr().out

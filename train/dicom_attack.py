@@ -11,6 +11,7 @@ Everything else in the header is kept; the SOP Instance UID is new unless ``keep
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,9 +186,16 @@ def _write_copy(ds: Any, in_path: Path, out_path: Path, out_frames: np.ndarray,
     ds.file_meta.MediaStorageSOPInstanceUID = uid
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(out_path, enforce_file_format=True)
-    check = pydicom.dcmread(out_path)
-    diff = check.pixel_array.astype(np.int64) - stored.astype(np.int64)
+    # written beside the target and renamed into place once read back: a crash or a full disk
+    # never leaves a half-written copy that a resumed folder run would take as done
+    part = out_path.with_name(f".{out_path.name}.part")
+    try:
+        ds.save_as(part, enforce_file_format=True)
+        check = pydicom.dcmread(part)
+        diff = check.pixel_array.astype(np.int64) - stored.astype(np.int64)
+        os.replace(part, out_path)
+    finally:
+        part.unlink(missing_ok=True)
     return AttackResult(
         out_path=out_path, method=method, param=param, sop_instance_uid=uid,
         transfer_syntax=str(ts), victim_logit_before=float(np.mean(before)),
