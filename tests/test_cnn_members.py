@@ -168,7 +168,9 @@ def test_members_config_cli_names_and_card() -> None:
     before = members_sentence({"training_data": {"config": two_stems,
                                                  "models": {"cnn-x3-2stems": {}}}})
     assert "mean of 6 networks" in now and "every second pixel" in now
+    assert "`--cnn-members 3 --cnn-stems 2 --cnn-random-stem strided`" in now
     assert "mean of 6 networks" in before and "every second pixel" not in before
+    assert "--cnn-random-stem" not in before
     site = members_sentence({"training_data": {"config": {**two_stems, "cnn_members": 2,
                                                           "cnn_random_members": 3}}})
     assert "mean of 5 networks" in site and "--cnn-random-members 3" in site

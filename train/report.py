@@ -550,7 +550,8 @@ def members_note(members: int, stems: int = 1, strided: bool = False,
     if stems == 2:
         random = members if random is None else random
         flags = f"--cnn-members {members} --cnn-stems 2" + (
-            f" --cnn-random-members {random}" if random != members else "")
+            f" --cnn-random-members {random}" if random != members else "") + (
+            " --cnn-random-stem strided" if strided else "")
         return (f" The CNN's probability is the mean of {members + random} networks (`{flags}`) "
                 f"trained from different seeds: {members} on one shared, trained high-pass "
                 f"first layer and {random} on a frozen first layer of random high-pass kernels "
