@@ -290,19 +290,24 @@ def test_folder_run_cut_short_by_a_full_disk_resumes_to_the_same_copies(
         assert np.array_equal(_stored(cut / rel), _stored(whole / rel))
 
 
-@pytest.mark.parametrize("where", ["inside", "file"])
-def test_folder_refuses_an_output_it_cannot_use(tmp_path: Path, where: str,
+@pytest.mark.parametrize("where", ["inside", "file", "folder for a file"])
+def test_attack_refuses_an_output_it_cannot_use(tmp_path: Path, where: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     from gateway.cli import main
 
     src = _folder(tmp_path)
-    out = src / "attacked" if where == "inside" else tmp_path / "out.dcm"
+    out = {"inside": src / "attacked", "file": tmp_path / "out.dcm",
+           "folder for a file": tmp_path / "outdir"}[where]
     if where == "file":
         out.write_bytes(b"x")
+    if where == "folder for a file":
+        out.mkdir()
+        src = src / "a.dcm"
     assert main(["attack", str(src), str(out), "--method", "gaussian"]) == 2
     err = capsys.readouterr().err
-    assert ("inside the input folder" in err) if where == "inside" else ("must be one too" in err)
-    assert not (src / "attacked").exists()
+    assert {"inside": "inside the input folder", "file": "must be one too",
+            "folder for a file": "give the attacked copy a file name"}[where] in err
+    assert not (tmp_path / "in" / "attacked").exists() and not list(tmp_path.glob("**/.*.part"))
 
 
 def test_folder_attack_loads_the_victim_once(tmp_path: Path,

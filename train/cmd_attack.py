@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         if args.input.is_dir():
             return _run_folder(args, attack_one)
         res = attack_one(args.input, args.output, args.seed)
-    except (AttackWriteError, BundleError, FileNotFoundError, ValueError) as exc:
+    except (AttackWriteError, BundleError, OSError, ValueError) as exc:  # a full disk too
         print(f"sentinel attack: {exc}", file=sys.stderr)
         return 2
     print(describe(res))
@@ -132,6 +132,9 @@ def _check_paths(args: argparse.Namespace) -> str | None:
         return None
     if not args.input.is_file():
         return f"{args.input} is neither a file nor a folder"
+    if args.output.is_dir():
+        return (f"{args.output} is a folder: give the attacked copy a file name (or give a "
+                "folder as INPUT to attack every DICOM in it)")
     return None
 
 
