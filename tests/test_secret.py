@@ -83,8 +83,9 @@ def test_digest_identifies_the_secret_without_holding_it() -> None:
 def test_secret_file_mode_length_and_no_overwrite(tmp_path: Path) -> None:
     p = secret.new_secret_file(tmp_path / "site.key")
     assert (p.stat().st_mode & 0o777) == 0o600
-    key = secret.read_secret(p)
-    assert len(key) == 64 and key == p.read_bytes().strip()
+    site = secret.read_secret(p)
+    assert site.draw_scheme == secret.CURRENT_DRAW_SCHEME == 2
+    assert len(site.key) == 64 and site.key == p.read_bytes().strip().splitlines()[-1]
     with pytest.raises(secret.SecretError, match="never overwritten"):
         secret.new_secret_file(p)
     os.chmod(p, 0o644)
@@ -97,6 +98,54 @@ def test_secret_file_mode_length_and_no_overwrite(tmp_path: Path) -> None:
         secret.read_secret(short)
     with pytest.raises(secret.SecretError, match="does not exist"):
         secret.read_secret(tmp_path / "missing.key")
+
+
+V1_FEATURES_OF_KEY_A = (  # what scheme 1 drew for KEY_A before schemes were recorded
+    "spectral_entropy", "intensity_std", "skewness", "residual_std_ratio",
+    "near_zero_diff_frac", "laplacian_var", "noise_sigma", "kurtosis", "diff_lag1_corr",
+    "residual_kurtosis")
+
+
+def test_a_secret_file_without_header_still_makes_its_old_bundle(tmp_path: Path) -> None:
+    """Files written before draw schemes (one hex line) are scheme 1 and draw what they drew
+    then, so a site can remake an existing bundle from its secret."""
+    old = tmp_path / "old.key"
+    old.write_text("6a" * 32 + "\n")
+    os.chmod(old, 0o600)
+    site = secret.read_secret(old)
+    assert site == secret.SiteSecret(("6a" * 32).encode(), 1)
+    d = secret.draw(secret.SiteSecret(KEY_A, 1), FEATURE_SET, ZOO, salt=b"0" * 16)
+    assert d.feature_names == V1_FEATURES_OF_KEY_A and d.draw_scheme == 1
+    assert (d.tag, d.cnn_seed, d.forest_seed) == ("f69ecdf6e2", 1138429340, 611791810)
+    assert _choices(d) == {**_choices(secret.draw(KEY_A, FEATURE_SET, ZOO)), "draw_scheme": 1}
+
+
+def test_scheme_2_never_draws_noise_sigma_and_always_near_zero_differences() -> None:
+    """Scheme 2 changes the forest's features only: the CNN, seeds and zoo families of a
+    secret are the same in both schemes."""
+    positions = set()
+    for i in range(60):
+        key = bytes([i + 1]) * 32
+        d1 = secret.draw(secret.SiteSecret(key, 1), FEATURE_SET, ZOO)
+        d2 = secret.draw(secret.SiteSecret(key, 2), FEATURE_SET, ZOO)
+        assert "noise_sigma" not in d2.feature_names
+        assert "near_zero_diff_frac" in d2.feature_names
+        positions.add(d2.feature_names.index("near_zero_diff_frac"))
+        assert 7 <= len(d2.feature_names) == len(set(d2.feature_names)) <= 10
+        same = ("cnn_filters", "cnn_width", "cnn_kernel", "cnn_trunc", "cnn_seed",
+                "forest_seed", "zoo_families")
+        assert [getattr(d1, k) for k in same] == [getattr(d2, k) for k in same]
+        assert d2.draw_scheme == 2
+        assert (d2.tag == d1.tag) == (d2.feature_names == d1.feature_names)
+    assert len(positions) > 3  # its place in the order is drawn too
+
+
+def test_a_secret_file_naming_an_unknown_scheme_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "future.key"
+    p.write_text("xray-sentinel site secret, draw scheme 9\n" + "ab" * 32 + "\n")
+    os.chmod(p, 0o600)
+    with pytest.raises(secret.SecretError, match=r"draw scheme '9'.*known: \[1, 2\]"):
+        secret.read_secret(p)
 
 
 def _synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -239,11 +288,16 @@ def test_train_quick_with_secret_file(tmp_path: Path) -> None:
                  "--new-secret"]) == 0
     assert main([*args, "--out", str(tmp_path / "a"), "--secret-file", str(key),
                  "--new-secret"]) == 2  # never overwrites a secret
-    k = secret.read_secret(key)
+    site = secret.read_secret(key)
+    k = site.key
     man = load_manifest(tmp_path / "a")
     rec = man.training_data["config"]["secret"]
     assert secret.matches_digest(k, rec)
     assert tuple(man.feature_names) == tuple(rec["feature_names"])
+    # a new secret is drawn by the current scheme, recorded in the manifest and the card
+    assert rec["draw_scheme"] == site.draw_scheme == secret.CURRENT_DRAW_SCHEME
+    assert "noise_sigma" not in man.feature_names
+    assert f"| draw scheme | {site.draw_scheme}: " in (tmp_path / "a" / "MODEL_CARD.md").read_text()
     det = Detector.load(tmp_path / "a")
     assert 0.0 <= det.score_path(data / "img/000.png").score <= 1.0
     for d in (tmp_path / "a", tmp_path / "a-training"):

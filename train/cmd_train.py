@@ -119,7 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "an unseen source for one of two fresh secrets; README, \"Two stems\")")
     parser.add_argument("--new-secret", action="store_true",
                         help="first write a fresh random secret to --secret-file (refuses to "
-                        "overwrite an existing file)")
+                        "overwrite an existing file); the file names the draw scheme its "
+                        "secret is drawn by (train.secret.DRAW_SCHEMES; files without one are "
+                        "scheme 1), so it always makes the same bundle")
 
 
 def _cnn_ensemble(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,7 +200,7 @@ def _with_secret(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig | No
             print(f"sentinel train: wrote a new secret to {args.secret_file} (mode 0600): keep "
                   "it off the gateway host, it is what an attacker would need to rebuild this "
                   "site's training choices", file=sys.stderr)
-        key = secret.read_secret(args.secret_file)
+        site_secret = secret.read_secret(args.secret_file)
     except secret.SecretError as exc:
         print(f"sentinel train: {exc}", file=sys.stderr)
         return None
@@ -206,7 +208,7 @@ def _with_secret(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig | No
     if cfg.zoo:
         pool = cfg.quickened().zoo_families if cfg.quick else cfg.zoo_families
         families = tuple(f for f in pool if f not in cfg.zoo_holdout)
-    draws = secret.draw(key, cfg.feature_set, families)
+    draws = secret.draw(site_secret, cfg.feature_set, families)
     holdout = tuple(sorted({*cfg.zoo_holdout,
                             *(f for f in families if f not in draws.zoo_families)}))
     return replace(cfg, secret=draws, zoo_holdout=holdout)
