@@ -120,24 +120,27 @@ def test_a_secret_file_without_header_still_makes_its_old_bundle(tmp_path: Path)
     assert _choices(d) == {**_choices(secret.draw(KEY_A, FEATURE_SET, ZOO)), "draw_scheme": 1}
 
 
-def test_scheme_2_never_draws_noise_sigma_and_always_near_zero_differences() -> None:
+def test_scheme_2_never_draws_noise_sigma_and_always_the_noise_shape_features() -> None:
     """Scheme 2 changes the forest's features only: the CNN, seeds and zoo families of a
     secret are the same in both schemes."""
-    positions = set()
+    positions, subsets = set(), set()
+    always = {"near_zero_diff_frac", "residual_std_ratio", "residual_kurtosis"}
     for i in range(60):
         key = bytes([i + 1]) * 32
         d1 = secret.draw(secret.SiteSecret(key, 1), FEATURE_SET, ZOO)
         d2 = secret.draw(secret.SiteSecret(key, 2), FEATURE_SET, ZOO)
         assert "noise_sigma" not in d2.feature_names
-        assert "near_zero_diff_frac" in d2.feature_names
+        assert always <= set(d2.feature_names)
         positions.add(d2.feature_names.index("near_zero_diff_frac"))
-        assert 7 <= len(d2.feature_names) == len(set(d2.feature_names)) <= 10
+        subsets.add(frozenset(d2.feature_names))
+        assert 8 <= len(d2.feature_names) == len(set(d2.feature_names)) <= 10
         same = ("cnn_filters", "cnn_width", "cnn_kernel", "cnn_trunc", "cnn_seed",
                 "forest_seed", "zoo_families")
         assert [getattr(d1, k) for k in same] == [getattr(d2, k) for k in same]
         assert d2.draw_scheme == 2
         assert (d2.tag == d1.tag) == (d2.feature_names == d1.feature_names)
-    assert len(positions) > 3  # its place in the order is drawn too
+    assert len(positions) > 3  # their places in the order are drawn too
+    assert len(subsets) > 10  # and which of the other seven are kept
 
 
 def test_a_secret_file_naming_an_unknown_scheme_is_refused(tmp_path: Path) -> None:
