@@ -341,14 +341,16 @@ def run_attack(models: AdaptiveModels, spec: AdaptiveAttack, s: AttackSettings,
 # ---------------------------------------------------------------- measurement
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson interval of a proportion k/n."""
+    """95% Wilson interval of a proportion k/n. It always contains k/n: at k = 0 and k = n
+    the bound that is exact in theory is set exactly (in floating point c - h came out a few
+    ulps above 0, and the report's error bars refused the negative length)."""
     if n == 0:
         return (0.0, 1.0)
     p = k / n
     den = 1 + z * z / n
     c = (p + z * z / (2 * n)) / den
     h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (float(max(0.0, c - h)), float(min(1.0, c + h)))
+    return (float(min(p, max(0.0, c - h))), float(max(p, min(1.0, c + h))))
 
 
 def victim_outcomes(models: AdaptiveModels, x: np.ndarray, y: np.ndarray,
