@@ -104,9 +104,13 @@ def _rate(k: int, n: int) -> dict:
 
 def test_the_plot_shows_the_attack_the_held_bundles_detect_least(tmp_path: Path) -> None:
     """The strongest attack is judged by the bundles the attacker lacks, not by the public one
-    (which it was crafted on), and attacks that fooled nothing are skipped."""
+    (which it was crafted on), among the attacks at the targets' eps (one at 0.003, detected
+    even less, is not what the target region judges), and attacks that fooled nothing are
+    skipped."""
     attacks = {"weak": {"name": "adaptive-cnn", "eps": 0.006, "steps": 40, "n": 10,
                         "n_fooled": 10},
+               "small": {"name": "adaptive-all", "eps": 0.003, "steps": 100, "n": 10,
+                         "n_fooled": 10},
                "strong": {"name": "adaptive-all", "eps": 0.006, "steps": 100, "n": 10,
                           "n_fooled": 10},
                "none": {"name": "pgd", "eps": 0.003, "steps": 40, "n": 10, "n_fooled": 0}}
@@ -121,11 +125,13 @@ def test_the_plot_shows_the_attack_the_held_bundles_detect_least(tmp_path: Path)
                 **{p: point for p in greybox.POINT_TITLES}}
 
     res = {"crafted_on": ["public-id"], "second_source": "nih", "attacks": attacks,
-           "bundles": {"public": bundle(True, {"weak": 0, "strong": 9, "none": 0}),
-                       "site": bundle(False, {"weak": 8, "strong": 3, "none": 0})}}
+           "bundles": {"public": bundle(True, {"weak": 0, "strong": 9, "small": 0, "none": 0}),
+                       "site": bundle(False, {"weak": 8, "strong": 3, "small": 1, "none": 0})}}
     assert greybox.strongest_attack(res) == "strong"
     assert greybox.plot_tradeoff(res, tmp_path / "g.png") == tmp_path / "g.png"
     assert (tmp_path / "g.png").stat().st_size > 10_000
+    res["attacks"] = {"small": attacks["small"], "none": attacks["none"]}
+    assert greybox.strongest_attack(res) == "small"  # none at 0.006 fooled: the rest compete
     res["attacks"] = {"none": attacks["none"]}
     assert greybox.strongest_attack(res) is None
     assert greybox.plot_tradeoff(res, tmp_path / "h.png") is None
