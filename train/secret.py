@@ -41,18 +41,39 @@ MIN_FEATURE_SHARE = 0.6
 # the fewest zoo families a site bundle's training attacks come from
 MIN_ZOO_FAMILIES = 4
 
-# What each draw scheme does differently; new secret files get the last one.
-DRAW_SCHEMES: dict[int, str] = {
-    1: "the forest's features: at least 60% of the set, any of them",
-    2: "the forest's features: never noise_sigma; always near_zero_diff_frac, "
-       "residual_std_ratio and residual_kurtosis; at least 60% of the other seven (a forest "
-       "reading the absolute noise level flags sources noisier than its training images: "
-       "README, \"Why the forests flag NIH\" and \"Draw scheme 2\")",
+
+@dataclass(frozen=True)
+class FeatureRule:
+    """How one draw scheme picks the forest's features: never ``never``, always ``always``
+    (each at a drawn place in the order), and at least ``MIN_FEATURE_SHARE`` of the rest, from
+    the HMAC stream named ``stream``. ``why`` is what the model card says of the scheme."""
+
+    stream: str
+    why: str
+    never: tuple[str, ...] = ()
+    always: tuple[str, ...] = ()
+
+
+# Draw schemes differ only in their feature rule; new secret files get the last one.
+# Scheme 2 (README, "Why the forests flag NIH", "Draw scheme 2"): of forests fitted like a site
+# bundle's, every one reading noise_sigma (the absolute noise level) flagged 2.5-9.1% of clean
+# NIH images, which are noisier than Kermany's doubly-compressed 224 copies; without it, a
+# forest that also lacks near_zero_diff_frac flags 34-42% and one lacking residual_kurtosis
+# 6-13%, and one lacking residual_std_ratio detects about half of PGD at eps 0.003 where the
+# others detect about 80%.
+FEATURE_RULES: dict[int, FeatureRule] = {
+    1: FeatureRule("features", "the forest's features: at least 60% of the set, any of them"),
+    2: FeatureRule(
+        "features-v2",
+        "the forest's features: never noise_sigma; always near_zero_diff_frac, "
+        "residual_std_ratio and residual_kurtosis; at least 60% of the other seven (a forest "
+        "reading the absolute noise level flags sources noisier than its training images: "
+        "README, \"Why the forests flag NIH\" and \"Draw scheme 2\")",
+        never=("noise_sigma",),
+        always=("near_zero_diff_frac", "residual_std_ratio", "residual_kurtosis")),
 }
+DRAW_SCHEMES: dict[int, str] = {k: rule.why for k, rule in FEATURE_RULES.items()}
 CURRENT_DRAW_SCHEME = max(DRAW_SCHEMES)
-# scheme 2: the feature no draw keeps, and those every draw keeps
-_NEVER_DRAWN = ("noise_sigma",)
-_ALWAYS_DRAWN = ("near_zero_diff_frac", "residual_std_ratio", "residual_kurtosis")
 _HEADER = "xray-sentinel site secret, draw scheme "
 
 
@@ -227,8 +248,7 @@ def draw(secret: bytes | SiteSecret, feature_set: str, zoo_families: tuple[str, 
     while shape not in CNN_SHAPES:  # over the latency budget: draw again, same stream
         shape = CNN_SHAPES_V1[int(r.integers(len(CNN_SHAPES_V1)))]
     trunc = float(CNN_TRUNCS[int(_rng(secret, "cnn-trunc").integers(len(CNN_TRUNCS)))])
-    feats = (_draw_features(secret, names) if site.draw_scheme == 1
-             else _draw_features_v2(secret, names))
+    feats = _draw_features(secret, names, FEATURE_RULES[site.draw_scheme])
     fams: tuple[str, ...] = ()
     if zoo_families:
         r = _rng(secret, "zoo-families")
@@ -245,26 +265,12 @@ def draw(secret: bytes | SiteSecret, feature_set: str, zoo_families: tuple[str, 
         digest=secret_digest(secret, salt), draw_scheme=site.draw_scheme)
 
 
-def _draw_features(secret: bytes, names: list[str]) -> tuple[str, ...]:
-    """Scheme 1: at least ``MIN_FEATURE_SHARE`` of ``names``, in a drawn order."""
-    r = _rng(secret, "features")
-    k = int(r.integers(int(np.ceil(MIN_FEATURE_SHARE * len(names))), len(names) + 1))
-    return tuple(names[i] for i in r.permutation(len(names))[:k])
-
-
-def _draw_features_v2(secret: bytes, names: list[str]) -> tuple[str, ...]:
-    """Scheme 2: never ``_NEVER_DRAWN``, always ``_ALWAYS_DRAWN`` (each at a drawn place), with
-    at least ``MIN_FEATURE_SHARE`` of the others, in a drawn order.
-
-    Why (README, "Why the forests flag NIH", "Draw scheme 2"): of forests fitted like a site
-    bundle's, every one reading noise_sigma (the absolute noise level) flagged 2.5-9.1% of
-    clean NIH images, which are noisier than Kermany's doubly-compressed 224 copies; without
-    it, a forest that also lacks near_zero_diff_frac flags 34-42% and one lacking
-    residual_kurtosis 6-13%, and one lacking residual_std_ratio detects about half of PGD at eps
-    0.003 where the others detect about 80%."""
-    always = [n for n in _ALWAYS_DRAWN if n in names]
-    others = [n for n in names if n not in _NEVER_DRAWN and n not in always]
-    r = _rng(secret, "features-v2")
+def _draw_features(secret: bytes, names: list[str], rule: FeatureRule) -> tuple[str, ...]:
+    """The forest's features by ``rule``, in a drawn order (scheme 1, with nothing never or
+    always drawn, takes the same stream steps it took before schemes were recorded)."""
+    always = [n for n in rule.always if n in names]
+    others = [n for n in names if n not in rule.never and n not in always]
+    r = _rng(secret, rule.stream)
     k = int(r.integers(int(np.ceil(MIN_FEATURE_SHARE * len(others))), len(others) + 1))
     feats = [others[i] for i in r.permutation(len(others))[:k]]
     for name in always:
