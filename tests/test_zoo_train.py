@@ -42,3 +42,40 @@ def test_member_is_cached_by_family_pipeline_seed_and_split(tmp_path: Path) -> N
     with pytest.raises(FileNotFoundError, match=r"python -m train\.zoo"):
         zoo.load_member(tmp_path, "depthwise", pipe, digest="other")
     assert [m["family"] for m in zoo.list_members(tmp_path)] == ["depthwise"]
+
+
+def test_exported_member_is_a_site_victim_with_the_same_answers(tmp_path: Path) -> None:
+    """`python -m train.zoo export` writes the network without its resize; in a fresh process
+    `sentinel attack --victim`'s loader puts the member's own resize in front of it and gives
+    the member's logits (the ViT: its position embedding must load from the file too)."""
+    import os
+    import subprocess
+    import sys
+
+    pipe = zoo.Pipeline(32, "bicubic", True)
+    zoo.ensure_member(tmp_path, "vit", tiny_data("d1"), pipeline=pipe, epochs=1,
+                      log=lambda _: None)
+    model, _ = zoo.load_member(tmp_path, "vit", pipe, digest="d1")
+    out = tmp_path / "site" / "vit.keras"
+    assert zoo.export_member(tmp_path, "vit", out, pipeline=pipe, digest="d1") == pipe
+    assert zoo.attack_flags(pipe) == "--input-size 32 --resize bicubic --antialias"
+    x = tiny_data("d1").x["test"][:3].astype(np.float32) / 255.0
+    np.save(tmp_path / "x.npy", x)
+    want = zoo.predict_logits(model, x)
+    code = ("import sys, numpy as np; from train import dicom_attack, zoo; "
+            "v = dicom_attack.load_site_victim(sys.argv[1], zoo.Pipeline.parse(sys.argv[3])); "
+            "x = np.load(sys.argv[2]); print(*np.asarray(v(x[..., None])).reshape(-1))")
+    r = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "x.npy"), pipe.tag],
+                       capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.array(r.stdout.split(), float)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert not list(out.parent.glob("*.part*"))  # written whole, renamed into place
+
+
+def test_export_refuses_what_it_cannot_write_and_names_the_fix(tmp_path: Path, capsys) -> None:
+    rc = zoo.main(["--work", str(tmp_path), "export", "maxpool", str(tmp_path / "m.keras")])
+    assert rc == 2 and "python -m train.zoo" in capsys.readouterr().err  # not trained here
+    with pytest.raises(ValueError, match=r"\.keras"):
+        zoo.export_member(tmp_path, "maxpool", tmp_path / "m.h5")

@@ -121,7 +121,7 @@ def _area_weights(n_in: Any, n_out: int) -> Any:
     return tf.cast(tf.maximum(overlap, 0.0) / scale, tf.float32)
 
 
-def _register_layer() -> type:
+def _register_layer() -> dict[str, type]:
     import keras
 
     @keras.saving.register_keras_serializable(package="sentinel_zoo")
@@ -143,18 +143,29 @@ def _register_layer() -> type:
             return {**super().get_config(), "size": self.pipeline.size,
                     "method": self.pipeline.method, "antialias": self.pipeline.antialias}
 
-    return PipelineResize
+    @keras.saving.register_keras_serializable(package="sentinel_zoo")
+    class PositionEmbedding(keras.layers.Layer):
+        """The tiny ViT's learned position embedding (registered, so an exported ViT loads)."""
+
+        def build(self, shape: tuple) -> None:
+            self.pos = self.add_weight(shape=(1, shape[1], shape[2]), initializer="zeros",
+                                       name="pos")
+
+        def call(self, x: Any) -> Any:
+            return x + self.pos
+
+    return {"resize": PipelineResize, "position": PositionEmbedding}
 
 
-_LAYER: type | None = None
+_LAYERS: dict[str, type] = {}
 
 
 def ensure_registered() -> type:
-    """Register the pipeline layer with Keras (once), so a saved zoo member loads as a model."""
-    global _LAYER
-    if _LAYER is None:
-        _LAYER = _register_layer()
-    return _LAYER
+    """Register the zoo's own layers with Keras (once), so a saved zoo member loads as a model;
+    returns the pipeline layer."""
+    if not _LAYERS:
+        _LAYERS.update(_register_layer())
+    return _LAYERS["resize"]
 
 
 def pipeline_layer(pipeline: Pipeline) -> Any:
@@ -304,17 +315,8 @@ def _vit(x: Any, patch: int = 16, dim: int = 64, depth: int = 3, heads: int = 4)
 
 
 def _position_embedding() -> Any:
-    import keras
-
-    class PositionEmbedding(keras.layers.Layer):
-        def build(self, shape: tuple) -> None:
-            self.pos = self.add_weight(shape=(1, shape[1], shape[2]), initializer="zeros",
-                                       name="pos")
-
-        def call(self, x: Any) -> Any:
-            return x + self.pos
-
-    return PositionEmbedding()
+    ensure_registered()
+    return _LAYERS["position"]()
 
 
 @dataclass(frozen=True)
@@ -350,19 +352,26 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
-def build_member(family: str, pipeline: Pipeline | None = None) -> Any:
+def build_member(family: str, pipeline: Pipeline | None = None, *,
+                 with_resize: bool = True) -> Any:
     """Keras model: (n, rows, cols, 1) native image in [0, 1] -> (n, 1) pneumonia logit.
 
     Any native matrix goes in; the first layer is the member's pipeline (resize to its input
-    size), then the family's body at that size.
+    size), then the family's body at that size. ``with_resize=False``: the network alone, on
+    (n, size, size, 1) inputs, as a site holds its diagnostic model apart from its resize (the
+    weights are the same list in the same order: the resize layer has none).
     """
     import keras
     from keras import layers
 
     fam = _family(family)
     pipeline = pipeline or fam.pipeline
-    inp = keras.Input((None, None, 1), name="native")
-    x = pipeline_layer(pipeline)(inp)
+    if with_resize:
+        inp = keras.Input((None, None, 1), name="native")
+        x = pipeline_layer(pipeline)(inp)
+    else:
+        inp = keras.Input((pipeline.size, pipeline.size, 1), name="resized")
+        x = inp
     x = layers.Rescaling(4.0, offset=-2.0)(x)
     # the body needs a static size (ViT's token count); the resize output has it
     x = layers.Reshape((pipeline.size, pipeline.size, 1))(x)
@@ -551,6 +560,32 @@ def ensure_member(work: Path, family: str, data: KermanyArrays, *,
     return meta
 
 
+def export_member(work: Path, family: str, out: Path, *, pipeline: Pipeline | None = None,
+                  seed: int = 0, digest: str | None = None) -> Pipeline:
+    """Write a cached member as a plain Keras model file without its resize layer, so it can
+    stand in for a site's own diagnostic network: ``sentinel attack --victim OUT --input-size
+    N --resize METHOD [--antialias]`` then attacks through the same resize the zoo evaluation
+    uses. Returns that pipeline."""
+    pipeline = pipeline or _family(family).pipeline
+    if Path(out).suffix.lower() != ".keras":
+        raise ValueError(f"{out}: name the export FILE.keras (Keras' own model format)")
+    model, _ = load_member(work, family, pipeline, seed, digest)
+    bare = build_member(family, pipeline, with_resize=False)
+    bare.set_weights(model.get_weights())
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_name(Path(out).name + ".part.keras")
+    bare.save(str(tmp))
+    os.replace(tmp, out)
+    return pipeline
+
+
+def attack_flags(pipeline: Pipeline) -> str:
+    """The ``sentinel attack`` options that reproduce ``pipeline`` in front of an exported
+    member."""
+    return (f"--input-size {pipeline.size} --resize {pipeline.method}"
+            + (" --antialias" if pipeline.antialias else ""))
+
+
 def list_members(work: Path) -> list[dict]:
     root = Path(work) / "members"
     return [json.loads(p.read_text()) for p in sorted(root.glob(f"*/{META_FILE}"))]
@@ -578,7 +613,26 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--epochs", type=int, default=None)
     tr.add_argument("--threads", type=int, default=2)
     sub.add_parser("list", help="the cached members and their test AUC")
+    ex = sub.add_parser("export", help="write a cached member as FILE.keras without its resize, "
+                        "a victim for `sentinel attack --victim`")
+    ex.add_argument("family", choices=list(FAMILIES))
+    ex.add_argument("out", type=Path, metavar="FILE.keras")
+    ex.add_argument("--pipeline", default=None,
+                    help="the member trained with this pipeline (default: the family's own)")
+    ex.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.cmd == "export":
+        try:
+            pipe = export_member(args.work, args.family, args.out, seed=args.seed,
+                                 pipeline=Pipeline.parse(args.pipeline) if args.pipeline
+                                 else None)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"python -m train.zoo export: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.out}: zoo member {args.family} [{pipe.tag}] without its resize; attack "
+              f"through it with: sentinel attack IN OUT --victim {args.out} "
+              f"{attack_flags(pipe)}")
+        return 0
     if args.cmd == "list":
         for m in list_members(args.work):
             print(f"{m['family']:10s} {m['pipeline_tag']:16s} seed {m['seed']} test AUC "
