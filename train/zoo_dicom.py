@@ -184,7 +184,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"Every DICOM file of `{Path(res['folder']).name}` attacked at its own matrix and bit "
         "depth by each zoo member through the member's own resize (`sentinel attack "
         "--victim`; train.zoo_dicom); each copy scored as the gateway scores it, at each "
-        "bundle's own threshold. A handful of files is a check of the real path, not a rate.",
+        "bundle's own threshold (`sentinel evaluate --dicom-check` attacks the same files "
+        "through the bundle's own victim only, whose resize averages like the detector's). A "
+        "handful of files is a check of the real path, not a rate.",
         "",
         "| family [resize] | copies | fooled the member | "
         + " | ".join(f"flagged by {s} (of the fooled)" for s in short)
