@@ -81,3 +81,18 @@ def test_a_12bit_cell_is_attacked_and_cached_at_12_bits(tmp_path: Path) -> None:
     again = zoo_eval.attacked_images(None, meta, src, "pgd", eps, tmp_path, 0, 3)  # cached
     assert np.array_equal(again.adv, first.adv)
     assert np.array_equal(again.fooled, first.fooled)
+
+
+def test_upsampled_source_is_a_larger_matrix_of_the_same_content_on_its_grid() -> None:
+    """``nih1536-12bit``: the 12-bit sample at a CR-sized matrix. Its stored values stay on the
+    12-bit grid, and read back at the small size (area) it is the image it came from, so only
+    the matrix an attack is made at changes, not what the detector's 224 view holds."""
+    small = zoo_eval.Source("s", attacks.lift_bit_depth(eight_bit(2, 40), 4095, 0), ("a", "b"),
+                            levels=4095)
+    big = zoo_eval.upsampled(small, "big", 120)
+    assert big.x.shape == (2, 120, 120) and big.name == "big" and big.ids == ("a", "b")
+    assert big.levels == 4095 and np.allclose(big.x * 4095, np.round(big.x * 4095), atol=1e-3)
+    back = big.x.reshape(2, 40, 3, 40, 3).mean(axis=(2, 4))
+    assert np.abs(back - small.x).mean() < 0.01
+    assert zoo_eval.SOURCE_LEVELS["nih1536-12bit"] == 4095
+    assert zoo_eval.UPSAMPLED["nih1536-12bit"] == ("nih512-12bit", 1536)

@@ -33,8 +33,12 @@ import numpy as np
 DEFAULT_ATTACKS = ("pgd", "mi_fgsm")
 DEFAULT_EPS = (0.003, 0.006)
 LEVELS = 255  # NIH and Kermany are stored at 8 bits
-# each source's storage grid; nih512-12bit: the NIH sample as a 12-bit modality would store it
-SOURCE_LEVELS = {"nih512": LEVELS, "kermany224": LEVELS, "nih512-12bit": 4095}
+# each source's storage grid; nih512-12bit: the NIH sample as a 12-bit modality would store it;
+# nih1536-12bit: the same, bicubic-upsampled to a CR-sized matrix (what a larger matrix does to
+# an attack made through a resize, with the content at 224 unchanged)
+SOURCE_LEVELS = {"nih512": LEVELS, "kermany224": LEVELS, "nih512-12bit": 4095,
+                 "nih1536-12bit": 4095}
+UPSAMPLED = {"nih1536-12bit": ("nih512-12bit", 1536)}
 SOURCES = tuple(SOURCE_LEVELS)
 DEFAULT_SOURCES = ("nih512", "kermany224")
 
@@ -76,9 +80,20 @@ class SiteRule:
         return hit
 
 
+def upsampled(src: Source, name: str, size: int) -> Source:
+    """``src`` bicubic-upsampled to ``size`` square and rounded to its storage grid: a larger
+    stored matrix with the same content at the detector's 224 (OpenCV's bicubic, clipped)."""
+    import cv2
+
+    x = np.stack([cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC) for img in src.x])
+    x = np.round(np.clip(x, 0.0, 1.0) * src.levels) / src.levels
+    return Source(name, x.astype(np.float32), src.ids, src.seed, src.levels)
+
+
 def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
-                 seed: int) -> dict[str, Source]:
-    """A seeded sample of NIH (test-only source) and of the bundle's Kermany test split."""
+                 seed: int, wanted: tuple[str, ...] = ()) -> dict[str, Source]:
+    """A seeded sample of NIH (test-only source) and of the bundle's Kermany test split; the
+    upsampled NIH sources (``UPSAMPLED``, about 1 GB for 100 images) only when ``wanted``."""
     from train import attacks, datasets, zoo
 
     out = {}
@@ -100,6 +115,10 @@ def load_sources(work: Path, data_root: Path, n_nih: int, n_kermany: int,
     out["nih512-12bit"] = Source(
         "nih512-12bit", attacks.lift_bit_depth(out["nih512"].x, lv12, seed), out["nih512"].ids,
         seed, lv12)
+    for name in wanted:
+        if name in UPSAMPLED:
+            base, size = UPSAMPLED[name]
+            out[name] = upsampled(out[base], name, size)
     kerm = zoo.load_kermany(work, data_root / "kermany224", parts=("test",))
     pick = np.sort(np.random.default_rng(seed + 1).permutation(len(kerm.y["test"]))[:n_kermany])
     out["kermany224"] = Source("kermany224", kerm.x["test"][pick].astype(np.float32) / 255.0,
@@ -375,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                     choices=list(zoo.FAMILIES))
     ap.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES,
                     help="nih512-12bit: the NIH sample as a 12-bit modality stores it "
-                    "(lift_bit_depth), attacked and stored at 12 bits")
+                    "(lift_bit_depth), attacked and stored at 12 bits; nih1536-12bit: that, "
+                    "upsampled to 1536 (a CR-sized matrix)")
     ap.add_argument("--attacks", nargs="+", default=list(DEFAULT_ATTACKS),
                     help="of train.attacks.NATIVE_ATTACKS")
     ap.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS))
@@ -417,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     clean: list[dict] = []
     processing: list[dict] = []
     if not args.report_only:
-        sources = load_sources(args.work, data_root, args.nih, args.kermany, args.seed)
+        sources = load_sources(args.work, data_root, args.nih, args.kermany, args.seed,
+                               tuple(args.sources))
         clean = [clean_cell(det, sources[s], out) for s in args.sources]
         # source-major: every family's NIH cells (the unseen source) come before Kermany's
         jobs = [(m, s, a, e) for s in args.sources for m in members for a in args.attacks
