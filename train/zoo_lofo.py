@@ -216,7 +216,8 @@ def markdown(results: dict) -> str:
         "Each family's attacks are scored by the fold bundle whose training left that family "
         "out (held out) and by the final bundle, which trained on every family. Attacks at the "
         "native matrix through the member's own resize, stored at the source's bit depth (8 "
-        "bits; nih512-12bit: 12); detection = flagged "
+        "bits; the -12bit sources: 12; nih1536-12bit is the 12-bit NIH sample upsampled to "
+        "1536); detection = flagged "
         "among the images the attack fooled, at each bundle's own threshold; [Wilson 95%]. "
         f"Targets (held out, cells with >= {MIN_FOOLED} fooled): "
         + ", ".join(f">= {100 * v:.0f}% at eps {k:g}" for k, v in TARGETS.items()) + ".",
