@@ -108,7 +108,9 @@ def test_model_card_and_readme_table_state_the_gate_and_the_dicom_check() -> Non
          "pgd_0.006": {**v, "score": 0.6, "flagged": False}}], "all_as_expected": False}
     table = readme_table(m)
     assert "| real CR DICOMs (RG3_UNCR.dcm)" in table and "| n/a | 1 of 1 / 1 of 2 |" in table
+    assert "attacked through the bundled victim" in table  # not every network's attack
     card = model_card(m, table, "sentinel train ...")
+    assert "train.zoo_dicom" in card  # the limit names where the other networks' figures are
     assert "exceeds 0.5317" in card and "rise by 10 per decade" in card
     assert ("RG3_UNCR.dcm clean 0.020 passes, pgd_0.003 1.000 flagged, pgd_0.006 0.600 "
             "passes") in card

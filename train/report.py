@@ -435,7 +435,10 @@ def model_card(m: dict[str, Any], readme_table: str, commands: str) -> str:
             + "; ".join(f"{r['file']} " + ", ".join(
                 f"{k} {r[k]['score']:.3f}{' flagged' if r[k]['flagged'] else ' passes'}"
                 for k in dicom_check_kinds(dc["eps"])) for r in dc["files"])
-            + ". Two images: a check of the DICOM path, not a rate.")
+            + ". Two images: a check of the DICOM path, not a rate. The copies are made "
+            "through the bundled victim, whose resize averages like the detector's; made "
+            "through other networks' resizes at the file's own matrix, most pass (`python -m "
+            "train.zoo_dicom`).")
     if (m.get("rule") or {}).get("gate"):
         lines.append(
             "- The stride-grid gate knows one kind of attacker: gradient attacks through a "
@@ -484,7 +487,8 @@ def readme_table(m: dict[str, Any]) -> str:
         kinds = dicom_check_kinds(dc["eps"])[1:]
         rows.append(
             "| real CR DICOMs (" + ", ".join(r["file"] for r in dc["files"]) + "): clean "
-            f"passed / attacked (PGD {' and '.join(str(e) for e in dc['eps'])}) flagged | n/a | "
+            f"passed / attacked through the bundled victim (PGD "
+            f"{' and '.join(str(e) for e in dc['eps'])}) flagged | n/a | "
             f"{sum(not r['clean']['flagged'] for r in dc['files'])} of {len(dc['files'])} / "
             f"{sum(r[k]['flagged'] for r in dc['files'] for k in kinds)} of "
             f"{len(dc['files']) * len(kinds)} |")
