@@ -18,7 +18,8 @@ perturbation is left after the detector's resize to 224::
 Copies are written whole (renamed into place) with their attack result beside them, so a
 rerun scores the same copies without attacking again. A handful of files is a check of the
 real path, not a rate: the markdown says so. ``--model-card`` puts the table into each
-bundle's model card (its own section, replaced on a rerun).
+bundle's model card (its own section, replaced on a rerun; ``sentinel evaluate --model-card``
+writes the card anew, so run this after it).
 """
 
 from __future__ import annotations
