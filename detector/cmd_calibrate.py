@@ -304,13 +304,14 @@ def _score_all(det: Any, files: list[tuple[Path, str]], desc: str
                ) -> tuple[dict[str, list[float]], list[float], list[dict[str, Any]],
                           np.ndarray]:
     """Scores grouped by Modality, line peaks and error rows of ``files`` under ``det``, and
-    (fused score, line peak, CNN peak) of each scored image, in order."""
+    (fused score, line peak, CNN peak, longer side of the matrix) of each scored image, in
+    order."""
     from detector.cmd_score import score_one
 
     scores: dict[str, list[float]] = {}
     peaks: list[float] = []
     errors: list[dict[str, Any]] = []
-    parts: list[tuple[float, float, float]] = []
+    parts: list[tuple[float, float, float, float]] = []
     try:
         from tqdm import tqdm
 
@@ -325,8 +326,23 @@ def _score_all(det: Any, files: list[tuple[Path, str]], desc: str
             continue
         scores.setdefault(_modality(path), []).append(float(row["score"]))
         peaks.append(float(row["line_peak"]))
-        parts.append((float(row["score"]), float(row["line_peak"]), float(row["cnn_peak"])))
-    return scores, peaks, errors, np.asarray(parts, np.float64).reshape(-1, 3)
+        parts.append((float(row["score"]), float(row["line_peak"]), float(row["cnn_peak"]),
+                      float(max(row.get("matrix") or [0]))))
+    return scores, peaks, errors, np.asarray(parts, np.float64).reshape(-1, 4)
+
+
+# A site whose images are this large (the median's longer side, pixels) reads them through an
+# area resize that averages most of an attack made through a resize without antialiasing away:
+# measured, none caught at 1536 and on the NEMA CRs (1,760-1,955), most at 512 (README, "Real
+# CRs at their own matrix"); the resampling-line gate, read at the native matrix, still sees them.
+LARGE_MATRIX_SIDE = 1000
+
+
+def large_matrix_note(sides: np.ndarray) -> dict[str, Any]:
+    """Whether the site's images are large enough for the area view to lose such attacks."""
+    median = float(np.median(sides)) if len(sides) else 0.0
+    return {"median_side": median, "large": median >= LARGE_MATRIX_SIDE,
+            "side_from": LARGE_MATRIX_SIDE}
 
 
 # The default bundle flagging more than this many times --fpr of a site's clean images is the
@@ -371,7 +387,7 @@ def _score_attacks(det: Any, paths: list[str]) -> np.ndarray:
 
     stacks = [p for p in paths if p.endswith(".npy") and Path(p).is_file()]
     files = collect_files([p for p in paths if p not in stacks]) if len(stacks) < len(paths) else []
-    rows = [_score_all(det, files, "scoring attacked images")[3]] if files else []
+    rows = [_score_all(det, files, "scoring attacked images")[3][:, :3]] if files else []
     for p in stacks:
         x = np.load(p, mmap_mode="r")
         if x.ndim != 3 or x.shape[1:] != (224, 224):
@@ -406,6 +422,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result = calibrate(scores, args.fpr, det.threshold, allow_lower=args.allow_lower)
     result["line_gate"] = propose_line_gate(peaks, args.fpr)
+    result["matrix"] = large_matrix_note(parts[:, 3])
     if args.cnn_gate:
         result["cnn_gate"] = propose_cnn_gate(parts[:, 0], parts[:, 1], parts[:, 2],
                                               result["overall"]["threshold"],
@@ -475,6 +492,14 @@ def run(args: argparse.Namespace) -> int:
               "gateway")
     else:
         print(f"resampling-line gate: not proposed: {lg['why_not']}")
+    mx = result["matrix"]
+    if mx["large"]:
+        print(f"these images are {mx['median_side']:.0f} pixels a side (median): the detector "
+              "reads them at 224 by area averaging, which averages away most of an attack made "
+              "through a network's resize without antialiasing (measured: none of them caught "
+              "at 1536 pixels or on real CRs; README, \"Real CRs at their own matrix\"). Only "
+              "the resampling-line gate, read at the native matrix, sees those: use it unless "
+              "this site's images are resampled on their way", file=sys.stderr)
     cg = result.get("cnn_gate")
     if cg is not None and cg["gate"] is not None:
         print(f"CNN gate: {cg['gate']!r}: with the threshold and line gate above, "

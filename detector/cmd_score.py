@@ -104,6 +104,14 @@ def _resolve_threshold(value: str | None, thresholds: dict[str, float]) -> float
         ) from None
 
 
+def _image_matrix(path: Path) -> list[int]:
+    """[rows, columns] of a PNG/JPEG (its header only)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return [int(im.size[1]), int(im.size[0])]
+
+
 def score_one(det: Any, path: Path, threshold: float | None,
               line_gate: float | None = None, cnn_gate: float | None = None) -> dict[str, Any]:
     from detector.errors import PreprocessError
@@ -117,8 +125,10 @@ def score_one(det: Any, path: Path, threshold: float | None,
             uid = ds.get("SOPInstanceUID")
             row["sop_instance_uid"] = str(uid) if uid else None
             score = det.score_dataset(ds, threshold, line_gate=line_gate)
+            row["matrix"] = [int(ds.Rows), int(ds.Columns)]
         else:
             score = det.score_path(path, threshold, line_gate=line_gate)
+            row["matrix"] = _image_matrix(path)
     except PreprocessError as exc:
         row.update(verdict="error", error={"reason": exc.reason, "message": str(exc)})
         return row

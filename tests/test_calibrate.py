@@ -102,6 +102,27 @@ def test_cli_on_clean_dicoms_prints_config_the_gateway_loads(tmp_path: Path,
     assert overall["threshold"] >= json.loads(r.stdout)["bundle_threshold"]
 
 
+def test_cli_says_when_the_images_are_too_large_for_the_area_view(tmp_path: Path,
+                                                                 fixture_bundle: Path) -> None:
+    """A site of CR-sized images is told that attacks made through a resize without
+    antialiasing are averaged away at 224 and that the line gate is what sees them; a site of
+    small images is not."""
+    make_series(tmp_path / "small", 3, rows=64, cols=64)
+    make_series(tmp_path / "large", 3, rows=1024, cols=1100)
+    for folder, large in (("small", False), ("large", True)):
+        r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate",
+                            str(tmp_path / folder), "--bundle", str(fixture_bundle)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert ("1100 pixels a side" in r.stderr and "line gate" in r.stderr) is large
+        assert ("averages away" in r.stderr) is large
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate", str(tmp_path / "large"),
+                        "--bundle", str(fixture_bundle), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert json.loads(r.stdout)["matrix"] == {"median_side": 1100.0, "large": True,
+                                              "side_from": 1000}
+
+
 def test_cli_refuses_bad_fpr_and_empty_folders(tmp_path: Path, fixture_bundle: Path) -> None:
     (tmp_path / "empty").mkdir()
     for extra, what in ((["--fpr", "0"], "--fpr"), ([], "no image could be scored")):
