@@ -329,3 +329,24 @@ def test_cli_raises_the_cnn_gate_to_attacked_copies(tmp_path: Path, data_dir: Pa
                         "--cnn-gate-attacks", str(tmp_path / "bad.npy")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "(n, 224, 224)" in r.stderr
+
+
+def test_attacked_images_from_files_and_stacks_score_alike(tmp_path: Path,
+                                                           fixture_bundle: Path) -> None:
+    """--cnn-gate-attacks takes image files and .npy stacks together: each gives one row of
+    (fused score, line peak, CNN peak), whatever else is scored for clean images."""
+    from PIL import Image
+
+    from detector.cmd_calibrate import _score_attacks
+    from detector.scoring import Detector
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 224, 224)).astype(np.uint8)
+    (tmp_path / "png").mkdir()
+    for i, im in enumerate(x):
+        Image.fromarray(im).save(tmp_path / "png" / f"{i}.png")
+    np.save(tmp_path / "s.npy", (x / 255).astype(np.float32))
+    rows = _score_attacks(Detector.load(fixture_bundle),
+                          [str(tmp_path / "png"), str(tmp_path / "s.npy")])
+    assert rows.shape == (6, 3)
+    np.testing.assert_allclose(rows[:3, 0], rows[3:, 0], atol=1e-4)  # the same images
