@@ -50,7 +50,7 @@ def test_copies_are_made_recorded_and_kept(tmp_path: Path, fixture_bundle: Path)
         assert Path(c.copy).is_file() and Path(c.copy + ".json").is_file()
         assert c.margin_after < c.margin_before  # the attack pushed against its prediction
         assert c.pipeline == "224-bilinear" and c.attack == "fgsm" and c.eps == 0.006
-    assert not list(out.rglob("*.part"))
+    assert not list(out.rglob("*.part")) and not list(out.rglob("*.tmp"))  # written whole
 
     def refuse(family: str):
         raise AssertionError("a kept copy must not load the member again")

@@ -86,6 +86,7 @@ def attacked_copies(folder: Path, load_member: Callable[[str], Any], out: Path,
     from train import zoo
     from train.cmd_attack import file_seed
     from train.dicom_attack import attack_dicom_native
+    from train.zoo_eval import _save_json
 
     files = dicom_files(folder)
     results = []
@@ -105,11 +106,9 @@ def attacked_copies(folder: Path, load_member: Callable[[str], Any], out: Path,
                         res = attack_dicom_native(
                             src, dst, member, attacks_mod.NativeAttack(method, e),
                             seed=file_seed(seed, f"{family}/{method}/{e}/{rel}"))
-                        tmp = record.with_name(record.name + ".part")
-                        tmp.write_text(json.dumps(asdict(CopyResult(
+                        _save_json(record, asdict(CopyResult(
                             rel, family, pipeline.tag, method, e, str(dst),
-                            res.victim_logit_before, res.victim_logit_after))))
-                        os.replace(tmp, record)
+                            res.victim_logit_before, res.victim_logit_after)))
                     results.append(CopyResult(**json.loads(record.read_text())))
         log(f"{family} [{pipeline.tag}]: "
             f"{sum(r.fooled for r in results if r.family == family)} of "
