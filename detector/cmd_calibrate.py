@@ -22,7 +22,11 @@ false-positive rate on another.
 It also scores each image's resampling lines (detector.resample_lines) and proposes
 ``[detector] line_gate`` where the site's clean images carry none: the gate catches attacks made
 through another network's resize, which the CNN and forest often miss, but it flags every image
-that was itself resampled, so only a site's own images can say whether it may be used.
+that was itself resampled, so only a site's own images can say whether it may be used. With the
+gate it proposes ``[detector] line_ramp``, a floor below it: an image whose score, raised by
+how far its line lies above the floor, reaches the threshold is flagged too, which catches
+attacks that blur the line (input diversity, L2, weak 12-bit ones) without flagging any of
+the site's clean images (detector.scoring.apply_line_ramp).
 
 With ``--cnn-gate`` it also proposes ``[detector] cnn_gate``: flag an image when the detector
 CNN alone reaches the gate, set where, with 95% confidence, it keeps the site's clean images
@@ -166,6 +170,47 @@ def propose_line_gate(peaks: list[float], fpr: float = 0.01) -> dict[str, Any]:
     return out
 
 
+# The line ramp's floor is searched from here up to the gate: clean NIH's median line score is
+# 1.35-1.5, so a floor below this would weigh the line of every clean image
+LINE_RAMP_LOWEST = 1.5
+LINE_RAMP_STEP = 0.01
+
+
+def propose_line_ramp(fused: np.ndarray, lines: np.ndarray, threshold: float,
+                      line_gate: float | None, fpr: float) -> dict[str, Any]:
+    """The line ramp for these clean images, or why not: the lowest floor (from
+    ``LINE_RAMP_LOWEST``, in steps of ``LINE_RAMP_STEP``, up to the gate) at which the ramp
+    flags none of the images that the threshold and the line gate pass.
+
+    Why none: the ramp flags an image whose score, raised by its line
+    (detector.scoring.apply_line_ramp), reaches the threshold, so its clean rate is that of the
+    site's images with both a raised score and a line, a tail 300 images barely show; flagging
+    none of ``n`` puts its rate under 3 / n with 95% confidence, hence at least 3 / ``fpr``
+    images. Measured on NIH (300 site images; the ramp at 1.92-2.05): the site's other images
+    0.0-0.3% flagged by it (README, "The line ramp")."""
+    from detector.scoring import ramp_flags
+
+    n = len(lines)
+    out: dict[str, Any] = {"images": n, "ramp": None, "why_not": ""}
+    if line_gate is None:
+        out["why_not"] = "no line gate: the ramp works below it, on the line score it measures"
+        return out
+    need = int(np.ceil(3.0 / fpr))
+    if n < need:
+        out["why_not"] = (f"{n} image(s) cannot show that it flags under {100 * fpr:g}% of "
+                          f"images like them; use at least {need}")
+        return out
+    already = _flags(fused, lines, threshold, line_gate)
+    for floor in np.arange(LINE_RAMP_LOWEST, line_gate, LINE_RAMP_STEP):
+        floor = round(float(floor), 2)
+        if floor < line_gate and not np.any(ramp_flags(fused, lines, threshold, floor)
+                                            & ~already):
+            out["ramp"] = floor
+            return out
+    out["why_not"] = "even just under the line gate it would flag some of these clean images"
+    return out
+
+
 CNN_GATE_CONFIDENCE = 0.95  # the gate keeps its share of the budget with this confidence
 
 
@@ -185,19 +230,26 @@ def _most_above(n: int, rate: float, confidence: float = CNN_GATE_CONFIDENCE) ->
 
 
 def _flags(fused: np.ndarray, lines: np.ndarray, threshold: float, line_gate: float | None,
-           cnn: np.ndarray | None = None, cnn_gate: float | None = None) -> np.ndarray:
-    """Which images the proposed rule flags: the threshold, the line gate where there is one,
-    and the CNN gate where one is given (what the gateway applies, one frame per image)."""
+           cnn: np.ndarray | None = None, cnn_gate: float | None = None,
+           line_ramp: float | None = None) -> np.ndarray:
+    """Which images the proposed rule flags: the threshold, the line gate and line ramp where
+    there are, and the CNN gate where one is given (what the gateway applies, one frame per
+    image)."""
+    from detector.scoring import ramp_flags
+
     out = fused >= threshold
     if line_gate is not None:
         out = out | (lines >= line_gate)
+    if line_ramp is not None:
+        out = out | ramp_flags(fused, lines, threshold, line_ramp)
     if cnn is not None and cnn_gate is not None:
         out = out | (cnn >= cnn_gate)
     return out
 
 
 def propose_cnn_gate(fused: np.ndarray, lines: np.ndarray, cnn: np.ndarray, threshold: float,
-                     line_gate: float | None, fpr: float) -> dict[str, Any]:
+                     line_gate: float | None, fpr: float,
+                     line_ramp: float | None = None) -> dict[str, Any]:
     """The CNN gate for these clean images, or why not.
 
     The gate takes what the proposed threshold and line gate leave of ``fpr`` on these images,
@@ -210,7 +262,7 @@ def propose_cnn_gate(fused: np.ndarray, lines: np.ndarray, cnn: np.ndarray, thre
     of the 873 test images. Needs about 3 / share images."""
     n = len(cnn)
     out: dict[str, Any] = {"images": n, "gate": None, "why_not": ""}
-    already = _flags(fused, lines, threshold, line_gate)
+    already = _flags(fused, lines, threshold, line_gate, line_ramp=line_ramp)
     share = fpr - float(already.mean())
     if share <= 0:
         out["why_not"] = (f"the threshold and line gate already flag {100 * already.mean():.2f}% "
@@ -237,7 +289,8 @@ CNN_GATE_ATTACK_MISS = 0.05
 
 def raise_cnn_gate(gate: float | None, fused: np.ndarray, lines: np.ndarray, cnn: np.ndarray,
                    threshold: float, line_gate: float | None,
-                   miss: float = CNN_GATE_ATTACK_MISS) -> dict[str, Any]:
+                   miss: float = CNN_GATE_ATTACK_MISS,
+                   line_ramp: float | None = None) -> dict[str, Any]:
     """Raise a clean-budget CNN gate toward a known attack's scores: the highest gate at which,
     with 95% confidence, the threshold, line gate and CNN gate together still flag all but
     ``miss`` of attacks like these; never below ``gate`` (the clean budget's point).
@@ -255,7 +308,7 @@ def raise_cnn_gate(gate: float | None, fused: np.ndarray, lines: np.ndarray, cnn
     if gate is None:
         out["why_not"] = "no clean-budget gate to raise"
         return out
-    already = _flags(fused, lines, threshold, line_gate)
+    already = _flags(fused, lines, threshold, line_gate, line_ramp=line_ramp)
     rest = np.sort(cnn[~already])
     k = _most_above(n, miss)  # the most of them the gate may leave unflagged
     if k < 0:
@@ -292,6 +345,9 @@ def config_lines(result: dict[str, Any]) -> str:
     gate = (result.get("line_gate") or {}).get("gate")
     if gate is not None:
         detector.append(f"line_gate = {gate:.4f}")
+    ramp = (result.get("line_ramp") or {}).get("ramp")
+    if ramp is not None:
+        detector.append(f"line_ramp = {ramp:.2f}")
     cnn_gate = (result.get("cnn_gate") or {}).get("gate")
     if cnn_gate is not None:
         detector.append(f"cnn_gate = {cnn_gate!r}")
@@ -422,11 +478,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result = calibrate(scores, args.fpr, det.threshold, allow_lower=args.allow_lower)
     result["line_gate"] = propose_line_gate(peaks, args.fpr)
+    thr, gate = result["overall"]["threshold"], result["line_gate"]["gate"]
+    result["line_ramp"] = propose_line_ramp(parts[:, 0], parts[:, 1], thr, gate, args.fpr)
+    ramp = result["line_ramp"]["ramp"]
     result["matrix"] = large_matrix_note(parts[:, 3])
     if args.cnn_gate:
-        result["cnn_gate"] = propose_cnn_gate(parts[:, 0], parts[:, 1], parts[:, 2],
-                                              result["overall"]["threshold"],
-                                              result["line_gate"]["gate"], args.fpr)
+        result["cnn_gate"] = propose_cnn_gate(parts[:, 0], parts[:, 1], parts[:, 2], thr, gate,
+                                              args.fpr, line_ramp=ramp)
     if args.cnn_gate_attacks:
         try:
             att = _score_attacks(det, list(args.cnn_gate_attacks))
@@ -438,12 +496,12 @@ def run(args: argparse.Namespace) -> int:
                   f"{' '.join(args.cnn_gate_attacks)}", file=sys.stderr)
             return 2
         raised = raise_cnn_gate(result["cnn_gate"]["gate"], att[:, 0], att[:, 1], att[:, 2],
-                                result["overall"]["threshold"], result["line_gate"]["gate"])
+                                thr, gate, line_ramp=ramp)
         result["cnn_gate_attacks"] = raised
         if raised["raised"]:
             cg = result["cnn_gate"]
-            flagged = _flags(parts[:, 0], parts[:, 1], result["overall"]["threshold"],
-                             result["line_gate"]["gate"], parts[:, 2], raised["gate"])
+            flagged = _flags(parts[:, 0], parts[:, 1], thr, gate, parts[:, 2], raised["gate"],
+                             line_ramp=ramp)
             cg.update(gate=raised["gate"], clean_budget_gate=cg["gate"],
                       fpr_with_gate=float(flagged.mean()))
     result.update(bundle_id=det.bundle_id, bundle_threshold=det.threshold, target_fpr=args.fpr,
@@ -492,6 +550,14 @@ def run(args: argparse.Namespace) -> int:
               "gateway")
     else:
         print(f"resampling-line gate: not proposed: {lg['why_not']}")
+    lr = result["line_ramp"]
+    if lr["ramp"] is not None:
+        print(f"line ramp: {lr['ramp']:.2f}: below the gate, a line above this raises the "
+              "score toward the threshold and flags the image where the two reach it together "
+              "(attacks that blur the line: input-diversity and L2 attacks, weak 12-bit ones); "
+              "it flags none of these images; leave it out with the gate")
+    elif lg["gate"] is not None:
+        print(f"line ramp: not proposed: {lr['why_not']}")
     mx = result["matrix"]
     if mx["large"]:
         print(f"these images are {mx['median_side']:.0f} pixels a side (median): the detector "

@@ -61,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "[detector] cnn_gate, for a site's own bundle; `sentinel calibrate --cnn-gate` "
         "proposes it)",
     )
+    parser.add_argument(
+        "--line-ramp",
+        type=float,
+        default=None,
+        help="with --line-gate: also flag an image whose score, raised by how far its line "
+        "lies above this, reaches the threshold (the gateway's [detector] line_ramp; "
+        "`sentinel calibrate` proposes it)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -113,10 +121,11 @@ def _image_matrix(path: Path) -> list[int]:
 
 
 def score_one(det: Any, path: Path, threshold: float | None,
-              line_gate: float | None = None, cnn_gate: float | None = None) -> dict[str, Any]:
+              line_gate: float | None = None, cnn_gate: float | None = None,
+              line_ramp: float | None = None) -> dict[str, Any]:
     from detector.errors import PreprocessError
     from detector.preprocess import read_dicom, sniff_format
-    from detector.scoring import apply_cnn_gate
+    from detector.scoring import apply_cnn_gate, apply_line_ramp
 
     row: dict[str, Any] = {"file": str(path), "sop_instance_uid": None}
     try:
@@ -138,7 +147,7 @@ def score_one(det: Any, path: Path, threshold: float | None,
             error={"reason": "internal", "message": f"{path}: {type(exc).__name__}: {exc}"},
         )
         return row
-    score = apply_cnn_gate(score, cnn_gate)
+    score = apply_line_ramp(apply_cnn_gate(score, cnn_gate), line_ramp)
     row.update(score.as_dict())
     row["verdict"] = "flagged" if score.flagged else "clean"
     return row
@@ -218,7 +227,13 @@ def run(args: argparse.Namespace) -> int:
         print("sentinel score: --cnn-gate must lie in (0, 1], e.g. the value `sentinel "
               "calibrate --cnn-gate` proposes", file=sys.stderr)
         return 2
-    rows = [score_one(det, path, threshold, args.line_gate, args.cnn_gate)
+    if args.line_ramp is not None and (args.line_gate is None
+                                       or not 1.0 <= args.line_ramp < args.line_gate):
+        print("sentinel score: --line-ramp works below a --line-gate (it needs the line "
+              "score the gate measures): give both, the ramp lower, as `sentinel calibrate` "
+              "proposes them", file=sys.stderr)
+        return 2
+    rows = [score_one(det, path, threshold, args.line_gate, args.cnn_gate, args.line_ramp)
             for path, _ in targets]
     n_err = sum(r["verdict"] == "error" for r in rows)
     n_flag = sum(r["verdict"] == "flagged" for r in rows)

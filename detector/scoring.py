@@ -98,6 +98,8 @@ class Score:
     # (``apply_cnn_gate``); cnn_gate is None when the site has none
     cnn_peak: float | None = None
     cnn_gate: float | None = None
+    # the site's line ramp (``apply_line_ramp``); None when the site has none
+    line_ramp: float | None = None
 
     @property
     def line_flagged(self) -> bool:
@@ -122,6 +124,7 @@ class Score:
             "line_gate": self.line_gate,
             "cnn_peak": self.cnn_peak,
             "cnn_gate": self.cnn_gate,
+            "line_ramp": self.line_ramp,
         }
 
 
@@ -146,6 +149,44 @@ def apply_cnn_gate(score: Score, gate: float | None) -> Score:
         raise ValueError("this score carries no CNN peak: score it with this version")
     flagged = score.flagged or score.cnn_peak >= gate
     return replace(score, cnn_gate=float(gate), flagged=flagged)
+
+
+# log-odds the site's line ramp adds per e-fold of the resampling-line score above its floor:
+# about +1 per 4% of line, so the ramp spans clean-looking to flagged within about a fifth of
+# the floor (measured with 10, 25 and 50 on the NIH site: the same cells gain, within 5 points)
+LINE_RAMP_SLOPE = 25.0
+
+
+def ramp_flags(score: Any, line: Any, threshold: float, ramp: float) -> Any:
+    """Whether the line ramp flags (floats or arrays): ``logit(score) + LINE_RAMP_SLOPE *
+    ln(line / ramp)`` reaches ``logit(threshold)``, for a line above ``ramp``."""
+    raised = apply_gate(score, np.log(np.maximum(np.asarray(line, np.float64), 1e-12)),
+                        float(np.log(ramp)), LINE_RAMP_SLOPE)
+    out = (np.asarray(line, np.float64) > ramp) & (np.asarray(raised) >= threshold)
+    return bool(out) if out.ndim == 0 else out
+
+
+def apply_line_ramp(score: Score, ramp: float | None) -> Score:
+    """The verdict with a site's line ramp: also flagged when the score, raised in log-odds by
+    how far the resampling-line score lies above ``ramp`` (``LINE_RAMP_SLOPE`` per e-fold),
+    reaches the threshold (``[detector] line_ramp``, proposed by ``sentinel calibrate`` below
+    the line gate).
+
+    Why (issue 15): the line gate flags on the line alone, so it must sit above every clean
+    image's line (2.30 on NIH), and attacks that blur the period (DI-FGSM, an L2 attack, a
+    12-bit attack at eps 0.003) leave lines of 1.9-2.3 that it misses. Those images' scores
+    are raised too, if not to the threshold: two weak signs together are a strong one, and the
+    site's clean images rarely carry both. Measured on NIH (300 site images, ramp placed where
+    it flags none of them): DI-FGSM on depthwise and the tiny ViT at eps 0.003 +5 to +14
+    points, 12-bit PGD on the ViT +7 to +10 (README, "The line ramp"). Needs the line score:
+    the site's line gate measures it.
+    """
+    if ramp is None:
+        return score
+    if score.line_peak is None:
+        raise ValueError("the line ramp needs the resampling-line score: score with a line gate")
+    flagged = score.flagged or ramp_flags(score.score, score.line_peak, score.threshold, ramp)
+    return replace(score, line_ramp=float(ramp), flagged=bool(flagged))
 
 
 FUSIONS = ("stack", "logit")  # the weighted fusions a bundle can name; "max" is the OR rule

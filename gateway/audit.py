@@ -104,6 +104,7 @@ FIELDS: frozenset[str] = frozenset(
         "line_gate",
         "cnn_peak",  # the detector CNN's highest probability, with the site's cnn_gate beside it
         "cnn_gate",
+        "line_ramp",  # the site's line ramp below its line_gate (detector.scoring)
         "threshold",
         "bundle_id",
         "rule",

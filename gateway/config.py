@@ -18,7 +18,7 @@ Layout of the file (see ``systemd/sentinel.example.toml`` for a commented exampl
     [retention]    quarantine_days, sent_ledger_days
     [metrics]      host (loopback only), port
     [detector]     bundle, workers, threads, isolation, timeout_s, nice, on_error, shadow,
-                   line_gate, cnn_gate, [detector.thresholds] per modality
+                   line_gate, cnn_gate, line_ramp, [detector.thresholds] per modality
     [forwarding]   backoff_initial_s, backoff_max_s, max_age_s, idle_release_s
     [commitment]   quarantine_hold_s, max_instances, pacs_report_timeout_s (Storage Commitment:
                    gateway.commitment, and gateway.commitment_scu for a destination's)
@@ -199,6 +199,9 @@ class DetectorConfig:
     # the CNN gate (detector.scoring.apply_cnn_gate): also flag when the detector CNN alone
     # reaches it; for a site's own (secret) bundle, calibrated on the site's clean images
     cnn_gate: float | None = None
+    # the line ramp (detector.scoring.apply_line_ramp): below the line gate, a line that
+    # raises the score to the threshold flags; needs line_gate, lies under it
+    line_ramp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -980,7 +983,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
 
     dr = top.sub("detector")
     dr.check_known(("bundle", "workers", "threads", "isolation", "timeout_s", "nice",
-                    "on_error", "shadow", "thresholds", "line_gate", "cnn_gate"))
+                    "on_error", "shadow", "thresholds", "line_gate", "cnn_gate", "line_ramp"))
     bundle_raw = dr.str_("bundle", "default")
     bundle = None if bundle_raw == "default" else dr.path_("bundle", base)
     if bundle is not None and bundle_raw in BUILTIN_BUNDLES and not bundle.exists():
@@ -998,6 +1001,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     isolation = dr.str_("isolation", "process")
     if isolation not in ISOLATION:
         raise dr.fail("isolation", f"unknown mode {isolation!r}", f"use one of {ISOLATION}")
+    line_gate = dr.num("line_gate", None, 0.0, 50.0) if "line_gate" in dr.table else None
+    line_ramp = dr.num("line_ramp", None, 1.0, 50.0) if "line_ramp" in dr.table else None
+    if line_ramp is not None and (line_gate is None or line_ramp >= line_gate):
+        raise dr.fail("line_ramp", "works below the line gate, which measures the line",
+                      "set line_gate above it (`sentinel calibrate` proposes both) or remove "
+                      "line_ramp")
     detector = DetectorConfig(
         bundle=bundle,
         workers=dr.int_("workers", 2, 1, 64),
@@ -1008,8 +1017,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         on_error=on_error,
         shadow=dr.bool_("shadow", False),
         thresholds=thresholds,
-        line_gate=dr.num("line_gate", None, 0.0, 50.0) if "line_gate" in dr.table else None,
+        line_gate=line_gate,
         cnn_gate=dr.num("cnn_gate", None, 0.01, 1.0) if "cnn_gate" in dr.table else None,
+        line_ramp=line_ramp,
     )
 
     fr = top.sub("forwarding")

@@ -219,7 +219,7 @@ _ERROR_REPLY_KEYS = frozenset({"kind", "id", "reason", "message"})
 _START_FAILED_KEYS = frozenset({"kind", "type", "message"})
 _SCORE_KEYS = frozenset({"score", "p_cnn", "p_rf", "threshold", "flagged", "frames",
                          "worst_frame", "bundle_id", "timings_ms", "frame_scores", "grid_peaks",
-                         "line_peak", "line_gate", "cnn_peak", "cnn_gate"})
+                         "line_peak", "line_gate", "cnn_peak", "cnn_gate", "line_ramp"})
 _STAGE = re.compile(r"[a-z_]{1,32}")  # timings_ms keys (decode, features, cnn, forest, total)
 
 
@@ -256,6 +256,8 @@ def _score_from(obj: Any, bundle_id: str, threshold: float,
     cnn_peak = _number(obj, "cnn_peak")
     if obj["cnn_gate"] is not None:  # applied by the parent (apply_cnn_gate), never the child
         raise _Garbled("a CNN gate in the scoring process's reply")
+    if obj["line_ramp"] is not None:  # applied by the parent (apply_line_ramp), likewise
+        raise _Garbled("a line ramp in the scoring process's reply")
     if not p_cnn <= cnn_peak <= 1.0:
         raise _Garbled(f"a CNN peak of {cnn_peak} beside the worst frame's {p_cnn}")
     # consistent with the request and with itself: catches a reply to another request too

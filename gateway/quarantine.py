@@ -89,6 +89,8 @@ class QuarantineRecord:
     # (detector.scoring.apply_cnn_gate); None where the site has no CNN gate
     cnn_peak: float | None = None
     cnn_gate: float | None = None
+    # the site's line ramp (detector.scoring.apply_line_ramp); None where the site has none
+    line_ramp: float | None = None
 
     def __post_init__(self) -> None:
         check_uid(self.sop_uid, "SOPInstanceUID")

@@ -30,7 +30,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from detector.preprocess import parse_dicom
-from detector.scoring import apply_cnn_gate
+from detector.scoring import apply_cnn_gate, apply_line_ramp
 from gateway.config import Config
 from gateway.rules import Association, decide
 from gateway.spool import (
@@ -368,9 +368,9 @@ def screen(cfg: Config, path: Path, meta: dict[str, Any], sop_uid: str, detector
         if detector is None:
             raise RuntimeError("no detector loaded")
         threshold = decision.threshold_for(getattr(detector, "threshold", None))
-        score = apply_cnn_gate(
+        score = apply_line_ramp(apply_cnn_gate(
             detector.score_dataset(ds, threshold=threshold, line_gate=cfg.detector.line_gate),
-            cfg.detector.cnn_gate)
+            cfg.detector.cnn_gate), cfg.detector.line_ramp)
     except Exception as exc:
         reason = str(getattr(exc, "reason", "") or "detector-error")
         LOG.warning("instance %s not scored: %s (%s)", sop_uid, reason, type(exc).__name__)
@@ -391,6 +391,7 @@ def screen(cfg: Config, path: Path, meta: dict[str, Any], sop_uid: str, detector
             "line_peak": float(score.line_peak), "line_gate": float(score.line_gate)}),
         **({} if score.cnn_gate is None else {
             "cnn_peak": float(score.cnn_peak), "cnn_gate": float(score.cnn_gate)}),
+        **({} if score.line_ramp is None else {"line_ramp": float(score.line_ramp)}),
     )
     if metrics is not None:
         metrics.scored(modality, assoc.calling_ae, bool(score.flagged), latency_ms / 1e3)
@@ -441,6 +442,7 @@ def quarantine_record(outcome: Outcome, meta: dict[str, Any]) -> Any:
         line_gate=part("line_gate"),
         cnn_peak=part("cnn_peak") if part("cnn_gate") is not None else None,
         cnn_gate=part("cnn_gate"),
+        line_ramp=part("line_ramp"),
         rule=outcome.rule,
         bundle_id=outcome.bundle_id,
         calling_ae=str(meta.get("calling_ae", "")),

@@ -18,6 +18,7 @@ from detector.cmd_calibrate import (
     config_lines,
     min_images_to_lower,
     propose_cnn_gate,
+    propose_line_ramp,
     raise_cnn_gate,
 )
 from tests.dicom_factory import make_series
@@ -217,6 +218,37 @@ def test_cnn_gate_takes_what_the_threshold_and_line_gate_leave_of_the_budget() -
     assert over["gate"] is None and "already flag" in over["why_not"]
 
 
+def test_line_ramp_is_the_lowest_floor_that_flags_none_of_the_clean_images() -> None:
+    """300 clean images at --fpr 1%: the ramp's floor is the lowest step at which no image the
+    threshold and gate pass is lifted to the threshold by its line (checked against the
+    formula, independently of detector.scoring), and the step below lifts one; images the gate
+    or threshold already flag do not hold it up. Refused without a gate and with too few."""
+    rng = np.random.default_rng(4)
+    n, threshold, gate = 300, 0.9, 2.3
+    fused, lines = rng.uniform(0.05, 0.85, n), rng.uniform(1.2, 2.1, n)
+    fused[0], lines[0] = 0.89, 2.2  # a clean image with both a high score and a line
+    fused[1], lines[1] = 0.99, 2.25  # flagged by the threshold already
+    lines[2] = 2.6  # flagged by the gate already
+    r = propose_line_ramp(fused, lines, threshold, gate, 0.01)
+    ramp = r["ramp"]
+    assert ramp is not None and 1.5 <= ramp < gate
+
+    def lifted(floor: float) -> np.ndarray:
+        logit = np.log(fused / (1 - fused)) + 25.0 * np.log(np.maximum(lines, floor) / floor)
+        return (lines > floor) & (logit >= np.log(threshold / (1 - threshold)))
+
+    passed = (fused < threshold) & (lines < gate)
+    assert not np.any(lifted(ramp) & passed)
+    assert np.any(lifted(round(ramp - 0.01, 2)) & passed)  # the step below flags one
+    assert lifted(round(ramp - 0.01, 2))[0]  # the image with both signs decides it
+    assert propose_line_ramp(fused, lines, threshold, None, 0.01)["ramp"] is None
+    few = propose_line_ramp(fused[:200], lines[:200], threshold, gate, 0.01)
+    assert few["ramp"] is None and "use at least 300" in few["why_not"]
+    text = config_lines({"overall": {"threshold": 0.9}, "by_modality": {},
+                         "line_gate": {"gate": gate}, "line_ramp": r})
+    assert tomllib.loads(text)["detector"] == {"line_gate": gate, "line_ramp": ramp}
+
+
 def test_cnn_gate_rises_to_the_known_attacks_low_end_and_never_below_the_clean_point() -> None:
     """300 attacked images: the gate goes to the highest point that leaves unflagged the most
     of them k for which k or fewer would still be unlikely (5%) at a 5% miss rate (scipy's
@@ -282,6 +314,45 @@ def test_cli_cnn_gate_proposal_is_what_score_and_the_gateway_apply(tmp_path: Pat
     assert any(row["cnn_peak"] >= gate and row["score"] < threshold for row in flagged)
     assert all(row["verdict"] == "flagged" for row in rows if row["cnn_peak"] >= gate)
     assert r.returncode == 1  # something flagged
+
+
+@pytest.mark.data
+def test_cli_line_ramp_proposal_is_what_score_and_the_gateway_apply(tmp_path: Path,
+                                                                    data_dir: Path) -> None:
+    """`calibrate` on 300 clean NIH radiographs proposes the line gate and, below it, the line
+    ramp; both load in the gateway config, and `sentinel score` with them flags none of these
+    images by the ramp (it was placed to flag none), while a ramp one step lower would."""
+    pngs = sorted((data_dir / "nih_cxr14_1000" / "img512").rglob("*.png"))[:300]
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "calibrate", *map(str, pngs),
+                        "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    gate, ramp = result["line_gate"]["gate"], result["line_ramp"]["ramp"]
+    assert gate is not None and ramp is not None and 1.5 <= ramp < gate, result["line_ramp"]
+    assert tomllib.loads(result["config"])["detector"] == {"line_gate": gate,
+                                                           "line_ramp": ramp}
+    from gateway.config import load_config
+    from tests.gateway_harness import write_config
+    cfg_path = write_config(tmp_path / "c.toml", state=tmp_path / "state", port=11112,
+                            destinations=f'[destinations.o]\nkind = "directory"\n'
+                                         f'path = "{tmp_path}/out"\n',
+                            detector_extra=f"line_gate = {gate!r}\nline_ramp = {ramp!r}")
+    assert load_config(cfg_path).detector.line_ramp == ramp
+    threshold = result["overall"]["threshold"]
+
+    def by_ramp(with_ramp: float) -> int:
+        """How many of the images only the ramp flags."""
+        out = subprocess.run([sys.executable, "-m", "gateway.cli", "score", *map(str, pngs),
+                              "--threshold", repr(threshold), "--line-gate", repr(gate),
+                              "--line-ramp", repr(with_ramp), "--json"],
+                             capture_output=True, text=True, timeout=600)
+        rows = json.loads(out.stdout)["files"]
+        assert len(rows) == 300 and all(row["line_ramp"] == with_ramp for row in rows)
+        return sum(row["verdict"] == "flagged" and row["score"] < threshold
+                   and row["line_peak"] < gate for row in rows)
+
+    assert by_ramp(ramp) == 0
+    assert by_ramp(round(ramp - 0.01, 2)) > 0  # the step below flags one: the lowest floor
 
 
 @pytest.mark.data

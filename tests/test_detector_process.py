@@ -400,7 +400,8 @@ rid = json.loads(request)["id"] if request.startswith(b"{") else 1
 good = {"score": 0.25, "p_cnn": 0.2, "p_rf": 0.3, "threshold": 0.5, "flagged": False,
         "frames": 1, "worst_frame": 0, "bundle_id": "fake-bundle",
         "timings_ms": {"total": 1.0}, "frame_scores": [0.25], "grid_peaks": None,
-            "line_peak": None, "line_gate": None, "cnn_peak": 0.2, "cnn_gate": None}
+            "line_peak": None, "line_gate": None, "cnn_peak": 0.2, "cnn_gate": None,
+            "line_ramp": None}
 if mode == "pickle":
     send(pickle.dumps(("ok", Payload())))
 elif mode == "huge":
@@ -482,13 +483,15 @@ def test_a_reply_that_is_not_a_valid_score_is_a_protocol_error(fake_child, reply
     ("line_gate", 2.0), ("line_peak", 3.0),  # a line gate nobody asked for; a peak without one
     # the CNN gate is the parent's to apply; a peak below the worst frame's CNN, or above 1
     ("cnn_gate", 0.5), ("cnn_peak", 0.1), ("cnn_peak", 1.5), ("cnn_peak", None),
+    ("line_ramp", 2.0),  # and so is the line ramp
 ])
 def test_each_score_field_is_checked(fake_child, field: str, value: object,
                                      tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     good = {"score": 0.25, "p_cnn": 0.2, "p_rf": 0.3, "threshold": 0.5, "flagged": False,
             "frames": 1, "worst_frame": 0, "bundle_id": "fake-bundle",
             "timings_ms": {"total": 1.0}, "frame_scores": [0.25], "grid_peaks": None,
-            "line_peak": None, "line_gate": None, "cnn_peak": 0.2, "cnn_gate": None}
+            "line_peak": None, "line_gate": None, "cnn_peak": 0.2, "cnn_gate": None,
+            "line_ramp": None}
     good[field] = value
     text = json.dumps({"kind": "score", "id": 0, "score": good}).replace('"id": 0', '"id": RID')
     fake_child(text.replace('"1e999"', "1e999"))

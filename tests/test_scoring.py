@@ -344,3 +344,26 @@ def test_either_part_override_flags_what_one_part_alone_sees(fixture_bundle: Pat
                 "either"):
         with pytest.raises(BundleError, match="either"):
             parse_rule({"name": "logit", "either": bad}, tmp_path)
+
+
+def test_line_ramp_lifts_the_score_by_its_line_and_needs_the_line() -> None:
+    """apply_line_ramp flags where logit(score) + 25 ln(line / ramp) reaches the threshold's
+    log-odds, never for a line at or under the ramp, and refuses a score without a line."""
+    from dataclasses import replace
+
+    from detector.scoring import LINE_RAMP_SLOPE, Score, apply_line_ramp, ramp_flags
+
+    base = Score(score=0.5, p_cnn=0.5, p_rf=0.5, threshold=0.8, flagged=False, frames=1,
+                 worst_frame=0, bundle_id="b", timings_ms={}, line_peak=2.0, line_gate=3.0)
+    need = np.log(0.8 / 0.2) / LINE_RAMP_SLOPE  # ln(line / ramp) that reaches the threshold
+    just = apply_line_ramp(base, 2.0 * np.exp(-need) * 0.999)
+    short = apply_line_ramp(base, 2.0 * np.exp(-need) * 1.001)
+    assert just.flagged and not short.flagged and just.line_ramp is not None
+    assert not apply_line_ramp(replace(base, score=0.79), 2.0).flagged  # line at the ramp
+    assert apply_line_ramp(base, None) is base
+    with pytest.raises(ValueError, match="line gate"):
+        apply_line_ramp(replace(base, line_peak=None), 1.8)
+    scores, lines = np.array([0.5, 0.5, 0.79, 0.1]), np.array([2.0, 1.9, 2.0, 9.0])
+    vec = ramp_flags(scores, lines, 0.8, 1.95)
+    assert list(vec) == [ramp_flags(s, v, 0.8, 1.95) for s, v in zip(scores, lines,
+                                                                      strict=True)]

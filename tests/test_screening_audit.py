@@ -159,3 +159,52 @@ def test_cnn_gate_config_is_validated(tmp_path: Path) -> None:
                             detector_extra=f"cnn_gate = {bad}")
         with pytest.raises(ConfigError, match="cnn_gate"):
             load_config(path)
+
+
+@pytest.mark.parametrize("above", [False, True])
+def test_site_line_ramp_flags_a_score_its_line_raises_to_the_threshold(tmp_path: Path,
+                                                                        above: bool) -> None:
+    """``[detector] line_ramp``: with the threshold one log-odds above this image's score and
+    the line gate out of reach, a ramp whose 25 log-odds per e-fold of line lift the score by
+    just over one flags it, by just under one does not. The verdict, the audit and the
+    quarantine record carry the ramp beside the line score."""
+    from detector.preprocess import read_dicom
+    from detector.scoring import LINE_RAMP_SLOPE, Detector
+
+    detector = Detector.load(None)
+    probe = detector.score_dataset(read_dicom(_write_cr(tmp_path / "probe.dcm")), line_gate=50.0)
+    logit = float(np.log(probe.score / (1.0 - probe.score)))
+    threshold = float(1.0 / (1.0 + np.exp(-(logit + 1.0))))
+    lift = 1.0 / LINE_RAMP_SLOPE  # ln(line / ramp) that adds exactly one log-odds
+    ramp = probe.line_peak * float(np.exp(-lift)) * (1.001 if above else 0.999)
+    assert 1.0 <= ramp < 50.0  # a valid config value for this image's line
+    screening, cfg, quarantine = _setup(
+        tmp_path, None, f'action = "screen"\nthreshold = {threshold!r}',
+        detector_extra=f"line_gate = 50.0\nline_ramp = {ramp!r}")
+    assert cfg.detector.line_ramp == ramp
+    item = _spool_one(screening, tmp_path)
+    assert screening.process(item, detector) == ("forwarded" if above else "quarantined")
+    scored = next(json.loads(x) for x in cfg.audit_path.read_text().splitlines()
+                  if json.loads(x)["event"] == "scored")
+    assert scored["line_ramp"] == ramp and scored["line_peak"] == pytest.approx(probe.line_peak)
+    assert scored["verdict"] == ("clean" if above else "flagged")
+    if not above:
+        record = quarantine.get(item.sop_uid)
+        assert record is not None and record.reason == "flagged"
+        assert record.line_ramp == ramp
+
+
+@pytest.mark.parametrize("extra, why", [
+    ("line_ramp = 2.0", "line_gate above it"),  # no gate to measure the line
+    ("line_gate = 2.3\nline_ramp = 2.3", "line_gate above it"),  # not below the gate
+    ("line_gate = 2.3\nline_ramp = 0.5", "line_ramp"),  # under any line score's floor
+])
+def test_line_ramp_config_is_validated(tmp_path: Path, extra: str, why: str) -> None:
+    from gateway.config import ConfigError
+
+    path = write_config(tmp_path / "c.toml", state=tmp_path / "s", port=11112,
+                        destinations=f'[destinations.o]\nkind = "directory"\n'
+                                     f'path = "{tmp_path}/out"\n',
+                        detector_extra=extra)
+    with pytest.raises(ConfigError, match=why):
+        load_config(path)

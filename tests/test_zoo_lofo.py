@@ -132,6 +132,31 @@ def test_site_line_gate_comes_from_calibrate_and_counts_in_detection_and_fpr(
     assert lines_only["line_gate"] == gate and lines_only["flagged"] == 0
 
 
+def test_site_line_ramp_is_what_calibrate_proposes_and_counts_in_the_site_rule(
+        fixture_bundle: Path) -> None:
+    """300 clean images without lines: the site's ramp is propose_line_ramp's on them, under
+    its gate, flags none of them; `--site-no-line-ramp` leaves it out; SiteRule flags a score
+    its line lifts to the threshold."""
+    from detector.cmd_calibrate import propose_line_ramp
+    from tests.test_resample_lines import clean
+    from train.zoo_eval import score_stored
+
+    b = _bundle(fixture_bundle)
+    calib = np.stack([clean(s, 256) / 255.0 for s in range(300)]).astype(np.float32)
+    site = zoo_lofo.site_calibrated(b, calib)
+    scored = score_stored(b.detector, calib)
+    want = propose_line_ramp(scored["score"], scored["line"], site.site.threshold,
+                             site.site.line_gate, 0.01)["ramp"]
+    assert want is not None and site.site.line_ramp == want < site.site.line_gate
+    assert zoo_lofo.clean_fpr(b.detector, calib, site.site)["flagged"] == int(
+        SiteRule(site.site.threshold, site.site.line_gate).flags(scored).sum())
+    assert zoo_lofo.site_calibrated(b, calib, line_ramp=False).site.line_ramp is None
+    rule = SiteRule(0.8, 3.0, None, 2.0)
+    flags = rule.flags({"score": np.array([0.5, 0.5, 0.79]), "line": np.array([2.2, 2.0, 2.0]),
+                        "p_cnn": np.zeros(3)})
+    assert list(flags) == [True, False, False]  # 25 * ln(1.1) lifts 0.5 past 0.8
+
+
 def test_a_site_cnn_gate_is_what_calibrate_proposes_and_counts_everywhere(
         fixture_bundle: Path, tmp_path: Path) -> None:
     """`--site-cnn-gate`: the gate comes from propose_cnn_gate on the site's own images (300

@@ -69,6 +69,7 @@ class SiteRule:
     threshold: float
     line_gate: float | None = None  # [detector] line_gate: the resampling-line score
     cnn_gate: float | None = None  # [detector] cnn_gate: the detector CNN alone (--cnn-gate)
+    line_ramp: float | None = None  # [detector] line_ramp: below the line gate
 
     def flags(self, scored: dict[str, np.ndarray]) -> np.ndarray:
         """Which of ``score_stored``'s images the site flags."""
@@ -77,6 +78,11 @@ class SiteRule:
             hit = hit | (scored["line"] >= self.line_gate)
         if self.cnn_gate is not None:
             hit = hit | (scored["p_cnn"] >= self.cnn_gate)
+        if self.line_ramp is not None:
+            from detector.scoring import ramp_flags
+
+            hit = hit | ramp_flags(scored["score"], scored["line"], self.threshold,
+                                   self.line_ramp)
         return hit
 
 

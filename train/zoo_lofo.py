@@ -94,14 +94,20 @@ def detection(b: ScoredBundle, adv: np.ndarray, fooled: np.ndarray) -> dict:
 
 
 def site_calibrated(b: ScoredBundle, calib: np.ndarray, allow_lower: bool = False,
-                    cnn_gate: bool = False) -> ScoredBundle:
+                    cnn_gate: bool = False, line_ramp: bool = True) -> ScoredBundle:
     """The bundle after ``sentinel calibrate`` (``--allow-lower`` with ``allow_lower``,
     ``--cnn-gate`` with ``cnn_gate``) on ``calib`` (a site's clean images): the same code paths,
     detector.cmd_calibrate.calibrate for the threshold, propose_line_gate for the
-    resampling-line gate and propose_cnn_gate for the CNN gate."""
+    resampling-line gate, propose_line_ramp for the line ramp below it (left out without
+    ``line_ramp``, as a site that drops it) and propose_cnn_gate for the CNN gate."""
     from dataclasses import replace
 
-    from detector.cmd_calibrate import calibrate, propose_cnn_gate, propose_line_gate
+    from detector.cmd_calibrate import (
+        calibrate,
+        propose_cnn_gate,
+        propose_line_gate,
+        propose_line_ramp,
+    )
     from train.zoo_eval import SiteRule, score_stored
 
     scored = score_stored(b.detector, calib)
@@ -109,9 +115,11 @@ def site_calibrated(b: ScoredBundle, calib: np.ndarray, allow_lower: bool = Fals
                        allow_lower=allow_lower)
     threshold = float(result["overall"]["threshold"])
     gate = propose_line_gate(scored["line"].tolist(), SITE_FPR)["gate"]
+    ramp = (propose_line_ramp(scored["score"], scored["line"], threshold, gate, SITE_FPR)["ramp"]
+            if line_ramp else None)
     cnn = (propose_cnn_gate(scored["score"], scored["line"], scored["p_cnn"], threshold, gate,
-                            SITE_FPR)["gate"] if cnn_gate else None)
-    return replace(b, site=SiteRule(threshold, gate, cnn))
+                            SITE_FPR, line_ramp=ramp)["gate"] if cnn_gate else None)
+    return replace(b, site=SiteRule(threshold, gate, cnn, ramp))
 
 
 def clean_fpr(det: Any, x: np.ndarray, rule: Any = None) -> dict:
@@ -130,6 +138,8 @@ def site_entry(rule: Any, prefix: str = "") -> dict:
     return {f"{prefix}threshold": None if rule is None else rule.threshold,
             f"{prefix}line_gate": None if rule is None else rule.line_gate,
             **({f"{prefix}cnn_gate": rule.cnn_gate} if rule is not None and rule.cnn_gate
+               is not None else {}),
+            **({f"{prefix}line_ramp": rule.line_ramp} if rule is not None and rule.line_ramp
                is not None else {})}
 
 
@@ -249,6 +259,8 @@ def markdown(results: dict) -> str:
                   + (f"with the resampling-line gate it proposed ({gate:.3f}; "
                      "detector.resample_lines)." if gate is not None else
                      "without a resampling-line gate (calibrate did not propose one).")
+                  + (f" Line ramp {site['line_ramp']:.2f} below it (each fold its own)."
+                     if site.get("line_ramp") is not None else "")
                   + (f" With `--cnn-gate`: the final bundle's CNN gate {site['cnn_gate']:.3f} "
                      "(each fold its own)." if site.get("cnn_gate") is not None else ""),
                   ""]
@@ -417,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site-cnn-gate", action="store_true",
                     help="the site calibrates with --cnn-gate too (the detector CNN alone flags "
                     "above a point set with 95%% confidence on its clean images)")
+    ap.add_argument("--site-no-line-ramp", action="store_true",
+                    help="the site leaves out the line ramp calibrate proposes below its line "
+                    "gate (to compare with the ramp)")
     ap.add_argument("--model-card", action="store_true",
                     help="also write the section into the final bundle's MODEL_CARD.md")
     ap.add_argument("--attacks-only", action="store_true",
@@ -473,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.site and site_source is not None:
         calib, rest = nih_site_split(data_root, sources[site_source].ids, args.site, args.seed,
                                      sources[site_source].levels)
-        bundles = [site_calibrated(b, calib, args.site_allow_lower, args.site_cnn_gate)
+        bundles = [site_calibrated(b, calib, args.site_allow_lower, args.site_cnn_gate,
+                                   not args.site_no_line_ramp)
                    for b in bundles]
         final, folds = bundles[0], ([bundles[0]] if own_fold else bundles[1:])
         clean[f"{site_source}-site"] = {b.name: clean_fpr(b.detector, rest, b.site)
