@@ -123,6 +123,17 @@ def test_scoring_failure_still_writes_its_lines(tmp_path: Path, fixture_bundle: 
     assert verify(cfg.audit_path).ok
 
 
+def _screen_one(screening: Screening, cfg: Any, detector: Any, tmp_path: Path,
+                passes: bool) -> tuple[WorkItem, dict[str, Any]]:
+    """Spool the probe CR, screen it (forwarded when it ``passes``, else quarantined) and
+    return its work item and its ``scored`` audit line."""
+    item = _spool_one(screening, tmp_path)
+    assert screening.process(item, detector) == ("forwarded" if passes else "quarantined")
+    scored = next(json.loads(x) for x in cfg.audit_path.read_text().splitlines()
+                  if json.loads(x)["event"] == "scored")
+    return item, scored
+
+
 @pytest.mark.parametrize("above", [False, True])
 def test_site_cnn_gate_flags_what_the_cnn_alone_sees(tmp_path: Path, above: bool) -> None:
     """``[detector] cnn_gate``: at threshold 1.0 the fused score never flags; the CNN gate, set
@@ -137,10 +148,7 @@ def test_site_cnn_gate_flags_what_the_cnn_alone_sees(tmp_path: Path, above: bool
     screening, cfg, quarantine = _setup(tmp_path, None, 'action = "screen"\nthreshold = 1.0',
                                         detector_extra=f"cnn_gate = {gate!r}")
     assert cfg.detector.cnn_gate == gate
-    item = _spool_one(screening, tmp_path)
-    assert screening.process(item, detector) == ("forwarded" if above else "quarantined")
-    scored = next(json.loads(x) for x in cfg.audit_path.read_text().splitlines()
-              if json.loads(x)["event"] == "scored")
+    item, scored = _screen_one(screening, cfg, detector, tmp_path, above)
     assert scored["cnn_gate"] == gate and scored["cnn_peak"] == pytest.approx(p_cnn)
     assert scored["verdict"] == ("clean" if above else "flagged")
     if not above:
@@ -182,10 +190,7 @@ def test_site_line_ramp_flags_a_score_its_line_raises_to_the_threshold(tmp_path:
         tmp_path, None, f'action = "screen"\nthreshold = {threshold!r}',
         detector_extra=f"line_gate = 50.0\nline_ramp = {ramp!r}")
     assert cfg.detector.line_ramp == ramp
-    item = _spool_one(screening, tmp_path)
-    assert screening.process(item, detector) == ("forwarded" if above else "quarantined")
-    scored = next(json.loads(x) for x in cfg.audit_path.read_text().splitlines()
-                  if json.loads(x)["event"] == "scored")
+    item, scored = _screen_one(screening, cfg, detector, tmp_path, above)
     assert scored["line_ramp"] == ramp and scored["line_peak"] == pytest.approx(probe.line_peak)
     assert scored["verdict"] == ("clean" if above else "flagged")
     if not above:
