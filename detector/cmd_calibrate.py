@@ -167,6 +167,7 @@ def propose_line_gate(peaks: list[float], fpr: float = 0.01) -> dict[str, Any]:
                           f"{CEILING}, where it misses attacks; allow a larger --fpr")
         return out
     out["gate"] = float(max(FLOOR, np.ceil(fitted * 1e4) / 1e4))
+    out["flagged"] = float(np.mean(s >= out["gate"]))  # of these images, by the gate alone
     return out
 
 
@@ -545,9 +546,10 @@ def run(args: argparse.Namespace) -> int:
     lg = result["line_gate"]
     if lg["gate"] is not None:
         print(f"resampling-line gate: {lg['gate']:.4f} (the highest of these images scores "
-              f"{lg['highest']:.4f}): catches attacks made through another network's resize; "
-              "leave it out if this site's images are ever resampled before they reach the "
-              "gateway")
+              f"{lg['highest']:.4f}; placed on the tail fitted to them, it flags "
+              f"{100 * lg['flagged']:.2f}% of them): catches attacks made through another "
+              "network's resize; leave it out if this site's images are ever resampled before "
+              "they reach the gateway")
     else:
         print(f"resampling-line gate: not proposed: {lg['why_not']}")
     lr = result["line_ramp"]

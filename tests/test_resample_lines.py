@@ -94,6 +94,7 @@ def test_calibrate_proposes_the_gate_only_where_the_site_has_no_lines() -> None:
     proposal = propose_line_gate(gumbel, fpr=0.01)
     # the fitted 99.5% point of Gumbel(1.3, 0.2) is 1.3 + 0.2 * 5.30 = 2.36
     assert proposal["gate"] == pytest.approx(2.36, abs=0.1)
+    assert proposal["flagged"] == np.mean(np.asarray(gumbel) >= proposal["gate"])
     assert propose_line_gate(gumbel, fpr=0.005)["gate"] > proposal["gate"]
     broad = list(np.minimum(1.5 + 0.3 * rng.gumbel(size=300), 2.6))  # a wide tail, no line
     assert "allow a larger --fpr" in propose_line_gate(broad)["why_not"]
