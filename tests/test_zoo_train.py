@@ -79,3 +79,21 @@ def test_export_refuses_what_it_cannot_write_and_names_the_fix(tmp_path: Path, c
     assert rc == 2 and "python -m train.zoo" in capsys.readouterr().err  # not trained here
     with pytest.raises(ValueError, match=r"\.keras"):
         zoo.export_member(tmp_path, "maxpool", tmp_path / "m.h5")
+
+
+def test_a_member_as_is_reads_the_stored_matrix_with_its_own_weights(tmp_path: Path) -> None:
+    """load_member_as_is: the member's weights at another input size with no resize in front
+    (its logits are the bare network's on the image itself), cached apart by its tag; the ViT,
+    whose body is fixed to its input, is refused with the families that can."""
+    pipe = zoo.Pipeline(32, "bilinear")
+    zoo.ensure_member(tmp_path, "maxpool", tiny_data("d1"), pipeline=pipe, epochs=1,
+                      log=lambda _: None)
+    model, meta = zoo.load_member_as_is(tmp_path, "maxpool", 64, digest="d1", trained=pipe)
+    assert meta["pipeline_tag"] == "as-is-64" and meta["as_is"] and meta["family"] == "maxpool"
+    bare = zoo.build_member("maxpool", zoo.Pipeline(64, "bilinear"), with_resize=False)
+    bare.set_weights(model.get_weights())
+    x = tiny_data("d1").x["test"][:4].astype(np.float32) / 255.0
+    np.testing.assert_allclose(zoo.predict_logits(model, x),
+                               np.asarray(bare(x[..., None])).reshape(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="strided"):
+        zoo.load_member_as_is(tmp_path, "vit", 64, digest="d1")

@@ -579,6 +579,35 @@ def export_member(work: Path, family: str, out: Path, *, pipeline: Pipeline | No
     return pipeline
 
 
+# families whose body takes any input size (convolutions, then global pooling): the ViT's token
+# count is fixed by its input
+AS_IS_FAMILIES = ("strided", "maxpool", "avgpool", "residual", "blurpool", "depthwise",
+                  "patchify")
+
+
+def load_member_as_is(work: Path, family: str, size: int, seed: int = 0,
+                      digest: str | None = None,
+                      trained: Pipeline | None = None) -> tuple[Any, dict]:
+    """A cached member that reads a ``size`` x ``size`` stored image as it is: its weights,
+    trained at its own input, run at ``size`` (a bilinear "resize" to the same size is the
+    identity). Meta as the member's, with ``pipeline_tag`` ``as-is-SIZE`` so its attacks are
+    cached apart.
+
+    Why: a site may run its diagnostic network at the stored matrix, with no resize in front of
+    it; an attack on it then carries no resize period, which the line gate reads (README,
+    "Networks that read the stored matrix as is"). A fully convolutional body with global
+    pooling is such a network at any size; its accuracy there is not what it was trained for,
+    but the attack is made against whatever decision it gives. ``trained``: the pipeline the
+    cached member was trained with (default: its family's)."""
+    if family not in AS_IS_FAMILIES:
+        raise ValueError(f"zoo family {family!r} cannot read another input size as is (its "
+                         f"body is fixed to its own); use one of {AS_IS_FAMILIES}")
+    member, meta = load_member(work, family, trained, seed=seed, digest=digest)
+    model = build_member(family, Pipeline(int(size), "bilinear"))
+    model.set_weights(member.get_weights())
+    return model, {**meta, "pipeline_tag": f"as-is-{int(size)}", "as_is": True}
+
+
 def attack_flags(pipeline: Pipeline) -> str:
     """The ``sentinel attack`` options that reproduce ``pipeline`` in front of an exported
     member."""

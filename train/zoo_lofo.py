@@ -225,7 +225,11 @@ def markdown(results: dict) -> str:
         "",
         "Each family's attacks are scored by the fold bundle whose training left that family "
         "out (held out) and by the final bundle, which trained on every family. Attacks at the "
-        "native matrix through the member's own resize, stored at the source's bit depth (8 "
+        + ("native matrix on members that read it as it is (pipeline as-is-N: their weights at "
+           "the stored size, no resize; train.zoo.load_member_as_is)"
+           if results.get("settings", {}).get("as_is") else
+           "native matrix through the member's own resize")
+        + ", stored at the source's bit depth (8 "
         "bits; the -12bit sources: 12; nih1536-12bit is the 12-bit NIH sample upsampled to "
         "1536); detection = flagged "
         "among the images the attack fooled, at each bundle's own threshold; [Wilson 95%]. "
@@ -432,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site-no-line-ramp", action="store_true",
                     help="the site leaves out the line ramp calibrate proposes below its line "
                     "gate (to compare with the ramp)")
+    ap.add_argument("--as-is", action="store_true",
+                    help="each member reads the stored matrix as it is (its weights at the "
+                    "source's own size, no resize), not through its pipeline; ViT excluded "
+                    "(train.zoo.load_member_as_is)")
     ap.add_argument("--model-card", action="store_true",
                     help="also write the section into the final bundle's MODEL_CARD.md")
     ap.add_argument("--attacks-only", action="store_true",
@@ -449,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     sources = zoo_eval.load_sources(args.zoo_work, data_root, args.nih, args.kermany, args.seed,
                                     tuple(args.sources))
     members = {m["family"]: m for m in zoo.list_members(args.zoo_work) if m["seed"] == args.seed}
+    if args.as_is:
+        args.families = [f for f in args.families if f in zoo.AS_IS_FAMILIES]
     missing = [f for f in args.families if f not in members]
     if missing:
         print(f"zoo members not trained under {args.zoo_work}: {missing} (python -m train.zoo "
@@ -458,16 +468,23 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(f, s, a, e) for f in args.families for s in args.sources for a in args.attacks
             for e in args.eps]
     attacked: dict[tuple[str, str, str, float], Any] = {}
-    loaded: dict[str, Any] = {}
+    cell_meta: dict[tuple[str, str], dict] = {}
+    loaded: dict[tuple[str, str], Any] = {}
     for f, s, a, e in tqdm(jobs, desc="zoo attacks", unit="cell", mininterval=10):
-        meta = members[f]
+        side = int(sources[s].x.shape[-1])
+        meta = cell_meta.setdefault((f, s), {**members[f], "pipeline_tag": f"as-is-{side}",
+                                             "as_is": True} if args.as_is else members[f])
         key = zoo_eval.cell_key(meta, sources[s], a, e, args.seed)
-        if not (args.attacks_dir / "advs" / f"{key}.npz").is_file() and f not in loaded:
+        want = (f, s if args.as_is else "")
+        if not (args.attacks_dir / "advs" / f"{key}.npz").is_file() and want not in loaded:
             loaded.clear()
-            loaded[f] = zoo.load_member(args.zoo_work, f, seed=args.seed,
-                                        digest=meta["split_digest"])[0]
+            loaded[want] = (zoo.load_member_as_is(args.zoo_work, f, side, args.seed,
+                                                  meta["split_digest"])[0] if args.as_is else
+                            zoo.load_member(args.zoo_work, f, seed=args.seed,
+                                            digest=meta["split_digest"])[0])
         attacked[(f, s, a, e)] = zoo_eval.attacked_images(
-            loaded.get(f), meta, sources[s], a, e, args.attacks_dir, args.seed, args.batch_size)
+            loaded.get(want), meta, sources[s], a, e, args.attacks_dir, args.seed,
+            args.batch_size)
     if args.attacks_only:
         print(f"{len(attacked)} cells of attacked images under {args.attacks_dir / 'advs'}")
         return 0
@@ -499,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         for f in args.families:
             for a in args.attacks:
                 for e in args.eps:
-                    cells.append(score_cell(attacked[(f, s, a, e)], members[f], s, a, e, final,
-                                            folds))
+                    cells.append(score_cell(attacked[(f, s, a, e)], cell_meta[(f, s)], s, a, e,
+                                            final, folds))
     processing: list[dict] = []
     if args.processing:
         from train import processing as proc
@@ -522,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                     for f in args.families],
         "clean": clean, "cells": cells, "processing": processing,
         "settings": {"nih": args.nih, "kermany": args.kermany, "seed": args.seed,
-                     "attacks": args.attacks, "eps": args.eps,
+                     "attacks": args.attacks, "eps": args.eps, "as_is": args.as_is,
                      "levels": {s: sources[s].levels for s in args.sources}},
     }
     results["misses"] = targets_check(cells, clean, processing)
