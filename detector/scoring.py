@@ -173,13 +173,13 @@ def apply_line_ramp(score: Score, ramp: float | None) -> Score:
     the line gate).
 
     Why (issue 15): the line gate flags on the line alone, so it must sit above every clean
-    image's line (2.30 on NIH), and attacks that blur the period (DI-FGSM, an L2 attack, a
-    12-bit attack at eps 0.003) leave lines of 1.9-2.3 that it misses. Those images' scores
+    image's line (2.3-2.5 on NIH), and attacks that blur the period (DI-FGSM, an L2 attack, a
+    12-bit attack at eps 0.003) leave lines of 1.9-2.4 that it misses. Those images' scores
     are raised too, if not to the threshold: two weak signs together are a strong one, and the
     site's clean images rarely carry both. Measured on NIH (300 site images, ramp placed where
-    it flags none of them): DI-FGSM on depthwise and the tiny ViT at eps 0.003 +5 to +14
-    points, 12-bit PGD on the ViT +7 to +10 (README, "The line ramp"). Needs the line score:
-    the site's line gate measures it.
+    it flags none of them, 660 others): +2 to +7 points on a fifth to a third of the zoo's
+    attack cells (DI-FGSM, L2, 12-bit eps 0.003), none lost, no more of the 660 flagged
+    (README, "The line ramp"). Needs the line score: the site's line gate measures it.
     """
     if ramp is None:
         return score

@@ -185,3 +185,17 @@ def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["check", "--config", str(bad), "--no-bundle"]) == 2
     err = capsys.readouterr().err
     assert "listener.port" in err and "fix:" in err
+
+
+def test_example_config_site_gates_as_commented_load(tmp_path: Path) -> None:
+    """The example's commented [detector] gates (line gate, line ramp, CNN gate), uncommented,
+    load together: the ramp's example lies under the gate's, as the gateway requires."""
+    text = (REPO / "systemd" / "sentinel.example.toml").read_text()
+    out = []
+    for line in text.splitlines():
+        key = line[2:].split("=")[0].strip() if line.startswith("# ") else ""
+        out.append(line[2:].split("  #")[0].rstrip()
+                   if key in ("line_gate", "line_ramp", "cnn_gate") else line)
+    cfg = load_config(write(tmp_path, "\n".join(out) + "\n"))
+    assert (cfg.detector.line_gate, cfg.detector.line_ramp, cfg.detector.cnn_gate) == (
+        2.3, 2.0, 0.39)
