@@ -174,13 +174,12 @@ def propose_line_gate(peaks: list[float], fpr: float = 0.01) -> dict[str, Any]:
 # The line ramp's floor is searched from here up to the gate: clean NIH's median line score is
 # 1.35-1.5, so a floor below this would weigh the line of every clean image
 LINE_RAMP_LOWEST = 1.5
-LINE_RAMP_STEP = 0.01
 
 
 def propose_line_ramp(fused: np.ndarray, lines: np.ndarray, threshold: float,
                       line_gate: float | None, fpr: float) -> dict[str, Any]:
     """The line ramp for these clean images, or why not: the lowest floor (from
-    ``LINE_RAMP_LOWEST``, in steps of ``LINE_RAMP_STEP``, up to the gate) at which the ramp
+    ``LINE_RAMP_LOWEST``, in steps of 0.01, up to the gate) at which the ramp
     flags none of the images that the threshold and the line gate pass.
 
     Why none: the ramp flags an image whose score, raised by its line
@@ -201,11 +200,12 @@ def propose_line_ramp(fused: np.ndarray, lines: np.ndarray, threshold: float,
         out["why_not"] = (f"{n} image(s) cannot show that it flags under {100 * fpr:g}% of "
                           f"images like them; use at least {need}")
         return out
-    already = _flags(fused, lines, threshold, line_gate)
-    for floor in np.arange(LINE_RAMP_LOWEST, line_gate, LINE_RAMP_STEP):
-        floor = round(float(floor), 2)
-        if floor < line_gate and not np.any(ramp_flags(fused, lines, threshold, floor)
-                                            & ~already):
+    already = site_flags(fused, lines, threshold, line_gate)
+    # floors on a grid of hundredths, each strictly under the gate (the gate is proposed to
+    # four decimals: rounding to six leaves 2.2 * 100 = 220.00000000000003 a whole number)
+    for k in range(round(LINE_RAMP_LOWEST * 100), int(np.ceil(round(line_gate * 100, 6)))):
+        floor = k / 100
+        if not np.any(ramp_flags(fused, lines, threshold, floor) & ~already):
             out["ramp"] = floor
             return out
     out["why_not"] = "even just under the line gate it would flag some of these clean images"
@@ -230,12 +230,12 @@ def _most_above(n: int, rate: float, confidence: float = CNN_GATE_CONFIDENCE) ->
     return k
 
 
-def _flags(fused: np.ndarray, lines: np.ndarray, threshold: float, line_gate: float | None,
+def site_flags(fused: np.ndarray, lines: np.ndarray, threshold: float, line_gate: float | None,
            cnn: np.ndarray | None = None, cnn_gate: float | None = None,
            line_ramp: float | None = None) -> np.ndarray:
-    """Which images the proposed rule flags: the threshold, the line gate and line ramp where
+    """Which images a site's rule flags: the threshold, the line gate and line ramp where
     there are, and the CNN gate where one is given (what the gateway applies, one frame per
-    image)."""
+    image; also the zoo evaluation's train.zoo_eval.SiteRule)."""
     from detector.scoring import ramp_flags
 
     out = fused >= threshold
@@ -263,7 +263,7 @@ def propose_cnn_gate(fused: np.ndarray, lines: np.ndarray, cnn: np.ndarray, thre
     of the 873 test images. Needs about 3 / share images."""
     n = len(cnn)
     out: dict[str, Any] = {"images": n, "gate": None, "why_not": ""}
-    already = _flags(fused, lines, threshold, line_gate, line_ramp=line_ramp)
+    already = site_flags(fused, lines, threshold, line_gate, line_ramp=line_ramp)
     share = fpr - float(already.mean())
     if share <= 0:
         out["why_not"] = (f"the threshold and line gate already flag {100 * already.mean():.2f}% "
@@ -309,7 +309,7 @@ def raise_cnn_gate(gate: float | None, fused: np.ndarray, lines: np.ndarray, cnn
     if gate is None:
         out["why_not"] = "no clean-budget gate to raise"
         return out
-    already = _flags(fused, lines, threshold, line_gate, line_ramp=line_ramp)
+    already = site_flags(fused, lines, threshold, line_gate, line_ramp=line_ramp)
     rest = np.sort(cnn[~already])
     k = _most_above(n, miss)  # the most of them the gate may leave unflagged
     if k < 0:
@@ -501,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
         result["cnn_gate_attacks"] = raised
         if raised["raised"]:
             cg = result["cnn_gate"]
-            flagged = _flags(parts[:, 0], parts[:, 1], thr, gate, parts[:, 2], raised["gate"],
+            flagged = site_flags(parts[:, 0], parts[:, 1], thr, gate, parts[:, 2], raised["gate"],
                              line_ramp=ramp)
             cg.update(gate=raised["gate"], clean_budget_gate=cg["gate"],
                       fpr_with_gate=float(flagged.mean()))

@@ -605,7 +605,12 @@ def load_member_as_is(work: Path, family: str, size: int, seed: int = 0,
     member, meta = load_member(work, family, trained, seed=seed, digest=digest)
     model = build_member(family, Pipeline(int(size), "bilinear"))
     model.set_weights(member.get_weights())
-    return model, {**meta, "pipeline_tag": f"as-is-{int(size)}", "as_is": True}
+    return model, as_is_meta(meta, size)
+
+
+def as_is_meta(meta: dict, size: int) -> dict:
+    """A member's meta for its as-is form at ``size`` (``load_member_as_is``): tagged apart."""
+    return {**meta, "pipeline_tag": f"as-is-{int(size)}", "as_is": True}
 
 
 def attack_flags(pipeline: Pipeline) -> str:

@@ -72,18 +72,15 @@ class SiteRule:
     line_ramp: float | None = None  # [detector] line_ramp: below the line gate
 
     def flags(self, scored: dict[str, np.ndarray]) -> np.ndarray:
-        """Which of ``score_stored``'s images the site flags."""
-        hit = scored["score"] >= self.threshold
-        if self.line_gate is not None:
-            hit = hit | (scored["line"] >= self.line_gate)
-        if self.cnn_gate is not None:
-            hit = hit | (scored["p_cnn"] >= self.cnn_gate)
-        if self.line_ramp is not None:
-            from detector.scoring import ramp_flags
+        """Which of ``score_stored``'s images the site flags (``sentinel calibrate``'s own
+        rule, detector.cmd_calibrate.site_flags; no "line" entry: no line scores, for a rule
+        without line gate or ramp)."""
+        from detector.cmd_calibrate import site_flags
 
-            hit = hit | ramp_flags(scored["score"], scored["line"], self.threshold,
-                                   self.line_ramp)
-        return hit
+        score = scored["score"]
+        return site_flags(score, scored.get("line", np.zeros_like(score)), self.threshold,
+                          self.line_gate, scored.get("p_cnn"), self.cnn_gate,
+                          line_ramp=self.line_ramp)
 
 
 def upsampled(src: Source, name: str, size: int) -> Source:

@@ -472,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded: dict[tuple[str, str], Any] = {}
     for f, s, a, e in tqdm(jobs, desc="zoo attacks", unit="cell", mininterval=10):
         side = int(sources[s].x.shape[-1])
-        meta = cell_meta.setdefault((f, s), {**members[f], "pipeline_tag": f"as-is-{side}",
-                                             "as_is": True} if args.as_is else members[f])
+        meta = cell_meta.setdefault(
+            (f, s), zoo.as_is_meta(members[f], side) if args.as_is else members[f])
         key = zoo_eval.cell_key(meta, sources[s], a, e, args.seed)
         want = (f, s if args.as_is else "")
         if not (args.attacks_dir / "advs" / f"{key}.npz").is_file() and want not in loaded:
